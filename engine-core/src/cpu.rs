@@ -1,0 +1,1 @@
+//! The CPU reference backend (filled in by the CPU backend work).

@@ -1,0 +1,81 @@
+//! Tensor shapes (row-major, contiguous).
+
+use crate::error::{Error, Result};
+
+/// Dimensions of a contiguous row-major tensor.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Shape(Vec<usize>);
+
+impl Shape {
+    pub fn new(dims: impl Into<Vec<usize>>) -> Self {
+        Shape(dims.into())
+    }
+    pub fn dims(&self) -> &[usize] {
+        &self.0
+    }
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+    /// Number of elements (1 for a scalar).
+    pub fn elem_count(&self) -> usize {
+        self.0.iter().product()
+    }
+    /// Size of the last dimension (1 for a scalar).
+    pub fn last_dim(&self) -> usize {
+        self.0.last().copied().unwrap_or(1)
+    }
+    /// Number of rows when the tensor is seen as a matrix `[elem_count / last_dim, last_dim]`.
+    pub fn rows(&self) -> usize {
+        let n = self.last_dim();
+        if n == 0 {
+            0
+        } else {
+            self.elem_count() / n
+        }
+    }
+    /// The two dimensions of a rank-2 shape, or an error naming `op`.
+    pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
+        match self.0.as_slice() {
+            [a, b] => Ok((*a, *b)),
+            _ => Err(Error::shape(op, format!("expected a rank-2 tensor, got {self:?}"))),
+        }
+    }
+}
+
+impl std::fmt::Debug for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl From<Vec<usize>> for Shape {
+    fn from(v: Vec<usize>) -> Self {
+        Shape(v)
+    }
+}
+impl From<&[usize]> for Shape {
+    fn from(v: &[usize]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+impl<const N: usize> From<[usize; N]> for Shape {
+    fn from(v: [usize; N]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+impl From<usize> for Shape {
+    fn from(v: usize) -> Self {
+        Shape(vec![v])
+    }
+}
+impl From<(usize, usize)> for Shape {
+    fn from((a, b): (usize, usize)) -> Self {
+        Shape(vec![a, b])
+    }
+}
