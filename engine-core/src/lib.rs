@@ -13,6 +13,7 @@ pub mod tensor;
 pub mod weights;
 
 pub use backend::{AttentionMask, AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
+pub use cpu::CpuBackend;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use shape::Shape;

@@ -1,1 +1,0 @@
-//! The CPU reference backend (filled in by the CPU backend work).

@@ -1,0 +1,296 @@
+//! Attention, its last-row probabilities, and per-token contributions (VisiPruner).
+//!
+//! Work is split over (query, head) pairs; each keeps one row of scores at a time, so the
+//! score matrix never exists. Masks zero probabilities after the softmax (no
+//! renormalisation) and zeroed keys are skipped in `P·V`.
+
+use rayon::prelude::*;
+
+use super::simd;
+use crate::backend::{AttentionMask, AttentionParams};
+use crate::error::{Error, Result};
+
+/// Checks an attention call's shapes and parameters; returns the number of queries.
+///
+/// `q` is `[Sq, num_heads*head_dim]`; `kv` are the dims of `k` (and `v`), `[L, num_kv_heads*head_dim]`.
+#[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.85)
+pub(crate) fn check(
+    op: &'static str,
+    q: &[usize],
+    kv: &[&[usize]],
+    p: &AttentionParams,
+) -> Result<usize> {
+    if p.num_heads == 0 || p.num_kv_heads == 0 || p.head_dim == 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "num_heads ({}), num_kv_heads ({}) and head_dim ({}) must be positive",
+                p.num_heads, p.num_kv_heads, p.head_dim
+            ),
+        ));
+    }
+    if p.num_heads % p.num_kv_heads > 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                p.num_heads, p.num_kv_heads
+            ),
+        ));
+    }
+    let qw = p.num_heads * p.head_dim;
+    let kw = p.num_kv_heads * p.head_dim;
+    let sq = match q {
+        [s, w] if *w == qw => *s,
+        _ => {
+            return Err(Error::shape(
+                op,
+                format!("q must be [Sq, {qw}] (num_heads*head_dim), got {q:?}"),
+            ))
+        }
+    };
+    for (name, dims) in ["k", "v"].iter().zip(kv) {
+        match dims {
+            [l, w] if *w == kw && *l >= p.kv_len => {}
+            _ => return Err(Error::shape(
+                op,
+                format!(
+                    "{name} must be [L >= kv_len {}, {kw}] (num_kv_heads*head_dim), got {dims:?}",
+                    p.kv_len
+                ),
+            )),
+        }
+    }
+    if p.causal && p.q_offset + sq > p.kv_len {
+        return Err(Error::shape(
+            op,
+            format!(
+                "causal queries reach cache row {} but kv_len is {}",
+                p.q_offset + sq,
+                p.kv_len
+            ),
+        ));
+    }
+    if sq > 0 && p.kv_len == 0 {
+        return Err(Error::shape(op, "kv_len is 0: no keys to attend to"));
+    }
+    if let Some((s, e)) = mask_span(&p.mask) {
+        if s > e {
+            return Err(Error::shape(
+                op,
+                format!("mask image span [{s}, {e}) is reversed"),
+            ));
+        }
+    }
+    Ok(sq)
+}
+
+fn mask_span(m: &AttentionMask) -> Option<(usize, usize)> {
+    match *m {
+        AttentionMask::None => None,
+        AttentionMask::Layer0Sink {
+            image_start,
+            image_end,
+        }
+        | AttentionMask::Layer0Split {
+            image_start,
+            image_end,
+        }
+        | AttentionMask::TextToImage {
+            image_start,
+            image_end,
+        } => Some((image_start, image_end)),
+    }
+}
+
+/// Zeroes `prob[0..len]` of the query at cache row `row` per the VisiPruner shallow masks.
+pub(crate) fn apply_mask(mask: &AttentionMask, row: usize, prob: &mut [f32]) {
+    let len = prob.len();
+    let zero = |prob: &mut [f32], a: usize, b: usize| {
+        let b = b.min(len);
+        if a < b {
+            prob[a..b].fill(0.0);
+        }
+    };
+    match *mask {
+        AttentionMask::None => {}
+        AttentionMask::Layer0Sink {
+            image_start: s,
+            image_end: e,
+        } => {
+            // An empty span has no image probabilities to move; key `s` is text then.
+            if s < e && row >= s {
+                let hi = e.min(len);
+                if s < hi {
+                    let sum: f32 = prob[s..hi].iter().sum();
+                    prob[s..hi].fill(0.0);
+                    if row >= e {
+                        prob[s] = sum;
+                    }
+                }
+            }
+        }
+        AttentionMask::Layer0Split {
+            image_start: s,
+            image_end: e,
+        } => {
+            if row >= s && row < e {
+                zero(prob, s, e);
+            } else if row >= e {
+                zero(prob, s, s + (e - s) / 2);
+            }
+        }
+        AttentionMask::TextToImage {
+            image_start: s,
+            image_end: e,
+        } => {
+            if row >= e {
+                zero(prob, s, e);
+            }
+        }
+    }
+}
+
+/// Masked softmax probabilities of one query (`qv [head_dim]`) over keys `0..visible` of kv
+/// head column offset `koff`, written to `prob` (resized to `visible`).
+#[allow(clippy::too_many_arguments)]
+fn probs_row(
+    qv: &[f32],
+    k: &[f32],
+    kw: usize,
+    koff: usize,
+    visible: usize,
+    p: &AttentionParams,
+    row: usize,
+    prob: &mut Vec<f32>,
+) {
+    let d = qv.len();
+    prob.clear();
+    prob.extend(
+        (0..visible).map(|j| simd::dot(qv, &k[j * kw + koff..j * kw + koff + d]) * p.scale),
+    );
+    let max = prob.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in prob.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    for x in prob.iter_mut() {
+        *x /= sum;
+    }
+    apply_mask(&p.mask, row, prob);
+}
+
+fn visible_keys(p: &AttentionParams, row: usize) -> usize {
+    if p.causal {
+        row + 1
+    } else {
+        p.kv_len
+    }
+}
+
+/// Queries per task: enough work per task, few enough tasks to balance two to many cores.
+const QUERY_BLOCK: usize = 16;
+
+/// `q [sq, H*D]`, `k`/`v [L, KvH*D]` (validated by [`check`]) → `[sq, H*D]`.
+pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], sq: usize, p: &AttentionParams) -> Vec<f32> {
+    let (h, d) = (p.num_heads, p.head_dim);
+    let group = p.num_heads / p.num_kv_heads;
+    let (qw, kw) = (h * d, p.num_kv_heads * d);
+    // Head-major work order: a head's keys and values (kv_len x head_dim) stay in cache
+    // while all its queries use them; the result is transposed back at the end.
+    let mut by_head = vec![0f32; h * sq * d]; // [H, sq, D]
+    if sq == 0 {
+        return by_head;
+    }
+    by_head.par_chunks_mut(sq * d).enumerate().for_each(|(hh, oh)| {
+        let koff = (hh / group) * d;
+        oh.par_chunks_mut(QUERY_BLOCK * d).enumerate().for_each(|(qb, ob)| {
+            let mut prob = Vec::with_capacity(p.kv_len);
+            for (ii, o) in ob.chunks_exact_mut(d).enumerate() {
+                let i = qb * QUERY_BLOCK + ii;
+                let row = p.q_offset + i;
+                let qv = &q[i * qw + hh * d..i * qw + (hh + 1) * d];
+                probs_row(qv, k, kw, koff, visible_keys(p, row), p, row, &mut prob);
+                // Masked keys are exact zeros: their value rows are never read.
+                simd::weighted_rows(o, &prob, v, kw, koff);
+            }
+        });
+    });
+    let mut out = vec![0f32; sq * qw]; // [sq, H*D]
+    out.par_chunks_mut(qw).enumerate().with_min_len(8).for_each(|(i, orow)| {
+        for (hh, o) in orow.chunks_exact_mut(d).enumerate() {
+            o.copy_from_slice(&by_head[(hh * sq + i) * d..(hh * sq + i + 1) * d]);
+        }
+    });
+    out
+}
+
+/// Probabilities of the last query (`sq >= 1`) for every head → `[H, kv_len]`, zero past
+/// the keys the query can see.
+pub(crate) fn last_row(q: &[f32], k: &[f32], sq: usize, p: &AttentionParams) -> Vec<f32> {
+    let (h, d) = (p.num_heads, p.head_dim);
+    let group = p.num_heads / p.num_kv_heads;
+    let (qw, kw) = (h * d, p.num_kv_heads * d);
+    let i = sq - 1;
+    let row = p.q_offset + i;
+    let visible = visible_keys(p, row);
+    let mut out = vec![0f32; h * p.kv_len]; // [H, kv_len]
+    out.par_chunks_mut(p.kv_len)
+        .enumerate()
+        .for_each(|(hh, o)| {
+            let mut prob = Vec::with_capacity(visible);
+            let qv = &q[i * qw + hh * d..i * qw + (hh + 1) * d];
+            probs_row(qv, k, kw, (hh / group) * d, visible, p, row, &mut prob);
+            o[..visible].copy_from_slice(&prob);
+        });
+    out
+}
+
+/// `probs [H, kv_len]`, `v [L, KvH*D]` → `[end-start, 2]` of `[‖c_j‖, cos(o − c_j, o)]`.
+pub(crate) fn token_contributions(
+    probs: &[f32],
+    v: &[f32],
+    p: &AttentionParams,
+    start: usize,
+    end: usize,
+) -> Vec<f32> {
+    let (h, d, n) = (p.num_heads, p.head_dim, p.kv_len);
+    let group = p.num_heads / p.num_kv_heads;
+    let kw = p.num_kv_heads * d;
+    // o = Σ_j c_j, accumulated in key order like the attention output itself.
+    let mut o = vec![0f32; h * d]; // [H*D]
+    o.par_chunks_mut(d).enumerate().for_each(|(hh, oh)| {
+        simd::weighted_rows(oh, &probs[hh * n..(hh + 1) * n], v, kw, (hh / group) * d);
+    });
+    let o_norm2: f64 = o.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    let mut out = vec![0f32; (end - start) * 2]; // [end-start, 2]
+    out.par_chunks_mut(2)
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(t, pair)| {
+            let j = start + t;
+            // f64 sums: cos is compared against thresholds like 0.999, close to 1.
+            let (mut c2, mut rc2, mut rco) = (0f64, 0f64, 0f64);
+            for hh in 0..h {
+                let pj = probs[hh * n + j];
+                let koff = (hh / group) * d;
+                for dd in 0..d {
+                    let c = f64::from(pj * v[j * kw + koff + dd]);
+                    let oi = f64::from(o[hh * d + dd]);
+                    let r = oi - c;
+                    c2 += c * c;
+                    rc2 += r * r;
+                    rco += r * oi;
+                }
+            }
+            let cos = if rc2 == 0.0 || o_norm2 == 0.0 {
+                1.0
+            } else {
+                rco / (rc2.sqrt() * o_norm2.sqrt())
+            };
+            pair[0] = c2.sqrt() as f32;
+            pair[1] = cos as f32;
+        });
+    out
+}

@@ -1,0 +1,602 @@
+//! The CPU reference backend: plain Rust over host memory, parallel with rayon.
+//!
+//! It is the numerical reference every GPU kernel is tested against and a real device
+//! (`--device cpu`): f16 weights stay f16 in memory and are converted inside the kernels.
+
+mod attention;
+mod matmul;
+mod ops;
+mod simd;
+mod storage;
+
+use half::f16;
+
+use crate::backend::{AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::shape::Shape;
+use crate::tensor::Tensor;
+
+pub use storage::CpuStorage;
+use storage::{read, storage, tensor, CpuData};
+
+/// The CPU backend. Cheap to create; all instances share rayon's global thread pool.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend {
+    _private: (),
+}
+
+impl CpuBackend {
+    /// A CPU backend using rayon's global thread pool.
+    pub fn new() -> Self {
+        CpuBackend { _private: () }
+    }
+}
+
+/// The CPU's marketing name where the OS tells it, else the architecture.
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn dtype_err(op: &'static str, dtype: DType) -> Error {
+    Error::DType { op, dtype }
+}
+
+/// `b` must have `a`'s shape, or be a row `[N]` with `N` = `a`'s last dim.
+fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    let row = b.dims().len() == 1 && b.dims()[0] == a.shape().last_dim();
+    if a.dims() == b.dims() || row {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("cannot broadcast {} onto {}", b.shape(), a.shape()),
+        ))
+    }
+}
+
+/// A per-column parameter vector (norm weight, bias) must be `[n]`.
+fn check_vec(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
+    if t.dims() == [n] {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("{what} must be [{n}], got {}", t.shape()),
+        ))
+    }
+}
+
+/// Rank >= 1 with its last dim; scalars have no rows to work on.
+fn check_rows(op: &'static str, t: &Tensor) -> Result<usize> {
+    if t.dims().is_empty() {
+        return Err(Error::shape(
+            op,
+            "expected at least one dimension, got a scalar",
+        ));
+    }
+    Ok(t.shape().last_dim())
+}
+
+fn unary(op: &'static str, x: &Tensor, f: fn(f32) -> f32) -> Result<Tensor> {
+    let g = read(x, op)?;
+    let out = ops::map(g.f32s(op)?, f);
+    Ok(tensor(CpuData::F32(out), x.shape().clone()))
+}
+
+fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: fn(f32, f32) -> f32) -> Result<Tensor> {
+    check_broadcast(op, a, b)?;
+    let (ga, gb) = (read(a, op)?, read(b, op)?);
+    let out = ops::binary(ga.f32s(op)?, gb.f32s(op)?, a.shape().last_dim(), f);
+    Ok(tensor(CpuData::F32(out), a.shape().clone()))
+}
+
+/// Copies rows `idx` (each `n` elements) of `data` into a new buffer of the same dtype.
+fn take_rows(data: &CpuData, n: usize, idx: impl Iterator<Item = usize> + Clone) -> CpuData {
+    fn pick<T: Copy>(v: &[T], n: usize, idx: impl Iterator<Item = usize>) -> Vec<T> {
+        let mut out = Vec::new();
+        for r in idx {
+            out.extend_from_slice(&v[r * n..(r + 1) * n]);
+        }
+        out
+    }
+    match data {
+        CpuData::F32(v) => CpuData::F32(pick(v, n, idx)),
+        CpuData::F16(v) => CpuData::F16(pick(v, n, idx)),
+        CpuData::U32(v) => CpuData::U32(pick(v, n, idx)),
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            backend: "cpu".into(),
+            adapter: cpu_name(),
+            api: "native".into(),
+            device_type: "cpu".into(),
+            max_buffer_size: isize::MAX as u64,
+            max_binding_size: isize::MAX as u64,
+            shader_f16: false,
+            subgroups: false,
+        }
+    }
+
+    fn upload(&self, data: HostData<'_>, shape: Shape) -> Result<Tensor> {
+        if data.len() != shape.elem_count() {
+            return Err(Error::shape(
+                "upload",
+                format!(
+                    "{} elements given for shape {shape} ({} elements)",
+                    data.len(),
+                    shape.elem_count()
+                ),
+            ));
+        }
+        let data = match data {
+            HostData::F32(v) => CpuData::F32(v.to_vec()),
+            HostData::F16(v) => CpuData::F16(v.to_vec()),
+            HostData::U32(v) => CpuData::U32(v.to_vec()),
+            HostData::BF16(v) => {
+                let h: Vec<f16> = v.iter().map(|x| f16::from_f32(x.to_f32())).collect();
+                if h.iter().all(|x| x.is_finite()) {
+                    CpuData::F16(h)
+                } else {
+                    CpuData::F32(v.iter().map(|x| x.to_f32()).collect())
+                }
+            }
+        };
+        Ok(tensor(data, shape))
+    }
+
+    fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor> {
+        let n = shape.elem_count();
+        let data = match dtype {
+            DType::F32 => CpuData::F32(vec![0.0; n]),
+            DType::F16 => CpuData::F16(vec![f16::ZERO; n]),
+            DType::U32 => CpuData::U32(vec![0; n]),
+            DType::BF16 => return Err(dtype_err("zeros", dtype)),
+        };
+        Ok(tensor(data, shape))
+    }
+
+    fn to_vec_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let g = read(t, "to_vec_f32")?;
+        match &*g {
+            CpuData::F32(v) => Ok(v.clone()),
+            CpuData::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            CpuData::U32(_) => Err(dtype_err("to_vec_f32", DType::U32)),
+        }
+    }
+
+    fn to_vec_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        let g = read(t, "to_vec_u32")?;
+        Ok(g.u32s("to_vec_u32")?.to_vec())
+    }
+
+    fn sync(&self) -> Result<()> {
+        // Every op has finished when it returns.
+        Ok(())
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        const OP: &str = "linear";
+        let k = check_rows(OP, x)?;
+        let (n, wk) = w.dims2(OP)?;
+        if wk != k {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "x {} has {k} features but w {} expects {wk}",
+                    x.shape(),
+                    w.shape()
+                ),
+            ));
+        }
+        if let Some(b) = b {
+            check_vec(OP, "bias", b, n)?;
+        }
+        let m = x.shape().rows();
+        let gx = read(x, OP)?;
+        let gw = read(w, OP)?;
+        let gb = b.map(|b| read(b, OP)).transpose()?;
+        let bias = gb.as_ref().map(|g| g.f32s(OP)).transpose()?;
+        let y = matmul::linear(gx.f32s(OP)?, m, k, gw.floats(OP)?, n, bias);
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap_or(&mut 0) = n;
+        Ok(tensor(CpuData::F32(y), dims)) // [.., N]
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        binary("add", a, b, |x, y| x + y)
+    }
+
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        binary("mul", a, b, |x, y| x * y)
+    }
+
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        unary("gelu", x, ops::gelu)
+    }
+
+    fn quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        unary("quick_gelu", x, ops::quick_gelu)
+    }
+
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        const OP: &str = "silu_mul";
+        if gate.dims() != up.dims() {
+            return Err(Error::shape(
+                OP,
+                format!("gate {} and up {} differ", gate.shape(), up.shape()),
+            ));
+        }
+        let (gg, gu) = (read(gate, OP)?, read(up, OP)?);
+        let out = ops::binary(
+            gg.f32s(OP)?,
+            gu.f32s(OP)?,
+            gate.shape().last_dim(),
+            ops::silu_mul,
+        );
+        Ok(tensor(CpuData::F32(out), gate.shape().clone()))
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        const OP: &str = "rms_norm";
+        let n = check_rows(OP, x)?;
+        check_vec(OP, "weight", w, n)?;
+        let (gx, gw) = (read(x, OP)?, read(w, OP)?);
+        let out = ops::rms_norm(gx.f32s(OP)?, gw.f32s(OP)?, n, eps);
+        Ok(tensor(CpuData::F32(out), x.shape().clone()))
+    }
+
+    fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+        const OP: &str = "layer_norm";
+        let n = check_rows(OP, x)?;
+        check_vec(OP, "weight", w, n)?;
+        check_vec(OP, "bias", b, n)?;
+        let (gx, gw, gb) = (read(x, OP)?, read(w, OP)?, read(b, OP)?);
+        let out = ops::layer_norm(gx.f32s(OP)?, gw.f32s(OP)?, gb.f32s(OP)?, n, eps);
+        Ok(tensor(CpuData::F32(out), x.shape().clone()))
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "softmax";
+        let n = check_rows(OP, x)?;
+        let g = read(x, OP)?;
+        let out = ops::softmax(g.f32s(OP)?, n);
+        Ok(tensor(CpuData::F32(out), x.shape().clone()))
+    }
+
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.85)
+    fn rope(&self, x: &Tensor, positions: &Tensor, p: &RopeParams) -> Result<Tensor> {
+        const OP: &str = "rope";
+        let (s, w) = x.dims2(OP)?;
+        if p.head_dim == 0 || p.head_dim % 2 > 0 || w % p.head_dim > 0 {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "head_dim {} must be even, positive and divide the width {w}",
+                    p.head_dim
+                ),
+            ));
+        }
+        let positive = |v: f32| v > 0.0 && v.is_finite();
+        if !positive(p.scaling_factor) || !positive(p.theta) {
+            return Err(Error::msg(format!(
+                "rope: theta ({}) and scaling_factor ({}) must be positive",
+                p.theta, p.scaling_factor
+            )));
+        }
+        if positions.dims() != [s] {
+            return Err(Error::shape(
+                OP,
+                format!("positions must be [{s}], got {}", positions.shape()),
+            ));
+        }
+        let (gx, gp) = (read(x, OP)?, read(positions, OP)?);
+        let out = ops::rope(gx.f32s(OP)?, w, gp.u32s(OP)?, p);
+        Ok(tensor(CpuData::F32(out), [s, w]))
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let sq = attention::check(OP, q.dims(), &[k.dims(), v.dims()], p)?;
+        let (gq, gk, gv) = (read(q, OP)?, read(k, OP)?, read(v, OP)?);
+        let out = attention::attention(gq.f32s(OP)?, gk.f32s(OP)?, gv.f32s(OP)?, sq, p);
+        Ok(tensor(CpuData::F32(out), [sq, p.num_heads * p.head_dim]))
+    }
+
+    fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor> {
+        const OP: &str = "attention_last_row";
+        let sq = attention::check(OP, q.dims(), &[k.dims()], p)?;
+        if sq == 0 {
+            return Err(Error::shape(OP, "q has no rows"));
+        }
+        let (gq, gk) = (read(q, OP)?, read(k, OP)?);
+        let out = attention::last_row(gq.f32s(OP)?, gk.f32s(OP)?, sq, p);
+        Ok(tensor(CpuData::F32(out), [p.num_heads, p.kv_len]))
+    }
+
+    fn token_contributions(
+        &self,
+        probs: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        start: usize,
+        end: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "token_contributions";
+        // Only the head layout and kv_len matter here; a one-row query stands in for q.
+        let q_dims = [1, p.num_heads * p.head_dim];
+        let p_any = AttentionParams {
+            causal: false,
+            ..*p
+        };
+        attention::check(OP, &q_dims, &[v.dims()], &p_any)?;
+        if probs.dims() != [p.num_heads, p.kv_len] {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "probs must be [{}, {}], got {}",
+                    p.num_heads,
+                    p.kv_len,
+                    probs.shape()
+                ),
+            ));
+        }
+        if start > end || end > p.kv_len {
+            return Err(Error::shape(
+                OP,
+                format!("keys {start}..{end} are not inside 0..{}", p.kv_len),
+            ));
+        }
+        let (gp, gv) = (read(probs, OP)?, read(v, OP)?);
+        let out = attention::token_contributions(gp.f32s(OP)?, gv.f32s(OP)?, p, start, end);
+        Ok(tensor(CpuData::F32(out), [end - start, 2]))
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        const OP: &str = "embedding";
+        let (vocab, d) = table.dims2(OP)?;
+        let (gt, gi) = (read(table, OP)?, read(ids, OP)?);
+        let ids_v = gi.u32s(OP)?;
+        if ids.dims().len() != 1 {
+            return Err(Error::shape(
+                OP,
+                format!("ids must be [S], got {}", ids.shape()),
+            ));
+        }
+        if let Some((i, &id)) = ids_v
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(Error::shape(
+                OP,
+                format!("ids[{i}] = {id} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        let t = gt.floats(OP)?;
+        let mut out = vec![0f32; ids_v.len() * d]; // [S, D]
+        if d > 0 {
+            for (o, &id) in out.chunks_exact_mut(d).zip(ids_v) {
+                t.read_into(id as usize * d, o);
+            }
+        }
+        Ok(tensor(CpuData::F32(out), [ids_v.len(), d]))
+    }
+
+    fn gather_rows(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        const OP: &str = "gather_rows";
+        let (m, n) = x.dims2(OP)?;
+        if idx.dims().len() != 1 {
+            return Err(Error::shape(
+                OP,
+                format!("idx must be [R], got {}", idx.shape()),
+            ));
+        }
+        let (gx, gi) = (read(x, OP)?, read(idx, OP)?);
+        let iv = gi.u32s(OP)?;
+        if let Some((i, &r)) = iv.iter().enumerate().find(|(_, &r)| r as usize >= m) {
+            return Err(Error::shape(
+                OP,
+                format!("idx[{i}] = {r} is outside the {m} rows of x"),
+            ));
+        }
+        let out = take_rows(&gx, n, iv.iter().map(|&r| r as usize));
+        Ok(tensor(out, [iv.len(), n]))
+    }
+
+    fn slice_rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        const OP: &str = "slice_rows";
+        let dims = x.dims();
+        let Some(&m) = dims.first() else {
+            return Err(Error::shape(OP, "cannot slice the rows of a scalar"));
+        };
+        if start.checked_add(len).is_none_or(|e| e > m) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "rows {start}..{} are outside the {m} rows of x",
+                    start.saturating_add(len)
+                ),
+            ));
+        }
+        let n: usize = dims[1..].iter().product();
+        let g = read(x, OP)?;
+        let out = take_rows(&g, n, start..start + len);
+        let mut out_dims = dims.to_vec();
+        out_dims[0] = len;
+        Ok(tensor(out, out_dims))
+    }
+
+    fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        const OP: &str = "concat_rows";
+        let Some(first) = parts.first() else {
+            return Err(Error::shape(OP, "nothing to concatenate"));
+        };
+        if first.dims().is_empty() {
+            return Err(Error::shape(OP, "cannot concatenate scalars"));
+        }
+        let tail = &first.dims()[1..];
+        let mut rows = 0;
+        for (i, t) in parts.iter().enumerate() {
+            if t.dims().is_empty() || &t.dims()[1..] != tail {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "part {i} {} does not share the trailing dims of part 0 {}",
+                        t.shape(),
+                        first.shape()
+                    ),
+                ));
+            }
+            if t.dtype() != first.dtype() {
+                return Err(dtype_err(OP, t.dtype()));
+            }
+            rows += t.dims()[0];
+        }
+        let guards = parts
+            .iter()
+            .map(|t| read(t, OP))
+            .collect::<Result<Vec<_>>>()?;
+        let data = match &*guards[0] {
+            CpuData::F32(_) => {
+                let mut out = Vec::new();
+                for g in &guards {
+                    out.extend_from_slice(g.f32s(OP)?);
+                }
+                CpuData::F32(out)
+            }
+            CpuData::F16(_) => {
+                let mut out = Vec::new();
+                for g in &guards {
+                    match &**g {
+                        CpuData::F16(v) => out.extend_from_slice(v),
+                        other => return Err(dtype_err(OP, other.dtype())),
+                    }
+                }
+                CpuData::F16(out)
+            }
+            CpuData::U32(_) => {
+                let mut out = Vec::new();
+                for g in &guards {
+                    out.extend_from_slice(g.u32s(OP)?);
+                }
+                CpuData::U32(out)
+            }
+        };
+        let mut dims = first.dims().to_vec();
+        dims[0] = rows;
+        Ok(tensor(data, dims))
+    }
+
+    fn write_rows(&self, dst: &Tensor, row: usize, src: &Tensor) -> Result<()> {
+        const OP: &str = "write_rows";
+        let (l, n) = dst.dims2(OP)?;
+        let (r, sn) = src.dims2(OP)?;
+        if sn != n || row.checked_add(r).is_none_or(|e| e > l) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "cannot write {} at row {row} of {}",
+                    src.shape(),
+                    dst.shape()
+                ),
+            ));
+        }
+        if src.dtype() != dst.dtype() {
+            return Err(dtype_err(OP, src.dtype()));
+        }
+        let sd = storage(src, OP)?;
+        let dd = storage(dst, OP)?;
+        // Writing a tensor into itself would need a read and a write lock at once.
+        let src_copy;
+        let sg;
+        let src_data: &CpuData = if std::ptr::eq(sd, dd) {
+            src_copy = take_rows(&*sd.read()?, n, 0..r);
+            &src_copy
+        } else {
+            sg = sd.read()?;
+            &sg
+        };
+        let mut dg = dd.write()?;
+        let range = row * n..(row + r) * n;
+        match (&mut *dg, src_data) {
+            (CpuData::F32(d), CpuData::F32(s)) => d[range].copy_from_slice(&s[..r * n]),
+            (CpuData::F16(d), CpuData::F16(s)) => d[range].copy_from_slice(&s[..r * n]),
+            (CpuData::U32(d), CpuData::U32(s)) => d[range].copy_from_slice(&s[..r * n]),
+            (_, s) => return Err(dtype_err(OP, s.dtype())),
+        }
+        Ok(())
+    }
+
+    fn patch_embed(&self, pixels: &Tensor, w: &Tensor, patch: usize) -> Result<Tensor> {
+        const OP: &str = "patch_embed";
+        let (c, h, wd) = match pixels.dims() {
+            [c, h, w] => (*c, *h, *w),
+            d => {
+                return Err(Error::shape(
+                    OP,
+                    format!("pixels must be [C, H, W], got {d:?}"),
+                ))
+            }
+        };
+        let d = match w.dims() {
+            [d, wc, p1, p2] if *wc == c && *p1 == patch && *p2 == patch => *d,
+            dims => {
+                return Err(Error::shape(
+                    OP,
+                    format!("w must be [D, {c}, {patch}, {patch}], got {dims:?}"),
+                ))
+            }
+        };
+        if patch == 0 || h < patch || wd < patch {
+            return Err(Error::shape(
+                OP,
+                format!("patch {patch} does not fit in a {h}x{wd} image"),
+            ));
+        }
+        let (gp, gw) = (read(pixels, OP)?, read(w, OP)?);
+        let cols = ops::im2col(gp.f32s(OP)?, c, h, wd, patch); // [P, C*p*p]
+        let np = (h / patch) * (wd / patch);
+        let y = matmul::linear(&cols, np, c * patch * patch, gw.floats(OP)?, d, None);
+        Ok(tensor(CpuData::F32(y), [np, d])) // [P, D]
+    }
+
+    fn argmax(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "argmax";
+        let n = check_rows(OP, x)?;
+        if n == 0 {
+            return Err(Error::shape(OP, format!("rows of {} are empty", x.shape())));
+        }
+        let g = read(x, OP)?;
+        let out = ops::argmax(g.f32s(OP)?, n);
+        let m = out.len();
+        Ok(tensor(CpuData::U32(out), [m]))
+    }
+
+    fn cast(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        const OP: &str = "cast";
+        let g = read(x, OP)?;
+        let out = match (&*g, dtype) {
+            (CpuData::F32(v), DType::F32) => CpuData::F32(v.clone()),
+            (CpuData::F16(v), DType::F16) => CpuData::F16(v.clone()),
+            (CpuData::F32(v), DType::F16) => {
+                CpuData::F16(v.iter().map(|&x| f16::from_f32(x)).collect())
+            }
+            (CpuData::F16(v), DType::F32) => CpuData::F32(v.iter().map(|x| x.to_f32()).collect()),
+            (CpuData::U32(_), _) => return Err(dtype_err(OP, DType::U32)),
+            (_, other) => return Err(dtype_err(OP, other)),
+        };
+        Ok(tensor(out, x.shape().clone()))
+    }
+}

@@ -1,0 +1,434 @@
+//! llava-hf `config.json`: the fields the engine uses, with transformers' defaults for
+//! every key a checkpoint may omit (llava-1.5-7b-hf leaves most of `text_config` out).
+
+use std::path::Path;
+
+use engine_core::{Error, Result};
+use serde_json::{Map, Value};
+
+/// The Llama decoder's hyper-parameters (`text_config`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    /// Linear rope scaling factor (1.0 without `rope_scaling`).
+    pub rope_scaling_factor: f32,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Activation of an MLP or the projector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Gelu,
+    QuickGelu,
+}
+
+/// The CLIP vision tower's hyper-parameters (`vision_config`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub layer_norm_eps: f32,
+    pub hidden_act: Activation,
+}
+
+impl VisionConfig {
+    /// Patches per image side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+    /// Patch tokens (CLS excluded).
+    pub fn num_patches(&self) -> usize {
+        self.grid() * self.grid()
+    }
+}
+
+/// How image features are selected from the vision tower's hidden states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeatureSelect {
+    /// Drop the CLS token.
+    Default,
+    /// Keep every token, CLS included.
+    Full,
+}
+
+/// A llava-hf `LlavaForConditionalGeneration` config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlavaConfig {
+    pub text: TextConfig,
+    pub vision: VisionConfig,
+    pub image_token_index: u32,
+    pub projector_hidden_act: Activation,
+    /// Index into the vision tower's hidden states (negative counts from the end).
+    pub vision_feature_layer: i64,
+    pub vision_feature_select_strategy: FeatureSelect,
+}
+
+impl LlavaConfig {
+    /// Reads and validates `config.json`; errors name the file and key.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        Self::from_json_str(&text).map_err(|e| match e {
+            Error::Msg(m) => Error::file(path, m),
+            other => other,
+        })
+    }
+
+    /// Parses a config from JSON text (errors are `Error::Msg` naming the key).
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let root: Value =
+            serde_json::from_str(text).map_err(|e| Error::msg(format!("invalid JSON: {e}")))?;
+        let root = root.as_object().ok_or_else(|| Error::msg("expected a JSON object"))?;
+        let empty = Map::new();
+        let tc = obj(root, "text_config")?.unwrap_or(&empty);
+        let vc = obj(root, "vision_config")?;
+        let text = TextConfig::from_map(tc, "text_config.")?;
+        let vision = match vc {
+            Some(vc) => VisionConfig::from_map(vc, "vision_config.")?,
+            None => VisionConfig::llava_default(),
+        };
+        let strategy = match str_or(root, "vision_feature_select_strategy", "default")? {
+            "default" => FeatureSelect::Default,
+            "full" => FeatureSelect::Full,
+            other => {
+                return Err(Error::msg(format!(
+                    "key `vision_feature_select_strategy`: expected \"default\" or \"full\", got {other:?}"
+                )))
+            }
+        };
+        let feature_layer = match root.get("vision_feature_layer") {
+            None | Some(Value::Null) => -2,
+            Some(v) => v.as_i64().ok_or_else(|| {
+                Error::msg(format!(
+                    "key `vision_feature_layer`: expected an integer, got {v} (lists of layers are not supported)"
+                ))
+            })?,
+        };
+        let n = vision.num_hidden_layers as i64;
+        if feature_layer < -(n + 1) || feature_layer > n {
+            return Err(Error::msg(format!(
+                "key `vision_feature_layer`: {feature_layer} is outside the vision tower's {n} layers"
+            )));
+        }
+        let cfg = LlavaConfig {
+            text,
+            vision,
+            image_token_index: usize_or(root, "image_token_index", "", 32000)? as u32,
+            projector_hidden_act: act(root, "projector_hidden_act", "", "gelu")?,
+            vision_feature_layer: feature_layer,
+            vision_feature_select_strategy: strategy,
+        };
+        if cfg.image_token_index as usize >= cfg.text.vocab_size {
+            return Err(Error::msg(format!(
+                "key `image_token_index`: {} is not below text_config.vocab_size {}",
+                cfg.image_token_index, cfg.text.vocab_size
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// How many encoder layers must run to produce the selected hidden state.
+    pub fn vision_layers_to_run(&self) -> usize {
+        let n = self.vision.num_hidden_layers as i64;
+        let idx = if self.vision_feature_layer < 0 {
+            n + 1 + self.vision_feature_layer
+        } else {
+            self.vision_feature_layer
+        };
+        idx as usize
+    }
+
+    /// Image tokens per image fed to the decoder.
+    pub fn image_tokens(&self) -> usize {
+        match self.vision_feature_select_strategy {
+            FeatureSelect::Default => self.vision.num_patches(),
+            FeatureSelect::Full => self.vision.num_patches() + 1,
+        }
+    }
+}
+
+impl TextConfig {
+    /// Parses a (possibly partial) Llama config; `pre` prefixes key names in errors.
+    pub fn from_map(m: &Map<String, Value>, pre: &str) -> Result<Self> {
+        if let Some(mt) = m.get("model_type").and_then(|v| v.as_str()) {
+            if !matches!(mt, "llama" | "mistral") {
+                return Err(Error::msg(format!(
+                    "key `{pre}model_type`: {mt:?} is not supported (llama only)"
+                )));
+            }
+        }
+        let hidden = usize_or(m, "hidden_size", pre, 4096)?;
+        let heads = usize_or(m, "num_attention_heads", pre, 32)?;
+        let kv_heads = usize_or(m, "num_key_value_heads", pre, heads)?;
+        if heads == 0 || hidden % heads != 0 && !m.contains_key("head_dim") {
+            return Err(Error::msg(format!(
+                "key `{pre}num_attention_heads`: {heads} does not divide hidden_size {hidden}"
+            )));
+        }
+        let head_dim = usize_or(m, "head_dim", pre, hidden / heads.max(1))?;
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(Error::msg(format!(
+                "key `{pre}num_key_value_heads`: {kv_heads} does not divide num_attention_heads {heads}"
+            )));
+        }
+        if head_dim % 2 != 0 {
+            return Err(Error::msg(format!("key `{pre}head_dim`: {head_dim} must be even for RoPE")));
+        }
+        let rope_scaling_factor = match m.get("rope_scaling") {
+            None | Some(Value::Null) => 1.0,
+            Some(Value::Object(rs)) => {
+                let ty = rs
+                    .get("rope_type")
+                    .or_else(|| rs.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("default");
+                match ty {
+                    "linear" => f32_or(rs, "factor", &format!("{pre}rope_scaling."), 1.0)?,
+                    "default" => 1.0,
+                    other => {
+                        return Err(Error::msg(format!(
+                            "key `{pre}rope_scaling`: rope type {other:?} is not supported (linear only)"
+                        )))
+                    }
+                }
+            }
+            Some(v) => {
+                return Err(Error::msg(format!("key `{pre}rope_scaling`: expected an object, got {v}")))
+            }
+        };
+        let eos_token_ids = match m.get("eos_token_id") {
+            None | Some(Value::Null) => vec![2],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_u64().map(|x| x as u32))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| Error::msg(format!("key `{pre}eos_token_id`: expected integers")))?,
+            Some(v) => vec![v
+                .as_u64()
+                .ok_or_else(|| Error::msg(format!("key `{pre}eos_token_id`: expected an integer")))?
+                as u32],
+        };
+        let cfg = TextConfig {
+            vocab_size: usize_or(m, "vocab_size", pre, 32000)?,
+            hidden_size: hidden,
+            intermediate_size: usize_or(m, "intermediate_size", pre, 11008)?,
+            num_hidden_layers: usize_or(m, "num_hidden_layers", pre, 32)?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            max_position_embeddings: usize_or(m, "max_position_embeddings", pre, 2048)?,
+            rms_norm_eps: f32_or(m, "rms_norm_eps", pre, 1e-6)?,
+            rope_theta: f32_or(m, "rope_theta", pre, 10000.0)?,
+            rope_scaling_factor,
+            tie_word_embeddings: bool_or(m, "tie_word_embeddings", pre, false)?,
+            attention_bias: bool_or(m, "attention_bias", pre, false)?,
+            mlp_bias: bool_or(m, "mlp_bias", pre, false)?,
+            bos_token_id: match m.get("bos_token_id") {
+                None | Some(Value::Null) => Some(1),
+                Some(v) => v.as_u64().map(|x| x as u32),
+            },
+            eos_token_ids,
+        };
+        for (k, v) in [
+            ("vocab_size", cfg.vocab_size),
+            ("hidden_size", cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size),
+            ("num_hidden_layers", cfg.num_hidden_layers),
+            ("max_position_embeddings", cfg.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(Error::msg(format!("key `{pre}{k}`: must be positive")));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+impl VisionConfig {
+    /// The CLIP ViT-L/14-336 that LlavaConfig assumes when `vision_config` is absent.
+    pub fn llava_default() -> Self {
+        VisionConfig {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            image_size: 336,
+            patch_size: 14,
+            num_channels: 3,
+            layer_norm_eps: 1e-5,
+            hidden_act: Activation::QuickGelu,
+        }
+    }
+
+    /// Parses a (possibly partial) CLIP vision config with CLIPVisionConfig's defaults.
+    pub fn from_map(m: &Map<String, Value>, pre: &str) -> Result<Self> {
+        if let Some(mt) = m.get("model_type").and_then(|v| v.as_str()) {
+            if mt != "clip_vision_model" {
+                return Err(Error::msg(format!(
+                    "key `{pre}model_type`: {mt:?} is not supported (clip_vision_model only)"
+                )));
+            }
+        }
+        let cfg = VisionConfig {
+            hidden_size: usize_or(m, "hidden_size", pre, 768)?,
+            intermediate_size: usize_or(m, "intermediate_size", pre, 3072)?,
+            num_hidden_layers: usize_or(m, "num_hidden_layers", pre, 12)?,
+            num_attention_heads: usize_or(m, "num_attention_heads", pre, 12)?,
+            image_size: usize_or(m, "image_size", pre, 224)?,
+            patch_size: usize_or(m, "patch_size", pre, 32)?,
+            num_channels: usize_or(m, "num_channels", pre, 3)?,
+            layer_norm_eps: f32_or(m, "layer_norm_eps", pre, 1e-5)?,
+            hidden_act: act(m, "hidden_act", pre, "quick_gelu")?,
+        };
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(Error::msg(format!(
+                "key `{pre}num_attention_heads`: {} does not divide hidden_size {}",
+                cfg.num_attention_heads, cfg.hidden_size
+            )));
+        }
+        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+            return Err(Error::msg(format!(
+                "key `{pre}patch_size`: {} does not divide image_size {}",
+                cfg.patch_size, cfg.image_size
+            )));
+        }
+        if cfg.num_channels != 3 {
+            return Err(Error::msg(format!("key `{pre}num_channels`: only 3 (RGB) is supported")));
+        }
+        Ok(cfg)
+    }
+}
+
+fn obj<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => Ok(Some(o)),
+        Some(v) => Err(Error::msg(format!("key `{key}`: expected an object, got {v}"))),
+    }
+}
+
+fn usize_or(m: &Map<String, Value>, key: &str, pre: &str, default: usize) -> Result<usize> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .map(|x| x as usize)
+            .ok_or_else(|| Error::msg(format!("key `{pre}{key}`: expected a non-negative integer, got {v}"))),
+    }
+}
+
+fn f32_or(m: &Map<String, Value>, key: &str, pre: &str, default: f32) -> Result<f32> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => match v.as_f64() {
+            Some(x) if x.is_finite() => Ok(x as f32),
+            _ => Err(Error::msg(format!("key `{pre}{key}`: expected a number, got {v}"))),
+        },
+    }
+}
+
+fn bool_or(m: &Map<String, Value>, key: &str, pre: &str, default: bool) -> Result<bool> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| Error::msg(format!("key `{pre}{key}`: expected true or false, got {v}"))),
+    }
+}
+
+fn str_or<'a>(m: &'a Map<String, Value>, key: &str, default: &'a str) -> Result<&'a str> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| Error::msg(format!("key `{key}`: expected a string, got {v}"))),
+    }
+}
+
+fn act(m: &Map<String, Value>, key: &str, pre: &str, default: &str) -> Result<Activation> {
+    match str_or(m, key, default)? {
+        "gelu" => Ok(Activation::Gelu),
+        "quick_gelu" => Ok(Activation::QuickGelu),
+        other => Err(Error::msg(format!(
+            "key `{pre}{key}`: activation {other:?} is not supported (gelu, quick_gelu)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llava_7b_config_fills_llama_defaults() {
+        // The text_config of llava-hf/llava-1.5-7b-hf as published: most keys omitted.
+        let cfg = LlavaConfig::from_json_str(
+            r#"{"architectures":["LlavaForConditionalGeneration"],"ignore_index":-100,
+            "image_token_index":32000,"model_type":"llava","pad_token_id":32001,
+            "projector_hidden_act":"gelu",
+            "text_config":{"architectures":["LlamaForCausalLM"],"max_position_embeddings":4096,
+              "model_type":"llama","rms_norm_eps":1e-05,"torch_dtype":"float16","vocab_size":32064},
+            "tie_word_embeddings":false,"torch_dtype":"float16","transformers_version":"4.36.0.dev0",
+            "vision_config":{"hidden_size":1024,"image_size":336,"intermediate_size":4096,
+              "model_type":"clip_vision_model","num_attention_heads":16,"num_hidden_layers":24,
+              "patch_size":14,"projection_dim":768,"vocab_size":32000},
+            "vision_feature_layer":-2,"vision_feature_select_strategy":"default","vocab_size":32064}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.text.hidden_size, 4096);
+        assert_eq!(cfg.text.num_hidden_layers, 32);
+        assert_eq!(cfg.text.num_key_value_heads, 32);
+        assert_eq!(cfg.text.head_dim, 128);
+        assert_eq!(cfg.text.intermediate_size, 11008);
+        assert_eq!(cfg.text.vocab_size, 32064);
+        assert_eq!(cfg.vision.num_patches(), 576);
+        assert_eq!(cfg.image_tokens(), 576);
+        assert_eq!(cfg.vision_layers_to_run(), 23);
+        assert_eq!(cfg.vision.hidden_act, Activation::QuickGelu);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = LlavaConfig::from_json_str(r#"{"text_config":{"hidden_size":"big"}}"#).unwrap_err();
+        assert!(e.to_string().contains("text_config.hidden_size"), "{e}");
+        let e = LlavaConfig::from_json_str(r#"{"vision_config":{"patch_size":5}}"#).unwrap_err();
+        assert!(e.to_string().contains("vision_config.patch_size"), "{e}");
+        let e = LlavaConfig::from_json_str(r#"{"vision_feature_select_strategy":"cls"}"#).unwrap_err();
+        assert!(e.to_string().contains("vision_feature_select_strategy"), "{e}");
+        let e = LlavaConfig::from_json_str("[1,2").unwrap_err();
+        assert!(e.to_string().contains("invalid JSON"), "{e}");
+        let e = LlavaConfig::from_json_str(
+            r#"{"text_config":{"rope_scaling":{"type":"dynamic","factor":2.0}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rope_scaling"), "{e}");
+    }
+
+    #[test]
+    fn linear_rope_scaling_is_read() {
+        let cfg = LlavaConfig::from_json_str(
+            r#"{"text_config":{"rope_scaling":{"type":"linear","factor":2.0},"num_key_value_heads":8}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.text.rope_scaling_factor, 2.0);
+        assert_eq!(cfg.text.num_key_value_heads, 8);
+    }
+}

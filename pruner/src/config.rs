@@ -1,0 +1,851 @@
+//! Pruning configuration: parsed from the reference implementation's JSON keys, validated
+//! against the model's layer count, and echoed back as the effective config.
+
+use serde_json::{json, Map, Value};
+
+/// A configuration error; every message is one line naming the key and what it accepts.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// The text is not JSON at all.
+    #[error("pruning config is not valid JSON: {0}")]
+    Json(String),
+    /// The top level is not an object.
+    #[error("pruning config must be a JSON object, got {0}")]
+    NotAnObject(String),
+    /// `method` names no known pruner.
+    #[error("`method` must be one of \"visipruner\", \"fastv\", \"dense\"; got {0}")]
+    UnknownMethod(String),
+    /// A key the chosen method does not accept.
+    #[error("unknown key `{key}` for method {method} (allowed: {allowed})")]
+    UnknownKey {
+        key: String,
+        method: &'static str,
+        allowed: &'static str,
+    },
+    /// A value of the wrong JSON type.
+    #[error("`{key}` must be {expected}, got {got}")]
+    Type {
+        key: &'static str,
+        expected: &'static str,
+        got: String,
+    },
+    /// A `mode` entry that is not a stage name.
+    #[error("`mode` entry {0} is unknown (allowed: \"shallow\", \"middle\", \"deep\")")]
+    UnknownStage(String),
+    /// A stage listed twice in `mode`.
+    #[error("`mode` lists \"{0}\" more than once")]
+    RepeatedStage(&'static str),
+    /// A key the chosen stages need is absent.
+    #[error("`{key}` is required {when} (must be {range})")]
+    Missing {
+        key: &'static str,
+        when: &'static str,
+        range: String,
+    },
+    /// A value outside its allowed range.
+    #[error("`{key}` = {value} is out of range: must be {range}")]
+    OutOfRange {
+        key: &'static str,
+        value: String,
+        range: String,
+    },
+}
+
+/// Which VisiPruner stages are enabled (the reference's `mode` list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mode {
+    /// Mask image keys in layers below `shallow_mid_layer`.
+    pub shallow: bool,
+    /// Detect the fusion layer and keep only the contributing image tokens.
+    pub middle: bool,
+    /// Drop all image tokens once the model stops reading them.
+    pub deep: bool,
+}
+
+impl Mode {
+    /// Stage names in canonical order, as written in the effective config.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.shallow, "shallow"),
+            (self.middle, "middle"),
+            (self.deep, "deep"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+}
+
+/// What the shallow stage does at layer 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layer0Policy {
+    /// Fold each text query's image attention into the first image key (reference, 7B).
+    #[default]
+    Sink,
+    /// Hide image keys from image queries and the first half of the span from text (13B).
+    Split,
+    /// No mask at layer 0.
+    None,
+}
+
+impl Layer0Policy {
+    /// The JSON spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Layer0Policy::Sink => "sink",
+            Layer0Policy::Split => "split",
+            Layer0Policy::None => "none",
+        }
+    }
+}
+
+/// VisiPruner settings. Keys are optional here because only the enabled stages need them;
+/// [`PruneConfig::validate`] enforces presence and ranges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisiConfig {
+    /// Enabled stages.
+    pub mode: Mode,
+    /// First non-shallow layer; middle fires only on layers strictly above it.
+    pub shallow_mid_layer: Option<usize>,
+    /// Fusion fires when some token's leave-one-out cosine falls below this.
+    pub layer_threshold: Option<f64>,
+    /// Tokens whose contribution norm exceeds this survive fusion.
+    pub tokens_threshold: Option<f64>,
+    /// With deep but not middle: first layer that runs text only.
+    pub mid_deep_layer: Option<usize>,
+    /// Layer-0 mask policy (ours, not the reference's).
+    pub layer0: Layer0Policy,
+}
+
+/// FastV settings: after layer `k - 1`, keep the image tokens the last prompt token
+/// attends to most.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FastVConfig {
+    /// First layer that runs on the pruned sequence (FastV's K).
+    pub k: usize,
+    /// Fraction of image tokens dropped (FastV's R).
+    pub ratio: f64,
+}
+
+/// A parsed pruning configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PruneConfig {
+    /// No pruning and no masks.
+    Dense,
+    /// VisiPruner (the default method).
+    VisiPruner(VisiConfig),
+    /// FastV.
+    FastV(FastVConfig),
+}
+
+const VISI_KEYS: &[&str] = &[
+    "method",
+    "mode",
+    "shallow_mid_layer",
+    "layer_threshold",
+    "tokens_threshold",
+    "mid_deep_layer",
+    "layer0",
+];
+const VISI_KEYS_TEXT: &str =
+    "method, mode, shallow_mid_layer, layer_threshold, tokens_threshold, mid_deep_layer, layer0";
+const FASTV_KEYS: &[&str] = &["method", "k", "ratio"];
+const FASTV_KEYS_TEXT: &str = "method, k, ratio";
+const DENSE_KEYS: &[&str] = &["method"];
+
+impl PruneConfig {
+    /// The paper's setting: all three stages, shallow_mid_layer 6, thresholds 0.995 / 0.2.
+    pub fn paper_default() -> Self {
+        PruneConfig::VisiPruner(VisiConfig {
+            mode: Mode {
+                shallow: true,
+                middle: true,
+                deep: true,
+            },
+            shallow_mid_layer: Some(6),
+            layer_threshold: Some(0.995),
+            tokens_threshold: Some(0.2),
+            mid_deep_layer: None,
+            layer0: Layer0Policy::Sink,
+        })
+    }
+
+    /// Parses JSON text; checks everything but the layer keys, which need the model
+    /// ([`PruneConfig::validate`]).
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let v: Value = serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
+        Self::from_value(&v)
+    }
+
+    /// Parses a JSON value; checks everything but the layer keys, which need the model.
+    pub fn from_value(v: &Value) -> Result<Self, ConfigError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ConfigError::NotAnObject(json_type(v).to_string()))?;
+        let method = match obj.get("method") {
+            None => "visipruner",
+            Some(Value::String(s)) => s.as_str(),
+            Some(other) => {
+                return Err(ConfigError::Type {
+                    key: "method",
+                    expected: "a string",
+                    got: short(other),
+                })
+            }
+        };
+        let cfg = match method {
+            "visipruner" => {
+                check_keys(obj, VISI_KEYS, "visipruner", VISI_KEYS_TEXT)?;
+                PruneConfig::VisiPruner(VisiConfig {
+                    mode: get_mode(obj)?,
+                    shallow_mid_layer: get_layer(obj, "shallow_mid_layer")?,
+                    layer_threshold: get_f64(obj, "layer_threshold")?,
+                    tokens_threshold: get_f64(obj, "tokens_threshold")?,
+                    mid_deep_layer: get_layer(obj, "mid_deep_layer")?,
+                    layer0: get_layer0(obj)?,
+                })
+            }
+            "fastv" => {
+                check_keys(obj, FASTV_KEYS, "fastv", FASTV_KEYS_TEXT)?;
+                let k = get_layer(obj, "k")?.ok_or_else(|| ConfigError::Missing {
+                    key: "k",
+                    when: "for method fastv",
+                    range: LAYER_RANGE_UNKNOWN.to_string(),
+                })?;
+                let ratio = get_f64(obj, "ratio")?.ok_or_else(|| ConfigError::Missing {
+                    key: "ratio",
+                    when: "for method fastv",
+                    range: RATIO_RANGE.to_string(),
+                })?;
+                PruneConfig::FastV(FastVConfig { k, ratio })
+            }
+            "dense" => {
+                check_keys(obj, DENSE_KEYS, "dense", "method")?;
+                PruneConfig::Dense
+            }
+            other => return Err(ConfigError::UnknownMethod(format!("\"{other}\""))),
+        };
+        cfg.check(None)?;
+        Ok(cfg)
+    }
+
+    /// Checks presence and ranges against a model with `num_layers` decoder layers.
+    pub fn validate(&self, num_layers: usize) -> Result<(), ConfigError> {
+        self.check(Some(num_layers))
+    }
+
+    /// The method name used in reports.
+    pub fn method(&self) -> &'static str {
+        match self {
+            PruneConfig::Dense => "dense",
+            PruneConfig::VisiPruner(_) => "visipruner",
+            PruneConfig::FastV(_) => "fastv",
+        }
+    }
+
+    /// The effective configuration as JSON (defaults filled in); parses back to `self`.
+    pub fn to_json(&self) -> Value {
+        match self {
+            PruneConfig::Dense => json!({ "method": "dense" }),
+            PruneConfig::FastV(f) => json!({ "method": "fastv", "k": f.k, "ratio": f.ratio }),
+            PruneConfig::VisiPruner(v) => {
+                let mut m = Map::new();
+                m.insert("method".into(), json!("visipruner"));
+                m.insert("mode".into(), json!(v.mode.names()));
+                if let Some(x) = v.shallow_mid_layer {
+                    m.insert("shallow_mid_layer".into(), json!(x));
+                }
+                if let Some(x) = v.layer_threshold {
+                    m.insert("layer_threshold".into(), json!(x));
+                }
+                if let Some(x) = v.tokens_threshold {
+                    m.insert("tokens_threshold".into(), json!(x));
+                }
+                if let Some(x) = v.mid_deep_layer {
+                    m.insert("mid_deep_layer".into(), json!(x));
+                }
+                m.insert("layer0".into(), json!(v.layer0.as_str()));
+                Value::Object(m)
+            }
+        }
+    }
+
+    /// Presence and range checks. While parsing `num_layers` is unknown, and layer keys are
+    /// left to [`PruneConfig::validate`] so their errors can state the concrete range.
+    fn check(&self, num_layers: Option<usize>) -> Result<(), ConfigError> {
+        match self {
+            PruneConfig::Dense => Ok(()),
+            PruneConfig::FastV(f) => {
+                if let Some(n) = num_layers {
+                    check_layer("k", f.k, n)?;
+                }
+                // NaN fails both comparisons, so it is rejected too.
+                if !(f.ratio >= 0.0 && f.ratio < 1.0) {
+                    return Err(ConfigError::OutOfRange {
+                        key: "ratio",
+                        value: f.ratio.to_string(),
+                        range: RATIO_RANGE.to_string(),
+                    });
+                }
+                Ok(())
+            }
+            PruneConfig::VisiPruner(v) => v.check(num_layers),
+        }
+    }
+}
+
+impl VisiConfig {
+    fn check(&self, num_layers: Option<usize>) -> Result<(), ConfigError> {
+        let m = self.mode;
+        if let Some(n) = num_layers {
+            require(
+                self.shallow_mid_layer.is_some(),
+                m.shallow || m.middle,
+                "shallow_mid_layer",
+                "when mode contains shallow or middle",
+                layer_range(n),
+            )?;
+            if let Some(x) = self.shallow_mid_layer {
+                check_layer("shallow_mid_layer", x, n)?;
+            }
+        }
+        for (key, value) in [
+            ("layer_threshold", self.layer_threshold),
+            ("tokens_threshold", self.tokens_threshold),
+        ] {
+            require(
+                value.is_some(),
+                m.middle,
+                key,
+                "when mode contains middle",
+                THRESHOLD_RANGE.to_string(),
+            )?;
+            if let Some(t) = value {
+                if !(t > 0.0 && t < 1.0) {
+                    return Err(ConfigError::OutOfRange {
+                        key,
+                        value: t.to_string(),
+                        range: THRESHOLD_RANGE.to_string(),
+                    });
+                }
+            }
+        }
+        if let Some(n) = num_layers {
+            require(
+                self.mid_deep_layer.is_some(),
+                m.deep && !m.middle,
+                "mid_deep_layer",
+                "when mode contains deep without middle",
+                layer_range(n),
+            )?;
+            if let Some(x) = self.mid_deep_layer {
+                check_layer("mid_deep_layer", x, n)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+const THRESHOLD_RANGE: &str = "a float in (0, 1)";
+const RATIO_RANGE: &str = "a float in [0, 1)";
+
+fn layer_range(num_layers: usize) -> String {
+    format!("an integer in [1, {num_layers})")
+}
+
+/// The layer range before the model is known (only negative values fail that early).
+const LAYER_RANGE_UNKNOWN: &str = "an integer in [1, num_layers)";
+
+/// Fails when a key the enabled stages `need` is not `present`.
+fn require(
+    present: bool,
+    needed: bool,
+    key: &'static str,
+    when: &'static str,
+    range: String,
+) -> Result<(), ConfigError> {
+    if present || !needed {
+        Ok(())
+    } else {
+        Err(ConfigError::Missing { key, when, range })
+    }
+}
+
+fn check_layer(key: &'static str, x: usize, num_layers: usize) -> Result<(), ConfigError> {
+    if (1..num_layers).contains(&x) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            key,
+            value: x.to_string(),
+            range: layer_range(num_layers),
+        })
+    }
+}
+
+fn check_keys(
+    obj: &Map<String, Value>,
+    allowed: &[&str],
+    method: &'static str,
+    allowed_text: &'static str,
+) -> Result<(), ConfigError> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(key) => Err(ConfigError::UnknownKey {
+            key: key.clone(),
+            method,
+            allowed: allowed_text,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A layer index: a non-negative JSON integer (its range needs the model).
+fn get_layer(obj: &Map<String, Value>, key: &'static str) -> Result<Option<usize>, ConfigError> {
+    let Some(v) = obj.get(key) else {
+        return Ok(None);
+    };
+    let type_err = || ConfigError::Type {
+        key,
+        expected: "an integer",
+        got: short(v),
+    };
+    let Value::Number(n) = v else {
+        return Err(type_err());
+    };
+    if let Some(u) = n.as_u64() {
+        // A value beyond usize is out of range for any model, not a type error.
+        return usize::try_from(u)
+            .map(Some)
+            .map_err(|_| ConfigError::OutOfRange {
+                key,
+                value: u.to_string(),
+                range: LAYER_RANGE_UNKNOWN.to_string(),
+            });
+    }
+    if let Some(i) = n.as_i64() {
+        return Err(ConfigError::OutOfRange {
+            key,
+            value: i.to_string(),
+            range: LAYER_RANGE_UNKNOWN.to_string(),
+        });
+    }
+    Err(type_err())
+}
+
+fn get_f64(obj: &Map<String, Value>, key: &'static str) -> Result<Option<f64>, ConfigError> {
+    match obj.get(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| ConfigError::Type {
+            key,
+            expected: "a number",
+            got: n.to_string(),
+        }),
+        Some(other) => Err(ConfigError::Type {
+            key,
+            expected: "a number",
+            got: short(other),
+        }),
+    }
+}
+
+fn get_mode(obj: &Map<String, Value>) -> Result<Mode, ConfigError> {
+    let type_err = |v: &Value| ConfigError::Type {
+        key: "mode",
+        expected: "a list of strings drawn from \"shallow\", \"middle\", \"deep\"",
+        got: short(v),
+    };
+    let Some(v) = obj.get("mode") else {
+        return Err(ConfigError::Missing {
+            key: "mode",
+            when: "for method visipruner",
+            range: "a list drawn from \"shallow\", \"middle\", \"deep\"".to_string(),
+        });
+    };
+    let list = v.as_array().ok_or_else(|| type_err(v))?;
+    let mut mode = Mode::default();
+    for entry in list {
+        let name = entry.as_str().ok_or_else(|| type_err(v))?;
+        let (slot, canonical) = match name {
+            "shallow" => (&mut mode.shallow, "shallow"),
+            "middle" => (&mut mode.middle, "middle"),
+            "deep" => (&mut mode.deep, "deep"),
+            _ => return Err(ConfigError::UnknownStage(short(entry))),
+        };
+        if *slot {
+            return Err(ConfigError::RepeatedStage(canonical));
+        }
+        *slot = true;
+    }
+    Ok(mode)
+}
+
+fn get_layer0(obj: &Map<String, Value>) -> Result<Layer0Policy, ConfigError> {
+    match obj.get("layer0") {
+        None => Ok(Layer0Policy::default()),
+        Some(Value::String(s)) => match s.as_str() {
+            "sink" => Ok(Layer0Policy::Sink),
+            "split" => Ok(Layer0Policy::Split),
+            "none" => Ok(Layer0Policy::None),
+            _ => Err(ConfigError::OutOfRange {
+                key: "layer0",
+                value: format!("\"{s}\""),
+                range: "one of \"sink\", \"split\", \"none\"".to_string(),
+            }),
+        },
+        Some(other) => Err(ConfigError::Type {
+            key: "layer0",
+            expected: "a string",
+            got: short(other),
+        }),
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The value as compact JSON, cut short so an error stays on one readable line.
+fn short(v: &Value) -> String {
+    const MAX: usize = 40;
+    let s = v.to_string();
+    if s.chars().count() <= MAX {
+        s
+    } else {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut}...")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<PruneConfig, ConfigError> {
+        PruneConfig::from_json(text)
+    }
+
+    /// Parses and validates against `n` layers; the error text must name `key` and `needle`.
+    fn expect_err(text: &str, n: usize, key: &str, needle: &str) {
+        let res = parse(text).and_then(|c| c.validate(n).map(|_| c));
+        let err = match res {
+            Ok(c) => panic!("config {text} with {n} layers: expected an error, parsed {c:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(key) && err.contains(needle),
+            "config {text} with {n} layers: error {err:?} should mention {key:?} and {needle:?}"
+        );
+        assert!(!err.contains('\n'), "error must be one line: {err:?}");
+    }
+
+    #[test]
+    fn paper_default_parses_and_round_trips() {
+        let text = r#"{"mode":["shallow","middle","deep"],"shallow_mid_layer":6,"layer_threshold":0.995,"tokens_threshold":0.2}"#;
+        let cfg = parse(text).unwrap();
+        assert_eq!(cfg, PruneConfig::paper_default());
+        cfg.validate(32).unwrap();
+        let eff = cfg.to_json();
+        assert_eq!(eff["method"], "visipruner");
+        assert_eq!(eff["layer0"], "sink");
+        assert_eq!(eff["layer_threshold"], 0.995);
+        assert!(eff.get("mid_deep_layer").is_none());
+        assert_eq!(PruneConfig::from_value(&eff).unwrap(), cfg);
+    }
+
+    #[test]
+    fn every_variant_round_trips_through_to_json() {
+        let texts = [
+            r#"{"method":"dense"}"#,
+            r#"{"method":"fastv","k":2,"ratio":0.5}"#,
+            r#"{"mode":[]}"#,
+            r#"{"mode":["deep","shallow"],"shallow_mid_layer":3,"mid_deep_layer":20,"layer0":"split"}"#,
+            r#"{"mode":["middle"],"shallow_mid_layer":1,"layer_threshold":0.5,"tokens_threshold":0.9,"layer0":"none"}"#,
+        ];
+        for text in texts {
+            let cfg = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let back = PruneConfig::from_value(&cfg.to_json())
+                .unwrap_or_else(|e| panic!("{text}: effective config does not parse: {e}"));
+            assert_eq!(back, cfg, "{text}: round trip changed the config");
+        }
+    }
+
+    #[test]
+    fn mode_order_is_free_and_echoed_canonically() {
+        let cfg = parse(r#"{"mode":["deep","shallow"],"shallow_mid_layer":3,"mid_deep_layer":9}"#)
+            .unwrap();
+        assert_eq!(cfg.to_json()["mode"], json!(["shallow", "deep"]));
+    }
+
+    #[test]
+    fn method_defaults_to_visipruner_and_layer0_to_sink() {
+        let PruneConfig::VisiPruner(v) =
+            parse(r#"{"mode":["shallow"],"shallow_mid_layer":2}"#).unwrap()
+        else {
+            panic!("method should default to visipruner");
+        };
+        assert_eq!(v.layer0, Layer0Policy::Sink);
+    }
+
+    #[test]
+    fn structural_errors() {
+        expect_err("{", 32, "not valid JSON", "");
+        expect_err("[1]", 32, "JSON object", "a list");
+        expect_err(r#"{"method":"tome"}"#, 32, "method", "\"tome\"");
+        expect_err(r#"{"method":3}"#, 32, "method", "a string");
+        expect_err(
+            r#"{"mode":[],"foo":1}"#,
+            32,
+            "`foo`",
+            "allowed: method, mode",
+        );
+        expect_err(
+            r#"{"method":"fastv","k":2,"ratio":0.5,"mode":[]}"#,
+            32,
+            "`mode`",
+            "fastv",
+        );
+        expect_err(r#"{"method":"dense","k":2}"#, 32, "`k`", "dense");
+    }
+
+    #[test]
+    fn mode_errors() {
+        expect_err(r#"{}"#, 32, "`mode`", "required");
+        expect_err(
+            r#"{"mode":"shallow","shallow_mid_layer":6}"#,
+            32,
+            "`mode`",
+            "list of strings",
+        );
+        expect_err(r#"{"mode":[1]}"#, 32, "`mode`", "list of strings");
+        expect_err(r#"{"mode":["early"]}"#, 32, "\"early\"", "unknown");
+        expect_err(
+            r#"{"mode":["deep","deep"],"mid_deep_layer":4}"#,
+            32,
+            "\"deep\"",
+            "more than once",
+        );
+    }
+
+    #[test]
+    fn shallow_mid_layer_errors() {
+        // Required by shallow and by middle, not by deep alone.
+        expect_err(
+            r#"{"mode":["shallow"]}"#,
+            32,
+            "shallow_mid_layer",
+            "required",
+        );
+        expect_err(
+            r#"{"mode":["middle"],"layer_threshold":0.9,"tokens_threshold":0.2}"#,
+            32,
+            "shallow_mid_layer",
+            "[1, 32)",
+        );
+        parse(r#"{"mode":["deep"],"mid_deep_layer":5}"#)
+            .unwrap()
+            .validate(32)
+            .unwrap();
+        // Range [1, num_layers): 0 and num_layers are out, 31 is in.
+        expect_err(
+            r#"{"mode":["shallow"],"shallow_mid_layer":0}"#,
+            32,
+            "shallow_mid_layer",
+            "[1, 32)",
+        );
+        expect_err(
+            r#"{"mode":["shallow"],"shallow_mid_layer":32}"#,
+            32,
+            "shallow_mid_layer",
+            "[1, 32)",
+        );
+        expect_err(
+            r#"{"mode":["shallow"],"shallow_mid_layer":-1}"#,
+            32,
+            "shallow_mid_layer",
+            "-1",
+        );
+        parse(r#"{"mode":["shallow"],"shallow_mid_layer":31}"#)
+            .unwrap()
+            .validate(32)
+            .unwrap();
+        // Types: floats and strings are not integers.
+        expect_err(
+            r#"{"mode":["shallow"],"shallow_mid_layer":6.0}"#,
+            32,
+            "shallow_mid_layer",
+            "integer",
+        );
+        expect_err(
+            r#"{"mode":["shallow"],"shallow_mid_layer":"6"}"#,
+            32,
+            "shallow_mid_layer",
+            "integer",
+        );
+        // Validated whenever present, even if unused.
+        expect_err(
+            r#"{"mode":[],"shallow_mid_layer":40}"#,
+            32,
+            "shallow_mid_layer",
+            "[1, 32)",
+        );
+    }
+
+    #[test]
+    fn threshold_errors() {
+        let base = r#""mode":["middle"],"shallow_mid_layer":6"#;
+        expect_err(
+            &format!("{{{base},\"tokens_threshold\":0.2}}"),
+            32,
+            "layer_threshold",
+            "required",
+        );
+        expect_err(
+            &format!("{{{base},\"layer_threshold\":0.9}}"),
+            32,
+            "tokens_threshold",
+            "required",
+        );
+        for key in ["layer_threshold", "tokens_threshold"] {
+            let other = if key == "layer_threshold" {
+                "tokens_threshold"
+            } else {
+                "layer_threshold"
+            };
+            for bad in ["0", "1", "0.0", "1.0", "-0.5", "2"] {
+                let text = format!("{{{base},\"{other}\":0.5,\"{key}\":{bad}}}");
+                expect_err(&text, 32, key, "(0, 1)");
+            }
+            let text = format!("{{{base},\"{other}\":0.5,\"{key}\":\"0.5\"}}");
+            expect_err(&text, 32, key, "a number");
+        }
+        // Not required without middle, but still checked when given.
+        parse(r#"{"mode":["shallow"],"shallow_mid_layer":6}"#).unwrap();
+        expect_err(
+            r#"{"mode":["shallow"],"shallow_mid_layer":6,"layer_threshold":1.5}"#,
+            32,
+            "layer_threshold",
+            "(0, 1)",
+        );
+    }
+
+    #[test]
+    fn mid_deep_layer_errors() {
+        expect_err(
+            r#"{"mode":["deep"]}"#,
+            32,
+            "mid_deep_layer",
+            "deep without middle",
+        );
+        expect_err(
+            r#"{"mode":["deep"],"mid_deep_layer":0}"#,
+            32,
+            "mid_deep_layer",
+            "[1, 32)",
+        );
+        expect_err(
+            r#"{"mode":["deep"],"mid_deep_layer":32}"#,
+            32,
+            "mid_deep_layer",
+            "[1, 32)",
+        );
+        expect_err(
+            r#"{"mode":["deep"],"mid_deep_layer":2.5}"#,
+            32,
+            "mid_deep_layer",
+            "integer",
+        );
+        // With middle it is optional (the reference validates but ignores it).
+        let cfg = r#"{"mode":["middle","deep"],"shallow_mid_layer":6,"layer_threshold":0.9,"tokens_threshold":0.2}"#;
+        parse(cfg).unwrap().validate(32).unwrap();
+        let cfg = r#"{"mode":["middle","deep"],"shallow_mid_layer":6,"layer_threshold":0.9,"tokens_threshold":0.2,"mid_deep_layer":99}"#;
+        expect_err(cfg, 32, "mid_deep_layer", "[1, 32)");
+    }
+
+    #[test]
+    fn layer0_errors() {
+        expect_err(
+            r#"{"mode":["shallow"],"shallow_mid_layer":6,"layer0":"half"}"#,
+            32,
+            "layer0",
+            "\"sink\"",
+        );
+        expect_err(
+            r#"{"mode":["shallow"],"shallow_mid_layer":6,"layer0":0}"#,
+            32,
+            "layer0",
+            "a string",
+        );
+    }
+
+    #[test]
+    fn fastv_errors() {
+        let ok = parse(r#"{"method":"fastv","k":2,"ratio":0.5}"#).unwrap();
+        assert_eq!(ok, PruneConfig::FastV(FastVConfig { k: 2, ratio: 0.5 }));
+        ok.validate(32).unwrap();
+        expect_err(r#"{"method":"fastv","ratio":0.5}"#, 32, "`k`", "required");
+        expect_err(r#"{"method":"fastv","k":2}"#, 32, "`ratio`", "[0, 1)");
+        expect_err(
+            r#"{"method":"fastv","k":0,"ratio":0.5}"#,
+            32,
+            "`k`",
+            "[1, 32)",
+        );
+        expect_err(
+            r#"{"method":"fastv","k":32,"ratio":0.5}"#,
+            32,
+            "`k`",
+            "[1, 32)",
+        );
+        expect_err(
+            r#"{"method":"fastv","k":2,"ratio":1}"#,
+            32,
+            "`ratio`",
+            "[0, 1)",
+        );
+        expect_err(
+            r#"{"method":"fastv","k":2,"ratio":-0.1}"#,
+            32,
+            "`ratio`",
+            "[0, 1)",
+        );
+        expect_err(
+            r#"{"method":"fastv","k":2,"ratio":"half"}"#,
+            32,
+            "`ratio`",
+            "a number",
+        );
+        parse(r#"{"method":"fastv","k":31,"ratio":0}"#)
+            .unwrap()
+            .validate(32)
+            .unwrap();
+    }
+
+    #[test]
+    fn directly_built_configs_are_validated_too() {
+        let cfg = PruneConfig::FastV(FastVConfig {
+            k: 2,
+            ratio: f64::NAN,
+        });
+        let err = cfg.validate(32).unwrap_err().to_string();
+        assert!(err.contains("ratio"), "{err}");
+        let PruneConfig::VisiPruner(mut v) = PruneConfig::paper_default() else {
+            unreachable!("paper default is visipruner")
+        };
+        v.layer_threshold = None;
+        let err = PruneConfig::VisiPruner(v)
+            .validate(32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layer_threshold") && err.contains("required"),
+            "{err}"
+        );
+    }
+}
