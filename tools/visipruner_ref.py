@@ -38,7 +38,7 @@ import sys
 
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -516,6 +516,9 @@ def search_case(lm, emb, span, case):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=MODELS)
+    ap.add_argument("--embeds-out", metavar="DIR",
+                    help="also write DIR/emb-<model>.safetensors (the decoder input per case, f32 [S, H]) "
+                         "for tools/xcheck_pruning")
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -531,6 +534,10 @@ def main():
         lm = Lm(llava)
         with torch.no_grad():
             inputs = {c: case_inputs(llava, exp, arrays, c) for c in exp["cases"]}
+        if args.embeds_out:
+            os.makedirs(args.embeds_out, exist_ok=True)
+            save_file({c: e.contiguous() for c, (e, _) in inputs.items()},
+                      os.path.join(args.embeds_out, f"emb-{name}.safetensors"))
         print(f"{name}: dense sanity")
         worst = dense_sanity(lm, exp, arrays, inputs)
         runs = []
