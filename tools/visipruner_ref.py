@@ -499,6 +499,17 @@ def search_case(lm, emb, span, case):
               flush=True)
         if best is not None:
             runs.append(summarize(best[2], best[1], case, name, span))
+    # Fixed schedules without thresholds (margins: greedy steps only): shallow masks alone,
+    # and deep without middle (every image token leaves at mid_deep_layer).
+    for name, cfg in (("shallow_only", {"mode": ["shallow"], "shallow_mid_layer": L // 2}),
+                      ("deep_fixed", {"mode": ["shallow", "deep"], "shallow_mid_layer": 2,
+                                      "mid_deep_layer": L // 2 + 1})):
+        r = run(lm, emb, span, parse_config(cfg, L))
+        ok = score(r) >= 1
+        print(f"  {case} {name}: step margin {min(r.step_margins):.4f}{'' if ok else ' (too small: left out)'}",
+              flush=True)
+        if ok:
+            runs.append(summarize(r, cfg, case, name, span))
     best = None
     for k in range(1, L):
         for ratio in (0.5, 0.75, 0.25, 0.9):
