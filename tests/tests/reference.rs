@@ -1,0 +1,128 @@
+//! End-to-end parity with transformers on every reference fixture, run dense: pixel values,
+//! vision features, projector outputs, first-step logits and 16 greedy tokens, on the CPU
+//! backend and (when an adapter exists) on the GPU backend.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use engine_core::{Backend, CpuBackend};
+use models::llava::{GenerateOptions, Llava};
+use models::preprocess::{load_image, PadMode};
+use models::prompt::Template;
+use pruner::PruneConfig;
+use visi_tests::{compare, first_difference, references};
+
+/// Preprocessing is integer arithmetic then one f32 normalisation, as transformers does it.
+const TOL_PIXELS: f32 = 1e-5;
+/// Vision tower and projector in f32 from f16/bf16 weights, vs torch f32 (eager).
+const TOL_FEATURES: f32 = 1e-3;
+/// First-step logits (the brief's bound).
+const TOL_LOGITS: f32 = 1e-3;
+
+fn check_backend(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
+    let mut failures = Vec::new();
+    for r in references()? {
+        let llava = Llava::load(&r.model_dir, backend.clone()).with_context(|| format!("loading {}", r.name))?;
+        for c in &r.cases {
+            let tag = format!("[{label}] {} {}", r.name, c.name);
+            match check_case(&llava, &r, c, &tag) {
+                Ok(msg) => println!("{tag}: ok ({msg})"),
+                Err(e) => {
+                    println!("{tag}: FAIL {e:#}");
+                    failures.push(format!("{tag}: {e:#}"));
+                }
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    }
+    Ok(())
+}
+
+fn check_case(llava: &Llava, r: &visi_tests::Reference, c: &visi_tests::RefCase, tag: &str) -> Result<String> {
+    // The vicuna_v1 template reproduces the reference prompt and its ids, BOS included.
+    let rendered = Template::VicunaV1.render(&c.question, c.image.is_some())?;
+    if rendered != c.prompt {
+        bail!("vicuna_v1 prompt differs:\n got {rendered:?}\nwant {:?}", c.prompt);
+    }
+    let prompt = llava.prompt(Template::VicunaV1, &c.question, c.image.is_some())?;
+    if let Some(d) = first_difference(&prompt.ids, &c.input_ids_expanded) {
+        bail!("input ids: {d}");
+    }
+    let span = prompt.image_span.map(|s| (s.start, s.end));
+    if span != c.image_span {
+        bail!("image span: got {span:?} want {:?}", c.image_span);
+    }
+    let mut notes = Vec::new();
+    let encoded = match &c.image {
+        None => None,
+        Some(path) => {
+            let mode = PadMode::from_name(c.image_mode.as_deref().unwrap_or("crop"))?;
+            let enc = llava.encode_image(&load_image(path)?, mode)?;
+            let b = llava.backend();
+            let (want, shape) = r.array(&c.name, "pixel_values")?;
+            let e = compare("pixel_values", &enc.pixel_values.data, &want, shape[shape.len() - 1], TOL_PIXELS)?;
+            notes.push(format!("pixels {e:.1e}"));
+            let (want, shape) = r.array(&c.name, "vision_features")?;
+            let got = b.to_vec_f32(&enc.features)?;
+            let e = compare("vision_features", &got, &want, shape[1], TOL_FEATURES)?;
+            notes.push(format!("features {e:.1e}"));
+            let (want, shape) = r.array(&c.name, "projector_out")?;
+            let got = b.to_vec_f32(&enc.embeds)?;
+            let e = compare("projector_out", &got, &want, shape[1], TOL_FEATURES)?;
+            notes.push(format!("projector {e:.1e}"));
+            Some(enc)
+        }
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: r.max_new_tokens,
+        prune: Some(PruneConfig::Dense),
+        keep_first_logits: true,
+        ..Default::default()
+    };
+    let mut streamed = String::new();
+    let gen = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |t| streamed.push_str(t))?;
+    let (want, _) = r.array(&c.name, "logits")?;
+    let got = gen.first_logits.as_deref().unwrap_or(&[]);
+    let e = compare("first-step logits", got, &want, want.len(), TOL_LOGITS)?;
+    notes.push(format!("logits {e:.1e}"));
+    if let Some(d) = first_difference(&gen.tokens, &c.generated_ids) {
+        bail!("greedy tokens: {d}");
+    }
+    if gen.text != c.generated_text {
+        bail!("decoded text: got {:?} want {:?}", gen.text, c.generated_text);
+    }
+    if streamed != gen.text {
+        bail!("streamed text {streamed:?} differs from the final text {:?}", gen.text);
+    }
+    notes.push(format!(
+        "vision {:.0} ms, prefill {:.0} ms, decode {:.1} tok/s",
+        gen.timings.vision_ms, gen.timings.prefill_ms, gen.decode_tokens_per_s
+    ));
+    let _ = tag;
+    Ok(notes.join(", "))
+}
+
+#[test]
+fn reference_parity_cpu() -> Result<()> {
+    check_backend(Arc::new(CpuBackend::new()), "cpu")
+}
+
+#[test]
+fn reference_parity_gpu() -> Result<()> {
+    let backend = match engine_wgpu::open(&Default::default()) {
+        Ok(b) => b,
+        Err(e) => {
+            if std::env::var_os("CI").is_some() {
+                bail!("CI is set but no GPU backend could be opened: {e}");
+            }
+            println!("SKIP reference_parity_gpu: no GPU backend ({e})");
+            eprintln!("SKIP reference_parity_gpu: no GPU backend ({e})");
+            return Ok(());
+        }
+    };
+    let info = backend.device_info();
+    println!("GPU backend: {} ({})", info.adapter, info.api);
+    check_backend(backend, "gpu")
+}
