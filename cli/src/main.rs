@@ -28,6 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Answer a prompt about an image with a llava-hf model directory.
+    #[command(args_override_self = true)]
     Run(RunArgs),
     /// List the adapters wgpu sees (JSON).
     Devices,
@@ -78,12 +79,12 @@ struct RunArgs {
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// 0 disables.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -95,7 +95,7 @@ fn default_pruning_and_save_kept() -> Result<()> {
     let v = json_of(&out)?;
     ensure!(v["pruning"]["method"] == "dense");
     ensure!(String::from_utf8_lossy(&out.stderr).contains("dense"), "no note on stderr");
-    let out = visi(&["run", "--model", &mha, "--image", &i, "--prompt", "Hi?", "--device", "cpu", "--prune", r#"{"shallow_mid_layer":6,"layer_threshold":0.995,"tokens_threshold":0.2}"#])?;
+    let out = visi(&["run", "--model", &mha, "--image", &i, "--prompt", "Hi?", "--device", "cpu", "--prune", r#"{"mode":["shallow","middle","deep"],"shallow_mid_layer":6,"layer_threshold":0.995,"tokens_threshold":0.2}"#])?;
     expect_error(&out, 2, "shallow_mid_layer")?;
     Ok(())
 }
@@ -115,8 +115,10 @@ fn bad_input_exits_2_with_one_line() -> Result<()> {
     let mha = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
     let img = fixtures().join("images/square.png").to_string_lossy().to_string();
     let base = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["run", "--model", &mha, "--image", &img, "--prompt", "Hi?", "--device", "cpu", "--max-new-tokens", "2"]
+        let prompt = if extra.contains(&"--prompt") { &[][..] } else { &["--prompt", "Hi?"][..] };
+        let mut v: Vec<String> = ["run", "--model", &mha, "--image", &img, "--device", "cpu", "--max-new-tokens", "2"]
             .iter()
+            .chain(prompt)
             .map(|s| s.to_string())
             .collect();
         v.extend(extra.iter().map(|s| s.to_string()));

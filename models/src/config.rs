@@ -425,7 +425,7 @@ mod tests {
     #[test]
     fn linear_rope_scaling_is_read() {
         let cfg = LlavaConfig::from_json_str(
-            r#"{"text_config":{"rope_scaling":{"type":"linear","factor":2.0},"num_key_value_heads":8}}"#,
+            r#"{"text_config":{"rope_scaling":{"type":"linear","factor":2.0},"num_key_value_heads":8,"vocab_size":32064}}"#,
         )
         .unwrap();
         assert_eq!(cfg.text.rope_scaling_factor, 2.0);
