@@ -256,17 +256,26 @@ impl Llava {
     /// Preprocess, vision tower and projector.
     pub fn encode_image(&self, img: &RgbImage, mode: PadMode) -> Result<EncodedImage> {
         let t0 = Instant::now();
-        let b = self.backend.as_ref();
         let seen = self.processor.prepare(img, mode)?;
         let pixel_values = self.processor.normalize(&seen);
+        let mut enc = self.encode_pixels(seen, pixel_values)?;
+        enc.ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(enc)
+    }
+
+    /// Vision tower and projector over already normalised pixels `[3, S, S]` (`seen` is
+    /// kept for drawing only).
+    pub fn encode_pixels(&self, seen: RgbImage, pixel_values: PixelValues) -> Result<EncodedImage> {
+        let t0 = Instant::now();
+        let b = self.backend.as_ref();
         let s = self.cfg.vision.image_size;
-        if (pixel_values.height, pixel_values.width) != (s, s) {
+        if (pixel_values.height, pixel_values.width) != (s, s) || pixel_values.data.len() != 3 * s * s {
             return Err(Error::msg(format!(
-                "preprocessor_config.json gives {}x{} pixels but the vision tower takes {s}x{s}",
+                "pixel values are {}x{} but the vision tower takes {s}x{s} (check preprocessor_config.json)",
                 pixel_values.width, pixel_values.height
             )));
         }
-        let shape = vec![3, pixel_values.height, pixel_values.width];
+        let shape = vec![3, s, s];
         let pixels = b.upload(HostData::F32(&pixel_values.data), shape.into())?; // [3, S, S]
         let features = self.vision.forward(b, &pixels)?; // [N, Dv]
         let embeds = self.projector.forward(b, &features)?; // [N, H]
