@@ -410,6 +410,16 @@ impl WeightSource for SafetensorsSource {
     }
 }
 
+/// Validates a whole safetensors file held in memory (header, dtypes, offsets) as opening it
+/// would, and returns its tensor names, sorted. `origin` only names the file in errors.
+/// The fuzz target `safetensors_header` drives this.
+pub fn check_safetensors_bytes(buf: &[u8], origin: &Path) -> Result<Vec<String>> {
+    let entries = parse_header(buf, origin)?;
+    let mut names: Vec<String> = entries.into_keys().collect();
+    names.sort();
+    Ok(names)
+}
+
 /// Opens a checkpoint: a `.safetensors` file, a `.safetensors.index.json` shard index, or a
 /// directory holding `model.safetensors.index.json` or `model.safetensors` (or exactly one
 /// `*.safetensors` file).

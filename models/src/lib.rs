@@ -4,6 +4,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod hub;
 pub mod llama;
 pub mod llava;
 pub mod nn;
