@@ -62,9 +62,10 @@ enum DeviceArg {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// llava-hf model directory (config.json, tokenizer.json, safetensors).
+    /// llava-hf model directory (config.json, tokenizer.json, safetensors), or a repo id
+    /// (`llava-hf/llava-1.5-7b-hf`) already in the local Hugging Face cache.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Image file; without it the prompt is text only.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -234,9 +235,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     } else {
         a.prune.as_deref().map(parse_prune).transpose().map_err(bad_input)?
     };
-    if !a.model.is_dir() {
-        return Err(bad_input(anyhow!("--model {}: no such directory", a.model.display())));
-    }
+    let model_dir = models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
     if let Some(p) = &a.save_kept {
         if a.image.is_none() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
@@ -260,7 +259,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
 
     // ---- model ----
     let backend = open_backend(a.device)?;
-    let llava = Llava::load(&a.model, backend).map_err(classify)?;
+    let llava = Llava::load(&model_dir, backend).map_err(classify)?;
     let prompt = llava.prompt(template, &a.prompt, image.is_some()).map_err(|e| bad_input(e.into()))?;
     let (_, note) = llava.resolve_prune(prune.as_ref()).map_err(|e| bad_input(e.into()))?;
     if let Some(n) = &note {

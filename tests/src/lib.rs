@@ -37,6 +37,29 @@ pub struct RefCase {
     pub generated_text: String,
 }
 
+/// One pruned run of the reference VisiPruner/FastV implementation (`pruning.json`).
+#[derive(Clone, Debug)]
+pub struct PruneRun {
+    /// `exit`, `no_exit`, `split`, `fastv`, `text_noop`.
+    pub name: String,
+    /// The `expected.json` case it runs.
+    pub case: String,
+    /// The `--prune` JSON.
+    pub prune: Value,
+    /// Layer that selected the kept tokens.
+    pub fusion_layer: Option<usize>,
+    /// Kept offsets inside the image span.
+    pub kept_image_tokens: Option<Vec<usize>>,
+    /// First layer with no image tokens.
+    pub text_only_from_layer: Option<usize>,
+    /// Sequence length per layer.
+    pub layer_seq_lens: Vec<usize>,
+    /// Top-5 `(id, logit)` of the first step.
+    pub first_logits_top5: Vec<(u32, f32)>,
+    /// 16 greedy tokens.
+    pub generated_ids: Vec<u32>,
+}
+
 /// One model's reference outputs.
 pub struct Reference {
     /// Model name (`tiny-llava-mha`).
@@ -47,6 +70,8 @@ pub struct Reference {
     pub max_new_tokens: usize,
     /// Every case.
     pub cases: Vec<RefCase>,
+    /// Pruned runs (`pruning.json`; empty when the file is absent).
+    pub prune_runs: Vec<PruneRun>,
     arrays: Arc<dyn WeightSource>,
 }
 
@@ -125,8 +150,10 @@ fn load_reference(dir: &Path) -> Result<Reference> {
             generated_text: s(c, "generated_text")?,
         });
     }
+    let prune_runs = load_prune_runs(&dir.join("pruning.json"))?;
     Ok(Reference {
         name,
+        prune_runs,
         model_dir,
         max_new_tokens: v.get("max_new_tokens").and_then(Value::as_u64).unwrap_or(16) as usize,
         cases,
@@ -171,4 +198,44 @@ pub fn first_difference(got: &[u32], want: &[u32]) -> Option<String> {
         got.len(),
         want.len()
     ))
+}
+
+fn load_prune_runs(path: &Path) -> Result<Vec<PruneRun>> {
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path)?)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let runs = v.get("runs").and_then(Value::as_array).ok_or_else(|| anyhow!("{}: no runs", path.display()))?;
+    let usizes = |x: &Value| -> Option<Vec<usize>> {
+        x.as_array().map(|a| a.iter().filter_map(|n| n.as_u64().map(|n| n as usize)).collect())
+    };
+    runs.iter()
+        .map(|r| {
+            let opt = |k: &str| r.get(k).and_then(Value::as_u64).map(|n| n as usize);
+            Ok(PruneRun {
+                name: r.get("name").and_then(Value::as_str).unwrap_or("?").to_string(),
+                case: r.get("case").and_then(Value::as_str).ok_or_else(|| anyhow!("run without case"))?.to_string(),
+                prune: r.get("prune").cloned().ok_or_else(|| anyhow!("run without prune"))?,
+                fusion_layer: opt("fusion_layer"),
+                kept_image_tokens: r.get("kept_image_tokens").and_then(usizes),
+                text_only_from_layer: opt("text_only_from_layer"),
+                layer_seq_lens: r.get("layer_seq_lens").and_then(usizes).unwrap_or_default(),
+                first_logits_top5: r
+                    .get("first_logits_top5")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| Some((p.get(0)?.as_u64()? as u32, p.get(1)?.as_f64()? as f32)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                generated_ids: r
+                    .get("generated_ids")
+                    .and_then(usizes)
+                    .map(|v| v.into_iter().map(|x| x as u32).collect())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
 }
