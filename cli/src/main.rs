@@ -19,7 +19,11 @@ use pruner::PruneConfig;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "visi-cli", version, about = "visi: multimodal LLM inference over wgpu, with VisiPruner")]
+#[command(
+    name = "visi-cli",
+    version,
+    about = "visi: multimodal LLM inference over wgpu, with VisiPruner"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -126,7 +130,10 @@ fn classify(e: engine_core::Error) -> Failure {
         E::File { .. } | E::Weight { .. } | E::Msg(_) => 2,
         _ => 1,
     };
-    Failure { code, err: e.into() }
+    Failure {
+        code,
+        err: e.into(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -153,7 +160,10 @@ fn main() -> ExitCode {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         eprintln!("error: internal panic{at}: {}", msg.replace('\n', " "));
     }));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
@@ -181,7 +191,10 @@ fn devices() -> Result<(), Failure> {
 fn bench(quick: bool) -> Result<(), Failure> {
     let v = engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick)
         .map_err(|e| internal(e.into()))?;
-    println!("{}", serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?
+    );
     Ok(())
 }
 
@@ -189,7 +202,8 @@ fn bench(quick: bool) -> Result<(), Failure> {
 fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
     let (text, origin) = match arg.strip_prefix('@') {
         Some(path) => (
-            std::fs::read_to_string(path).with_context(|| format!("--prune: cannot read {path}"))?,
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--prune: cannot read {path}"))?,
             path.to_string(),
         ),
         None => (arg.to_string(), "--prune".to_string()),
@@ -201,7 +215,10 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
     match device {
         DeviceArg::Cpu => Ok(Arc::new(CpuBackend::new())),
         DeviceArg::Gpu => {
-            let opts = engine_wgpu::GpuOptions { require_gpu: true, ..Default::default() };
+            let opts = engine_wgpu::GpuOptions {
+                require_gpu: true,
+                ..Default::default()
+            };
             engine_wgpu::open(&opts).map_err(|e| internal(anyhow!("--device gpu: {e}")))
         }
         DeviceArg::Auto => match engine_wgpu::open(&engine_wgpu::GpuOptions::default()) {
@@ -215,27 +232,50 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
 }
 
 fn check_output_path(p: &Path) -> anyhow::Result<()> {
-    let ext = p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+    let ext = p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
     if ext.as_deref() != Some("png") {
-        return Err(anyhow!("--save-kept {}: the file name must end in .png", p.display()));
+        return Err(anyhow!(
+            "--save-kept {}: the file name must end in .png",
+            p.display()
+        ));
     }
-    let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        return Err(anyhow!("--save-kept {}: directory {} does not exist", p.display(), parent.display()));
+        return Err(anyhow!(
+            "--save-kept {}: directory {} does not exist",
+            p.display(),
+            parent.display()
+        ));
     }
     Ok(())
 }
 
 fn run(a: RunArgs) -> Result<(), Failure> {
     // ---- everything the user handed in, checked before any heavy work ----
-    let sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     sampling.validate().map_err(|e| bad_input(e.into()))?;
     let prune = if a.no_prune {
         Some(PruneConfig::Dense)
     } else {
-        a.prune.as_deref().map(parse_prune).transpose().map_err(bad_input)?
+        a.prune
+            .as_deref()
+            .map(parse_prune)
+            .transpose()
+            .map_err(bad_input)?
     };
-    let model_dir = models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+    let model_dir =
+        models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
     if let Some(p) = &a.save_kept {
         if a.image.is_none() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
@@ -251,7 +291,9 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         TemplateArg::Raw => Template::Raw,
     };
     // Template errors do not need the model: report them before loading it.
-    template.render(&a.prompt, image.is_some()).map_err(|e| bad_input(e.into()))?;
+    template
+        .render(&a.prompt, image.is_some())
+        .map_err(|e| bad_input(e.into()))?;
     let image_mode = match a.image_mode {
         ImageModeArg::Crop => PadMode::Crop,
         ImageModeArg::Pad => PadMode::Pad,
@@ -260,8 +302,12 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     // ---- model ----
     let backend = open_backend(a.device)?;
     let llava = Llava::load(&model_dir, backend).map_err(classify)?;
-    let prompt = llava.prompt(template, &a.prompt, image.is_some()).map_err(|e| bad_input(e.into()))?;
-    let (_, note) = llava.resolve_prune(prune.as_ref()).map_err(|e| bad_input(e.into()))?;
+    let prompt = llava
+        .prompt(template, &a.prompt, image.is_some())
+        .map_err(|e| bad_input(e.into()))?;
+    let (_, note) = llava
+        .resolve_prune(prune.as_ref())
+        .map_err(|e| bad_input(e.into()))?;
     if let Some(n) = &note {
         eprintln!("note: {n}");
     }
@@ -289,12 +335,15 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             let _ = stdout.flush();
         }
     };
-    let gen = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut on_text).map_err(|e| internal(e.into()))?;
-    drop(on_text);
+    let gen = llava
+        .generate_ids(&prompt, encoded.as_ref(), &opts, &mut on_text)
+        .map_err(|e| internal(e.into()))?;
 
     if let (Some(path), Some(seen)) = (&a.save_kept, &gen.seen_image) {
         let pic = draw_kept_patches(seen, llava.config(), gen.prune.kept_image_tokens.as_deref());
-        pic.save(path).with_context(|| format!("--save-kept {}", path.display())).map_err(internal)?;
+        pic.save(path)
+            .with_context(|| format!("--save-kept {}", path.display()))
+            .map_err(internal)?;
     }
 
     let dev = llava.device_info();

@@ -26,12 +26,21 @@ fn json_of(out: &Output) -> Result<Value> {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     );
-    ensure!(stdout.trim().lines().count() == 1, "stdout is not one JSON line: {stdout}");
+    ensure!(
+        stdout.trim().lines().count() == 1,
+        "stdout is not one JSON line: {stdout}"
+    );
     Ok(serde_json::from_str(stdout.trim())?)
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -40,31 +49,76 @@ fn reference_tokens_through_the_binary() -> Result<()> {
         let model = r.model_dir.to_string_lossy().to_string();
         let max = r.max_new_tokens.to_string();
         for c in &r.cases {
-            let mut args = vec!["run", "--model", &model, "--prompt", &c.question, "--json", "--no-prune"];
+            let mut args = vec![
+                "run",
+                "--model",
+                &model,
+                "--prompt",
+                &c.question,
+                "--json",
+                "--no-prune",
+            ];
             args.extend(["--device", "cpu", "--max-new-tokens", &max]);
             let image = c.image.as_ref().map(|p| p.to_string_lossy().to_string());
             if let Some(img) = &image {
-                args.extend(["--image", img, "--image-mode", c.image_mode.as_deref().unwrap_or("crop")]);
+                args.extend([
+                    "--image",
+                    img,
+                    "--image-mode",
+                    c.image_mode.as_deref().unwrap_or("crop"),
+                ]);
             }
             let v = json_of(&visi(&args)?).with_context(|| format!("{} {}", r.name, c.name))?;
             if let Some(d) = first_difference(&ids(&v["tokens"]), &c.generated_ids) {
                 bail!("{} {}: {d}", r.name, c.name);
             }
-            ensure!(v["text"] == c.generated_text.as_str(), "{} {}: text {}", r.name, c.name, v["text"]);
-            ensure!(v["prompt_tokens"] == c.input_ids_expanded.len(), "{} {}: prompt_tokens {}", r.name, c.name, v["prompt_tokens"]);
+            ensure!(
+                v["text"] == c.generated_text.as_str(),
+                "{} {}: text {}",
+                r.name,
+                c.name,
+                v["text"]
+            );
+            ensure!(
+                v["prompt_tokens"] == c.input_ids_expanded.len(),
+                "{} {}: prompt_tokens {}",
+                r.name,
+                c.name,
+                v["prompt_tokens"]
+            );
             let n_img = c.image_span.map_or(0, |(s, e)| e - s);
-            ensure!(v["image_tokens"] == n_img, "{} {}: image_tokens {}", r.name, c.name, v["image_tokens"]);
-            ensure!(v["pruning"]["method"] == "dense", "{} {}: {}", r.name, c.name, v["pruning"]);
+            ensure!(
+                v["image_tokens"] == n_img,
+                "{} {}: image_tokens {}",
+                r.name,
+                c.name,
+                v["image_tokens"]
+            );
+            ensure!(
+                v["pruning"]["method"] == "dense",
+                "{} {}: {}",
+                r.name,
+                c.name,
+                v["pruning"]
+            );
             ensure!(v["device"]["backend"] == "cpu");
             for k in ["load", "vision", "prefill", "decode"] {
                 ensure!(v["timings_ms"][k].is_number(), "timings_ms.{k} missing");
             }
-            for k in ["prefill", "prefill_dense", "image_attention", "image_attention_dense"] {
+            for k in [
+                "prefill",
+                "prefill_dense",
+                "image_attention",
+                "image_attention_dense",
+            ] {
                 ensure!(v["flops"][k].is_u64(), "flops.{k} missing");
             }
             println!(
                 "{} {}: ok (prefill {:.0} ms, decode {:.1} tok/s)",
-                r.name, c.name, v["timings_ms"]["prefill"].as_f64().unwrap_or(0.0), v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+                r.name,
+                c.name,
+                v["timings_ms"]["prefill"].as_f64().unwrap_or(0.0),
+                v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
             );
         }
     }
@@ -75,13 +129,39 @@ fn reference_tokens_through_the_binary() -> Result<()> {
 fn default_pruning_and_save_kept() -> Result<()> {
     let gqa = fixtures().join("tiny-llava-gqa");
     let png = std::env::temp_dir().join(format!("visi-kept-{}.png", std::process::id()));
-    let (m, i, p) = (gqa.to_string_lossy().to_string(), fixtures().join("images/square.png"), png.to_string_lossy().to_string());
+    let (m, i, p) = (
+        gqa.to_string_lossy().to_string(),
+        fixtures().join("images/square.png"),
+        png.to_string_lossy().to_string(),
+    );
     let i = i.to_string_lossy().to_string();
-    let out = visi(&["run", "--model", &m, "--image", &i, "--prompt", "Hi?", "--json", "--device", "cpu", "--max-new-tokens", "3", "--save-kept", &p])?;
+    let out = visi(&[
+        "run",
+        "--model",
+        &m,
+        "--image",
+        &i,
+        "--prompt",
+        "Hi?",
+        "--json",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+        "--save-kept",
+        &p,
+    ])?;
     let v = json_of(&out)?;
     let pr = &v["pruning"];
     ensure!(pr["method"] == "visipruner", "8-layer default: {pr}");
-    for k in ["config", "fusion_layer", "kept_image_tokens", "text_only_from_layer", "layer_seq_lens", "kv_lens"] {
+    for k in [
+        "config",
+        "fusion_layer",
+        "kept_image_tokens",
+        "text_only_from_layer",
+        "layer_seq_lens",
+        "kv_lens",
+    ] {
         ensure!(pr.get(k).is_some(), "pruning.{k} missing: {pr}");
     }
     ensure!(pr["layer_seq_lens"].as_array().map(Vec::len) == Some(8));
@@ -90,64 +170,172 @@ fn default_pruning_and_save_kept() -> Result<()> {
     let _ = std::fs::remove_file(&png);
 
     // 6 layers: the default falls back to dense with a note; an explicit config errors.
-    let mha = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
-    let out = visi(&["run", "--model", &mha, "--image", &i, "--prompt", "Hi?", "--json", "--device", "cpu", "--max-new-tokens", "2"])?;
+    let mha = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let out = visi(&[
+        "run",
+        "--model",
+        &mha,
+        "--image",
+        &i,
+        "--prompt",
+        "Hi?",
+        "--json",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+    ])?;
     let v = json_of(&out)?;
     ensure!(v["pruning"]["method"] == "dense");
-    ensure!(String::from_utf8_lossy(&out.stderr).contains("dense"), "no note on stderr");
-    let out = visi(&["run", "--model", &mha, "--image", &i, "--prompt", "Hi?", "--device", "cpu", "--prune", r#"{"mode":["shallow","middle","deep"],"shallow_mid_layer":6,"layer_threshold":0.995,"tokens_threshold":0.2}"#])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("dense"),
+        "no note on stderr"
+    );
+    let out = visi(&[
+        "run",
+        "--model",
+        &mha,
+        "--image",
+        &i,
+        "--prompt",
+        "Hi?",
+        "--device",
+        "cpu",
+        "--prune",
+        r#"{"mode":["shallow","middle","deep"],"shallow_mid_layer":6,"layer_threshold":0.995,"tokens_threshold":0.2}"#,
+    ])?;
     expect_error(&out, 2, "shallow_mid_layer")?;
     Ok(())
 }
 
 fn expect_error(out: &Output, code: i32, needle: &str) -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.code() == Some(code), "exit {:?} (want {code}); stderr: {stderr}", out.status.code());
-    ensure!(out.stdout.is_empty(), "stdout not empty: {}", String::from_utf8_lossy(&out.stdout));
+    ensure!(
+        out.status.code() == Some(code),
+        "exit {:?} (want {code}); stderr: {stderr}",
+        out.status.code()
+    );
+    ensure!(
+        out.stdout.is_empty(),
+        "stdout not empty: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note:")).collect();
-    ensure!(lines.len() == 1 && lines[0].starts_with("error: "), "stderr is not one error line: {stderr}");
-    ensure!(stderr.contains(needle), "error does not mention {needle:?}: {stderr}");
+    ensure!(
+        lines.len() == 1 && lines[0].starts_with("error: "),
+        "stderr is not one error line: {stderr}"
+    );
+    ensure!(
+        stderr.contains(needle),
+        "error does not mention {needle:?}: {stderr}"
+    );
     Ok(())
 }
 
 #[test]
 fn bad_input_exits_2_with_one_line() -> Result<()> {
-    let mha = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
-    let img = fixtures().join("images/square.png").to_string_lossy().to_string();
+    let mha = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
     let base = |extra: &[&str]| -> Vec<String> {
-        let prompt = if extra.contains(&"--prompt") { &[][..] } else { &["--prompt", "Hi?"][..] };
-        let mut v: Vec<String> = ["run", "--model", &mha, "--image", &img, "--device", "cpu", "--max-new-tokens", "2"]
-            .iter()
-            .chain(prompt)
-            .map(|s| s.to_string())
-            .collect();
+        let prompt = if extra.contains(&"--prompt") {
+            &[][..]
+        } else {
+            &["--prompt", "Hi?"][..]
+        };
+        let mut v: Vec<String> = [
+            "run",
+            "--model",
+            &mha,
+            "--image",
+            &img,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+        ]
+        .iter()
+        .chain(prompt)
+        .map(|s| s.to_string())
+        .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (["run", "--model", "/nonexistent/model", "--image", &img, "--prompt", "x"].iter().map(|s| s.to_string()).collect(), "/nonexistent/model"),
-        (["run", "--model", &mha, "--image", "/nonexistent.png", "--prompt", "x"].iter().map(|s| s.to_string()).collect(), "nonexistent.png"),
+        (
+            [
+                "run",
+                "--model",
+                "/nonexistent/model",
+                "--image",
+                &img,
+                "--prompt",
+                "x",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            "/nonexistent/model",
+        ),
+        (
+            [
+                "run",
+                "--model",
+                &mha,
+                "--image",
+                "/nonexistent.png",
+                "--prompt",
+                "x",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            "nonexistent.png",
+        ),
         (base(&["--prune", "{not json"]), "JSON"),
         (base(&["--prune", "@/nonexistent.json"]), "nonexistent.json"),
         (base(&["--template", "raw"]), "exactly once"),
-        (base(&["--template", "raw", "--prompt", "<image><image>"]), "exactly once"),
+        (
+            base(&["--template", "raw", "--prompt", "<image><image>"]),
+            "exactly once",
+        ),
         (base(&["--temperature", "-1"]), "temperature"),
         (base(&["--top-p", "2"]), "top_p"),
         (base(&["--temperature", "abc"]), "temperature"),
         (base(&["--device", "tpu"]), "tpu"),
         (base(&["--prompt", &"word ".repeat(5000)]), "context"),
-        (base(&["--save-kept", "/nonexistent-dir/x.png"]), "nonexistent-dir"),
+        (
+            base(&["--save-kept", "/nonexistent-dir/x.png"]),
+            "nonexistent-dir",
+        ),
     ];
     for (args, needle) in cases {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = visi(&refs)?;
-        expect_error(&out, 2, needle).with_context(|| format!("args {:?}", &refs[..refs.len().min(12)]))?;
+        expect_error(&out, 2, needle)
+            .with_context(|| format!("args {:?}", &refs[..refs.len().min(12)]))?;
     }
     // A model directory whose config is malformed.
     let dir = std::env::temp_dir().join(format!("visi-badcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("config.json"), "{ broken")?;
-    let out = visi(&["run", "--model", &dir.to_string_lossy(), "--prompt", "x", "--device", "cpu"])?;
+    let out = visi(&[
+        "run",
+        "--model",
+        &dir.to_string_lossy(),
+        "--prompt",
+        "x",
+        "--device",
+        "cpu",
+    ])?;
     let _ = std::fs::remove_dir_all(&dir);
     expect_error(&out, 2, "config.json")?;
     Ok(())
@@ -155,12 +343,41 @@ fn bad_input_exits_2_with_one_line() -> Result<()> {
 
 #[test]
 fn text_streams_without_json() -> Result<()> {
-    let mha = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
-    let out = visi(&["run", "--model", &mha, "--prompt", "What is the capital of France?", "--device", "cpu", "--no-prune", "--max-new-tokens", "16"])?;
-    ensure!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    let r = references()?.into_iter().find(|r| r.name == "tiny-llava-mha").context("mha reference")?;
-    let c = r.cases.iter().find(|c| c.image.is_none()).context("text case")?;
+    let mha = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let out = visi(&[
+        "run",
+        "--model",
+        &mha,
+        "--prompt",
+        "What is the capital of France?",
+        "--device",
+        "cpu",
+        "--no-prune",
+        "--max-new-tokens",
+        "16",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = references()?
+        .into_iter()
+        .find(|r| r.name == "tiny-llava-mha")
+        .context("mha reference")?;
+    let c = r
+        .cases
+        .iter()
+        .find(|c| c.image.is_none())
+        .context("text case")?;
     let stdout = String::from_utf8(out.stdout)?;
-    ensure!(stdout.trim_end_matches('\n') == c.generated_text, "stdout {stdout:?} want {:?}", c.generated_text);
+    ensure!(
+        stdout.trim_end_matches('\n') == c.generated_text,
+        "stdout {stdout:?} want {:?}",
+        c.generated_text
+    );
     Ok(())
 }

@@ -13,13 +13,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: ask MODEL_DIR IMAGE QUESTION".into());
     };
     // The GPU when there is one, else the CPU reference backend.
-    let backend: Arc<dyn Backend> = engine_wgpu::open(&Default::default())
-        .unwrap_or_else(|_| Arc::new(CpuBackend::new()));
+    let backend: Arc<dyn Backend> =
+        engine_wgpu::open(&Default::default()).unwrap_or_else(|_| Arc::new(CpuBackend::new()));
     let llava = Llava::load(model.as_ref(), backend)?;
     let picture = models::preprocess::load_image(image.as_ref())?;
     // Defaults: vicuna_v1 template, crop, greedy, VisiPruner when the model has the layers.
-    let opts = GenerateOptions { max_new_tokens: 64, ..Default::default() };
-    let answer = llava.generate(question, Some(&picture), &opts, &mut |piece| print!("{piece}"))?;
+    let opts = GenerateOptions {
+        max_new_tokens: 64,
+        ..Default::default()
+    };
+    let answer = llava.generate(question, Some(&picture), &opts, &mut |piece| {
+        print!("{piece}")
+    })?;
     println!();
     eprintln!(
         "{} tokens; prefill {:.0} ms, {:.1} tokens/s; pruning {} kept {:?} image tokens",

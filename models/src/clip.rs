@@ -25,8 +25,8 @@ struct ClipLayer {
 /// CLIP ViT encoder producing LLaVA's image features.
 pub struct ClipVision {
     cfg: VisionConfig,
-    patch_embedding: Tensor,  // [D, 3, P, P]
-    class_embedding: Tensor,  // [1, D] f32
+    patch_embedding: Tensor,    // [D, 3, P, P]
+    class_embedding: Tensor,    // [1, D] f32
     position_embedding: Tensor, // [1 + grid², D] f32
     pre_layrnorm: LayerNorm,
     layers: Vec<ClipLayer>,
@@ -48,7 +48,7 @@ impl ClipVision {
         let pre_layrnorm = LayerNorm::load(&w.pp("pre_layrnorm"), d, vc.layer_norm_eps)?;
         let mut layers = Vec::new();
         for i in 0..cfg.vision_layers_to_run() {
-            let l = w.pp(&format!("encoder.layers.{i}"));
+            let l = w.pp(format!("encoder.layers.{i}"));
             let a = l.pp("self_attn");
             layers.push(ClipLayer {
                 layer_norm1: LayerNorm::load(&l.pp("layer_norm1"), d, vc.layer_norm_eps)?,

@@ -14,7 +14,9 @@ pub mod sampling;
 
 pub use config::LlavaConfig;
 pub use llama::ImageSpan;
-pub use llava::{draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, Naming, Timings};
+pub use llava::{
+    draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, Naming, Timings,
+};
 pub use preprocess::{load_image, PadMode};
 pub use prompt::{PromptIds, Template};
 pub use sampling::SamplingParams;

@@ -28,7 +28,7 @@ use crate::config::{FeatureSelect, LlavaConfig};
 use crate::llama::{ImageSpan, KvCache, Llama};
 use crate::preprocess::{ImageProcessor, PadMode, PixelValues, ResizeTarget};
 use crate::prompt::{PromptIds, PromptTokenizer, Template, TextStream};
-use crate::sampling::{SamplingParams, Sampler};
+use crate::sampling::{Sampler, SamplingParams};
 
 /// Which tensor names a checkpoint uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,16 +161,24 @@ impl Llava {
     pub fn load(dir: &Path, backend: Arc<dyn Backend>) -> Result<Self> {
         let t0 = Instant::now();
         if !dir.is_dir() {
-            return Err(Error::file(dir, "not a directory (expected a llava-hf model directory)"));
+            return Err(Error::file(
+                dir,
+                "not a directory (expected a llava-hf model directory)",
+            ));
         }
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer = PromptTokenizer::from_file(&dir.join("tokenizer.json"), cfg.image_token_index)?;
+        let tokenizer =
+            PromptTokenizer::from_file(&dir.join("tokenizer.json"), cfg.image_token_index)?;
         let pp = dir.join("preprocessor_config.json");
         let processor = if pp.is_file() {
             ImageProcessor::from_file(&pp)?
         } else {
             let s = cfg.vision.image_size;
-            ImageProcessor { size: ResizeTarget::ShortestEdge(s), crop_size: (s, s), ..Default::default() }
+            ImageProcessor {
+                size: ResizeTarget::ShortestEdge(s),
+                crop_size: (s, s),
+                ..Default::default()
+            }
         };
         let source = open_safetensors(dir)?;
         let w = Weights::new(source.clone(), backend.clone());
@@ -185,8 +193,18 @@ impl Llava {
             ));
         };
         let (vt, mm, lm, head) = match naming {
-            Naming::Old => ("vision_tower", "multi_modal_projector", "language_model.model", "language_model.lm_head"),
-            Naming::New => ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head"),
+            Naming::Old => (
+                "vision_tower",
+                "multi_modal_projector",
+                "language_model.model",
+                "language_model.lm_head",
+            ),
+            Naming::New => (
+                "model.vision_tower",
+                "model.multi_modal_projector",
+                "model.language_model",
+                "lm_head",
+            ),
         };
         let vision = ClipVision::load(&w.pp(vt), &cfg)?;
         let projector = Projector::load(&w.pp(mm), &cfg)?;
@@ -269,7 +287,9 @@ impl Llava {
         let t0 = Instant::now();
         let b = self.backend.as_ref();
         let s = self.cfg.vision.image_size;
-        if (pixel_values.height, pixel_values.width) != (s, s) || pixel_values.data.len() != 3 * s * s {
+        if (pixel_values.height, pixel_values.width) != (s, s)
+            || pixel_values.data.len() != 3 * s * s
+        {
             return Err(Error::msg(format!(
                 "pixel values are {}x{} but the vision tower takes {s}x{s} (check preprocessor_config.json)",
                 pixel_values.width, pixel_values.height
@@ -280,17 +300,28 @@ impl Llava {
         let features = self.vision.forward(b, &pixels)?; // [N, Dv]
         let embeds = self.projector.forward(b, &features)?; // [N, H]
         b.sync()?;
-        Ok(EncodedImage { seen, pixel_values, features, embeds, ms: t0.elapsed().as_secs_f64() * 1e3 })
+        Ok(EncodedImage {
+            seen,
+            pixel_values,
+            features,
+            embeds,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     /// Resolves the pruning request against this model: the config to run and, when the
     /// paper default had to fall back to dense, why.
-    pub fn resolve_prune(&self, req: Option<&PruneConfig>) -> Result<(PruneConfig, Option<String>)> {
+    pub fn resolve_prune(
+        &self,
+        req: Option<&PruneConfig>,
+    ) -> Result<(PruneConfig, Option<String>)> {
         let n = self.cfg.text.num_hidden_layers;
         match req {
             Some(cfg) => {
                 cfg.validate(n).map_err(|e| {
-                    Error::msg(format!("pruning config does not fit this {n}-layer model: {e}"))
+                    Error::msg(format!(
+                        "pruning config does not fit this {n}-layer model: {e}"
+                    ))
                 })?;
                 Ok((cfg.clone(), None))
             }
@@ -318,7 +349,9 @@ impl Llava {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         let ids = self.prompt(opts.template, prompt, image.is_some())?;
-        let encoded = image.map(|img| self.encode_image(img, opts.image_mode)).transpose()?;
+        let encoded = image
+            .map(|img| self.encode_image(img, opts.image_mode))
+            .transpose()?;
         self.generate_ids(&ids, encoded.as_ref(), opts, on_text)
     }
 
@@ -341,12 +374,23 @@ impl Llava {
         let span = match (prompt.image_span, image) {
             (Some(sp), Some(_)) => Some(sp),
             (None, None) => None,
-            (Some(_), None) => return Err(Error::msg("the prompt has an image span but no image was given")),
-            (None, Some(_)) => return Err(Error::msg("an image was given but the prompt has no image span")),
+            (Some(_), None) => {
+                return Err(Error::msg(
+                    "the prompt has an image span but no image was given",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::msg(
+                    "an image was given but the prompt has no image span",
+                ))
+            }
         };
         let ctx = tc.max_position_embeddings;
         if ids.is_empty() || ids.len() >= ctx {
-            return Err(Error::msg(format!("prompt of {} tokens does not fit the context of {ctx}", ids.len())));
+            return Err(Error::msg(format!(
+                "prompt of {} tokens does not fit the context of {ctx}",
+                ids.len()
+            )));
         }
         let max_new = opts.max_new_tokens.min(ctx - ids.len());
 
@@ -354,8 +398,14 @@ impl Llava {
         let t0 = Instant::now();
         let embeds = self.embed_prompt(ids, span, image)?; // [S, H]
         let mut cache = KvCache::default();
-        let (logits, stats) = self.llama.prefill(b, &embeds, span, pruner.as_mut(), &mut cache, max_new)?;
-        let first_logits = if opts.keep_first_logits { Some(b.to_vec_f32(&logits)?) } else { None };
+        let (logits, stats) =
+            self.llama
+                .prefill(b, &embeds, span, pruner.as_mut(), &mut cache, max_new)?;
+        let first_logits = if opts.keep_first_logits {
+            Some(b.to_vec_f32(&logits)?)
+        } else {
+            None
+        };
         let mut tokens = Vec::with_capacity(max_new);
         if max_new > 0 {
             tokens.push(self.next_token(&logits, first_logits.as_deref(), &mut sampler)?);
@@ -390,7 +440,12 @@ impl Llava {
         b.sync()?;
         let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
 
-        let flops = self.flops(&stats.layer_seq_lens, &stats.layer_image_lens, &stats.layer_masks, span)?;
+        let flops = self.flops(
+            &stats.layer_seq_lens,
+            &stats.layer_image_lens,
+            &stats.layer_masks,
+            span,
+        )?;
         let kv_dim = tc.num_key_value_heads * tc.head_dim;
         Ok(Generation {
             text: self.tokenizer.decode(&tokens)?,
@@ -405,7 +460,11 @@ impl Llava {
                 prefill_ms,
                 decode_ms,
             },
-            decode_tokens_per_s: if steps > 0 && decode_ms > 0.0 { steps as f64 / (decode_ms / 1e3) } else { 0.0 },
+            decode_tokens_per_s: if steps > 0 && decode_ms > 0.0 {
+                steps as f64 / (decode_ms / 1e3)
+            } else {
+                0.0
+            },
             prune_config,
             prune_note,
             prune: pruner.report(),
@@ -420,7 +479,12 @@ impl Llava {
     }
 
     /// Token embeddings with the image embeddings spliced over the image span.
-    fn embed_prompt(&self, ids: &[u32], span: Option<ImageSpan>, image: Option<&EncodedImage>) -> Result<Tensor> {
+    fn embed_prompt(
+        &self,
+        ids: &[u32],
+        span: Option<ImageSpan>,
+        image: Option<&EncodedImage>,
+    ) -> Result<Tensor> {
         let b = self.backend.as_ref();
         let (Some(sp), Some(img)) = (span, image) else {
             return self.llama.embed(b, ids); // [S, H]
@@ -447,7 +511,12 @@ impl Llava {
     }
 
     /// Greedy picks on the device and reads back one id; sampling reads the logits.
-    fn next_token(&self, logits: &Tensor, host: Option<&[f32]>, sampler: &mut Sampler) -> Result<u32> {
+    fn next_token(
+        &self,
+        logits: &Tensor,
+        host: Option<&[f32]>,
+        sampler: &mut Sampler,
+    ) -> Result<u32> {
         let b = self.backend.as_ref();
         if let Some(h) = host {
             return sampler.sample(h);
@@ -455,7 +524,10 @@ impl Llava {
         if sampler.params().is_greedy() {
             let t = b.argmax(logits)?; // [1] u32
             let v = b.to_vec_u32(&t)?; // sync: one id
-            return v.first().copied().ok_or_else(|| Error::msg("argmax returned nothing"));
+            return v
+                .first()
+                .copied()
+                .ok_or_else(|| Error::msg("argmax returned nothing"));
         }
         sampler.sample(&b.to_vec_f32(logits)?) // sync: one logits row
     }
@@ -479,7 +551,11 @@ impl Llava {
                 intermediate: v.intermediate_size,
                 tokens: v.num_patches() + 1,
             },
-            projector: pruner::ProjectorShape { in_dim: v.hidden_size, hidden: t.hidden_size, out_dim: t.hidden_size },
+            projector: pruner::ProjectorShape {
+                in_dim: v.hidden_size,
+                hidden: t.hidden_size,
+                out_dim: t.hidden_size,
+            },
         }
     }
 
@@ -496,10 +572,15 @@ impl Llava {
             .zip(masks)
             .map(|((&seq_len, &n), &mask)| {
                 let s = span.map_or(seq_len, |sp| sp.start);
-                LayerSchedule { seq_len, image: s..s + n, mask }
+                LayerSchedule {
+                    seq_len,
+                    image: s..s + n,
+                    mask,
+                }
             })
             .collect();
-        pruner::prefill_flops(&self.flops_shape(), &schedule).map_err(|e| Error::msg(format!("FLOPs count: {e}")))
+        pruner::prefill_flops(&self.flops_shape(), &schedule)
+            .map_err(|e| Error::msg(format!("FLOPs count: {e}")))
     }
 }
 
@@ -519,7 +600,10 @@ pub fn draw_kept_patches(seen: &RgbImage, cfg: &LlavaConfig, kept: Option<&[usiz
     let mut out = seen.clone();
     for y in 0..h {
         for x in 0..w {
-            let (py, px) = (y as usize * grid / h as usize, x as usize * grid / w as usize);
+            let (py, px) = (
+                y as usize * grid / h as usize,
+                x as usize * grid / w as usize,
+            );
             let p = out.get_pixel_mut(x, y);
             if !keep[py * grid + px] {
                 *p = Rgb(p.0.map(|c| (c as u16 * 3 / 10) as u8));

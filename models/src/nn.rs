@@ -6,7 +6,7 @@ use engine_core::{Backend, Result, Tensor};
 /// `y = x·Wᵀ + b` with the checkpoint's `[out, in]` weight.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: Tensor, // [out, in] f16|f32
+    pub weight: Tensor,       // [out, in] f16|f32
     pub bias: Option<Tensor>, // [out] f32
 }
 
@@ -14,7 +14,11 @@ impl Linear {
     /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", &[out_dim, in_dim])?;
-        let bias = if bias { Some(w.get_f32("bias", &[out_dim])?) } else { None };
+        let bias = if bias {
+            Some(w.get_f32("bias", &[out_dim])?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -38,7 +42,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(w: &Weights, dim: usize, eps: f32) -> Result<Self> {
-        Ok(LayerNorm { weight: w.get_f32("weight", &[dim])?, bias: w.get_f32("bias", &[dim])?, eps })
+        Ok(LayerNorm {
+            weight: w.get_f32("weight", &[dim])?,
+            bias: w.get_f32("bias", &[dim])?,
+            eps,
+        })
     }
     pub fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         b.layer_norm(x, &self.weight, &self.bias, self.eps)
@@ -54,7 +62,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(w: &Weights, dim: usize, eps: f32) -> Result<Self> {
-        Ok(RmsNorm { weight: w.get_f32("weight", &[dim])?, eps })
+        Ok(RmsNorm {
+            weight: w.get_f32("weight", &[dim])?,
+            eps,
+        })
     }
     pub fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         b.rms_norm(x, &self.weight, self.eps)

@@ -104,35 +104,60 @@ impl PromptTokenizer {
     /// Reads `tokenizer.json`; `image_token_index` is the config's `<image>` id.
     pub fn from_file(path: &Path, image_token_index: u32) -> Result<Self> {
         if !path.is_file() {
-            return Err(Error::file(path, "not found (the model directory needs tokenizer.json)"));
+            return Err(Error::file(
+                path,
+                "not found (the model directory needs tokenizer.json)",
+            ));
         }
-        let tok = Tokenizer::from_file(path).map_err(|e| Error::file(path, format!("cannot load tokenizer: {e}")))?;
-        Ok(PromptTokenizer { tok, image_token_index })
+        let tok = Tokenizer::from_file(path)
+            .map_err(|e| Error::file(path, format!("cannot load tokenizer: {e}")))?;
+        Ok(PromptTokenizer {
+            tok,
+            image_token_index,
+        })
     }
 
     /// Wraps an already built tokenizer.
     pub fn new(tok: Tokenizer, image_token_index: u32) -> Self {
-        PromptTokenizer { tok, image_token_index }
+        PromptTokenizer {
+            tok,
+            image_token_index,
+        }
     }
 
     /// Tokenises `text` with the tokenizer's special tokens (BOS for Llama).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tok.encode(text, true).map_err(|e| Error::msg(format!("tokenizer: {e}")))?;
+        let enc = self
+            .tok
+            .encode(text, true)
+            .map_err(|e| Error::msg(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids to text, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tok.decode(ids, true).map_err(|e| Error::msg(format!("tokenizer: {e}")))
+        self.tok
+            .decode(ids, true)
+            .map_err(|e| Error::msg(format!("tokenizer: {e}")))
     }
 
     /// Renders `prompt` with `template`, tokenises it and expands `<image>` to
     /// `image_tokens` copies (`None`: a text-only prompt).
-    pub fn build(&self, template: Template, prompt: &str, image_tokens: Option<usize>) -> Result<PromptIds> {
+    pub fn build(
+        &self,
+        template: Template,
+        prompt: &str,
+        image_tokens: Option<usize>,
+    ) -> Result<PromptIds> {
         let text = template.render(prompt, image_tokens.is_some())?;
         let ids = self.encode(&text)?;
         let img = self.image_token_index;
-        let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == img).map(|(i, _)| i).collect();
+        let at: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == img)
+            .map(|(i, _)| i)
+            .collect();
         match image_tokens {
             None => {
                 if !at.is_empty() {
@@ -140,7 +165,10 @@ impl PromptTokenizer {
                         "the prompt tokenises to the image token id {img} but no image was given"
                     )));
                 }
-                Ok(PromptIds { ids, image_span: None })
+                Ok(PromptIds {
+                    ids,
+                    image_span: None,
+                })
             }
             Some(n) => {
                 let [s] = at[..] else {
@@ -153,7 +181,13 @@ impl PromptTokenizer {
                 out.extend_from_slice(&ids[..s]);
                 out.extend(std::iter::repeat_n(img, n));
                 out.extend_from_slice(&ids[s + 1..]);
-                Ok(PromptIds { ids: out, image_span: Some(ImageSpan { start: s, end: s + n }) })
+                Ok(PromptIds {
+                    ids: out,
+                    image_span: Some(ImageSpan {
+                        start: s,
+                        end: s + n,
+                    }),
+                })
             }
         }
     }
@@ -233,7 +267,10 @@ mod tests {
         assert!(Template::Raw.render("no image", true).is_err());
         assert!(Template::Raw.render("<image><image>", true).is_err());
         assert!(Template::Raw.render("<image>", false).is_err());
-        assert_eq!(Template::Raw.render("x <image> y", true).unwrap(), "x <image> y");
+        assert_eq!(
+            Template::Raw.render("x <image> y", true).unwrap(),
+            "x <image> y"
+        );
         assert!(Template::from_name("chatml").is_err());
     }
 }

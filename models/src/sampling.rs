@@ -20,7 +20,12 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     /// Greedy.
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -34,7 +39,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::msg(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::msg(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -79,7 +87,10 @@ impl Sampler {
     /// Validates `params` and seeds the generator.
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
-        Ok(Sampler { params, rng: Rng::new(params.seed) })
+        Ok(Sampler {
+            params,
+            rng: Rng::new(params.seed),
+        })
     }
 
     /// The settings in use.
@@ -97,17 +108,25 @@ impl Sampler {
         }
         let t = self.params.temperature;
         // Candidates sorted by logit, highest first (ties: lower id first, deterministic).
-        let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
+        let mut idx: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| !logits[i as usize].is_nan())
+            .collect();
         if idx.is_empty() {
             return Err(Error::msg("sampling: every logit is NaN"));
         }
-        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        idx.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         if self.params.top_k > 0 {
             idx.truncate(self.params.top_k);
         }
         let max = logits[idx[0] as usize] as f64 / t as f64;
-        let mut probs: Vec<f64> =
-            idx.iter().map(|&i| (logits[i as usize] as f64 / t as f64 - max).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (logits[i as usize] as f64 / t as f64 - max).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if self.params.top_p < 1.0 {
@@ -160,7 +179,12 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let l = logits(7, 500);
-        let p = SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.9, seed: 42 };
+        let p = SamplingParams {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.9,
+            seed: 42,
+        };
         let a: Vec<u32> = {
             let mut s = Sampler::new(p).unwrap();
             (0..64).map(|_| s.sample(&l).unwrap()).collect()
@@ -179,7 +203,13 @@ mod tests {
         let want = argmax(&l);
         let mut g = Sampler::new(SamplingParams::default()).unwrap();
         assert_eq!(g.sample(&l).unwrap(), want);
-        let mut k1 = Sampler::new(SamplingParams { temperature: 2.0, top_k: 1, top_p: 1.0, seed: 1 }).unwrap();
+        let mut k1 = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 1,
+        })
+        .unwrap();
         for step in 0..20 {
             assert_eq!(k1.sample(&l).unwrap(), want, "step {step}");
         }
@@ -190,7 +220,13 @@ mod tests {
         // One token holds ~all the mass: top_p 0.5 must always pick it.
         let mut l = vec![0.0f32; 50];
         l[17] = 20.0;
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 9 }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 9,
+        })
+        .unwrap();
         for step in 0..50 {
             assert_eq!(s.sample(&l).unwrap(), 17, "step {step}");
         }
@@ -198,8 +234,19 @@ mod tests {
 
     #[test]
     fn bad_parameters_are_rejected() {
-        for (t, p) in [(-1.0, 1.0), (f32::NAN, 1.0), (1.0, 0.0), (1.0, 1.5), (1.0, f32::NAN)] {
-            let e = Sampler::new(SamplingParams { temperature: t, top_k: 0, top_p: p, seed: 0 });
+        for (t, p) in [
+            (-1.0, 1.0),
+            (f32::NAN, 1.0),
+            (1.0, 0.0),
+            (1.0, 1.5),
+            (1.0, f32::NAN),
+        ] {
+            let e = Sampler::new(SamplingParams {
+                temperature: t,
+                top_k: 0,
+                top_p: p,
+                seed: 0,
+            });
             assert!(e.is_err(), "temperature {t} top_p {p} accepted");
         }
     }

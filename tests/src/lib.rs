@@ -80,11 +80,18 @@ impl Reference {
     /// `logits`) and its shape.
     pub fn array(&self, case: &str, what: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let name = format!("{case}.{what}");
-        let v = self.arrays.view(&name).with_context(|| format!("{}: array {name}", self.name))?;
+        let v = self
+            .arrays
+            .view(&name)
+            .with_context(|| format!("{}: array {name}", self.name))?;
         if v.dtype != engine_core::DType::F32 {
             bail!("{}: array {name} is {:?}, expected F32", self.name, v.dtype);
         }
-        let data = v.bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let data = v
+            .bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         Ok((data, v.shape.to_vec()))
     }
 }
@@ -109,20 +116,30 @@ fn load_reference(dir: &Path) -> Result<Reference> {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
         .with_context(|| format!("parsing {}", path.display()))?;
     let s = |v: &Value, k: &str| -> Result<String> {
-        v.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| anyhow!("{}: `{k}` missing", path.display()))
+        v.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{}: `{k}` missing", path.display()))
     };
     let ids = |v: &Value, k: &str| -> Result<Vec<u32>> {
         v.get(k)
             .and_then(Value::as_array)
             .ok_or_else(|| anyhow!("{}: `{k}` missing", path.display()))?
             .iter()
-            .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| anyhow!("{}: `{k}` holds a non-id", path.display())))
+            .map(|x| {
+                x.as_u64()
+                    .map(|x| x as u32)
+                    .ok_or_else(|| anyhow!("{}: `{k}` holds a non-id", path.display()))
+            })
             .collect()
     };
     let name = s(&v, "model")?;
     let model_dir = fixtures().join(s(&v, "model_dir")?);
     let arrays = open_safetensors(&dir.join(s(&v, "arrays_file")?))?;
-    let cases_obj = v.get("cases").and_then(Value::as_object).ok_or_else(|| anyhow!("{}: no cases", path.display()))?;
+    let cases_obj = v
+        .get("cases")
+        .and_then(Value::as_object)
+        .ok_or_else(|| anyhow!("{}: no cases", path.display()))?;
     let mut cases = Vec::new();
     for (cname, c) in cases_obj {
         let prompt = s(c, "prompt")?;
@@ -133,15 +150,22 @@ fn load_reference(dir: &Path) -> Result<Reference> {
             .ok_or_else(|| anyhow!("{cname}: prompt is not vicuna_v1"))?
             .to_string();
         let image_span = match c.get("image_span") {
-            Some(Value::Array(a)) if a.len() == 2 => {
-                Some((a[0].as_u64().unwrap_or(0) as usize, a[1].as_u64().unwrap_or(0) as usize))
-            }
+            Some(Value::Array(a)) if a.len() == 2 => Some((
+                a[0].as_u64().unwrap_or(0) as usize,
+                a[1].as_u64().unwrap_or(0) as usize,
+            )),
             _ => None,
         };
         cases.push(RefCase {
             name: cname.clone(),
-            image: c.get("image").and_then(Value::as_str).map(|p| fixtures().join(p)),
-            image_mode: c.get("image_mode").and_then(Value::as_str).map(str::to_string),
+            image: c
+                .get("image")
+                .and_then(Value::as_str)
+                .map(|p| fixtures().join(p)),
+            image_mode: c
+                .get("image_mode")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             prompt,
             question,
             input_ids_expanded: ids(c, "input_ids_expanded")?,
@@ -155,7 +179,10 @@ fn load_reference(dir: &Path) -> Result<Reference> {
         name,
         prune_runs,
         model_dir,
-        max_new_tokens: v.get("max_new_tokens").and_then(Value::as_u64).unwrap_or(16) as usize,
+        max_new_tokens: v
+            .get("max_new_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(16) as usize,
         cases,
         arrays,
     })
@@ -180,7 +207,11 @@ pub fn compare(what: &str, got: &[f32], want: &[f32], cols: usize, tol: f32) -> 
         }
     }
     if let Some((i, g, w)) = first_bad {
-        bail!("{what}: row {} col {}: got {g} want {w} (max abs err {max}, tolerance {tol})", i / cols, i % cols);
+        bail!(
+            "{what}: row {} col {}: got {g} want {w} (max abs err {max}, tolerance {tol})",
+            i / cols,
+            i % cols
+        );
     }
     Ok(max)
 }
@@ -190,7 +221,11 @@ pub fn first_difference(got: &[u32], want: &[u32]) -> Option<String> {
     if got == want {
         return None;
     }
-    let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+    let i = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
     Some(format!(
         "token {i}: got {:?} want {:?} (got {} tokens, want {})",
         got.get(i),
@@ -206,17 +241,35 @@ fn load_prune_runs(path: &Path) -> Result<Vec<PruneRun>> {
     }
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path)?)
         .with_context(|| format!("parsing {}", path.display()))?;
-    let runs = v.get("runs").and_then(Value::as_array).ok_or_else(|| anyhow!("{}: no runs", path.display()))?;
+    let runs = v
+        .get("runs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("{}: no runs", path.display()))?;
     let usizes = |x: &Value| -> Option<Vec<usize>> {
-        x.as_array().map(|a| a.iter().filter_map(|n| n.as_u64().map(|n| n as usize)).collect())
+        x.as_array().map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_u64().map(|n| n as usize))
+                .collect()
+        })
     };
     runs.iter()
         .map(|r| {
             let opt = |k: &str| r.get(k).and_then(Value::as_u64).map(|n| n as usize);
             Ok(PruneRun {
-                name: r.get("name").and_then(Value::as_str).unwrap_or("?").to_string(),
-                case: r.get("case").and_then(Value::as_str).ok_or_else(|| anyhow!("run without case"))?.to_string(),
-                prune: r.get("prune").cloned().ok_or_else(|| anyhow!("run without prune"))?,
+                name: r
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string(),
+                case: r
+                    .get("case")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| anyhow!("run without case"))?
+                    .to_string(),
+                prune: r
+                    .get("prune")
+                    .cloned()
+                    .ok_or_else(|| anyhow!("run without prune"))?,
                 fusion_layer: opt("fusion_layer"),
                 kept_image_tokens: r.get("kept_image_tokens").and_then(usizes),
                 text_only_from_layer: opt("text_only_from_layer"),
@@ -226,7 +279,9 @@ fn load_prune_runs(path: &Path) -> Result<Vec<PruneRun>> {
                     .and_then(Value::as_array)
                     .map(|a| {
                         a.iter()
-                            .filter_map(|p| Some((p.get(0)?.as_u64()? as u32, p.get(1)?.as_f64()? as f32)))
+                            .filter_map(|p| {
+                                Some((p.get(0)?.as_u64()? as u32, p.get(1)?.as_f64()? as f32))
+                            })
                             .collect()
                     })
                     .unwrap_or_default(),

@@ -17,7 +17,8 @@ use visi_tests::{first_difference, references, PruneRun, RefCase, Reference};
 const TOL_LOGITS: f32 = 1e-3;
 
 fn check_run(llava: &Llava, r: &Reference, run: &PruneRun, case: &RefCase) -> Result<String> {
-    let cfg = PruneConfig::from_value(&run.prune).map_err(|e| anyhow::anyhow!("prune config: {e}"))?;
+    let cfg =
+        PruneConfig::from_value(&run.prune).map_err(|e| anyhow::anyhow!("prune config: {e}"))?;
     // transformers' own pixel values: JPEG decoders differ by a few levels, and the
     // decisions sit within 1e-3 of their thresholds.
     let encoded = match &case.image {
@@ -26,7 +27,11 @@ fn check_run(llava: &Llava, r: &Reference, run: &PruneRun, case: &RefCase) -> Re
             let mode = PadMode::from_name(case.image_mode.as_deref().unwrap_or("crop"))?;
             let seen = llava.processor().prepare(&load_image(path)?, mode)?;
             let (data, shape) = r.array(&case.name, "pixel_values")?;
-            let pv = models::preprocess::PixelValues { data, height: shape[1], width: shape[2] };
+            let pv = models::preprocess::PixelValues {
+                data,
+                height: shape[1],
+                width: shape[2],
+            };
             Some(llava.encode_pixels(seen, pv)?)
         }
     };
@@ -39,16 +44,32 @@ fn check_run(llava: &Llava, r: &Reference, run: &PruneRun, case: &RefCase) -> Re
     };
     let g = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |_| {})?;
     if g.prune.fusion_layer != run.fusion_layer {
-        bail!("fusion layer: got {:?} want {:?}", g.prune.fusion_layer, run.fusion_layer);
+        bail!(
+            "fusion layer: got {:?} want {:?}",
+            g.prune.fusion_layer,
+            run.fusion_layer
+        );
     }
     if g.prune.kept_image_tokens != run.kept_image_tokens {
-        bail!("kept image tokens: got {:?} want {:?}", g.prune.kept_image_tokens, run.kept_image_tokens);
+        bail!(
+            "kept image tokens: got {:?} want {:?}",
+            g.prune.kept_image_tokens,
+            run.kept_image_tokens
+        );
     }
     if g.prune.text_only_from_layer != run.text_only_from_layer {
-        bail!("text-only from layer: got {:?} want {:?}", g.prune.text_only_from_layer, run.text_only_from_layer);
+        bail!(
+            "text-only from layer: got {:?} want {:?}",
+            g.prune.text_only_from_layer,
+            run.text_only_from_layer
+        );
     }
     if g.layer_seq_lens != run.layer_seq_lens {
-        bail!("layer seq lens: got {:?} want {:?}", g.layer_seq_lens, run.layer_seq_lens);
+        bail!(
+            "layer seq lens: got {:?} want {:?}",
+            g.layer_seq_lens,
+            run.layer_seq_lens
+        );
     }
     let logits = g.first_logits.as_deref().unwrap_or(&[]);
     let mut max = 0f32;
@@ -97,7 +118,11 @@ fn check_backend(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
         }
     }
     if !failures.is_empty() {
-        bail!("{} of {runs} pruned run(s) failed:\n{}", failures.len(), failures.join("\n"));
+        bail!(
+            "{} of {runs} pruned run(s) failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
     }
     Ok(())
 }

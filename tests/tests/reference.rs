@@ -28,7 +28,8 @@ const TOL_LOGITS: f32 = 1e-3;
 fn check_backend(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
     let mut failures = Vec::new();
     for r in references()? {
-        let llava = Llava::load(&r.model_dir, backend.clone()).with_context(|| format!("loading {}", r.name))?;
+        let llava = Llava::load(&r.model_dir, backend.clone())
+            .with_context(|| format!("loading {}", r.name))?;
         for c in &r.cases {
             let tag = format!("[{label}] {} {}", r.name, c.name);
             match check_case(&llava, &r, c, &tag) {
@@ -41,16 +42,28 @@ fn check_backend(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
         }
     }
     if !failures.is_empty() {
-        bail!("{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+        bail!(
+            "{} case(s) failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
     }
     Ok(())
 }
 
-fn check_case(llava: &Llava, r: &visi_tests::Reference, c: &visi_tests::RefCase, tag: &str) -> Result<String> {
+fn check_case(
+    llava: &Llava,
+    r: &visi_tests::Reference,
+    c: &visi_tests::RefCase,
+    tag: &str,
+) -> Result<String> {
     // The vicuna_v1 template reproduces the reference prompt and its ids, BOS included.
     let rendered = Template::VicunaV1.render(&c.question, c.image.is_some())?;
     if rendered != c.prompt {
-        bail!("vicuna_v1 prompt differs:\n got {rendered:?}\nwant {:?}", c.prompt);
+        bail!(
+            "vicuna_v1 prompt differs:\n got {rendered:?}\nwant {:?}",
+            c.prompt
+        );
     }
     let prompt = llava.prompt(Template::VicunaV1, &c.question, c.image.is_some())?;
     if let Some(d) = first_difference(&prompt.ids, &c.input_ids_expanded) {
@@ -70,22 +83,45 @@ fn check_case(llava: &Llava, r: &visi_tests::Reference, c: &visi_tests::RefCase,
             let b = llava.backend();
             let (want_px, shape) = r.array(&c.name, "pixel_values")?;
             let cols = shape[shape.len() - 1];
-            let is_jpeg = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
+            let is_jpeg = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
             if is_jpeg {
                 let got = &from_file.pixel_values.data;
-                let e = compare("pixel_values (jpeg)", got, &want_px, cols, TOL_PIXELS_JPEG_MAX)?;
-                let mean = got.iter().zip(&want_px).map(|(g, w)| (g - w).abs()).sum::<f32>() / got.len().max(1) as f32;
+                let e = compare(
+                    "pixel_values (jpeg)",
+                    got,
+                    &want_px,
+                    cols,
+                    TOL_PIXELS_JPEG_MAX,
+                )?;
+                let mean = got
+                    .iter()
+                    .zip(&want_px)
+                    .map(|(g, w)| (g - w).abs())
+                    .sum::<f32>()
+                    / got.len().max(1) as f32;
                 if mean > TOL_PIXELS_JPEG_MEAN {
                     bail!("pixel_values (jpeg): mean abs err {mean} over {TOL_PIXELS_JPEG_MEAN}");
                 }
                 notes.push(format!("pixels(jpeg) max {e:.1e} mean {mean:.1e}"));
             } else {
-                let e = compare("pixel_values", &from_file.pixel_values.data, &want_px, cols, TOL_PIXELS)?;
+                let e = compare(
+                    "pixel_values",
+                    &from_file.pixel_values.data,
+                    &want_px,
+                    cols,
+                    TOL_PIXELS,
+                )?;
                 notes.push(format!("pixels {e:.1e}"));
             }
             // The engine proper is checked from transformers' own pixel values, so decoder
             // differences cannot hide or fake a numerical error in the model.
-            let pv = models::preprocess::PixelValues { data: want_px, height: shape[1], width: shape[2] };
+            let pv = models::preprocess::PixelValues {
+                data: want_px,
+                height: shape[1],
+                width: shape[2],
+            };
             let enc = llava.encode_pixels(from_file.seen.clone(), pv)?;
             let (want, shape) = r.array(&c.name, "vision_features")?;
             let got = b.to_vec_f32(&enc.features)?;
@@ -106,7 +142,9 @@ fn check_case(llava: &Llava, r: &visi_tests::Reference, c: &visi_tests::RefCase,
         ..Default::default()
     };
     let mut streamed = String::new();
-    let gen = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |t| streamed.push_str(t))?;
+    let gen = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |t| {
+        streamed.push_str(t)
+    })?;
     let (want, _) = r.array(&c.name, "logits")?;
     let got = gen.first_logits.as_deref().unwrap_or(&[]);
     let e = compare("first-step logits", got, &want, want.len(), TOL_LOGITS)?;
@@ -115,10 +153,17 @@ fn check_case(llava: &Llava, r: &visi_tests::Reference, c: &visi_tests::RefCase,
         bail!("greedy tokens: {d}");
     }
     if gen.text != c.generated_text {
-        bail!("decoded text: got {:?} want {:?}", gen.text, c.generated_text);
+        bail!(
+            "decoded text: got {:?} want {:?}",
+            gen.text,
+            c.generated_text
+        );
     }
     if streamed != gen.text {
-        bail!("streamed text {streamed:?} differs from the final text {:?}", gen.text);
+        bail!(
+            "streamed text {streamed:?} differs from the final text {:?}",
+            gen.text
+        );
     }
     // And the whole path from the image file (our decoder) gives the same greedy tokens.
     if let Some(ff) = &from_file_image {
