@@ -20,19 +20,22 @@ const TOL_PIXELS: f32 = 1e-5;
 /// JPEG cases get a bound on the max (≈ 5 levels) and on the mean abs error.
 const TOL_PIXELS_JPEG_MAX: f32 = 0.075;
 const TOL_PIXELS_JPEG_MEAN: f32 = 5e-3;
-/// Vision tower and projector in f32 from f16/bf16 weights, vs torch f32 (eager).
-const TOL_FEATURES: f32 = 1e-3;
+/// Vision tower and projector from f16/bf16 weights vs torch f32 (eager): the CPU backend
+/// computes in f32 (measured <= 1e-5); GPU kernels may use other summation orders and f16
+/// arithmetic where the adapter has it.
+const TOL_FEATURES_CPU: f32 = 1e-4;
+const TOL_FEATURES_GPU: f32 = 2e-3;
 /// First-step logits (the brief's bound).
 const TOL_LOGITS: f32 = 1e-3;
 
-fn check_backend(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
+fn check_backend(backend: Arc<dyn Backend>, label: &str, tol_features: f32) -> Result<()> {
     let mut failures = Vec::new();
     for r in references()? {
         let llava = Llava::load(&r.model_dir, backend.clone())
             .with_context(|| format!("loading {}", r.name))?;
         for c in &r.cases {
             let tag = format!("[{label}] {} {}", r.name, c.name);
-            match check_case(&llava, &r, c, &tag) {
+            match check_case(&llava, &r, c, tol_features) {
                 Ok(msg) => println!("{tag}: ok ({msg})"),
                 Err(e) => {
                     println!("{tag}: FAIL {e:#}");
@@ -55,7 +58,7 @@ fn check_case(
     llava: &Llava,
     r: &visi_tests::Reference,
     c: &visi_tests::RefCase,
-    tag: &str,
+    tol_features: f32,
 ) -> Result<String> {
     // The vicuna_v1 template reproduces the reference prompt and its ids, BOS included.
     let rendered = Template::VicunaV1.render(&c.question, c.image.is_some())?;
@@ -125,11 +128,11 @@ fn check_case(
             let enc = llava.encode_pixels(from_file.seen.clone(), pv)?;
             let (want, shape) = r.array(&c.name, "vision_features")?;
             let got = b.to_vec_f32(&enc.features)?;
-            let e = compare("vision_features", &got, &want, shape[1], TOL_FEATURES)?;
+            let e = compare("vision_features", &got, &want, shape[1], tol_features)?;
             notes.push(format!("features {e:.1e}"));
             let (want, shape) = r.array(&c.name, "projector_out")?;
             let got = b.to_vec_f32(&enc.embeds)?;
-            let e = compare("projector_out", &got, &want, shape[1], TOL_FEATURES)?;
+            let e = compare("projector_out", &got, &want, shape[1], tol_features)?;
             notes.push(format!("projector {e:.1e}"));
             from_file_image = Some(from_file);
             Some(enc)
@@ -176,13 +179,12 @@ fn check_case(
         "vision {:.0} ms, prefill {:.0} ms, decode {:.1} tok/s",
         gen.timings.vision_ms, gen.timings.prefill_ms, gen.decode_tokens_per_s
     ));
-    let _ = tag;
     Ok(notes.join(", "))
 }
 
 #[test]
 fn reference_parity_cpu() -> Result<()> {
-    check_backend(Arc::new(CpuBackend::new()), "cpu")
+    check_backend(Arc::new(CpuBackend::new()), "cpu", TOL_FEATURES_CPU)
 }
 
 #[test]
@@ -200,5 +202,5 @@ fn reference_parity_gpu() -> Result<()> {
     };
     let info = backend.device_info();
     println!("GPU backend: {} ({})", info.adapter, info.api);
-    check_backend(backend, "gpu")
+    check_backend(backend, "gpu", TOL_FEATURES_GPU)
 }
