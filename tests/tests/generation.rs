@@ -373,3 +373,49 @@ fn missing_and_misshapen_weights_are_named() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn streaming_keeps_multibyte_characters_whole() -> Result<()> {
+    let tok = models::prompt::PromptTokenizer::from_file(
+        &fixtures().join("tokenizer/tokenizer.json"),
+        32000,
+    )?;
+    for text in [
+        "Gift 😁 ポ café 日本語 done",
+        "🦀𝄞ꙮ",
+        " leading space and ü",
+        "plain ascii words",
+    ] {
+        let ids = tok.encode(text)?;
+        let mut stream = models::prompt::TextStream::new();
+        let mut pieces = Vec::new();
+        for &id in &ids {
+            if let Some(p) = stream.push(&tok, id)? {
+                pieces.push(p);
+            }
+        }
+        if let Some(p) = stream.finish(&tok)? {
+            pieces.push(p);
+        }
+        for (i, p) in pieces.iter().enumerate() {
+            ensure!(
+                !p.contains('\u{FFFD}'),
+                "{text:?}: piece {i} {p:?} holds a broken character"
+            );
+        }
+        let want = tok.decode(&ids)?;
+        ensure!(
+            pieces.concat() == want,
+            "{text:?}: streamed {:?} want {want:?}",
+            pieces.concat()
+        );
+        // Byte-fallback characters really do arrive in several tokens here.
+        if text == "🦀𝄞ꙮ" {
+            ensure!(
+                ids.len() > 2 + 3,
+                "{text:?}: expected byte-fallback tokens, got {ids:?}"
+            );
+        }
+    }
+    Ok(())
+}
