@@ -208,6 +208,49 @@ fn default_pruning_and_save_kept() -> Result<()> {
         r#"{"mode":["shallow","middle","deep"],"shallow_mid_layer":6,"layer_threshold":0.995,"tokens_threshold":0.2}"#,
     ])?;
     expect_error(&out, 2, "shallow_mid_layer")?;
+
+    // --prune @file.json with a raw prompt that places the image itself.
+    let cfg = std::env::temp_dir().join(format!("visi-fastv-{}.json", std::process::id()));
+    std::fs::write(&cfg, r#"{"method":"fastv","k":2,"ratio":0.25}"#)?;
+    let at = format!("@{}", cfg.to_string_lossy());
+    let out = visi(&[
+        "run",
+        "--model",
+        &mha,
+        "--image",
+        &i,
+        "--prompt",
+        "USER: <image>\nWhat? ASSISTANT:",
+        "--template",
+        "raw",
+        "--prune",
+        &at,
+        "--json",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+    ])?;
+    let _ = std::fs::remove_file(&cfg);
+    let v = json_of(&out)?;
+    ensure!(v["pruning"]["method"] == "fastv", "{}", v["pruning"]);
+    ensure!(
+        v["pruning"]["kept_image_tokens"].as_array().map(Vec::len) == Some(432),
+        "fastv ratio 0.25 drops a quarter of 576"
+    );
+    ensure!(
+        v["pruning"]["layer_seq_lens"][3].as_u64()
+            == v["prompt_tokens"].as_u64().map(|n| n - 576 + 432)
+    );
+    let (s, e) = (
+        v["image_span"][0].as_u64().unwrap_or(0),
+        v["image_span"][1].as_u64().unwrap_or(0),
+    );
+    ensure!(
+        s > 1 && e - s == 576,
+        "raw prompt image span {}",
+        v["image_span"]
+    );
     Ok(())
 }
 
