@@ -1,4 +1,5 @@
-//! `visi-cli`: run LLaVA on an image, list adapters, benchmark kernels.
+//! `visi-cli`: run LLaVA on an image (`run`), list adapters (`devices`), benchmark kernels
+//! (`bench-kernels`).
 //!
 //! Exit status: 0 on success, 2 for bad input (files, flags, prompts, configs), 1 for
 //! internal failures. Errors are one `error: ...` line on stderr and nothing on stdout.
@@ -37,7 +38,7 @@ enum Cmd {
     /// List the adapters wgpu sees (JSON).
     Devices,
     /// Kernel benchmark on the selected adapter (JSON).
-    Bench {
+    BenchKernels {
         /// Fewer repetitions.
         #[arg(long)]
         quick: bool,
@@ -145,10 +146,23 @@ fn main() -> ExitCode {
                 print!("{e}");
                 return ExitCode::SUCCESS;
             }
+            // clap's message up to its usage block, folded onto one line.
             let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("error: {first}");
+            let head: Vec<&str> = msg
+                .lines()
+                .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                .map(str::trim)
+                .collect();
+            let line = head.join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            eprintln!(
+                "error: {}",
+                if line.is_empty() {
+                    "invalid arguments"
+                } else {
+                    line
+                }
+            );
             return ExitCode::from(2);
         }
     };
@@ -169,7 +183,7 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Devices => devices(),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::BenchKernels { quick } => bench_kernels(quick),
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -188,7 +202,7 @@ fn devices() -> Result<(), Failure> {
     Ok(())
 }
 
-fn bench(quick: bool) -> Result<(), Failure> {
+fn bench_kernels(quick: bool) -> Result<(), Failure> {
     let v = engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick)
         .map_err(|e| internal(e.into()))?;
     println!(
