@@ -424,3 +424,50 @@ fn text_streams_without_json() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn auto_device_gives_the_reference_tokens() -> Result<()> {
+    // `auto` runs on the GPU backend when an adapter exists (lavapipe in CI), else on the
+    // CPU with a note; either way the greedy tokens are the reference's.
+    let r = references()?
+        .into_iter()
+        .find(|r| r.name == "tiny-llava-mha")
+        .context("mha reference")?;
+    let c = r
+        .cases
+        .iter()
+        .find(|c| c.name == "square_crop")
+        .context("square_crop case")?;
+    let model = r.model_dir.to_string_lossy().to_string();
+    let img = c
+        .image
+        .as_ref()
+        .context("image")?
+        .to_string_lossy()
+        .to_string();
+    let max = r.max_new_tokens.to_string();
+    let out = visi(&[
+        "run",
+        "--model",
+        &model,
+        "--image",
+        &img,
+        "--prompt",
+        &c.question,
+        "--json",
+        "--no-prune",
+        "--device",
+        "auto",
+        "--max-new-tokens",
+        &max,
+    ])?;
+    let v = json_of(&out)?;
+    println!(
+        "auto picked {} ({})",
+        v["device"]["backend"], v["device"]["adapter"]
+    );
+    if let Some(d) = first_difference(&ids(&v["tokens"]), &c.generated_ids) {
+        bail!("--device auto on {}: {d}", v["device"]["adapter"]);
+    }
+    Ok(())
+}

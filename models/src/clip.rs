@@ -115,6 +115,7 @@ impl ClipVision {
         }
     }
 
+    /// The vision tower's hyper-parameters.
     pub fn config(&self) -> &VisionConfig {
         &self.cfg
     }
@@ -128,6 +129,7 @@ pub struct Projector {
 }
 
 impl Projector {
+    /// Loads `linear_1` and `linear_2` below `w`.
     pub fn load(w: &Weights, cfg: &LlavaConfig) -> Result<Self> {
         let vd = cfg.vision.hidden_size;
         let td = cfg.text.hidden_size;

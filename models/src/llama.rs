@@ -131,6 +131,7 @@ impl Llama {
         })
     }
 
+    /// The decoder's hyper-parameters.
     pub fn config(&self) -> &TextConfig {
         &self.cfg
     }

@@ -22,6 +22,7 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
+    /// `[.., in]` → `[.., out]`.
     pub fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         b.linear(x, &self.weight, self.bias.as_ref())
     }
@@ -41,6 +42,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`.
     pub fn load(w: &Weights, dim: usize, eps: f32) -> Result<Self> {
         Ok(LayerNorm {
             weight: w.get_f32("weight", &[dim])?,
@@ -48,6 +50,7 @@ impl LayerNorm {
             eps,
         })
     }
+    /// Normalises each row.
     pub fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         b.layer_norm(x, &self.weight, &self.bias, self.eps)
     }
@@ -61,12 +64,14 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// Loads `{prefix}.weight`.
     pub fn load(w: &Weights, dim: usize, eps: f32) -> Result<Self> {
         Ok(RmsNorm {
             weight: w.get_f32("weight", &[dim])?,
             eps,
         })
     }
+    /// Normalises each row.
     pub fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         b.rms_norm(x, &self.weight, self.eps)
     }
