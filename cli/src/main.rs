@@ -1,1 +1,420 @@
-fn main() {}
+//! `visi-cli`: run LLaVA on an image (`run`), list adapters (`devices`), benchmark kernels
+//! (`bench-kernels`).
+//!
+//! Exit status: 0 on success, 2 for bad input (files, flags, prompts, configs), 1 for
+//! internal failures. Errors are one `error: ...` line on stderr and nothing on stdout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use engine_core::{Backend, CpuBackend};
+use models::llava::{draw_kept_patches, GenerateOptions, Llava};
+use models::preprocess::PadMode;
+use models::prompt::Template;
+use models::sampling::SamplingParams;
+use pruner::PruneConfig;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "visi-cli",
+    version,
+    about = "visi: multimodal LLM inference over wgpu, with VisiPruner"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Answer a prompt about an image with a llava-hf model directory.
+    #[command(args_override_self = true)]
+    Run(RunArgs),
+    /// List the adapters wgpu sees (JSON).
+    Devices,
+    /// Kernel benchmark on the selected adapter (JSON).
+    BenchKernels {
+        /// Fewer repetitions.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TemplateArg {
+    #[value(name = "vicuna_v1")]
+    VicunaV1,
+    Raw,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ImageModeArg {
+    Crop,
+    Pad,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum DeviceArg {
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// llava-hf model directory (config.json, tokenizer.json, safetensors), or a repo id
+    /// (`llava-hf/llava-1.5-7b-hf`) already in the local Hugging Face cache.
+    #[arg(long)]
+    model: String,
+    /// Image file; without it the prompt is text only.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The question.
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, value_enum, default_value = "vicuna_v1")]
+    template: TemplateArg,
+    /// crop: llava-hf's processor; pad: LLaVA-1.5's expand2square.
+    #[arg(long, value_enum, default_value = "crop")]
+    image_mode: ImageModeArg,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Pruning config as JSON, or @file.json (default: the paper's VisiPruner config).
+    #[arg(long, conflicts_with = "no_prune")]
+    prune: Option<String>,
+    /// Run dense (no pruning, no masks).
+    #[arg(long)]
+    no_prune: bool,
+    /// Write the image as the model saw it, pruned patches dimmed, kept ones outlined.
+    #[arg(long)]
+    save_kept: Option<PathBuf>,
+    /// Print one JSON object on stdout instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// An error with its exit status.
+struct Failure {
+    code: u8,
+    err: anyhow::Error,
+}
+
+fn bad_input(err: anyhow::Error) -> Failure {
+    Failure { code: 2, err }
+}
+
+fn internal(err: anyhow::Error) -> Failure {
+    Failure { code: 1, err }
+}
+
+/// Engine errors that come from what the user handed in (files, configs, prompts).
+fn classify(e: engine_core::Error) -> Failure {
+    use engine_core::Error as E;
+    let code = match e {
+        E::File { .. } | E::Weight { .. } | E::Msg(_) => 2,
+        _ => 1,
+    };
+    Failure {
+        code,
+        err: e.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                print!("{e}");
+                return ExitCode::SUCCESS;
+            }
+            // clap's message up to its usage block, folded onto one line.
+            let msg = e.to_string();
+            let head: Vec<&str> = msg
+                .lines()
+                .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                .map(str::trim)
+                .collect();
+            let line = head.join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            eprintln!(
+                "error: {}",
+                if line.is_empty() {
+                    "invalid arguments"
+                } else {
+                    line
+                }
+            );
+            return ExitCode::from(2);
+        }
+    };
+    // A panic is a bug: report it on one line, not with a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("error: internal panic{at}: {}", msg.replace('\n', " "));
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Devices => devices(),
+        Cmd::BenchKernels { quick } => bench_kernels(quick),
+    }));
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(f)) => {
+            eprintln!("error: {}", format!("{:#}", f.err).replace('\n', " "));
+            ExitCode::from(f.code)
+        }
+        Err(_) => ExitCode::from(1),
+    }
+}
+
+fn devices() -> Result<(), Failure> {
+    let list = engine_wgpu::list_adapters();
+    let text = serde_json::to_string_pretty(&list).map_err(|e| internal(e.into()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn bench_kernels(quick: bool) -> Result<(), Failure> {
+    let v = engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick)
+        .map_err(|e| internal(e.into()))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?
+    );
+    Ok(())
+}
+
+/// Reads `--prune`: inline JSON or `@file.json`.
+fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
+    let (text, origin) = match arg.strip_prefix('@') {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--prune: cannot read {path}"))?,
+            path.to_string(),
+        ),
+        None => (arg.to_string(), "--prune".to_string()),
+    };
+    PruneConfig::from_json(&text).map_err(|e| anyhow!("{origin}: {e}"))
+}
+
+fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
+    match device {
+        DeviceArg::Cpu => Ok(Arc::new(CpuBackend::new())),
+        DeviceArg::Gpu => {
+            let opts = engine_wgpu::GpuOptions {
+                require_gpu: true,
+                ..Default::default()
+            };
+            engine_wgpu::open(&opts).map_err(|e| internal(anyhow!("--device gpu: {e}")))
+        }
+        DeviceArg::Auto => match engine_wgpu::open(&engine_wgpu::GpuOptions::default()) {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                eprintln!("note: {e}; running on the CPU backend");
+                Ok(Arc::new(CpuBackend::new()))
+            }
+        },
+    }
+}
+
+fn check_output_path(p: &Path) -> anyhow::Result<()> {
+    let ext = p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
+    if ext.as_deref() != Some("png") {
+        return Err(anyhow!(
+            "--save-kept {}: the file name must end in .png",
+            p.display()
+        ));
+    }
+    let parent = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(anyhow!(
+            "--save-kept {}: directory {} does not exist",
+            p.display(),
+            parent.display()
+        ));
+    }
+    Ok(())
+}
+
+fn run(a: RunArgs) -> Result<(), Failure> {
+    // ---- everything the user handed in, checked before any heavy work ----
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    sampling.validate().map_err(|e| bad_input(e.into()))?;
+    let prune = if a.no_prune {
+        Some(PruneConfig::Dense)
+    } else {
+        a.prune
+            .as_deref()
+            .map(parse_prune)
+            .transpose()
+            .map_err(bad_input)?
+    };
+    let model_dir =
+        models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+    if let Some(p) = &a.save_kept {
+        if a.image.is_none() {
+            return Err(bad_input(anyhow!("--save-kept needs --image")));
+        }
+        check_output_path(p).map_err(bad_input)?;
+    }
+    let image = match &a.image {
+        Some(p) => Some(models::preprocess::load_image(p).map_err(|e| bad_input(e.into()))?),
+        None => None,
+    };
+    let template = match a.template {
+        TemplateArg::VicunaV1 => Template::VicunaV1,
+        TemplateArg::Raw => Template::Raw,
+    };
+    // Template errors do not need the model: report them before loading it.
+    template
+        .render(&a.prompt, image.is_some())
+        .map_err(|e| bad_input(e.into()))?;
+    let image_mode = match a.image_mode {
+        ImageModeArg::Crop => PadMode::Crop,
+        ImageModeArg::Pad => PadMode::Pad,
+    };
+
+    // ---- model ----
+    let backend = open_backend(a.device)?;
+    let llava = Llava::load(&model_dir, backend).map_err(classify)?;
+    let prompt = llava
+        .prompt(template, &a.prompt, image.is_some())
+        .map_err(|e| bad_input(e.into()))?;
+    let (_, note) = llava
+        .resolve_prune(prune.as_ref())
+        .map_err(|e| bad_input(e.into()))?;
+    if let Some(n) = &note {
+        eprintln!("note: {n}");
+    }
+    let opts = GenerateOptions {
+        template,
+        image_mode,
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        prune,
+        keep_first_logits: false,
+    };
+
+    // ---- generation ----
+    let encoded = image
+        .as_ref()
+        .map(|img| llava.encode_image(img, image_mode))
+        .transpose()
+        .map_err(|e| internal(e.into()))?;
+    let mut stdout = std::io::stdout().lock();
+    let stream = !a.json;
+    let mut on_text = |t: &str| {
+        if stream {
+            // A closed stdout (e.g. piped into `head`) must not abort generation.
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }
+    };
+    let gen = llava
+        .generate_ids(&prompt, encoded.as_ref(), &opts, &mut on_text)
+        .map_err(|e| internal(e.into()))?;
+
+    if let (Some(path), Some(seen)) = (&a.save_kept, &gen.seen_image) {
+        let pic = draw_kept_patches(seen, llava.config(), gen.prune.kept_image_tokens.as_deref());
+        pic.save(path)
+            .with_context(|| format!("--save-kept {}", path.display()))
+            .map_err(internal)?;
+    }
+
+    let dev = llava.device_info();
+    if a.json {
+        let f = &gen.flops;
+        let out = json!({
+            "text": gen.text,
+            "tokens": gen.tokens,
+            "prompt_tokens": gen.prompt_tokens,
+            "image_tokens": gen.image_tokens,
+            "image_span": gen.image_span.map(|s| [s.start, s.end]),
+            "stopped_by_eos": gen.stopped_by_eos,
+            "timings_ms": {
+                "load": gen.timings.load_ms,
+                "vision": gen.timings.vision_ms,
+                "prefill": gen.timings.prefill_ms,
+                "decode": gen.timings.decode_ms,
+            },
+            "decode_tokens_per_s": gen.decode_tokens_per_s,
+            "device": { "backend": dev.backend, "adapter": dev.adapter },
+            "pruning": {
+                "method": gen.prune.method,
+                "config": gen.prune.config,
+                "fusion_layer": gen.prune.fusion_layer,
+                "kept_image_tokens": gen.prune.kept_image_tokens,
+                "text_only_from_layer": gen.prune.text_only_from_layer,
+                "layer_seq_lens": gen.layer_seq_lens,
+                "layer_image_lens": gen.layer_image_lens,
+                "kv_lens": gen.kv_lens,
+                "kv_bytes": gen.kv_bytes,
+                "note": gen.prune_note,
+            },
+            "flops": {
+                "prefill": f.prefill,
+                "prefill_dense": f.prefill_dense,
+                "image_attention": f.attention_image,
+                "image_attention_dense": f.attention_image_dense,
+                "vision": f.vision,
+                "per_layer": f.per_layer,
+            },
+        });
+        let text = serde_json::to_string(&out).map_err(|e| internal(e.into()))?;
+        let _ = writeln!(stdout, "{text}");
+    } else {
+        let _ = writeln!(stdout);
+        eprintln!(
+            "[{} on {}: {} prompt tokens ({} image), {} generated; prefill {:.0} ms, decode {:.1} tokens/s; pruning {}{}]",
+            dev.backend,
+            dev.adapter,
+            gen.prompt_tokens,
+            gen.image_tokens,
+            gen.tokens.len(),
+            gen.timings.prefill_ms,
+            gen.decode_tokens_per_s,
+            gen.prune.method,
+            gen.prune.fusion_layer.map(|l| format!(", fusion layer {l}")).unwrap_or_default(),
+        );
+    }
+    Ok(())
+}

@@ -25,8 +25,8 @@ struct ClipLayer {
 /// CLIP ViT encoder producing LLaVA's image features.
 pub struct ClipVision {
     cfg: VisionConfig,
-    patch_embedding: Tensor,  // [D, 3, P, P]
-    class_embedding: Tensor,  // [1, D] f32
+    patch_embedding: Tensor,    // [D, 3, P, P]
+    class_embedding: Tensor,    // [1, D] f32
     position_embedding: Tensor, // [1 + grid², D] f32
     pre_layrnorm: LayerNorm,
     layers: Vec<ClipLayer>,
@@ -48,7 +48,7 @@ impl ClipVision {
         let pre_layrnorm = LayerNorm::load(&w.pp("pre_layrnorm"), d, vc.layer_norm_eps)?;
         let mut layers = Vec::new();
         for i in 0..cfg.vision_layers_to_run() {
-            let l = w.pp(&format!("encoder.layers.{i}"));
+            let l = w.pp(format!("encoder.layers.{i}"));
             let a = l.pp("self_attn");
             layers.push(ClipLayer {
                 layer_norm1: LayerNorm::load(&l.pp("layer_norm1"), d, vc.layer_norm_eps)?,
@@ -115,6 +115,7 @@ impl ClipVision {
         }
     }
 
+    /// The vision tower's hyper-parameters.
     pub fn config(&self) -> &VisionConfig {
         &self.cfg
     }
@@ -128,6 +129,7 @@ pub struct Projector {
 }
 
 impl Projector {
+    /// Loads `linear_1` and `linear_2` below `w`.
     pub fn load(w: &Weights, cfg: &LlavaConfig) -> Result<Self> {
         let vd = cfg.vision.hidden_size;
         let td = cfg.text.hidden_size;

@@ -96,7 +96,9 @@ impl LlavaConfig {
     pub fn from_json_str(text: &str) -> Result<Self> {
         let root: Value =
             serde_json::from_str(text).map_err(|e| Error::msg(format!("invalid JSON: {e}")))?;
-        let root = root.as_object().ok_or_else(|| Error::msg("expected a JSON object"))?;
+        let root = root
+            .as_object()
+            .ok_or_else(|| Error::msg("expected a JSON object"))?;
         let empty = Map::new();
         let tc = obj(root, "text_config")?.unwrap_or(&empty);
         let vc = obj(root, "vision_config")?;
@@ -190,7 +192,9 @@ impl TextConfig {
             )));
         }
         if head_dim % 2 != 0 {
-            return Err(Error::msg(format!("key `{pre}head_dim`: {head_dim} must be even for RoPE")));
+            return Err(Error::msg(format!(
+                "key `{pre}head_dim`: {head_dim} must be even for RoPE"
+            )));
         }
         let rope_scaling_factor = match m.get("rope_scaling") {
             None | Some(Value::Null) => 1.0,
@@ -211,7 +215,9 @@ impl TextConfig {
                 }
             }
             Some(v) => {
-                return Err(Error::msg(format!("key `{pre}rope_scaling`: expected an object, got {v}")))
+                return Err(Error::msg(format!(
+                    "key `{pre}rope_scaling`: expected an object, got {v}"
+                )))
             }
         };
         let eos_token_ids = match m.get("eos_token_id") {
@@ -221,10 +227,9 @@ impl TextConfig {
                 .map(|v| v.as_u64().map(|x| x as u32))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| Error::msg(format!("key `{pre}eos_token_id`: expected integers")))?,
-            Some(v) => vec![v
-                .as_u64()
-                .ok_or_else(|| Error::msg(format!("key `{pre}eos_token_id`: expected an integer")))?
-                as u32],
+            Some(v) => vec![v.as_u64().ok_or_else(|| {
+                Error::msg(format!("key `{pre}eos_token_id`: expected an integer"))
+            })? as u32],
         };
         let cfg = TextConfig {
             vocab_size: usize_or(m, "vocab_size", pre, 32000)?,
@@ -298,20 +303,23 @@ impl VisionConfig {
             layer_norm_eps: f32_or(m, "layer_norm_eps", pre, 1e-5)?,
             hidden_act: act(m, "hidden_act", pre, "quick_gelu")?,
         };
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(Error::msg(format!(
                 "key `{pre}num_attention_heads`: {} does not divide hidden_size {}",
                 cfg.num_attention_heads, cfg.hidden_size
             )));
         }
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(Error::msg(format!(
                 "key `{pre}patch_size`: {} does not divide image_size {}",
                 cfg.patch_size, cfg.image_size
             )));
         }
         if cfg.num_channels != 3 {
-            return Err(Error::msg(format!("key `{pre}num_channels`: only 3 (RGB) is supported")));
+            return Err(Error::msg(format!(
+                "key `{pre}num_channels`: only 3 (RGB) is supported"
+            )));
         }
         Ok(cfg)
     }
@@ -321,17 +329,20 @@ fn obj<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(o)) => Ok(Some(o)),
-        Some(v) => Err(Error::msg(format!("key `{key}`: expected an object, got {v}"))),
+        Some(v) => Err(Error::msg(format!(
+            "key `{key}`: expected an object, got {v}"
+        ))),
     }
 }
 
 fn usize_or(m: &Map<String, Value>, key: &str, pre: &str, default: usize) -> Result<usize> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| Error::msg(format!("key `{pre}{key}`: expected a non-negative integer, got {v}"))),
+        Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+            Error::msg(format!(
+                "key `{pre}{key}`: expected a non-negative integer, got {v}"
+            ))
+        }),
     }
 }
 
@@ -340,7 +351,9 @@ fn f32_or(m: &Map<String, Value>, key: &str, pre: &str, default: f32) -> Result<
         None | Some(Value::Null) => Ok(default),
         Some(v) => match v.as_f64() {
             Some(x) if x.is_finite() => Ok(x as f32),
-            _ => Err(Error::msg(format!("key `{pre}{key}`: expected a number, got {v}"))),
+            _ => Err(Error::msg(format!(
+                "key `{pre}{key}`: expected a number, got {v}"
+            ))),
         },
     }
 }
@@ -348,9 +361,9 @@ fn f32_or(m: &Map<String, Value>, key: &str, pre: &str, default: f32) -> Result<
 fn bool_or(m: &Map<String, Value>, key: &str, pre: &str, default: bool) -> Result<bool> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| Error::msg(format!("key `{pre}{key}`: expected true or false, got {v}"))),
+        Some(v) => v.as_bool().ok_or_else(|| {
+            Error::msg(format!("key `{pre}{key}`: expected true or false, got {v}"))
+        }),
     }
 }
 
@@ -411,8 +424,12 @@ mod tests {
         assert!(e.to_string().contains("text_config.hidden_size"), "{e}");
         let e = LlavaConfig::from_json_str(r#"{"vision_config":{"patch_size":5}}"#).unwrap_err();
         assert!(e.to_string().contains("vision_config.patch_size"), "{e}");
-        let e = LlavaConfig::from_json_str(r#"{"vision_feature_select_strategy":"cls"}"#).unwrap_err();
-        assert!(e.to_string().contains("vision_feature_select_strategy"), "{e}");
+        let e =
+            LlavaConfig::from_json_str(r#"{"vision_feature_select_strategy":"cls"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("vision_feature_select_strategy"),
+            "{e}"
+        );
         let e = LlavaConfig::from_json_str("[1,2").unwrap_err();
         assert!(e.to_string().contains("invalid JSON"), "{e}");
         let e = LlavaConfig::from_json_str(
@@ -425,7 +442,7 @@ mod tests {
     #[test]
     fn linear_rope_scaling_is_read() {
         let cfg = LlavaConfig::from_json_str(
-            r#"{"text_config":{"rope_scaling":{"type":"linear","factor":2.0},"num_key_value_heads":8}}"#,
+            r#"{"text_config":{"rope_scaling":{"type":"linear","factor":2.0},"num_key_value_heads":8,"vocab_size":32064}}"#,
         )
         .unwrap();
         assert_eq!(cfg.text.rope_scaling_factor, 2.0);

@@ -6,7 +6,17 @@ pub mod clip;
 pub mod config;
 pub mod hub;
 pub mod llama;
+pub mod llava;
 pub mod nn;
 pub mod preprocess;
 pub mod prompt;
 pub mod sampling;
+
+pub use config::LlavaConfig;
+pub use llama::ImageSpan;
+pub use llava::{
+    draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, Naming, Timings,
+};
+pub use preprocess::{load_image, PadMode};
+pub use prompt::{PromptIds, Template};
+pub use sampling::SamplingParams;

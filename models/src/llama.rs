@@ -56,7 +56,10 @@ impl KvCache {
     }
     /// Bytes of keys and values actually held (valid rows, f32).
     pub fn bytes_used(&self, kv_dim: usize) -> u64 {
-        self.layers.iter().map(|l| (2 * l.len * kv_dim * 4) as u64).sum()
+        self.layers
+            .iter()
+            .map(|l| (2 * l.len * kv_dim * 4) as u64)
+            .sum()
     }
 }
 
@@ -89,7 +92,7 @@ impl Llama {
         let embed_tokens = model.get("embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let w = model.pp(&format!("layers.{l}"));
+            let w = model.pp(format!("layers.{l}"));
             let a = w.pp("self_attn");
             let m = w.pp("mlp");
             layers.push(LlamaLayer {
@@ -119,9 +122,16 @@ impl Llama {
                 "missing (and tie_word_embeddings is false)",
             ));
         };
-        Ok(Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head })
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
+    /// The decoder's hyper-parameters.
     pub fn config(&self) -> &TextConfig {
         &self.cfg
     }
@@ -159,6 +169,8 @@ impl Llama {
 
     /// One decoder layer over `h [S, H]` whose rows sit at cache rows `kv.len..kv.len+S`.
     /// Returns the new hidden states and, when asked, the captured pruning data.
+    // The arguments are the layer's inputs as the paper writes them; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         b: &dyn Backend,
@@ -258,15 +270,18 @@ impl Llama {
             let span = (s, s + n_img);
             let mask = match mask_kind {
                 ShallowMask::None => AttentionMask::None,
-                ShallowMask::Layer0Sink => {
-                    AttentionMask::Layer0Sink { image_start: span.0, image_end: span.1 }
-                }
-                ShallowMask::Layer0Split => {
-                    AttentionMask::Layer0Split { image_start: span.0, image_end: span.1 }
-                }
-                ShallowMask::TextToImage => {
-                    AttentionMask::TextToImage { image_start: span.0, image_end: span.1 }
-                }
+                ShallowMask::Layer0Sink => AttentionMask::Layer0Sink {
+                    image_start: span.0,
+                    image_end: span.1,
+                },
+                ShallowMask::Layer0Split => AttentionMask::Layer0Split {
+                    image_start: span.0,
+                    image_end: span.1,
+                },
+                ShallowMask::TextToImage => AttentionMask::TextToImage {
+                    image_start: span.0,
+                    image_end: span.1,
+                },
             };
             let mut kv = self.new_layer_kv(b, cur + extra)?;
             let (nh, captured) = self.layer_forward(
@@ -298,13 +313,17 @@ impl Llama {
                 contributions,
                 last_row_image_attention: last_row,
             };
-            let action = pruner.after_layer(&view).map_err(|e| Error::msg(e.to_string()))?;
+            let action = pruner
+                .after_layer(&view)
+                .map_err(|e| Error::msg(e.to_string()))?;
             if let Action::Keep(keep) = action {
                 // Rows of the current sequence to keep: prefix, kept image rows, suffix.
                 let mut rows: Vec<u32> = (0..s as u32).collect();
                 for off in &keep {
                     let i = img.binary_search(off).map_err(|_| {
-                        Error::msg(format!("pruner kept image token {off}, which layer {l} did not hold"))
+                        Error::msg(format!(
+                            "pruner kept image token {off}, which layer {l} did not hold"
+                        ))
                     })?;
                     rows.push((s + i) as u32);
                 }
@@ -335,8 +354,7 @@ impl Llama {
         let mut h = self.embed(b, &[token])?; // [1, H]
         let pos = b.upload(HostData::U32(&[position]), 1.into())?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (nh, _) =
-                self.layer_forward(b, layer, &h, &pos, kv, AttentionMask::None, None)?;
+            let (nh, _) = self.layer_forward(b, layer, &h, &pos, kv, AttentionMask::None, None)?;
             h = nh;
         }
         let x = self.norm.forward(b, &h)?;

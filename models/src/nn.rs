@@ -6,7 +6,7 @@ use engine_core::{Backend, Result, Tensor};
 /// `y = x·Wᵀ + b` with the checkpoint's `[out, in]` weight.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: Tensor, // [out, in] f16|f32
+    pub weight: Tensor,       // [out, in] f16|f32
     pub bias: Option<Tensor>, // [out] f32
 }
 
@@ -14,10 +14,15 @@ impl Linear {
     /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", &[out_dim, in_dim])?;
-        let bias = if bias { Some(w.get_f32("bias", &[out_dim])?) } else { None };
+        let bias = if bias {
+            Some(w.get_f32("bias", &[out_dim])?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
+    /// `[.., in]` → `[.., out]`.
     pub fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         b.linear(x, &self.weight, self.bias.as_ref())
     }
@@ -37,9 +42,15 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`.
     pub fn load(w: &Weights, dim: usize, eps: f32) -> Result<Self> {
-        Ok(LayerNorm { weight: w.get_f32("weight", &[dim])?, bias: w.get_f32("bias", &[dim])?, eps })
+        Ok(LayerNorm {
+            weight: w.get_f32("weight", &[dim])?,
+            bias: w.get_f32("bias", &[dim])?,
+            eps,
+        })
     }
+    /// Normalises each row.
     pub fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         b.layer_norm(x, &self.weight, &self.bias, self.eps)
     }
@@ -53,9 +64,14 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// Loads `{prefix}.weight`.
     pub fn load(w: &Weights, dim: usize, eps: f32) -> Result<Self> {
-        Ok(RmsNorm { weight: w.get_f32("weight", &[dim])?, eps })
+        Ok(RmsNorm {
+            weight: w.get_f32("weight", &[dim])?,
+            eps,
+        })
     }
+    /// Normalises each row.
     pub fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         b.rms_norm(x, &self.weight, self.eps)
     }

@@ -82,7 +82,11 @@ fn load(path: &Path, orient: bool) -> Result<RgbImage> {
             ),
         ));
     }
-    let orientation = if orient { decoder.orientation().ok() } else { None };
+    let orientation = if orient {
+        decoder.orientation().ok()
+    } else {
+        None
+    };
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, e))?;
     if let Some(o) = orientation {
         img.apply_orientation(o);
@@ -114,12 +118,10 @@ fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
     let hi = |v: u16| (v >> 8) as u8;
     match img {
         DynamicImage::ImageRgb8(i) => i,
-        DynamicImage::ImageRgba8(i) => {
-            RgbImage::from_fn(w, h, |x, y| {
-                let p = i.get_pixel(x, y).0;
-                image::Rgb([p[0], p[1], p[2]])
-            })
-        }
+        DynamicImage::ImageRgba8(i) => RgbImage::from_fn(w, h, |x, y| {
+            let p = i.get_pixel(x, y).0;
+            image::Rgb([p[0], p[1], p[2]])
+        }),
         DynamicImage::ImageLuma8(i) => RgbImage::from_fn(w, h, |x, y| {
             let v = i.get_pixel(x, y).0[0];
             image::Rgb([v, v, v])
@@ -263,7 +265,12 @@ struct Coeffs {
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for output pixels `range` only
 /// (each output pixel's taps are independent of the others, so this is exact).
-fn precompute_coeffs(in_size: usize, out_size: usize, filter: Resample, range: Range<usize>) -> Coeffs {
+fn precompute_coeffs(
+    in_size: usize,
+    out_size: usize,
+    filter: Resample,
+    range: Range<usize>,
+) -> Coeffs {
     // Pillow passes the box as C floats: `(double)(in1 - in0) / outSize` with in0 = 0.
     let scale = (in_size as f32) as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
@@ -289,7 +296,11 @@ fn precompute_coeffs(in_size: usize, out_size: usize, filter: Resample, range: R
         for x in 0..xmax {
             let v = if ww != 0.0 { w[x] / ww } else { w[x] };
             let f = v * (1u32 << PRECISION_BITS) as f64;
-            k[x] = if v < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
+            k[x] = if v < 0.0 {
+                (-0.5 + f) as i32
+            } else {
+                (0.5 + f) as i32
+            };
         }
         bounds.push((xmin as usize, xmax));
     }
@@ -325,7 +336,9 @@ pub fn resize_window(
 ) -> Result<RgbImage> {
     let (in_w, in_h) = (src.width() as usize, src.height() as usize);
     if in_w == 0 || in_h == 0 || out_w == 0 || out_h == 0 {
-        return Err(Error::msg(format!("resize: cannot resize {in_w}x{in_h} to {out_w}x{out_h}")));
+        return Err(Error::msg(format!(
+            "resize: cannot resize {in_w}x{in_h} to {out_w}x{out_h}"
+        )));
     }
     if cols.end > out_w || rows.end > out_h || cols.start > cols.end || rows.start > rows.end {
         return Err(Error::msg(format!(
@@ -431,7 +444,11 @@ pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> Result<RgbImage>
     let side = w.max(h);
     check_pixels(side as usize, side as usize)?;
     let mut out = RgbImage::from_pixel(side, side, image::Rgb(background));
-    let (dx, dy) = if w > h { (0, (w - h) / 2) } else { ((h - w) / 2, 0) };
+    let (dx, dy) = if w > h {
+        (0, (w - h) / 2)
+    } else {
+        ((h - w) / 2, 0)
+    };
     for y in 0..h {
         for x in 0..w {
             out.put_pixel(x + dx, y + dy, *img.get_pixel(x, y));
@@ -444,7 +461,11 @@ pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> Result<RgbImage>
 /// the short side becomes `short`, the long side `int(short * long / short_in)`.
 /// Returns `(height, width)`.
 pub fn shortest_edge_size(height: usize, width: usize, short: usize) -> (usize, usize) {
-    let (s, l) = if width <= height { (width, height) } else { (height, width) };
+    let (s, l) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
     // Python's int * int / int is a correctly rounded float division, as f64 `/` is.
     let new_long = ((short as f64 * l as f64) / s as f64) as usize;
     if width <= height {
@@ -489,7 +510,9 @@ impl PadMode {
         match name {
             "crop" => Ok(PadMode::Crop),
             "pad" => Ok(PadMode::Pad),
-            other => Err(Error::msg(format!("unknown image mode `{other}` (expected `crop` or `pad`)"))),
+            other => Err(Error::msg(format!(
+                "unknown image mode `{other}` (expected `crop` or `pad`)"
+            ))),
         }
     }
 }
@@ -548,6 +571,8 @@ impl ImageProcessor {
     }
 
     /// Parses config JSON; `origin` names the file in errors.
+    // Keys are read one by one in the file's order so each error names its own key.
+    #[allow(clippy::field_reassign_with_default)]
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| Error::file(origin, format!("invalid JSON: {e}")))?;
@@ -567,7 +592,12 @@ impl ImageProcessor {
             v.as_u64()
                 .filter(|&n| n > 0 && n <= MAX_IMAGE_SIDE as u64)
                 .map(|n| n as usize)
-                .ok_or_else(|| err(key, &format!("must be an integer in 1..={MAX_IMAGE_SIDE}, got {v}")))
+                .ok_or_else(|| {
+                    err(
+                        key,
+                        &format!("must be an integer in 1..={MAX_IMAGE_SIDE}, got {v}"),
+                    )
+                })
         };
         let triple = |key: &str, default: [f64; 3]| -> Result<[f64; 3]> {
             match get(key) {
@@ -608,7 +638,9 @@ impl ImageProcessor {
             };
         }
         if let Some(r) = get("resample") {
-            let code = r.as_i64().ok_or_else(|| err("resample", "must be an integer"))?;
+            let code = r
+                .as_i64()
+                .ok_or_else(|| err("resample", "must be an integer"))?;
             p.resample = Resample::from_pil(code).ok_or_else(|| {
                 err("resample", &format!("PIL filter {code} is not supported (1..=5: lanczos, bilinear, bicubic, box, hamming)"))
             })?;
@@ -621,7 +653,10 @@ impl ImageProcessor {
                     (n, n)
                 }
                 Value::Object(m) => match (m.get("height"), m.get("width")) {
-                    (Some(h), Some(w)) => (positive("crop_size.height", h)?, positive("crop_size.width", w)?),
+                    (Some(h), Some(w)) => (
+                        positive("crop_size.height", h)?,
+                        positive("crop_size.width", w)?,
+                    ),
                     _ => return Err(err("crop_size", "needs `height` and `width`")),
                 },
                 _ => return Err(err("crop_size", "must be an integer or an object")),
@@ -690,7 +725,9 @@ impl ImageProcessor {
         let (in_h, in_w) = (img.height() as usize, img.width() as usize);
         let (rh, rw) = self.resized_size(in_h, in_w);
         if rh == 0 || rw == 0 {
-            return Err(Error::msg(format!("resize of a {in_w}x{in_h} image gives an empty image")));
+            return Err(Error::msg(format!(
+                "resize of a {in_w}x{in_h} image gives an empty image"
+            )));
         }
         if !self.do_center_crop {
             check_pixels(rw, rh)?;
@@ -708,7 +745,10 @@ impl ImageProcessor {
         }
         // Crop larger than the image: transformers pads with zeros.
         let mut out = RgbImage::new(cw as u32, ch as u32);
-        let (dy, dx) = ((rows.start as i64 - top) as u32, (cols.start as i64 - left) as u32);
+        let (dy, dx) = (
+            (rows.start as i64 - top) as u32,
+            (cols.start as i64 - left) as u32,
+        );
         image::imageops::replace(&mut out, &window, dx as i64, dy as i64);
         Ok(out)
     }
@@ -733,7 +773,11 @@ impl ImageProcessor {
                 data[c * h * w + i] = x;
             }
         }
-        PixelValues { data, height: h, width: w }
+        PixelValues {
+            data,
+            height: h,
+            width: w,
+        }
     }
 
     /// The whole pipeline: [`ImageProcessor::prepare`] then [`ImageProcessor::normalize`].

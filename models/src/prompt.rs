@@ -1,0 +1,276 @@
+//! Prompts: `tokenizer.json` through the `tokenizers` crate, the LLaVA-1.5 chat template,
+//! `<image>` expansion, and incremental detokenisation for streaming.
+
+use std::path::Path;
+
+use engine_core::{Error, Result};
+use tokenizers::Tokenizer;
+
+use crate::llama::ImageSpan;
+
+/// The placeholder a prompt uses for the image.
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
+/// LLaVA-1.5's (vicuna_v1) system sentence.
+pub const VICUNA_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.";
+
+/// How the user's text becomes the model's prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Template {
+    /// LLaVA-1.5's conversation format: system sentence, ` USER: <image>\n{prompt} ASSISTANT:`.
+    #[default]
+    VicunaV1,
+    /// The prompt verbatim; with an image it must contain `<image>` exactly once.
+    Raw,
+}
+
+impl Template {
+    /// `"vicuna_v1"` or `"raw"`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "vicuna_v1" => Ok(Template::VicunaV1),
+            "raw" => Ok(Template::Raw),
+            other => Err(Error::msg(format!(
+                "unknown template `{other}` (expected `vicuna_v1` or `raw`)"
+            ))),
+        }
+    }
+
+    /// The template's name as [`Template::from_name`] accepts it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Template::VicunaV1 => "vicuna_v1",
+            Template::Raw => "raw",
+        }
+    }
+
+    /// The prompt text before tokenisation; `with_image` places (or requires) `<image>`.
+    pub fn render(&self, prompt: &str, with_image: bool) -> Result<String> {
+        let count = prompt.matches(IMAGE_PLACEHOLDER).count();
+        match self {
+            Template::VicunaV1 => {
+                if count > 0 {
+                    return Err(Error::msg(format!(
+                        "the prompt contains `{IMAGE_PLACEHOLDER}`, but the vicuna_v1 template places the image itself (use --template raw to place it)"
+                    )));
+                }
+                Ok(if with_image {
+                    format!("{VICUNA_SYSTEM} USER: {IMAGE_PLACEHOLDER}\n{prompt} ASSISTANT:")
+                } else {
+                    format!("{VICUNA_SYSTEM} USER: {prompt} ASSISTANT:")
+                })
+            }
+            Template::Raw => {
+                if with_image && count != 1 {
+                    return Err(Error::msg(format!(
+                        "a raw prompt with an image must contain `{IMAGE_PLACEHOLDER}` exactly once, found {count}"
+                    )));
+                }
+                if !with_image && count != 0 {
+                    return Err(Error::msg(format!(
+                        "the raw prompt contains `{IMAGE_PLACEHOLDER}` but no image was given"
+                    )));
+                }
+                Ok(prompt.to_string())
+            }
+        }
+    }
+}
+
+/// A tokenised prompt with the image placeholder expanded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromptIds {
+    /// Token ids, BOS first; the image span holds `image_token_index` repeated.
+    pub ids: Vec<u32>,
+    /// Where the image embeddings go, `[start, end)`; `None` for a text-only prompt.
+    pub image_span: Option<ImageSpan>,
+}
+
+/// The model's tokenizer and its special ids.
+pub struct PromptTokenizer {
+    tok: Tokenizer,
+    image_token_index: u32,
+}
+
+impl std::fmt::Debug for PromptTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptTokenizer")
+            .field("image_token_index", &self.image_token_index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PromptTokenizer {
+    /// Reads `tokenizer.json`; `image_token_index` is the config's `<image>` id.
+    pub fn from_file(path: &Path, image_token_index: u32) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::file(
+                path,
+                "not found (the model directory needs tokenizer.json)",
+            ));
+        }
+        let tok = Tokenizer::from_file(path)
+            .map_err(|e| Error::file(path, format!("cannot load tokenizer: {e}")))?;
+        Ok(PromptTokenizer {
+            tok,
+            image_token_index,
+        })
+    }
+
+    /// Wraps an already built tokenizer.
+    pub fn new(tok: Tokenizer, image_token_index: u32) -> Self {
+        PromptTokenizer {
+            tok,
+            image_token_index,
+        }
+    }
+
+    /// Tokenises `text` with the tokenizer's special tokens (BOS for Llama).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tok
+            .encode(text, true)
+            .map_err(|e| Error::msg(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tok
+            .decode(ids, true)
+            .map_err(|e| Error::msg(format!("tokenizer: {e}")))
+    }
+
+    /// Renders `prompt` with `template`, tokenises it and expands `<image>` to
+    /// `image_tokens` copies (`None`: a text-only prompt).
+    pub fn build(
+        &self,
+        template: Template,
+        prompt: &str,
+        image_tokens: Option<usize>,
+    ) -> Result<PromptIds> {
+        let text = template.render(prompt, image_tokens.is_some())?;
+        let ids = self.encode(&text)?;
+        let img = self.image_token_index;
+        let at: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == img)
+            .map(|(i, _)| i)
+            .collect();
+        match image_tokens {
+            None => {
+                if !at.is_empty() {
+                    return Err(Error::msg(format!(
+                        "the prompt tokenises to the image token id {img} but no image was given"
+                    )));
+                }
+                Ok(PromptIds {
+                    ids,
+                    image_span: None,
+                })
+            }
+            Some(n) => {
+                let [s] = at[..] else {
+                    return Err(Error::msg(format!(
+                        "the prompt must hold one image token (id {img}) after tokenisation, found {} (does tokenizer.json define `{IMAGE_PLACEHOLDER}`?)",
+                        at.len()
+                    )));
+                };
+                let mut out = Vec::with_capacity(ids.len() + n);
+                out.extend_from_slice(&ids[..s]);
+                out.extend(std::iter::repeat_n(img, n));
+                out.extend_from_slice(&ids[s + 1..]);
+                Ok(PromptIds {
+                    ids: out,
+                    image_span: Some(ImageSpan {
+                        start: s,
+                        end: s + n,
+                    }),
+                })
+            }
+        }
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tok
+    }
+}
+
+/// Turns generated ids into text pieces as they arrive, never splitting a multi-byte
+/// character: text is emitted only once its decoding is stable (the window technique of
+/// text-generation-inference, so SentencePiece's leading-space rule is respected).
+#[derive(Debug, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    emitted: String,
+}
+
+impl TextStream {
+    /// An empty stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one token; returns the newly completed text, if any.
+    pub fn push(&mut self, tok: &PromptTokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        // A trailing U+FFFD means a byte-fallback character is still incomplete.
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            self.emitted.push_str(&delta);
+            return Ok(Some(delta));
+        }
+        Ok(None)
+    }
+
+    /// Emits whatever the final decoding of all ids adds to what was streamed (an
+    /// incomplete character at the very end comes out as U+FFFD, as a full decode gives).
+    pub fn finish(&mut self, tok: &PromptTokenizer) -> Result<Option<String>> {
+        let all = tok.decode(&self.ids)?;
+        if let Some(rest) = all.strip_prefix(self.emitted.as_str()) {
+            if !rest.is_empty() {
+                let rest = rest.to_string();
+                self.emitted.push_str(&rest);
+                return Ok(Some(rest));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Everything emitted so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_validate_the_placeholder() {
+        let v = Template::VicunaV1.render("Hi", true).unwrap();
+        assert_eq!(v, format!("{VICUNA_SYSTEM} USER: <image>\nHi ASSISTANT:"));
+        assert_eq!(
+            Template::VicunaV1.render("Hi", false).unwrap(),
+            format!("{VICUNA_SYSTEM} USER: Hi ASSISTANT:")
+        );
+        assert!(Template::VicunaV1.render("<image> hi", true).is_err());
+        assert!(Template::Raw.render("no image", true).is_err());
+        assert!(Template::Raw.render("<image><image>", true).is_err());
+        assert!(Template::Raw.render("<image>", false).is_err());
+        assert_eq!(
+            Template::Raw.render("x <image> y", true).unwrap(),
+            "x <image> y"
+        );
+        assert!(Template::from_name("chatml").is_err());
+    }
+}

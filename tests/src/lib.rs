@@ -1,1 +1,296 @@
-//! (filled in by later work)
+//! Helpers shared by the workspace integration tests: fixture paths, the transformers
+//! reference cases (`fixtures/reference/*/expected.json` + `arrays.safetensors`), and
+//! comparisons that say where they fail.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use engine_core::weights::{open_safetensors, WeightSource};
+use serde_json::Value;
+
+/// `tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// One reference prompt (with or without an image).
+#[derive(Clone, Debug)]
+pub struct RefCase {
+    /// Case name (`square_crop`, `text`, ...): also the prefix of its arrays.
+    pub name: String,
+    /// Image file, absolute.
+    pub image: Option<PathBuf>,
+    /// `"crop"` or `"pad"`.
+    pub image_mode: Option<String>,
+    /// The full rendered prompt.
+    pub prompt: String,
+    /// The user's question inside the vicuna_v1 prompt.
+    pub question: String,
+    /// Ids after `<image>` expansion.
+    pub input_ids_expanded: Vec<u32>,
+    /// `[s, e)`.
+    pub image_span: Option<(usize, usize)>,
+    /// 16 greedy tokens.
+    pub generated_ids: Vec<u32>,
+    /// Their decoding.
+    pub generated_text: String,
+}
+
+/// One pruned run of the reference VisiPruner/FastV implementation (`pruning.json`).
+#[derive(Clone, Debug)]
+pub struct PruneRun {
+    /// `exit`, `no_exit`, `split`, `fastv`, `text_noop`.
+    pub name: String,
+    /// The `expected.json` case it runs.
+    pub case: String,
+    /// The `--prune` JSON.
+    pub prune: Value,
+    /// Layer that selected the kept tokens.
+    pub fusion_layer: Option<usize>,
+    /// Kept offsets inside the image span.
+    pub kept_image_tokens: Option<Vec<usize>>,
+    /// First layer with no image tokens.
+    pub text_only_from_layer: Option<usize>,
+    /// Sequence length per layer.
+    pub layer_seq_lens: Vec<usize>,
+    /// Top-5 `(id, logit)` of the first step.
+    pub first_logits_top5: Vec<(u32, f32)>,
+    /// 16 greedy tokens.
+    pub generated_ids: Vec<u32>,
+}
+
+/// One model's reference outputs.
+pub struct Reference {
+    /// Model name (`tiny-llava-mha`).
+    pub name: String,
+    /// The model directory, absolute.
+    pub model_dir: PathBuf,
+    /// Greedy steps the reference ran.
+    pub max_new_tokens: usize,
+    /// Every case.
+    pub cases: Vec<RefCase>,
+    /// Pruned runs (`pruning.json`; empty when the file is absent).
+    pub prune_runs: Vec<PruneRun>,
+    arrays: Arc<dyn WeightSource>,
+}
+
+impl Reference {
+    /// The f32 array `{case}.{what}` (`pixel_values`, `vision_features`, `projector_out`,
+    /// `logits`) and its shape.
+    pub fn array(&self, case: &str, what: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let name = format!("{case}.{what}");
+        let v = self
+            .arrays
+            .view(&name)
+            .with_context(|| format!("{}: array {name}", self.name))?;
+        if v.dtype != engine_core::DType::F32 {
+            bail!("{}: array {name} is {:?}, expected F32", self.name, v.dtype);
+        }
+        let data = v
+            .bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok((data, v.shape.to_vec()))
+    }
+}
+
+/// Every `fixtures/reference/*/expected.json` present, sorted by model name.
+pub fn references() -> Result<Vec<Reference>> {
+    let root = fixtures().join("reference");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("expected.json").is_file())
+        .collect();
+    dirs.sort();
+    if dirs.is_empty() {
+        bail!("no reference fixtures under {}", root.display());
+    }
+    dirs.iter().map(|d| load_reference(d)).collect()
+}
+
+fn load_reference(dir: &Path) -> Result<Reference> {
+    let path = dir.join("expected.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let s = |v: &Value, k: &str| -> Result<String> {
+        v.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{}: `{k}` missing", path.display()))
+    };
+    let ids = |v: &Value, k: &str| -> Result<Vec<u32>> {
+        v.get(k)
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("{}: `{k}` missing", path.display()))?
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .map(|x| x as u32)
+                    .ok_or_else(|| anyhow!("{}: `{k}` holds a non-id", path.display()))
+            })
+            .collect()
+    };
+    let name = s(&v, "model")?;
+    let model_dir = fixtures().join(s(&v, "model_dir")?);
+    let arrays = open_safetensors(&dir.join(s(&v, "arrays_file")?))?;
+    let cases_obj = v
+        .get("cases")
+        .and_then(Value::as_object)
+        .ok_or_else(|| anyhow!("{}: no cases", path.display()))?;
+    let mut cases = Vec::new();
+    for (cname, c) in cases_obj {
+        let prompt = s(c, "prompt")?;
+        let question = prompt
+            .split_once("USER: ")
+            .map(|(_, q)| q.strip_prefix("<image>\n").unwrap_or(q))
+            .and_then(|q| q.strip_suffix(" ASSISTANT:"))
+            .ok_or_else(|| anyhow!("{cname}: prompt is not vicuna_v1"))?
+            .to_string();
+        let image_span = match c.get("image_span") {
+            Some(Value::Array(a)) if a.len() == 2 => Some((
+                a[0].as_u64().unwrap_or(0) as usize,
+                a[1].as_u64().unwrap_or(0) as usize,
+            )),
+            _ => None,
+        };
+        cases.push(RefCase {
+            name: cname.clone(),
+            image: c
+                .get("image")
+                .and_then(Value::as_str)
+                .map(|p| fixtures().join(p)),
+            image_mode: c
+                .get("image_mode")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            prompt,
+            question,
+            input_ids_expanded: ids(c, "input_ids_expanded")?,
+            image_span,
+            generated_ids: ids(c, "generated_ids")?,
+            generated_text: s(c, "generated_text")?,
+        });
+    }
+    let prune_runs = load_prune_runs(&dir.join("pruning.json"))?;
+    Ok(Reference {
+        name,
+        prune_runs,
+        model_dir,
+        max_new_tokens: v
+            .get("max_new_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(16) as usize,
+        cases,
+        arrays,
+    })
+}
+
+/// Max abs difference of `got` vs `want` (viewed as rows of `cols`); an error naming the
+/// first element over `tol` (`row 3 col 17: got .. want ..`) or a length mismatch.
+pub fn compare(what: &str, got: &[f32], want: &[f32], cols: usize, tol: f32) -> Result<f32> {
+    if got.len() != want.len() {
+        bail!("{what}: {} values, want {}", got.len(), want.len());
+    }
+    let cols = cols.max(1);
+    let mut max = 0f32;
+    let mut first_bad = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        if d.is_nan() || d > tol {
+            first_bad.get_or_insert((i, g, w));
+        }
+        if d > max || d.is_nan() {
+            max = if d.is_nan() { f32::INFINITY } else { d };
+        }
+    }
+    if let Some((i, g, w)) = first_bad {
+        bail!(
+            "{what}: row {} col {}: got {g} want {w} (max abs err {max}, tolerance {tol})",
+            i / cols,
+            i % cols
+        );
+    }
+    Ok(max)
+}
+
+/// Where the first two sequences differ, for token comparisons.
+pub fn first_difference(got: &[u32], want: &[u32]) -> Option<String> {
+    if got == want {
+        return None;
+    }
+    let i = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    Some(format!(
+        "token {i}: got {:?} want {:?} (got {} tokens, want {})",
+        got.get(i),
+        want.get(i),
+        got.len(),
+        want.len()
+    ))
+}
+
+fn load_prune_runs(path: &Path) -> Result<Vec<PruneRun>> {
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path)?)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let runs = v
+        .get("runs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("{}: no runs", path.display()))?;
+    let usizes = |x: &Value| -> Option<Vec<usize>> {
+        x.as_array().map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_u64().map(|n| n as usize))
+                .collect()
+        })
+    };
+    runs.iter()
+        .map(|r| {
+            let opt = |k: &str| r.get(k).and_then(Value::as_u64).map(|n| n as usize);
+            Ok(PruneRun {
+                name: r
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string(),
+                case: r
+                    .get("case")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| anyhow!("run without case"))?
+                    .to_string(),
+                prune: r
+                    .get("prune")
+                    .cloned()
+                    .ok_or_else(|| anyhow!("run without prune"))?,
+                fusion_layer: opt("fusion_layer"),
+                kept_image_tokens: r.get("kept_image_tokens").and_then(usizes),
+                text_only_from_layer: opt("text_only_from_layer"),
+                layer_seq_lens: r.get("layer_seq_lens").and_then(usizes).unwrap_or_default(),
+                first_logits_top5: r
+                    .get("first_logits_top5")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| {
+                                Some((p.get(0)?.as_u64()? as u32, p.get(1)?.as_f64()? as f32))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                generated_ids: r
+                    .get("generated_ids")
+                    .and_then(usizes)
+                    .map(|v| v.into_iter().map(|x| x as u32).collect())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}

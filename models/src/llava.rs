@@ -1,0 +1,623 @@
+//! LLaVA-1.5 end to end: loading a llava-hf directory, the image path (preprocess → CLIP →
+//! projector → splice at the `<image>` span), and generation (pruning-aware prefill, then
+//! decode with streaming text).
+//!
+//! ```no_run
+//! # fn main() -> engine_core::Result<()> {
+//! use std::sync::Arc;
+//! use models::llava::{GenerateOptions, Llava};
+//! let backend = Arc::new(engine_core::CpuBackend::new());
+//! let llava = Llava::load("llava-1.5-7b-hf".as_ref(), backend)?;
+//! let image = models::preprocess::load_image("cat.png".as_ref())?;
+//! let out = llava.generate("What is this?", Some(&image), &GenerateOptions::default(), &mut |t| print!("{t}"))?;
+//! println!("\n{} tokens, {:.1} tokens/s", out.tokens.len(), out.decode_tokens_per_s);
+//! # Ok(()) }
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use engine_core::weights::{open_safetensors, Weights};
+use engine_core::{Backend, DeviceInfo, Error, HostData, Result, Tensor};
+use image::{Rgb, RgbImage};
+use pruner::{FlopsReport, FlopsShape, LayerSchedule, PruneConfig, PruneReport};
+
+use crate::clip::{ClipVision, Projector};
+use crate::config::{FeatureSelect, LlavaConfig};
+use crate::llama::{ImageSpan, KvCache, Llama};
+use crate::preprocess::{ImageProcessor, PadMode, PixelValues, ResizeTarget};
+use crate::prompt::{PromptIds, PromptTokenizer, Template, TextStream};
+use crate::sampling::{Sampler, SamplingParams};
+
+/// Which tensor names a checkpoint uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Naming {
+    /// transformers < 4.52: `language_model.model.*`, `vision_tower.*`,
+    /// `multi_modal_projector.*`, `language_model.lm_head.*`.
+    Old,
+    /// transformers >= 4.52: `model.language_model.*`, `model.vision_tower.*`,
+    /// `model.multi_modal_projector.*`, `lm_head.*`.
+    New,
+}
+
+/// A loaded LLaVA model with its tokenizer and image processor, on one backend.
+pub struct Llava {
+    cfg: LlavaConfig,
+    backend: Arc<dyn Backend>,
+    vision: ClipVision,
+    projector: Projector,
+    llama: Llama,
+    tokenizer: PromptTokenizer,
+    processor: ImageProcessor,
+    naming: Naming,
+    load_ms: f64,
+}
+
+/// An image as the model takes it in.
+pub struct EncodedImage {
+    /// The uint8 picture the vision tower saw (after crop/pad and resize).
+    pub seen: RgbImage,
+    /// Normalised pixels `[3, H, W]`.
+    pub pixel_values: PixelValues,
+    /// Selected vision-tower hidden states `[N, vision_hidden]`.
+    pub features: Tensor,
+    /// Projector output `[N, text_hidden]`: what replaces the `<image>` span.
+    pub embeds: Tensor,
+    /// Milliseconds spent (preprocess, vision tower, projector; synchronised).
+    pub ms: f64,
+}
+
+/// How to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Prompt template.
+    pub template: Template,
+    /// `crop` (llava-hf's processor) or `pad` (original LLaVA-1.5 `expand2square`).
+    pub image_mode: PadMode,
+    /// Upper bound on generated tokens (also capped by the context length).
+    pub max_new_tokens: usize,
+    /// Greedy by default.
+    pub sampling: SamplingParams,
+    /// `None`: the paper's VisiPruner config when it fits the model, else dense (the
+    /// fallback is noted in [`Generation::prune_note`]). `Some(cfg)`: exactly `cfg`, an
+    /// error when it does not fit; `Some(PruneConfig::Dense)` runs dense.
+    pub prune: Option<PruneConfig>,
+    /// Read back the first step's full logits into [`Generation::first_logits`].
+    pub keep_first_logits: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            template: Template::VicunaV1,
+            image_mode: PadMode::Crop,
+            max_new_tokens: 256,
+            sampling: SamplingParams::default(),
+            prune: None,
+            keep_first_logits: false,
+        }
+    }
+}
+
+/// Wall-clock milliseconds per phase (each ends with a device sync).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timings {
+    /// Model loading (config, tokenizer, weights upload).
+    pub load_ms: f64,
+    /// Preprocessing, vision tower and projector.
+    pub vision_ms: f64,
+    /// Prompt prefill through the first token.
+    pub prefill_ms: f64,
+    /// Every decode step after the first token.
+    pub decode_ms: f64,
+}
+
+/// The result of [`Llava::generate`].
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Generated token ids (EOS included when it ended the answer).
+    pub tokens: Vec<u32>,
+    /// Decoded answer, special tokens skipped.
+    pub text: String,
+    /// Prompt length after `<image>` expansion.
+    pub prompt_tokens: usize,
+    /// Image tokens in the prompt (0 without an image).
+    pub image_tokens: usize,
+    /// Where the image sits in the prompt.
+    pub image_span: Option<ImageSpan>,
+    /// Whether EOS ended generation.
+    pub stopped_by_eos: bool,
+    /// Phase timings.
+    pub timings: Timings,
+    /// Decode steps per second (tokens after the first).
+    pub decode_tokens_per_s: f64,
+    /// The pruning config that ran (after the default's fit check).
+    pub prune_config: PruneConfig,
+    /// Why the requested default pruning did not run, when it did not.
+    pub prune_note: Option<String>,
+    /// What the pruner decided.
+    pub prune: PruneReport,
+    /// Sequence length each decoder layer processed in prefill.
+    pub layer_seq_lens: Vec<usize>,
+    /// Image tokens each decoder layer processed in prefill.
+    pub layer_image_lens: Vec<usize>,
+    /// KV rows each layer holds at the end.
+    pub kv_lens: Vec<usize>,
+    /// Bytes of K and V held at the end (f32).
+    pub kv_bytes: u64,
+    /// Prefill FLOPs as scheduled (vision tower and projector included) and dense.
+    pub flops: FlopsReport,
+    /// Logits of the first generated position `[vocab]`, when asked for.
+    pub first_logits: Option<Vec<f32>>,
+    /// The picture the vision tower saw.
+    pub seen_image: Option<RgbImage>,
+}
+
+impl Llava {
+    /// Loads a llava-hf directory: `config.json`, `tokenizer.json`,
+    /// `preprocessor_config.json` (CLIP defaults at the tower's size when absent) and
+    /// `model.safetensors` or a sharded checkpoint, memory-mapped, in either naming scheme.
+    pub fn load(dir: &Path, backend: Arc<dyn Backend>) -> Result<Self> {
+        let t0 = Instant::now();
+        if !dir.is_dir() {
+            return Err(Error::file(
+                dir,
+                "not a directory (expected a llava-hf model directory)",
+            ));
+        }
+        let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer =
+            PromptTokenizer::from_file(&dir.join("tokenizer.json"), cfg.image_token_index)?;
+        let pp = dir.join("preprocessor_config.json");
+        let processor = if pp.is_file() {
+            ImageProcessor::from_file(&pp)?
+        } else {
+            let s = cfg.vision.image_size;
+            ImageProcessor {
+                size: ResizeTarget::ShortestEdge(s),
+                crop_size: (s, s),
+                ..Default::default()
+            }
+        };
+        let source = open_safetensors(dir)?;
+        let w = Weights::new(source.clone(), backend.clone());
+        let naming = if source.contains("language_model.model.embed_tokens.weight") {
+            Naming::Old
+        } else if source.contains("model.language_model.embed_tokens.weight") {
+            Naming::New
+        } else {
+            return Err(Error::weight(
+                "language_model.model.embed_tokens.weight",
+                "missing (nor is there model.language_model.embed_tokens.weight): not a llava-hf checkpoint",
+            ));
+        };
+        let (vt, mm, lm, head) = match naming {
+            Naming::Old => (
+                "vision_tower",
+                "multi_modal_projector",
+                "language_model.model",
+                "language_model.lm_head",
+            ),
+            Naming::New => (
+                "model.vision_tower",
+                "model.multi_modal_projector",
+                "model.language_model",
+                "lm_head",
+            ),
+        };
+        let vision = ClipVision::load(&w.pp(vt), &cfg)?;
+        let projector = Projector::load(&w.pp(mm), &cfg)?;
+        let llama = Llama::load(&w.pp(lm), &w.pp(head), &cfg.text)?;
+        backend.sync()?;
+        Ok(Llava {
+            cfg,
+            backend,
+            vision,
+            projector,
+            llama,
+            tokenizer,
+            processor,
+            naming,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The parsed config.
+    pub fn config(&self) -> &LlavaConfig {
+        &self.cfg
+    }
+    /// The backend the weights live on.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+    /// What the backend runs on.
+    pub fn device_info(&self) -> DeviceInfo {
+        self.backend.device_info()
+    }
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+    /// The image processor (from `preprocessor_config.json`).
+    pub fn processor(&self) -> &ImageProcessor {
+        &self.processor
+    }
+    /// The checkpoint's tensor naming scheme.
+    pub fn naming(&self) -> Naming {
+        self.naming
+    }
+    /// Milliseconds [`Llava::load`] took.
+    pub fn load_ms(&self) -> f64 {
+        self.load_ms
+    }
+    /// The decoder.
+    pub fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    /// Tokenises a prompt for this model (`<image>` expanded when `with_image`) and checks
+    /// that it fits the context.
+    pub fn prompt(&self, template: Template, text: &str, with_image: bool) -> Result<PromptIds> {
+        let n = with_image.then(|| self.cfg.image_tokens());
+        let p = self.tokenizer.build(template, text, n)?;
+        let ctx = self.cfg.text.max_position_embeddings;
+        if p.ids.len() >= ctx {
+            return Err(Error::msg(format!(
+                "the prompt is {} tokens, which leaves no room in the model's context of {ctx}",
+                p.ids.len()
+            )));
+        }
+        Ok(p)
+    }
+
+    /// Preprocess, vision tower and projector.
+    pub fn encode_image(&self, img: &RgbImage, mode: PadMode) -> Result<EncodedImage> {
+        let t0 = Instant::now();
+        let seen = self.processor.prepare(img, mode)?;
+        let pixel_values = self.processor.normalize(&seen);
+        let mut enc = self.encode_pixels(seen, pixel_values)?;
+        enc.ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(enc)
+    }
+
+    /// Vision tower and projector over already normalised pixels `[3, S, S]` (`seen` is
+    /// kept for drawing only).
+    pub fn encode_pixels(&self, seen: RgbImage, pixel_values: PixelValues) -> Result<EncodedImage> {
+        let t0 = Instant::now();
+        let b = self.backend.as_ref();
+        let s = self.cfg.vision.image_size;
+        if (pixel_values.height, pixel_values.width) != (s, s)
+            || pixel_values.data.len() != 3 * s * s
+        {
+            return Err(Error::msg(format!(
+                "pixel values are {}x{} but the vision tower takes {s}x{s} (check preprocessor_config.json)",
+                pixel_values.width, pixel_values.height
+            )));
+        }
+        let shape = vec![3, s, s];
+        let pixels = b.upload(HostData::F32(&pixel_values.data), shape.into())?; // [3, S, S]
+        let features = self.vision.forward(b, &pixels)?; // [N, Dv]
+        let embeds = self.projector.forward(b, &features)?; // [N, H]
+        b.sync()?;
+        Ok(EncodedImage {
+            seen,
+            pixel_values,
+            features,
+            embeds,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Resolves the pruning request against this model: the config to run and, when the
+    /// paper default had to fall back to dense, why.
+    pub fn resolve_prune(
+        &self,
+        req: Option<&PruneConfig>,
+    ) -> Result<(PruneConfig, Option<String>)> {
+        let n = self.cfg.text.num_hidden_layers;
+        match req {
+            Some(cfg) => {
+                cfg.validate(n).map_err(|e| {
+                    Error::msg(format!(
+                        "pruning config does not fit this {n}-layer model: {e}"
+                    ))
+                })?;
+                Ok((cfg.clone(), None))
+            }
+            None => {
+                let paper = PruneConfig::paper_default();
+                match paper.validate(n) {
+                    Ok(()) => Ok((paper, None)),
+                    Err(e) => Ok((
+                        PruneConfig::Dense,
+                        Some(format!(
+                            "the paper's VisiPruner config does not fit this {n}-layer model ({e}); running dense"
+                        )),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Answers `prompt` about `image` (or text only), streaming text to `on_text`.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        image: Option<&RgbImage>,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let ids = self.prompt(opts.template, prompt, image.is_some())?;
+        let encoded = image
+            .map(|img| self.encode_image(img, opts.image_mode))
+            .transpose()?;
+        self.generate_ids(&ids, encoded.as_ref(), opts, on_text)
+    }
+
+    /// [`Llava::generate`] from an already built prompt and encoded image
+    /// (`opts.template` and `opts.image_mode` are not used here).
+    pub fn generate_ids(
+        &self,
+        prompt: &PromptIds,
+        image: Option<&EncodedImage>,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let b = self.backend.as_ref();
+        let tc = &self.cfg.text;
+        let mut sampler = Sampler::new(opts.sampling)?;
+        let (prune_config, prune_note) = self.resolve_prune(opts.prune.as_ref())?;
+        let mut pruner = pruner::build(&prune_config, tc.num_hidden_layers)
+            .map_err(|e| Error::msg(format!("pruning config: {e}")))?;
+        let ids = &prompt.ids;
+        let span = match (prompt.image_span, image) {
+            (Some(sp), Some(_)) => Some(sp),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(Error::msg(
+                    "the prompt has an image span but no image was given",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::msg(
+                    "an image was given but the prompt has no image span",
+                ))
+            }
+        };
+        let ctx = tc.max_position_embeddings;
+        if ids.is_empty() || ids.len() >= ctx {
+            return Err(Error::msg(format!(
+                "prompt of {} tokens does not fit the context of {ctx}",
+                ids.len()
+            )));
+        }
+        let max_new = opts.max_new_tokens.min(ctx - ids.len());
+
+        // ---- prefill ----
+        let t0 = Instant::now();
+        let embeds = self.embed_prompt(ids, span, image)?; // [S, H]
+        let mut cache = KvCache::default();
+        let (logits, stats) =
+            self.llama
+                .prefill(b, &embeds, span, pruner.as_mut(), &mut cache, max_new)?;
+        let first_logits = if opts.keep_first_logits {
+            Some(b.to_vec_f32(&logits)?)
+        } else {
+            None
+        };
+        let mut tokens = Vec::with_capacity(max_new);
+        if max_new > 0 {
+            tokens.push(self.next_token(&logits, first_logits.as_deref(), &mut sampler)?);
+        }
+        b.sync()?;
+        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        // ---- decode ----
+        let t1 = Instant::now();
+        let mut stream = TextStream::new();
+        let mut steps = 0usize;
+        let mut stopped_by_eos = false;
+        while let Some(&last) = tokens.last() {
+            if tc.eos_token_ids.contains(&last) {
+                stopped_by_eos = true;
+                break;
+            }
+            if let Some(piece) = stream.push(&self.tokenizer, last)? {
+                on_text(&piece);
+            }
+            if tokens.len() >= max_new {
+                break;
+            }
+            let position = (ids.len() + tokens.len() - 1) as u32;
+            let logits = self.llama.decode_step(b, last, position, &mut cache)?; // [1, V]
+            tokens.push(self.next_token(&logits, None, &mut sampler)?);
+            steps += 1;
+        }
+        if let Some(rest) = stream.finish(&self.tokenizer)? {
+            on_text(&rest);
+        }
+        b.sync()?;
+        let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+        let flops = self.flops(
+            &stats.layer_seq_lens,
+            &stats.layer_image_lens,
+            &stats.layer_masks,
+            span,
+        )?;
+        let kv_dim = tc.num_key_value_heads * tc.head_dim;
+        Ok(Generation {
+            text: self.tokenizer.decode(&tokens)?,
+            tokens,
+            prompt_tokens: ids.len(),
+            image_tokens: span.map_or(0, |s| s.end - s.start),
+            image_span: span,
+            stopped_by_eos,
+            timings: Timings {
+                load_ms: self.load_ms,
+                vision_ms: image.map_or(0.0, |i| i.ms),
+                prefill_ms,
+                decode_ms,
+            },
+            decode_tokens_per_s: if steps > 0 && decode_ms > 0.0 {
+                steps as f64 / (decode_ms / 1e3)
+            } else {
+                0.0
+            },
+            prune_config,
+            prune_note,
+            prune: pruner.report(),
+            layer_seq_lens: stats.layer_seq_lens,
+            layer_image_lens: stats.layer_image_lens,
+            kv_lens: cache.lens(),
+            kv_bytes: cache.bytes_used(kv_dim),
+            flops,
+            first_logits,
+            seen_image: image.map(|i| i.seen.clone()),
+        })
+    }
+
+    /// Token embeddings with the image embeddings spliced over the image span.
+    fn embed_prompt(
+        &self,
+        ids: &[u32],
+        span: Option<ImageSpan>,
+        image: Option<&EncodedImage>,
+    ) -> Result<Tensor> {
+        let b = self.backend.as_ref();
+        let (Some(sp), Some(img)) = (span, image) else {
+            return self.llama.embed(b, ids); // [S, H]
+        };
+        let n = img.embeds.dims()[0];
+        if sp.end - sp.start != n || sp.end > ids.len() {
+            return Err(Error::msg(format!(
+                "image span {}..{} does not hold the {n} image embeddings (prompt of {} tokens)",
+                sp.start,
+                sp.end,
+                ids.len()
+            )));
+        }
+        let mut parts = Vec::with_capacity(3);
+        if sp.start > 0 {
+            parts.push(self.llama.embed(b, &ids[..sp.start])?); // [s, H]
+        }
+        parts.push(img.embeds.clone()); // [N, H]
+        if sp.end < ids.len() {
+            parts.push(self.llama.embed(b, &ids[sp.end..])?); // [S - e, H]
+        }
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        b.concat_rows(&refs) // [S, H]
+    }
+
+    /// Greedy picks on the device and reads back one id; sampling reads the logits.
+    fn next_token(
+        &self,
+        logits: &Tensor,
+        host: Option<&[f32]>,
+        sampler: &mut Sampler,
+    ) -> Result<u32> {
+        let b = self.backend.as_ref();
+        if let Some(h) = host {
+            return sampler.sample(h);
+        }
+        if sampler.params().is_greedy() {
+            let t = b.argmax(logits)?; // [1] u32
+            let v = b.to_vec_u32(&t)?; // sync: one id
+            return v
+                .first()
+                .copied()
+                .ok_or_else(|| Error::msg("argmax returned nothing"));
+        }
+        sampler.sample(&b.to_vec_f32(logits)?) // sync: one logits row
+    }
+
+    /// The shapes `pruner::prefill_flops` needs.
+    pub fn flops_shape(&self) -> FlopsShape {
+        let (t, v) = (&self.cfg.text, &self.cfg.vision);
+        FlopsShape {
+            text: pruner::TextShape {
+                hidden: t.hidden_size,
+                intermediate: t.intermediate_size,
+                heads: t.num_attention_heads,
+                kv_heads: t.num_key_value_heads,
+                head_dim: t.head_dim,
+                vocab: t.vocab_size,
+                num_layers: t.num_hidden_layers,
+            },
+            vision: pruner::VisionShape {
+                layers: self.cfg.vision_layers_to_run(),
+                hidden: v.hidden_size,
+                intermediate: v.intermediate_size,
+                tokens: v.num_patches() + 1,
+            },
+            projector: pruner::ProjectorShape {
+                in_dim: v.hidden_size,
+                hidden: t.hidden_size,
+                out_dim: t.hidden_size,
+            },
+        }
+    }
+
+    fn flops(
+        &self,
+        seq: &[usize],
+        img: &[usize],
+        masks: &[pruner::ShallowMask],
+        span: Option<ImageSpan>,
+    ) -> Result<FlopsReport> {
+        let schedule: Vec<LayerSchedule> = seq
+            .iter()
+            .zip(img)
+            .zip(masks)
+            .map(|((&seq_len, &n), &mask)| {
+                let s = span.map_or(seq_len, |sp| sp.start);
+                LayerSchedule {
+                    seq_len,
+                    image: s..s + n,
+                    mask,
+                }
+            })
+            .collect();
+        pruner::prefill_flops(&self.flops_shape(), &schedule)
+            .map_err(|e| Error::msg(format!("FLOPs count: {e}")))
+    }
+}
+
+/// Draws which image tokens survived: `seen` is the picture the vision tower saw, `kept`
+/// the kept offsets inside the image span (`None`: all kept). Pruned patches are dimmed,
+/// kept ones outlined. With the `full` feature strategy offset 0 is CLS, not a patch.
+pub fn draw_kept_patches(seen: &RgbImage, cfg: &LlavaConfig, kept: Option<&[usize]>) -> RgbImage {
+    let grid = cfg.vision.grid().max(1);
+    let cls = usize::from(cfg.vision_feature_select_strategy == FeatureSelect::Full);
+    let mut keep = vec![kept.is_none(); grid * grid];
+    for &off in kept.unwrap_or(&[]) {
+        if let Some(p) = off.checked_sub(cls).filter(|&p| p < keep.len()) {
+            keep[p] = true;
+        }
+    }
+    let (w, h) = seen.dimensions();
+    let mut out = seen.clone();
+    for y in 0..h {
+        for x in 0..w {
+            let (py, px) = (
+                y as usize * grid / h as usize,
+                x as usize * grid / w as usize,
+            );
+            let p = out.get_pixel_mut(x, y);
+            if !keep[py * grid + px] {
+                *p = Rgb(p.0.map(|c| (c as u16 * 3 / 10) as u8));
+                continue;
+            }
+            // Cell borders of a kept patch.
+            let x0 = (px * w as usize).div_ceil(grid) as u32;
+            let y0 = (py * h as usize).div_ceil(grid) as u32;
+            let x1 = (((px + 1) * w as usize).div_ceil(grid) as u32).saturating_sub(1);
+            let y1 = (((py + 1) * h as usize).div_ceil(grid) as u32).saturating_sub(1);
+            if x == x0 || x == x1 || y == y0 || y == y1 {
+                *p = Rgb([255, 210, 0]);
+            }
+        }
+    }
+    out
+}
