@@ -27,17 +27,6 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     portable::dot::<BASELINE_FMA>(a, b)
 }
 
-/// `y += a · x` over the common prefix.
-#[inline]
-pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        // SAFETY: as in `dot`.
-        return unsafe { avx2::axpy(y, a, x) };
-    }
-    portable::axpy::<BASELINE_FMA>(y, a, x)
-}
-
 /// `o[c] = Σ_j w[j] · v[j*stride + off + c]` for `c < o.len()`, skipping zero weights
 /// (their rows are never read): the `P·V` of one attention row.
 #[inline]
@@ -246,23 +235,6 @@ mod avx2 {
             i += 1;
         }
         s
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
-        let va = _mm256_set1_ps(a);
-        let mut i = 0;
-        while i + 8 <= n {
-            let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), v);
-            i += 8;
-        }
-        while i < n {
-            y[i] = a.mul_add(x[i], y[i]);
-            i += 1;
-        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
