@@ -1,14 +1,12 @@
 // common: helpers shared by the kernels (included after `enable` directives).
 // - unpack_pair/half_at: f16 weights are stored packed two per u32 (element 2i in the low half),
-//   so every adapter can read them; with shader-f16 the unpack is a bitcast.
+//   so every adapter can read them. Kernels built with F16 (shader-f16) instead bind the same
+//   bytes as array<f16> / array<vec4<f16>> and load halves natively; unpack2x16float stays the
+//   portable path (naga 30 mistranslates bitcast between u32 and vec2<f16>, so no bitcasts).
 // - Inv: the invocation builtins every kernel takes; 2-D dispatches flatten (wid, nwg).
 
 fn unpack_pair(word: u32) -> vec2<f32> {
-#if F16
-    return vec2<f32>(bitcast<vec2<f16>>(word));
-#else
     return unpack2x16float(word);
-#endif
 }
 
 fn half_at(word: u32, hi: bool) -> f32 {

@@ -12,7 +12,11 @@ struct P { s: u32, d: u32, v0: u32, v1: u32 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 #if W16
+#if F16
+@group(0) @binding(2) var<storage, read> table: array<f16>;
+#else
 @group(0) @binding(2) var<storage, read> table: array<u32>;
+#endif
 #else
 @group(0) @binding(2) var<storage, read> table: array<f32>;
 #endif
@@ -30,7 +34,11 @@ fn main(iv: Inv) {
     }
     let e = (id - p.v0) * p.d + t % p.d;
 #if W16
+#if F16
+    out[t] = f32(table[e]);
+#else
     out[t] = half_at(table[e >> 1u], (e & 1u) == 1u);
+#endif
 #else
     out[t] = table[e];
 #endif

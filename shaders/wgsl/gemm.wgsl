@@ -13,7 +13,11 @@ struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 #if W16
+#if F16
+@group(0) @binding(2) var<storage, read> w: array<f16>;
+#else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
+#endif
 #else
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 #endif
@@ -29,7 +33,11 @@ var<workgroup> Bs: array<vec4<f32>, 256>;
 fn w_at(row: u32, k: u32) -> f32 {
 #if W16
     let e = row * p.k + k;
+#if F16
+    return f32(w[e]);
+#else
     return half_at(w[e >> 1u], (e & 1u) == 1u);
+#endif
 #else
     return w[row * p.k + k];
 #endif

@@ -16,14 +16,22 @@ struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: 
 #if VEC
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 #if W16
+#if F16
+@group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
+#else
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
+#endif
 #else
 @group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
 #endif
 #else
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 #if W16
+#if F16
+@group(0) @binding(2) var<storage, read> w: array<f16>;
+#else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
+#endif
 #else
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 #endif
@@ -45,9 +53,14 @@ fn main(iv: Inv) {
     let kv = p.k / 8u; // vec4<u32> (8 halves) per weight row
     let xv = p.k / 4u; // vec4<f32> per activation row
     for (var i = iv.lid; i < kv; i += WG) {
+#if F16
+        let w0 = vec4<f32>(w[2u * (r * kv + i)]);
+        let w1 = vec4<f32>(w[2u * (r * kv + i) + 1u]);
+#else
         let q = w[r * kv + i];
         let w0 = vec4<f32>(unpack_pair(q.x), unpack_pair(q.y));
         let w1 = vec4<f32>(unpack_pair(q.z), unpack_pair(q.w));
+#endif
         for (var m = 0u; m < p.m; m++) {
             let xb = m * xv + 2u * i;
             acc[m] += dot(x[xb], w0) + dot(x[xb + 1u], w1);
@@ -66,7 +79,11 @@ fn main(iv: Inv) {
     for (var i = iv.lid; i < p.k; i += WG) {
 #if W16
         let e = r * p.k + i;
+#if F16
+        let wv = f32(w[e]);
+#else
         let wv = half_at(w[e >> 1u], (e & 1u) == 1u);
+#endif
 #else
         let wv = w[r * p.k + i];
 #endif
