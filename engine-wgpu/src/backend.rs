@@ -46,6 +46,13 @@ impl std::fmt::Debug for GpuStorage {
     }
 }
 
+impl GpuStorage {
+    /// Number of device buffers holding the tensor (more than one when it was split).
+    pub fn buffers(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
 impl Storage for GpuStorage {
     fn as_any(&self) -> &dyn std::any::Any {
         self
