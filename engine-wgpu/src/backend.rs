@@ -420,7 +420,7 @@ impl GpuBackend {
         let gemv = m <= GEMV_MAX_ROWS && k > 0;
         let vec = gemv && if w16 { k % 8 == 0 } else { k % 4 == 0 };
         let key = if gemv {
-            PipelineKey::new("gemv", "main").flag(vec, "VEC")
+            PipelineKey::new("gemv", "main").flag(vec, "VEC").sub("M", m as u32)
         } else {
             PipelineKey::new("gemm", "main")
         };
@@ -449,7 +449,7 @@ impl GpuBackend {
             }
             binds.push(Bind(4, &out.buf, out.bytes));
             let g = if gemv {
-                self.grid(OP, rows)?
+                self.grid(OP, rows.div_ceil(32))?
             } else {
                 let gx = u32_of(OP, "groups", rows.div_ceil(64))?;
                 let gy = u32_of(OP, "groups", m.div_ceil(64))?;

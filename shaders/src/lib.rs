@@ -43,7 +43,7 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("norm", &["F16", "SUBGROUPS"], &[]),
     kernel!("rope", &["F16"], &[]),
     kernel!("gemm", &["F16", "W16", "BIAS"], &[]),
-    kernel!("gemv", &["F16", "SUBGROUPS", "W16", "VEC", "BIAS"], &[]),
+    kernel!("gemv", &["F16", "W16", "VEC", "BIAS"], &[("M", "8")]),
     kernel!("attention", &["F16"], &[("HEAD_DIM", "128"), ("TK", "16")]),
     kernel!("attention_probs", &["F16", "SUBGROUPS"], &[]),
     kernel!("contrib", &["F16", "SUBGROUPS"], &[]),

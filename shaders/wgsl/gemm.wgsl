@@ -1,13 +1,16 @@
 #if F16
 enable f16;
 #endif
-// gemm: y = x·Wᵀ (+ b) for many rows. 64x64 output tile per workgroup (256 invocations, 4x4
-// register block each), K in steps of 16 staged in workgroup memory; f16 weights are unpacked
-// once per tile load. W may be one chunk of a row-split tensor (`rows` local rows -> columns
-// n_off.. of y). Dispatch: (ceil(rows / 64), ceil(M / 64)).
-// bindings: 0 uniform P, 1 x [M, K] f32, 2 w [rows, K] (f16 packed in u32 with W16, else f32),
-//           3 bias [N] f32 (BIAS), 4 y [M, N] f32
+// gemm: y = x·Wᵀ (+ b) for many rows. 64x64 output tile per workgroup of 64 invocations, each
+// accumulating an 8x8 register block; K in steps of 32 staged in workgroup memory (16 KiB), so
+// a workgroup meets few barriers per FLOP. f16 weights are unpacked once per tile load.
+// W may be one chunk of a row-split tensor (`rows` local rows -> columns n_off.. of y).
+// Dispatch: (ceil(rows / 64), ceil(M / 64)).
+// bindings: 0 uniform P, 1 x [M, K] f32, 2 w [rows, K] (f16: packed in u32, or native f16
+//           with F16; else f32), 3 bias [N] f32 (BIAS), 4 y [M, N] f32
 #include common
+
+const TK: u32 = 32u;
 
 struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: u32 }
 @group(0) @binding(0) var<uniform> p: P;
@@ -26,9 +29,9 @@ struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: 
 #endif
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-// [k][m / 4] and [k][n / 4]: one vec4 read gives a thread its 4 rows (columns) at step k.
-var<workgroup> As: array<vec4<f32>, 256>;
-var<workgroup> Bs: array<vec4<f32>, 256>;
+// [k][m / 4] and [k][n / 4]: two vec4 reads give a thread its 8 rows (columns) at step k.
+var<workgroup> As: array<vec4<f32>, 512>;
+var<workgroup> Bs: array<vec4<f32>, 512>;
 
 fn w_at(row: u32, k: u32) -> f32 {
 #if W16
@@ -43,21 +46,19 @@ fn w_at(row: u32, k: u32) -> f32 {
 #endif
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let n0 = wid.x * 64u;
     let m0 = wid.y * 64u;
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.k; k0 += 16u) {
-        for (var t = 0u; t < 4u; t++) {
-            let idx = lid + t * 256u;
-            let r = idx / 16u;
-            let kk = idx % 16u;
+    let tx = lid % 8u;
+    let ty = lid / 8u;
+    var acc: array<vec4<f32>, 16>; // [row i][column half]
+    for (var k0 = 0u; k0 < p.k; k0 += TK) {
+        // 64 rows x 32 k of x and of W: 32 elements each per invocation.
+        for (var t = 0u; t < 32u; t++) {
+            let idx = lid + t * 64u;
+            let r = idx / TK;
+            let kk = idx % TK;
             let k = k0 + kk;
             var av = 0.0;
             if (m0 + r < p.m && k < p.k) {
@@ -71,29 +72,32 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             Bs[kk * 16u + r / 4u][r % 4u] = bv;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk++) {
-            let a = As[kk * 16u + ty];
-            let b = Bs[kk * 16u + tx];
-            acc0 += a.x * b;
-            acc1 += a.y * b;
-            acc2 += a.z * b;
-            acc3 += a.w * b;
+        for (var kk = 0u; kk < TK; kk++) {
+            let a0 = As[kk * 16u + 2u * ty];
+            let a1 = As[kk * 16u + 2u * ty + 1u];
+            let b0 = Bs[kk * 16u + 2u * tx];
+            let b1 = Bs[kk * 16u + 2u * tx + 1u];
+            let a = array<f32, 8>(a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w);
+            for (var i = 0u; i < 8u; i++) {
+                acc[2u * i] += a[i] * b0;
+                acc[2u * i + 1u] += a[i] * b1;
+            }
         }
         workgroupBarrier();
     }
-    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var i = 0u; i < 4u; i++) {
-        let m = m0 + ty * 4u + i;
+    for (var i = 0u; i < 8u; i++) {
+        let m = m0 + ty * 8u + i;
         if (m >= p.m) {
             break;
         }
-        for (var j = 0u; j < 4u; j++) {
-            let n = n0 + tx * 4u + j;
+        for (var j = 0u; j < 8u; j++) {
+            let n = n0 + tx * 8u + j;
             if (n < p.rows) {
+                let v = acc[2u * i + j / 4u][j % 4u];
 #if BIAS
-                y[m * p.n + p.n_off + n] = accs[i][j] + bias[p.n_off + n];
+                y[m * p.n + p.n_off + n] = v + bias[p.n_off + n];
 #else
-                y[m * p.n + p.n_off + n] = accs[i][j];
+                y[m * p.n + p.n_off + n] = v;
 #endif
             }
         }
