@@ -418,11 +418,11 @@ impl GpuBackend {
         let w16 = w.dtype() == DType::F16;
         let sw = st(w, OP)?;
         let gemv = m <= GEMV_MAX_ROWS && k > 0;
-        let vec = gemv && if w16 { k % 8 == 0 } else { k % 4 == 0 };
         let key = if gemv {
+            let vec = if w16 { k % 8 == 0 } else { k % 4 == 0 };
             PipelineKey::new("gemv", "main").flag(vec, "VEC").sub("M", m as u32)
         } else {
-            PipelineKey::new("gemm", "main")
+            PipelineKey::new("gemm", "main").flag(k % 4 == 0, "VEC")
         };
         let pipe = self.ctx.pipeline(key.flag(w16, "W16").flag(bias.is_some(), "BIAS"))?;
         for c in &sw.chunks {

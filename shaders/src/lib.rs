@@ -42,7 +42,7 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("elementwise", &["F16"], &[]),
     kernel!("norm", &["F16", "SUBGROUPS"], &[]),
     kernel!("rope", &["F16"], &[]),
-    kernel!("gemm", &["F16", "W16", "BIAS"], &[]),
+    kernel!("gemm", &["F16", "W16", "VEC", "BIAS"], &[]),
     kernel!("gemv", &["F16", "W16", "VEC", "BIAS"], &[("M", "8")]),
     kernel!("attention", &["F16"], &[("HEAD_DIM", "128"), ("TK", "16")]),
     kernel!("attention_probs", &["F16", "SUBGROUPS"], &[]),

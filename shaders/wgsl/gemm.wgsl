@@ -7,13 +7,26 @@ enable f16;
 // W may be one chunk of a row-split tensor (`rows` local rows -> columns n_off.. of y).
 // Dispatch: (ceil(rows / 64), ceil(M / 64)).
 // bindings: 0 uniform P, 1 x [M, K] f32, 2 w [rows, K] (f16: packed in u32, or native f16
-//           with F16; else f32), 3 bias [N] f32 (BIAS), 4 y [M, N] f32
+//           with F16; else f32; vec4 loads along K with VEC, K % 4 == 0), 3 bias [N] f32
+//           (BIAS), 4 y [M, N] f32
 #include common
 
 const TK: u32 = 32u;
 
 struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: u32 }
 @group(0) @binding(0) var<uniform> p: P;
+#if VEC
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+#if W16
+#if F16
+@group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
+#else
+@group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;
+#endif
+#else
+@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
+#endif
+#else
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 #if W16
 #if F16
@@ -24,6 +37,7 @@ struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: 
 #else
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 #endif
+#endif
 #if BIAS
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 #endif
@@ -33,6 +47,22 @@ struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: 
 var<workgroup> As: array<vec4<f32>, 512>;
 var<workgroup> Bs: array<vec4<f32>, 512>;
 
+#if VEC
+// Four weights of `row` from column k (k % 4 == 0; K % 4 == 0).
+fn w4_at(row: u32, k: u32) -> vec4<f32> {
+    let e4 = (row * p.k + k) / 4u;
+#if W16
+#if F16
+    return vec4<f32>(w[e4]);
+#else
+    let q = w[e4];
+    return vec4<f32>(unpack_pair(q.x), unpack_pair(q.y));
+#endif
+#else
+    return w[e4];
+#endif
+}
+#else
 fn w_at(row: u32, k: u32) -> f32 {
 #if W16
     let e = row * p.k + k;
@@ -45,6 +75,7 @@ fn w_at(row: u32, k: u32) -> f32 {
     return w[row * p.k + k];
 #endif
 }
+#endif
 
 @compute @workgroup_size(64)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -54,6 +85,27 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let ty = lid / 8u;
     var acc: array<vec4<f32>, 16>; // [row i][column half]
     for (var k0 = 0u; k0 < p.k; k0 += TK) {
+#if VEC
+        // 64 rows x 32 k of x and of W as vec4 along k: 8 loads each per invocation.
+        for (var t = 0u; t < 8u; t++) {
+            let idx = lid + t * 64u;
+            let r = idx / 8u;
+            let kq = 4u * (idx % 8u);
+            let k = k0 + kq;
+            var av = vec4<f32>(0.0);
+            if (m0 + r < p.m && k < p.k) {
+                av = x[((m0 + r) * p.k + k) / 4u];
+            }
+            var bv = vec4<f32>(0.0);
+            if (n0 + r < p.rows && k < p.k) {
+                bv = w4_at(n0 + r, k);
+            }
+            for (var c = 0u; c < 4u; c++) {
+                As[(kq + c) * 16u + r / 4u][r % 4u] = av[c];
+                Bs[(kq + c) * 16u + r / 4u][r % 4u] = bv[c];
+            }
+        }
+#else
         // 64 rows x 32 k of x and of W: 32 elements each per invocation.
         for (var t = 0u; t < 32u; t++) {
             let idx = lid + t * 64u;
@@ -71,6 +123,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             }
             Bs[kk * 16u + r / 4u][r % 4u] = bv;
         }
+#endif
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk++) {
             let a0 = As[kk * 16u + 2u * ty];
