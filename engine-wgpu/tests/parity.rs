@@ -168,6 +168,20 @@ fn elementwise_suite(g: &dyn Backend, seed: u64) {
     }
 }
 
+/// A long chain of ops recorded without a sync point: spans several submitted batches (uniform
+/// arena and pass limits) and reuses pooled buffers as tensors drop.
+fn batching_suite(g: &dyn Backend) {
+    let n = 33;
+    let one = g.upload(HostData::F32(&vec![1.0; n]), Shape::from([n])).expect("up");
+    let mut acc = g.zeros(Shape::from([3, n]), DType::F32).expect("zeros");
+    let steps = 3000;
+    for _ in 0..steps {
+        acc = g.add(&acc, &one).expect("add");
+    }
+    let got = f32s(g, &acc);
+    check("3000 chained adds", &got, &vec![steps as f32; 3 * n], n, EXACT);
+}
+
 fn norm_suite(g: &dyn Backend, seed: u64) {
     let mut r = Rng::new(seed);
     for (m, n) in [(1, 4096), (7, 1024), (33, 33), (577, 64)] {
@@ -448,6 +462,7 @@ suite_tests! {
     attention => |g| attention_suite(g, 5);
     data_movement => |g| data_suite(g, 6);
     errors => |g| errors_suite(g);
+    batching => |g| batching_suite(g);
 }
 
 #[test]
