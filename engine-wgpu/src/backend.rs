@@ -78,11 +78,14 @@ fn dev_bytes(dtype: DType, n: usize) -> u64 {
     }
 }
 
+/// RoPE frequency tables by (head_dim, theta bits, scaling bits).
+type InvFreqCache = HashMap<(usize, u32, u32), Tensor>;
+
 /// The wgpu backend. Cheap to clone (an `Arc` to the device context).
 #[derive(Clone)]
 pub struct GpuBackend {
     pub(crate) ctx: Arc<Ctx>,
-    inv_freq: Arc<Mutex<HashMap<(usize, u32, u32), Tensor>>>,
+    inv_freq: Arc<Mutex<InvFreqCache>>,
 }
 
 impl std::fmt::Debug for GpuBackend {
@@ -113,7 +116,10 @@ fn need(t: &Tensor, dtype: DType, op: &'static str) -> Result<()> {
     if t.dtype() == dtype {
         Ok(())
     } else {
-        Err(Error::DType { op, dtype: t.dtype() })
+        Err(Error::DType {
+            op,
+            dtype: t.dtype(),
+        })
     }
 }
 
@@ -129,7 +135,10 @@ fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.dims() == b.dims() || row {
         Ok(())
     } else {
-        Err(Error::shape(op, format!("cannot broadcast {} onto {}", b.shape(), a.shape())))
+        Err(Error::shape(
+            op,
+            format!("cannot broadcast {} onto {}", b.shape(), a.shape()),
+        ))
     }
 }
 
@@ -137,13 +146,19 @@ fn check_vec(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
     if t.dims() == [n] {
         Ok(())
     } else {
-        Err(Error::shape(op, format!("{what} must be [{n}], got {}", t.shape())))
+        Err(Error::shape(
+            op,
+            format!("{what} must be [{n}], got {}", t.shape()),
+        ))
     }
 }
 
 fn check_rows(op: &'static str, t: &Tensor) -> Result<usize> {
     if t.dims().is_empty() {
-        return Err(Error::shape(op, "expected at least one dimension, got a scalar"));
+        return Err(Error::shape(
+            op,
+            "expected at least one dimension, got a scalar",
+        ));
     }
     Ok(t.shape().last_dim())
 }
@@ -160,9 +175,18 @@ fn params(words: &[u32]) -> Vec<u8> {
 fn mask_span(m: &AttentionMask) -> Option<(usize, usize)> {
     match *m {
         AttentionMask::None => None,
-        AttentionMask::Layer0Sink { image_start, image_end }
-        | AttentionMask::Layer0Split { image_start, image_end }
-        | AttentionMask::TextToImage { image_start, image_end } => Some((image_start, image_end)),
+        AttentionMask::Layer0Sink {
+            image_start,
+            image_end,
+        }
+        | AttentionMask::Layer0Split {
+            image_start,
+            image_end,
+        }
+        | AttentionMask::TextToImage {
+            image_start,
+            image_end,
+        } => Some((image_start, image_end)),
     }
 }
 
@@ -186,7 +210,10 @@ fn check_attention(
     if p.num_heads % p.num_kv_heads > 0 {
         return Err(Error::shape(
             op,
-            format!("num_heads {} is not a multiple of num_kv_heads {}", p.num_heads, p.num_kv_heads),
+            format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                p.num_heads, p.num_kv_heads
+            ),
         ));
     }
     let qw = p.num_heads * p.head_dim;
@@ -207,9 +234,9 @@ fn check_attention(
                 return Err(Error::shape(
                     op,
                     format!(
-                        "{name} must be [L >= kv_len {}, {kw}] (num_kv_heads*head_dim), got {dims:?}",
-                        p.kv_len
-                    ),
+                    "{name} must be [L >= kv_len {}, {kw}] (num_kv_heads*head_dim), got {dims:?}",
+                    p.kv_len
+                ),
                 ))
             }
         }
@@ -217,7 +244,11 @@ fn check_attention(
     if p.causal && p.q_offset + sq > p.kv_len {
         return Err(Error::shape(
             op,
-            format!("causal queries reach cache row {} but kv_len is {}", p.q_offset + sq, p.kv_len),
+            format!(
+                "causal queries reach cache row {} but kv_len is {}",
+                p.q_offset + sq,
+                p.kv_len
+            ),
         ));
     }
     if sq > 0 && p.kv_len == 0 {
@@ -225,7 +256,10 @@ fn check_attention(
     }
     if let Some((s, e)) = mask_span(&p.mask) {
         if s > e {
-            return Err(Error::shape(op, format!("mask image span [{s}, {e}) is reversed")));
+            return Err(Error::shape(
+                op,
+                format!("mask image span [{s}, {e}) is reversed"),
+            ));
         }
     }
     Ok(sq)
@@ -235,9 +269,18 @@ fn check_attention(
 fn attention_params(sq: usize, p: &AttentionParams, last: u32) -> Vec<u8> {
     let (mask, s, e) = match p.mask {
         AttentionMask::None => (0, 0, 0),
-        AttentionMask::Layer0Sink { image_start, image_end } => (1, image_start, image_end),
-        AttentionMask::Layer0Split { image_start, image_end } => (2, image_start, image_end),
-        AttentionMask::TextToImage { image_start, image_end } => (3, image_start, image_end),
+        AttentionMask::Layer0Sink {
+            image_start,
+            image_end,
+        } => (1, image_start, image_end),
+        AttentionMask::Layer0Split {
+            image_start,
+            image_end,
+        } => (2, image_start, image_end),
+        AttentionMask::TextToImage {
+            image_start,
+            image_end,
+        } => (3, image_start, image_end),
     };
     let c = |v: usize| v.min(u32::MAX as usize) as u32;
     params(&[
@@ -258,7 +301,10 @@ fn attention_params(sq: usize, p: &AttentionParams, last: u32) -> Vec<u8> {
 
 impl GpuBackend {
     pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
-        GpuBackend { ctx, inv_freq: Arc::new(Mutex::new(HashMap::new())) }
+        GpuBackend {
+            ctx,
+            inv_freq: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 
     /// Workgroup grid for `groups` workgroups: x up to the per-dimension limit, then y.
@@ -277,7 +323,11 @@ impl GpuBackend {
     }
 
     fn wrap(&self, chunks: Vec<Chunk>, shape: impl Into<Shape>, dtype: DType) -> Tensor {
-        let s = GpuStorage { chunks, ctx: self.ctx.clone(), shadow: None };
+        let s = GpuStorage {
+            chunks,
+            ctx: self.ctx.clone(),
+            shadow: None,
+        };
         Tensor::from_storage(Arc::new(s), shape.into(), dtype)
     }
 
@@ -294,7 +344,17 @@ impl GpuBackend {
             });
         }
         let (buf, class) = self.ctx.alloc(bytes, op)?;
-        Ok(self.wrap(vec![Chunk { buf, class, elem0: 0, elems: n, bytes }], shape, dtype))
+        Ok(self.wrap(
+            vec![Chunk {
+                buf,
+                class,
+                elem0: 0,
+                elems: n,
+                bytes,
+            }],
+            shape,
+            dtype,
+        ))
     }
 
     /// Copies `count` elements: `src` from element `src_off` to `dst` from element `dst_off`.
@@ -313,8 +373,13 @@ impl GpuBackend {
         }
         if dtype != DType::F16 || (dst_off % 2 == 0 && src_off % 2 == 0 && count % 2 == 0) {
             let es = if dtype == DType::F16 { 2 } else { 4 };
-            let (so, d_o, n) = ((src_off * es) as u64, (dst_off * es) as u64, (count * es) as u64);
-            self.ctx.encode(|enc| enc.copy_buffer_to_buffer(&src.buf, so, &dst.buf, d_o, n));
+            let (so, d_o, n) = (
+                (src_off * es) as u64,
+                (dst_off * es) as u64,
+                (count * es) as u64,
+            );
+            self.ctx
+                .encode(|enc| enc.copy_buffer_to_buffer(&src.buf, so, &dst.buf, d_o, n));
             return Ok(());
         }
         // f16 at odd element offsets: a bit-exact kernel that merges half words.
@@ -322,9 +387,23 @@ impl GpuBackend {
         let words = (dst_off + count).div_ceil(2) - w0;
         let pipe = self.ctx.pipeline(PipelineKey::new("copy", "copy16"))?;
         let c = |v| u32_of(OP, "offset", v);
-        let prm = params(&[c(dst_off)?, c(src_off)?, c(count)?, c(w0)?, c(words)?, 0, 0, 0]);
+        let prm = params(&[
+            c(dst_off)?,
+            c(src_off)?,
+            c(count)?,
+            c(w0)?,
+            c(words)?,
+            0,
+            0,
+            0,
+        ]);
         let g = self.grid(OP, words.div_ceil(256))?;
-        self.ctx.dispatch(&pipe, &prm, &[Bind(1, &src.buf, src.bytes), Bind(3, &dst.buf, dst.bytes)], g)
+        self.ctx.dispatch(
+            &pipe,
+            &prm,
+            &[Bind(1, &src.buf, src.bytes), Bind(3, &dst.buf, dst.bytes)],
+            g,
+        )
     }
 
     fn unary(&self, op: &'static str, x: &Tensor, code: u32) -> Result<Tensor> {
@@ -334,10 +413,17 @@ impl GpuBackend {
         let n = x.elem_count();
         if n > 0 {
             let co = one(&out, op)?;
-            let pipe = self.ctx.pipeline(PipelineKey::new("elementwise", "unary").konst("OP", code))?;
+            let pipe = self
+                .ctx
+                .pipeline(PipelineKey::new("elementwise", "unary").konst("OP", code))?;
             let prm = params(&[u32_of(op, "length", n)?, 0, 0, 0]);
             let g = self.grid(op, n.div_ceil(256))?;
-            self.ctx.dispatch(&pipe, &prm, &[Bind(1, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)], g)?;
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[Bind(1, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)],
+                g,
+            )?;
         }
         Ok(out)
     }
@@ -350,7 +436,9 @@ impl GpuBackend {
         let n = a.elem_count();
         if n > 0 {
             let co = one(&out, op)?;
-            let pipe = self.ctx.pipeline(PipelineKey::new("elementwise", "binary").konst("OP", code))?;
+            let pipe = self
+                .ctx
+                .pipeline(PipelineKey::new("elementwise", "binary").konst("OP", code))?;
             let prm = params(&[
                 u32_of(op, "length", n)?,
                 u32_of(op, "width", a.shape().last_dim())?,
@@ -361,7 +449,11 @@ impl GpuBackend {
             self.ctx.dispatch(
                 &pipe,
                 &prm,
-                &[Bind(1, &ca.buf, ca.bytes), Bind(2, &cb.buf, cb.bytes), Bind(3, &co.buf, co.bytes)],
+                &[
+                    Bind(1, &ca.buf, ca.bytes),
+                    Bind(2, &cb.buf, cb.bytes),
+                    Bind(3, &co.buf, co.bytes),
+                ],
                 g,
             )?;
         }
@@ -392,7 +484,12 @@ impl GpuBackend {
             }
             binds.push(Bind(4, &co.buf, co.bytes));
             let pipe = self.ctx.pipeline(PipelineKey::new("norm", entry))?;
-            let prm = params(&[u32_of(op, "rows", rows)?, u32_of(op, "width", n)?, eps.to_bits(), 0]);
+            let prm = params(&[
+                u32_of(op, "rows", rows)?,
+                u32_of(op, "width", n)?,
+                eps.to_bits(),
+                0,
+            ]);
             let g = self.grid(op, rows)?;
             self.ctx.dispatch(&pipe, &prm, &binds, g)?;
         }
@@ -420,11 +517,15 @@ impl GpuBackend {
         let gemv = m <= GEMV_MAX_ROWS && k > 0;
         let key = if gemv {
             let vec = if w16 { k % 8 == 0 } else { k % 4 == 0 };
-            PipelineKey::new("gemv", "main").flag(vec, "VEC").sub("M", m as u32)
+            PipelineKey::new("gemv", "main")
+                .flag(vec, "VEC")
+                .sub("M", m as u32)
         } else {
             PipelineKey::new("gemm", "main").flag(k % 4 == 0, "VEC")
         };
-        let pipe = self.ctx.pipeline(key.flag(w16, "W16").flag(bias.is_some(), "BIAS"))?;
+        let pipe = self
+            .ctx
+            .pipeline(key.flag(w16, "W16").flag(bias.is_some(), "BIAS"))?;
         for c in &sw.chunks {
             if k > 0 && (c.elem0 % k != 0 || c.elems % k != 0) {
                 return Err(Error::msg(format!(
@@ -432,7 +533,11 @@ impl GpuBackend {
                     c.elem0
                 )));
             }
-            let (n_off, rows) = if k == 0 { (0, n) } else { (c.elem0 / k, c.elems / k) };
+            // K = 0: one dispatch writes the bias (or zeros) to every column.
+            let (n_off, rows) = match (c.elem0.checked_div(k), c.elems.checked_div(k)) {
+                (Some(a), Some(b)) => (a, b),
+                _ => (0, n),
+            };
             let prm = params(&[
                 u32_of(OP, "rows", m)?,
                 u32_of(OP, "features", k)?,
@@ -514,7 +619,10 @@ impl Backend for GpuBackend {
         if data.len() != n {
             return Err(Error::shape(
                 OP,
-                format!("{} elements given for shape {shape} ({n} elements)", data.len()),
+                format!(
+                    "{} elements given for shape {shape} ({n} elements)",
+                    data.len()
+                ),
             ));
         }
         // BF16 converts like the CPU backend: to f16 when every value is finite in f16.
@@ -536,13 +644,21 @@ impl Backend for GpuBackend {
         let dtype = data.dtype();
         let total = dev_bytes(dtype, n);
         // Split by first-dim rows when one binding cannot hold the tensor.
-        let row = if shape.rank() == 0 || shape.dims()[0] == 0 { n.max(1) } else { n / shape.dims()[0] };
+        let row = if shape.rank() == 0 || shape.dims()[0] == 0 {
+            n.max(1)
+        } else {
+            n / shape.dims()[0]
+        };
         let mut per = if total <= self.ctx.max_binding || row == 0 {
             n.max(1)
         } else {
             let rows = (self.ctx.max_binding / dev_bytes(dtype, row).max(1)) as usize;
             // f16 chunks must start on a word boundary: an even number of odd-length rows.
-            let rows = if dtype == DType::F16 && row % 2 == 1 { rows & !1 } else { rows };
+            let rows = if dtype == DType::F16 && row % 2 == 1 {
+                rows & !1
+            } else {
+                rows
+            };
             if rows == 0 {
                 return Err(Error::TooLarge {
                     what: format!("one row of tensor {shape} {dtype}"),
@@ -559,15 +675,19 @@ impl Backend for GpuBackend {
             let elems = per.min(n - e0);
             let bytes = dev_bytes(dtype, elems);
             let size = bytes.max(16).div_ceil(16) * 16;
-            let buf = self.ctx.create(size, &format!("tensor {shape} {dtype}"), true)?;
+            let buf = self
+                .ctx
+                .create(size, &format!("tensor {shape} {dtype}"), true)?;
             {
                 // The mapped view is write-only: stage the padded bytes and copy them once.
                 let mut host = vec![0u8; size as usize];
                 match data {
-                    HostData::F32(v) => host[..elems * 4]
-                        .copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems])),
-                    HostData::U32(v) => host[..elems * 4]
-                        .copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems])),
+                    HostData::F32(v) => {
+                        host[..elems * 4].copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems]))
+                    }
+                    HostData::U32(v) => {
+                        host[..elems * 4].copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems]))
+                    }
                     HostData::F16(v) => {
                         let b: &[u8] = bytemuck::cast_slice(&v[e0..e0 + elems]);
                         host[..b.len()].copy_from_slice(b);
@@ -582,7 +702,13 @@ impl Backend for GpuBackend {
                 view.copy_from_slice(&host);
             }
             buf.unmap();
-            chunks.push(Chunk { buf, class: size, elem0: e0, elems, bytes });
+            chunks.push(Chunk {
+                buf,
+                class: size,
+                elem0: e0,
+                elems,
+                bytes,
+            });
             e0 += elems;
             if n == 0 {
                 break;
@@ -592,7 +718,11 @@ impl Backend for GpuBackend {
             HostData::U32(v) if v.len() <= SHADOW_MAX => Some(v.to_vec()),
             _ => None,
         };
-        let s = GpuStorage { chunks, ctx: self.ctx.clone(), shadow };
+        let s = GpuStorage {
+            chunks,
+            ctx: self.ctx.clone(),
+            shadow,
+        };
         Ok(Tensor::from_storage(Arc::new(s), shape, dtype))
     }
 
@@ -604,7 +734,8 @@ impl Backend for GpuBackend {
         let c = one(&t, "zeros")?;
         let size = c.bytes.div_ceil(4) * 4;
         if size > 0 {
-            self.ctx.encode(|enc| enc.clear_buffer(&c.buf, 0, Some(size.min(c.buf.size()))));
+            self.ctx
+                .encode(|enc| enc.clear_buffer(&c.buf, 0, Some(size.min(c.buf.size()))));
         }
         Ok(t)
     }
@@ -618,7 +749,9 @@ impl Backend for GpuBackend {
         for (c, raw) in s.chunks.iter().zip(parts) {
             match t.dtype() {
                 DType::F32 => out.extend(
-                    raw.chunks_exact(4).take(c.elems).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    raw.chunks_exact(4)
+                        .take(c.elems)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
                 ),
                 _ => out.extend(
                     raw.chunks_exact(2)
@@ -636,7 +769,10 @@ impl Backend for GpuBackend {
         let parts = self.read_raw(t, OP)?;
         let mut out = Vec::with_capacity(t.elem_count());
         for raw in parts {
-            out.extend(raw.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            out.extend(
+                raw.chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
         }
         out.truncate(t.elem_count());
         Ok(out)
@@ -653,7 +789,11 @@ impl Backend for GpuBackend {
         if wk != k {
             return Err(Error::shape(
                 OP,
-                format!("x {} has {k} features but w {} expects {wk}", x.shape(), w.shape()),
+                format!(
+                    "x {} has {k} features but w {} expects {wk}",
+                    x.shape(),
+                    w.shape()
+                ),
             ));
         }
         if let Some(b) = b {
@@ -695,7 +835,10 @@ impl Backend for GpuBackend {
     fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         const OP: &str = "silu_mul";
         if gate.dims() != up.dims() {
-            return Err(Error::shape(OP, format!("gate {} and up {} differ", gate.shape(), up.shape())));
+            return Err(Error::shape(
+                OP,
+                format!("gate {} and up {} differ", gate.shape(), up.shape()),
+            ));
         }
         self.binary(OP, gate, up, 2)
     }
@@ -728,7 +871,10 @@ impl Backend for GpuBackend {
         if p.head_dim == 0 || p.head_dim % 2 > 0 || w % p.head_dim > 0 {
             return Err(Error::shape(
                 OP,
-                format!("head_dim {} must be even, positive and divide the width {w}", p.head_dim),
+                format!(
+                    "head_dim {} must be even, positive and divide the width {w}",
+                    p.head_dim
+                ),
             ));
         }
         let positive = |v: f32| v > 0.0 && v.is_finite();
@@ -739,7 +885,10 @@ impl Backend for GpuBackend {
             )));
         }
         if positions.dims() != [s] {
-            return Err(Error::shape(OP, format!("positions must be [{s}], got {}", positions.shape())));
+            return Err(Error::shape(
+                OP,
+                format!("positions must be [{s}], got {}", positions.shape()),
+            ));
         }
         need(x, DType::F32, OP)?;
         need(positions, DType::U32, OP)?;
@@ -750,7 +899,12 @@ impl Backend for GpuBackend {
         if total > 0 {
             let co = one(&out, OP)?;
             let pipe = self.ctx.pipeline(PipelineKey::new("rope", "main"))?;
-            let prm = params(&[u32_of(OP, "rows", s)?, u32_of(OP, "width", w)?, p.head_dim as u32, 0]);
+            let prm = params(&[
+                u32_of(OP, "rows", s)?,
+                u32_of(OP, "width", w)?,
+                p.head_dim as u32,
+                0,
+            ]);
             let g = self.grid(OP, total.div_ceil(256))?;
             self.ctx.dispatch(
                 &pipe,
@@ -782,16 +936,28 @@ impl Backend for GpuBackend {
         // Keys per tile: the K and V tiles (2·TK·D f32) fit the workgroup memory.
         let tk = (self.ctx.wg_storage as usize / (8 * d)).min(16);
         if tk == 0 || d > 1024 {
-            return Err(Error::shape(OP, format!("head_dim {d} is too large for this adapter")));
+            return Err(Error::shape(
+                OP,
+                format!("head_dim {d} is too large for this adapter"),
+            ));
         }
         let co = one(&out, OP)?;
         let pipe = self.ctx.pipeline(
-            PipelineKey::new("attention", "main").sub("HEAD_DIM", d as u32).sub("TK", tk as u32),
+            PipelineKey::new("attention", "main")
+                .sub("HEAD_DIM", d as u32)
+                .sub("TK", tk as u32),
         )?;
         let prm = attention_params(sq, p, 0);
-        let g = [u32_of(OP, "groups", sq.div_ceil(64))?, u32_of(OP, "heads", p.num_heads)?, 1];
+        let g = [
+            u32_of(OP, "groups", sq.div_ceil(64))?,
+            u32_of(OP, "heads", p.num_heads)?,
+            1,
+        ];
         if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
-            return Err(Error::shape(OP, format!("{sq} queries x {} heads is too many", p.num_heads)));
+            return Err(Error::shape(
+                OP,
+                format!("{sq} queries x {} heads is too many", p.num_heads),
+            ));
         }
         self.ctx.dispatch(
             &pipe,
@@ -818,16 +984,25 @@ impl Backend for GpuBackend {
         let (cq, ck) = (one(q, OP)?, one(k, OP)?);
         let out = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
         let co = one(&out, OP)?;
-        let pipe = self.ctx.pipeline(PipelineKey::new("attention_probs", "main"))?;
+        let pipe = self
+            .ctx
+            .pipeline(PipelineKey::new("attention_probs", "main"))?;
         let prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
         let g = self.grid(OP, p.num_heads)?;
         if g[1] > 1 {
-            return Err(Error::shape(OP, format!("{} heads is too many", p.num_heads)));
+            return Err(Error::shape(
+                OP,
+                format!("{} heads is too many", p.num_heads),
+            ));
         }
         self.ctx.dispatch(
             &pipe,
             &prm,
-            &[Bind(1, &cq.buf, cq.bytes), Bind(2, &ck.buf, ck.bytes), Bind(3, &co.buf, co.bytes)],
+            &[
+                Bind(1, &cq.buf, cq.bytes),
+                Bind(2, &ck.buf, ck.bytes),
+                Bind(3, &co.buf, co.bytes),
+            ],
             g,
         )?;
         Ok(out)
@@ -843,16 +1018,27 @@ impl Backend for GpuBackend {
     ) -> Result<Tensor> {
         const OP: &str = "token_contributions";
         let q_dims = [1, p.num_heads * p.head_dim];
-        let p_any = AttentionParams { causal: false, ..*p };
+        let p_any = AttentionParams {
+            causal: false,
+            ..*p
+        };
         check_attention(OP, &q_dims, &[v.dims()], &p_any)?;
         if probs.dims() != [p.num_heads, p.kv_len] {
             return Err(Error::shape(
                 OP,
-                format!("probs must be [{}, {}], got {}", p.num_heads, p.kv_len, probs.shape()),
+                format!(
+                    "probs must be [{}, {}], got {}",
+                    p.num_heads,
+                    p.kv_len,
+                    probs.shape()
+                ),
             ));
         }
         if start > end || end > p.kv_len {
-            return Err(Error::shape(OP, format!("keys {start}..{end} are not inside 0..{}", p.kv_len)));
+            return Err(Error::shape(
+                OP,
+                format!("keys {start}..{end} are not inside 0..{}", p.kv_len),
+            ));
         }
         need(probs, DType::F32, OP)?;
         need(v, DType::F32, OP)?;
@@ -875,14 +1061,22 @@ impl Backend for GpuBackend {
             c(end - start)?,
             0,
         ]);
-        let p1 = self.ctx.pipeline(PipelineKey::new("contrib", "contrib_o"))?;
+        let p1 = self
+            .ctx
+            .pipeline(PipelineKey::new("contrib", "contrib_o"))?;
         self.ctx.dispatch(
             &p1,
             &prm,
-            &[Bind(1, &cp.buf, cp.bytes), Bind(2, &cv.buf, cv.bytes), Bind(3, &co.buf, co.bytes)],
+            &[
+                Bind(1, &cp.buf, cp.bytes),
+                Bind(2, &cv.buf, cv.bytes),
+                Bind(3, &co.buf, co.bytes),
+            ],
             self.grid(OP, hd.div_ceil(256))?,
         )?;
-        let p2 = self.ctx.pipeline(PipelineKey::new("contrib", "contrib_main"))?;
+        let p2 = self
+            .ctx
+            .pipeline(PipelineKey::new("contrib", "contrib_main"))?;
         self.ctx.dispatch(
             &p2,
             &prm,
@@ -903,7 +1097,10 @@ impl Backend for GpuBackend {
         need(ids, DType::U32, OP)?;
         need_float(table, OP)?;
         if ids.dims().len() != 1 {
-            return Err(Error::shape(OP, format!("ids must be [S], got {}", ids.shape())));
+            return Err(Error::shape(
+                OP,
+                format!("ids must be [S], got {}", ids.shape()),
+            ));
         }
         let checked = match self.shadow(ids, OP)? {
             Some(v) => {
@@ -919,7 +1116,9 @@ impl Backend for GpuBackend {
         };
         let s = ids.elem_count();
         let ci = one(ids, OP)?;
-        let out = if checked { self.empty([s, d], DType::F32, OP)? } else {
+        let out = if checked {
+            self.empty([s, d], DType::F32, OP)?
+        } else {
             // Ids made on the device were not range-checked: rows of bad ids stay zero.
             self.zeros(Shape::from([s, d]), DType::F32)?
         };
@@ -928,7 +1127,9 @@ impl Backend for GpuBackend {
         }
         let cout = one(&out, OP)?;
         let w16 = table.dtype() == DType::F16;
-        let pipe = self.ctx.pipeline(PipelineKey::new("embedding", "main").flag(w16, "W16"))?;
+        let pipe = self
+            .ctx
+            .pipeline(PipelineKey::new("embedding", "main").flag(w16, "W16"))?;
         let g = self.grid(OP, (s * d).div_ceil(256))?;
         for c in &st(table, OP)?.chunks {
             if c.elem0 % d != 0 || c.elems % d != 0 {
@@ -938,11 +1139,20 @@ impl Backend for GpuBackend {
                 )));
             }
             let (v0, v1) = (c.elem0 / d, (c.elem0 + c.elems) / d);
-            let prm = params(&[u32_of(OP, "ids", s)?, u32_of(OP, "width", d)?, v0 as u32, v1 as u32]);
+            let prm = params(&[
+                u32_of(OP, "ids", s)?,
+                u32_of(OP, "width", d)?,
+                v0 as u32,
+                v1 as u32,
+            ]);
             self.ctx.dispatch(
                 &pipe,
                 &prm,
-                &[Bind(1, &ci.buf, ci.bytes), Bind(2, &c.buf, c.bytes), Bind(3, &cout.buf, cout.bytes)],
+                &[
+                    Bind(1, &ci.buf, ci.bytes),
+                    Bind(2, &c.buf, c.bytes),
+                    Bind(3, &cout.buf, cout.bytes),
+                ],
                 g,
             )?;
         }
@@ -953,12 +1163,18 @@ impl Backend for GpuBackend {
         const OP: &str = "gather_rows";
         let (m, n) = x.dims2(OP)?;
         if idx.dims().len() != 1 {
-            return Err(Error::shape(OP, format!("idx must be [R], got {}", idx.shape())));
+            return Err(Error::shape(
+                OP,
+                format!("idx must be [R], got {}", idx.shape()),
+            ));
         }
         need(idx, DType::U32, OP)?;
         if let Some(v) = self.shadow(idx, OP)? {
             if let Some((i, &r)) = v.iter().enumerate().find(|(_, &r)| r as usize >= m) {
-                return Err(Error::shape(OP, format!("idx[{i}] = {r} is outside the {m} rows of x")));
+                return Err(Error::shape(
+                    OP,
+                    format!("idx[{i}] = {r} is outside the {m} rows of x"),
+                ));
             }
         }
         // The kernel moves 32-bit words: f16 rows must be whole words.
@@ -978,7 +1194,11 @@ impl Backend for GpuBackend {
             self.ctx.dispatch(
                 &pipe,
                 &prm,
-                &[Bind(1, &cx.buf, cx.bytes), Bind(2, &ci.buf, ci.bytes), Bind(3, &co.buf, co.bytes)],
+                &[
+                    Bind(1, &cx.buf, cx.bytes),
+                    Bind(2, &ci.buf, ci.bytes),
+                    Bind(3, &co.buf, co.bytes),
+                ],
                 self.grid(OP, count.div_ceil(256))?,
             )?;
         }
@@ -994,11 +1214,17 @@ impl Backend for GpuBackend {
         if start.checked_add(len).is_none_or(|e| e > m) {
             return Err(Error::shape(
                 OP,
-                format!("rows {start}..{} are outside the {m} rows of x", start.saturating_add(len)),
+                format!(
+                    "rows {start}..{} are outside the {m} rows of x",
+                    start.saturating_add(len)
+                ),
             ));
         }
         if x.dtype() == DType::BF16 {
-            return Err(Error::DType { op: OP, dtype: DType::BF16 });
+            return Err(Error::DType {
+                op: OP,
+                dtype: DType::BF16,
+            });
         }
         let n: usize = dims[1..].iter().product();
         let mut out_dims = dims.to_vec();
@@ -1014,7 +1240,11 @@ impl Backend for GpuBackend {
             .iter()
             .find(|c| c.elem0 <= e0 && e0 + count <= c.elem0 + c.elems)
             .ok_or_else(|| Error::TooLarge {
-                what: format!("{OP}: rows {start}..{} across buffers of {}", start + len, x.shape()),
+                what: format!(
+                    "{OP}: rows {start}..{} across buffers of {}",
+                    start + len,
+                    x.shape()
+                ),
                 bytes: dev_bytes(x.dtype(), count),
                 limit: self.ctx.max_binding,
             })?;
@@ -1044,7 +1274,10 @@ impl Backend for GpuBackend {
                 ));
             }
             if t.dtype() != first.dtype() {
-                return Err(Error::DType { op: OP, dtype: t.dtype() });
+                return Err(Error::DType {
+                    op: OP,
+                    dtype: t.dtype(),
+                });
             }
             rows += t.dims()[0];
         }
@@ -1066,10 +1299,20 @@ impl Backend for GpuBackend {
         let (l, n) = dst.dims2(OP)?;
         let (r, sn) = src.dims2(OP)?;
         if sn != n || row.checked_add(r).is_none_or(|e| e > l) {
-            return Err(Error::shape(OP, format!("cannot write {} at row {row} of {}", src.shape(), dst.shape())));
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "cannot write {} at row {row} of {}",
+                    src.shape(),
+                    dst.shape()
+                ),
+            ));
         }
         if src.dtype() != dst.dtype() {
-            return Err(Error::DType { op: OP, dtype: src.dtype() });
+            return Err(Error::DType {
+                op: OP,
+                dtype: src.dtype(),
+            });
         }
         let cd = one(dst, OP)?;
         // A buffer cannot be both the source and the destination of one copy: stage it.
@@ -1084,16 +1327,27 @@ impl Backend for GpuBackend {
         const OP: &str = "patch_embed";
         let (c, h, wd) = match pixels.dims() {
             [c, h, w] => (*c, *h, *w),
-            d => return Err(Error::shape(OP, format!("pixels must be [C, H, W], got {d:?}"))),
+            d => {
+                return Err(Error::shape(
+                    OP,
+                    format!("pixels must be [C, H, W], got {d:?}"),
+                ))
+            }
         };
         let d = match w.dims() {
             [d, wc, p1, p2] if *wc == c && *p1 == patch && *p2 == patch => *d,
             dims => {
-                return Err(Error::shape(OP, format!("w must be [D, {c}, {patch}, {patch}], got {dims:?}")))
+                return Err(Error::shape(
+                    OP,
+                    format!("w must be [D, {c}, {patch}, {patch}], got {dims:?}"),
+                ))
             }
         };
         if patch == 0 || h < patch || wd < patch {
-            return Err(Error::shape(OP, format!("patch {patch} does not fit in a {h}x{wd} image")));
+            return Err(Error::shape(
+                OP,
+                format!("patch {patch} does not fit in a {h}x{wd} image"),
+            ));
         }
         need(pixels, DType::F32, OP)?;
         need_float(w, OP)?;
@@ -1106,7 +1360,16 @@ impl Backend for GpuBackend {
             let (cp, cc) = (one(pixels, OP)?, one(&cols, OP)?);
             let pipe = self.ctx.pipeline(PipelineKey::new("copy", "im2col"))?;
             let u = |v: usize| u32_of(OP, "size", v);
-            let prm = params(&[u(count)?, u(c)?, u(h)?, u(wd)?, u(patch)?, u(gw)?, u(kdim)?, 0]);
+            let prm = params(&[
+                u(count)?,
+                u(c)?,
+                u(h)?,
+                u(wd)?,
+                u(patch)?,
+                u(gw)?,
+                u(kdim)?,
+                0,
+            ]);
             self.ctx.dispatch(
                 &pipe,
                 &prm,
@@ -1148,18 +1411,30 @@ impl Backend for GpuBackend {
         const OP: &str = "cast";
         let (src_t, entry) = match (x.dtype(), dtype) {
             (DType::F32, DType::F32) | (DType::F16, DType::F16) => {
-                return self.slice_rows(x, 0, x.dims().first().copied().unwrap_or(0)).and_then(|t| {
-                    if x.dims().is_empty() {
-                        Err(Error::shape(OP, "cannot cast a scalar"))
-                    } else {
-                        Ok(t)
-                    }
-                })
+                return self
+                    .slice_rows(x, 0, x.dims().first().copied().unwrap_or(0))
+                    .and_then(|t| {
+                        if x.dims().is_empty() {
+                            Err(Error::shape(OP, "cannot cast a scalar"))
+                        } else {
+                            Ok(t)
+                        }
+                    })
             }
             (DType::F32, DType::F16) => (x, "cast_to_f16"),
             (DType::F16, DType::F32) => (x, "cast_to_f32"),
-            (DType::U32, _) => return Err(Error::DType { op: OP, dtype: DType::U32 }),
-            (_, other) => return Err(Error::DType { op: OP, dtype: other }),
+            (DType::U32, _) => {
+                return Err(Error::DType {
+                    op: OP,
+                    dtype: DType::U32,
+                })
+            }
+            (_, other) => {
+                return Err(Error::DType {
+                    op: OP,
+                    dtype: other,
+                })
+            }
         };
         let n = x.elem_count();
         let cx = one(src_t, OP)?;
@@ -1169,11 +1444,15 @@ impl Backend for GpuBackend {
             let pipe = self.ctx.pipeline(PipelineKey::new("copy", entry))?;
             let prm = params(&[u32_of(OP, "size", n)?, 0, 0, 0, 0, 0, 0, 0]);
             let (binds, threads) = if entry == "cast_to_f16" {
-                ([Bind(4, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)], n.div_ceil(2))
+                (
+                    [Bind(4, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)],
+                    n.div_ceil(2),
+                )
             } else {
                 ([Bind(1, &cx.buf, cx.bytes), Bind(5, &co.buf, co.bytes)], n)
             };
-            self.ctx.dispatch(&pipe, &prm, &binds, self.grid(OP, threads.div_ceil(256))?)?;
+            self.ctx
+                .dispatch(&pipe, &prm, &binds, self.grid(OP, threads.div_ceil(256))?)?;
         }
         Ok(out)
     }
@@ -1185,10 +1464,22 @@ mod tests {
 
     #[test]
     fn size_classes_bound_waste() {
-        for b in [1u64, 17, 1000, 4096, 5000, 1 << 20, (1 << 20) + 1, 262_668_288] {
+        for b in [
+            1u64,
+            17,
+            1000,
+            4096,
+            5000,
+            1 << 20,
+            (1 << 20) + 1,
+            262_668_288,
+        ] {
             let c = size_class(b);
             assert!(c >= b && c % 16 == 0, "{b} -> {c}");
-            assert!(c <= b.max(256) + b.max(256) / 4, "{b} -> {c} wastes too much");
+            assert!(
+                c <= b.max(256) + b.max(256) / 4,
+                "{b} -> {c} wastes too much"
+            );
         }
     }
 }

@@ -63,7 +63,11 @@ fn min_median(t: &[f64]) -> (f64, f64) {
     let mut v = t.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let min = v.first().copied().unwrap_or(f64::NAN);
-    let med = if v.is_empty() { f64::NAN } else { v[v.len() / 2] };
+    let med = if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    };
     (min, med)
 }
 
@@ -83,12 +87,24 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
     };
 
     // Peak FMA: 64 FLOP per invocation per step.
-    let (groups, iters) = if quick { (256u32, 256u32) } else { (2048, 2048) };
+    let (groups, iters) = if quick {
+        (256u32, 256u32)
+    } else {
+        (2048, 2048)
+    };
     let sink = ctx.alloc(u64::from(groups) * 256 * 16, "bench")?.0;
     let fma = ctx.pipeline(PipelineKey::new("bench", "peak_fma"))?;
-    let fma_params: Vec<u8> = [iters, 0, 0, 0].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let fma_params: Vec<u8> = [iters, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
     let (t_fma, stamped) = time(&gpu, warm, reps, &|| {
-        ctx.dispatch(&fma, &fma_params, &[Bind(1, &sink, sink.size())], [groups, 1, 1])
+        ctx.dispatch(
+            &fma,
+            &fma_params,
+            &[Bind(1, &sink, sink.size())],
+            [groups, 1, 1],
+        )
     })?;
     let flop = f64::from(groups) * 256.0 * f64::from(iters) * 64.0;
     let fma_peak = flop / min_median(&t_fma).0 * 1e-9;
@@ -99,18 +115,29 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
     let dst = ctx.alloc(bytes, "bench")?.0;
     let copy = ctx.pipeline(PipelineKey::new("bench", "peak_copy"))?;
     let len4 = (bytes / 16) as u32;
-    let copy_params: Vec<u8> = [len4, 0, 0, 0].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let copy_params: Vec<u8> = [len4, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
     let g = (len4 as usize).div_ceil(256);
     let gx = g.min(ctx.max_groups as usize);
     let grid = [gx as u32, g.div_ceil(gx) as u32, 1];
     let (t_copy, _) = time(&gpu, warm, reps, &|| {
-        ctx.dispatch(&copy, &copy_params, &[Bind(2, &src, bytes), Bind(3, &dst, bytes)], grid)
+        ctx.dispatch(
+            &copy,
+            &copy_params,
+            &[Bind(2, &src, bytes), Bind(3, &dst, bytes)],
+            grid,
+        )
     })?;
     let copy_peak = 2.0 * bytes as f64 / min_median(&t_copy).0 * 1e-9;
 
     let mut rows = Vec::new();
     for (k, n) in SHAPES {
-        let wv: Vec<f16> = values(n * k, (k * 31 + n) as u64).into_iter().map(f16::from_f32).collect();
+        let wv: Vec<f16> = values(n * k, (k * 31 + n) as u64)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
         let w = gpu.upload(HostData::F16(&wv), Shape::from([n, k]))?;
         drop(wv);
         for m in ROWS {

@@ -40,7 +40,13 @@ pub(crate) struct PipelineKey {
 
 impl PipelineKey {
     pub fn new(kernel: &'static str, entry: &'static str) -> Self {
-        PipelineKey { kernel, entry, flags: Vec::new(), subs: Vec::new(), consts: Vec::new() }
+        PipelineKey {
+            kernel,
+            entry,
+            flags: Vec::new(),
+            subs: Vec::new(),
+            consts: Vec::new(),
+        }
     }
     pub fn flag(mut self, on: bool, f: &'static str) -> Self {
         if on {
@@ -193,7 +199,11 @@ impl Ctx {
         let subs: Vec<(&str, String)> = key.subs.iter().map(|(n, v)| (*n, v.to_string())).collect();
         let src = shaders::build(key.kernel, &key.flags, &subs)
             .map_err(|e| Error::msg(format!("kernel {}: {e}", key.kernel)))?;
-        let consts: Vec<(&str, f64)> = key.consts.iter().map(|(n, v)| (*n, f64::from(*v))).collect();
+        let consts: Vec<(&str, f64)> = key
+            .consts
+            .iter()
+            .map(|(n, v)| (*n, f64::from(*v)))
+            .collect();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(key.kernel),
@@ -213,18 +223,20 @@ impl Ctx {
         } else {
             self.device.create_shader_module(desc)
         };
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(key.entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(key.entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &consts,
-                // Every kernel initialises the workgroup memory it reads.
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &consts,
+                    // Every kernel initialises the workgroup memory it reads.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Device(format!(
                 "kernel {}::{} {:?} does not compile: {e}",
@@ -241,9 +253,17 @@ impl Ctx {
     /// Returns the buffer and its pool class.
     pub fn alloc(&self, bytes: u64, what: &str) -> Result<(wgpu::Buffer, u64)> {
         let class = size_class(bytes);
-        let class = if class > self.max_buffer { bytes.max(16).div_ceil(16) * 16 } else { class };
+        let class = if class > self.max_buffer {
+            bytes.max(16).div_ceil(16) * 16
+        } else {
+            class
+        };
         if class > self.max_buffer {
-            return Err(Error::TooLarge { what: what.into(), bytes, limit: self.max_buffer });
+            return Err(Error::TooLarge {
+                what: what.into(),
+                bytes,
+                limit: self.max_buffer,
+            });
         }
         {
             let mut pool = lock(&self.pool);
@@ -259,7 +279,11 @@ impl Ctx {
     /// A new storage buffer of exactly `size` bytes (multiple of 16), optionally mapped.
     pub fn create(&self, size: u64, what: &str, mapped: bool) -> Result<wgpu::Buffer> {
         if size > self.max_buffer {
-            return Err(Error::TooLarge { what: what.into(), bytes: size, limit: self.max_buffer });
+            return Err(Error::TooLarge {
+                what: what.into(),
+                bytes: size,
+                limit: self.max_buffer,
+            });
         }
         // Large allocations are the ones that can fail: catch OOM here rather than later.
         let scope = (size >= 64 << 20)
@@ -338,9 +362,15 @@ impl Ctx {
             layout: &pipe.layout,
             entries: &entries,
         });
-        let Batch { enc, passes, timing, .. } = &mut *b;
+        let Batch {
+            enc,
+            passes,
+            timing,
+            ..
+        } = &mut *b;
         let enc = enc.get_or_insert_with(|| {
-            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
         });
         let tw = match timing {
             Some(t) if t.used + 2 <= t.cap => {
@@ -370,7 +400,8 @@ impl Ctx {
     pub fn encode(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
         let mut b = lock(&self.batch);
         let enc = b.enc.get_or_insert_with(|| {
-            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
         });
         f(enc);
         b.passes += 1;
@@ -403,7 +434,10 @@ impl Ctx {
 
     fn wait(&self) -> Result<()> {
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
             .map_err(|e| Error::Device(format!("waiting for the device: {e}")))?;
         self.check()
     }
@@ -425,11 +459,13 @@ impl Ctx {
             stages.push((stage, *bytes));
         }
         self.flush()?;
-        let status: Arc<Mutex<Vec<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>> =
-            Arc::new(Mutex::new(vec![None; stages.len()]));
+        type MapStatus = Option<std::result::Result<(), wgpu::BufferAsyncError>>;
+        let status: Arc<Mutex<Vec<MapStatus>>> = Arc::new(Mutex::new(vec![None; stages.len()]));
         for (i, (stage, _)) in stages.iter().enumerate() {
             let st = status.clone();
-            stage.slice(..).map_async(wgpu::MapMode::Read, move |r| lock(&st)[i] = Some(r));
+            stage
+                .slice(..)
+                .map_async(wgpu::MapMode::Read, move |r| lock(&st)[i] = Some(r));
         }
         self.wait()?;
         let mut out = Vec::with_capacity(stages.len());
@@ -462,7 +498,11 @@ impl Ctx {
             ty: wgpu::QueryType::Timestamp,
             count: passes * 2,
         });
-        lock(&self.batch).timing = Some(Timing { qs, cap: passes * 2, used: 0 });
+        lock(&self.batch).timing = Some(Timing {
+            qs,
+            cap: passes * 2,
+            used: 0,
+        });
         Ok(true)
     }
 
@@ -488,7 +528,10 @@ impl Ctx {
             .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
         let period = f64::from(self.queue.get_timestamp_period());
-        let total: u64 = ticks.chunks_exact(2).map(|p| p[1].saturating_sub(p[0])).sum();
+        let total: u64 = ticks
+            .chunks_exact(2)
+            .map(|p| p[1].saturating_sub(p[0]))
+            .sum();
         Ok(Some(total as f64 * period * 1e-9))
     }
 }

@@ -5,6 +5,21 @@
 //! - [`open`]: builds the GPU backend as an `Arc<dyn Backend>`.
 //! - [`list_adapters`]: every adapter wgpu sees, and which one `auto` picks.
 //! - [`bench::kernel_bench`]: the kernel benchmark (GFLOP/s, GB/s, measured peaks) as JSON.
+//! - [`open_gpu`] / [`GpuBackend`] / [`GpuStorage`]: the concrete types, for tests and benches.
+//!
+//! Design: every kernel is WGSL from the `shaders` crate, compiled once per
+//! `PipelineKey` (kernel, entry, flags, substitutions, override constants). Ops record into one
+//! command encoder with a per-batch uniform arena and submit only at `to_vec_*`/`sync` or when a
+//! batch grows large; output buffers come from a size-class pool that freed tensors return to.
+//! Weights stay f16 on the device (packed two per u32; loaded natively under `shader-f16`),
+//! activations f32. Tensors above the storage-binding limit are split by rows over several
+//! buffers (`linear`, `embedding` and `to_vec_*` stream the chunks).
+//!
+//! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
+//! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too).
+
+// `is_multiple_of` is newer than the workspace MSRV (1.85).
+#![allow(clippy::manual_is_multiple_of)]
 
 mod backend;
 pub mod bench;
@@ -39,17 +54,25 @@ pub struct GpuOptions {
 /// One adapter as wgpu reports it, with the limits and features the engine uses.
 #[derive(Clone, Debug, Serialize)]
 pub struct AdapterReport {
+    /// Position in the list (usable as `GpuOptions::adapter` / `VISI_ADAPTER`).
     pub index: usize,
+    /// Adapter name as the driver reports it.
     pub name: String,
     /// `vulkan`, `metal`, `dx12`, `gl`.
     pub backend: String,
     /// `discrete`, `integrated`, `virtual`, `cpu`, `other`.
     pub device_type: String,
+    /// Driver name (e.g. `llvmpipe`, `NVIDIA`).
     pub driver: String,
+    /// Driver version details.
     pub driver_info: String,
+    /// Largest buffer the adapter allows, in bytes.
     pub max_buffer_size: u64,
+    /// Largest storage binding the adapter allows, in bytes (tensors above it are split).
     pub max_storage_buffer_binding_size: u64,
+    /// Whether the adapter has `shader-f16` (native f16 weight loads).
     pub shader_f16: bool,
+    /// Whether the adapter has subgroup operations (used in row reductions).
     pub subgroups: bool,
     /// Whether `--device auto` (with the current `VISI_ADAPTER`) picks this adapter.
     pub auto_pick: bool,
@@ -85,7 +108,9 @@ pub fn open_gpu(opts: &GpuOptions) -> Result<Arc<GpuBackend>> {
         ..Default::default()
     }))
     .map_err(|e| Error::NoAdapter(format!("{}: cannot open a device: {e}", ai.name)))?;
-    let mut max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+    let mut max_binding = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
     if let Some(cap) = opts.max_binding_override {
         max_binding = max_binding.min(cap.max(256));
     }
@@ -152,7 +177,10 @@ fn pick(infos: &[wgpu::AdapterInfo], opts: &GpuOptions) -> Result<usize> {
     if infos.is_empty() {
         return Err(Error::NoAdapter(format!("wgpu sees no adapter; {HINT}")));
     }
-    let wanted = opts.adapter.clone().or_else(|| std::env::var("VISI_ADAPTER").ok());
+    let wanted = opts
+        .adapter
+        .clone()
+        .or_else(|| std::env::var("VISI_ADAPTER").ok());
     let ok = |i: usize| !opts.require_gpu || infos[i].device_type != wgpu::DeviceType::Cpu;
     if let Some(w) = wanted.filter(|w| !w.trim().is_empty()) {
         let w = w.trim();
@@ -160,7 +188,9 @@ fn pick(infos: &[wgpu::AdapterInfo], opts: &GpuOptions) -> Result<usize> {
             Ok(i) if i < infos.len() => Some(i),
             _ => {
                 let lw = w.to_lowercase();
-                infos.iter().position(|a| a.name.to_lowercase().contains(&lw))
+                infos
+                    .iter()
+                    .position(|a| a.name.to_lowercase().contains(&lw))
             }
         };
         return match found {
@@ -171,7 +201,11 @@ fn pick(infos: &[wgpu::AdapterInfo], opts: &GpuOptions) -> Result<usize> {
             ))),
             None => Err(Error::NoAdapter(format!(
                 "no adapter matches `{w}` (have: {}); {HINT}",
-                infos.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+                infos
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         };
     }
@@ -179,7 +213,9 @@ fn pick(infos: &[wgpu::AdapterInfo], opts: &GpuOptions) -> Result<usize> {
         .filter(|&i| ok(i))
         .min_by_key(|&i| rank(infos[i].device_type))
         .ok_or_else(|| {
-            Error::NoAdapter(format!("only software (CPU) adapters are available; {HINT}"))
+            Error::NoAdapter(format!(
+                "only software (CPU) adapters are available; {HINT}"
+            ))
         })
 }
 

@@ -106,7 +106,10 @@ fn expand(
     depth: usize,
 ) -> Result<(), PreprocessError> {
     if depth > 8 {
-        return Err(PreprocessError { line: 0, msg: "#include nests too deep".into() });
+        return Err(PreprocessError {
+            line: 0,
+            msg: "#include nests too deep".into(),
+        });
     }
     // Stack of (this branch is taken, some enclosing branch is dropped).
     let mut stack: Vec<(bool, bool)> = Vec::new();
@@ -117,13 +120,17 @@ fn expand(
         if let Some(name) = t.strip_prefix("#if ") {
             stack.push((flags.contains(&name.trim()), false));
         } else if t == "#else" {
-            let top = stack.last_mut().ok_or_else(|| err("#else without #if".into()))?;
+            let top = stack
+                .last_mut()
+                .ok_or_else(|| err("#else without #if".into()))?;
             if top.1 {
                 return Err(err("second #else".into()));
             }
             *top = (!top.0, true);
         } else if t == "#endif" {
-            stack.pop().ok_or_else(|| err("#endif without #if".into()))?;
+            stack
+                .pop()
+                .ok_or_else(|| err("#endif without #if".into()))?;
         } else if let Some(name) = t.strip_prefix("#include ") {
             if active(&stack) {
                 let s = snippet(name.trim())
@@ -148,7 +155,10 @@ fn expand(
         }
     }
     if !stack.is_empty() {
-        return Err(PreprocessError { line: src.lines().count(), msg: "missing #endif".into() });
+        return Err(PreprocessError {
+            line: src.lines().count(),
+            msg: "missing #endif".into(),
+        });
     }
     Ok(())
 }
@@ -159,8 +169,10 @@ pub fn build(
     flags: &[&str],
     subs: &[(&str, String)],
 ) -> Result<String, PreprocessError> {
-    let k = kernel(name)
-        .ok_or_else(|| PreprocessError { line: 0, msg: format!("unknown kernel `{name}`") })?;
+    let k = kernel(name).ok_or_else(|| PreprocessError {
+        line: 0,
+        msg: format!("unknown kernel `{name}`"),
+    })?;
     preprocess(k.source, flags, subs)
 }
 
@@ -187,7 +199,10 @@ mod tests {
         let src = "a\n#if X\nb\n#if Y\nc\n#else\nd\n#endif\n#else\ne\n#endif\nf {{N}}\n";
         let subs = [("N", "7".to_string())];
         assert_eq!(preprocess(src, &["X"], &subs).unwrap(), "a\nb\nd\nf 7\n");
-        assert_eq!(preprocess(src, &["X", "Y"], &subs).unwrap(), "a\nb\nc\nf 7\n");
+        assert_eq!(
+            preprocess(src, &["X", "Y"], &subs).unwrap(),
+            "a\nb\nc\nf 7\n"
+        );
         assert_eq!(preprocess(src, &[], &subs).unwrap(), "a\ne\nf 7\n");
         assert!(preprocess("#if X\n", &[], &[]).is_err());
         assert!(preprocess("#endif\n", &[], &[]).is_err());

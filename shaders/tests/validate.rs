@@ -19,7 +19,11 @@ fn every_variant_validates() {
             let module = match naga::front::wgsl::parse_str(&src) {
                 Ok(m) => m,
                 Err(e) => {
-                    failures.push(format!("{} {flags:?}: parse: {}", k.name, e.emit_to_string(&src)));
+                    failures.push(format!(
+                        "{} {flags:?}: parse: {}",
+                        k.name,
+                        e.emit_to_string(&src)
+                    ));
                     continue;
                 }
             };
@@ -27,12 +31,21 @@ fn every_variant_validates() {
             v.subgroup_stages(ShaderStages::COMPUTE);
             v.subgroup_operations(SubgroupOperationSet::all());
             if let Err(e) = v.validate(&module) {
-                failures.push(format!("{} {flags:?}: validate: {}", k.name, e.emit_to_string(&src)));
+                failures.push(format!(
+                    "{} {flags:?}: validate: {}",
+                    k.name,
+                    e.emit_to_string(&src)
+                ));
             }
             checked += 1;
         }
     }
-    assert!(failures.is_empty(), "{} of the variants fail:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of the variants fail:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(checked >= shaders::KERNELS.len());
     println!("validated {checked} variants");
 }
