@@ -1,7 +1,8 @@
 #if F16
 enable f16;
 #endif
-// attention: flash-style multi-head attention with online softmax over key tiles; the score
+// attention: flash-style multi-head attention with online softmax over key tiles (prefill and
+// chunks; one-query decode runs attention_probs + contrib_o instead); the score
 // matrix is never written. Workgroup = 64 queries of one head (dispatch (ceil(Sq/64), H));
 // each tile of TK keys and values (of the head's kv head, GQA) is staged in workgroup memory.
 // The softmax normaliser runs over every visible key; masked keys (VisiPruner) only skip their
