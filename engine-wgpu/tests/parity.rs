@@ -426,6 +426,8 @@ fn attn_cases() -> Vec<AttnCase> {
     vec![
         // CLIP: non-causal, 33 queries over 33 keys.
         mk(33, 33, 33, 0, false, 4, 4, 64, none),
+        // CLIP-L/336 vision tower size: 577 tokens, non-causal (not a tile multiple).
+        mk(577, 577, 577, 0, false, 2, 2, 64, none),
         // Causal prefill with GQA and a longer cache.
         mk(70, 80, 70, 0, true, 4, 2, 128, none),
         // Decode: one query at the end of the cache.

@@ -79,22 +79,27 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 }
                 s *= p.scale;
                 let mn = max(m, s);
-                let corr = exp(m - mn);
+                // Before the first key (l == 0) nothing needs rescaling; exp of the huge
+                // negative sentinel difference is not trusted (some drivers' fast exp misbehaves
+                // far outside the f32 exponent range).
+                let corr = select(exp(m - mn), 0.0, l == 0.0);
                 let e = exp(s - mn);
                 l = l * corr + e;
                 simg *= corr;
-                if (corr != 1.0) {
-                    for (var d = 0u; d < D; d++) {
-                        o[d] *= corr;
-                    }
-                }
+                // Rescaling fused into the P·V loop; masked keys only rescale (their V row is
+                // never read). No branch on corr: lavapipe mis-executed the divergent one.
                 let kind = mask_kind(row, j);
                 if (kind == 0u) {
                     for (var d = 0u; d < D; d++) {
-                        o[d] += e * vt[jj * D + d];
+                        o[d] = o[d] * corr + e * vt[jj * D + d];
                     }
-                } else if (kind == 2u) {
-                    simg += e;
+                } else {
+                    for (var d = 0u; d < D; d++) {
+                        o[d] *= corr;
+                    }
+                    if (kind == 2u) {
+                        simg += e;
+                    }
                 }
                 m = mn;
             }
