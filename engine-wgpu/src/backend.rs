@@ -1043,17 +1043,48 @@ impl Backend for GpuBackend {
                 format!("{sq} queries x {} heads is too many", p.num_heads),
             ));
         }
-        self.ctx.dispatch(
-            &pipe,
-            &prm,
-            &[
-                Bind(1, &cq.buf, cq.bytes),
-                Bind(2, &ck.buf, ck.bytes),
-                Bind(3, &cv.buf, cv.bytes),
-                Bind(4, &co.buf, co.bytes),
-            ],
-            g,
-        )?;
+        // Keys per dispatch: all of them on GPUs; on software adapters few enough that an
+        // invocation's loop nest stays under llvmpipe's 65535-iteration cap (about 2·D + 4
+        // iterations per key), the running softmax state carried between passes.
+        let kv_end = if p.causal {
+            (p.q_offset + sq).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let per_pass = if self.ctx.info.device_type == "cpu" {
+            ((60_000 / (2 * d + 4)) / tk * tk).max(tk)
+        } else {
+            kv_end.max(1)
+        };
+        let passes = kv_end.div_ceil(per_pass).max(1);
+        let state = if passes > 1 {
+            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)? // [Sq, H, D+3]: m, l, S, o
+        } else {
+            self.empty([4], DType::F32, OP)? // bound but never touched
+        };
+        let cs = one(&state, OP)?;
+        for pass in 0..passes {
+            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
+            let mut prm = prm.clone();
+            prm.extend(params(&[
+                u32_of(OP, "key", kb0)?,
+                u32_of(OP, "key", kb1)?,
+                u32::from(pass == 0),
+                u32::from(pass + 1 == passes),
+            ]));
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &cq.buf, cq.bytes),
+                    Bind(2, &ck.buf, ck.bytes),
+                    Bind(3, &cv.buf, cv.bytes),
+                    Bind(4, &co.buf, co.bytes),
+                    Bind(5, &cs.buf, cs.bytes),
+                ],
+                g,
+            )?;
+        }
         Ok(out)
     }
 

@@ -520,6 +520,36 @@ fn attn_cases() -> Vec<AttnCase> {
                 image_end: 10,
             },
         ),
+        // Long caches: several key passes on software adapters (llvmpipe's loop cap), with the
+        // running softmax and the sink sum carried between passes.
+        mk(
+            70,
+            640,
+            600,
+            530,
+            true,
+            4,
+            2,
+            128,
+            AttentionMask::TextToImage {
+                image_start: 5,
+                image_end: 400,
+            },
+        ),
+        mk(
+            64,
+            720,
+            700,
+            636,
+            true,
+            2,
+            2,
+            64,
+            AttentionMask::Layer0Sink {
+                image_start: 5,
+                image_end: 581,
+            },
+        ),
         // Non-causal with a mask (every query sees every key).
         mk(
             45,
