@@ -1481,15 +1481,10 @@ impl Backend for GpuBackend {
         const OP: &str = "cast";
         let (src_t, entry) = match (x.dtype(), dtype) {
             (DType::F32, DType::F32) | (DType::F16, DType::F16) => {
-                return self
-                    .slice_rows(x, 0, x.dims().first().copied().unwrap_or(0))
-                    .and_then(|t| {
-                        if x.dims().is_empty() {
-                            Err(Error::shape(OP, "cannot cast a scalar"))
-                        } else {
-                            Ok(t)
-                        }
-                    })
+                // Same dtype: a copy (tensors are values), scalars included.
+                let out = self.empty(x.shape().clone(), x.dtype(), OP)?;
+                self.copy_elems(x.dtype(), one(&out, OP)?, 0, one(x, OP)?, 0, x.elem_count())?;
+                return Ok(out);
             }
             (DType::F32, DType::F16) => (x, "cast_to_f16"),
             (DType::F16, DType::F32) => (x, "cast_to_f32"),

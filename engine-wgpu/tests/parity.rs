@@ -753,6 +753,13 @@ fn data_suite(g: &dyn Backend, seed: u64) {
     same("cast f32->f32", g, EXACT, |be, gpu| {
         be.cast(if gpu { &gb } else { &cb }, DType::F32)
     });
+    let (cs, gs) = both(g, HostData::F32(&[2.5]), &[]);
+    same("cast scalar f32->f32", g, EXACT, |be, gpu| {
+        be.cast(if gpu { &gs } else { &cs }, DType::F32)
+    });
+    same("cast scalar f32->f16", g, EXACT, |be, gpu| {
+        be.cast(if gpu { &gs } else { &cs }, DType::F16)
+    });
     same("zeros f32", g, EXACT, |be, _| {
         be.zeros(Shape::from([7, 5]), DType::F32)
     });
