@@ -95,15 +95,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 }
                 s *= p.scale;
                 let mn = max(m, s);
-                // Before the first key (l == 0) nothing needs rescaling; exp of the huge
-                // negative sentinel difference is not trusted (some drivers' fast exp misbehaves
-                // far outside the f32 exponent range).
+                // Before the first key (l == 0) there is nothing to rescale; this also keeps
+                // exp away from the sentinel's huge negative difference.
                 let corr = select(exp(m - mn), 0.0, l == 0.0);
                 let e = exp(s - mn);
                 l = l * corr + e;
                 simg *= corr;
                 // Rescaling fused into the P·V loop; masked keys only rescale (their V row is
-                // never read). No branch on corr: lavapipe mis-executed the divergent one.
+                // never read).
                 let kind = mask_kind(row, j);
                 if (kind == 0u) {
                     for (var d = 0u; d < D; d++) {
