@@ -467,7 +467,20 @@ impl Ctx {
                 .slice(..)
                 .map_async(wgpu::MapMode::Read, move |r| lock(&st)[i] = Some(r));
         }
-        self.wait()?;
+        // When several threads share the device, another thread's poll may have taken our
+        // completions and not yet run their callbacks when our poll returns: poll again until
+        // every callback has run (bounded, so a wedged device still ends in an error).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        loop {
+            self.wait()?;
+            if lock(&status).iter().all(|s| s.is_some()) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Device("reading back: mapping never finished".into()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let mut out = Vec::with_capacity(stages.len());
         for (i, (stage, bytes)) in stages.iter().enumerate() {
             match lock(&status)[i].take() {
