@@ -4,6 +4,7 @@
 //!
 //! Without an adapter each test prints SKIP and passes, unless `CI` is set (then it fails).
 
+use std::io::Write;
 use std::sync::{Arc, OnceLock};
 
 use engine_core::{
@@ -53,8 +54,10 @@ fn backend(
     slot.get_or_init(|| match engine_wgpu::open_gpu(&opts) {
         Ok(g) => {
             let i = g.device_info();
-            println!(
-                "adapter: {} ({}, {}, f16 {}, subgroups {}, binding {} B)",
+            // Straight to stderr, past libtest's capture, so every CI log names the adapter.
+            let _ = writeln!(
+                std::io::stderr(),
+                "wgpu parity tests on adapter: {} ({}, {}, f16 {}, subgroups {}, binding {} B)",
                 i.adapter, i.api, i.device_type, i.shader_f16, i.subgroups, i.max_binding_size
             );
             Some(g)

@@ -294,3 +294,24 @@ fn load_prune_runs(path: &Path) -> Result<Vec<PruneRun>> {
         })
         .collect()
 }
+
+/// The GPU backend for test `test`, or `None` (with a visible SKIP line) when no adapter can
+/// be opened. With `CI` set a missing adapter is an error, never a silent pass. The adapter's
+/// name goes straight to stderr, past libtest's output capture, so every log names it.
+pub fn gpu_backend_or_skip(test: &str) -> Result<Option<Arc<dyn engine_core::Backend>>> {
+    use std::io::Write;
+    match engine_wgpu::open(&Default::default()) {
+        Ok(b) => {
+            let i = b.device_info();
+            let _ = writeln!(std::io::stderr(), "{test}: wgpu adapter {} ({})", i.adapter, i.api);
+            Ok(Some(b))
+        }
+        Err(e) if std::env::var_os("CI").is_some() => {
+            bail!("{test}: CI is set but no GPU backend could be opened: {e}")
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: no GPU backend ({e})");
+            Ok(None)
+        }
+    }
+}

@@ -134,16 +134,8 @@ fn pruning_reference_cpu() -> Result<()> {
 
 #[test]
 fn pruning_reference_gpu() -> Result<()> {
-    let backend = match engine_wgpu::open(&Default::default()) {
-        Ok(b) => b,
-        Err(e) => {
-            if std::env::var_os("CI").is_some() {
-                bail!("CI is set but no GPU backend could be opened: {e}");
-            }
-            println!("SKIP pruning_reference_gpu: no GPU backend ({e})");
-            eprintln!("SKIP pruning_reference_gpu: no GPU backend ({e})");
-            return Ok(());
-        }
-    };
-    check_backend(backend, "gpu")
+    match visi_tests::gpu_backend_or_skip("pruning_reference_gpu")? {
+        Some(backend) => check_backend(backend, "gpu"),
+        None => Ok(()),
+    }
 }

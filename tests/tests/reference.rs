@@ -189,18 +189,8 @@ fn reference_parity_cpu() -> Result<()> {
 
 #[test]
 fn reference_parity_gpu() -> Result<()> {
-    let backend = match engine_wgpu::open(&Default::default()) {
-        Ok(b) => b,
-        Err(e) => {
-            if std::env::var_os("CI").is_some() {
-                bail!("CI is set but no GPU backend could be opened: {e}");
-            }
-            println!("SKIP reference_parity_gpu: no GPU backend ({e})");
-            eprintln!("SKIP reference_parity_gpu: no GPU backend ({e})");
-            return Ok(());
-        }
-    };
-    let info = backend.device_info();
-    println!("GPU backend: {} ({})", info.adapter, info.api);
-    check_backend(backend, "gpu", TOL_FEATURES_GPU)
+    match visi_tests::gpu_backend_or_skip("reference_parity_gpu")? {
+        Some(backend) => check_backend(backend, "gpu", TOL_FEATURES_GPU),
+        None => Ok(()),
+    }
 }
