@@ -15,7 +15,8 @@ pub mod sampling;
 pub use config::LlavaConfig;
 pub use llama::ImageSpan;
 pub use llava::{
-    draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, Naming, Timings,
+    draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, LoadProgress, Naming,
+    Timings,
 };
 pub use preprocess::{load_image, PadMode};
 pub use prompt::{PromptIds, Template};
