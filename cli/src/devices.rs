@@ -31,7 +31,15 @@ pub fn auto_choice(list: &[engine_wgpu::AdapterReport]) -> String {
 pub fn table(list: &[engine_wgpu::AdapterReport]) -> String {
     let yes = |b: bool| if b { "yes" } else { "no" };
     let header = [
-        "#", "auto", "name", "backend", "type", "driver", "max buffer", "max binding", "f16",
+        "#",
+        "auto",
+        "name",
+        "backend",
+        "type",
+        "driver",
+        "max buffer",
+        "max binding",
+        "f16",
         "subgroups",
     ];
     let rows: Vec<[String; 10]> = list

@@ -151,10 +151,7 @@ mod tests {
     fn no_adapter_suggests_cpu_once() {
         let s = format!("{:#}", classify(E::NoAdapter("x".into())).err);
         assert!(s.contains("--device cpu"), "{s}");
-        let s = format!(
-            "{:#}",
-            classify(E::NoAdapter(format!("y; {CPU_HINT}"))).err
-        );
+        let s = format!("{:#}", classify(E::NoAdapter(format!("y; {CPU_HINT}"))).err);
         assert_eq!(s.matches("--device cpu").count(), 1, "{s}");
     }
 }

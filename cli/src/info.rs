@@ -94,7 +94,8 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
     let tc = &cfg.text;
     let ctx = tc.max_position_embeddings as u64;
     // K and V, f32, every layer, the whole context.
-    let kv_bytes = 2 * tc.num_hidden_layers as u64 * ctx * (tc.num_key_value_heads * tc.head_dim) as u64 * 4;
+    let kv_bytes =
+        2 * tc.num_hidden_layers as u64 * ctx * (tc.num_key_value_heads * tc.head_dim) as u64 * 4;
     let largest = tensors.iter().max_by_key(|t| t.device_bytes);
 
     let dev = device_check(device, largest, weights_bytes + kv_bytes)?;
@@ -229,7 +230,10 @@ pub fn text_report(v: &Value) -> String {
     let p = &v["parameters"];
     let mut s = String::new();
     s += &format!("model        {}\n", v["model_dir"].as_str().unwrap_or(""));
-    s += &format!("architecture {}\n", v["architecture"].as_str().unwrap_or(""));
+    s += &format!(
+        "architecture {}\n",
+        v["architecture"].as_str().unwrap_or("")
+    );
     s += &format!(
         "layers       vision {} ({} run), text {}\n",
         n(&v["vision_layers"]),

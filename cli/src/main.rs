@@ -165,7 +165,11 @@ fn main() -> ExitCode {
     errors::install_panic_hook();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
         Cmd::Run(a) => run(a),
-        Cmd::Info { model, device, json } => info::info(
+        Cmd::Info {
+            model,
+            device,
+            json,
+        } => info::info(
             &model,
             match device {
                 DeviceArg::Auto => info::InfoDevice::Auto,
@@ -422,10 +426,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     } else {
         let _ = writeln!(stdout);
         let _ = stdout.flush();
-        eprintln!(
-            "{}",
-            progress::stats_line(&gen, &dev.backend, &dev.adapter)
-        );
+        eprintln!("{}", progress::stats_line(&gen, &dev.backend, &dev.adapter));
     }
     if gen.interrupted {
         return Err(Failure {

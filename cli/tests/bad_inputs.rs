@@ -410,7 +410,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -432,7 +436,10 @@ fn png_claiming(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&h.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
     out.extend(png_chunk(b"IHDR", &ihdr));
-    out.extend(png_chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+    out.extend(png_chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
     out.extend(png_chunk(b"IEND", &[]));
     out
 }
@@ -441,10 +448,17 @@ fn png_claiming(w: u32, h: u32) -> Vec<u8> {
 fn bad_images() -> Result<()> {
     assert_eq!(crc32(b"IEND"), 0xAE42_6082, "crc32 self-check");
     let dir = Scratch::new("img")?;
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
     let good = std::fs::read(fixtures().join("images/square.png"))?;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("text.png", b"just some text, not a picture".to_vec(), "not an image"),
+        (
+            "text.png",
+            b"just some text, not a picture".to_vec(),
+            "not an image",
+        ),
         ("trunc.png", good[..good.len() / 2].to_vec(), "trunc.png"),
         ("bomb.png", png_claiming(100_000, 100_000), "too large"),
         ("wide.png", png_claiming(20_000, 2), "too large"),
@@ -469,7 +483,10 @@ fn bad_images() -> Result<()> {
 
 #[test]
 fn bad_flags() -> Result<()> {
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
     let base = run_args(&model);
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         (vec!["--temperature", "-0.5"], vec!["temperature"]),
@@ -503,7 +520,10 @@ fn bad_flags() -> Result<()> {
 
 #[test]
 fn no_usable_adapter_suggests_cpu() -> Result<()> {
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
     let mut a = run_args(&model);
     let dev = a.iter().position(|s| s == "cpu").context("cpu arg")?;
     a[dev] = "gpu".into();

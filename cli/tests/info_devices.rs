@@ -82,18 +82,27 @@ fn info_json_matches_config_and_headers() -> Result<()> {
         )?;
         want("architecture", &v["architecture"], &cfg["architectures"][0])?;
         let (params, bytes) = count_from_headers(&dir)?;
-        want("parameters.total", &v["parameters"]["total"], &params.into())?;
+        want(
+            "parameters.total",
+            &v["parameters"]["total"],
+            &params.into(),
+        )?;
         want("bytes_on_disk", &v["bytes_on_disk"], &bytes.into())?;
         let n = |x: &Value| x.as_u64().unwrap_or(0);
-        let head_dim = tc["head_dim"].as_u64().unwrap_or_else(|| {
-            n(&tc["hidden_size"]) / n(&tc["num_attention_heads"]).max(1)
-        });
-        let kv = 2 * n(&tc["num_hidden_layers"])
+        let head_dim = tc["head_dim"]
+            .as_u64()
+            .unwrap_or_else(|| n(&tc["hidden_size"]) / n(&tc["num_attention_heads"]).max(1));
+        let kv = 2
+            * n(&tc["num_hidden_layers"])
             * n(&tc["max_position_embeddings"])
             * n(&tc["num_key_value_heads"])
             * head_dim
             * 4;
-        want("memory.kv_cache_bytes", &v["memory"]["kv_cache_bytes"], &kv.into())?;
+        want(
+            "memory.kv_cache_bytes",
+            &v["memory"]["kv_cache_bytes"],
+            &kv.into(),
+        )?;
         let w = n(&v["memory"]["weights_bytes"]);
         ensure!(
             w >= params * 2 && w <= params * 4,
@@ -101,7 +110,10 @@ fn info_json_matches_config_and_headers() -> Result<()> {
         );
         ensure!(v["device"]["backend"] == "cpu", "{name}: {}", v["device"]);
         ensure!(v["device"]["fits"] == true, "{name}: {}", v["device"]);
-        ensure!(v["largest_tensor"]["name"].is_string(), "{name}: largest_tensor");
+        ensure!(
+            v["largest_tensor"]["name"].is_string(),
+            "{name}: largest_tensor"
+        );
         println!("{name}: {params} parameters, {w} weight bytes, {kv} KV bytes");
     }
     Ok(())
@@ -113,13 +125,24 @@ fn info_text_and_auto_device() -> Result<()> {
     // auto: whatever adapter exists (or the CPU backend), never an error on a good model.
     let out = visi(&["info", "--model", &dir.to_string_lossy()])?;
     let text = ok_stdout(&out)?;
-    for k in ["architecture", "layers", "parameters", "dtypes", "on disk", "memory", "fits"] {
+    for k in [
+        "architecture",
+        "layers",
+        "parameters",
+        "dtypes",
+        "on disk",
+        "memory",
+        "fits",
+    ] {
         ensure!(
             text.lines().any(|l| l.starts_with(k)),
             "no {k:?} line in:\n{text}"
         );
     }
-    ensure!(text.contains("fits         yes"), "model should fit:\n{text}");
+    ensure!(
+        text.contains("fits         yes"),
+        "model should fit:\n{text}"
+    );
     Ok(())
 }
 
@@ -127,7 +150,10 @@ fn info_text_and_auto_device() -> Result<()> {
 fn devices_table_and_json() -> Result<()> {
     let table = ok_stdout(&visi(&["devices"])?)?;
     ensure!(
-        table.lines().last().is_some_and(|l| l.contains("--device auto picks")),
+        table
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("--device auto picks")),
         "no auto line:\n{table}"
     );
     let v: Value = serde_json::from_str(ok_stdout(&visi(&["devices", "--json"])?)?.trim())?;
@@ -182,7 +208,10 @@ fn run_prints_stats_line() -> Result<()> {
         ensure!(last.contains(k), "stats line lacks {k:?}: {last}");
     }
     // No progress bar: stderr is a pipe here.
-    ensure!(!stderr.contains("loading weights"), "progress bar on a pipe: {stderr}");
+    ensure!(
+        !stderr.contains("loading weights"),
+        "progress bar on a pipe: {stderr}"
+    );
     Ok(())
 }
 
@@ -215,7 +244,9 @@ fn ctrl_c_stops_generation_cleanly() -> Result<()> {
         .spawn()?;
     let mut stdout = child.stdout.take().context("stdout")?;
     let mut first = [0u8; 1];
-    stdout.read_exact(&mut first).context("no text before EOF")?;
+    stdout
+        .read_exact(&mut first)
+        .context("no text before EOF")?;
     let pid = child.id().to_string();
     let status = Command::new("kill").args(["-INT", &pid]).status()?;
     ensure!(status.success(), "kill -INT failed");

@@ -30,8 +30,11 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// One stored tensor, borrowed from its source: little-endian raw bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct WeightView<'a> {
+    /// Stored element type (F32, F16 or BF16).
     pub dtype: DType,
+    /// Stored shape, outermost first.
     pub shape: &'a [usize],
+    /// Little-endian raw bytes.
     pub bytes: &'a [u8],
 }
 

@@ -2,6 +2,8 @@
 //! decoder with its pruning-aware layer scheduler, image preprocessing, prompting and
 //! sampling.
 
+#![warn(missing_docs)]
+
 pub mod clip;
 pub mod config;
 pub mod hub;

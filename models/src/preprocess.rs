@@ -520,24 +520,36 @@ impl PadMode {
 /// Preprocessed pixels: `[3, height, width]` f32, channel-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PixelValues {
+    /// Channel-major values `[3, height, width]`.
     pub data: Vec<f32>,
+    /// Rows.
     pub height: usize,
+    /// Columns.
     pub width: usize,
 }
 
 /// The settings of a `preprocessor_config.json` (`CLIPImageProcessor`), with its defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessor {
+    /// Whether to resize.
     pub do_resize: bool,
+    /// Resize target.
     pub size: ResizeTarget,
+    /// Resampling filter.
     pub resample: Resample,
+    /// Whether to center-crop to `crop_size`.
     pub do_center_crop: bool,
     /// `(height, width)`.
     pub crop_size: (usize, usize),
+    /// Whether to multiply by `rescale_factor`.
     pub do_rescale: bool,
+    /// Pixel scale (1/255).
     pub rescale_factor: f64,
+    /// Whether to normalise with mean/std.
     pub do_normalize: bool,
+    /// Per-channel mean.
     pub image_mean: [f64; 3],
+    /// Per-channel standard deviation.
     pub image_std: [f64; 3],
     /// Images are always converted to RGB when loaded; kept for completeness.
     pub do_convert_rgb: bool,
@@ -572,6 +584,7 @@ impl ImageProcessor {
 
     /// Parses config JSON; `origin` names the file in errors.
     // Keys are read one by one in the file's order so each error names its own key.
+    /// Parses `preprocessor_config.json` text; errors name `origin` and the key.
     #[allow(clippy::field_reassign_with_default)]
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
         let v: Value = serde_json::from_str(text)
