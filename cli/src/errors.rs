@@ -44,11 +44,8 @@ pub fn exit_code(e: &engine_core::Error) -> u8 {
         E::File { .. } | E::Weight { .. } | E::Msg(_) | E::NoAdapter(_) | E::TooLarge { .. } => {
             BAD_INPUT
         }
-        E::Shape { .. }
-        | E::DType { .. }
-        | E::WrongBackend { .. }
-        | E::OutOfMemory(_)
-        | E::Device(_) => INTERNAL,
+        // Device loss, out of memory, shape/dtype/backend mix-ups (engine bugs).
+        _ => INTERNAL,
     }
 }
 
@@ -56,19 +53,21 @@ pub fn exit_code(e: &engine_core::Error) -> u8 {
 pub fn classify(e: engine_core::Error) -> Failure {
     use engine_core::Error as E;
     let code = exit_code(&e);
-    let err = match &e {
-        E::NoAdapter(m) if !m.contains("--device cpu") => {
-            anyhow::anyhow!("{e}; {CPU_HINT}")
-        }
-        E::TooLarge { bytes, limit, .. } => anyhow::anyhow!(
-            "{e} ({} > {}); this adapter cannot hold the model, {CPU_HINT}",
+    let hint = match &e {
+        E::NoAdapter(m) if !m.contains("--device cpu") => Some(CPU_HINT.to_string()),
+        E::TooLarge { bytes, limit, .. } => Some(format!(
+            "{} > {}: this adapter cannot hold the model; {CPU_HINT}",
             human_bytes(*bytes),
             human_bytes(*limit)
-        ),
-        E::OutOfMemory(_) => {
-            anyhow::anyhow!("{e}; the model does not fit this adapter's memory, {CPU_HINT}")
-        }
-        _ => e.into(),
+        )),
+        E::OutOfMemory(_) => Some(format!(
+            "the model does not fit this adapter's memory; {CPU_HINT}"
+        )),
+        _ => None,
+    };
+    let err = match hint {
+        Some(h) => anyhow::anyhow!("{e}; {h}"),
+        None => e.into(),
     };
     Failure { code, err }
 }

@@ -105,13 +105,14 @@ struct RunArgs {
     /// crop: llava-hf's processor; pad: LLaVA-1.5's expand2square.
     #[arg(long, value_enum, default_value = "crop")]
     image_mode: ImageModeArg,
-    #[arg(long, default_value_t = 256)]
+    /// At least 1.
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// 0 disables.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     top_k: usize,
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,

@@ -71,7 +71,7 @@ pub fn stats_line(gen: &Generation, backend: &str, adapter: &str) -> String {
     };
     let prune = match gen.prune.fusion_layer {
         Some(l) => format!("{}, fusion layer {l}", gen.prune.method),
-        None => gen.prune.method.to_string(),
+        None => gen.prune.method.clone(),
     };
     format!(
         "[{} prompt tokens ({} image), {} generated{}; time to first token {:.0} ms; prefill {:.1} tokens/s, decode {:.1} tokens/s; {} on {}; pruning {}]",

@@ -470,7 +470,7 @@ fn bad_images() -> Result<()> {
         std::fs::write(&p, bytes)?;
         paths.push((p.to_string_lossy().to_string(), needle.to_string(), name));
     }
-    paths.push((dir.s(), "directory".into(), "img-dir"));
+    paths.push((dir.s(), "directory".into(), "visi-bad-img"));
     paths.push(("/nonexistent/cat.png".into(), "not found".into(), "cat.png"));
     for (p, needle, name) in &paths {
         let out = visi(&[
@@ -510,8 +510,8 @@ fn bad_flags() -> Result<()> {
         a.extend(&extra);
         expect_error(&visi(&a)?, 2, &needles).with_context(|| format!("{extra:?}"))?;
     }
-    // Prompt plus image tokens past the context (2048 for the tiny model).
-    let long = "word ".repeat(3000);
+    // Prompt plus image tokens past the context (4096 for tiny-llava-mha).
+    let long = "word ".repeat(5000);
     let mut a: Vec<&str> = base.iter().map(String::as_str).collect();
     a.extend(["--prompt", &long]);
     expect_error(&visi(&a)?, 2, &["context"])?;

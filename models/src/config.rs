@@ -46,7 +46,9 @@ pub struct TextConfig {
 /// Activation of an MLP or the projector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// Exact (erf) GELU.
     Gelu,
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP's `quick_gelu`).
     QuickGelu,
 }
 
