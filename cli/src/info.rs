@@ -158,10 +158,14 @@ fn device_check(
     };
     let Some(a) = chosen else {
         if device == InfoDevice::Gpu {
-            return Err(classify(engine_core::Error::NoAdapter(format!(
-                "--device gpu: no hardware adapter among {} found; {CPU_HINT}",
+            let f = classify(engine_core::Error::NoAdapter(format!(
+                "none of the {} adapters wgpu lists is a GPU; {CPU_HINT}",
                 adapters.len()
-            ))));
+            )));
+            return Err(Failure {
+                err: f.err.context("--device gpu"),
+                ..f
+            });
         }
         return Ok(json!({
             "backend": "cpu",

@@ -51,6 +51,7 @@ fn expect_error(out: &Output, code: i32, needles: &[&str]) -> Result<()> {
     for n in needles {
         ensure!(stderr.contains(n), "error does not mention {n:?}: {stderr}");
     }
+    println!("{}", lines[0]);
     Ok(())
 }
 
