@@ -44,7 +44,7 @@ pub fn load_bar() -> Option<(ProgressBar, LoadProgress)> {
     }
     let bar = ProgressBar::new(0);
     let style = ProgressStyle::with_template(
-        "loading weights {bar:30} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta})",
+        "loading weights {bar:20} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta})",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
