@@ -3,6 +3,18 @@
 
 use crate::errors::{human_bytes, internal, Failure};
 
+/// Keeps Mesa's Vulkan drivers quiet on headless machines: they probe for a Wayland display
+/// through libwayland, which prints "XDG_RUNTIME_DIR is invalid or not set" on stderr when
+/// that variable is unset, breaking the one-line error contract. An absolute
+/// `WAYLAND_DISPLAY` that does not exist makes the probe fail silently; the CLI never opens
+/// a window. Called first thing in `main`, while the process is single-threaded.
+pub fn quiet_headless_probe() {
+    let unset = |k: &str| std::env::var_os(k).is_none_or(|v| v.is_empty());
+    if unset("XDG_RUNTIME_DIR") && unset("WAYLAND_DISPLAY") && unset("WAYLAND_SOCKET") {
+        std::env::set_var("WAYLAND_DISPLAY", "/nonexistent/visi-headless");
+    }
+}
+
 /// Prints the adapter list: a table, or JSON with `json`.
 pub fn devices(json: bool) -> Result<(), Failure> {
     let list = engine_wgpu::list_adapters();

@@ -135,6 +135,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    devices::quiet_headless_probe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
