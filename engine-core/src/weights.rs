@@ -741,3 +741,25 @@ impl Weights {
         Ok((view.dtype, view.shape.to_vec()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_errors_keep_their_kind_and_name_the_tensor() {
+        let t = "lm_head.weight";
+        let cases = [
+            (Error::TooLarge { what: "one row".into(), bytes: 9, limit: 4 }, "TooLarge"),
+            (Error::OutOfMemory("vram".into()), "OutOfMemory"),
+            (Error::Device("lost".into()), "Device"),
+            (Error::msg("odd"), "Weight"),
+        ];
+        for (i, (e, want)) in cases.into_iter().enumerate() {
+            let got = upload_error(t, e);
+            let kind = format!("{got:?}");
+            assert!(kind.starts_with(want), "case {i}: got {kind}, want {want}");
+            assert!(got.to_string().contains(t), "case {i}: {got} does not name {t}");
+        }
+    }
+}
