@@ -1,5 +1,5 @@
-//! `visi-cli`: run LLaVA on an image (`run`), list adapters (`devices`), benchmark kernels
-//! (`bench-kernels`).
+//! `visi-cli`: run LLaVA on an image (`run`), describe a model (`info`), list adapters
+//! (`devices`), benchmark kernels (`bench-kernels`).
 //!
 //! Exit status: 0 on success, 2 for bad input (files, flags, prompts, configs), 1 for
 //! internal failures. Errors are one `error: ...` line on stderr and nothing on stdout.
@@ -8,6 +8,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+
+mod devices;
+mod errors;
+mod info;
+mod progress;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -18,6 +23,8 @@ use models::prompt::Template;
 use models::sampling::SamplingParams;
 use pruner::PruneConfig;
 use serde_json::json;
+
+use errors::{bad_input, classify, internal, Failure};
 
 #[derive(Parser)]
 #[command(
@@ -35,8 +42,24 @@ enum Cmd {
     /// Answer a prompt about an image with a llava-hf model directory.
     #[command(args_override_self = true)]
     Run(RunArgs),
-    /// List the adapters wgpu sees (JSON).
-    Devices,
+    /// Describe a model: layers, parameters, dtypes, memory, and whether a device holds it.
+    Info {
+        /// Model directory or Hugging Face repo id (as for `run`).
+        #[arg(long)]
+        model: String,
+        /// Device to check the model against.
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the adapters wgpu sees and which one `--device auto` picks.
+    Devices {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Kernel benchmark on the selected adapter (JSON).
     BenchKernels {
         /// Fewer repetitions.
@@ -82,13 +105,14 @@ struct RunArgs {
     /// crop: llava-hf's processor; pad: LLaVA-1.5's expand2square.
     #[arg(long, value_enum, default_value = "crop")]
     image_mode: ImageModeArg,
-    #[arg(long, default_value_t = 256)]
+    /// At least 1.
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// 0 disables.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     top_k: usize,
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
@@ -110,34 +134,8 @@ struct RunArgs {
     json: bool,
 }
 
-/// An error with its exit status.
-struct Failure {
-    code: u8,
-    err: anyhow::Error,
-}
-
-fn bad_input(err: anyhow::Error) -> Failure {
-    Failure { code: 2, err }
-}
-
-fn internal(err: anyhow::Error) -> Failure {
-    Failure { code: 1, err }
-}
-
-/// Engine errors that come from what the user handed in (files, configs, prompts).
-fn classify(e: engine_core::Error) -> Failure {
-    use engine_core::Error as E;
-    let code = match e {
-        E::File { .. } | E::Weight { .. } | E::Msg(_) => 2,
-        _ => 1,
-    };
-    Failure {
-        code,
-        err: e.into(),
-    }
-}
-
 fn main() -> ExitCode {
+    devices::quiet_headless_probe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -166,40 +164,37 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // A panic is a bug: report it on one line, not with a backtrace.
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        eprintln!("error: internal panic{at}: {}", msg.replace('\n', " "));
-    }));
+    errors::install_panic_hook();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
         Cmd::Run(a) => run(a),
-        Cmd::Devices => devices(),
+        Cmd::Info {
+            model,
+            device,
+            json,
+        } => info::info(
+            &model,
+            match device {
+                DeviceArg::Auto => info::InfoDevice::Auto,
+                DeviceArg::Gpu => info::InfoDevice::Gpu,
+                DeviceArg::Cpu => info::InfoDevice::Cpu,
+            },
+            json,
+        ),
+        Cmd::Devices { json } => devices::devices(json),
         Cmd::BenchKernels { quick } => bench_kernels(quick),
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(f)) if f.code == errors::INTERRUPTED => {
+            eprintln!("{:#}", f.err);
+            ExitCode::from(f.code)
+        }
         Ok(Err(f)) => {
             eprintln!("error: {}", format!("{:#}", f.err).replace('\n', " "));
             ExitCode::from(f.code)
         }
         Err(_) => ExitCode::from(1),
     }
-}
-
-fn devices() -> Result<(), Failure> {
-    let list = engine_wgpu::list_adapters();
-    let text = serde_json::to_string_pretty(&list).map_err(|e| internal(e.into()))?;
-    println!("{text}");
-    Ok(())
 }
 
 fn bench_kernels(quick: bool) -> Result<(), Failure> {
@@ -233,7 +228,14 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
                 require_gpu: true,
                 ..Default::default()
             };
-            engine_wgpu::open(&opts).map_err(|e| internal(anyhow!("--device gpu: {e}")))
+            // No usable adapter is the user's choice to fix (exit 2, suggests --device cpu).
+            engine_wgpu::open(&opts).map_err(|e| {
+                let f = classify(e);
+                Failure {
+                    err: f.err.context("--device gpu"),
+                    ..f
+                }
+            })
         }
         DeviceArg::Auto => match engine_wgpu::open(&engine_wgpu::GpuOptions::default()) {
             Ok(b) => Ok(b),
@@ -271,6 +273,7 @@ fn check_output_path(p: &Path) -> anyhow::Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<(), Failure> {
+    progress::install_ctrl_c();
     // ---- everything the user handed in, checked before any heavy work ----
     let sampling = SamplingParams {
         temperature: a.temperature,
@@ -279,6 +282,9 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         seed: a.seed,
     };
     sampling.validate().map_err(|e| bad_input(e.into()))?;
+    if a.max_new_tokens == 0 {
+        return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
+    }
     let prune = if a.no_prune {
         Some(PruneConfig::Dense)
     } else {
@@ -315,7 +321,12 @@ fn run(a: RunArgs) -> Result<(), Failure> {
 
     // ---- model ----
     let backend = open_backend(a.device)?;
-    let llava = Llava::load(&model_dir, backend).map_err(classify)?;
+    let bar = progress::load_bar();
+    let loaded = Llava::load_with_progress(&model_dir, backend, bar.as_ref().map(|b| b.1.clone()));
+    if let Some((b, _)) = &bar {
+        b.finish_and_clear();
+    }
+    let llava = loaded.map_err(classify)?;
     let prompt = llava
         .prompt(template, &a.prompt, image.is_some())
         .map_err(|e| bad_input(e.into()))?;
@@ -342,16 +353,28 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         .map_err(|e| internal(e.into()))?;
     let mut stdout = std::io::stdout().lock();
     let stream = !a.json;
+    let delay = progress::token_delay();
     let mut on_text = |t: &str| {
         if stream {
             // A closed stdout (e.g. piped into `head`) must not abort generation.
             let _ = stdout.write_all(t.as_bytes());
             let _ = stdout.flush();
         }
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
     };
+    progress::set_generating(true);
     let gen = llava
-        .generate_ids(&prompt, encoded.as_ref(), &opts, &mut on_text)
-        .map_err(|e| internal(e.into()))?;
+        .generate_ids_until(
+            &prompt,
+            encoded.as_ref(),
+            &opts,
+            &mut on_text,
+            &progress::stop_requested,
+        )
+        .map_err(classify)?;
+    progress::set_generating(false);
 
     if let (Some(path), Some(seen)) = (&a.save_kept, &gen.seen_image) {
         let pic = draw_kept_patches(seen, llava.config(), gen.prune.kept_image_tokens.as_deref());
@@ -370,6 +393,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             "image_tokens": gen.image_tokens,
             "image_span": gen.image_span.map(|s| [s.start, s.end]),
             "stopped_by_eos": gen.stopped_by_eos,
+            "interrupted": gen.interrupted,
             "timings_ms": {
                 "load": gen.timings.load_ms,
                 "vision": gen.timings.vision_ms,
@@ -403,18 +427,14 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         let _ = writeln!(stdout, "{text}");
     } else {
         let _ = writeln!(stdout);
-        eprintln!(
-            "[{} on {}: {} prompt tokens ({} image), {} generated; prefill {:.0} ms, decode {:.1} tokens/s; pruning {}{}]",
-            dev.backend,
-            dev.adapter,
-            gen.prompt_tokens,
-            gen.image_tokens,
-            gen.tokens.len(),
-            gen.timings.prefill_ms,
-            gen.decode_tokens_per_s,
-            gen.prune.method,
-            gen.prune.fusion_layer.map(|l| format!(", fusion layer {l}")).unwrap_or_default(),
-        );
+        let _ = stdout.flush();
+        eprintln!("{}", progress::stats_line(&gen, &dev.backend, &dev.adapter));
+    }
+    if gen.interrupted {
+        return Err(Failure {
+            code: errors::INTERRUPTED,
+            err: anyhow!("interrupted after {} tokens", gen.tokens.len()),
+        });
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ pub enum HostData<'a> {
 }
 
 impl HostData<'_> {
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             HostData::F32(v) => v.len(),
@@ -34,9 +35,11 @@ impl HostData<'_> {
             HostData::U32(v) => v.len(),
         }
     }
+    /// Whether there are no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The dtype of the data.
     pub fn dtype(&self) -> DType {
         match self {
             HostData::F32(_) => DType::F32,
@@ -75,7 +78,9 @@ pub struct DeviceInfo {
 /// `out = [x1·cos − x2·sin, x2·cos + x1·sin]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RopeParams {
+    /// Per-head dimension (rotated in two halves).
     pub head_dim: usize,
+    /// Rotary base (`rope_theta`).
     pub theta: f32,
     /// Linear rope scaling factor (1.0 when the config has none).
     pub scaling_factor: f32,
@@ -104,8 +109,11 @@ pub enum AttentionMask {
 /// Parameters of [`Backend::attention`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionParams {
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads (fewer than `num_heads` under GQA).
     pub num_kv_heads: usize,
+    /// Per-head dimension.
     pub head_dim: usize,
     /// Usually `1/sqrt(head_dim)`.
     pub scale: f32,
@@ -116,6 +124,7 @@ pub struct AttentionParams {
     pub q_offset: usize,
     /// Number of valid rows in `k`/`v` (the cache may be longer).
     pub kv_len: usize,
+    /// Which keys each query may attend to.
     pub mask: AttentionMask,
 }
 

@@ -2,8 +2,10 @@
 
 use crate::dtype::DType;
 
+/// Result with the engine's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Every failure the engine reports, by kind (the CLI maps kinds to exit statuses).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An op got tensors whose shapes do not fit together.
@@ -48,15 +50,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// An [`Error::Shape`] for `op`.
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Shape { op, msg: msg.into() }
     }
+    /// An [`Error::Weight`] naming the tensor.
     pub fn weight(name: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Weight { name: name.into(), msg: msg.into() }
     }
+    /// An [`Error::File`] naming the file.
     pub fn file(path: impl AsRef<std::path::Path>, msg: impl Into<String>) -> Self {
         Error::File { path: path.as_ref().display().to_string(), msg: msg.into() }
     }
+    /// An [`Error::Msg`].
     pub fn msg(msg: impl Into<String>) -> Self {
         Error::Msg(msg.into())
     }

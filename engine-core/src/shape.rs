@@ -7,12 +7,15 @@ use crate::error::{Error, Result};
 pub struct Shape(Vec<usize>);
 
 impl Shape {
+    /// A shape from its dimensions.
     pub fn new(dims: impl Into<Vec<usize>>) -> Self {
         Shape(dims.into())
     }
+    /// The dimensions, outermost first.
     pub fn dims(&self) -> &[usize] {
         &self.0
     }
+    /// Number of dimensions.
     pub fn rank(&self) -> usize {
         self.0.len()
     }

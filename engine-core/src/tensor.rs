@@ -30,18 +30,23 @@ impl Tensor {
     pub fn from_storage(storage: Arc<dyn Storage>, shape: Shape, dtype: DType) -> Self {
         Tensor { shape, dtype, storage }
     }
+    /// The shape.
     pub fn shape(&self) -> &Shape {
         &self.shape
     }
+    /// The dimensions, outermost first.
     pub fn dims(&self) -> &[usize] {
         self.shape.dims()
     }
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// Number of elements.
     pub fn elem_count(&self) -> usize {
         self.shape.elem_count()
     }
+    /// The backend-owned storage behind this handle.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }

@@ -30,8 +30,11 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// One stored tensor, borrowed from its source: little-endian raw bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct WeightView<'a> {
+    /// Stored element type (F32, F16 or BF16).
     pub dtype: DType,
+    /// Stored shape, outermost first.
     pub shape: &'a [usize],
+    /// Little-endian raw bytes.
     pub bytes: &'a [u8],
 }
 
@@ -620,6 +623,19 @@ fn view_to_f32(v: &WeightView<'_>) -> Vec<f32> {
 // Weights: the VarBuilder
 // ---------------------------------------------------------------------------------------
 
+/// Names the tensor in an upload failure but keeps the error's kind: a tensor the device
+/// cannot hold, out-of-memory and device loss must not read as a malformed checkpoint.
+fn upload_error(full: &str, e: Error) -> Error {
+    match e {
+        Error::TooLarge { what, bytes, limit } => {
+            Error::TooLarge { what: format!("tensor `{full}` ({what})"), bytes, limit }
+        }
+        Error::OutOfMemory(m) => Error::OutOfMemory(format!("uploading tensor `{full}`: {m}")),
+        Error::Device(m) => Error::Device(format!("uploading tensor `{full}`: {m}")),
+        other => Error::weight(full, format!("upload failed: {other}")),
+    }
+}
+
 /// Name-scoped access to a [`WeightSource`] that checks shapes and uploads to a backend.
 ///
 /// `w.pp("model").pp("layers").pp(3).get("mlp.up_proj.weight", &[n, k])` reads
@@ -701,7 +717,7 @@ impl Weights {
             DType::BF16 => self.backend.upload(HostData::BF16(&le_slice::<bf16>(view.bytes)), shape),
             DType::U32 => return Err(Error::weight(full, "stored as U32; not a float weight")),
         };
-        uploaded.map_err(|e| Error::weight(full, format!("upload failed: {e}")))
+        uploaded.map_err(|e| upload_error(&full, e))
     }
 
     /// Uploads a tensor converted to F32 (norm weights, biases, position tables).
@@ -710,7 +726,7 @@ impl Weights {
         let data = self.host_f32(name, shape)?;
         self.backend
             .upload(HostData::F32(&data), shape.to_vec().into())
-            .map_err(|e| Error::weight(full, format!("upload failed: {e}")))
+            .map_err(|e| upload_error(&full, e))
     }
 
     /// Reads a tensor to the host as f32, after checking its shape.
@@ -723,5 +739,27 @@ impl Weights {
     pub fn stored(&self, name: &str) -> Result<(DType, Vec<usize>)> {
         let view = self.source.view(&self.full_name(name))?;
         Ok((view.dtype, view.shape.to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_errors_keep_their_kind_and_name_the_tensor() {
+        let t = "lm_head.weight";
+        let cases = [
+            (Error::TooLarge { what: "one row".into(), bytes: 9, limit: 4 }, "TooLarge"),
+            (Error::OutOfMemory("vram".into()), "OutOfMemory"),
+            (Error::Device("lost".into()), "Device"),
+            (Error::msg("odd"), "Weight"),
+        ];
+        for (i, (e, want)) in cases.into_iter().enumerate() {
+            let got = upload_error(t, e);
+            let kind = format!("{got:?}");
+            assert!(kind.starts_with(want), "case {i}: got {kind}, want {want}");
+            assert!(got.to_string().contains(t), "case {i}: {got} does not name {t}");
+        }
     }
 }

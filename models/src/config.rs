@@ -9,43 +9,69 @@ use serde_json::{Map, Value};
 /// The Llama decoder's hyper-parameters (`text_config`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TextConfig {
+    /// Vocabulary size (rows of `embed_tokens` and `lm_head`).
     pub vocab_size: usize,
+    /// Residual stream width.
     pub hidden_size: usize,
+    /// MLP inner width.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
+    /// Key/value heads (GQA when fewer than query heads).
     pub num_key_value_heads: usize,
+    /// Per-head dimension.
     pub head_dim: usize,
+    /// Context length.
     pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
     pub rms_norm_eps: f32,
+    /// Rotary base.
     pub rope_theta: f32,
     /// Linear rope scaling factor (1.0 without `rope_scaling`).
     pub rope_scaling_factor: f32,
+    /// Whether `lm_head` shares `embed_tokens`.
     pub tie_word_embeddings: bool,
+    /// Whether q/k/v/o projections have biases.
     pub attention_bias: bool,
+    /// Whether MLP projections have biases.
     pub mlp_bias: bool,
+    /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
+    /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
 }
 
 /// Activation of an MLP or the projector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// Exact (erf) GELU.
     Gelu,
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP's `quick_gelu`).
     QuickGelu,
 }
 
 /// The CLIP vision tower's hyper-parameters (`vision_config`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct VisionConfig {
+    /// Residual stream width.
     pub hidden_size: usize,
+    /// MLP inner width.
     pub intermediate_size: usize,
+    /// Encoder layers in the checkpoint.
     pub num_hidden_layers: usize,
+    /// Attention heads.
     pub num_attention_heads: usize,
+    /// Input side in pixels.
     pub image_size: usize,
+    /// Patch side in pixels.
     pub patch_size: usize,
+    /// Input channels (3).
     pub num_channels: usize,
+    /// LayerNorm epsilon.
     pub layer_norm_eps: f32,
+    /// MLP activation.
     pub hidden_act: Activation,
 }
 
@@ -72,12 +98,17 @@ pub enum FeatureSelect {
 /// A llava-hf `LlavaForConditionalGeneration` config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlavaConfig {
+    /// The Llama decoder's config (`text_config`).
     pub text: TextConfig,
+    /// The CLIP vision tower's config (`vision_config`).
     pub vision: VisionConfig,
+    /// Token id of `<image>` in the tokenizer.
     pub image_token_index: u32,
+    /// Projector activation.
     pub projector_hidden_act: Activation,
     /// Index into the vision tower's hidden states (negative counts from the end).
     pub vision_feature_layer: i64,
+    /// Which vision tokens feed the projector (CLS dropped by `default`).
     pub vision_feature_select_strategy: FeatureSelect,
 }
 

@@ -2,6 +2,8 @@
 //! decoder with its pruning-aware layer scheduler, image preprocessing, prompting and
 //! sampling.
 
+#![warn(missing_docs)]
+
 pub mod clip;
 pub mod config;
 pub mod hub;
@@ -15,7 +17,8 @@ pub mod sampling;
 pub use config::LlavaConfig;
 pub use llama::ImageSpan;
 pub use llava::{
-    draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, Naming, Timings,
+    draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, LoadProgress, Naming,
+    Timings,
 };
 pub use preprocess::{load_image, PadMode};
 pub use prompt::{PromptIds, Template};

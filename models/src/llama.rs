@@ -37,15 +37,20 @@ pub struct Llama {
 
 /// One layer's KV cache: `[capacity, kv_heads*head_dim]` keys and values, `len` rows valid.
 pub struct LayerKv {
+    /// Keys `[capacity, kv_heads * head_dim]` f32.
     pub k: Tensor,
+    /// Values `[capacity, kv_heads * head_dim]` f32.
     pub v: Tensor,
+    /// Rows filled.
     pub len: usize,
+    /// Rows allocated.
     pub capacity: usize,
 }
 
 /// Per-layer KV caches; each layer's length is what that layer processed.
 #[derive(Default)]
 pub struct KvCache {
+    /// One entry per decoder layer.
     pub layers: Vec<LayerKv>,
 }
 
@@ -77,7 +82,9 @@ pub struct PrefillStats {
 /// Where the image sits in the prompt: rows `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageSpan {
+    /// First image token position.
     pub start: usize,
+    /// One past the last image token position.
     pub end: usize,
 }
 

@@ -15,10 +15,11 @@
 //! ```
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use engine_core::weights::{open_safetensors, Weights};
+use engine_core::weights::{open_safetensors, WeightSource, WeightView, Weights};
 use engine_core::{Backend, DeviceInfo, Error, HostData, Result, Tensor};
 use image::{Rgb, RgbImage};
 use pruner::{FlopsReport, FlopsShape, LayerSchedule, PruneConfig, PruneReport};
@@ -39,6 +40,39 @@ pub enum Naming {
     /// transformers >= 4.52: `model.language_model.*`, `model.vision_tower.*`,
     /// `model.multi_modal_projector.*`, `lm_head.*`.
     New,
+}
+
+/// Load progress callback: `(bytes_read, total_bytes)`.
+pub type LoadProgress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// A weight source that reports the bytes handed out so far (each tensor is read once
+/// while loading, so the running sum tracks the upload).
+struct ProgressSource {
+    inner: Arc<dyn WeightSource>,
+    done: AtomicU64,
+    cb: LoadProgress,
+}
+
+impl WeightSource for ProgressSource {
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+    fn view(&self, name: &str) -> Result<WeightView<'_>> {
+        let v = self.inner.view(name)?;
+        let total = self.inner.total_bytes();
+        let done = self
+            .done
+            .fetch_add(v.bytes.len() as u64, Ordering::Relaxed)
+            .saturating_add(v.bytes.len() as u64);
+        (self.cb)(done.min(total), total);
+        Ok(v)
+    }
+    fn total_bytes(&self) -> u64 {
+        self.inner.total_bytes()
+    }
 }
 
 /// A loaded LLaVA model with its tokenizer and image processor, on one backend.
@@ -128,6 +162,8 @@ pub struct Generation {
     pub image_span: Option<ImageSpan>,
     /// Whether EOS ended generation.
     pub stopped_by_eos: bool,
+    /// Whether the caller's stop signal (Ctrl-C) ended generation early.
+    pub interrupted: bool,
     /// Phase timings.
     pub timings: Timings,
     /// Decode steps per second (tokens after the first).
@@ -159,6 +195,16 @@ impl Llava {
     /// `preprocessor_config.json` (CLIP defaults at the tower's size when absent) and
     /// `model.safetensors` or a sharded checkpoint, memory-mapped, in either naming scheme.
     pub fn load(dir: &Path, backend: Arc<dyn Backend>) -> Result<Self> {
+        Self::load_with_progress(dir, backend, None)
+    }
+
+    /// [`Llava::load`], calling `progress(bytes_read, total_bytes)` as weights are read and
+    /// uploaded (for a progress bar; `total_bytes` is the checkpoint's size on disk).
+    pub fn load_with_progress(
+        dir: &Path,
+        backend: Arc<dyn Backend>,
+        progress: Option<LoadProgress>,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         if !dir.is_dir() {
             return Err(Error::file(
@@ -180,7 +226,14 @@ impl Llava {
                 ..Default::default()
             }
         };
-        let source = open_safetensors(dir)?;
+        let mut source = open_safetensors(dir)?;
+        if let Some(cb) = progress {
+            source = Arc::new(ProgressSource {
+                inner: source,
+                done: AtomicU64::new(0),
+                cb,
+            });
+        }
         let w = Weights::new(source.clone(), backend.clone());
         let naming = if source.contains("language_model.model.embed_tokens.weight") {
             Naming::Old
@@ -364,6 +417,20 @@ impl Llava {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        self.generate_ids_until(prompt, image, opts, on_text, &|| false)
+    }
+
+    /// [`Llava::generate_ids`] that also stops after any token when `stop()` says so
+    /// (Ctrl-C); the result then has [`Generation::interrupted`] set and holds the tokens
+    /// generated so far.
+    pub fn generate_ids_until(
+        &self,
+        prompt: &PromptIds,
+        image: Option<&EncodedImage>,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Generation> {
         let b = self.backend.as_ref();
         let tc = &self.cfg.text;
         let mut sampler = Sampler::new(opts.sampling)?;
@@ -418,6 +485,7 @@ impl Llava {
         let mut stream = TextStream::new();
         let mut steps = 0usize;
         let mut stopped_by_eos = false;
+        let mut interrupted = false;
         while let Some(&last) = tokens.last() {
             if tc.eos_token_ids.contains(&last) {
                 stopped_by_eos = true;
@@ -427,6 +495,10 @@ impl Llava {
                 on_text(&piece);
             }
             if tokens.len() >= max_new {
+                break;
+            }
+            if stop() {
+                interrupted = true;
                 break;
             }
             let position = (ids.len() + tokens.len() - 1) as u32;
@@ -454,6 +526,7 @@ impl Llava {
             image_tokens: span.map_or(0, |s| s.end - s.start),
             image_span: span,
             stopped_by_eos,
+            interrupted,
             timings: Timings {
                 load_ms: self.load_ms,
                 vision_ms: image.map_or(0.0, |i| i.ms),

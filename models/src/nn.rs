@@ -6,7 +6,9 @@ use engine_core::{Backend, Result, Tensor};
 /// `y = x·Wᵀ + b` with the checkpoint's `[out, in]` weight.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: Tensor,       // [out, in] f16|f32
+    /// Weight `[out, in]`, f16 or f32.
+    pub weight: Tensor, // [out, in] f16|f32
+    /// Bias `[out]` f32, when the layer has one.
     pub bias: Option<Tensor>, // [out] f32
 }
 
@@ -36,8 +38,11 @@ impl Linear {
 /// LayerNorm over the last dimension.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// Scale `[dim]` f32.
     pub weight: Tensor, // [dim] f32
-    pub bias: Tensor,   // [dim] f32
+    /// Shift `[dim]` f32.
+    pub bias: Tensor, // [dim] f32
+    /// Epsilon added to the variance.
     pub eps: f32,
 }
 
@@ -59,7 +64,9 @@ impl LayerNorm {
 /// RMSNorm over the last dimension (Llama).
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
+    /// Scale `[dim]` f32.
     pub weight: Tensor, // [dim] f32
+    /// Epsilon added to the mean square.
     pub eps: f32,
 }
 

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use engine_core::{Error, Result};
-use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 use serde_json::Value;
 
 pub use image::RgbImage;
@@ -58,8 +58,19 @@ fn load(path: &Path, orient: bool) -> Result<RgbImage> {
     let reader = ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(Error::file(path, "not an image (unrecognised format)"));
+    };
+    // A known extension on content without that format's signature (a text file named
+    // .png) would otherwise read as a truncated image. TGA alone has no signature.
+    if format != ImageFormat::Tga && !has_signature(path) {
+        return Err(Error::file(
+            path,
+            format!(
+                "not an image (the name says {}, the content has no image signature)",
+                format.extensions_str().first().unwrap_or(&"?")
+            ),
+        ));
     }
     let mut reader = reader;
     let mut limits = Limits::default();
@@ -92,6 +103,14 @@ fn load(path: &Path, orient: bool) -> Result<RgbImage> {
         img.apply_orientation(o);
     }
     Ok(to_rgb8_like_pil(img))
+}
+
+/// Whether the file starts with the signature of a format the `image` crate knows.
+fn has_signature(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(64);
+    let read = std::fs::File::open(path).and_then(|f| f.take(64).read_to_end(&mut head));
+    read.is_ok() && image::guess_format(&head).is_ok()
 }
 
 fn image_error(path: &Path, e: ImageError) -> Error {
@@ -491,7 +510,12 @@ pub enum ResizeTarget {
     /// `size: {"shortest_edge": n}` or `size: n`: keep the aspect ratio.
     ShortestEdge(usize),
     /// `size: {"height": h, "width": w}`: exact size.
-    Exact { height: usize, width: usize },
+    Exact {
+        /// Output rows.
+        height: usize,
+        /// Output columns.
+        width: usize,
+    },
 }
 
 /// Whether to square the image before the CLIP pipeline.
@@ -520,24 +544,36 @@ impl PadMode {
 /// Preprocessed pixels: `[3, height, width]` f32, channel-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PixelValues {
+    /// Channel-major values `[3, height, width]`.
     pub data: Vec<f32>,
+    /// Rows.
     pub height: usize,
+    /// Columns.
     pub width: usize,
 }
 
 /// The settings of a `preprocessor_config.json` (`CLIPImageProcessor`), with its defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessor {
+    /// Whether to resize.
     pub do_resize: bool,
+    /// Resize target.
     pub size: ResizeTarget,
+    /// Resampling filter.
     pub resample: Resample,
+    /// Whether to center-crop to `crop_size`.
     pub do_center_crop: bool,
     /// `(height, width)`.
     pub crop_size: (usize, usize),
+    /// Whether to multiply by `rescale_factor`.
     pub do_rescale: bool,
+    /// Pixel scale (1/255).
     pub rescale_factor: f64,
+    /// Whether to normalise with mean/std.
     pub do_normalize: bool,
+    /// Per-channel mean.
     pub image_mean: [f64; 3],
+    /// Per-channel standard deviation.
     pub image_std: [f64; 3],
     /// Images are always converted to RGB when loaded; kept for completeness.
     pub do_convert_rgb: bool,
@@ -572,6 +608,7 @@ impl ImageProcessor {
 
     /// Parses config JSON; `origin` names the file in errors.
     // Keys are read one by one in the file's order so each error names its own key.
+    /// Parses `preprocessor_config.json` text; errors name `origin` and the key.
     #[allow(clippy::field_reassign_with_default)]
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
         let v: Value = serde_json::from_str(text)

@@ -1,0 +1,296 @@
+//! `visi-cli info`: what a model is and whether the chosen device can hold it, read from
+//! `config.json` and the safetensors headers only (no weights are read or uploaded).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::anyhow;
+use engine_core::weights::open_safetensors;
+use engine_core::DType;
+use models::LlavaConfig;
+use serde_json::{json, Value};
+
+use crate::errors::{bad_input, classify, human_bytes, internal, Failure, CPU_HINT};
+
+/// Which device `info` checks the model against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InfoDevice {
+    /// The adapter `--device auto` would pick, else the CPU backend.
+    Auto,
+    /// A hardware adapter (an error when there is none).
+    Gpu,
+    /// The CPU backend: host memory only.
+    Cpu,
+}
+
+/// One tensor as the engine will hold it.
+struct TensorInfo {
+    name: String,
+    shape: Vec<usize>,
+    /// Bytes on the device: f16/bf16 matrices as f16, f32 as stored, vectors and the
+    /// position table as f32 (what `Weights::get` / `get_f32` upload).
+    device_bytes: u64,
+}
+
+/// Runs `info` and prints the report (text, or one JSON object with `json`).
+pub fn info(model: &str, device: InfoDevice, json_out: bool) -> Result<(), Failure> {
+    let dir = models::hub::resolve_model(model).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+    let v = report(&dir, device)?;
+    if json_out {
+        let text = serde_json::to_string(&v).map_err(|e| internal(e.into()))?;
+        println!("{text}");
+    } else {
+        print!("{}", text_report(&v));
+    }
+    Ok(())
+}
+
+/// The report as JSON (the text form is rendered from it).
+pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
+    let cfg_path = dir.join("config.json");
+    let cfg = LlavaConfig::from_file(&cfg_path).map_err(classify)?;
+    // The architecture name is not part of the parsed config; the file just parsed.
+    let raw: Value = std::fs::read_to_string(&cfg_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let arch = raw["architectures"][0]
+        .as_str()
+        .or_else(|| raw["model_type"].as_str())
+        .unwrap_or("unknown")
+        .to_string();
+
+    let source = open_safetensors(dir).map_err(classify)?;
+    let mut tensors = Vec::new();
+    let mut dtypes: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    let mut params: BTreeMap<&str, u64> = BTreeMap::new();
+    for name in source.names() {
+        let view = source.view(&name).map_err(classify)?;
+        let n: u64 = view.shape.iter().map(|&d| d as u64).product();
+        let e = dtypes.entry(view.dtype.to_string()).or_default();
+        e.0 += 1;
+        e.1 += view.bytes.len() as u64;
+        let part = if name.contains("vision_tower") {
+            "vision"
+        } else if name.contains("multi_modal_projector") {
+            "projector"
+        } else {
+            "text"
+        };
+        *params.entry(part).or_default() += n;
+        let as_f32 = view.shape.len() <= 1 || name.ends_with("position_embedding.weight");
+        let elem = match view.dtype {
+            _ if as_f32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            _ => 4,
+        };
+        tensors.push(TensorInfo {
+            name,
+            shape: view.shape.to_vec(),
+            device_bytes: n * elem,
+        });
+    }
+    let weights_bytes: u64 = tensors.iter().map(|t| t.device_bytes).sum();
+    let tc = &cfg.text;
+    let ctx = tc.max_position_embeddings as u64;
+    // K and V, f32, every layer, the whole context.
+    let kv_bytes =
+        2 * tc.num_hidden_layers as u64 * ctx * (tc.num_key_value_heads * tc.head_dim) as u64 * 4;
+    let largest = tensors.iter().max_by_key(|t| t.device_bytes);
+
+    let dev = device_check(device, largest, weights_bytes + kv_bytes)?;
+    Ok(json!({
+        "model_dir": dir.display().to_string(),
+        "architecture": arch,
+        "vision_layers": cfg.vision.num_hidden_layers,
+        "vision_layers_run": cfg.vision_layers_to_run(),
+        "text_layers": tc.num_hidden_layers,
+        "hidden_size": tc.hidden_size,
+        "attention_heads": tc.num_attention_heads,
+        "kv_heads": tc.num_key_value_heads,
+        "vocab_size": tc.vocab_size,
+        "context_length": ctx,
+        "image_tokens": cfg.image_tokens(),
+        "parameters": {
+            "total": params.values().sum::<u64>(),
+            "vision": params.get("vision").copied().unwrap_or(0),
+            "projector": params.get("projector").copied().unwrap_or(0),
+            "text": params.get("text").copied().unwrap_or(0),
+        },
+        "tensors": tensors.len(),
+        "dtypes": dtypes.iter().map(|(k, (n, b))| (k.clone(), json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
+        "bytes_on_disk": source.total_bytes(),
+        "memory": {
+            "weights_bytes": weights_bytes,
+            "kv_cache_bytes": kv_bytes,
+            "total_bytes": weights_bytes + kv_bytes,
+            "note": "weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in f32 at the full context; activations not included",
+        },
+        "largest_tensor": largest.map(|t| json!({
+            "name": t.name,
+            "shape": t.shape,
+            "bytes": t.device_bytes,
+        })),
+        "device": dev,
+    }))
+}
+
+/// The device part of the report: which adapter, its limits, and whether they hold the
+/// model. wgpu does not report an adapter's memory size, so memory is an estimate to compare
+/// by hand; what is checked is that every tensor fits the buffer limits.
+fn device_check(
+    device: InfoDevice,
+    largest: Option<&TensorInfo>,
+    need: u64,
+) -> Result<Value, Failure> {
+    let adapters = if device == InfoDevice::Cpu {
+        Vec::new()
+    } else {
+        engine_wgpu::list_adapters()
+    };
+    let chosen = match device {
+        InfoDevice::Cpu => None,
+        InfoDevice::Auto => adapters.iter().find(|a| a.auto_pick),
+        InfoDevice::Gpu => adapters
+            .iter()
+            .filter(|a| a.device_type != "cpu")
+            .max_by_key(|a| a.auto_pick),
+    };
+    let Some(a) = chosen else {
+        if device == InfoDevice::Gpu {
+            let f = classify(engine_core::Error::NoAdapter(format!(
+                "none of the {} adapters wgpu lists is a GPU; {CPU_HINT}",
+                adapters.len()
+            )));
+            return Err(Failure {
+                err: f.err.context("--device gpu"),
+                ..f
+            });
+        }
+        return Ok(json!({
+            "backend": "cpu",
+            "host_memory_bytes": need,
+            "fits": true,
+            "note": format!("the CPU backend needs about {} of host memory", human_bytes(need)),
+        }));
+    };
+    let binding = a.max_storage_buffer_binding_size.min(a.max_buffer_size);
+    let (fits, note) = match largest {
+        None => (true, "no tensors".to_string()),
+        Some(t) => {
+            let rows = t.shape.first().copied().unwrap_or(1).max(1) as u64;
+            let row_bytes = t.device_bytes / rows;
+            if row_bytes > binding {
+                (
+                    false,
+                    format!(
+                        "one row of `{}` is {}, more than the binding limit {}: this adapter cannot hold the model",
+                        t.name,
+                        human_bytes(row_bytes),
+                        human_bytes(binding)
+                    ),
+                )
+            } else if t.device_bytes > binding {
+                (
+                    true,
+                    format!(
+                        "largest tensor `{}` ({}) exceeds one binding ({}); the engine splits it into {} parts",
+                        t.name,
+                        human_bytes(t.device_bytes),
+                        human_bytes(binding),
+                        t.device_bytes.div_ceil(binding)
+                    ),
+                )
+            } else {
+                (
+                    true,
+                    format!(
+                        "largest tensor `{}` ({}) fits one binding ({})",
+                        t.name,
+                        human_bytes(t.device_bytes),
+                        human_bytes(binding)
+                    ),
+                )
+            }
+        }
+    };
+    Ok(json!({
+        "backend": "wgpu",
+        "adapter": a.name,
+        "api": a.backend,
+        "device_type": a.device_type,
+        "max_buffer_size": a.max_buffer_size,
+        "max_storage_buffer_binding_size": a.max_storage_buffer_binding_size,
+        "gpu_memory_bytes": need,
+        "fits": fits,
+        "note": format!("{note}; needs about {} of GPU memory (wgpu does not report the adapter's size)", human_bytes(need)),
+    }))
+}
+
+/// Human rendering of [`report`].
+pub fn text_report(v: &Value) -> String {
+    let n = |x: &Value| x.as_u64().unwrap_or(0);
+    let b = |x: &Value| human_bytes(n(x));
+    let p = &v["parameters"];
+    let mut s = String::new();
+    s += &format!("model        {}\n", v["model_dir"].as_str().unwrap_or(""));
+    s += &format!(
+        "architecture {}\n",
+        v["architecture"].as_str().unwrap_or("")
+    );
+    s += &format!(
+        "layers       vision {} ({} run), text {}\n",
+        n(&v["vision_layers"]),
+        n(&v["vision_layers_run"]),
+        n(&v["text_layers"])
+    );
+    s += &format!(
+        "parameters   {} (vision {}, projector {}, text {})\n",
+        n(&p["total"]),
+        n(&p["vision"]),
+        n(&p["projector"]),
+        n(&p["text"])
+    );
+    let dt: Vec<String> = v["dtypes"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, d)| format!("{k} ({} tensors, {})", n(&d["tensors"]), b(&d["bytes"])))
+                .collect()
+        })
+        .unwrap_or_default();
+    s += &format!("dtypes       {}\n", dt.join(", "));
+    s += &format!("on disk      {}\n", b(&v["bytes_on_disk"]));
+    let m = &v["memory"];
+    s += &format!(
+        "memory       weights {} + KV cache {} (f32, context {}) = {}\n",
+        b(&m["weights_bytes"]),
+        b(&m["kv_cache_bytes"]),
+        n(&v["context_length"]),
+        b(&m["total_bytes"])
+    );
+    let d = &v["device"];
+    match d["backend"].as_str() {
+        Some("wgpu") => {
+            s += &format!(
+                "device       {} ({}, {}): max buffer {}, max binding {}\n",
+                d["adapter"].as_str().unwrap_or(""),
+                d["api"].as_str().unwrap_or(""),
+                d["device_type"].as_str().unwrap_or(""),
+                b(&d["max_buffer_size"]),
+                b(&d["max_storage_buffer_binding_size"])
+            );
+        }
+        _ => s += "device       CPU backend\n",
+    }
+    s += &format!(
+        "fits         {}: {}\n",
+        if d["fits"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        },
+        d["note"].as_str().unwrap_or("")
+    );
+    s
+}

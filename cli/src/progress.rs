@@ -1,0 +1,100 @@
+//! What `run` shows on stderr around generation: a load progress bar (only on a terminal),
+//! Ctrl-C handling, and the closing stats line.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use models::llava::{Generation, LoadProgress};
+
+/// Set by the first Ctrl-C: generation stops at the next token.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Whether generation is running (a Ctrl-C at any other time exits at once).
+static GENERATING: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler. During generation the first Ctrl-C asks generation to stop
+/// (the caller prints what it has and exits 130); outside it, or on a second Ctrl-C, the
+/// process exits 130 right away. Failing to install it only loses that behaviour.
+pub fn install_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        let again = STOP.swap(true, Ordering::SeqCst);
+        if again || !GENERATING.load(Ordering::SeqCst) {
+            eprintln!("\ninterrupted");
+            std::process::exit(i32::from(crate::errors::INTERRUPTED));
+        }
+    });
+}
+
+/// Marks the start or end of generation for the Ctrl-C handler.
+pub fn set_generating(on: bool) {
+    GENERATING.store(on, Ordering::SeqCst);
+}
+
+/// Whether Ctrl-C asked generation to stop.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// A byte progress bar for weight loading, when stderr is a terminal (`None` otherwise, so
+/// logs and pipes get no control characters).
+pub fn load_bar() -> Option<(ProgressBar, LoadProgress)> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template(
+        "loading weights {bar:20} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    let b = bar.clone();
+    let cb: LoadProgress = Arc::new(move |done, total| {
+        if b.length() != Some(total) {
+            b.set_length(total);
+        }
+        b.set_position(done);
+    });
+    Some((bar, cb))
+}
+
+/// The closing stats line: prompt and image tokens, time to first token, prefill and decode
+/// speed, and where it ran.
+pub fn stats_line(gen: &Generation, backend: &str, adapter: &str) -> String {
+    let t = &gen.timings;
+    // The first token is out once the image is encoded and the prompt prefilled.
+    let ttft = t.vision_ms + t.prefill_ms;
+    let prefill_tps = if t.prefill_ms > 0.0 {
+        gen.prompt_tokens as f64 / (t.prefill_ms / 1e3)
+    } else {
+        0.0
+    };
+    let prune = match gen.prune.fusion_layer {
+        Some(l) => format!("{}, fusion layer {l}", gen.prune.method),
+        None => gen.prune.method.clone(),
+    };
+    format!(
+        "[{} prompt tokens ({} image), {} generated{}; time to first token {:.0} ms; prefill {:.1} tokens/s, decode {:.1} tokens/s; {} on {}; pruning {}]",
+        gen.prompt_tokens,
+        gen.image_tokens,
+        gen.tokens.len(),
+        if gen.interrupted { ", interrupted" } else { "" },
+        ttft,
+        prefill_tps,
+        gen.decode_tokens_per_s,
+        backend,
+        adapter,
+        prune,
+    )
+}
+
+/// `VISI_DEBUG_TOKEN_DELAY_MS`: a pause after each streamed piece of text, so that the
+/// Ctrl-C test (and a demo) can interrupt a tiny model that would otherwise finish in
+/// milliseconds. Unset in normal use.
+pub fn token_delay() -> Option<std::time::Duration> {
+    std::env::var("VISI_DEBUG_TOKEN_DELAY_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(std::time::Duration::from_millis)
+}
