@@ -515,7 +515,13 @@ impl GpuBackend {
         let w16 = w.dtype() == DType::F16;
         let sw = st(w, OP)?;
         let gemv = m <= GEMV_MAX_ROWS && k > 0;
-        let key = if gemv {
+        // Software adapters: the subgroup-broadcast kernels (same dispatch grids as below).
+        let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k % 8 == 0;
+        let key = if sg8 && gemv {
+            PipelineKey::new("gemv_sg8", "main").sub("M", m as u32)
+        } else if sg8 {
+            PipelineKey::new("gemm_sg8", "main")
+        } else if gemv {
             let vec = if w16 { k % 8 == 0 } else { k % 4 == 0 };
             PipelineKey::new("gemv", "main")
                 .flag(vec, "VEC")

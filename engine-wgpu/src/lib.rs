@@ -128,7 +128,14 @@ pub fn open_gpu(opts: &GpuOptions) -> Result<Arc<GpuBackend>> {
         shader_f16: f16,
         subgroups,
     };
-    let ctx = ctx::Ctx::new(device, queue, info, f16, subgroups, timestamps, &limits);
+    let mut ctx = ctx::Ctx::new(device, queue, info, f16, subgroups, timestamps, &limits);
+    // The `*_sg8` matmuls broadcast with constant lanes 0..8: only where every subgroup is
+    // exactly 8 wide, and only on CPU adapters (on GPUs the tiled kernels are the right shape).
+    ctx.sg8_cpu = subgroups
+        && ai.device_type == wgpu::DeviceType::Cpu
+        && ai.subgroup_min_size == 8
+        && ai.subgroup_max_size == 8
+        && std::env::var_os("VISI_NO_SG8").is_none();
     Ok(Arc::new(GpuBackend::new(Arc::new(ctx))))
 }
 
