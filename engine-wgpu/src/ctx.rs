@@ -201,14 +201,8 @@ impl Ctx {
             return Ok(p.clone());
         }
         let subs: Vec<(&str, String)> = key.subs.iter().map(|(n, v)| (*n, v.to_string())).collect();
-        // DEVTMP: VISI_KERNEL_DIR overrides kernel sources for tuning without rebuilding.
-        let src = match std::env::var_os("VISI_KERNEL_DIR")
-            .and_then(|d| std::fs::read_to_string(std::path::Path::new(&d).join(format!("{}.wgsl", key.kernel))).ok())
-        {
-            Some(text) => shaders::preprocess(&text, &key.flags, &subs),
-            None => shaders::build(key.kernel, &key.flags, &subs),
-        }
-        .map_err(|e| Error::msg(format!("kernel {}: {e}", key.kernel)))?;
+        let src = shaders::build(key.kernel, &key.flags, &subs)
+            .map_err(|e| Error::msg(format!("kernel {}: {e}", key.kernel)))?;
         let consts: Vec<(&str, f64)> = key
             .consts
             .iter()
