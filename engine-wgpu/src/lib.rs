@@ -18,9 +18,14 @@
 //! Software adapters: llvmpipe (lavapipe) stops any loop nest after 65535 iterations per
 //! invocation without an error, so prefill attention walks long caches in several dispatches
 //! there (running softmax state carried in a scratch buffer); other kernels stay far below it.
+//! llvmpipe also runs a subgroup as one 8-lane SIMD vector and splits every non-uniform load
+//! into 8 scalar loads, so `linear` with f16 weights (K % 8 == 0) takes `gemm_sg8`/`gemv_sg8`
+//! on CPU adapters whose subgroups are exactly 8 wide: each value loaded once per subgroup and
+//! shared by `subgroupBroadcast` (3-4x faster there than the tiled kernels, which GPUs keep).
 //!
 //! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
-//! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too).
+//! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too),
+//! `VISI_NO_SG8=1` (keep the tiled matmuls on software adapters too, for comparisons).
 
 // `is_multiple_of` is newer than the workspace MSRV (1.85).
 #![allow(clippy::manual_is_multiple_of)]
