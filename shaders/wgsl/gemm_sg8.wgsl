@@ -4,8 +4,11 @@
 // loads, so the tiled kernel (gemm.wgsl) is bound by loads, not FMAs. Here no value is loaded
 // twice within a subgroup: lane l loads column k0 + l of 8 x rows and 8 weight rows' packed
 // halves at k0..k0+8, then 16 subgroupBroadcasts hand every lane the x values (broadcast with
-// a constant lane is a register shuffle), so 8 loads feed 64 FMAs (vs 1:4 in gemm.wgsl).
-// No workgroup memory and no barriers. 64x64 output tile per workgroup of 64 (8 subgroups:
+// a constant lane is a register shuffle): per 8 k a lane issues 16 loads (8 scalars of x,
+// 8 vec4 of packed weights) for 512 scalar FMAs, vs 4 vec4 workgroup loads per 64 FMAs per k
+// plus the staging in gemm.wgsl. No workgroup memory and no barriers (on llvmpipe a barrier
+// splits the shader into coroutine phases; a K-blocked variant with one was 2x slower). The
+// 64 accumulators spill on AVX2, which is what bounds this kernel at ~45% of the FMA peak. 64x64 output tile per workgroup of 64 (8 subgroups:
 // subgroup s owns x rows m0 + 8s.., lane l owns weight rows n0 + 8l..), as gemm.wgsl.
 // Dispatch: (ceil(rows / 64), ceil(M / 64)).
 // bindings: 0 uniform P, 1 x [M, K] f32, 2 w [rows, K] f16 packed two per u32, 3 bias [N] f32
