@@ -17,6 +17,9 @@ use crate::ctx::{lock, Bind, Ctx, PipelineKey};
 const SHADOW_MAX: usize = 1 << 16;
 /// Rows up to which `linear` uses the matrix-vector kernel.
 const GEMV_MAX_ROWS: usize = 8;
+/// Largest K for the `*_sg8` kernels: their K loop runs K / 8 times (times M + 1 in gemv),
+/// which must stay under llvmpipe's 65535-iteration cap per invocation.
+const SG8_MAX_K: usize = 32_768;
 
 /// One buffer of a tensor: elements `elem0..elem0 + elems` of the tensor.
 pub(crate) struct Chunk {
@@ -515,7 +518,13 @@ impl GpuBackend {
         let w16 = w.dtype() == DType::F16;
         let sw = st(w, OP)?;
         let gemv = m <= GEMV_MAX_ROWS && k > 0;
-        let key = if gemv {
+        // Software adapters: the subgroup-broadcast kernels (same dispatch grids as below).
+        let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k % 8 == 0 && k <= SG8_MAX_K;
+        let key = if sg8 && gemv {
+            PipelineKey::new("gemv_sg8", "main").sub("M", m as u32)
+        } else if sg8 {
+            PipelineKey::new("gemm_sg8", "main")
+        } else if gemv {
             let vec = if w16 { k % 8 == 0 } else { k % 4 == 0 };
             PipelineKey::new("gemv", "main")
                 .flag(vec, "VEC")

@@ -150,7 +150,12 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
             let gbps = moved / min * 1e-9;
             rows.push(json!({
                 "m": m, "k": k, "n": n, "weights": "f16",
-                "kernel": if m <= 8 { "gemv" } else { "gemm" },
+                "kernel": match (m <= 8, ctx.sg8_cpu && k % 8 == 0) {
+                    (true, false) => "gemv",
+                    (false, false) => "gemm",
+                    (true, true) => "gemv_sg8",
+                    (false, true) => "gemm_sg8",
+                },
                 "min_s": min, "median_s": med,
                 "gflops": gflops, "gflops_median": flop / med * 1e-9,
                 "gbps": gbps, "gbps_median": moved / med * 1e-9,

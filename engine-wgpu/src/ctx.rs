@@ -19,7 +19,7 @@ const POOL_CAP: u64 = 2 << 30;
 
 /// Kernels compiled without naga's runtime bounds checks (they check their own bounds);
 /// `VISI_CHECKED_SHADERS=1` turns the checks back on for debugging.
-const UNCHECKED_KERNELS: &[&str] = &["gemm", "gemv"];
+const UNCHECKED_KERNELS: &[&str] = &["gemm", "gemv", "gemm_sg8", "gemv_sg8"];
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the data stays
 /// consistent: every critical section here leaves it valid at each step).
@@ -94,6 +94,9 @@ pub(crate) struct Ctx {
     pub info: DeviceInfo,
     pub f16: bool,
     pub subgroups: bool,
+    /// A software adapter whose subgroups are exactly 8 wide (llvmpipe with AVX2): `linear`
+    /// takes the `*_sg8` kernels there.
+    pub sg8_cpu: bool,
     pub timestamps: bool,
     pub max_buffer: u64,
     pub max_binding: u64,
@@ -165,6 +168,7 @@ impl Ctx {
             info,
             f16,
             subgroups,
+            sg8_cpu: false,
             timestamps,
             pipelines: Mutex::new(HashMap::new()),
             pool: Mutex::new((HashMap::new(), 0)),

@@ -18,9 +18,14 @@
 //! Software adapters: llvmpipe (lavapipe) stops any loop nest after 65535 iterations per
 //! invocation without an error, so prefill attention walks long caches in several dispatches
 //! there (running softmax state carried in a scratch buffer); other kernels stay far below it.
+//! llvmpipe also runs a subgroup as one 8-lane SIMD vector and splits every non-uniform load
+//! into 8 scalar loads, so `linear` with f16 weights (K % 8 == 0) takes `gemm_sg8`/`gemv_sg8`
+//! on CPU adapters whose subgroups are exactly 8 wide: each value loaded once per subgroup and
+//! shared by `subgroupBroadcast` (3-4x faster there than the tiled kernels, which GPUs keep).
 //!
 //! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
-//! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too).
+//! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too),
+//! `VISI_NO_SG8=1` (keep the tiled matmuls on software adapters too, for comparisons).
 
 // `is_multiple_of` is newer than the workspace MSRV (1.85).
 #![allow(clippy::manual_is_multiple_of)]
@@ -128,7 +133,14 @@ pub fn open_gpu(opts: &GpuOptions) -> Result<Arc<GpuBackend>> {
         shader_f16: f16,
         subgroups,
     };
-    let ctx = ctx::Ctx::new(device, queue, info, f16, subgroups, timestamps, &limits);
+    let mut ctx = ctx::Ctx::new(device, queue, info, f16, subgroups, timestamps, &limits);
+    // The `*_sg8` matmuls broadcast with constant lanes 0..8: only where every subgroup is
+    // exactly 8 wide, and only on CPU adapters (on GPUs the tiled kernels are the right shape).
+    ctx.sg8_cpu = subgroups
+        && ai.device_type == wgpu::DeviceType::Cpu
+        && ai.subgroup_min_size == 8
+        && ai.subgroup_max_size == 8
+        && std::env::var_os("VISI_NO_SG8").is_none();
     Ok(Arc::new(GpuBackend::new(Arc::new(ctx))))
 }
 

@@ -326,6 +326,10 @@ fn linear_suite(g: &dyn Backend, seed: u64) {
         (577, 64, 96, false, true),
         (577, 33, 65, true, false),
         (64, 128, 128, true, false),
+        // f16 with K % 8 == 0, ragged M and N: the subgroup kernels on software adapters.
+        (70, 136, 200, true, true),
+        (8, 256, 37, true, true),
+        (2, 64, 33, true, false),
     ];
     for (m, k, n, w16, bias) in cases {
         let x = r.vec(m * k, -1.0, 1.0);
@@ -901,7 +905,8 @@ fn split_bindings() {
     let mut r = Rng::new(21);
     let cpu = CpuBackend::new();
     // [1000, 77] f16 = 154 KB over 64 KiB bindings: odd rows, so chunks hold an even number.
-    for (vocab, d, w16) in [(1000, 77, true), (300, 128, false)] {
+    // (600, 64): f16 rows with K % 8 == 0 (the subgroup kernels on software adapters).
+    for (vocab, d, w16) in [(1000, 77, true), (300, 128, false), (600, 64, true)] {
         let t = r.vec(vocab * d, -1.0, 1.0);
         let th: Vec<f16> = t.iter().map(|&v| f16::from_f32(v)).collect();
         let (ct, gt) = if w16 {

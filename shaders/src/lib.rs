@@ -44,6 +44,8 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("rope", &["F16"], &[]),
     kernel!("gemm", &["F16", "W16", "VEC", "BIAS"], &[]),
     kernel!("gemv", &["F16", "W16", "VEC", "BIAS"], &[("M", "8")]),
+    kernel!("gemm_sg8", &["BIAS"], &[]),
+    kernel!("gemv_sg8", &["BIAS"], &[("M", "8")]),
     kernel!("attention", &["F16"], &[("HEAD_DIM", "128"), ("TK", "16")]),
     kernel!("attention_probs", &["F16", "SUBGROUPS"], &[]),
     kernel!("contrib", &["F16", "SUBGROUPS"], &[]),

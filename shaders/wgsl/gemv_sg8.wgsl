@@ -1,0 +1,72 @@
+// gemv_sg8: y = x·Wᵀ (+ b) for few rows (M <= 8, substituted as {{M}}) on software adapters
+// (llvmpipe), f16 weights packed in u32, K % 8 == 0, subgroups of exactly 8 invocations.
+// Why a separate kernel: llvmpipe runs a subgroup as one 8-lane SIMD vector and turns every
+// storage load into 8 scalar loads, so gemv.wgsl (8 lanes per weight row, each loading its
+// own 8 activations per 8 weights) spends more loads on x than on W. Here each invocation owns
+// four weight rows and streams them alone (4 loads per 8 halves each); lane l loads activation
+// k0 + l once and subgroupBroadcast (a register shuffle for a constant lane) shares it, so x
+// costs one load per 32 weights per activation row. No workgroup memory, no barriers, no
+// reduction. A workgroup is one subgroup: invocation t owns rows 32g + t + 8j, j < 4.
+// Dispatch: ceil(rows / 32) workgroups of 8 (flattened 2-D grid).
+// bindings: 0 uniform P, 1 x [M, K] f32, 2 w [rows, K] f16 packed two per u32, 3 bias [N] f32
+//           (BIAS), 4 y [M, N] f32
+#include common
+
+const M: u32 = {{M}}u;
+
+struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: u32 }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
+#if BIAS
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+#endif
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+// Eight products of b and the halves packed in q, summed as a tree (independent FMAs).
+fn dot8(b: array<f32, 8>, q: vec4<u32>) -> f32 {
+    let w0 = unpack_pair(q.x);
+    let w1 = unpack_pair(q.y);
+    let w2 = unpack_pair(q.z);
+    let w3 = unpack_pair(q.w);
+    return (fma(b[0], w0.x, b[1] * w0.y) + fma(b[2], w1.x, b[3] * w1.y))
+        + (fma(b[4], w2.x, b[5] * w2.y) + fma(b[6], w3.x, b[7] * w3.y));
+}
+
+@compute @workgroup_size(8)
+fn main(iv: Inv) {
+    let lane = iv.lid;
+    let r = vec4<u32>(flat_group(iv) * 32u + lane) + vec4<u32>(0u, 8u, 16u, 24u);
+    let kv = p.k / 8u;
+    // Rows past the end are clamped, not skipped: every lane must take part in the
+    // broadcasts; their results are dropped at the store.
+    let wr = min(r, vec4<u32>(p.rows - 1u)) * kv;
+    var acc: array<vec4<f32>, M>; // [activation row][weight row j]
+    for (var i = 0u; i < kv; i++) {
+        let q0 = w[wr.x + i];
+        let q1 = w[wr.y + i];
+        let q2 = w[wr.z + i];
+        let q3 = w[wr.w + i];
+        for (var m = 0u; m < M; m++) {
+            let xl = x[m * p.k + i * 8u + lane];
+            let b = array<f32, 8>(
+                subgroupBroadcast(xl, 0u), subgroupBroadcast(xl, 1u),
+                subgroupBroadcast(xl, 2u), subgroupBroadcast(xl, 3u),
+                subgroupBroadcast(xl, 4u), subgroupBroadcast(xl, 5u),
+                subgroupBroadcast(xl, 6u), subgroupBroadcast(xl, 7u),
+            );
+            acc[m] += vec4<f32>(dot8(b, q0), dot8(b, q1), dot8(b, q2), dot8(b, q3));
+        }
+    }
+    for (var j = 0u; j < 4u; j++) {
+        if (r[j] < p.rows) {
+            for (var m = 0u; m < M; m++) {
+#if BIAS
+                y[m * p.n + p.n_off + r[j]] = acc[m][j] + bias[p.n_off + r[j]];
+#else
+                y[m * p.n + p.n_off + r[j]] = acc[m][j];
+#endif
+            }
+        }
+    }
+}
