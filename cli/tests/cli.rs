@@ -43,83 +43,174 @@ fn ids(v: &Value) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The devices binary tests run on: the CPU backend, and `auto` when it reaches a wgpu
+/// adapter (lavapipe in CI, where a missing adapter is a failure, never a silent skip).
+fn devices() -> Result<Vec<&'static str>> {
+    let probe = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
+        .args(["devices", "--json"])
+        .output()
+        .context("running visi-cli devices")?;
+    let v: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
+    let has_adapter = v["adapters"].as_array().is_some_and(|a| !a.is_empty());
+    if has_adapter {
+        return Ok(vec!["cpu", "auto"]);
+    }
+    ensure!(
+        std::env::var_os("CI").is_none(),
+        "CI is set but visi-cli devices lists no adapter"
+    );
+    eprintln!("SKIP the wgpu half of the binary tests: no adapter");
+    Ok(vec!["cpu"])
+}
+
+/// `run` arguments for one reference case (greedy, its image and image mode).
+fn case_args(model: &str, c: &visi_tests::RefCase, max: &str, device: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["run", "--model", model, "--prompt", &c.question, "--json"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--device", device, "--max-new-tokens", max].map(String::from));
+    if let Some(img) = &c.image {
+        args.extend([
+            "--image".to_string(),
+            img.to_string_lossy().to_string(),
+            "--image-mode".to_string(),
+            c.image_mode.clone().unwrap_or_else(|| "crop".into()),
+        ]);
+    }
+    args
+}
+
+#[test]
+fn pruning_decisions_through_the_binary() -> Result<()> {
+    // Every reference VisiPruner/FastV run of tools/visipruner_ref.py, through
+    // `run --json --prune JSON`, on every device: same decisions, same tokens.
+    let mut checked = 0;
+    for device in devices()? {
+        for r in references()? {
+            let model = r.model_dir.to_string_lossy().to_string();
+            let max = r.max_new_tokens.to_string();
+            for run in &r.prune_runs {
+                let c = r
+                    .cases
+                    .iter()
+                    .find(|c| c.name == run.case)
+                    .with_context(|| format!("{}: case {}", r.name, run.case))?;
+                let mut args = case_args(&model, c, &max, device);
+                args.extend(["--prune".to_string(), run.prune.to_string()]);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let what = format!("{device} {} {} {}", r.name, run.case, run.name);
+                let v = json_of(&visi(&args)?).with_context(|| what.clone())?;
+                let p = &v["pruning"];
+                let opt = |x: &Value| x.as_u64().map(|n| n as usize);
+                ensure!(
+                    opt(&p["fusion_layer"]) == run.fusion_layer,
+                    "{what}: fusion {}",
+                    p["fusion_layer"]
+                );
+                ensure!(
+                    opt(&p["text_only_from_layer"]) == run.text_only_from_layer,
+                    "{what}: text_only_from_layer {}",
+                    p["text_only_from_layer"]
+                );
+                let kept: Option<Vec<usize>> = p["kept_image_tokens"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(opt).collect());
+                ensure!(
+                    kept == run.kept_image_tokens,
+                    "{what}: kept {}",
+                    p["kept_image_tokens"]
+                );
+                let lens: Vec<usize> = p["layer_seq_lens"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(opt).collect())
+                    .unwrap_or_default();
+                ensure!(
+                    lens == run.layer_seq_lens,
+                    "{what}: layer_seq_lens {lens:?} want {:?}",
+                    run.layer_seq_lens
+                );
+                if let Some(d) = first_difference(&ids(&v["tokens"]), &run.generated_ids) {
+                    bail!("{what}: {d}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    ensure!(checked > 0, "no pruning.json runs found");
+    println!("{checked} pruning runs match through the binary");
+    Ok(())
+}
+
 #[test]
 fn reference_tokens_through_the_binary() -> Result<()> {
-    for r in references()? {
-        let model = r.model_dir.to_string_lossy().to_string();
-        let max = r.max_new_tokens.to_string();
-        for c in &r.cases {
-            let mut args = vec![
-                "run",
-                "--model",
-                &model,
-                "--prompt",
-                &c.question,
-                "--json",
-                "--no-prune",
-            ];
-            args.extend(["--device", "cpu", "--max-new-tokens", &max]);
-            let image = c.image.as_ref().map(|p| p.to_string_lossy().to_string());
-            if let Some(img) = &image {
-                args.extend([
-                    "--image",
-                    img,
-                    "--image-mode",
-                    c.image_mode.as_deref().unwrap_or("crop"),
-                ]);
+    for device in devices()? {
+        for r in references()? {
+            let model = r.model_dir.to_string_lossy().to_string();
+            let max = r.max_new_tokens.to_string();
+            for c in &r.cases {
+                let mut args = case_args(&model, c, &max, device);
+                args.push("--no-prune".to_string());
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let v = json_of(&visi(&args)?)
+                    .with_context(|| format!("{device} {} {}", r.name, c.name))?;
+                if let Some(d) = first_difference(&ids(&v["tokens"]), &c.generated_ids) {
+                    bail!("{} {}: {d}", r.name, c.name);
+                }
+                ensure!(
+                    v["text"] == c.generated_text.as_str(),
+                    "{} {}: text {}",
+                    r.name,
+                    c.name,
+                    v["text"]
+                );
+                ensure!(
+                    v["prompt_tokens"] == c.input_ids_expanded.len(),
+                    "{} {}: prompt_tokens {}",
+                    r.name,
+                    c.name,
+                    v["prompt_tokens"]
+                );
+                let n_img = c.image_span.map_or(0, |(s, e)| e - s);
+                ensure!(
+                    v["image_tokens"] == n_img,
+                    "{} {}: image_tokens {}",
+                    r.name,
+                    c.name,
+                    v["image_tokens"]
+                );
+                ensure!(
+                    v["pruning"]["method"] == "dense",
+                    "{} {}: {}",
+                    r.name,
+                    c.name,
+                    v["pruning"]
+                );
+                let backend = if device == "cpu" { "cpu" } else { "wgpu" };
+                ensure!(
+                    v["device"]["backend"] == backend,
+                    "{device}: ran on {}",
+                    v["device"]
+                );
+                for k in ["load", "vision", "prefill", "decode"] {
+                    ensure!(v["timings_ms"][k].is_number(), "timings_ms.{k} missing");
+                }
+                for k in [
+                    "prefill",
+                    "prefill_dense",
+                    "image_attention",
+                    "image_attention_dense",
+                ] {
+                    ensure!(v["flops"][k].is_u64(), "flops.{k} missing");
+                }
+                println!(
+                    "{} {}: ok (prefill {:.0} ms, decode {:.1} tok/s)",
+                    r.name,
+                    c.name,
+                    v["timings_ms"]["prefill"].as_f64().unwrap_or(0.0),
+                    v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+                );
             }
-            let v = json_of(&visi(&args)?).with_context(|| format!("{} {}", r.name, c.name))?;
-            if let Some(d) = first_difference(&ids(&v["tokens"]), &c.generated_ids) {
-                bail!("{} {}: {d}", r.name, c.name);
-            }
-            ensure!(
-                v["text"] == c.generated_text.as_str(),
-                "{} {}: text {}",
-                r.name,
-                c.name,
-                v["text"]
-            );
-            ensure!(
-                v["prompt_tokens"] == c.input_ids_expanded.len(),
-                "{} {}: prompt_tokens {}",
-                r.name,
-                c.name,
-                v["prompt_tokens"]
-            );
-            let n_img = c.image_span.map_or(0, |(s, e)| e - s);
-            ensure!(
-                v["image_tokens"] == n_img,
-                "{} {}: image_tokens {}",
-                r.name,
-                c.name,
-                v["image_tokens"]
-            );
-            ensure!(
-                v["pruning"]["method"] == "dense",
-                "{} {}: {}",
-                r.name,
-                c.name,
-                v["pruning"]
-            );
-            ensure!(v["device"]["backend"] == "cpu");
-            for k in ["load", "vision", "prefill", "decode"] {
-                ensure!(v["timings_ms"][k].is_number(), "timings_ms.{k} missing");
-            }
-            for k in [
-                "prefill",
-                "prefill_dense",
-                "image_attention",
-                "image_attention_dense",
-            ] {
-                ensure!(v["flops"][k].is_u64(), "flops.{k} missing");
-            }
-            println!(
-                "{} {}: ok (prefill {:.0} ms, decode {:.1} tok/s)",
-                r.name,
-                c.name,
-                v["timings_ms"]["prefill"].as_f64().unwrap_or(0.0),
-                v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
-            );
         }
     }
     Ok(())
