@@ -5,13 +5,34 @@
 //! - [`open`]: builds the GPU backend as an `Arc<dyn Backend>`.
 //! - [`list_adapters`]: every adapter wgpu sees, and which one `auto` picks.
 //! - [`bench::kernel_bench`]: the kernel benchmark (GFLOP/s, GB/s, measured peaks) as JSON.
+//! - [`open_gpu`] / [`GpuBackend`] / [`GpuStorage`]: the concrete types, for tests and benches.
+//!
+//! Design: every kernel is WGSL from the `shaders` crate, compiled once per
+//! `PipelineKey` (kernel, entry, flags, substitutions, override constants). Ops record into one
+//! command encoder with a per-batch uniform arena and submit only at `to_vec_*`/`sync` or when a
+//! batch grows large; output buffers come from a size-class pool that freed tensors return to.
+//! Weights stay f16 on the device (packed two per u32; loaded natively under `shader-f16`),
+//! activations f32. Tensors above the storage-binding limit are split by rows over several
+//! buffers (`linear`, `embedding` and `to_vec_*` stream the chunks).
+//!
+//! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
+//! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too).
+
+// `is_multiple_of` is newer than the workspace MSRV (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
+mod backend;
+pub mod bench;
+mod ctx;
 
 use std::sync::Arc;
 
-use engine_core::{Backend, Error, Result};
+use engine_core::{Backend, DeviceInfo, Error, Result};
 use serde::Serialize;
 
-/// How to choose an adapter.
+pub use backend::{GpuBackend, GpuStorage};
+
+/// How to choose an adapter, plus test knobs that force the portable fallbacks.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
     /// `--device gpu`: refuse software (CPU-type) adapters such as lavapipe.
@@ -20,22 +41,38 @@ pub struct GpuOptions {
     /// `VISI_ADAPTER` environment variable, and without it picks the best adapter
     /// (discrete, then integrated, then other, software last).
     pub adapter: Option<String>,
+    /// Do not use `shader-f16` even where the adapter has it (tests the fallback).
+    pub no_f16: bool,
+    /// Do not use subgroup operations even where the adapter has them (tests the fallback).
+    pub no_subgroups: bool,
+    /// Do not use timestamp queries (the benchmark falls back to wall-clock time).
+    pub no_timestamps: bool,
+    /// Caps the storage-binding size below the adapter's (tests tensor splitting).
+    pub max_binding_override: Option<u64>,
 }
 
 /// One adapter as wgpu reports it, with the limits and features the engine uses.
 #[derive(Clone, Debug, Serialize)]
 pub struct AdapterReport {
+    /// Position in the list (usable as `GpuOptions::adapter` / `VISI_ADAPTER`).
     pub index: usize,
+    /// Adapter name as the driver reports it.
     pub name: String,
     /// `vulkan`, `metal`, `dx12`, `gl`.
     pub backend: String,
     /// `discrete`, `integrated`, `virtual`, `cpu`, `other`.
     pub device_type: String,
+    /// Driver name (e.g. `llvmpipe`, `NVIDIA`).
     pub driver: String,
+    /// Driver version details.
     pub driver_info: String,
+    /// Largest buffer the adapter allows, in bytes.
     pub max_buffer_size: u64,
+    /// Largest storage binding the adapter allows, in bytes (tensors above it are split).
     pub max_storage_buffer_binding_size: u64,
+    /// Whether the adapter has `shader-f16` (native f16 weight loads).
     pub shader_f16: bool,
+    /// Whether the adapter has subgroup operations (used in row reductions).
     pub subgroups: bool,
     /// Whether `--device auto` (with the current `VISI_ADAPTER`) picks this adapter.
     pub auto_pick: bool,
@@ -43,25 +80,171 @@ pub struct AdapterReport {
 
 /// Opens the GPU backend on the adapter `opts` selects.
 pub fn open(opts: &GpuOptions) -> Result<Arc<dyn Backend>> {
-    let _ = opts;
-    Err(Error::NoAdapter("the wgpu backend is not built yet".into()))
+    Ok(open_gpu(opts)?)
+}
+
+/// Opens the GPU backend as its concrete type (for tests and the benchmark).
+pub fn open_gpu(opts: &GpuOptions) -> Result<Arc<GpuBackend>> {
+    let instance = instance();
+    let adapters = pollster::block_on(instance.enumerate_adapters(backends()));
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let i = pick(&infos, opts)?;
+    let adapter = &adapters[i];
+    let ai = &infos[i];
+    let feats = adapter.features();
+    let f16 = feats.contains(wgpu::Features::SHADER_F16) && !opts.no_f16;
+    let subgroups = feats.contains(wgpu::Features::SUBGROUP) && !opts.no_subgroups;
+    let timestamps = feats.contains(wgpu::Features::TIMESTAMP_QUERY) && !opts.no_timestamps;
+    let mut features = wgpu::Features::empty();
+    features.set(wgpu::Features::SHADER_F16, f16);
+    features.set(wgpu::Features::SUBGROUP, subgroups);
+    features.set(wgpu::Features::TIMESTAMP_QUERY, timestamps);
+    // Everything the adapter allows: big buffers and bindings, workgroup memory.
+    let limits = adapter.limits();
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("visi"),
+        required_features: features,
+        required_limits: limits.clone(),
+        ..Default::default()
+    }))
+    .map_err(|e| Error::NoAdapter(format!("{}: cannot open a device: {e}", ai.name)))?;
+    let mut max_binding = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
+    if let Some(cap) = opts.max_binding_override {
+        max_binding = max_binding.min(cap.max(256));
+    }
+    let info = DeviceInfo {
+        backend: "wgpu".into(),
+        adapter: ai.name.clone(),
+        api: api_name(ai.backend),
+        device_type: type_name(ai.device_type),
+        max_buffer_size: limits.max_buffer_size,
+        max_binding_size: max_binding,
+        shader_f16: f16,
+        subgroups,
+    };
+    let ctx = ctx::Ctx::new(device, queue, info, f16, subgroups, timestamps, &limits);
+    Ok(Arc::new(GpuBackend::new(Arc::new(ctx))))
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends();
+    wgpu::Instance::new(desc)
+}
+
+/// Vulkan, Metal, DX12 (or `WGPU_BACKEND`); GL lacks what the kernels need on many drivers.
+fn backends() -> wgpu::Backends {
+    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)
+}
+
+fn api_name(b: wgpu::Backend) -> String {
+    match b {
+        wgpu::Backend::Vulkan => "vulkan",
+        wgpu::Backend::Metal => "metal",
+        wgpu::Backend::Dx12 => "dx12",
+        wgpu::Backend::Gl => "gl",
+        _ => "other",
+    }
+    .into()
+}
+
+fn type_name(t: wgpu::DeviceType) -> String {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => "discrete",
+        wgpu::DeviceType::IntegratedGpu => "integrated",
+        wgpu::DeviceType::VirtualGpu => "virtual",
+        wgpu::DeviceType::Cpu => "cpu",
+        wgpu::DeviceType::Other => "other",
+    }
+    .into()
+}
+
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// The adapter `opts` (or `VISI_ADAPTER`) asks for, else the best by device type.
+fn pick(infos: &[wgpu::AdapterInfo], opts: &GpuOptions) -> Result<usize> {
+    const HINT: &str = "run with `--device cpu` to use the CPU backend";
+    if infos.is_empty() {
+        return Err(Error::NoAdapter(format!("wgpu sees no adapter; {HINT}")));
+    }
+    let wanted = opts
+        .adapter
+        .clone()
+        .or_else(|| std::env::var("VISI_ADAPTER").ok());
+    let ok = |i: usize| !opts.require_gpu || infos[i].device_type != wgpu::DeviceType::Cpu;
+    if let Some(w) = wanted.filter(|w| !w.trim().is_empty()) {
+        let w = w.trim();
+        let found = match w.parse::<usize>() {
+            Ok(i) if i < infos.len() => Some(i),
+            _ => {
+                let lw = w.to_lowercase();
+                infos
+                    .iter()
+                    .position(|a| a.name.to_lowercase().contains(&lw))
+            }
+        };
+        return match found {
+            Some(i) if ok(i) => Ok(i),
+            Some(i) => Err(Error::NoAdapter(format!(
+                "adapter `{}` is a software (CPU) adapter and a GPU is required; {HINT}",
+                infos[i].name
+            ))),
+            None => Err(Error::NoAdapter(format!(
+                "no adapter matches `{w}` (have: {}); {HINT}",
+                infos
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        };
+    }
+    (0..infos.len())
+        .filter(|&i| ok(i))
+        .min_by_key(|&i| rank(infos[i].device_type))
+        .ok_or_else(|| {
+            Error::NoAdapter(format!(
+                "only software (CPU) adapters are available; {HINT}"
+            ))
+        })
 }
 
 /// Every adapter wgpu sees.
 pub fn list_adapters() -> Vec<AdapterReport> {
-    Vec::new()
-}
-
-pub mod bench {
-    //! The kernel benchmark.
-    use super::*;
-
-    /// Runs the kernel benchmark on the adapter `opts` selects: achieved GFLOP/s and GB/s
-    /// of `linear` for the LLaVA-7B shapes (M = 1 and M = 640; K×N = 4096×4096,
-    /// 4096×11008, 11008×4096, f16 weights) and the adapter's measured peaks (a pure-FMA
-    /// kernel and a pure-copy kernel). `quick` shrinks repetitions (for tests).
-    pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value> {
-        let _ = (opts, quick);
-        Err(Error::NoAdapter("the wgpu backend is not built yet".into()))
-    }
+    let instance = instance();
+    let adapters = pollster::block_on(instance.enumerate_adapters(backends()));
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let auto = pick(&infos, &GpuOptions::default()).ok();
+    adapters
+        .iter()
+        .zip(&infos)
+        .enumerate()
+        .map(|(index, (a, i))| {
+            let l = a.limits();
+            let f = a.features();
+            AdapterReport {
+                index,
+                name: i.name.clone(),
+                backend: api_name(i.backend),
+                device_type: type_name(i.device_type),
+                driver: i.driver.clone(),
+                driver_info: i.driver_info.clone(),
+                max_buffer_size: l.max_buffer_size,
+                max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
+                shader_f16: f.contains(wgpu::Features::SHADER_F16),
+                subgroups: f.contains(wgpu::Features::SUBGROUP),
+                auto_pick: auto == Some(index),
+            }
+        })
+        .collect()
 }

@@ -1,0 +1,1485 @@
+//! `engine_core::Backend` on wgpu: validation (as the CPU reference does), tensor storage,
+//! and one method per op recording WGSL dispatches into the current batch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use engine_core::{
+    AttentionMask, AttentionParams, Backend, DType, DeviceInfo, Error, HostData, Result,
+    RopeParams, Shape, Storage, Tensor,
+};
+use half::f16;
+
+use crate::ctx::{lock, Bind, Ctx, PipelineKey};
+
+/// Host copies of small `U32` uploads are kept so ids/indices can be range-checked without a
+/// device round trip.
+const SHADOW_MAX: usize = 1 << 16;
+/// Rows up to which `linear` uses the matrix-vector kernel.
+const GEMV_MAX_ROWS: usize = 8;
+
+/// One buffer of a tensor: elements `elem0..elem0 + elems` of the tensor.
+pub(crate) struct Chunk {
+    pub buf: wgpu::Buffer,
+    /// Pool size class (or exact size for upload buffers).
+    pub class: u64,
+    pub elem0: usize,
+    pub elems: usize,
+    /// Bytes holding the chunk's elements (f16 are packed two per u32 word).
+    pub bytes: u64,
+}
+
+/// GPU memory behind a [`Tensor`]: one buffer, or several (split by rows) when the tensor is
+/// larger than one storage binding. Buffers return to the pool on drop.
+pub struct GpuStorage {
+    chunks: Vec<Chunk>,
+    ctx: Arc<Ctx>,
+    shadow: Option<Vec<u32>>,
+}
+
+impl std::fmt::Debug for GpuStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuStorage")
+            .field("chunks", &self.chunks.len())
+            .field("bytes", &self.chunks.iter().map(|c| c.bytes).sum::<u64>())
+            .finish()
+    }
+}
+
+impl GpuStorage {
+    /// Number of device buffers holding the tensor (more than one when it was split).
+    pub fn buffers(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
+impl Storage for GpuStorage {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn backend_name(&self) -> &'static str {
+        "wgpu"
+    }
+}
+
+impl Drop for GpuStorage {
+    fn drop(&mut self) {
+        for c in self.chunks.drain(..) {
+            self.ctx.release(c.buf, c.class);
+        }
+    }
+}
+
+/// Bytes of `n` elements of `dtype` on the device (f16 packed two per u32).
+fn dev_bytes(dtype: DType, n: usize) -> u64 {
+    match dtype {
+        DType::F16 | DType::BF16 => (n as u64).div_ceil(2) * 4,
+        _ => n as u64 * 4,
+    }
+}
+
+/// RoPE frequency tables by (head_dim, theta bits, scaling bits).
+type InvFreqCache = HashMap<(usize, u32, u32), Tensor>;
+
+/// The wgpu backend. Cheap to clone (an `Arc` to the device context).
+#[derive(Clone)]
+pub struct GpuBackend {
+    pub(crate) ctx: Arc<Ctx>,
+    inv_freq: Arc<Mutex<InvFreqCache>>,
+}
+
+impl std::fmt::Debug for GpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuBackend({})", self.ctx.info.adapter)
+    }
+}
+
+fn st<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a GpuStorage> {
+    t.storage_as::<GpuStorage>(op)
+}
+
+/// The single buffer of `t`; tensors split over several bindings only work in ops that
+/// stream chunks (`linear`, `embedding`, `to_vec_*`).
+fn one<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a Chunk> {
+    let s = st(t, op)?;
+    match s.chunks.as_slice() {
+        [c] => Ok(c),
+        _ => Err(Error::TooLarge {
+            what: format!("{op}: operand {}", t.shape()),
+            bytes: s.chunks.iter().map(|c| c.bytes).sum(),
+            limit: s.ctx.max_binding,
+        }),
+    }
+}
+
+fn need(t: &Tensor, dtype: DType, op: &'static str) -> Result<()> {
+    if t.dtype() == dtype {
+        Ok(())
+    } else {
+        Err(Error::DType {
+            op,
+            dtype: t.dtype(),
+        })
+    }
+}
+
+fn need_float(t: &Tensor, op: &'static str) -> Result<()> {
+    match t.dtype() {
+        DType::F32 | DType::F16 => Ok(()),
+        d => Err(Error::DType { op, dtype: d }),
+    }
+}
+
+fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    let row = b.dims().len() == 1 && b.dims()[0] == a.shape().last_dim();
+    if a.dims() == b.dims() || row {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("cannot broadcast {} onto {}", b.shape(), a.shape()),
+        ))
+    }
+}
+
+fn check_vec(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
+    if t.dims() == [n] {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("{what} must be [{n}], got {}", t.shape()),
+        ))
+    }
+}
+
+fn check_rows(op: &'static str, t: &Tensor) -> Result<usize> {
+    if t.dims().is_empty() {
+        return Err(Error::shape(
+            op,
+            "expected at least one dimension, got a scalar",
+        ));
+    }
+    Ok(t.shape().last_dim())
+}
+
+fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} {v} does not fit in 32 bits")))
+}
+
+/// Little-endian bytes of a uniform made of 32-bit fields.
+fn params(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn mask_span(m: &AttentionMask) -> Option<(usize, usize)> {
+    match *m {
+        AttentionMask::None => None,
+        AttentionMask::Layer0Sink {
+            image_start,
+            image_end,
+        }
+        | AttentionMask::Layer0Split {
+            image_start,
+            image_end,
+        }
+        | AttentionMask::TextToImage {
+            image_start,
+            image_end,
+        } => Some((image_start, image_end)),
+    }
+}
+
+/// Checks an attention call like the CPU reference; returns the number of queries.
+#[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.85)
+fn check_attention(
+    op: &'static str,
+    q: &[usize],
+    kv: &[&[usize]],
+    p: &AttentionParams,
+) -> Result<usize> {
+    if p.num_heads == 0 || p.num_kv_heads == 0 || p.head_dim == 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "num_heads ({}), num_kv_heads ({}) and head_dim ({}) must be positive",
+                p.num_heads, p.num_kv_heads, p.head_dim
+            ),
+        ));
+    }
+    if p.num_heads % p.num_kv_heads > 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                p.num_heads, p.num_kv_heads
+            ),
+        ));
+    }
+    let qw = p.num_heads * p.head_dim;
+    let kw = p.num_kv_heads * p.head_dim;
+    let sq = match q {
+        [s, w] if *w == qw => *s,
+        _ => {
+            return Err(Error::shape(
+                op,
+                format!("q must be [Sq, {qw}] (num_heads*head_dim), got {q:?}"),
+            ))
+        }
+    };
+    for (name, dims) in ["k", "v"].iter().zip(kv) {
+        match dims {
+            [l, w] if *w == kw && *l >= p.kv_len => {}
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                    "{name} must be [L >= kv_len {}, {kw}] (num_kv_heads*head_dim), got {dims:?}",
+                    p.kv_len
+                ),
+                ))
+            }
+        }
+    }
+    if p.causal && p.q_offset + sq > p.kv_len {
+        return Err(Error::shape(
+            op,
+            format!(
+                "causal queries reach cache row {} but kv_len is {}",
+                p.q_offset + sq,
+                p.kv_len
+            ),
+        ));
+    }
+    if sq > 0 && p.kv_len == 0 {
+        return Err(Error::shape(op, "kv_len is 0: no keys to attend to"));
+    }
+    if let Some((s, e)) = mask_span(&p.mask) {
+        if s > e {
+            return Err(Error::shape(
+                op,
+                format!("mask image span [{s}, {e}) is reversed"),
+            ));
+        }
+    }
+    Ok(sq)
+}
+
+/// Uniform words shared by the attention kernels (see attention.wgsl's `P`).
+fn attention_params(sq: usize, p: &AttentionParams, last: u32) -> Vec<u8> {
+    let (mask, s, e) = match p.mask {
+        AttentionMask::None => (0, 0, 0),
+        AttentionMask::Layer0Sink {
+            image_start,
+            image_end,
+        } => (1, image_start, image_end),
+        AttentionMask::Layer0Split {
+            image_start,
+            image_end,
+        } => (2, image_start, image_end),
+        AttentionMask::TextToImage {
+            image_start,
+            image_end,
+        } => (3, image_start, image_end),
+    };
+    let c = |v: usize| v.min(u32::MAX as usize) as u32;
+    params(&[
+        c(sq),
+        c(p.kv_len),
+        c(p.q_offset),
+        u32::from(p.causal),
+        mask,
+        c(s),
+        c(e),
+        c(p.num_heads / p.num_kv_heads),
+        c(p.num_heads * p.head_dim),
+        c(p.num_kv_heads * p.head_dim),
+        p.scale.to_bits(),
+        last,
+    ])
+}
+
+impl GpuBackend {
+    pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
+        GpuBackend {
+            ctx,
+            inv_freq: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Workgroup grid for `groups` workgroups: x up to the per-dimension limit, then y.
+    fn grid(&self, op: &'static str, groups: usize) -> Result<[u32; 3]> {
+        let maxd = self.ctx.max_groups.max(1) as usize;
+        let x = groups.min(maxd);
+        let y = if x == 0 { 0 } else { groups.div_ceil(x) };
+        if y > maxd {
+            return Err(Error::TooLarge {
+                what: format!("{op}: {groups} workgroups"),
+                bytes: groups as u64,
+                limit: (maxd * maxd) as u64,
+            });
+        }
+        Ok([x as u32, y as u32, 1])
+    }
+
+    fn wrap(&self, chunks: Vec<Chunk>, shape: impl Into<Shape>, dtype: DType) -> Tensor {
+        let s = GpuStorage {
+            chunks,
+            ctx: self.ctx.clone(),
+            shadow: None,
+        };
+        Tensor::from_storage(Arc::new(s), shape.into(), dtype)
+    }
+
+    /// A new single-buffer tensor (contents undefined: every op writes all of it).
+    fn empty(&self, shape: impl Into<Shape>, dtype: DType, op: &'static str) -> Result<Tensor> {
+        let shape = shape.into();
+        let n = shape.elem_count();
+        let bytes = dev_bytes(dtype, n);
+        if bytes > self.ctx.max_binding {
+            return Err(Error::TooLarge {
+                what: format!("{op}: result {shape} {dtype}"),
+                bytes,
+                limit: self.ctx.max_binding,
+            });
+        }
+        let (buf, class) = self.ctx.alloc(bytes, op)?;
+        Ok(self.wrap(
+            vec![Chunk {
+                buf,
+                class,
+                elem0: 0,
+                elems: n,
+                bytes,
+            }],
+            shape,
+            dtype,
+        ))
+    }
+
+    /// Copies `count` elements: `src` from element `src_off` to `dst` from element `dst_off`.
+    fn copy_elems(
+        &self,
+        dtype: DType,
+        dst: &Chunk,
+        dst_off: usize,
+        src: &Chunk,
+        src_off: usize,
+        count: usize,
+    ) -> Result<()> {
+        const OP: &str = "copy";
+        if count == 0 {
+            return Ok(());
+        }
+        if dtype != DType::F16 || (dst_off % 2 == 0 && src_off % 2 == 0 && count % 2 == 0) {
+            let es = if dtype == DType::F16 { 2 } else { 4 };
+            let (so, d_o, n) = (
+                (src_off * es) as u64,
+                (dst_off * es) as u64,
+                (count * es) as u64,
+            );
+            self.ctx
+                .encode(|enc| enc.copy_buffer_to_buffer(&src.buf, so, &dst.buf, d_o, n));
+            return Ok(());
+        }
+        // f16 at odd element offsets: a bit-exact kernel that merges half words.
+        let w0 = dst_off / 2;
+        let words = (dst_off + count).div_ceil(2) - w0;
+        let pipe = self.ctx.pipeline(PipelineKey::new("copy", "copy16"))?;
+        let c = |v| u32_of(OP, "offset", v);
+        let prm = params(&[
+            c(dst_off)?,
+            c(src_off)?,
+            c(count)?,
+            c(w0)?,
+            c(words)?,
+            0,
+            0,
+            0,
+        ]);
+        let g = self.grid(OP, words.div_ceil(256))?;
+        self.ctx.dispatch(
+            &pipe,
+            &prm,
+            &[Bind(1, &src.buf, src.bytes), Bind(3, &dst.buf, dst.bytes)],
+            g,
+        )
+    }
+
+    fn unary(&self, op: &'static str, x: &Tensor, code: u32) -> Result<Tensor> {
+        need(x, DType::F32, op)?;
+        let cx = one(x, op)?;
+        let out = self.empty(x.shape().clone(), DType::F32, op)?;
+        let n = x.elem_count();
+        if n > 0 {
+            let co = one(&out, op)?;
+            let pipe = self
+                .ctx
+                .pipeline(PipelineKey::new("elementwise", "unary").konst("OP", code))?;
+            let prm = params(&[u32_of(op, "length", n)?, 0, 0, 0]);
+            let g = self.grid(op, n.div_ceil(256))?;
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[Bind(1, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)],
+                g,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn binary(&self, op: &'static str, a: &Tensor, b: &Tensor, code: u32) -> Result<Tensor> {
+        need(a, DType::F32, op)?;
+        need(b, DType::F32, op)?;
+        let (ca, cb) = (one(a, op)?, one(b, op)?);
+        let out = self.empty(a.shape().clone(), DType::F32, op)?;
+        let n = a.elem_count();
+        if n > 0 {
+            let co = one(&out, op)?;
+            let pipe = self
+                .ctx
+                .pipeline(PipelineKey::new("elementwise", "binary").konst("OP", code))?;
+            let prm = params(&[
+                u32_of(op, "length", n)?,
+                u32_of(op, "width", a.shape().last_dim())?,
+                u32_of(op, "length", b.elem_count())?,
+                0,
+            ]);
+            let g = self.grid(op, n.div_ceil(256))?;
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &ca.buf, ca.bytes),
+                    Bind(2, &cb.buf, cb.bytes),
+                    Bind(3, &co.buf, co.bytes),
+                ],
+                g,
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// One row-wise norm/softmax kernel: `extra` are the (binding, tensor) parameter vectors.
+    fn rows_op(
+        &self,
+        op: &'static str,
+        entry: &'static str,
+        x: &Tensor,
+        extra: &[(u32, &Tensor)],
+        eps: f32,
+    ) -> Result<Tensor> {
+        need(x, DType::F32, op)?;
+        let n = x.shape().last_dim();
+        let rows = x.shape().rows();
+        let cx = one(x, op)?;
+        let out = self.empty(x.shape().clone(), DType::F32, op)?;
+        if rows > 0 && n > 0 {
+            let co = one(&out, op)?;
+            let mut binds = vec![Bind(1, &cx.buf, cx.bytes)];
+            for (i, t) in extra {
+                need(t, DType::F32, op)?;
+                let c = one(t, op)?;
+                binds.push(Bind(*i, &c.buf, c.bytes));
+            }
+            binds.push(Bind(4, &co.buf, co.bytes));
+            let pipe = self.ctx.pipeline(PipelineKey::new("norm", entry))?;
+            let prm = params(&[
+                u32_of(op, "rows", rows)?,
+                u32_of(op, "width", n)?,
+                eps.to_bits(),
+                0,
+            ]);
+            let g = self.grid(op, rows)?;
+            self.ctx.dispatch(&pipe, &prm, &binds, g)?;
+        }
+        Ok(out)
+    }
+
+    /// `linear` on validated operands: x `[m, k]` f32 (one buffer), w `[n, k]` (any chunks).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_raw(
+        &self,
+        cx: &Chunk,
+        m: usize,
+        k: usize,
+        w: &Tensor,
+        n: usize,
+        bias: Option<&Chunk>,
+        out: &Chunk,
+    ) -> Result<()> {
+        const OP: &str = "linear";
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let w16 = w.dtype() == DType::F16;
+        let sw = st(w, OP)?;
+        let gemv = m <= GEMV_MAX_ROWS && k > 0;
+        let key = if gemv {
+            let vec = if w16 { k % 8 == 0 } else { k % 4 == 0 };
+            PipelineKey::new("gemv", "main")
+                .flag(vec, "VEC")
+                .sub("M", m as u32)
+        } else {
+            PipelineKey::new("gemm", "main").flag(k % 4 == 0, "VEC")
+        };
+        let pipe = self
+            .ctx
+            .pipeline(key.flag(w16, "W16").flag(bias.is_some(), "BIAS"))?;
+        for c in &sw.chunks {
+            if k > 0 && (c.elem0 % k != 0 || c.elems % k != 0) {
+                return Err(Error::msg(format!(
+                    "linear: weight chunk at element {} does not hold whole rows of {k}",
+                    c.elem0
+                )));
+            }
+            // K = 0: one dispatch writes the bias (or zeros) to every column.
+            let (n_off, rows) = match (c.elem0.checked_div(k), c.elems.checked_div(k)) {
+                (Some(a), Some(b)) => (a, b),
+                _ => (0, n),
+            };
+            let prm = params(&[
+                u32_of(OP, "rows", m)?,
+                u32_of(OP, "features", k)?,
+                u32_of(OP, "rows", rows)?,
+                u32_of(OP, "outputs", n)?,
+                u32_of(OP, "offset", n_off)?,
+                0,
+                0,
+                0,
+            ]);
+            let mut binds = vec![Bind(1, &cx.buf, cx.bytes), Bind(2, &c.buf, c.bytes)];
+            if let Some(b) = bias {
+                binds.push(Bind(3, &b.buf, b.bytes));
+            }
+            binds.push(Bind(4, &out.buf, out.bytes));
+            let g = if gemv {
+                self.grid(OP, rows.div_ceil(32))?
+            } else {
+                let gx = u32_of(OP, "groups", rows.div_ceil(64))?;
+                let gy = u32_of(OP, "groups", m.div_ceil(64))?;
+                if gx > self.ctx.max_groups || gy > self.ctx.max_groups {
+                    return Err(Error::TooLarge {
+                        what: format!("linear: [{m}, {k}] x [{rows}, {k}]"),
+                        bytes: (m * rows) as u64,
+                        limit: u64::from(self.ctx.max_groups) * 64,
+                    });
+                }
+                [gx.max(1), gy, 1]
+            };
+            self.ctx.dispatch(&pipe, &prm, &binds, g)?;
+            if k == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn inv_freq(&self, p: &RopeParams) -> Result<Tensor> {
+        let key = (p.head_dim, p.theta.to_bits(), p.scaling_factor.to_bits());
+        if let Some(t) = lock(&self.inv_freq).get(&key) {
+            return Ok(t.clone());
+        }
+        // Exactly the CPU reference's table (engine-core cpu/ops.rs inv_freq).
+        let d = p.head_dim;
+        let v: Vec<f32> = (0..d / 2)
+            .map(|i| {
+                let e = (2 * i) as f32 / d as f32;
+                let pow = f64::from(p.theta).powf(f64::from(e)) as f32;
+                (1.0 / pow) / p.scaling_factor
+            })
+            .collect();
+        let n = v.len();
+        let t = self.upload(HostData::F32(&v), Shape::from(n))?;
+        lock(&self.inv_freq).insert(key, t.clone());
+        Ok(t)
+    }
+
+    /// Host copy of a small uploaded `U32` tensor, if one was kept.
+    fn shadow<'a>(&self, t: &'a Tensor, op: &'static str) -> Result<Option<&'a [u32]>> {
+        Ok(st(t, op)?.shadow.as_deref())
+    }
+
+    /// Reads every chunk of `t` back as raw bytes in element order.
+    fn read_raw(&self, t: &Tensor, op: &'static str) -> Result<Vec<Vec<u8>>> {
+        let s = st(t, op)?;
+        let parts: Vec<(&wgpu::Buffer, u64)> = s.chunks.iter().map(|c| (&c.buf, c.bytes)).collect();
+        self.ctx.read(&parts)
+    }
+}
+
+impl Backend for GpuBackend {
+    fn device_info(&self) -> DeviceInfo {
+        self.ctx.info.clone()
+    }
+
+    fn upload(&self, data: HostData<'_>, shape: Shape) -> Result<Tensor> {
+        const OP: &str = "upload";
+        let n = shape.elem_count();
+        if data.len() != n {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{} elements given for shape {shape} ({n} elements)",
+                    data.len()
+                ),
+            ));
+        }
+        // BF16 converts like the CPU backend: to f16 when every value is finite in f16.
+        let bf_h: Vec<f16>;
+        let bf_f: Vec<f32>;
+        let data = match data {
+            HostData::BF16(v) => {
+                let h: Vec<f16> = v.iter().map(|x| f16::from_f32(x.to_f32())).collect();
+                if h.iter().all(|x| x.is_finite()) {
+                    bf_h = h;
+                    HostData::F16(&bf_h)
+                } else {
+                    bf_f = v.iter().map(|x| x.to_f32()).collect();
+                    HostData::F32(&bf_f)
+                }
+            }
+            d => d,
+        };
+        let dtype = data.dtype();
+        let total = dev_bytes(dtype, n);
+        // Split by first-dim rows when one binding cannot hold the tensor.
+        let row = if shape.rank() == 0 || shape.dims()[0] == 0 {
+            n.max(1)
+        } else {
+            n / shape.dims()[0]
+        };
+        let mut per = if total <= self.ctx.max_binding || row == 0 {
+            n.max(1)
+        } else {
+            let rows = (self.ctx.max_binding / dev_bytes(dtype, row).max(1)) as usize;
+            // f16 chunks must start on a word boundary: an even number of odd-length rows.
+            let rows = if dtype == DType::F16 && row % 2 == 1 {
+                rows & !1
+            } else {
+                rows
+            };
+            if rows == 0 {
+                return Err(Error::TooLarge {
+                    what: format!("one row of tensor {shape} {dtype}"),
+                    bytes: dev_bytes(dtype, row),
+                    limit: self.ctx.max_binding,
+                });
+            }
+            rows * row
+        };
+        per = per.max(1);
+        let mut chunks = Vec::new();
+        let mut e0 = 0;
+        while e0 < n || (n == 0 && chunks.is_empty()) {
+            let elems = per.min(n - e0);
+            let bytes = dev_bytes(dtype, elems);
+            let size = bytes.max(16).div_ceil(16) * 16;
+            let buf = self
+                .ctx
+                .create(size, &format!("tensor {shape} {dtype}"), true)?;
+            {
+                // The mapped view is write-only: stage the padded bytes and copy them once.
+                let mut host = vec![0u8; size as usize];
+                match data {
+                    HostData::F32(v) => {
+                        host[..elems * 4].copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems]))
+                    }
+                    HostData::U32(v) => {
+                        host[..elems * 4].copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems]))
+                    }
+                    HostData::F16(v) => {
+                        let b: &[u8] = bytemuck::cast_slice(&v[e0..e0 + elems]);
+                        host[..b.len()].copy_from_slice(b);
+                    }
+                    // Converted to F16 or F32 above.
+                    HostData::BF16(_) => {}
+                }
+                let mut view = buf
+                    .slice(..)
+                    .get_mapped_range_mut()
+                    .map_err(|e| Error::Device(format!("upload: mapping a buffer: {e}")))?;
+                view.copy_from_slice(&host);
+            }
+            buf.unmap();
+            chunks.push(Chunk {
+                buf,
+                class: size,
+                elem0: e0,
+                elems,
+                bytes,
+            });
+            e0 += elems;
+            if n == 0 {
+                break;
+            }
+        }
+        let shadow = match data {
+            HostData::U32(v) if v.len() <= SHADOW_MAX => Some(v.to_vec()),
+            _ => None,
+        };
+        let s = GpuStorage {
+            chunks,
+            ctx: self.ctx.clone(),
+            shadow,
+        };
+        Ok(Tensor::from_storage(Arc::new(s), shape, dtype))
+    }
+
+    fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor> {
+        if dtype == DType::BF16 {
+            return Err(Error::DType { op: "zeros", dtype });
+        }
+        let t = self.empty(shape, dtype, "zeros")?;
+        let c = one(&t, "zeros")?;
+        let size = c.bytes.div_ceil(4) * 4;
+        if size > 0 {
+            self.ctx
+                .encode(|enc| enc.clear_buffer(&c.buf, 0, Some(size.min(c.buf.size()))));
+        }
+        Ok(t)
+    }
+
+    fn to_vec_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        const OP: &str = "to_vec_f32";
+        need_float(t, OP)?;
+        let parts = self.read_raw(t, OP)?;
+        let s = st(t, OP)?;
+        let mut out = Vec::with_capacity(t.elem_count());
+        for (c, raw) in s.chunks.iter().zip(parts) {
+            match t.dtype() {
+                DType::F32 => out.extend(
+                    raw.chunks_exact(4)
+                        .take(c.elems)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+                _ => out.extend(
+                    raw.chunks_exact(2)
+                        .take(c.elems)
+                        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    fn to_vec_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        const OP: &str = "to_vec_u32";
+        need(t, DType::U32, OP)?;
+        let parts = self.read_raw(t, OP)?;
+        let mut out = Vec::with_capacity(t.elem_count());
+        for raw in parts {
+            out.extend(
+                raw.chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        out.truncate(t.elem_count());
+        Ok(out)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.ctx.sync()
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        const OP: &str = "linear";
+        let k = check_rows(OP, x)?;
+        let (n, wk) = w.dims2(OP)?;
+        if wk != k {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "x {} has {k} features but w {} expects {wk}",
+                    x.shape(),
+                    w.shape()
+                ),
+            ));
+        }
+        if let Some(b) = b {
+            check_vec(OP, "bias", b, n)?;
+            need(b, DType::F32, OP)?;
+        }
+        need(x, DType::F32, OP)?;
+        need_float(w, OP)?;
+        let m = x.shape().rows();
+        let cx = one(x, OP)?;
+        let cb = b.map(|b| one(b, OP)).transpose()?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let out = self.empty(dims, DType::F32, OP)?; // [.., N]
+        self.linear_raw(cx, m, k, w, n, cb, one(&out, OP)?)?;
+        Ok(out)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        check_broadcast("add", a, b)?;
+        self.binary("add", a, b, 0)
+    }
+
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        check_broadcast("mul", a, b)?;
+        self.binary("mul", a, b, 1)
+    }
+
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.unary("gelu", x, 0)
+    }
+
+    fn quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.unary("quick_gelu", x, 1)
+    }
+
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        const OP: &str = "silu_mul";
+        if gate.dims() != up.dims() {
+            return Err(Error::shape(
+                OP,
+                format!("gate {} and up {} differ", gate.shape(), up.shape()),
+            ));
+        }
+        self.binary(OP, gate, up, 2)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        const OP: &str = "rms_norm";
+        let n = check_rows(OP, x)?;
+        check_vec(OP, "weight", w, n)?;
+        self.rows_op(OP, "rms_norm", x, &[(2, w)], eps)
+    }
+
+    fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+        const OP: &str = "layer_norm";
+        let n = check_rows(OP, x)?;
+        check_vec(OP, "weight", w, n)?;
+        check_vec(OP, "bias", b, n)?;
+        self.rows_op(OP, "layer_norm", x, &[(2, w), (3, b)], eps)
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "softmax";
+        check_rows(OP, x)?;
+        self.rows_op(OP, "softmax", x, &[], 0.0)
+    }
+
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.85)
+    fn rope(&self, x: &Tensor, positions: &Tensor, p: &RopeParams) -> Result<Tensor> {
+        const OP: &str = "rope";
+        let (s, w) = x.dims2(OP)?;
+        if p.head_dim == 0 || p.head_dim % 2 > 0 || w % p.head_dim > 0 {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "head_dim {} must be even, positive and divide the width {w}",
+                    p.head_dim
+                ),
+            ));
+        }
+        let positive = |v: f32| v > 0.0 && v.is_finite();
+        if !positive(p.scaling_factor) || !positive(p.theta) {
+            return Err(Error::msg(format!(
+                "rope: theta ({}) and scaling_factor ({}) must be positive",
+                p.theta, p.scaling_factor
+            )));
+        }
+        if positions.dims() != [s] {
+            return Err(Error::shape(
+                OP,
+                format!("positions must be [{s}], got {}", positions.shape()),
+            ));
+        }
+        need(x, DType::F32, OP)?;
+        need(positions, DType::U32, OP)?;
+        let inv = self.inv_freq(p)?;
+        let (cx, cp, ci) = (one(x, OP)?, one(positions, OP)?, one(&inv, OP)?);
+        let out = self.empty([s, w], DType::F32, OP)?;
+        let total = s * w / 2;
+        if total > 0 {
+            let co = one(&out, OP)?;
+            let pipe = self.ctx.pipeline(PipelineKey::new("rope", "main"))?;
+            let prm = params(&[
+                u32_of(OP, "rows", s)?,
+                u32_of(OP, "width", w)?,
+                p.head_dim as u32,
+                0,
+            ]);
+            let g = self.grid(OP, total.div_ceil(256))?;
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &cx.buf, cx.bytes),
+                    Bind(2, &cp.buf, cp.bytes),
+                    Bind(3, &ci.buf, ci.bytes),
+                    Bind(4, &co.buf, co.bytes),
+                ],
+                g,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let sq = check_attention(OP, q.dims(), &[k.dims(), v.dims()], p)?;
+        for t in [q, k, v] {
+            need(t, DType::F32, OP)?;
+        }
+        let (cq, ck, cv) = (one(q, OP)?, one(k, OP)?, one(v, OP)?);
+        let d = p.head_dim;
+        let out = self.empty([sq, p.num_heads * d], DType::F32, OP)?;
+        if sq == 0 {
+            return Ok(out);
+        }
+        // Keys per tile: the K and V tiles (2·TK·D f32) fit the workgroup memory.
+        let tk = (self.ctx.wg_storage as usize / (8 * d)).min(16);
+        if tk == 0 || d > 1024 {
+            return Err(Error::shape(
+                OP,
+                format!("head_dim {d} is too large for this adapter"),
+            ));
+        }
+        let co = one(&out, OP)?;
+        let pipe = self.ctx.pipeline(
+            PipelineKey::new("attention", "main")
+                .sub("HEAD_DIM", d as u32)
+                .sub("TK", tk as u32),
+        )?;
+        let prm = attention_params(sq, p, 0);
+        let g = [
+            u32_of(OP, "groups", sq.div_ceil(64))?,
+            u32_of(OP, "heads", p.num_heads)?,
+            1,
+        ];
+        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
+            return Err(Error::shape(
+                OP,
+                format!("{sq} queries x {} heads is too many", p.num_heads),
+            ));
+        }
+        self.ctx.dispatch(
+            &pipe,
+            &prm,
+            &[
+                Bind(1, &cq.buf, cq.bytes),
+                Bind(2, &ck.buf, ck.bytes),
+                Bind(3, &cv.buf, cv.bytes),
+                Bind(4, &co.buf, co.bytes),
+            ],
+            g,
+        )?;
+        Ok(out)
+    }
+
+    fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor> {
+        const OP: &str = "attention_last_row";
+        let sq = check_attention(OP, q.dims(), &[k.dims()], p)?;
+        if sq == 0 {
+            return Err(Error::shape(OP, "q has no rows"));
+        }
+        need(q, DType::F32, OP)?;
+        need(k, DType::F32, OP)?;
+        let (cq, ck) = (one(q, OP)?, one(k, OP)?);
+        let out = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
+        let co = one(&out, OP)?;
+        let pipe = self
+            .ctx
+            .pipeline(PipelineKey::new("attention_probs", "main"))?;
+        let prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
+        let g = self.grid(OP, p.num_heads)?;
+        if g[1] > 1 {
+            return Err(Error::shape(
+                OP,
+                format!("{} heads is too many", p.num_heads),
+            ));
+        }
+        self.ctx.dispatch(
+            &pipe,
+            &prm,
+            &[
+                Bind(1, &cq.buf, cq.bytes),
+                Bind(2, &ck.buf, ck.bytes),
+                Bind(3, &co.buf, co.bytes),
+            ],
+            g,
+        )?;
+        Ok(out)
+    }
+
+    fn token_contributions(
+        &self,
+        probs: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        start: usize,
+        end: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "token_contributions";
+        let q_dims = [1, p.num_heads * p.head_dim];
+        let p_any = AttentionParams {
+            causal: false,
+            ..*p
+        };
+        check_attention(OP, &q_dims, &[v.dims()], &p_any)?;
+        if probs.dims() != [p.num_heads, p.kv_len] {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "probs must be [{}, {}], got {}",
+                    p.num_heads,
+                    p.kv_len,
+                    probs.shape()
+                ),
+            ));
+        }
+        if start > end || end > p.kv_len {
+            return Err(Error::shape(
+                OP,
+                format!("keys {start}..{end} are not inside 0..{}", p.kv_len),
+            ));
+        }
+        need(probs, DType::F32, OP)?;
+        need(v, DType::F32, OP)?;
+        let (cp, cv) = (one(probs, OP)?, one(v, OP)?);
+        let out = self.empty([end - start, 2], DType::F32, OP)?; // [end-start, 2]
+        if end == start {
+            return Ok(out);
+        }
+        let hd = p.num_heads * p.head_dim;
+        let o = self.empty([hd], DType::F32, OP)?; // [H*D]: the query's attention output
+        let (co, cout) = (one(&o, OP)?, one(&out, OP)?);
+        let c = |v: usize| u32_of(OP, "size", v);
+        let prm = params(&[
+            c(p.num_heads)?,
+            c(p.head_dim)?,
+            c(p.kv_len)?,
+            c(p.num_heads / p.num_kv_heads)?,
+            c(p.num_kv_heads * p.head_dim)?,
+            c(start)?,
+            c(end - start)?,
+            0,
+        ]);
+        let p1 = self
+            .ctx
+            .pipeline(PipelineKey::new("contrib", "contrib_o"))?;
+        self.ctx.dispatch(
+            &p1,
+            &prm,
+            &[
+                Bind(1, &cp.buf, cp.bytes),
+                Bind(2, &cv.buf, cv.bytes),
+                Bind(3, &co.buf, co.bytes),
+            ],
+            self.grid(OP, hd.div_ceil(256))?,
+        )?;
+        let p2 = self
+            .ctx
+            .pipeline(PipelineKey::new("contrib", "contrib_main"))?;
+        self.ctx.dispatch(
+            &p2,
+            &prm,
+            &[
+                Bind(1, &cp.buf, cp.bytes),
+                Bind(2, &cv.buf, cv.bytes),
+                Bind(4, &co.buf, co.bytes),
+                Bind(5, &cout.buf, cout.bytes),
+            ],
+            self.grid(OP, end - start)?,
+        )?;
+        Ok(out)
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        const OP: &str = "embedding";
+        let (vocab, d) = table.dims2(OP)?;
+        need(ids, DType::U32, OP)?;
+        need_float(table, OP)?;
+        if ids.dims().len() != 1 {
+            return Err(Error::shape(
+                OP,
+                format!("ids must be [S], got {}", ids.shape()),
+            ));
+        }
+        let checked = match self.shadow(ids, OP)? {
+            Some(v) => {
+                if let Some((i, &id)) = v.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+                    return Err(Error::shape(
+                        OP,
+                        format!("ids[{i}] = {id} is outside the vocabulary of {vocab}"),
+                    ));
+                }
+                true
+            }
+            None => false,
+        };
+        let s = ids.elem_count();
+        let ci = one(ids, OP)?;
+        let out = if checked {
+            self.empty([s, d], DType::F32, OP)?
+        } else {
+            // Ids made on the device were not range-checked: rows of bad ids stay zero.
+            self.zeros(Shape::from([s, d]), DType::F32)?
+        };
+        if s == 0 || d == 0 {
+            return Ok(out);
+        }
+        let cout = one(&out, OP)?;
+        let w16 = table.dtype() == DType::F16;
+        let pipe = self
+            .ctx
+            .pipeline(PipelineKey::new("embedding", "main").flag(w16, "W16"))?;
+        let g = self.grid(OP, (s * d).div_ceil(256))?;
+        for c in &st(table, OP)?.chunks {
+            if c.elem0 % d != 0 || c.elems % d != 0 {
+                return Err(Error::msg(format!(
+                    "embedding: table chunk at element {} does not hold whole rows of {d}",
+                    c.elem0
+                )));
+            }
+            let (v0, v1) = (c.elem0 / d, (c.elem0 + c.elems) / d);
+            let prm = params(&[
+                u32_of(OP, "ids", s)?,
+                u32_of(OP, "width", d)?,
+                v0 as u32,
+                v1 as u32,
+            ]);
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &ci.buf, ci.bytes),
+                    Bind(2, &c.buf, c.bytes),
+                    Bind(3, &cout.buf, cout.bytes),
+                ],
+                g,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        const OP: &str = "gather_rows";
+        let (m, n) = x.dims2(OP)?;
+        if idx.dims().len() != 1 {
+            return Err(Error::shape(
+                OP,
+                format!("idx must be [R], got {}", idx.shape()),
+            ));
+        }
+        need(idx, DType::U32, OP)?;
+        if let Some(v) = self.shadow(idx, OP)? {
+            if let Some((i, &r)) = v.iter().enumerate().find(|(_, &r)| r as usize >= m) {
+                return Err(Error::shape(
+                    OP,
+                    format!("idx[{i}] = {r} is outside the {m} rows of x"),
+                ));
+            }
+        }
+        // The kernel moves 32-bit words: f16 rows must be whole words.
+        let words = match x.dtype() {
+            DType::F32 | DType::U32 => n,
+            DType::F16 if n % 2 == 0 => n / 2,
+            dt => return Err(Error::DType { op: OP, dtype: dt }),
+        };
+        let r = idx.elem_count();
+        let (cx, ci) = (one(x, OP)?, one(idx, OP)?);
+        let out = self.empty([r, n], x.dtype(), OP)?;
+        let count = r * words;
+        if count > 0 {
+            let co = one(&out, OP)?;
+            let pipe = self.ctx.pipeline(PipelineKey::new("copy", "gather32"))?;
+            let prm = params(&[u32_of(OP, "size", count)?, words as u32, 0, 0, 0, 0, 0, 0]);
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &cx.buf, cx.bytes),
+                    Bind(2, &ci.buf, ci.bytes),
+                    Bind(3, &co.buf, co.bytes),
+                ],
+                self.grid(OP, count.div_ceil(256))?,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn slice_rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        const OP: &str = "slice_rows";
+        let dims = x.dims();
+        let Some(&m) = dims.first() else {
+            return Err(Error::shape(OP, "cannot slice the rows of a scalar"));
+        };
+        if start.checked_add(len).is_none_or(|e| e > m) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "rows {start}..{} are outside the {m} rows of x",
+                    start.saturating_add(len)
+                ),
+            ));
+        }
+        if x.dtype() == DType::BF16 {
+            return Err(Error::DType {
+                op: OP,
+                dtype: DType::BF16,
+            });
+        }
+        let n: usize = dims[1..].iter().product();
+        let mut out_dims = dims.to_vec();
+        out_dims[0] = len;
+        let out = self.empty(out_dims, x.dtype(), OP)?;
+        let (e0, count) = (start * n, len * n);
+        if count == 0 {
+            return Ok(out);
+        }
+        // Slices of a split tensor work when they fall inside one chunk.
+        let src = st(x, OP)?
+            .chunks
+            .iter()
+            .find(|c| c.elem0 <= e0 && e0 + count <= c.elem0 + c.elems)
+            .ok_or_else(|| Error::TooLarge {
+                what: format!(
+                    "{OP}: rows {start}..{} across buffers of {}",
+                    start + len,
+                    x.shape()
+                ),
+                bytes: dev_bytes(x.dtype(), count),
+                limit: self.ctx.max_binding,
+            })?;
+        self.copy_elems(x.dtype(), one(&out, OP)?, 0, src, e0 - src.elem0, count)?;
+        Ok(out)
+    }
+
+    fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        const OP: &str = "concat_rows";
+        let Some(first) = parts.first() else {
+            return Err(Error::shape(OP, "nothing to concatenate"));
+        };
+        if first.dims().is_empty() {
+            return Err(Error::shape(OP, "cannot concatenate scalars"));
+        }
+        let tail = &first.dims()[1..];
+        let mut rows = 0;
+        for (i, t) in parts.iter().enumerate() {
+            if t.dims().is_empty() || &t.dims()[1..] != tail {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "part {i} {} does not share the trailing dims of part 0 {}",
+                        t.shape(),
+                        first.shape()
+                    ),
+                ));
+            }
+            if t.dtype() != first.dtype() {
+                return Err(Error::DType {
+                    op: OP,
+                    dtype: t.dtype(),
+                });
+            }
+            rows += t.dims()[0];
+        }
+        let mut dims = first.dims().to_vec();
+        dims[0] = rows;
+        let out = self.empty(dims, first.dtype(), OP)?;
+        let co = one(&out, OP)?;
+        let mut off = 0;
+        for t in parts {
+            let c = one(t, OP)?;
+            self.copy_elems(first.dtype(), co, off, c, 0, t.elem_count())?;
+            off += t.elem_count();
+        }
+        Ok(out)
+    }
+
+    fn write_rows(&self, dst: &Tensor, row: usize, src: &Tensor) -> Result<()> {
+        const OP: &str = "write_rows";
+        let (l, n) = dst.dims2(OP)?;
+        let (r, sn) = src.dims2(OP)?;
+        if sn != n || row.checked_add(r).is_none_or(|e| e > l) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "cannot write {} at row {row} of {}",
+                    src.shape(),
+                    dst.shape()
+                ),
+            ));
+        }
+        if src.dtype() != dst.dtype() {
+            return Err(Error::DType {
+                op: OP,
+                dtype: src.dtype(),
+            });
+        }
+        let cd = one(dst, OP)?;
+        // A buffer cannot be both the source and the destination of one copy: stage it.
+        if Arc::ptr_eq(dst.storage(), src.storage()) {
+            let tmp = self.slice_rows(src, 0, r)?;
+            return self.copy_elems(dst.dtype(), cd, row * n, one(&tmp, OP)?, 0, r * n);
+        }
+        self.copy_elems(dst.dtype(), cd, row * n, one(src, OP)?, 0, r * n)
+    }
+
+    fn patch_embed(&self, pixels: &Tensor, w: &Tensor, patch: usize) -> Result<Tensor> {
+        const OP: &str = "patch_embed";
+        let (c, h, wd) = match pixels.dims() {
+            [c, h, w] => (*c, *h, *w),
+            d => {
+                return Err(Error::shape(
+                    OP,
+                    format!("pixels must be [C, H, W], got {d:?}"),
+                ))
+            }
+        };
+        let d = match w.dims() {
+            [d, wc, p1, p2] if *wc == c && *p1 == patch && *p2 == patch => *d,
+            dims => {
+                return Err(Error::shape(
+                    OP,
+                    format!("w must be [D, {c}, {patch}, {patch}], got {dims:?}"),
+                ))
+            }
+        };
+        if patch == 0 || h < patch || wd < patch {
+            return Err(Error::shape(
+                OP,
+                format!("patch {patch} does not fit in a {h}x{wd} image"),
+            ));
+        }
+        need(pixels, DType::F32, OP)?;
+        need_float(w, OP)?;
+        let (gh, gw) = (h / patch, wd / patch);
+        let np = gh * gw;
+        let kdim = c * patch * patch;
+        let cols = self.empty([np, kdim], DType::F32, OP)?; // [P, C*p*p]
+        let count = np * kdim;
+        if count > 0 {
+            let (cp, cc) = (one(pixels, OP)?, one(&cols, OP)?);
+            let pipe = self.ctx.pipeline(PipelineKey::new("copy", "im2col"))?;
+            let u = |v: usize| u32_of(OP, "size", v);
+            let prm = params(&[
+                u(count)?,
+                u(c)?,
+                u(h)?,
+                u(wd)?,
+                u(patch)?,
+                u(gw)?,
+                u(kdim)?,
+                0,
+            ]);
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[Bind(4, &cp.buf, cp.bytes), Bind(5, &cc.buf, cc.bytes)],
+                self.grid(OP, count.div_ceil(256))?,
+            )?;
+        }
+        let w2 = w.reshape([d, kdim])?;
+        let out = self.empty([np, d], DType::F32, OP)?; // [P, D]
+        self.linear_raw(one(&cols, OP)?, np, kdim, &w2, d, None, one(&out, OP)?)?;
+        Ok(out)
+    }
+
+    fn argmax(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "argmax";
+        let n = check_rows(OP, x)?;
+        if n == 0 {
+            return Err(Error::shape(OP, format!("rows of {} are empty", x.shape())));
+        }
+        need(x, DType::F32, OP)?;
+        let rows = x.shape().rows();
+        let cx = one(x, OP)?;
+        let out = self.empty([rows], DType::U32, OP)?;
+        if rows > 0 {
+            let co = one(&out, OP)?;
+            let pipe = self.ctx.pipeline(PipelineKey::new("argmax", "main"))?;
+            let prm = params(&[u32_of(OP, "rows", rows)?, u32_of(OP, "width", n)?, 0, 0]);
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[Bind(1, &cx.buf, cx.bytes), Bind(2, &co.buf, co.bytes)],
+                self.grid(OP, rows)?,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn cast(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        const OP: &str = "cast";
+        let (src_t, entry) = match (x.dtype(), dtype) {
+            (DType::F32, DType::F32) | (DType::F16, DType::F16) => {
+                return self
+                    .slice_rows(x, 0, x.dims().first().copied().unwrap_or(0))
+                    .and_then(|t| {
+                        if x.dims().is_empty() {
+                            Err(Error::shape(OP, "cannot cast a scalar"))
+                        } else {
+                            Ok(t)
+                        }
+                    })
+            }
+            (DType::F32, DType::F16) => (x, "cast_to_f16"),
+            (DType::F16, DType::F32) => (x, "cast_to_f32"),
+            (DType::U32, _) => {
+                return Err(Error::DType {
+                    op: OP,
+                    dtype: DType::U32,
+                })
+            }
+            (_, other) => {
+                return Err(Error::DType {
+                    op: OP,
+                    dtype: other,
+                })
+            }
+        };
+        let n = x.elem_count();
+        let cx = one(src_t, OP)?;
+        let out = self.empty(x.shape().clone(), dtype, OP)?;
+        if n > 0 {
+            let co = one(&out, OP)?;
+            let pipe = self.ctx.pipeline(PipelineKey::new("copy", entry))?;
+            let prm = params(&[u32_of(OP, "size", n)?, 0, 0, 0, 0, 0, 0, 0]);
+            let (binds, threads) = if entry == "cast_to_f16" {
+                (
+                    [Bind(4, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)],
+                    n.div_ceil(2),
+                )
+            } else {
+                ([Bind(1, &cx.buf, cx.bytes), Bind(5, &co.buf, co.bytes)], n)
+            };
+            self.ctx
+                .dispatch(&pipe, &prm, &binds, self.grid(OP, threads.div_ceil(256))?)?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ctx::size_class;
+
+    #[test]
+    fn size_classes_bound_waste() {
+        for b in [
+            1u64,
+            17,
+            1000,
+            4096,
+            5000,
+            1 << 20,
+            (1 << 20) + 1,
+            262_668_288,
+        ] {
+            let c = size_class(b);
+            assert!(c >= b && c % 16 == 0, "{b} -> {c}");
+            assert!(
+                c <= b.max(256) + b.max(256) / 4,
+                "{b} -> {c} wastes too much"
+            );
+        }
+    }
+}

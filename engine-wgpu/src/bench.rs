@@ -1,0 +1,182 @@
+//! The kernel benchmark: `linear` at the LLaVA-7B shapes against the adapter's measured peaks.
+
+use std::time::Instant;
+
+use engine_core::{Backend, HostData, Result, Shape};
+use half::f16;
+use serde_json::json;
+
+use crate::ctx::{Bind, PipelineKey};
+use crate::{open_gpu, GpuBackend, GpuOptions};
+
+/// (K, N) of the LLaVA-7B projections: attention (4096×4096), MLP up/gate (4096×11008),
+/// MLP down (11008×4096).
+const SHAPES: [(usize, usize); 3] = [(4096, 4096), (4096, 11008), (11008, 4096)];
+/// Activation rows: decode (1) and prefill (576 image tokens + text).
+const ROWS: [usize; 2] = [1, 640];
+
+/// Deterministic values in [-0.5, 0.5) (xorshift; no RNG crate needed).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// Runs `f` `warm` times untimed, then `reps` times timed; returns the times in seconds and
+/// whether they came from timestamp queries.
+fn time(
+    gpu: &GpuBackend,
+    warm: usize,
+    reps: usize,
+    f: &dyn Fn() -> Result<()>,
+) -> Result<(Vec<f64>, bool)> {
+    for _ in 0..warm {
+        f()?;
+        gpu.sync()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    let mut stamped = false;
+    for _ in 0..reps {
+        if gpu.ctx.begin_timing(64)? {
+            f()?;
+            if let Some(t) = gpu.ctx.end_timing()? {
+                stamped = true;
+                times.push(t);
+                continue;
+            }
+        }
+        let t0 = Instant::now();
+        f()?;
+        gpu.sync()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok((times, stamped))
+}
+
+fn min_median(t: &[f64]) -> (f64, f64) {
+    let mut v = t.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let min = v.first().copied().unwrap_or(f64::NAN);
+    let med = if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    };
+    (min, med)
+}
+
+/// Runs the kernel benchmark on the adapter `opts` selects: achieved GFLOP/s and GB/s
+/// of `linear` for the LLaVA-7B shapes (M = 1 and M = 640; K×N = 4096×4096,
+/// 4096×11008, 11008×4096, f16 weights) and the adapter's measured peaks (a pure-FMA
+/// kernel and a pure-copy kernel). `quick` shrinks repetitions (for tests).
+pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value> {
+    let gpu = open_gpu(opts)?;
+    let ctx = &gpu.ctx;
+    // Timestamps time the passes only (pipeline compilation happens before), so a quick run
+    // needs no warm-up there; wall-clock timing does.
+    let (warm, reps) = match (quick, ctx.timestamps) {
+        (true, true) => (0, 1),
+        (true, false) => (1, 1),
+        (false, _) => (2, 7),
+    };
+
+    // Peak FMA: 64 FLOP per invocation per step.
+    let (groups, iters) = if quick {
+        (256u32, 256u32)
+    } else {
+        (2048, 2048)
+    };
+    let sink = ctx.alloc(u64::from(groups) * 256 * 16, "bench")?.0;
+    let fma = ctx.pipeline(PipelineKey::new("bench", "peak_fma"))?;
+    let fma_params: Vec<u8> = [iters, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let (t_fma, stamped) = time(&gpu, warm, reps, &|| {
+        ctx.dispatch(
+            &fma,
+            &fma_params,
+            &[Bind(1, &sink, sink.size())],
+            [groups, 1, 1],
+        )
+    })?;
+    let flop = f64::from(groups) * 256.0 * f64::from(iters) * 64.0;
+    let fma_peak = flop / min_median(&t_fma).0 * 1e-9;
+
+    // Peak copy: read + write of one buffer.
+    let bytes = (if quick { 16u64 << 20 } else { 64 << 20 }).min(ctx.max_binding / 16 * 16);
+    let src = ctx.alloc(bytes, "bench")?.0;
+    let dst = ctx.alloc(bytes, "bench")?.0;
+    let copy = ctx.pipeline(PipelineKey::new("bench", "peak_copy"))?;
+    let len4 = (bytes / 16) as u32;
+    let copy_params: Vec<u8> = [len4, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let g = (len4 as usize).div_ceil(256);
+    let gx = g.min(ctx.max_groups as usize);
+    let grid = [gx as u32, g.div_ceil(gx) as u32, 1];
+    let (t_copy, _) = time(&gpu, warm, reps, &|| {
+        ctx.dispatch(
+            &copy,
+            &copy_params,
+            &[Bind(2, &src, bytes), Bind(3, &dst, bytes)],
+            grid,
+        )
+    })?;
+    let copy_peak = 2.0 * bytes as f64 / min_median(&t_copy).0 * 1e-9;
+
+    let mut rows = Vec::new();
+    for (k, n) in SHAPES {
+        let wv: Vec<f16> = values(n * k, (k * 31 + n) as u64)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let w = gpu.upload(HostData::F16(&wv), Shape::from([n, k]))?;
+        drop(wv);
+        for m in ROWS {
+            let x = gpu.upload(HostData::F32(&values(m * k, m as u64)), Shape::from([m, k]))?;
+            let (t, _) = time(&gpu, warm, reps, &|| gpu.linear(&x, &w, None).map(drop))?;
+            let (min, med) = min_median(&t);
+            let flop = 2.0 * (m * n * k) as f64;
+            let moved = (n * k * 2 + m * k * 4 + m * n * 4) as f64;
+            let gflops = flop / min * 1e-9;
+            let gbps = moved / min * 1e-9;
+            rows.push(json!({
+                "m": m, "k": k, "n": n, "weights": "f16",
+                "kernel": if m <= 8 { "gemv" } else { "gemm" },
+                "min_s": min, "median_s": med,
+                "gflops": gflops, "gflops_median": flop / med * 1e-9,
+                "gbps": gbps, "gbps_median": moved / med * 1e-9,
+                "frac_of_fma_peak": gflops / fma_peak,
+                "frac_of_copy_peak": gbps / copy_peak,
+            }));
+        }
+    }
+    let info = gpu.device_info();
+    Ok(json!({
+        "adapter": info.adapter,
+        "api": info.api,
+        "device_type": info.device_type,
+        "shader_f16": info.shader_f16,
+        "subgroups": info.subgroups,
+        "timing": if stamped { "timestamp-query" } else { "wall-clock" },
+        "quick": quick,
+        "warmup": warm,
+        "repetitions": reps,
+        "peak": {
+            "fma_gflops": fma_peak,
+            "fma_min_s": min_median(&t_fma).0,
+            "copy_gbps": copy_peak,
+            "copy_bytes": bytes,
+            "copy_min_s": min_median(&t_copy).0,
+        },
+        "linear": rows,
+    }))
+}

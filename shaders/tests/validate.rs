@@ -1,0 +1,65 @@
+//! Preprocesses every variant of every kernel and validates it with naga (no GPU needed).
+
+use naga::valid::{Capabilities, ShaderStages, SubgroupOperationSet, ValidationFlags, Validator};
+
+#[test]
+fn every_variant_validates() {
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for k in shaders::KERNELS {
+        let subs: Vec<(&str, String)> = k.subs.iter().map(|(n, v)| (*n, v.to_string())).collect();
+        for flags in shaders::all_variants(k) {
+            let src = match shaders::preprocess(k.source, &flags, &subs) {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.push(format!("{} {flags:?}: preprocess: {e}", k.name));
+                    continue;
+                }
+            };
+            let module = match naga::front::wgsl::parse_str(&src) {
+                Ok(m) => m,
+                Err(e) => {
+                    failures.push(format!(
+                        "{} {flags:?}: parse: {}",
+                        k.name,
+                        e.emit_to_string(&src)
+                    ));
+                    continue;
+                }
+            };
+            let mut v = Validator::new(ValidationFlags::all(), Capabilities::all());
+            v.subgroup_stages(ShaderStages::COMPUTE);
+            v.subgroup_operations(SubgroupOperationSet::all());
+            if let Err(e) = v.validate(&module) {
+                failures.push(format!(
+                    "{} {flags:?}: validate: {}",
+                    k.name,
+                    e.emit_to_string(&src)
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of the variants fail:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(checked >= shaders::KERNELS.len());
+    println!("validated {checked} variants");
+}
+
+#[test]
+fn attention_head_dims_validate() {
+    // The head sizes the models use, with the tile size the backend picks for a 16 KiB limit.
+    for (d, tk) in [(64, 16), (80, 12), (128, 8), (256, 4)] {
+        let subs = [("HEAD_DIM", d.to_string()), ("TK", tk.to_string())];
+        let src = shaders::build("attention", &[], &subs).expect("preprocess");
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("head_dim {d}: {}", e.emit_to_string(&src)));
+        Validator::new(ValidationFlags::all(), Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("head_dim {d}: {}", e.emit_to_string(&src)));
+    }
+}
