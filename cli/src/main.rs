@@ -19,6 +19,8 @@ use models::sampling::SamplingParams;
 use pruner::PruneConfig;
 use serde_json::json;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "visi-cli",
@@ -38,6 +40,8 @@ enum Cmd {
     /// List the adapters wgpu sees (JSON).
     Devices,
     /// Kernel benchmark on the selected adapter (JSON).
+    /// Dense vs VisiPruner vs FastV on a checkpoint or a synthetic shape.
+    Bench(bench::BenchArgs),
     BenchKernels {
         /// Fewer repetitions.
         #[arg(long)]
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Devices => devices(),
         Cmd::BenchKernels { quick } => bench_kernels(quick),
+        Cmd::Bench(a) => bench::bench(a),
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
