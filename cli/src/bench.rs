@@ -8,7 +8,6 @@
 //! never mixed into the headline numbers.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
@@ -541,7 +540,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         eprintln!("bench: wrote {}", p.display());
     }
     if a.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| internal(e.into()))?;
+        let text = serde_json::to_string(&report).map_err(|e| internal(e.into()))?;
         println!("{text}");
     } else {
         print_table(&report);
@@ -831,7 +830,7 @@ fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
     ];
     for (panel, data) in series.iter().enumerate() {
         let y0 = panel as u32 * PH;
-        let n = data.iter().map(Vec::len).max().unwrap_or(0).max(2);
+        let n = data.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let ymax = data.iter().flatten().cloned().fold(0.0f64, f64::max).max(1e-9);
         let (x_l, x_r, y_t, y_b) = (PAD, W - PAD, y0 + PAD, y0 + PH - PAD);
         // Axes and a light grid at quarters.
@@ -844,13 +843,14 @@ fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
         for y in y_t..=y_b {
             img.put_pixel(x_l, y, Rgb([0, 0, 0]));
         }
-        let px = |i: usize| x_l + ((x_r - x_l - 1) as f64 * i as f64 / (n - 1) as f64) as u32;
+        // Layer i owns the slot [px(i), px(i + 1)).
+        let px = |i: usize| x_l + ((x_r - x_l - 1) as f64 * i as f64 / n as f64) as u32;
         let py = |v: f64| y_b - ((y_b - y_t) as f64 * (v / ymax).clamp(0.0, 1.0)) as u32;
         for (k, s) in data.iter().enumerate() {
             let c = colors[k % colors.len()];
             for i in 0..s.len() {
                 // Step plot: the layer's value held across its slot, then a vertical jump.
-                let (xa, xb) = (px(i), px((i + 1).min(n - 1)).max(px(i) + 1));
+                let (xa, xb) = (px(i), px(i + 1).max(px(i) + 1));
                 let y = py(s[i]);
                 for x in xa..=xb.min(x_r - 1) {
                     for dy in 0..3u32 {
