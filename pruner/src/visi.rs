@@ -174,7 +174,7 @@ impl VisiPruner {
                 return Err(ConfigError::OutOfRange {
                     key: "exit",
                     value: e.to_string(),
-                    range: format!("an integer in [{}, {})", f + 2, num_layers - 1),
+                    range: format!("an integer in [{}, {}]", f + 2, num_layers - 1),
                 });
             }
         }
@@ -1064,13 +1064,17 @@ mod tests {
             (SMID, None, "fusion"),
             (L - 1, None, "fusion"),
             (12, Some(13), "exit"),
-            (12, Some(L - 1), "exit"),
+            (12, Some(L), "exit"),
         ] {
             let err = VisiPruner::forced(c(), L, fs(f, e)).err();
             let msg = err.map(|e| e.to_string()).unwrap_or_default();
             assert!(msg.contains(key), "fusion {f} exit {e:?}: got {msg:?}");
         }
-        assert!(VisiPruner::forced(c(), L, fs(12, Some(L - 2))).is_ok());
+        // The last legal exit: layer L-2 is the last one deep-captured.
+        let mut p = VisiPruner::forced(c(), L, fs(12, Some(L - 1))).unwrap();
+        let t = drive(&mut p, L, N, |_, img| vec![(0.5, 1.0); img.len()], no_attn);
+        assert_eq!(t.keeps().last().map(|k| k.0), Some(L - 2));
+        assert!(t.image[L - 1].is_empty(), "layer L-1 must be text-only");
         let no_deep = cfg(r#"["shallow","middle"]"#, "");
         assert!(VisiPruner::forced(no_deep.clone(), L, fs(12, Some(18))).is_err());
         assert!(VisiPruner::forced(no_deep, L, fs(12, None)).is_ok());
