@@ -341,7 +341,9 @@ fn synthetic_ids(cfg: &LlavaConfig, len: usize, seed: u64) -> Vec<u32> {
             } else if (PREFIX_TOKENS..PREFIX_TOKENS + n_img).contains(&i) {
                 cfg.image_token_index
             } else {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 // Skip the special ids 0..3.
                 (3 + (s >> 33) % (vocab - 3)) as u32
             }
@@ -353,7 +355,9 @@ fn synthetic_pixels(size: usize, seed: u64) -> Vec<f32> {
     let mut s = seed ^ 0x9e37;
     (0..3 * size * size)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
         })
         .collect()
@@ -410,7 +414,10 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         None
     } else {
         let quick = a.reps < 3;
-        eprintln!("bench: kernel benchmark ({})", if quick { "quick" } else { "full" });
+        eprintln!(
+            "bench: kernel benchmark ({})",
+            if quick { "quick" } else { "full" }
+        );
         match engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick) {
             Ok(v) => Some(v),
             Err(e) if a.device == DeviceArg::Auto => {
@@ -430,7 +437,10 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
             Model::Real(Box::new(l), dir_safetensors_bytes(dir))
         }
         (None, Some(s)) => {
-            eprintln!("bench: generating and uploading synthetic {} weights", s.name());
+            eprintln!(
+                "bench: generating and uploading synthetic {} weights",
+                s.name()
+            );
             Model::Synth(Box::new(
                 SyntheticLlava::load(s, a.seed, backend.clone()).map_err(classify)?,
             ))
@@ -458,7 +468,9 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
 
     // ---- pruners ----
     let PruneConfig::VisiPruner(visi_cfg) = PruneConfig::paper_default() else {
-        return Err(internal(anyhow!("paper default is not a VisiPruner config")));
+        return Err(internal(anyhow!(
+            "paper default is not a VisiPruner config"
+        )));
     };
     let visi = match schedule {
         Schedule::Forced(fs) => VisiPruner::forced(visi_cfg, layers, fs),
@@ -534,7 +546,15 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     }
 
     // ---- report ----
-    let report = build_report(&a, &model, &cfg, schedule, &methods, kernels, b.device_info())?;
+    let report = build_report(
+        &a,
+        &model,
+        &cfg,
+        schedule,
+        &methods,
+        kernels,
+        b.device_info(),
+    )?;
     if let Some(p) = &a.plot {
         plot(p, &methods).map_err(internal)?;
         eprintln!("bench: wrote {}", p.display());
@@ -733,8 +753,15 @@ fn print_table(r: &Value) {
     println!("schedule: {}", r["schedule"]);
     println!(
         "{:<11} {:>17} {:>19} {:>19} {:>12} {:>10} {:>9} {:>9} {:>7}",
-        "method", "vision ms min/med", "prefill ms min/med", "TTFT ms min/med", "decode tok/s",
-        "KV MiB", "realised", "FLOPs", "effic."
+        "method",
+        "vision ms min/med",
+        "prefill ms min/med",
+        "TTFT ms min/med",
+        "decode tok/s",
+        "KV MiB",
+        "realised",
+        "FLOPs",
+        "effic."
     );
     for name in ["dense", "visipruner", "fastv"] {
         let x = &m[name];
@@ -755,13 +782,12 @@ fn print_table(r: &Value) {
         );
     }
     println!("realised = dense prefill median / method prefill median (decoder + lm_head, vision excluded);");
-    println!("FLOPs = analytic decoder FLOPs ratio of the schedule that ran; effic. = realised / FLOPs.");
+    println!(
+        "FLOPs = analytic decoder FLOPs ratio of the schedule that ran; effic. = realised / FLOPs."
+    );
     for name in ["visipruner", "fastv"] {
         let x = &m[name];
-        println!(
-            "{name}: layer seq lens {}",
-            compact(&x["layer_seq_lens"])
-        );
+        println!("{name}: layer seq lens {}", compact(&x["layer_seq_lens"]));
     }
     println!(
         "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV)",
@@ -778,12 +804,18 @@ fn print_table(r: &Value) {
             if row["m"] == 640 {
                 println!(
                     "  gemm M=640 K={} N={}: {:.1} GFLOP/s = {:.1}% of FMA peak",
-                    row["k"], row["n"], f(&row["gflops"]), 100.0 * f(&row["frac_of_fma_peak"])
+                    row["k"],
+                    row["n"],
+                    f(&row["gflops"]),
+                    100.0 * f(&row["frac_of_fma_peak"])
                 );
             } else {
                 println!(
                     "  gemv M=1   K={} N={}: {:.1} GB/s = {:.1}% of copy peak",
-                    row["k"], row["n"], f(&row["gbps"]), 100.0 * f(&row["frac_of_copy_peak"])
+                    row["k"],
+                    row["n"],
+                    f(&row["gbps"]),
+                    100.0 * f(&row["frac_of_copy_peak"])
                 );
             }
         }
@@ -814,7 +846,11 @@ fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
     const W: u32 = 900;
     const PH: u32 = 300;
     const PAD: u32 = 30;
-    let colors = [Rgb([110, 110, 110]), Rgb([30, 90, 220]), Rgb([240, 140, 20])];
+    let colors = [
+        Rgb([110, 110, 110]),
+        Rgb([30, 90, 220]),
+        Rgb([240, 140, 20]),
+    ];
     let mut img = RgbImage::from_pixel(W, 2 * PH, Rgb([255, 255, 255]));
     let series: [Vec<Vec<f64>>; 2] = [
         methods
@@ -831,7 +867,12 @@ fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
     for (panel, data) in series.iter().enumerate() {
         let y0 = panel as u32 * PH;
         let n = data.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let ymax = data.iter().flatten().cloned().fold(0.0f64, f64::max).max(1e-9);
+        let ymax = data
+            .iter()
+            .flatten()
+            .cloned()
+            .fold(0.0f64, f64::max)
+            .max(1e-9);
         let (x_l, x_r, y_t, y_b) = (PAD, W - PAD, y0 + PAD, y0 + PH - PAD);
         // Axes and a light grid at quarters.
         for q in 0..=4 {

@@ -16,8 +16,18 @@ const DECODE: usize = 2;
 fn bench(extra: &[&str]) -> Result<(std::process::Output, Option<Value>)> {
     let decode = DECODE.to_string();
     let mut args = vec![
-        "bench", "--shape", "tiny", "--reps", "1", "--warmup", "0", "--device", "cpu",
-        "--decode-tokens", &decode, "--skip-kernels",
+        "bench",
+        "--shape",
+        "tiny",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--decode-tokens",
+        &decode,
+        "--skip-kernels",
     ];
     args.extend_from_slice(extra);
     let out = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
@@ -25,7 +35,9 @@ fn bench(extra: &[&str]) -> Result<(std::process::Output, Option<Value>)> {
         .output()
         .context("running visi-cli bench")?;
     let json = if out.status.success() && extra.contains(&"--json") {
-        Some(serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?)
+        Some(serde_json::from_str(
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )?)
     } else {
         None
     };
@@ -34,15 +46,28 @@ fn bench(extra: &[&str]) -> Result<(std::process::Output, Option<Value>)> {
 
 fn lens(v: &Value) -> Vec<usize> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as usize))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// The first layer where `got` and `want` differ, as a message.
 fn check_lens(what: &str, got: &[usize], want: &[usize]) -> Result<()> {
-    ensure!(got.len() == want.len(), "{what}: {} layers, want {}", got.len(), want.len());
+    ensure!(
+        got.len() == want.len(),
+        "{what}: {} layers, want {}",
+        got.len(),
+        want.len()
+    );
     if let Some(l) = (0..got.len()).find(|&l| got[l] != want[l]) {
-        anyhow::bail!("{what}: layer {l}: got {} want {} (all: {got:?})", got[l], want[l]);
+        anyhow::bail!(
+            "{what}: layer {l}: got {} want {} (all: {got:?})",
+            got[l],
+            want[l]
+        );
     }
     Ok(())
 }
@@ -59,11 +84,21 @@ fn json_report_has_every_key_and_the_forced_schedule_ran_exactly() -> Result<()>
         String::from_utf8_lossy(&out.stderr)
     );
     let v = json.context("no JSON on stdout")?;
-    for key in ["model", "device", "prompt", "reps", "schedule", "memory", "methods", "kernels"] {
+    for key in [
+        "model", "device", "prompt", "reps", "schedule", "memory", "methods", "kernels",
+    ] {
         ensure!(v.get(key).is_some(), "report lacks {key}");
     }
-    ensure!(v["schedule"]["fusion"] == f && v["schedule"]["exit"] == e, "schedule: {}", v["schedule"]);
-    ensure!(v["prompt"]["prefix"] == 35 && v["prompt"]["image_tokens"] == IMAGE, "prompt: {}", v["prompt"]);
+    ensure!(
+        v["schedule"]["fusion"] == f && v["schedule"]["exit"] == e,
+        "schedule: {}",
+        v["schedule"]
+    );
+    ensure!(
+        v["prompt"]["prefix"] == 35 && v["prompt"]["image_tokens"] == IMAGE,
+        "prompt: {}",
+        v["prompt"]
+    );
     let text = PROMPT - IMAGE;
     let fastv_keep = IMAGE - IMAGE / 4; // round(576 * 0.75)
     let want: [(&str, Vec<usize>); 3] = [
@@ -80,22 +115,42 @@ fn json_report_has_every_key_and_the_forced_schedule_ran_exactly() -> Result<()>
         ),
         (
             "fastv",
-            (0..LAYERS).map(|l| if l < 3 { PROMPT } else { text + fastv_keep }).collect(),
+            (0..LAYERS)
+                .map(|l| if l < 3 { PROMPT } else { text + fastv_keep })
+                .collect(),
         ),
     ];
     for (name, seq) in want {
         let m = &v["methods"][name];
         for key in [
-            "prune", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "decode_tokens_per_s",
-            "kv_bytes", "kv_lens", "layer_seq_lens", "layer_image_lens", "layer_ms_profiled",
-            "flops", "speedup",
+            "prune",
+            "vision_ms",
+            "prefill_ms",
+            "ttft_ms",
+            "decode_ms",
+            "decode_tokens_per_s",
+            "kv_bytes",
+            "kv_lens",
+            "layer_seq_lens",
+            "layer_image_lens",
+            "layer_ms_profiled",
+            "flops",
+            "speedup",
         ] {
             ensure!(m.get(key).is_some(), "{name}: lacks {key}");
         }
         for key in ["realised_prefill", "analytic_prefill", "efficiency"] {
-            ensure!(m["speedup"][key].is_number(), "{name}: speedup.{key} = {}", m["speedup"][key]);
+            ensure!(
+                m["speedup"][key].is_number(),
+                "{name}: speedup.{key} = {}",
+                m["speedup"][key]
+            );
         }
-        check_lens(&format!("{name} layer_seq_lens"), &lens(&m["layer_seq_lens"]), &seq)?;
+        check_lens(
+            &format!("{name} layer_seq_lens"),
+            &lens(&m["layer_seq_lens"]),
+            &seq,
+        )?;
         let kv: Vec<usize> = seq.iter().map(|s| s + DECODE).collect();
         check_lens(&format!("{name} kv_lens"), &lens(&m["kv_lens"]), &kv)?;
         ensure!(
@@ -104,11 +159,25 @@ fn json_report_has_every_key_and_the_forced_schedule_ran_exactly() -> Result<()>
         );
     }
     let visi = &v["methods"]["visipruner"];
-    ensure!(visi["prune"]["fusion_layer"] == f, "fusion: {}", visi["prune"]);
-    ensure!(visi["prune"]["text_only_from_layer"] == e, "exit: {}", visi["prune"]);
+    ensure!(
+        visi["prune"]["fusion_layer"] == f,
+        "fusion: {}",
+        visi["prune"]
+    );
+    ensure!(
+        visi["prune"]["text_only_from_layer"] == e,
+        "exit: {}",
+        visi["prune"]
+    );
     let a = visi["speedup"]["analytic_prefill"].as_f64().unwrap_or(0.0);
-    ensure!(a > 1.0, "pruned schedule must have an analytic speedup above 1, got {a}");
-    ensure!(v["methods"]["dense"]["speedup"]["analytic_prefill"] == 1.0, "dense analytic speedup");
+    ensure!(
+        a > 1.0,
+        "pruned schedule must have an analytic speedup above 1, got {a}"
+    );
+    ensure!(
+        v["methods"]["dense"]["speedup"]["analytic_prefill"] == 1.0,
+        "dense analytic speedup"
+    );
     Ok(())
 }
 
@@ -123,8 +192,15 @@ fn bad_schedules_are_bad_input() -> Result<()> {
     ] {
         let (out, _) = bench(&args)?;
         let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(out.status.code() == Some(2), "{args:?}: exit {:?}, stderr {err}", out.status.code());
-        ensure!(err.contains(needle), "{args:?}: stderr does not name {needle}: {err}");
+        ensure!(
+            out.status.code() == Some(2),
+            "{args:?}: exit {:?}, stderr {err}",
+            out.status.code()
+        );
+        ensure!(
+            err.contains(needle),
+            "{args:?}: stderr does not name {needle}: {err}"
+        );
         ensure!(out.stdout.is_empty(), "{args:?}: stdout not empty");
     }
     Ok(())

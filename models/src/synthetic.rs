@@ -182,7 +182,10 @@ impl SyntheticSource {
             put(format!("{p}.mlp.down_proj.weight"), &[h, i]);
         }
         put(format!("{lm}.norm.weight"), &[h]);
-        put("language_model.lm_head.weight".to_string(), &[t.vocab_size, h]);
+        put(
+            "language_model.lm_head.weight".to_string(),
+            &[t.vocab_size, h],
+        );
 
         let mut data = HashMap::new();
         let mut logical_bytes = 0u64;
@@ -358,11 +361,18 @@ mod tests {
         let b = SyntheticSource::new(&cfg, 3);
         let c = SyntheticSource::new(&cfg, 4);
         let name = "language_model.model.layers.2.mlp.up_proj.weight";
-        let (va, vb, vc) = (a.view(name).unwrap(), b.view(name).unwrap(), c.view(name).unwrap());
+        let (va, vb, vc) = (
+            a.view(name).unwrap(),
+            b.view(name).unwrap(),
+            c.view(name).unwrap(),
+        );
         assert_eq!(va.shape, &[176, 64]);
         assert_eq!(va.bytes, vb.bytes, "same seed, same bytes");
         assert_ne!(va.bytes, vc.bytes, "other seed, other bytes");
-        assert!(a.host_bytes() < a.total_bytes(), "equal shapes share a buffer");
+        assert!(
+            a.host_bytes() < a.total_bytes(),
+            "equal shapes share a buffer"
+        );
         let norm = a
             .view("language_model.model.layers.0.input_layernorm.weight")
             .unwrap();

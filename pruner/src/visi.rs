@@ -54,7 +54,9 @@ impl ForcedSchedule {
             return image.to_vec();
         }
         // (2i+1)n / 2k is strictly increasing in i and below n for i < k <= n.
-        (0..keep).map(|i| image[(2 * i + 1) * n / (2 * keep)]).collect()
+        (0..keep)
+            .map(|i| image[(2 * i + 1) * n / (2 * keep)])
+            .collect()
     }
 }
 
@@ -987,7 +989,12 @@ mod tests {
             let s = ForcedSchedule::select(&image, k);
             assert_eq!(s.len(), k, "k {k}: length");
             if let Some(i) = s.windows(2).position(|w| w[0] >= w[1]) {
-                panic!("k {k}: entry {i} = {} not below entry {} = {}", s[i], i + 1, s[i + 1]);
+                panic!(
+                    "k {k}: entry {i} = {} not below entry {} = {}",
+                    s[i],
+                    i + 1,
+                    s[i + 1]
+                );
             }
         }
     }
@@ -1012,7 +1019,11 @@ mod tests {
                 no_attn,
             );
             let want_k = ForcedSchedule::select(&(0..N).collect::<Vec<_>>(), k);
-            assert_eq!(t.keeps(), vec![(f, want_k.clone()), (e - 1, vec![])], "seed {seed}");
+            assert_eq!(
+                t.keeps(),
+                vec![(f, want_k.clone()), (e - 1, vec![])],
+                "seed {seed}"
+            );
             // Same captures as the real policy: middle on smid+1..=f, deep on f+1..e-1.
             assert_eq!(
                 t.layers_capturing(Capture::Contributions),
@@ -1025,7 +1036,11 @@ mod tests {
                     _ if l < e => k,
                     _ => 0,
                 };
-                assert_eq!(t.image[l].len(), want, "seed {seed}: layer {l} image tokens");
+                assert_eq!(
+                    t.image[l].len(),
+                    want,
+                    "seed {seed}: layer {l} image tokens"
+                );
             }
             assert_eq!(t.masks[0], ShallowMask::Layer0Sink, "seed {seed}");
             assert_eq!(t.masks[SMID - 1], ShallowMask::TextToImage, "seed {seed}");
