@@ -61,9 +61,13 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
-    /// Draw per-layer sequence length and time, dense vs pruned, to this PNG.
+    /// Draw per-layer sequence length and time, dense vs pruned, to this PNG (implies
+    /// --layer-times).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// One extra untimed run per method that syncs after every layer to time it.
+    #[arg(long)]
+    layer_times: bool,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// Seed of the synthetic weights, pixels and prompt ids.
@@ -512,9 +516,10 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         decode_tokens: a.decode_tokens,
     };
     let kv_dim = cfg.text.num_key_value_heads * cfg.text.head_dim;
-    let total = a.warmup + a.reps + 1;
+    let profiled = a.layer_times || a.plot.is_some();
+    let total = a.warmup + a.reps + usize::from(profiled);
     for round in 0..total {
-        let profile = round == total - 1;
+        let profile = profiled && round == total - 1;
         for mr in methods.iter_mut() {
             eprintln!(
                 "bench: {} {}",

@@ -28,6 +28,7 @@ fn bench(extra: &[&str]) -> Result<(std::process::Output, Option<Value>)> {
         "--decode-tokens",
         &decode,
         "--skip-kernels",
+        "--layer-times",
     ];
     args.extend_from_slice(extra);
     let out = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
