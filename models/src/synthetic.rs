@@ -378,4 +378,43 @@ mod tests {
             .unwrap();
         assert!(norm.bytes.chunks(2).all(|x| x == f16::ONE.to_le_bytes()));
     }
+
+    /// The analytic side of the target (fusion=12, keep=10, exit=18 on LLaVA-7B,
+    /// prompt 640 with the image at 35..611): printed with `--nocapture` for the README.
+    #[test]
+    fn llava7b_target_schedule_flops_ratio() {
+        use pruner::{LayerSchedule, ShallowMask};
+        let cfg = SyntheticShape::Llava7b.config().unwrap();
+        let (s, n, len) = (35, 576, 640);
+        let sched: Vec<LayerSchedule> = (0..32)
+            .map(|l| {
+                let img = match l {
+                    _ if l <= 12 => n,
+                    _ if l < 18 => 10,
+                    _ => 0,
+                };
+                let mask = match l {
+                    0 => ShallowMask::Layer0Sink,
+                    _ if l < 6 => ShallowMask::TextToImage,
+                    _ => ShallowMask::None,
+                };
+                LayerSchedule {
+                    seq_len: len - n + img,
+                    image: s..s + img,
+                    mask,
+                }
+            })
+            .collect();
+        let f = pruner::prefill_flops(&cfg.flops_shape(), &sched).unwrap();
+        let dec = (f.prefill - f.vision) as f64;
+        let dense = (f.prefill_dense - f.vision) as f64;
+        let ratio = dense / dec;
+        println!(
+            "llava-7b fusion=12,keep=10,exit=18: decoder prefill {:.2} vs dense {:.2} TFLOP, ratio {ratio:.3}; with vision {:.3}",
+            dec / 1e12,
+            dense / 1e12,
+            f.prefill_dense as f64 / f.prefill as f64
+        );
+        assert!(ratio > 2.0 && ratio < 3.0, "ratio {ratio}");
+    }
 }
