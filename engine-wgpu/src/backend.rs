@@ -595,6 +595,79 @@ impl GpuBackend {
         Ok(t)
     }
 
+    /// Records the masked softmax probabilities of q's last row into `out` `[H, kv_len]`.
+    fn last_row_probs(
+        &self,
+        cq: &Chunk,
+        ck: &Chunk,
+        sq: usize,
+        p: &AttentionParams,
+        out: &Chunk,
+    ) -> Result<()> {
+        const OP: &str = "attention_last_row";
+        let pipe = self
+            .ctx
+            .pipeline(PipelineKey::new("attention_probs", "main"))?;
+        let prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
+        let g = self.grid(OP, p.num_heads)?;
+        if g[1] > 1 {
+            return Err(Error::shape(
+                OP,
+                format!("{} heads is too many", p.num_heads),
+            ));
+        }
+        self.ctx.dispatch(
+            &pipe,
+            &prm,
+            &[
+                Bind(1, &cq.buf, cq.bytes),
+                Bind(2, &ck.buf, ck.bytes),
+                Bind(3, &out.buf, out.bytes),
+            ],
+            g,
+        )
+    }
+
+    /// Records `o[h*D + d] = Σ_j probs[h, j] · v[j, kvh*D + d]` (zero probabilities skipped);
+    /// returns the uniform (shared with `contrib_main`, which also reads `start..end`).
+    fn weighted_values(
+        &self,
+        cp: &Chunk,
+        cv: &Chunk,
+        p: &AttentionParams,
+        start: usize,
+        end: usize,
+        out: &Chunk,
+    ) -> Result<Vec<u8>> {
+        const OP: &str = "attention";
+        let c = |v: usize| u32_of(OP, "size", v);
+        let prm = params(&[
+            c(p.num_heads)?,
+            c(p.head_dim)?,
+            c(p.kv_len)?,
+            c(p.num_heads / p.num_kv_heads)?,
+            c(p.num_kv_heads * p.head_dim)?,
+            c(start)?,
+            c(end - start)?,
+            0,
+        ]);
+        let pipe = self
+            .ctx
+            .pipeline(PipelineKey::new("contrib", "contrib_o"))?;
+        let hd = p.num_heads * p.head_dim;
+        self.ctx.dispatch(
+            &pipe,
+            &prm,
+            &[
+                Bind(1, &cp.buf, cp.bytes),
+                Bind(2, &cv.buf, cv.bytes),
+                Bind(3, &out.buf, out.bytes),
+            ],
+            self.grid(OP, hd.div_ceil(256))?,
+        )?;
+        Ok(prm)
+    }
+
     /// Host copy of a small uploaded `U32` tensor, if one was kept.
     fn shadow<'a>(&self, t: &'a Tensor, op: &'static str) -> Result<Option<&'a [u32]>> {
         Ok(st(t, op)?.shadow.as_deref())
@@ -933,6 +1006,17 @@ impl Backend for GpuBackend {
         if sq == 0 {
             return Ok(out);
         }
+        if sq == 1 {
+            // Decode: one query per head would leave the tiled kernel one busy invocation per
+            // workgroup. Instead spread the keys over a workgroup per head (the masked
+            // probabilities, exactly attention_last_row), then one invocation per output
+            // (h, d) sums P·V.
+            let probs = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
+            let cp = one(&probs, OP)?;
+            self.last_row_probs(cq, ck, sq, p, cp)?;
+            self.weighted_values(cp, cv, p, 0, 0, one(&out, OP)?)?;
+            return Ok(out);
+        }
         // Keys per tile: the K and V tiles (2·TK·D f32) fit the workgroup memory.
         let tk = (self.ctx.wg_storage as usize / (8 * d)).min(16);
         if tk == 0 || d > 1024 {
@@ -959,17 +1043,48 @@ impl Backend for GpuBackend {
                 format!("{sq} queries x {} heads is too many", p.num_heads),
             ));
         }
-        self.ctx.dispatch(
-            &pipe,
-            &prm,
-            &[
-                Bind(1, &cq.buf, cq.bytes),
-                Bind(2, &ck.buf, ck.bytes),
-                Bind(3, &cv.buf, cv.bytes),
-                Bind(4, &co.buf, co.bytes),
-            ],
-            g,
-        )?;
+        // Keys per dispatch: all of them on GPUs; on software adapters few enough that an
+        // invocation's loop nest stays under llvmpipe's 65535-iteration cap (about 2·D + 4
+        // iterations per key), the running softmax state carried between passes.
+        let kv_end = if p.causal {
+            (p.q_offset + sq).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let per_pass = if self.ctx.info.device_type == "cpu" {
+            ((60_000 / (2 * d + 4)) / tk * tk).max(tk)
+        } else {
+            kv_end.max(1)
+        };
+        let passes = kv_end.div_ceil(per_pass).max(1);
+        let state = if passes > 1 {
+            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)? // [Sq, H, D+3]: m, l, S, o
+        } else {
+            self.empty([4], DType::F32, OP)? // bound but never touched
+        };
+        let cs = one(&state, OP)?;
+        for pass in 0..passes {
+            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
+            let mut prm = prm.clone();
+            prm.extend(params(&[
+                u32_of(OP, "key", kb0)?,
+                u32_of(OP, "key", kb1)?,
+                u32::from(pass == 0),
+                u32::from(pass + 1 == passes),
+            ]));
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &cq.buf, cq.bytes),
+                    Bind(2, &ck.buf, ck.bytes),
+                    Bind(3, &cv.buf, cv.bytes),
+                    Bind(4, &co.buf, co.bytes),
+                    Bind(5, &cs.buf, cs.bytes),
+                ],
+                g,
+            )?;
+        }
         Ok(out)
     }
 
@@ -983,28 +1098,7 @@ impl Backend for GpuBackend {
         need(k, DType::F32, OP)?;
         let (cq, ck) = (one(q, OP)?, one(k, OP)?);
         let out = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
-        let co = one(&out, OP)?;
-        let pipe = self
-            .ctx
-            .pipeline(PipelineKey::new("attention_probs", "main"))?;
-        let prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
-        let g = self.grid(OP, p.num_heads)?;
-        if g[1] > 1 {
-            return Err(Error::shape(
-                OP,
-                format!("{} heads is too many", p.num_heads),
-            ));
-        }
-        self.ctx.dispatch(
-            &pipe,
-            &prm,
-            &[
-                Bind(1, &cq.buf, cq.bytes),
-                Bind(2, &ck.buf, ck.bytes),
-                Bind(3, &co.buf, co.bytes),
-            ],
-            g,
-        )?;
+        self.last_row_probs(cq, ck, sq, p, one(&out, OP)?)?;
         Ok(out)
     }
 
@@ -1047,33 +1141,9 @@ impl Backend for GpuBackend {
         if end == start {
             return Ok(out);
         }
-        let hd = p.num_heads * p.head_dim;
-        let o = self.empty([hd], DType::F32, OP)?; // [H*D]: the query's attention output
+        let o = self.empty([p.num_heads * p.head_dim], DType::F32, OP)?; // [H*D]: the output
         let (co, cout) = (one(&o, OP)?, one(&out, OP)?);
-        let c = |v: usize| u32_of(OP, "size", v);
-        let prm = params(&[
-            c(p.num_heads)?,
-            c(p.head_dim)?,
-            c(p.kv_len)?,
-            c(p.num_heads / p.num_kv_heads)?,
-            c(p.num_kv_heads * p.head_dim)?,
-            c(start)?,
-            c(end - start)?,
-            0,
-        ]);
-        let p1 = self
-            .ctx
-            .pipeline(PipelineKey::new("contrib", "contrib_o"))?;
-        self.ctx.dispatch(
-            &p1,
-            &prm,
-            &[
-                Bind(1, &cp.buf, cp.bytes),
-                Bind(2, &cv.buf, cv.bytes),
-                Bind(3, &co.buf, co.bytes),
-            ],
-            self.grid(OP, hd.div_ceil(256))?,
-        )?;
+        let prm = self.weighted_values(cp, cv, p, start, end, co)?;
         let p2 = self
             .ctx
             .pipeline(PipelineKey::new("contrib", "contrib_main"))?;
@@ -1411,15 +1481,10 @@ impl Backend for GpuBackend {
         const OP: &str = "cast";
         let (src_t, entry) = match (x.dtype(), dtype) {
             (DType::F32, DType::F32) | (DType::F16, DType::F16) => {
-                return self
-                    .slice_rows(x, 0, x.dims().first().copied().unwrap_or(0))
-                    .and_then(|t| {
-                        if x.dims().is_empty() {
-                            Err(Error::shape(OP, "cannot cast a scalar"))
-                        } else {
-                            Ok(t)
-                        }
-                    })
+                // Same dtype: a copy (tensors are values), scalars included.
+                let out = self.empty(x.shape().clone(), x.dtype(), OP)?;
+                self.copy_elems(x.dtype(), one(&out, OP)?, 0, one(x, OP)?, 0, x.elem_count())?;
+                return Ok(out);
             }
             (DType::F32, DType::F16) => (x, "cast_to_f16"),
             (DType::F16, DType::F32) => (x, "cast_to_f32"),

@@ -15,6 +15,10 @@
 //! activations f32. Tensors above the storage-binding limit are split by rows over several
 //! buffers (`linear`, `embedding` and `to_vec_*` stream the chunks).
 //!
+//! Software adapters: llvmpipe (lavapipe) stops any loop nest after 65535 iterations per
+//! invocation without an error, so prefill attention walks long caches in several dispatches
+//! there (running softmax state carried in a scratch buffer); other kernels stay far below it.
+//!
 //! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
 //! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too).
 

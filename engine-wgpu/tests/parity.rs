@@ -426,6 +426,8 @@ fn attn_cases() -> Vec<AttnCase> {
     vec![
         // CLIP: non-causal, 33 queries over 33 keys.
         mk(33, 33, 33, 0, false, 4, 4, 64, none),
+        // CLIP-L/336 vision tower size: 577 tokens, non-causal (not a tile multiple).
+        mk(577, 577, 577, 0, false, 2, 2, 64, none),
         // Causal prefill with GQA and a longer cache.
         mk(70, 80, 70, 0, true, 4, 2, 128, none),
         // Decode: one query at the end of the cache.
@@ -516,6 +518,36 @@ fn attn_cases() -> Vec<AttnCase> {
             AttentionMask::Layer0Sink {
                 image_start: 10,
                 image_end: 10,
+            },
+        ),
+        // Long caches: several key passes on software adapters (llvmpipe's loop cap), with the
+        // running softmax and the sink sum carried between passes.
+        mk(
+            70,
+            640,
+            600,
+            530,
+            true,
+            4,
+            2,
+            128,
+            AttentionMask::TextToImage {
+                image_start: 5,
+                image_end: 400,
+            },
+        ),
+        mk(
+            64,
+            720,
+            700,
+            636,
+            true,
+            2,
+            2,
+            64,
+            AttentionMask::Layer0Sink {
+                image_start: 5,
+                image_end: 581,
             },
         ),
         // Non-causal with a mask (every query sees every key).
@@ -720,6 +752,13 @@ fn data_suite(g: &dyn Backend, seed: u64) {
     });
     same("cast f32->f32", g, EXACT, |be, gpu| {
         be.cast(if gpu { &gb } else { &cb }, DType::F32)
+    });
+    let (cs, gs) = both(g, HostData::F32(&[2.5]), &[]);
+    same("cast scalar f32->f32", g, EXACT, |be, gpu| {
+        be.cast(if gpu { &gs } else { &cs }, DType::F32)
+    });
+    same("cast scalar f32->f16", g, EXACT, |be, gpu| {
+        be.cast(if gpu { &gs } else { &cs }, DType::F16)
     });
     same("zeros f32", g, EXACT, |be, _| {
         be.zeros(Shape::from([7, 5]), DType::F32)

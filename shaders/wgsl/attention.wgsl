@@ -1,13 +1,18 @@
 #if F16
 enable f16;
 #endif
-// attention: flash-style multi-head attention with online softmax over key tiles; the score
+// attention: flash-style multi-head attention with online softmax over key tiles (prefill and
+// chunks; one-query decode runs attention_probs + contrib_o instead); the score
 // matrix is never written. Workgroup = 64 queries of one head (dispatch (ceil(Sq/64), H));
 // each tile of TK keys and values (of the head's kv head, GQA) is staged in workgroup memory.
 // The softmax normaliser runs over every visible key; masked keys (VisiPruner) only skip their
 // P·V product (post-softmax zeroing without renormalisation), and Layer0Sink adds S_i·V[s].
+// Keys may be processed in several dispatches (keys kb0..kb1 each), carrying the running
+// (m, l, S, o) of every (query, head) in `state`: llvmpipe stops any loop nest after 65535
+// iterations per invocation, so on software adapters long contexts take several passes.
 // bindings: 0 uniform P, 1 q [Sq, H*D] f32, 2 k [L, KvH*D] f32, 3 v [L, KvH*D] f32,
-//           4 out [Sq, H*D] f32.  HEAD_DIM = D, TK = keys per tile (substituted).
+//           4 out [Sq, H*D] f32, 5 state [Sq, H, D + 3] f32 (multi-pass only).
+//           HEAD_DIM = D, TK = keys per tile (substituted).
 #include common
 
 const D: u32 = {{HEAD_DIM}}u;
@@ -18,12 +23,14 @@ struct P {
     sq: u32, kv_len: u32, q_offset: u32, causal: u32,
     mask: u32, ms: u32, me: u32, group: u32,
     qw: u32, kw: u32, scale: f32, pad: u32,
+    kb0: u32, kb1: u32, first: u32, last: u32,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;
 @group(0) @binding(2) var<storage, read> kb: array<f32>;
 @group(0) @binding(3) var<storage, read> vb: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> state: array<f32>;
 
 #include mask
 
@@ -57,11 +64,21 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     var m = -3.402823e38;
     var l = 0.0;
     var simg = 0.0; // unnormalised sum of the probabilities Layer0Sink collects
-    for (var t0 = 0u; t0 < kv_end; t0 += TK) {
+    let sb = (i * (p.qw / D) + h) * (D + 3u);
+    if (live && p.first == 0u) {
+        m = state[sb];
+        l = state[sb + 1u];
+        simg = state[sb + 2u];
+        for (var d = 0u; d < D; d++) {
+            o[d] = state[sb + 3u + d];
+        }
+    }
+    let t_end = min(kv_end, p.kb1);
+    for (var t0 = p.kb0; t0 < t_end; t0 += TK) {
         workgroupBarrier();
         for (var idx = lid; idx < TK * D; idx += WG) {
             let j = t0 + idx / D;
-            if (j < kv_end) {
+            if (j < t_end) {
                 let g = j * p.kw + koff + idx % D;
                 kt[idx] = kb[g];
                 vt[idx] = vb[g];
@@ -78,28 +95,40 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 }
                 s *= p.scale;
                 let mn = max(m, s);
-                let corr = exp(m - mn);
+                // Before the first key (l == 0) there is nothing to rescale; this also keeps
+                // exp away from the sentinel's huge negative difference.
+                let corr = select(exp(m - mn), 0.0, l == 0.0);
                 let e = exp(s - mn);
                 l = l * corr + e;
                 simg *= corr;
-                if (corr != 1.0) {
-                    for (var d = 0u; d < D; d++) {
-                        o[d] *= corr;
-                    }
-                }
+                // Rescaling fused into the P·V loop; masked keys only rescale (their V row is
+                // never read).
                 let kind = mask_kind(row, j);
                 if (kind == 0u) {
                     for (var d = 0u; d < D; d++) {
-                        o[d] += e * vt[jj * D + d];
+                        o[d] = o[d] * corr + e * vt[jj * D + d];
                     }
-                } else if (kind == 2u) {
-                    simg += e;
+                } else {
+                    for (var d = 0u; d < D; d++) {
+                        o[d] *= corr;
+                    }
+                    if (kind == 2u) {
+                        simg += e;
+                    }
                 }
                 m = mn;
             }
         }
     }
-    if (live) {
+    if (live && p.last == 0u) {
+        state[sb] = m;
+        state[sb + 1u] = l;
+        state[sb + 2u] = simg;
+        for (var d = 0u; d < D; d++) {
+            state[sb + 3u + d] = o[d];
+        }
+    }
+    if (live && p.last != 0u) {
         let redirect = sink_redirect(row, visible);
         let sv = p.ms * p.kw + koff;
         for (var d = 0u; d < D; d++) {

@@ -3,6 +3,7 @@ enable f16;
 #endif
 // contrib: per-token contributions to one query's attention output (VisiPruner middle/deep).
 // contrib_o: o[h*D + d] = Σ_j probs[h, j] · v[j, kvh*D + d], one invocation per (h, d)
+//            (also the P·V half of decode attention, after attention_probs)
 //            (2-D dispatch over ceil(H*D / 256)).
 // contrib_main: one workgroup (256) per key j in start..start+count: with c = probs[h,j]·v_h[j]
 //            and r = o − c, out[t] = [‖c‖, Σ r·o / (‖r‖‖o‖)] (1 when ‖r‖ or ‖o‖ is 0).
