@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod bench;
 mod devices;
 mod errors;
 mod info;
@@ -25,6 +26,7 @@ use pruner::PruneConfig;
 use serde_json::json;
 
 use errors::{bad_input, classify, internal, Failure};
+
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +62,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Dense vs VisiPruner vs FastV on a checkpoint or a synthetic shape.
+    Bench(bench::BenchArgs),
     /// Kernel benchmark on the selected adapter (JSON).
     BenchKernels {
         /// Fewer repetitions.
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
         ),
         Cmd::Devices { json } => devices::devices(json),
         Cmd::BenchKernels { quick } => bench_kernels(quick),
+        Cmd::Bench(a) => bench::bench(a),
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

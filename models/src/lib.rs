@@ -13,6 +13,7 @@ pub mod nn;
 pub mod preprocess;
 pub mod prompt;
 pub mod sampling;
+pub mod synthetic;
 
 pub use config::LlavaConfig;
 pub use llama::ImageSpan;

@@ -257,6 +257,23 @@ impl Llama {
         cache: &mut KvCache,
         extra: usize,
     ) -> Result<(Tensor, PrefillStats)> {
+        self.prefill_observed(b, embeds, image, pruner, cache, extra, &mut |_| Ok(()))
+    }
+
+    /// [`Llama::prefill`] calling `after_layer(l)` once layer `l` (and any gather the
+    /// pruner asked for after it) has been recorded; benchmarks sync there to time layers.
+    // prefill's arguments plus the observer; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_observed(
+        &self,
+        b: &dyn Backend,
+        embeds: &Tensor,
+        image: Option<ImageSpan>,
+        pruner: &mut dyn Pruner,
+        cache: &mut KvCache,
+        extra: usize,
+        after_layer: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<(Tensor, PrefillStats)> {
         let seq = embeds.dims()[0];
         let mut h = embeds.clone();
         let mut positions: Vec<u32> = (0..seq as u32).collect();
@@ -306,6 +323,7 @@ impl Llama {
             stats.layer_image_lens.push(n_img);
             stats.layer_masks.push(mask_kind);
             if image.is_none() || n_img == 0 {
+                after_layer(l)?;
                 continue;
             }
             let (contributions, last_row) = match &captured {
@@ -341,6 +359,7 @@ impl Llama {
                 pos_t = b.upload(HostData::U32(&positions), positions.len().into())?;
                 img = keep;
             }
+            after_layer(l)?;
         }
         let last = h.dims()[0] - 1;
         let x = b.slice_rows(&h, last, 1)?; // [1, H]

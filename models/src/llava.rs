@@ -607,29 +607,7 @@ impl Llava {
 
     /// The shapes `pruner::prefill_flops` needs.
     pub fn flops_shape(&self) -> FlopsShape {
-        let (t, v) = (&self.cfg.text, &self.cfg.vision);
-        FlopsShape {
-            text: pruner::TextShape {
-                hidden: t.hidden_size,
-                intermediate: t.intermediate_size,
-                heads: t.num_attention_heads,
-                kv_heads: t.num_key_value_heads,
-                head_dim: t.head_dim,
-                vocab: t.vocab_size,
-                num_layers: t.num_hidden_layers,
-            },
-            vision: pruner::VisionShape {
-                layers: self.cfg.vision_layers_to_run(),
-                hidden: v.hidden_size,
-                intermediate: v.intermediate_size,
-                tokens: v.num_patches() + 1,
-            },
-            projector: pruner::ProjectorShape {
-                in_dim: v.hidden_size,
-                hidden: t.hidden_size,
-                out_dim: t.hidden_size,
-            },
-        }
+        self.cfg.flops_shape()
     }
 
     fn flops(

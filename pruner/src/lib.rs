@@ -22,7 +22,7 @@ pub use flops::{
     VisionShape,
 };
 pub use policy::{Action, Capture, Dense, LayerView, PruneError, PruneReport, Pruner, ShallowMask};
-pub use visi::{VisiPruner, SILENT_COS, SILENT_LAYERS_TO_EXIT};
+pub use visi::{ForcedSchedule, VisiPruner, SILENT_COS, SILENT_LAYERS_TO_EXIT};
 
 /// Validates `cfg` against a model with `num_layers` decoder layers and builds its pruner.
 pub fn build(cfg: &PruneConfig, num_layers: usize) -> Result<Box<dyn Pruner>, ConfigError> {

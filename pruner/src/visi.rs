@@ -32,6 +32,34 @@ enum Deep {
     FixedFrom(usize),
 }
 
+/// Decisions forced onto VisiPruner's code path (benchmarks on random weights, whose
+/// contributions would not make realistic decisions): every mask, capture and gather is
+/// the real one; only the middle-stage trigger and K, and the deep exit, are imposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForcedSchedule {
+    /// Layer whose middle-stage check "fires"; must be above `shallow_mid_layer`.
+    pub fusion_layer: usize,
+    /// Image tokens kept at fusion, evenly spaced over those the layer processed.
+    pub keep: usize,
+    /// First text-only layer (needs the deep stage; at least `fusion_layer + 2`).
+    pub text_only_from: Option<usize>,
+}
+
+impl ForcedSchedule {
+    /// `keep` of the `image` tokens, evenly spaced (the centre of each of `keep` equal
+    /// strata), ascending; all of them when `keep >= image.len()`.
+    pub fn select(image: &[usize], keep: usize) -> Vec<usize> {
+        let n = image.len();
+        if keep >= n {
+            return image.to_vec();
+        }
+        // (2i+1)n / 2k is strictly increasing in i and below n for i < k <= n.
+        (0..keep)
+            .map(|i| image[(2 * i + 1) * n / (2 * keep)])
+            .collect()
+    }
+}
+
 /// The VisiPruner policy (see `docs/visipruner.md`).
 #[derive(Debug, Clone)]
 pub struct VisiPruner {
@@ -46,6 +74,7 @@ pub struct VisiPruner {
     kept: Option<Vec<usize>>,
     silent_layers: u32,
     text_only_from: Option<usize>,
+    forced: Option<ForcedSchedule>,
 }
 
 impl VisiPruner {
@@ -105,7 +134,59 @@ impl VisiPruner {
             kept: None,
             silent_layers: 0,
             text_only_from: None,
+            forced: None,
         })
+    }
+
+    /// VisiPruner with its decisions forced to `forced` (see [`ForcedSchedule`]). `cfg`
+    /// must enable the middle stage, and the deep stage when an exit is forced.
+    pub fn forced(
+        cfg: VisiConfig,
+        num_layers: usize,
+        forced: ForcedSchedule,
+    ) -> Result<Self, ConfigError> {
+        let mut p = Self::new(cfg, num_layers)?;
+        let m = p.middle.ok_or(ConfigError::Missing {
+            key: "mode",
+            when: "for a forced schedule",
+            range: "a mode containing \"middle\"".to_string(),
+        })?;
+        let f = forced.fusion_layer;
+        if f <= m.after || f + 1 >= num_layers {
+            return Err(ConfigError::OutOfRange {
+                key: "fusion",
+                value: f.to_string(),
+                range: format!(
+                    "an integer in ({}, {}) (above shallow_mid_layer, below the last layer)",
+                    m.after,
+                    num_layers.saturating_sub(1)
+                ),
+            });
+        }
+        if let Some(e) = forced.text_only_from {
+            if p.deep != Deep::AfterSelection {
+                return Err(ConfigError::Missing {
+                    key: "mode",
+                    when: "for a forced exit",
+                    range: "a mode containing \"deep\"".to_string(),
+                });
+            }
+            // The exit is taken on layer e-1's deep capture, and the last layer is never captured.
+            if e < f + 2 || e + 1 > num_layers {
+                return Err(ConfigError::OutOfRange {
+                    key: "exit",
+                    value: e.to_string(),
+                    range: format!("an integer in [{}, {}]", f + 2, num_layers - 1),
+                });
+            }
+        }
+        p.forced = Some(forced);
+        Ok(p)
+    }
+
+    /// The forced schedule, when this pruner runs one.
+    pub fn forced_schedule(&self) -> Option<ForcedSchedule> {
+        self.forced
     }
 
     fn images_gone(&self, layer: usize) -> bool {
@@ -115,18 +196,25 @@ impl VisiPruner {
     /// Middle stage: on the fusion layer, select K; otherwise nothing.
     fn middle_step(&mut self, view: &LayerView, m: Middle) -> Result<Action, PruneError> {
         let c = contributions(view)?;
-        // Strict <: a cosine exactly at the threshold is not a fusion.
-        if !c.iter().any(|&(_, cos)| cos < m.layer_threshold) {
-            return Ok(Action::Continue);
-        }
-        // Strict >: a norm exactly at the threshold is dropped.
-        let k: Vec<usize> = view
-            .image_tokens
-            .iter()
-            .zip(c)
-            .filter(|(_, &(norm, _))| norm > m.tokens_threshold)
-            .map(|(&j, _)| j)
-            .collect();
+        let k: Vec<usize> = if let Some(fs) = self.forced {
+            // The capture was computed and checked like the real one; only the decision differs.
+            if view.layer != fs.fusion_layer {
+                return Ok(Action::Continue);
+            }
+            ForcedSchedule::select(view.image_tokens, fs.keep)
+        } else {
+            // Strict <: a cosine exactly at the threshold is not a fusion.
+            if !c.iter().any(|&(_, cos)| cos < m.layer_threshold) {
+                return Ok(Action::Continue);
+            }
+            // Strict >: a norm exactly at the threshold is dropped.
+            view.image_tokens
+                .iter()
+                .zip(c)
+                .filter(|(_, &(norm, _))| norm > m.tokens_threshold)
+                .map(|(&j, _)| j)
+                .collect()
+        };
         self.fusion_layer = Some(view.layer);
         self.kept = Some(k.clone());
         if view.layer + 1 == self.num_layers {
@@ -142,6 +230,17 @@ impl VisiPruner {
     /// Deep stage: count vision-silent layers; at the second, drop the rest.
     fn deep_step(&mut self, view: &LayerView) -> Result<Action, PruneError> {
         let c = contributions(view)?;
+        if let Some(fs) = self.forced {
+            // Forced: not silent until the layer before the forced exit, then exit there.
+            return Ok(match fs.text_only_from {
+                Some(e) if view.layer + 1 == e => {
+                    self.silent_layers = SILENT_LAYERS_TO_EXIT;
+                    self.text_only_from = Some(e);
+                    Action::Keep(Vec::new())
+                }
+                _ => Action::Continue,
+            });
+        }
         if !c.iter().all(|&(_, cos)| cos >= SILENT_COS) {
             return Ok(Action::Continue);
         }
@@ -867,5 +966,134 @@ mod tests {
                 deep: true
             }
         );
+    }
+
+    fn forced(fusion: usize, keep: usize, exit: Option<usize>) -> VisiPruner {
+        let fs = ForcedSchedule {
+            fusion_layer: fusion,
+            keep,
+            text_only_from: exit,
+        };
+        VisiPruner::forced(cfg(r#"["shallow","middle","deep"]"#, ""), L, fs)
+            .unwrap_or_else(|e| panic!("forced {fusion}/{keep}/{exit:?}: {e}"))
+    }
+
+    #[test]
+    fn forced_select_is_evenly_spaced_and_ascending() {
+        let image: Vec<usize> = (0..N).collect();
+        assert_eq!(ForcedSchedule::select(&image, 4), vec![72, 216, 360, 504]);
+        assert_eq!(ForcedSchedule::select(&image, 1), vec![288]);
+        assert_eq!(ForcedSchedule::select(&image, 0), Vec::<usize>::new());
+        assert_eq!(ForcedSchedule::select(&image[..3], 9), vec![0, 1, 2]);
+        for k in 1..=N {
+            let s = ForcedSchedule::select(&image, k);
+            assert_eq!(s.len(), k, "k {k}: length");
+            if let Some(i) = s.windows(2).position(|w| w[0] >= w[1]) {
+                panic!(
+                    "k {k}: entry {i} = {} not below entry {} = {}",
+                    s[i],
+                    i + 1,
+                    s[i + 1]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn forced_schedule_runs_the_real_captures_with_imposed_decisions() {
+        for seed in 0..5u64 {
+            // Contributions that would fire fusion on every layer and never be silent:
+            // the forced decisions must win over them.
+            let mut rng = Rng::new(seed);
+            let (f, k, e) = (12, 10, 18);
+            let mut p = forced(f, k, Some(e));
+            let t = drive(
+                &mut p,
+                L,
+                N,
+                |_, img| {
+                    let mut c = quiet(&mut rng, img.len());
+                    c[0].1 = 0.1;
+                    c
+                },
+                no_attn,
+            );
+            let want_k = ForcedSchedule::select(&(0..N).collect::<Vec<_>>(), k);
+            assert_eq!(
+                t.keeps(),
+                vec![(f, want_k.clone()), (e - 1, vec![])],
+                "seed {seed}"
+            );
+            // Same captures as the real policy: middle on smid+1..=f, deep on f+1..e-1.
+            assert_eq!(
+                t.layers_capturing(Capture::Contributions),
+                (SMID + 1..e).collect::<Vec<_>>(),
+                "seed {seed}: captures"
+            );
+            for l in 0..L {
+                let want = match l {
+                    _ if l <= f => N,
+                    _ if l < e => k,
+                    _ => 0,
+                };
+                assert_eq!(
+                    t.image[l].len(),
+                    want,
+                    "seed {seed}: layer {l} image tokens"
+                );
+            }
+            assert_eq!(t.masks[0], ShallowMask::Layer0Sink, "seed {seed}");
+            assert_eq!(t.masks[SMID - 1], ShallowMask::TextToImage, "seed {seed}");
+            let r = p.report();
+            assert_eq!(
+                (r.fusion_layer, r.kept_image_tokens, r.text_only_from_layer),
+                (Some(f), Some(want_k), Some(e)),
+                "seed {seed}: report"
+            );
+        }
+    }
+
+    #[test]
+    fn forced_without_exit_keeps_k_to_the_end() {
+        let mut rng = Rng::new(7);
+        let mut p = forced(9, 100, None);
+        let t = drive(&mut p, L, N, |_, img| quiet(&mut rng, img.len()), no_attn);
+        assert_eq!(t.keeps().len(), 1, "keeps: {:?}", t.keeps());
+        assert_eq!(t.image[L - 1].len(), 100);
+        assert_eq!(p.report().text_only_from_layer, None);
+        // Reset re-arms the same forced schedule.
+        p.reset();
+        let t = drive(&mut p, L, N, |_, img| quiet(&mut rng, img.len()), no_attn);
+        assert_eq!(t.keeps()[0].0, 9);
+    }
+
+    #[test]
+    fn forced_schedule_rejects_impossible_layers() {
+        let c = || cfg(r#"["shallow","middle","deep"]"#, "");
+        let fs = |f, e| ForcedSchedule {
+            fusion_layer: f,
+            keep: 10,
+            text_only_from: e,
+        };
+        for (f, e, key) in [
+            (SMID, None, "fusion"),
+            (L - 1, None, "fusion"),
+            (12, Some(13), "exit"),
+            (12, Some(L), "exit"),
+        ] {
+            let err = VisiPruner::forced(c(), L, fs(f, e)).err();
+            let msg = err.map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains(key), "fusion {f} exit {e:?}: got {msg:?}");
+        }
+        // The last legal exit: layer L-2 is the last one deep-captured.
+        let mut p = VisiPruner::forced(c(), L, fs(12, Some(L - 1))).unwrap();
+        let t = drive(&mut p, L, N, |_, img| vec![(0.5, 1.0); img.len()], no_attn);
+        assert_eq!(t.keeps().last().map(|k| k.0), Some(L - 2));
+        assert!(t.image[L - 1].is_empty(), "layer L-1 must be text-only");
+        let no_deep = cfg(r#"["shallow","middle"]"#, "");
+        assert!(VisiPruner::forced(no_deep.clone(), L, fs(12, Some(18))).is_err());
+        assert!(VisiPruner::forced(no_deep, L, fs(12, None)).is_ok());
+        let no_middle = cfg(r#"["shallow"]"#, "");
+        assert!(VisiPruner::forced(no_middle, L, fs(12, None)).is_err());
     }
 }

@@ -1,0 +1,921 @@
+//! `visi-cli bench`: dense, VisiPruner and FastV side by side in one process, on a real
+//! checkpoint or a synthetic LLaVA of a named shape, with the realised prefill speedup
+//! next to the analytic FLOPs ratio of the schedule that ran, and kernel efficiency.
+//!
+//! Timing rules: every timed phase ends with a device sync (a read-back of the chosen
+//! token, or `sync()`); methods are interleaved rep by rep so drift hits all of them alike;
+//! per-layer times come from one extra profiled run that syncs after every layer, and are
+//! never mixed into the headline numbers.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use engine_core::{Backend, HostData, Tensor};
+use image::{Rgb, RgbImage};
+use models::llama::{ImageSpan, KvCache, Llama, PrefillStats};
+use models::synthetic::{SyntheticLlava, SyntheticShape};
+use models::{Llava, LlavaConfig};
+use pruner::{
+    Dense, FastV, FastVConfig, ForcedSchedule, LayerSchedule, PruneConfig, PruneReport, Pruner,
+    VisiPruner,
+};
+use serde_json::{json, Value};
+
+use crate::{bad_input, classify, internal, open_backend, DeviceArg, Failure};
+
+/// Tokens before the image in a Vicuna-v1 LLaVA prompt (system prompt and "USER: ").
+const PREFIX_TOKENS: usize = 35;
+
+/// Arguments of `visi-cli bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// llava-hf model directory (or a cached hub repo id) to benchmark.
+    #[arg(long, conflicts_with = "shape", required_unless_present = "shape")]
+    model: Option<String>,
+    /// Synthetic LLaVA with seeded random f16 weights: tiny, llava-1b or llava-7b.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Timed repetitions per method (min and median are reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Untimed runs per method first (pipeline compilation, pool warm-up).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Decode steps timed after the first token.
+    #[arg(long, default_value_t = 16)]
+    decode_tokens: usize,
+    /// Prompt length: 35 prefix tokens, the image tokens, then a suffix up to this.
+    #[arg(long, default_value_t = 640)]
+    prompt_len: usize,
+    /// VisiPruner decisions: `fusion=F,keep=K[,exit=E]` forced onto its code path, or
+    /// `real` for the paper policy's own decisions. Default: 12/10/18 scaled to the depth.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// FastV settings.
+    #[arg(long, default_value = "k=2,ratio=0.5")]
+    fastv: String,
+    /// Leave out the kernel benchmark.
+    #[arg(long)]
+    skip_kernels: bool,
+    /// One JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Draw per-layer sequence length and time, dense vs pruned, to this PNG (implies
+    /// --layer-times).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// One extra untimed run per method that syncs after every layer to time it.
+    #[arg(long)]
+    layer_times: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Seed of the synthetic weights, pixels and prompt ids.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// VisiPruner's decisions for the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Schedule {
+    Forced(ForcedSchedule),
+    Real,
+}
+
+fn parse_kv(text: &str, flag: &str, keys: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow!("{flag}: expected key=value, got {part:?}"))?;
+        let k = k.trim();
+        if !keys.contains(&k) {
+            return Err(anyhow!(
+                "{flag}: unknown key {k:?} (allowed: {})",
+                keys.join(", ")
+            ));
+        }
+        if out.iter().any(|(o, _)| o == k) {
+            return Err(anyhow!("{flag}: {k} given twice"));
+        }
+        out.push((k.to_string(), v.trim().to_string()));
+    }
+    Ok(out)
+}
+
+fn parse_usize(flag: &str, key: &str, v: &str) -> anyhow::Result<usize> {
+    v.parse()
+        .map_err(|_| anyhow!("{flag}: {key} must be a non-negative integer, got {v:?}"))
+}
+
+fn parse_schedule(text: &str) -> anyhow::Result<Schedule> {
+    if text.trim() == "real" {
+        return Ok(Schedule::Real);
+    }
+    let kv = parse_kv(text, "--schedule", &["fusion", "keep", "exit"])?;
+    let get = |key: &str| kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let need = |key: &str| {
+        get(key).ok_or_else(|| anyhow!("--schedule: {key}= is required (fusion=F,keep=K[,exit=E])"))
+    };
+    Ok(Schedule::Forced(ForcedSchedule {
+        fusion_layer: parse_usize("--schedule", "fusion", need("fusion")?)?,
+        keep: parse_usize("--schedule", "keep", need("keep")?)?,
+        text_only_from: get("exit")
+            .map(|v| parse_usize("--schedule", "exit", v))
+            .transpose()?,
+    }))
+}
+
+fn parse_fastv(text: &str) -> anyhow::Result<FastVConfig> {
+    let kv = parse_kv(text, "--fastv", &["k", "ratio"])?;
+    let mut cfg = FastVConfig { k: 2, ratio: 0.5 };
+    for (k, v) in kv {
+        match k.as_str() {
+            "k" => cfg.k = parse_usize("--fastv", "k", &v)?,
+            _ => {
+                cfg.ratio = v
+                    .parse()
+                    .map_err(|_| anyhow!("--fastv: ratio must be a number, got {v:?}"))?
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+/// The paper's 12/10/18 on 32 layers, scaled to `layers` and kept legal for
+/// `shallow_mid_layer` 6 (fusion above it, exit two layers later at least, before the last).
+fn default_schedule(layers: usize) -> ForcedSchedule {
+    let scale = |x: usize| (x * layers + 16) / 32;
+    let fusion = scale(12).max(7);
+    let exit = scale(18).max(fusion + 2).min(layers.saturating_sub(2));
+    ForcedSchedule {
+        fusion_layer: fusion,
+        keep: 10,
+        text_only_from: (exit >= fusion + 2).then_some(exit),
+    }
+}
+
+/// The model under test.
+enum Model {
+    Real(Box<Llava>, u64),
+    Synth(Box<SyntheticLlava>),
+}
+
+impl Model {
+    fn cfg(&self) -> &LlavaConfig {
+        match self {
+            Model::Real(l, _) => l.config(),
+            Model::Synth(s) => &s.cfg,
+        }
+    }
+    fn llama(&self) -> &Llama {
+        match self {
+            Model::Real(l, _) => l.llama(),
+            Model::Synth(s) => &s.llama,
+        }
+    }
+    /// Vision tower and projector over `pixels [3, S, S]` → `[N, H]`, synced.
+    fn encode(&self, b: &dyn Backend, pixels: &[f32]) -> engine_core::Result<Tensor> {
+        let s = self.cfg().vision.image_size;
+        match self {
+            Model::Real(l, _) => {
+                let pv = models::preprocess::PixelValues {
+                    data: pixels.to_vec(),
+                    height: s,
+                    width: s,
+                };
+                Ok(l.encode_pixels(RgbImage::new(1, 1), pv)?.embeds)
+            }
+            Model::Synth(m) => {
+                let px = b.upload(HostData::F32(pixels), vec![3, s, s].into())?; // [3, S, S]
+                let e = m.encode(b, &px)?; // [N, H]
+                b.sync()?;
+                Ok(e)
+            }
+        }
+    }
+    fn describe(&self) -> Value {
+        match self {
+            Model::Real(l, bytes) => json!({
+                "source": "checkpoint", "load_ms": l.load_ms(), "weight_bytes": bytes,
+            }),
+            Model::Synth(s) => json!({
+                "source": "synthetic", "weights": "f16, seeded uniform ±1/sqrt(fan_in)",
+                "load_ms": s.load_ms, "weight_bytes": s.weight_bytes,
+                "host_weight_bytes": s.host_bytes,
+            }),
+        }
+    }
+}
+
+/// One method's timed and structural results.
+struct MethodRuns {
+    name: &'static str,
+    pruner: Box<dyn Pruner>,
+    vision_ms: Vec<f64>,
+    prefill_ms: Vec<f64>,
+    decode_ms: Vec<f64>,
+    stats: Option<PrefillStats>,
+    kv_lens: Vec<usize>,
+    kv_bytes: u64,
+    report: Option<PruneReport>,
+    layer_ms: Vec<f64>,
+}
+
+struct Once {
+    vision_ms: f64,
+    prefill_ms: f64,
+    decode_ms: f64,
+    stats: PrefillStats,
+    cache: KvCache,
+    layer_ms: Vec<f64>,
+}
+
+struct Input<'a> {
+    ids: &'a [u32],
+    span: ImageSpan,
+    pixels: &'a [f32],
+    decode_tokens: usize,
+}
+
+fn argmax_id(b: &dyn Backend, logits: &Tensor) -> engine_core::Result<u32> {
+    let t = b.argmax(logits)?; // [1] u32
+    let v = b.to_vec_u32(&t)?; // sync: one id
+    v.first()
+        .copied()
+        .ok_or_else(|| engine_core::Error::msg("argmax returned nothing"))
+}
+
+/// Vision, prefill (through the first token) and `decode_tokens` greedy steps; with
+/// `profile`, syncs after every layer and returns per-layer milliseconds.
+fn run_once(
+    m: &Model,
+    b: &dyn Backend,
+    inp: &Input,
+    pruner: &mut dyn Pruner,
+    profile: bool,
+) -> engine_core::Result<Once> {
+    let llama = m.llama();
+    pruner.reset();
+    let t = Instant::now();
+    let image = m.encode(b, inp.pixels)?; // [N, H]
+    let vision_ms = ms(t);
+
+    let t = Instant::now();
+    let (s, e) = (inp.span.start, inp.span.end);
+    let mut parts = vec![llama.embed(b, &inp.ids[..s])?, image]; // [s, H], [N, H]
+    if e < inp.ids.len() {
+        parts.push(llama.embed(b, &inp.ids[e..])?); // [S - e, H]
+    }
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    let embeds = b.concat_rows(&refs)?; // [S, H]
+    let mut layer_ms = Vec::new();
+    let mut mark = if profile {
+        b.sync()?;
+        Some(Instant::now())
+    } else {
+        None
+    };
+    let mut observe = |_l: usize| -> engine_core::Result<()> {
+        if let Some(t0) = mark.as_mut() {
+            b.sync()?;
+            layer_ms.push(ms(*t0));
+            *t0 = Instant::now();
+        }
+        Ok(())
+    };
+    let mut cache = KvCache::default();
+    let (logits, stats) = llama.prefill_observed(
+        b,
+        &embeds,
+        Some(inp.span),
+        pruner,
+        &mut cache,
+        inp.decode_tokens,
+        &mut observe,
+    )?;
+    let mut token = argmax_id(b, &logits)?;
+    let prefill_ms = ms(t);
+
+    let t = Instant::now();
+    for i in 0..inp.decode_tokens {
+        let pos = (inp.ids.len() + i) as u32;
+        let logits = llama.decode_step(b, token, pos, &mut cache)?; // [1, V]
+        token = argmax_id(b, &logits)?;
+    }
+    let decode_ms = ms(t);
+    Ok(Once {
+        vision_ms,
+        prefill_ms,
+        decode_ms,
+        stats,
+        cache,
+        layer_ms,
+    })
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn min_median(v: &[f64]) -> (f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => (f64::NAN, f64::NAN),
+        n if n % 2 == 1 => (s[0], s[n / 2]),
+        n => (s[0], 0.5 * (s[n / 2 - 1] + s[n / 2])),
+    }
+}
+
+fn stat(v: &[f64]) -> Value {
+    let (min, med) = min_median(v);
+    json!({ "min": min, "median": med, "all": v })
+}
+
+/// Seeded vicuna-shaped ids: BOS, prefix, image placeholders, suffix.
+fn synthetic_ids(cfg: &LlavaConfig, len: usize, seed: u64) -> Vec<u32> {
+    let vocab = cfg.text.vocab_size.min(32000) as u64;
+    let n_img = cfg.image_tokens();
+    let mut s = seed ^ 0x1d5;
+    (0..len)
+        .map(|i| {
+            if i == 0 {
+                1
+            } else if (PREFIX_TOKENS..PREFIX_TOKENS + n_img).contains(&i) {
+                cfg.image_token_index
+            } else {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                // Skip the special ids 0..3.
+                (3 + (s >> 33) % (vocab - 3)) as u32
+            }
+        })
+        .collect()
+}
+
+fn synthetic_pixels(size: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed ^ 0x9e37;
+    (0..3 * size * size)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+fn dir_safetensors_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Entry point of `visi-cli bench`.
+pub fn bench(a: BenchArgs) -> Result<(), Failure> {
+    // ---- flags, checked before anything heavy ----
+    if a.reps == 0 {
+        return Err(bad_input(anyhow!("--reps must be at least 1")));
+    }
+    let shape = a
+        .shape
+        .as_deref()
+        .map(SyntheticShape::parse)
+        .transpose()
+        .map_err(|e| bad_input(anyhow!("--shape: {e}")))?;
+    let schedule_arg = a
+        .schedule
+        .as_deref()
+        .map(parse_schedule)
+        .transpose()
+        .map_err(bad_input)?;
+    let fastv = parse_fastv(&a.fastv).map_err(bad_input)?;
+    if let Some(p) = &a.plot {
+        if p.extension().and_then(|e| e.to_str()) != Some("png") {
+            return Err(bad_input(anyhow!(
+                "--plot {}: the file name must end in .png",
+                p.display()
+            )));
+        }
+    }
+    let model_dir = a
+        .model
+        .as_deref()
+        .map(models::hub::resolve_model)
+        .transpose()
+        .map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+
+    // ---- kernels first, so their buffers are gone before the model loads ----
+    let kernels = if a.skip_kernels || a.device == DeviceArg::Cpu {
+        None
+    } else {
+        let quick = a.reps < 3;
+        eprintln!(
+            "bench: kernel benchmark ({})",
+            if quick { "quick" } else { "full" }
+        );
+        match engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick) {
+            Ok(v) => Some(v),
+            Err(e) if a.device == DeviceArg::Auto => {
+                eprintln!("note: kernel benchmark skipped: {e}");
+                None
+            }
+            Err(e) => return Err(internal(anyhow!("kernel benchmark: {e}"))),
+        }
+    };
+
+    // ---- model ----
+    let backend = open_backend(a.device)?;
+    let b = backend.as_ref();
+    let model = match (&model_dir, shape) {
+        (Some(dir), _) => {
+            let l = Llava::load(dir, backend.clone()).map_err(classify)?;
+            Model::Real(Box::new(l), dir_safetensors_bytes(dir))
+        }
+        (None, Some(s)) => {
+            eprintln!(
+                "bench: generating and uploading synthetic {} weights",
+                s.name()
+            );
+            Model::Synth(Box::new(
+                SyntheticLlava::load(s, a.seed, backend.clone()).map_err(classify)?,
+            ))
+        }
+        (None, None) => return Err(bad_input(anyhow!("give --model DIR or --shape NAME"))),
+    };
+    let cfg = model.cfg().clone();
+    let layers = cfg.text.num_hidden_layers;
+    let n_img = cfg.image_tokens();
+    if a.prompt_len < PREFIX_TOKENS + n_img + 1 {
+        return Err(bad_input(anyhow!(
+            "--prompt-len {} is too short: {PREFIX_TOKENS} prefix + {n_img} image tokens + at least 1",
+            a.prompt_len
+        )));
+    }
+    if a.prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
+        return Err(bad_input(anyhow!(
+            "--prompt-len {} + --decode-tokens {} exceed the model's context of {}",
+            a.prompt_len,
+            a.decode_tokens,
+            cfg.text.max_position_embeddings
+        )));
+    }
+    let schedule = schedule_arg.unwrap_or(Schedule::Forced(default_schedule(layers)));
+
+    // ---- pruners ----
+    let PruneConfig::VisiPruner(visi_cfg) = PruneConfig::paper_default() else {
+        return Err(internal(anyhow!(
+            "paper default is not a VisiPruner config"
+        )));
+    };
+    let visi = match schedule {
+        Schedule::Forced(fs) => VisiPruner::forced(visi_cfg, layers, fs),
+        Schedule::Real => VisiPruner::new(visi_cfg, layers),
+    }
+    .map_err(|e| bad_input(anyhow!("--schedule on this {layers}-layer model: {e}")))?;
+    let fastv_p = FastV::new(fastv, layers)
+        .map_err(|e| bad_input(anyhow!("--fastv on this {layers}-layer model: {e}")))?;
+    let mut methods: Vec<MethodRuns> = [
+        ("dense", Box::new(Dense) as Box<dyn Pruner>),
+        ("visipruner", Box::new(visi)),
+        ("fastv", Box::new(fastv_p)),
+    ]
+    .into_iter()
+    .map(|(name, pruner)| MethodRuns {
+        name,
+        pruner,
+        vision_ms: Vec::new(),
+        prefill_ms: Vec::new(),
+        decode_ms: Vec::new(),
+        stats: None,
+        kv_lens: Vec::new(),
+        kv_bytes: 0,
+        report: None,
+        layer_ms: Vec::new(),
+    })
+    .collect();
+
+    // ---- runs: warm-up, interleaved reps, one profiled run each ----
+    let ids = synthetic_ids(&cfg, a.prompt_len, a.seed);
+    let pixels = synthetic_pixels(cfg.vision.image_size, a.seed);
+    let inp = Input {
+        ids: &ids,
+        span: ImageSpan {
+            start: PREFIX_TOKENS,
+            end: PREFIX_TOKENS + n_img,
+        },
+        pixels: &pixels,
+        decode_tokens: a.decode_tokens,
+    };
+    let kv_dim = cfg.text.num_key_value_heads * cfg.text.head_dim;
+    let profiled = a.layer_times || a.plot.is_some();
+    let total = a.warmup + a.reps + usize::from(profiled);
+    for round in 0..total {
+        let profile = profiled && round == total - 1;
+        for mr in methods.iter_mut() {
+            eprintln!(
+                "bench: {} {}",
+                mr.name,
+                if round < a.warmup {
+                    "warm-up".to_string()
+                } else if profile {
+                    "profiled run".to_string()
+                } else {
+                    format!("rep {}/{}", round - a.warmup + 1, a.reps)
+                }
+            );
+            let o = run_once(&model, b, &inp, mr.pruner.as_mut(), profile)
+                .map_err(|e| internal(anyhow!("{}: {e}", mr.name)))?;
+            if profile {
+                mr.layer_ms = o.layer_ms;
+            } else if round >= a.warmup {
+                mr.vision_ms.push(o.vision_ms);
+                mr.prefill_ms.push(o.prefill_ms);
+                mr.decode_ms.push(o.decode_ms);
+            }
+            if mr.stats.is_none() {
+                mr.kv_lens = o.cache.lens();
+                mr.kv_bytes = o.cache.bytes_used(kv_dim);
+                mr.stats = Some(o.stats);
+                mr.report = Some(mr.pruner.report());
+            }
+        }
+    }
+
+    // ---- report ----
+    let report = build_report(
+        &a,
+        &model,
+        &cfg,
+        schedule,
+        &methods,
+        kernels,
+        b.device_info(),
+    )?;
+    if let Some(p) = &a.plot {
+        plot(p, &methods).map_err(internal)?;
+        eprintln!("bench: wrote {}", p.display());
+    }
+    if a.json {
+        let text = serde_json::to_string(&report).map_err(|e| internal(e.into()))?;
+        println!("{text}");
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn build_report(
+    a: &BenchArgs,
+    model: &Model,
+    cfg: &LlavaConfig,
+    schedule: Schedule,
+    methods: &[MethodRuns],
+    kernels: Option<Value>,
+    dev: engine_core::DeviceInfo,
+) -> Result<Value, Failure> {
+    let shape = cfg.flops_shape();
+    let span_start = PREFIX_TOKENS;
+    let mut out = serde_json::Map::new();
+    let dense_prefill = min_median(&methods[0].prefill_ms);
+    let dense_ttft: Vec<f64> = methods[0]
+        .vision_ms
+        .iter()
+        .zip(&methods[0].prefill_ms)
+        .map(|(v, p)| v + p)
+        .collect();
+    let dense_ttft = min_median(&dense_ttft);
+    for mr in methods {
+        let stats = mr
+            .stats
+            .as_ref()
+            .ok_or_else(|| internal(anyhow!("{}: no run recorded", mr.name)))?;
+        let sched: Vec<LayerSchedule> = stats
+            .layer_seq_lens
+            .iter()
+            .zip(&stats.layer_image_lens)
+            .zip(&stats.layer_masks)
+            .map(|((&seq_len, &n), &mask)| LayerSchedule {
+                seq_len,
+                image: span_start..span_start + n,
+                mask,
+            })
+            .collect();
+        let fl = pruner::prefill_flops(&shape, &sched)
+            .map_err(|e| internal(anyhow!("{}: FLOPs count: {e}", mr.name)))?;
+        let dec = fl.prefill - fl.vision;
+        let dec_dense = fl.prefill_dense - fl.vision;
+        let ttft: Vec<f64> = mr
+            .vision_ms
+            .iter()
+            .zip(&mr.prefill_ms)
+            .map(|(v, p)| v + p)
+            .collect();
+        let (p_min, p_med) = min_median(&mr.prefill_ms);
+        let (t_min, t_med) = min_median(&ttft);
+        let (d_min, d_med) = min_median(&mr.decode_ms);
+        let tps = |d: f64| {
+            if a.decode_tokens > 0 && d > 0.0 {
+                a.decode_tokens as f64 / (d / 1e3)
+            } else {
+                0.0
+            }
+        };
+        let analytic = dec_dense as f64 / dec.max(1) as f64;
+        let analytic_ttft = fl.prefill_dense as f64 / fl.prefill.max(1) as f64;
+        let realised = dense_prefill.1 / p_med;
+        let realised_min = dense_prefill.0 / p_min;
+        let realised_ttft = dense_ttft.1 / t_med;
+        out.insert(
+            mr.name.to_string(),
+            json!({
+                "prune": mr.report,
+                "vision_ms": stat(&mr.vision_ms),
+                "prefill_ms": stat(&mr.prefill_ms),
+                "ttft_ms": stat(&ttft),
+                "decode_ms": stat(&mr.decode_ms),
+                "decode_tokens_per_s": { "best": tps(d_min), "median": tps(d_med) },
+                "kv_bytes": mr.kv_bytes,
+                "kv_lens": mr.kv_lens,
+                "layer_seq_lens": stats.layer_seq_lens,
+                "layer_image_lens": stats.layer_image_lens,
+                "layer_masks": stats.layer_masks,
+                "layer_ms_profiled": mr.layer_ms,
+                "flops": {
+                    "prefill_decoder": dec, "prefill_decoder_dense": dec_dense,
+                    "vision": fl.vision, "ttft": fl.prefill, "ttft_dense": fl.prefill_dense,
+                    "per_layer": fl.per_layer,
+                },
+                "speedup": {
+                    "realised_prefill": realised,
+                    "realised_prefill_min": realised_min,
+                    "analytic_prefill": analytic,
+                    "efficiency": realised / analytic,
+                    "realised_ttft": realised_ttft,
+                    "analytic_ttft": analytic_ttft,
+                    "efficiency_ttft": realised_ttft / analytic_ttft,
+                },
+                "ttft_min_ms": t_min,
+            }),
+        );
+    }
+    let info = model.llama();
+    let weight_bytes = match model {
+        Model::Real(_, b) => *b,
+        Model::Synth(s) => s.weight_bytes,
+    };
+    let kv_max = methods.iter().map(|m| m.kv_bytes).max().unwrap_or(0);
+    let kernel_eff = kernels.as_ref().map(kernel_efficiency);
+    Ok(json!({
+        "model": {
+            "name": a.shape.clone().or_else(|| a.model.clone()),
+            "info": model.describe(),
+            "text_layers": info.config().num_hidden_layers,
+            "hidden": info.config().hidden_size,
+            "vision_layers_run": cfg.vision_layers_to_run(),
+        },
+        "device": {
+            "backend": dev.backend, "adapter": dev.adapter, "api": dev.api,
+            "device_type": dev.device_type, "shader_f16": dev.shader_f16,
+        },
+        "prompt": {
+            "len": a.prompt_len, "prefix": PREFIX_TOKENS, "image_tokens": cfg.image_tokens(),
+            "suffix": a.prompt_len - PREFIX_TOKENS - cfg.image_tokens(),
+        },
+        "reps": a.reps, "warmup": a.warmup, "decode_tokens": a.decode_tokens, "seed": a.seed,
+        "schedule": match schedule {
+            Schedule::Forced(f) => json!({
+                "forced": true, "fusion": f.fusion_layer, "keep": f.keep, "exit": f.text_only_from,
+            }),
+            Schedule::Real => json!({ "forced": false }),
+        },
+        "memory": {
+            "peak_gpu_bytes": Value::Null,
+            "note": "the backend reports no memory statistics; allocated_bytes is weights + the largest KV cache (activations not counted)",
+            "allocated_bytes": weight_bytes + kv_max,
+            "weight_bytes": weight_bytes,
+        },
+        "methods": out,
+        "kernels": kernels,
+        "kernel_efficiency": kernel_eff,
+    }))
+}
+
+/// The prefill matmuls at M=640 as a fraction of the FMA peak, decode matvecs at M=1 as a
+/// fraction of the copy bandwidth.
+fn kernel_efficiency(k: &Value) -> Value {
+    let rows = k["linear"].as_array().cloned().unwrap_or_default();
+    let pick = |r: &Value| {
+        let m = r["m"].as_u64().unwrap_or(0);
+        let base = json!({ "m": m, "k": r["k"], "n": r["n"], "kernel": r["kernel"] });
+        match (m, base) {
+            (640, mut b) => {
+                b["gflops"] = r["gflops"].clone();
+                b["frac_of_fma_peak"] = r["frac_of_fma_peak"].clone();
+                Some(b)
+            }
+            (1, mut b) => {
+                b["gbps"] = r["gbps"].clone();
+                b["frac_of_copy_peak"] = r["frac_of_copy_peak"].clone();
+                Some(b)
+            }
+            _ => None,
+        }
+    };
+    json!({
+        "fma_peak_gflops": k["peak"]["fma_gflops"],
+        "copy_peak_gbps": k["peak"]["copy_gbps"],
+        "timing": k["timing"],
+        "rows": rows.iter().filter_map(pick).collect::<Vec<_>>(),
+    })
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn print_table(r: &Value) {
+    let m = &r["methods"];
+    println!(
+        "visi bench: {} on {} ({}), prompt {} tokens ({} image), {} reps after {} warm-up, {} decode tokens",
+        r["model"]["name"].as_str().unwrap_or("?"),
+        r["device"]["adapter"].as_str().unwrap_or("?"),
+        r["device"]["backend"].as_str().unwrap_or("?"),
+        r["prompt"]["len"],
+        r["prompt"]["image_tokens"],
+        r["reps"],
+        r["warmup"],
+        r["decode_tokens"],
+    );
+    println!("schedule: {}", r["schedule"]);
+    println!(
+        "{:<11} {:>17} {:>19} {:>19} {:>12} {:>10} {:>9} {:>9} {:>7}",
+        "method",
+        "vision ms min/med",
+        "prefill ms min/med",
+        "TTFT ms min/med",
+        "decode tok/s",
+        "KV MiB",
+        "realised",
+        "FLOPs",
+        "effic."
+    );
+    for name in ["dense", "visipruner", "fastv"] {
+        let x = &m[name];
+        println!(
+            "{:<11} {:>8.1}/{:<8.1} {:>9.1}/{:<9.1} {:>9.1}/{:<9.1} {:>12.2} {:>10.2} {:>8.2}x {:>8.2}x {:>6.1}%",
+            name,
+            f(&x["vision_ms"]["min"]),
+            f(&x["vision_ms"]["median"]),
+            f(&x["prefill_ms"]["min"]),
+            f(&x["prefill_ms"]["median"]),
+            f(&x["ttft_ms"]["min"]),
+            f(&x["ttft_ms"]["median"]),
+            f(&x["decode_tokens_per_s"]["median"]),
+            f(&x["kv_bytes"]) / (1 << 20) as f64,
+            f(&x["speedup"]["realised_prefill"]),
+            f(&x["speedup"]["analytic_prefill"]),
+            100.0 * f(&x["speedup"]["efficiency"]),
+        );
+    }
+    println!("realised = dense prefill median / method prefill median (decoder + lm_head, vision excluded);");
+    println!(
+        "FLOPs = analytic decoder FLOPs ratio of the schedule that ran; effic. = realised / FLOPs."
+    );
+    for name in ["visipruner", "fastv"] {
+        let x = &m[name];
+        println!("{name}: layer seq lens {}", compact(&x["layer_seq_lens"]));
+    }
+    println!(
+        "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV)",
+        f(&r["memory"]["allocated_bytes"]) / (1 << 20) as f64
+    );
+    if let Some(k) = r["kernel_efficiency"].as_object() {
+        println!(
+            "kernels ({}): FMA peak {:.1} GFLOP/s, copy peak {:.1} GB/s",
+            k["timing"].as_str().unwrap_or("?"),
+            f(&k["fma_peak_gflops"]),
+            f(&k["copy_peak_gbps"])
+        );
+        for row in k["rows"].as_array().into_iter().flatten() {
+            if row["m"] == 640 {
+                println!(
+                    "  gemm M=640 K={} N={}: {:.1} GFLOP/s = {:.1}% of FMA peak",
+                    row["k"],
+                    row["n"],
+                    f(&row["gflops"]),
+                    100.0 * f(&row["frac_of_fma_peak"])
+                );
+            } else {
+                println!(
+                    "  gemv M=1   K={} N={}: {:.1} GB/s = {:.1}% of copy peak",
+                    row["k"],
+                    row["n"],
+                    f(&row["gbps"]),
+                    100.0 * f(&row["frac_of_copy_peak"])
+                );
+            }
+        }
+    } else {
+        println!("kernels: skipped");
+    }
+}
+
+/// `[640 x13, 45 x6, 35 x13]`: runs of equal values.
+fn compact(v: &Value) -> String {
+    let xs: Vec<u64> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < xs.len() {
+        let j = xs[i..].iter().take_while(|&&x| x == xs[i]).count();
+        parts.push(format!("{} x{}", xs[i], j));
+        i += j;
+    }
+    format!("[{}]", parts.join(", "))
+}
+
+/// Two panels, no text: top, sequence length per layer; bottom, profiled ms per layer.
+/// Grey = dense, blue = VisiPruner, orange = FastV (see bench/README.md).
+fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
+    const W: u32 = 900;
+    const PH: u32 = 300;
+    const PAD: u32 = 30;
+    let colors = [
+        Rgb([110, 110, 110]),
+        Rgb([30, 90, 220]),
+        Rgb([240, 140, 20]),
+    ];
+    let mut img = RgbImage::from_pixel(W, 2 * PH, Rgb([255, 255, 255]));
+    let series: [Vec<Vec<f64>>; 2] = [
+        methods
+            .iter()
+            .map(|m| {
+                m.stats
+                    .as_ref()
+                    .map(|s| s.layer_seq_lens.iter().map(|&x| x as f64).collect())
+                    .unwrap_or_default()
+            })
+            .collect(),
+        methods.iter().map(|m| m.layer_ms.clone()).collect(),
+    ];
+    for (panel, data) in series.iter().enumerate() {
+        let y0 = panel as u32 * PH;
+        let n = data.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let ymax = data
+            .iter()
+            .flatten()
+            .cloned()
+            .fold(0.0f64, f64::max)
+            .max(1e-9);
+        let (x_l, x_r, y_t, y_b) = (PAD, W - PAD, y0 + PAD, y0 + PH - PAD);
+        // Axes and a light grid at quarters.
+        for q in 0..=4 {
+            let y = y_b - (y_b - y_t) * q / 4;
+            for x in x_l..x_r {
+                img.put_pixel(x, y, Rgb([if q == 0 { 0 } else { 225 }; 3]));
+            }
+        }
+        for y in y_t..=y_b {
+            img.put_pixel(x_l, y, Rgb([0, 0, 0]));
+        }
+        // Layer i owns the slot [px(i), px(i + 1)).
+        let px = |i: usize| x_l + ((x_r - x_l - 1) as f64 * i as f64 / n as f64) as u32;
+        let py = |v: f64| y_b - ((y_b - y_t) as f64 * (v / ymax).clamp(0.0, 1.0)) as u32;
+        for (k, s) in data.iter().enumerate() {
+            let c = colors[k % colors.len()];
+            for i in 0..s.len() {
+                // Step plot: the layer's value held across its slot, then a vertical jump.
+                let (xa, xb) = (px(i), px(i + 1).max(px(i) + 1));
+                let y = py(s[i]);
+                for x in xa..=xb.min(x_r - 1) {
+                    for dy in 0..3u32 {
+                        let yy = (y + dy).saturating_sub(1 + k as u32);
+                        if yy >= y_t.saturating_sub(2) && yy <= y_b {
+                            img.put_pixel(x, yy, c);
+                        }
+                    }
+                }
+                if i + 1 < s.len() {
+                    let y2 = py(s[i + 1]);
+                    let (lo, hi) = (y.min(y2), y.max(y2));
+                    for yy in lo..=hi {
+                        img.put_pixel(xb.min(x_r - 1), yy.saturating_sub(1 + k as u32), c);
+                    }
+                }
+            }
+        }
+    }
+    img.save(path)
+        .with_context(|| format!("--plot: cannot write {}", path.display()))
+}
