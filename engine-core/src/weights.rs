@@ -489,7 +489,8 @@ impl MemorySource {
         bytes: Vec<u8>,
     ) -> Result<()> {
         let name = name.into();
-        let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let n = shape.iter().product::<usize>();
+        let want = dtype.bytes_for(n).unwrap_or(usize::MAX);
         if bytes.len() != want {
             return Err(Error::weight(
                 name,
@@ -528,6 +529,8 @@ impl MemorySource {
                 DType::F16 => "F16",
                 DType::BF16 => "BF16",
                 DType::U32 => "U32",
+                // Not a safetensors dtype; written under GGUF's name for round trips only.
+                DType::Quant(q) => q.name(),
             };
             header.insert(
                 name.clone(),
@@ -614,6 +617,12 @@ fn view_to_f32(v: &WeightView<'_>) -> Vec<f32> {
         DType::F32 => le_slice::<f32>(v.bytes).into_owned(),
         DType::F16 => le_slice::<f16>(v.bytes).iter().map(|x| x.to_f32()).collect(),
         DType::BF16 => le_slice::<bf16>(v.bytes).iter().map(|x| x.to_f32()).collect(),
+        DType::Quant(q) => {
+            let n = v.shape.iter().product::<usize>();
+            let mut out = vec![0f32; n];
+            crate::quant::dequantize(q, v.bytes, &mut out);
+            out
+        }
         // Sources never hand out U32 views; decoding it as integers keeps this total.
         DType::U32 => v.bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
     }
@@ -715,6 +724,7 @@ impl Weights {
             DType::F32 => self.backend.upload(HostData::F32(&le_slice::<f32>(view.bytes)), shape),
             DType::F16 => self.backend.upload(HostData::F16(&le_slice::<f16>(view.bytes)), shape),
             DType::BF16 => self.backend.upload(HostData::BF16(&le_slice::<bf16>(view.bytes)), shape),
+            DType::Quant(q) => self.backend.upload_quant(q, view.bytes, shape),
             DType::U32 => return Err(Error::weight(full, "stored as U32; not a float weight")),
         };
         uploaded.map_err(|e| upload_error(&full, e))
