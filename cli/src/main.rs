@@ -272,6 +272,69 @@ fn check_output_path(p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Text-only generation from a llama.cpp GGUF file (issue 7, first milestone): greedy,
+/// on the CPU backend, whose kernels dequantise GGUF blocks; the wgpu kernels do not yet.
+fn run_gguf(a: &RunArgs) -> Result<(), Failure> {
+    if a.image.is_some() {
+        return Err(bad_input(anyhow!(
+            "--image with a .gguf model needs --mmproj, which is not supported yet"
+        )));
+    }
+    if a.temperature != 0.0 {
+        return Err(bad_input(anyhow!(
+            "GGUF models decode greedily for now: use --temperature 0"
+        )));
+    }
+    if matches!(a.device, DeviceArg::Gpu) {
+        return Err(bad_input(anyhow!(
+            "quantized GGUF weights run on --device cpu only for now"
+        )));
+    }
+    let template = match a.template {
+        TemplateArg::VicunaV1 => Template::VicunaV1,
+        TemplateArg::Raw => Template::Raw,
+    };
+    let text = template
+        .render(&a.prompt, false)
+        .map_err(|e| bad_input(e.into()))?;
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let t0 = std::time::Instant::now();
+    let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.model), backend.clone())
+        .map_err(classify)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let ids = m.encode(&text).map_err(|e| bad_input(e.into()))?;
+    let t1 = std::time::Instant::now();
+    let (tokens, _) = m
+        .greedy(backend.as_ref(), &ids, a.max_new_tokens)
+        .map_err(classify)?;
+    let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let out = m
+        .tokenizer
+        .decode(&tokens, true)
+        .map_err(|e| internal(anyhow!("decoding: {e}")))?;
+    let mut stdout = std::io::stdout().lock();
+    if a.json {
+        let j = json!({
+            "text": out,
+            "tokens": tokens,
+            "prompt_tokens": ids.len(),
+            "timings_ms": { "load": load_ms, "generate": gen_ms },
+            "device": { "backend": "cpu" },
+        });
+        let _ = writeln!(stdout, "{j}");
+    } else {
+        let _ = writeln!(stdout, "{out}");
+        eprintln!(
+            "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), cpu",
+            ids.len(),
+            tokens.len(),
+            gen_ms,
+            load_ms
+        );
+    }
+    Ok(())
+}
+
 fn run(a: RunArgs) -> Result<(), Failure> {
     progress::install_ctrl_c();
     // ---- everything the user handed in, checked before any heavy work ----
@@ -284,6 +347,9 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     sampling.validate().map_err(|e| bad_input(e.into()))?;
     if a.max_new_tokens == 0 {
         return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
+    }
+    if a.model.ends_with(".gguf") {
+        return run_gguf(&a);
     }
     let prune = if a.no_prune {
         Some(PruneConfig::Dense)

