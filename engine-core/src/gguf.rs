@@ -12,6 +12,9 @@
 //! allocated, so a malformed or hostile file gets a one-line error naming the file, never
 //! a panic or a huge allocation.
 
+// is_multiple_of is newer than the MSRV (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -154,9 +157,9 @@ impl GgufType {
         let (block, bytes) = match self {
             GgufType::Known(DType::Quant(q)) => (q.block_size() as u64, q.block_bytes() as u64),
             GgufType::Known(d) => (1, d.size_in_bytes() as u64),
-            GgufType::Other(6) => (32, 22),   // Q5_0
-            GgufType::Other(7) => (32, 24),   // Q5_1
-            GgufType::Other(10) => (256, 84), // Q2_K
+            GgufType::Other(6) => (32, 22),    // Q5_0
+            GgufType::Other(7) => (32, 24),    // Q5_1
+            GgufType::Other(10) => (256, 84),  // Q2_K
             GgufType::Other(11) => (256, 110), // Q3_K
             GgufType::Other(13) => (256, 176), // Q5_K
             GgufType::Other(14) => (256, 210), // Q6_K
@@ -254,7 +257,12 @@ impl<'a> Cursor<'a> {
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not valid UTF-8"))
     }
-    fn value(&mut self, ty: u32, what: &str, depth: usize) -> std::result::Result<GgufValue, String> {
+    fn value(
+        &mut self,
+        ty: u32,
+        what: &str,
+        depth: usize,
+    ) -> std::result::Result<GgufValue, String> {
         Ok(match ty {
             0 => GgufValue::U8(self.arr::<1>(what)?[0]),
             1 => GgufValue::I8(self.arr::<1>(what)?[0] as i8),
@@ -297,17 +305,28 @@ impl<'a> Cursor<'a> {
 }
 
 /// Parses a whole GGUF image; errors are messages (the caller adds the path).
-type Parsed = (u32, BTreeMap<String, GgufValue>, BTreeMap<String, GgufTensorInfo>);
+type Parsed = (
+    u32,
+    BTreeMap<String, GgufValue>,
+    BTreeMap<String, GgufTensorInfo>,
+);
 
 fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let mut c = Cursor { buf, pos: 0 };
-    let magic = c.u32("magic").map_err(|_| "too short for a GGUF header".to_string())?;
+    let magic = c
+        .u32("magic")
+        .map_err(|_| "too short for a GGUF header".to_string())?;
     if magic != MAGIC {
-        return Err(format!("not a GGUF file (magic {:02x?})", magic.to_le_bytes()));
+        return Err(format!(
+            "not a GGUF file (magic {:02x?})",
+            magic.to_le_bytes()
+        ));
     }
     let version = c.u32("version")?;
     if !(2..=3).contains(&version) {
-        return Err(format!("GGUF version {version} is not supported (only 2 and 3)"));
+        return Err(format!(
+            "GGUF version {version} is not supported (only 2 and 3)"
+        ));
     }
     let n_tensors = c.u64("tensor count")?;
     let n_kv = c.u64("metadata count")?;
@@ -338,7 +357,9 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         let name = c.string(&format!("tensor {i} name"))?;
         let nd = c.u32(&format!("tensor `{name}` rank"))?;
         if nd == 0 || nd > MAX_DIMS {
-            return Err(format!("tensor `{name}`: rank {nd} (must be 1..={MAX_DIMS})"));
+            return Err(format!(
+                "tensor `{name}`: rank {nd} (must be 1..={MAX_DIMS})"
+            ));
         }
         let mut dims = Vec::with_capacity(nd as usize);
         for _ in 0..nd {
@@ -353,7 +374,9 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let mut tensors = BTreeMap::new();
     for (name, dims, ty, off) in infos {
         if off % alignment != 0 {
-            return Err(format!("tensor `{name}`: offset {off} is not a multiple of {alignment}"));
+            return Err(format!(
+                "tensor `{name}`: offset {off} is not a multiple of {alignment}"
+            ));
         }
         let n = dims
             .iter()
@@ -397,7 +420,13 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
             .rev()
             .map(|&d| usize::try_from(d).map_err(|_| format!("tensor `{name}`: dim {d} too large")))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let info = GgufTensorInfo { name: name.clone(), shape, ty, start: start as usize, end: end as usize };
+        let info = GgufTensorInfo {
+            name: name.clone(),
+            shape,
+            ty,
+            start: start as usize,
+            end: end as usize,
+        };
         if tensors.insert(name.clone(), info).is_some() {
             return Err(format!("tensor `{name}` appears twice"));
         }
@@ -412,9 +441,15 @@ impl GgufFile {
             return Err(Error::file(path, "is a directory, expected a .gguf file"));
         }
         let file = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-        let len = file.metadata().map_err(|e| Error::file(path, format!("cannot stat: {e}")))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| Error::file(path, format!("cannot stat: {e}")))?
+            .len();
         if len < 24 {
-            return Err(Error::file(path, format!("file is {len} bytes, too short for a GGUF header")));
+            return Err(Error::file(
+                path,
+                format!("file is {len} bytes, too short for a GGUF header"),
+            ));
         }
         // SAFETY: read-only private map, as for safetensors (weights.rs): truncation by
         // another process while mapped is the accepted risk of zero-copy loading.
@@ -430,7 +465,13 @@ impl GgufFile {
 
     fn from_data(path: &Path, data: Data) -> Result<Self> {
         let (version, metadata, tensors) = parse(data.bytes()).map_err(|m| Error::file(path, m))?;
-        Ok(GgufFile { path: path.to_path_buf(), data, version, metadata, tensors })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            data,
+            version,
+            metadata,
+            tensors,
+        })
     }
 
     /// The file's path.
@@ -445,23 +486,32 @@ impl GgufFile {
 
     /// A required unsigned integer, or an error naming the key.
     pub fn get_u64(&self, key: &str) -> Result<u64> {
-        self.get(key)
-            .and_then(GgufValue::as_u64)
-            .ok_or_else(|| Error::file(&self.path, format!("metadata `{key}` missing or not an unsigned integer")))
+        self.get(key).and_then(GgufValue::as_u64).ok_or_else(|| {
+            Error::file(
+                &self.path,
+                format!("metadata `{key}` missing or not an unsigned integer"),
+            )
+        })
     }
 
     /// A required number, or an error naming the key.
     pub fn get_f64(&self, key: &str) -> Result<f64> {
-        self.get(key)
-            .and_then(GgufValue::as_f64)
-            .ok_or_else(|| Error::file(&self.path, format!("metadata `{key}` missing or not a number")))
+        self.get(key).and_then(GgufValue::as_f64).ok_or_else(|| {
+            Error::file(
+                &self.path,
+                format!("metadata `{key}` missing or not a number"),
+            )
+        })
     }
 
     /// A required string, or an error naming the key.
     pub fn get_str(&self, key: &str) -> Result<&str> {
-        self.get(key)
-            .and_then(GgufValue::as_str)
-            .ok_or_else(|| Error::file(&self.path, format!("metadata `{key}` missing or not a string")))
+        self.get(key).and_then(GgufValue::as_str).ok_or_else(|| {
+            Error::file(
+                &self.path,
+                format!("metadata `{key}` missing or not a string"),
+            )
+        })
     }
 
     /// Every tensor's header entry, by name.
@@ -567,7 +617,10 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) -> Result<()> {
 }
 
 /// Serialises a GGUF v3 image (alignment 32) of `metadata` and `tensors`.
-pub fn to_gguf_bytes(metadata: &[(String, GgufValue)], tensors: &[GgufTensorOut]) -> Result<Vec<u8>> {
+pub fn to_gguf_bytes(
+    metadata: &[(String, GgufValue)],
+    tensors: &[GgufTensorOut],
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&3u32.to_le_bytes());
@@ -581,11 +634,20 @@ pub fn to_gguf_bytes(metadata: &[(String, GgufValue)], tensors: &[GgufTensorOut]
     let mut offset = 0u64;
     let mut offsets = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let id = GgufType::id_of(t.dtype)
-            .ok_or_else(|| Error::weight(&t.name, format!("{} cannot be stored in GGUF", t.dtype)))?;
+        let id = GgufType::id_of(t.dtype).ok_or_else(|| {
+            Error::weight(&t.name, format!("{} cannot be stored in GGUF", t.dtype))
+        })?;
         let n: usize = t.shape.iter().product();
         if t.dtype.bytes_for(n) != Some(t.bytes.len()) {
-            return Err(Error::weight(&t.name, format!("{} bytes do not hold {:?} {}", t.bytes.len(), t.shape, t.dtype)));
+            return Err(Error::weight(
+                &t.name,
+                format!(
+                    "{} bytes do not hold {:?} {}",
+                    t.bytes.len(),
+                    t.shape,
+                    t.dtype
+                ),
+            ));
         }
         put_string(&mut out, &t.name);
         out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
@@ -597,7 +659,10 @@ pub fn to_gguf_bytes(metadata: &[(String, GgufValue)], tensors: &[GgufTensorOut]
         offsets.push(offset);
         offset = (offset + t.bytes.len() as u64).next_multiple_of(DEFAULT_ALIGNMENT);
     }
-    out.resize((out.len() as u64).next_multiple_of(DEFAULT_ALIGNMENT) as usize, 0);
+    out.resize(
+        (out.len() as u64).next_multiple_of(DEFAULT_ALIGNMENT) as usize,
+        0,
+    );
     let base = out.len();
     for (t, off) in tensors.iter().zip(offsets) {
         out.resize(base + off as usize, 0);

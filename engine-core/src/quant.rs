@@ -7,6 +7,9 @@
 //! what the kernels rely on: they dequantise a block at a time inside the dot product and
 //! never hold more than one weight row in f32.
 
+// is_multiple_of is newer than the MSRV (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
 use half::f16;
 
 use crate::error::{Error, Result};
@@ -112,7 +115,11 @@ impl QuantType {
             Some(b) if b == bytes => Ok(()),
             want => Err(Error::weight(
                 what,
-                format!("{} bytes given, {n} {} weights need {want:?}", bytes, self.name()),
+                format!(
+                    "{} bytes given, {n} {} weights need {want:?}",
+                    bytes,
+                    self.name()
+                ),
             )),
         }
     }
@@ -135,7 +142,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -206,7 +216,11 @@ pub fn dequantize_range(qt: QuantType, bytes: &[u8], start: usize, dst: &mut [f3
         let (blk, off) = (pos / bs, pos % bs);
         let take = (bs - off).min(dst.len() - done);
         if off == 0 && take == bs {
-            dequantize_block(qt, &bytes[blk * bb..(blk + 1) * bb], &mut dst[done..done + bs]);
+            dequantize_block(
+                qt,
+                &bytes[blk * bb..(blk + 1) * bb],
+                &mut dst[done..done + bs],
+            );
         } else {
             dequantize_block(qt, &bytes[blk * bb..(blk + 1) * bb], &mut tmp[..bs]);
             dst[done..done + take].copy_from_slice(&tmp[off..off + take]);
@@ -239,7 +253,9 @@ pub fn quantize(qt: QuantType, x: &[f32]) -> Result<Vec<u8>> {
             }
             QuantType::Q4_0 => {
                 // The value of largest magnitude maps to -8.
-                let mx = blk.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let mx = blk
+                    .iter()
+                    .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
                 let d = mx / -8.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -279,7 +295,11 @@ fn quantize_q4k_block(x: &[f32], out: &mut Vec<u8>) {
     }
     let max_scale = scales.iter().copied().fold(0f32, f32::max);
     let max_min = mins.iter().copied().fold(0f32, f32::max);
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];

@@ -7,11 +7,18 @@ use engine_core::{Backend, CpuBackend, DType, HostData, Shape};
 use serde_json::Value;
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
 fn refs() -> Vec<Value> {
@@ -29,7 +36,11 @@ fn dequantize_matches_gguf_py() {
         let qt = QuantType::parse(name).expect("known type");
         let bytes = hex(c["blocks_hex"].as_str().expect("hex"));
         let want = floats(&c["dequantized"]);
-        assert_eq!(qt.bytes_for(want.len()), Some(bytes.len()), "{name}: block sizes");
+        assert_eq!(
+            qt.bytes_for(want.len()),
+            Some(bytes.len()),
+            "{name}: block sizes"
+        );
         let mut got = vec![f32::NAN; want.len()];
         quant::dequantize(qt, &bytes, &mut got);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -65,7 +76,13 @@ fn quantize_matches_gguf_py() {
         assert_eq!(got.len(), want.len(), "{name}: length");
         let bb = qt.block_bytes();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g, w, "{name}: block {} byte {}: got {g:#04x} want {w:#04x}", i / bb, i % bb);
+            assert_eq!(
+                g,
+                w,
+                "{name}: block {} byte {}: got {g:#04x} want {w:#04x}",
+                i / bb,
+                i % bb
+            );
         }
     }
 }
@@ -87,7 +104,10 @@ fn q4k_quantize_round_trips_closely() {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32) / (1u64 << 24) as f32
     }
     fn normal(&mut self) -> f32 {
@@ -100,23 +120,40 @@ impl Lcg {
 fn linear_and_embedding_with_quantized_weights() {
     let be = CpuBackend::new();
     let mut rng = Lcg(3);
-    for qt in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4K] {
+    for qt in [
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q4K,
+    ] {
         let (n, k) = (37, 512);
         let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
         let bytes = quant::quantize(qt, &w).expect("whole blocks");
         let mut wd = vec![0f32; n * k];
         quant::dequantize(qt, &bytes, &mut wd);
-        let wq = be.upload_quant(qt, &bytes, Shape::new([n, k])).expect("upload");
+        let wq = be
+            .upload_quant(qt, &bytes, Shape::new([n, k]))
+            .expect("upload");
         assert_eq!(wq.dtype(), DType::Quant(qt));
-        let wf = be.upload(HostData::F32(&wd), Shape::new([n, k])).expect("upload");
+        let wf = be
+            .upload(HostData::F32(&wd), Shape::new([n, k]))
+            .expect("upload");
         let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-        let b = be.upload(HostData::F32(&bias), Shape::new([n])).expect("upload");
+        let b = be
+            .upload(HostData::F32(&bias), Shape::new([n]))
+            .expect("upload");
         // One row takes the matrix-vector path, 40 rows the packed GEMM.
         for m in [1usize, 40] {
             let xv: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
-            let x = be.upload(HostData::F32(&xv), Shape::new([m, k])).expect("upload");
-            let got = be.to_vec_f32(&be.linear(&x, &wq, Some(&b)).expect("linear")).expect("read");
-            let want = be.to_vec_f32(&be.linear(&x, &wf, Some(&b)).expect("linear")).expect("read");
+            let x = be
+                .upload(HostData::F32(&xv), Shape::new([m, k]))
+                .expect("upload");
+            let got = be
+                .to_vec_f32(&be.linear(&x, &wq, Some(&b)).expect("linear"))
+                .expect("read");
+            let want = be
+                .to_vec_f32(&be.linear(&x, &wf, Some(&b)).expect("linear"))
+                .expect("read");
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
@@ -126,15 +163,22 @@ fn linear_and_embedding_with_quantized_weights() {
                 );
             }
         }
-        let ids = be.upload(HostData::U32(&[5, 0, 36, 5]), Shape::new([4])).expect("upload");
-        let got = be.to_vec_f32(&be.embedding(&wq, &ids).expect("embedding")).expect("read");
+        let ids = be
+            .upload(HostData::U32(&[5, 0, 36, 5]), Shape::new([4]))
+            .expect("upload");
+        let got = be
+            .to_vec_f32(&be.embedding(&wq, &ids).expect("embedding"))
+            .expect("read");
         for (r, id) in [5usize, 0, 36, 5].iter().enumerate() {
             for c in 0..k {
                 let (g, w) = (got[r * k + c], wd[id * k + c]);
                 assert_eq!(g, w, "{qt} embedding: row {r} col {c}: got {g} want {w}");
             }
         }
-        let bad = be.embedding(&wq, &be.upload(HostData::U32(&[37]), Shape::new([1])).expect("u"));
+        let bad = be.embedding(
+            &wq,
+            &be.upload(HostData::U32(&[37]), Shape::new([1])).expect("u"),
+        );
         assert!(bad.is_err(), "{qt}: out-of-vocabulary id accepted");
     }
 }

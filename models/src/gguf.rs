@@ -7,6 +7,9 @@
 //! RoPE rotates adjacent pairs. Our RoPE is HF's, so the rows are put back. Rows are whole
 //! quantized blocks, so this is a byte copy per row, done once at load for Q and K only.
 
+// is_multiple_of is newer than the MSRV (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -35,7 +38,8 @@ pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
     }
     let u = |k: &str| -> Result<usize> {
         let v = f.get_u64(&format!("llama.{k}"))?;
-        usize::try_from(v).map_err(|_| Error::file(f.path(), format!("llama.{k} = {v} is too large")))
+        usize::try_from(v)
+            .map_err(|_| Error::file(f.path(), format!("llama.{k} = {v} is too large")))
     };
     let hidden = u("embedding_length")?;
     let heads = u("attention.head_count")?;
@@ -50,7 +54,10 @@ pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
         None => heads,
     };
     if kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(Error::file(f.path(), format!("{kv_heads} kv heads do not divide {heads} heads")));
+        return Err(Error::file(
+            f.path(),
+            format!("{kv_heads} kv heads do not divide {heads} heads"),
+        ));
     }
     // The vocabulary size is the embedding table's rows when the key is absent (older files).
     let vocab = match f.get("llama.vocab_size") {
@@ -64,10 +71,15 @@ pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
         Some("linear") => f.get_f64("llama.rope.scaling.factor")? as f32,
         Some("none") | None => 1.0,
         Some(other) => {
-            return Err(Error::file(f.path(), format!("rope scaling `{other}` is not supported")))
+            return Err(Error::file(
+                f.path(),
+                format!("rope scaling `{other}` is not supported"),
+            ))
         }
     };
-    let eos = f.get("tokenizer.ggml.eos_token_id").and_then(GgufValue::as_u64);
+    let eos = f
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(GgufValue::as_u64);
     Ok(TextConfig {
         vocab_size: vocab,
         hidden_size: hidden,
@@ -86,7 +98,10 @@ pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
         tie_word_embeddings: f.tensor_info("output.weight").is_none(),
         attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some(),
         mlp_bias: f.tensor_info("blk.0.ffn_up.bias").is_some(),
-        bos_token_id: f.get("tokenizer.ggml.bos_token_id").and_then(GgufValue::as_u64).map(|v| v as u32),
+        bos_token_id: f
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(GgufValue::as_u64)
+            .map(|v| v as u32),
         eos_token_ids: eos.map(|v| vec![v as u32]).unwrap_or_default(),
     })
 }
@@ -121,7 +136,8 @@ fn hf_name(gguf: &str, cfg: &TextConfig) -> Option<(String, Option<usize>)> {
 /// Undoes llama.cpp's per-head row interleave: HF row `h*d + t*d/2 + i` is GGUF row
 /// `h*d + 2i + t`. `row_bytes` is the stored size of one row (a bias has 1-element rows).
 fn unpermute_rows(bytes: &[u8], rows: usize, row_bytes: usize, heads: usize) -> Option<Vec<u8>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || bytes.len() != rows * row_bytes {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || bytes.len() != rows * row_bytes
+    {
         return None;
     }
     let d = rows / heads;
@@ -161,7 +177,7 @@ impl LlamaGguf {
             if let Some(heads) = heads {
                 let v = file.view(&info.name)?;
                 let rows = v.shape[0];
-                let row_bytes = if rows == 0 { 0 } else { v.bytes.len() / rows };
+                let row_bytes = v.bytes.len().checked_div(rows).unwrap_or(0);
                 let data = unpermute_rows(v.bytes, rows, row_bytes, heads).ok_or_else(|| {
                     Error::weight(
                         &info.name,
@@ -172,7 +188,11 @@ impl LlamaGguf {
             }
             names.insert(hf, info.name.clone());
         }
-        Ok(LlamaGguf { file, names, permuted })
+        Ok(LlamaGguf {
+            file,
+            names,
+            permuted,
+        })
     }
 }
 
@@ -185,12 +205,15 @@ impl WeightSource for LlamaGguf {
     }
     fn view(&self, name: &str) -> Result<WeightView<'_>> {
         if let Some((dtype, shape, bytes)) = self.permuted.get(name) {
-            return Ok(WeightView { dtype: *dtype, shape, bytes });
+            return Ok(WeightView {
+                dtype: *dtype,
+                shape,
+                bytes,
+            });
         }
-        let g = self
-            .names
-            .get(name)
-            .ok_or_else(|| Error::weight(name, format!("missing from {}", self.file.path().display())))?;
+        let g = self.names.get(name).ok_or_else(|| {
+            Error::weight(name, format!("missing from {}", self.file.path().display()))
+        })?;
         self.file.view(g)
     }
     fn total_bytes(&self) -> u64 {
@@ -199,14 +222,17 @@ impl WeightSource for LlamaGguf {
 }
 
 fn str_array<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
-    let arr = f
-        .get(key)
-        .and_then(GgufValue::as_array)
-        .ok_or_else(|| Error::file(f.path(), format!("metadata `{key}` missing or not an array")))?;
+    let arr = f.get(key).and_then(GgufValue::as_array).ok_or_else(|| {
+        Error::file(
+            f.path(),
+            format!("metadata `{key}` missing or not an array"),
+        )
+    })?;
     arr.iter()
         .enumerate()
         .map(|(i, v)| {
-            v.as_str().ok_or_else(|| Error::file(f.path(), format!("`{key}`[{i}] is not a string")))
+            v.as_str()
+                .ok_or_else(|| Error::file(f.path(), format!("`{key}`[{i}] is not a string")))
         })
         .collect()
 }
@@ -257,7 +283,10 @@ pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer> {
         }
     }
     tok.with_decoder(Some(byte_level));
-    if let Some(types) = f.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
+    if let Some(types) = f
+        .get("tokenizer.ggml.token_type")
+        .and_then(GgufValue::as_array)
+    {
         let added: Vec<AddedToken> = types
             .iter()
             .zip(&tokens)
@@ -290,11 +319,19 @@ impl GgufTextModel {
         let file = Arc::new(GgufFile::open(path)?);
         let config = text_config(&file)?;
         let tokenizer = tokenizer(&file)?;
-        let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(GgufValue::as_bool).unwrap_or(true);
+        let add_bos = file
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(GgufValue::as_bool)
+            .unwrap_or(true);
         let source: Arc<dyn WeightSource> = Arc::new(LlamaGguf::new(file, &config)?);
         let w = Weights::new(source, backend);
         let llama = Llama::load(&w.pp("model"), &w.pp("lm_head"), &config)?;
-        Ok(GgufTextModel { llama, tokenizer, config, add_bos })
+        Ok(GgufTextModel {
+            llama,
+            tokenizer,
+            config,
+            add_bos,
+        })
     }
 
     /// Prompt token ids (BOS first when the file asks for it).
@@ -313,13 +350,20 @@ impl GgufTextModel {
 
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
     /// kept); also returns the first step's logits `[V]`.
-    pub fn greedy(&self, b: &dyn Backend, ids: &[u32], max_new: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    pub fn greedy(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        max_new: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
         if ids.is_empty() {
             return Err(Error::msg("greedy: empty prompt"));
         }
         let embeds = self.llama.embed(b, ids)?; // [S, H]
         let mut cache = KvCache::default();
-        let (logits, _) = self.llama.prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
+        let (logits, _) = self
+            .llama
+            .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
         let first = b.to_vec_f32(&logits)?;
         let mut out = Vec::with_capacity(max_new);
         let mut logits = logits;

