@@ -654,6 +654,8 @@ pub struct Weights {
     source: Arc<dyn WeightSource>,
     backend: Arc<dyn Backend>,
     prefix: String,
+    /// Quantize float matrices at load (see [`Weights::with_quant`]).
+    quant: Option<crate::quant::QuantType>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -665,12 +667,30 @@ impl std::fmt::Debug for Weights {
 impl Weights {
     /// Weights at the root of `source`, uploaded to `backend`.
     pub fn new(source: Arc<dyn WeightSource>, backend: Arc<dyn Backend>) -> Self {
-        Weights { source, backend, prefix: String::new() }
+        Weights { source, backend, prefix: String::new(), quant: None }
     }
 
     /// The same weights scoped one level deeper (`prefix` joined with '.').
     pub fn pp(&self, prefix: impl std::fmt::Display) -> Weights {
-        Weights { source: self.source.clone(), backend: self.backend.clone(), prefix: self.full_name(prefix) }
+        Weights {
+            source: self.source.clone(),
+            backend: self.backend.clone(),
+            prefix: self.full_name(prefix),
+            quant: self.quant,
+        }
+    }
+
+    /// The same weights, but [`Weights::get`] quantizes every stored float matrix (rank 2,
+    /// rows a whole number of blocks) to `qt` before uploading; other tensors (norms,
+    /// biases, convolutions, matrices with odd rows) upload as stored, as llama.cpp falls
+    /// back for them. `None` turns it off.
+    pub fn with_quant(&self, qt: Option<crate::quant::QuantType>) -> Weights {
+        Weights { quant: qt, ..self.clone() }
+    }
+
+    /// The quantization applied at load, if any.
+    pub fn quant(&self) -> Option<crate::quant::QuantType> {
+        self.quant
     }
 
     /// The current prefix (empty at the root).
@@ -719,6 +739,17 @@ impl Weights {
     /// `HostData::BF16`) after checking that its shape is `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (full, view) = self.checked_view(name, shape)?;
+        if let (Some(q), [_, k]) = (self.quant, shape) {
+            let float = matches!(view.dtype, DType::F32 | DType::F16 | DType::BF16);
+            if float && k % q.block_size() == 0 {
+                let bytes = crate::quant::quantize(q, &view_to_f32(&view))
+                    .map_err(|e| Error::weight(&full, e.to_string()))?;
+                return self
+                    .backend
+                    .upload_quant(q, &bytes, shape.to_vec().into())
+                    .map_err(|e| upload_error(&full, e));
+            }
+        }
         let shape = shape.to_vec().into();
         let uploaded = match view.dtype {
             DType::F32 => self.backend.upload(HostData::F32(&le_slice::<f32>(view.bytes)), shape),

@@ -384,3 +384,105 @@ impl GgufTextModel {
         Ok((out, first))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_undoes_llama_cpp_permute() {
+        // llama.cpp: w.reshape(heads, 2, d/2, ..).swapaxes(1, 2): GGUF row h*d + 2i + t holds
+        // HF row h*d + t*d/2 + i. Rows here are 3 bytes tagged with their HF index.
+        let (heads, d) = (3usize, 8usize);
+        let rows = heads * d;
+        let mut gguf = vec![0u8; rows * 3];
+        for h in 0..heads {
+            for i in 0..d / 2 {
+                for t in 0..2 {
+                    let hf = (h * d + t * d / 2 + i) as u8;
+                    let g = h * d + 2 * i + t;
+                    gguf[g * 3..g * 3 + 3].copy_from_slice(&[hf, hf, hf]);
+                }
+            }
+        }
+        let out = unpermute_rows(&gguf, rows, 3, heads).expect("unpermute");
+        for r in 0..rows {
+            assert_eq!(&out[r * 3..r * 3 + 3], &[r as u8; 3], "row {r}");
+        }
+        assert!(
+            unpermute_rows(&gguf, rows, 3, 5).is_none(),
+            "24 rows in 5 heads accepted"
+        );
+        assert!(
+            unpermute_rows(&gguf, rows, 3, 0).is_none(),
+            "zero heads accepted"
+        );
+    }
+
+    #[test]
+    fn llama_cpp_names_map_to_hf() {
+        let cfg = TextConfig {
+            vocab_size: 8,
+            hidden_size: 8,
+            intermediate_size: 8,
+            num_hidden_layers: 1,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 2,
+            max_position_embeddings: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling_factor: 1.0,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        };
+        let cases = [
+            ("token_embd.weight", "model.embed_tokens.weight", None),
+            ("output.weight", "lm_head.weight", None),
+            ("output_norm.weight", "model.norm.weight", None),
+            (
+                "blk.3.attn_q.weight",
+                "model.layers.3.self_attn.q_proj.weight",
+                Some(4),
+            ),
+            (
+                "blk.3.attn_k.bias",
+                "model.layers.3.self_attn.k_proj.bias",
+                Some(2),
+            ),
+            (
+                "blk.0.attn_v.weight",
+                "model.layers.0.self_attn.v_proj.weight",
+                None,
+            ),
+            (
+                "blk.0.attn_output.weight",
+                "model.layers.0.self_attn.o_proj.weight",
+                None,
+            ),
+            (
+                "blk.12.ffn_down.weight",
+                "model.layers.12.mlp.down_proj.weight",
+                None,
+            ),
+            (
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+                None,
+            ),
+            (
+                "blk.1.attn_norm.weight",
+                "model.layers.1.input_layernorm.weight",
+                None,
+            ),
+        ];
+        for (g, hf, heads) in cases {
+            assert_eq!(hf_name(g, &cfg), Some((hf.to_string(), heads)), "{g}");
+        }
+        assert_eq!(hf_name("rope_freqs.weight", &cfg), None);
+        assert_eq!(hf_name("blk.x.attn_q.weight", &cfg), None);
+    }
+}
