@@ -112,16 +112,22 @@ fn smollm2_q4_1_greedy_matches_transformers() {
         let (got, first) = m
             .greedy(be.as_ref(), &got_prompt, want.len())
             .expect("greedy");
-        // First-step logits: transformers' top-5 in the same order, values close.
+        // First-step logits: transformers' top-5 (rounded to 4 decimals); measured within 1e-4.
         let top = ids_of(&c["first_top5_ids"]);
         let vals = c["first_top5_logits"].as_array().expect("logits");
+        let mut worst = 0f32;
         for (r, (&id, v)) in top.iter().zip(vals).enumerate() {
+            worst = worst.max((first[id as usize] - v.as_f64().unwrap_or(0.0) as f32).abs());
             let (g, w) = (first[id as usize], v.as_f64().expect("logit") as f32);
             assert!(
-                (g - w).abs() < 2e-2,
+                (g - w).abs() < 1e-3,
                 "case {ci}: top-{r} token {id}: logit {g} want {w}"
             );
         }
+        let _ = writeln!(
+            std::io::stderr(),
+            "gguf_smollm2 case {ci}: top-5 first-step logits within {worst:.4} of transformers"
+        );
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let text = m.tokenizer.decode(&got, false).unwrap_or_default();
             assert_eq!(
