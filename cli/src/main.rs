@@ -132,6 +132,22 @@ struct RunArgs {
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Quantize the checkpoint's weight matrices as they load (CPU backend only for now).
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+}
+
+/// A GGUF block format for `--quant`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum QuantArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 fn main() -> ExitCode {
@@ -386,9 +402,30 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     };
 
     // ---- model ----
-    let backend = open_backend(a.device)?;
+    let quant = a.quant.map(|q| match q {
+        QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
+        QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
+        QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
+        QuantArg::Q4K => engine_core::QuantType::Q4K,
+    });
+    // Quantized kernels exist on the CPU backend only: auto picks it, gpu is refused.
+    let device = match (quant, a.device) {
+        (Some(_), DeviceArg::Gpu) => {
+            return Err(bad_input(anyhow!(
+                "--quant runs on --device cpu only for now (no quantized GPU kernels yet)"
+            )))
+        }
+        (Some(_), _) => DeviceArg::Cpu,
+        (None, d) => d,
+    };
+    let backend = open_backend(device)?;
     let bar = progress::load_bar();
-    let loaded = Llava::load_with_progress(&model_dir, backend, bar.as_ref().map(|b| b.1.clone()));
+    let loaded = Llava::load_quantized(
+        &model_dir,
+        backend,
+        bar.as_ref().map(|b| b.1.clone()),
+        quant,
+    );
     if let Some((b, _)) = &bar {
         b.finish_and_clear();
     }
