@@ -122,6 +122,7 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
         "bytes_on_disk": source.total_bytes(),
         "memory": {
             "weights_bytes": weights_bytes,
+            "weights_bytes_quantized": quantized_weight_bytes(&tensors),
             "kv_cache_bytes": kv_bytes,
             "total_bytes": weights_bytes + kv_bytes,
             "note": "weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in f32 at the full context; activations not included",
@@ -227,6 +228,28 @@ fn device_check(
     }))
 }
 
+/// Weight bytes under `run --quant` per format: matrices whose rows are whole blocks are
+/// quantized (as `Weights::with_quant` does), everything else stays as counted above.
+fn quantized_weight_bytes(tensors: &[TensorInfo]) -> serde_json::Map<String, Value> {
+    use engine_core::QuantType as Q;
+    [Q::Q8_0, Q::Q4_0, Q::Q4_1, Q::Q4K]
+        .into_iter()
+        .map(|q| {
+            let total: u64 = tensors
+                .iter()
+                .map(|t| match t.shape.as_slice() {
+                    [r, k] if !t.name.ends_with("position_embedding.weight") => q
+                        .bytes_for(r * k)
+                        .filter(|_| k % q.block_size() == 0)
+                        .map_or(t.device_bytes, |b| b as u64),
+                    _ => t.device_bytes,
+                })
+                .sum();
+            (q.name().to_string(), json!(total))
+        })
+        .collect()
+}
+
 /// Human rendering of [`report`].
 pub fn text_report(v: &Value) -> String {
     let n = |x: &Value| x.as_u64().unwrap_or(0);
@@ -269,6 +292,10 @@ pub fn text_report(v: &Value) -> String {
         n(&v["context_length"]),
         b(&m["total_bytes"])
     );
+    if let Some(q) = m["weights_bytes_quantized"].as_object() {
+        let parts: Vec<String> = q.iter().map(|(k, x)| format!("{k} {}", b(x))).collect();
+        s += &format!("  --quant    weights {}\n", parts.join(", "));
+    }
     let d = &v["device"];
     match d["backend"].as_str() {
         Some("wgpu") => {

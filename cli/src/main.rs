@@ -136,6 +136,22 @@ struct RunArgs {
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Quantize the checkpoint's weight matrices as they load (CPU backend only for now).
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+}
+
+/// A GGUF block format for `--quant`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum QuantArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 fn main() -> ExitCode {
@@ -277,6 +293,69 @@ fn check_output_path(p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Text-only generation from a llama.cpp GGUF file (issue 7, first milestone): greedy,
+/// on the CPU backend, whose kernels dequantise GGUF blocks; the wgpu kernels do not yet.
+fn run_gguf(a: &RunArgs) -> Result<(), Failure> {
+    if a.image.is_some() {
+        return Err(bad_input(anyhow!(
+            "--image with a .gguf model needs --mmproj, which is not supported yet"
+        )));
+    }
+    if a.temperature != 0.0 {
+        return Err(bad_input(anyhow!(
+            "GGUF models decode greedily for now: use --temperature 0"
+        )));
+    }
+    if matches!(a.device, DeviceArg::Gpu) {
+        return Err(bad_input(anyhow!(
+            "quantized GGUF weights run on --device cpu only for now"
+        )));
+    }
+    let template = match a.template {
+        TemplateArg::VicunaV1 => Template::VicunaV1,
+        TemplateArg::Raw => Template::Raw,
+    };
+    let text = template
+        .render(&a.prompt, false)
+        .map_err(|e| bad_input(e.into()))?;
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let t0 = std::time::Instant::now();
+    let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.model), backend.clone())
+        .map_err(classify)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let ids = m.encode(&text).map_err(|e| bad_input(e.into()))?;
+    let t1 = std::time::Instant::now();
+    let (tokens, _) = m
+        .greedy(backend.as_ref(), &ids, a.max_new_tokens)
+        .map_err(classify)?;
+    let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let out = m
+        .tokenizer
+        .decode(&tokens, true)
+        .map_err(|e| internal(anyhow!("decoding: {e}")))?;
+    let mut stdout = std::io::stdout().lock();
+    if a.json {
+        let j = json!({
+            "text": out,
+            "tokens": tokens,
+            "prompt_tokens": ids.len(),
+            "timings_ms": { "load": load_ms, "generate": gen_ms },
+            "device": { "backend": "cpu" },
+        });
+        let _ = writeln!(stdout, "{j}");
+    } else {
+        let _ = writeln!(stdout, "{out}");
+        eprintln!(
+            "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), cpu",
+            ids.len(),
+            tokens.len(),
+            gen_ms,
+            load_ms
+        );
+    }
+    Ok(())
+}
+
 fn run(a: RunArgs) -> Result<(), Failure> {
     progress::install_ctrl_c();
     // ---- everything the user handed in, checked before any heavy work ----
@@ -289,6 +368,9 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     sampling.validate().map_err(|e| bad_input(e.into()))?;
     if a.max_new_tokens == 0 {
         return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
+    }
+    if a.model.ends_with(".gguf") {
+        return run_gguf(&a);
     }
     let prune = if a.no_prune {
         Some(PruneConfig::Dense)
@@ -325,9 +407,30 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     };
 
     // ---- model ----
-    let backend = open_backend(a.device)?;
+    let quant = a.quant.map(|q| match q {
+        QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
+        QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
+        QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
+        QuantArg::Q4K => engine_core::QuantType::Q4K,
+    });
+    // Quantized kernels exist on the CPU backend only: auto picks it, gpu is refused.
+    let device = match (quant, a.device) {
+        (Some(_), DeviceArg::Gpu) => {
+            return Err(bad_input(anyhow!(
+                "--quant runs on --device cpu only for now (no quantized GPU kernels yet)"
+            )))
+        }
+        (Some(_), _) => DeviceArg::Cpu,
+        (None, d) => d,
+    };
+    let backend = open_backend(device)?;
     let bar = progress::load_bar();
-    let loaded = Llava::load_with_progress(&model_dir, backend, bar.as_ref().map(|b| b.1.clone()));
+    let loaded = Llava::load_quantized(
+        &model_dir,
+        backend,
+        bar.as_ref().map(|b| b.1.clone()),
+        quant,
+    );
     if let Some((b, _)) = &bar {
         b.finish_and_clear();
     }

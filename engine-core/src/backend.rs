@@ -4,7 +4,7 @@
 //! - Activations are `F32`, row-major, contiguous. "Rows" are the leading dimensions
 //!   flattened, "columns" the last dimension.
 //! - Weight matrices follow the checkpoint layout `[out_features, in_features]` and may be
-//!   `F16` or `F32`; `linear` computes `y = x·Wᵀ + b` accumulating in f32.
+//!   `F16`, `F32` or block-quantized (`DType::Quant`, CPU backend); `linear` computes `y = x·Wᵀ + b` accumulating in f32.
 //! - Norm weights, biases, position tables: `F32`. Indices, token ids, positions: `U32`.
 //! - Only `to_vec_*` (and `sync`) wait for the device; every other op only records work.
 
@@ -137,6 +137,13 @@ pub trait Backend: Send + Sync {
 
     /// Uploads host data as a tensor of `shape` (element counts must agree).
     fn upload(&self, data: HostData<'_>, shape: Shape) -> Result<Tensor>;
+    /// Uploads a block-quantized weight matrix `[.., K]` in GGUF's layout (`K` a multiple of
+    /// the block size, `bytes` exactly the blocks). Backends without quantized kernels
+    /// answer `Error::DType`.
+    fn upload_quant(&self, qt: crate::QuantType, bytes: &[u8], shape: Shape) -> Result<Tensor> {
+        let _ = (bytes, shape);
+        Err(crate::Error::DType { op: "upload_quant", dtype: DType::Quant(qt) })
+    }
     /// A zero-filled tensor (used for KV caches).
     fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor>;
     /// Reads an `F32` or `F16` tensor back as f32. Synchronises with the device.

@@ -8,6 +8,8 @@ pub mod backend;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod gguf;
+pub mod quant;
 pub mod shape;
 pub mod tensor;
 pub mod weights;
@@ -16,5 +18,6 @@ pub use backend::{AttentionMask, AttentionParams, Backend, DeviceInfo, HostData,
 pub use cpu::CpuBackend;
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use quant::QuantType;
 pub use shape::Shape;
 pub use tensor::{Storage, Tensor};

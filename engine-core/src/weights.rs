@@ -489,7 +489,8 @@ impl MemorySource {
         bytes: Vec<u8>,
     ) -> Result<()> {
         let name = name.into();
-        let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let n = shape.iter().product::<usize>();
+        let want = dtype.bytes_for(n).unwrap_or(usize::MAX);
         if bytes.len() != want {
             return Err(Error::weight(
                 name,
@@ -528,6 +529,8 @@ impl MemorySource {
                 DType::F16 => "F16",
                 DType::BF16 => "BF16",
                 DType::U32 => "U32",
+                // Not a safetensors dtype; written under GGUF's name for round trips only.
+                DType::Quant(q) => q.name(),
             };
             header.insert(
                 name.clone(),
@@ -614,6 +617,12 @@ fn view_to_f32(v: &WeightView<'_>) -> Vec<f32> {
         DType::F32 => le_slice::<f32>(v.bytes).into_owned(),
         DType::F16 => le_slice::<f16>(v.bytes).iter().map(|x| x.to_f32()).collect(),
         DType::BF16 => le_slice::<bf16>(v.bytes).iter().map(|x| x.to_f32()).collect(),
+        DType::Quant(q) => {
+            let n = v.shape.iter().product::<usize>();
+            let mut out = vec![0f32; n];
+            crate::quant::dequantize(q, v.bytes, &mut out);
+            out
+        }
         // Sources never hand out U32 views; decoding it as integers keeps this total.
         DType::U32 => v.bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
     }
@@ -645,6 +654,8 @@ pub struct Weights {
     source: Arc<dyn WeightSource>,
     backend: Arc<dyn Backend>,
     prefix: String,
+    /// Quantize float matrices at load (see [`Weights::with_quant`]).
+    quant: Option<crate::quant::QuantType>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -656,12 +667,30 @@ impl std::fmt::Debug for Weights {
 impl Weights {
     /// Weights at the root of `source`, uploaded to `backend`.
     pub fn new(source: Arc<dyn WeightSource>, backend: Arc<dyn Backend>) -> Self {
-        Weights { source, backend, prefix: String::new() }
+        Weights { source, backend, prefix: String::new(), quant: None }
     }
 
     /// The same weights scoped one level deeper (`prefix` joined with '.').
     pub fn pp(&self, prefix: impl std::fmt::Display) -> Weights {
-        Weights { source: self.source.clone(), backend: self.backend.clone(), prefix: self.full_name(prefix) }
+        Weights {
+            source: self.source.clone(),
+            backend: self.backend.clone(),
+            prefix: self.full_name(prefix),
+            quant: self.quant,
+        }
+    }
+
+    /// The same weights, but [`Weights::get`] quantizes every stored float matrix (rank 2,
+    /// rows a whole number of blocks) to `qt` before uploading; other tensors (norms,
+    /// biases, convolutions, matrices with odd rows) upload as stored, as llama.cpp falls
+    /// back for them. `None` turns it off.
+    pub fn with_quant(&self, qt: Option<crate::quant::QuantType>) -> Weights {
+        Weights { quant: qt, ..self.clone() }
+    }
+
+    /// The quantization applied at load, if any.
+    pub fn quant(&self) -> Option<crate::quant::QuantType> {
+        self.quant
     }
 
     /// The current prefix (empty at the root).
@@ -710,11 +739,23 @@ impl Weights {
     /// `HostData::BF16`) after checking that its shape is `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (full, view) = self.checked_view(name, shape)?;
+        if let (Some(q), [_, k]) = (self.quant, shape) {
+            let float = matches!(view.dtype, DType::F32 | DType::F16 | DType::BF16);
+            if float && k % q.block_size() == 0 {
+                let bytes = crate::quant::quantize(q, &view_to_f32(&view))
+                    .map_err(|e| Error::weight(&full, e.to_string()))?;
+                return self
+                    .backend
+                    .upload_quant(q, &bytes, shape.to_vec().into())
+                    .map_err(|e| upload_error(&full, e));
+            }
+        }
         let shape = shape.to_vec().into();
         let uploaded = match view.dtype {
             DType::F32 => self.backend.upload(HostData::F32(&le_slice::<f32>(view.bytes)), shape),
             DType::F16 => self.backend.upload(HostData::F16(&le_slice::<f16>(view.bytes)), shape),
             DType::BF16 => self.backend.upload(HostData::BF16(&le_slice::<bf16>(view.bytes)), shape),
+            DType::Quant(q) => self.backend.upload_quant(q, view.bytes, shape),
             DType::U32 => return Err(Error::weight(full, "stored as U32; not a float weight")),
         };
         uploaded.map_err(|e| upload_error(&full, e))

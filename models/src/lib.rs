@@ -6,6 +6,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod gguf;
 pub mod hub;
 pub mod llama;
 pub mod llava;

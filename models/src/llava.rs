@@ -205,6 +205,18 @@ impl Llava {
         backend: Arc<dyn Backend>,
         progress: Option<LoadProgress>,
     ) -> Result<Self> {
+        Self::load_quantized(dir, backend, progress, None)
+    }
+
+    /// [`Llava::load_with_progress`], quantizing every float matrix whose rows are whole
+    /// blocks to `quant` as it is read (see `Weights::with_quant`); needs a backend with
+    /// quantized kernels (the CPU backend).
+    pub fn load_quantized(
+        dir: &Path,
+        backend: Arc<dyn Backend>,
+        progress: Option<LoadProgress>,
+        quant: Option<engine_core::QuantType>,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         if !dir.is_dir() {
             return Err(Error::file(
@@ -234,7 +246,7 @@ impl Llava {
                 cb,
             });
         }
-        let w = Weights::new(source.clone(), backend.clone());
+        let w = Weights::new(source.clone(), backend.clone()).with_quant(quant);
         let naming = if source.contains("language_model.model.embed_tokens.weight") {
             Naming::Old
         } else if source.contains("model.language_model.embed_tokens.weight") {

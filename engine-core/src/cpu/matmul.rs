@@ -1,4 +1,4 @@
-//! `y = x·Wᵀ + b` with `W [N, K]` in f32 or f16, f32 accumulation.
+//! `y = x·Wᵀ + b` with `W [N, K]` in f32, f16 or GGUF blocks, f32 accumulation.
 //!
 //! Few rows (decode): a matrix-vector kernel that streams each weight row once and dots it
 //! with every input row. Many rows (prefill): a packed GEMM, blocked over K (so a weight tile
@@ -50,13 +50,22 @@ pub(crate) fn linear(
 /// Few rows: every weight row is read (and converted) once and dotted with all `m` rows.
 fn gemv(x: &[f32], m: usize, k: usize, w: Floats<'_>, n: usize) -> Vec<f32> {
     let mut yt = vec![0f32; n * m]; // [n, m]: one chunk per weight row
-    yt.par_chunks_mut(m).enumerate().with_min_len(64).for_each(|(j, out)| {
-        let row = match w {
-            Floats::F32(v) => Row::F32(&v[j * k..(j + 1) * k]),
-            Floats::F16(v) => Row::F16(&v[j * k..(j + 1) * k]),
-        };
-        simd::dots(x, k, row, out);
-    });
+                                    // Quantized rows are decoded into a per-task f32 row, one weight row at a time.
+    yt.par_chunks_mut(m)
+        .enumerate()
+        .with_min_len(64)
+        .for_each_init(Vec::new, |buf, (j, out)| {
+            let row = match w {
+                Floats::F32(v) => Row::F32(&v[j * k..(j + 1) * k]),
+                Floats::F16(v) => Row::F16(&v[j * k..(j + 1) * k]),
+                Floats::Quant(..) => {
+                    buf.resize(k, 0.0);
+                    w.read_into(j * k, buf);
+                    Row::F32(buf)
+                }
+            };
+            simd::dots(x, k, row, out);
+        });
     if m == 1 {
         return yt;
     }

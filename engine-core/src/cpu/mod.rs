@@ -14,6 +14,7 @@ use half::f16;
 use crate::backend::{AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::quant::QuantType;
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
@@ -112,6 +113,22 @@ fn take_rows(data: &CpuData, n: usize, idx: impl Iterator<Item = usize> + Clone)
         CpuData::F32(v) => CpuData::F32(pick(v, n, idx)),
         CpuData::F16(v) => CpuData::F16(pick(v, n, idx)),
         CpuData::U32(v) => CpuData::U32(pick(v, n, idx)),
+        CpuData::Quant { qt, bytes, .. } => {
+            // Callers only take rows of activations; a quantized row (whole blocks) copies
+            // as bytes all the same.
+            let rb = qt.bytes_for(n).unwrap_or(0);
+            let mut out = Vec::new();
+            let mut rows = 0;
+            for r in idx {
+                out.extend_from_slice(&bytes[r * rb..(r + 1) * rb]);
+                rows += 1;
+            }
+            CpuData::Quant {
+                qt: *qt,
+                bytes: out,
+                len: rows * n,
+            }
+        }
     }
 }
 
@@ -156,13 +173,32 @@ impl Backend for CpuBackend {
         Ok(tensor(data, shape))
     }
 
+    fn upload_quant(&self, qt: QuantType, bytes: &[u8], shape: Shape) -> Result<Tensor> {
+        let n = shape.elem_count();
+        let k = if shape.rank() == 0 {
+            1
+        } else {
+            shape.last_dim()
+        };
+        qt.check("upload_quant", n, k, bytes.len())
+            .map_err(|e| Error::shape("upload_quant", e.to_string()))?;
+        Ok(tensor(
+            CpuData::Quant {
+                qt,
+                bytes: bytes.to_vec(),
+                len: n,
+            },
+            shape,
+        ))
+    }
+
     fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor> {
         let n = shape.elem_count();
         let data = match dtype {
             DType::F32 => CpuData::F32(vec![0.0; n]),
             DType::F16 => CpuData::F16(vec![f16::ZERO; n]),
             DType::U32 => CpuData::U32(vec![0; n]),
-            DType::BF16 => return Err(dtype_err("zeros", dtype)),
+            DType::BF16 | DType::Quant(_) => return Err(dtype_err("zeros", dtype)),
         };
         Ok(tensor(data, shape))
     }
@@ -173,6 +209,11 @@ impl Backend for CpuBackend {
             CpuData::F32(v) => Ok(v.clone()),
             CpuData::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
             CpuData::U32(_) => Err(dtype_err("to_vec_f32", DType::U32)),
+            CpuData::Quant { qt, bytes, len } => {
+                let mut out = vec![0f32; *len];
+                crate::quant::dequantize(*qt, bytes, &mut out);
+                Ok(out)
+            }
         }
     }
 
@@ -493,6 +534,7 @@ impl Backend for CpuBackend {
                 }
                 CpuData::U32(out)
             }
+            CpuData::Quant { qt, .. } => return Err(dtype_err(OP, DType::Quant(*qt))),
         };
         let mut dims = first.dims().to_vec();
         dims[0] = rows;
@@ -595,6 +637,11 @@ impl Backend for CpuBackend {
             }
             (CpuData::F16(v), DType::F32) => CpuData::F32(v.iter().map(|x| x.to_f32()).collect()),
             (CpuData::U32(_), _) => return Err(dtype_err(OP, DType::U32)),
+            (CpuData::Quant { qt, bytes, len }, DType::F32) => {
+                let mut out = vec![0f32; *len];
+                crate::quant::dequantize(*qt, bytes, &mut out);
+                CpuData::F32(out)
+            }
             (_, other) => return Err(dtype_err(OP, other)),
         };
         Ok(tensor(out, x.shape().clone()))

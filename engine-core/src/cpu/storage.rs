@@ -7,6 +7,7 @@ use half::f16;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::quant::{self, QuantType};
 use crate::shape::Shape;
 use crate::tensor::{Storage, Tensor};
 
@@ -16,6 +17,12 @@ pub(crate) enum CpuData {
     F32(Vec<f32>),
     F16(Vec<f16>),
     U32(Vec<u32>),
+    /// GGUF blocks of `len` weights (a whole number of blocks), decoded inside the kernels.
+    Quant {
+        qt: QuantType,
+        bytes: Vec<u8>,
+        len: usize,
+    },
 }
 
 impl CpuData {
@@ -24,6 +31,7 @@ impl CpuData {
             CpuData::F32(_) => DType::F32,
             CpuData::F16(_) => DType::F16,
             CpuData::U32(_) => DType::U32,
+            CpuData::Quant { qt, .. } => DType::Quant(*qt),
         }
     }
 
@@ -32,6 +40,7 @@ impl CpuData {
             CpuData::F32(v) => v.len(),
             CpuData::F16(v) => v.len(),
             CpuData::U32(v) => v.len(),
+            CpuData::Quant { len, .. } => *len,
         }
     }
 
@@ -62,6 +71,7 @@ impl CpuData {
         match self {
             CpuData::F32(v) => Ok(Floats::F32(v)),
             CpuData::F16(v) => Ok(Floats::F16(v)),
+            CpuData::Quant { qt, bytes, .. } => Ok(Floats::Quant(*qt, bytes)),
             CpuData::U32(_) => Err(Error::DType {
                 op,
                 dtype: DType::U32,
@@ -75,6 +85,8 @@ impl CpuData {
 pub(crate) enum Floats<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    /// Quantized blocks; `read_into` dequantises the covering blocks.
+    Quant(QuantType, &'a [u8]),
 }
 
 impl Floats<'_> {
@@ -87,6 +99,7 @@ impl Floats<'_> {
             Floats::F32(v) => dst.copy_from_slice(&v[start..start + len]),
             // half converts with F16C/NEON when the CPU has it (runtime detection).
             Floats::F16(v) => v[start..start + len].convert_to_f32_slice(dst),
+            Floats::Quant(qt, b) => quant::dequantize_range(*qt, b, start, dst),
         }
     }
 }

@@ -1,0 +1,488 @@
+//! Llama text models from llama.cpp GGUF files: the config and the tokenizer rebuilt from
+//! metadata, and the tensors renamed to the HF layout [`Llama::load`] reads, with
+//! llama.cpp's Q/K row permutation undone.
+//!
+//! llama.cpp's converter reorders the rows of `q_proj`/`k_proj` (per head, from HF's
+//! "rotate half" pairs `(i, i + d/2)` to interleaved pairs `(2i, 2i + 1)`) because ggml's
+//! RoPE rotates adjacent pairs. Our RoPE is HF's, so the rows are put back. Rows are whole
+//! quantized blocks, so this is a byte copy per row, done once at load for Q and K only.
+
+// is_multiple_of is newer than the MSRV (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use engine_core::gguf::{GgufFile, GgufValue};
+use engine_core::weights::{WeightSource, WeightView, Weights};
+use engine_core::{Backend, DType, Error, Result};
+use pruner::Dense;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::config::TextConfig;
+use crate::llama::{KvCache, Llama};
+
+/// The text config of a `general.architecture = llama` GGUF file.
+pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
+    let arch = f.get_str("general.architecture")?;
+    if arch != "llama" {
+        return Err(Error::file(
+            f.path(),
+            format!("general.architecture is `{arch}`; only `llama` text models are supported"),
+        ));
+    }
+    let u = |k: &str| -> Result<usize> {
+        let v = f.get_u64(&format!("llama.{k}"))?;
+        usize::try_from(v)
+            .map_err(|_| Error::file(f.path(), format!("llama.{k} = {v} is too large")))
+    };
+    let hidden = u("embedding_length")?;
+    let heads = u("attention.head_count")?;
+    if heads == 0 || hidden % heads != 0 {
+        return Err(Error::file(
+            f.path(),
+            format!("llama.attention.head_count {heads} does not divide embedding_length {hidden}"),
+        ));
+    }
+    let kv_heads = match f.get("llama.attention.head_count_kv") {
+        Some(_) => u("attention.head_count_kv")?,
+        None => heads,
+    };
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::file(
+            f.path(),
+            format!("{kv_heads} kv heads do not divide {heads} heads"),
+        ));
+    }
+    // The vocabulary size is the embedding table's rows when the key is absent (older files).
+    let vocab = match f.get("llama.vocab_size") {
+        Some(_) => u("vocab_size")?,
+        None => f
+            .tensor_info("token_embd.weight")
+            .map(|t| t.shape[0])
+            .ok_or_else(|| Error::weight("token_embd.weight", "missing"))?,
+    };
+    let scaling = match f.get("llama.rope.scaling.type").and_then(GgufValue::as_str) {
+        Some("linear") => f.get_f64("llama.rope.scaling.factor")? as f32,
+        Some("none") | None => 1.0,
+        Some(other) => {
+            return Err(Error::file(
+                f.path(),
+                format!("rope scaling `{other}` is not supported"),
+            ))
+        }
+    };
+    let eos = f
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(GgufValue::as_u64);
+    Ok(TextConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: u("feed_forward_length")?,
+        num_hidden_layers: u("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: hidden / heads,
+        max_position_embeddings: u("context_length")?,
+        rms_norm_eps: f.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
+        rope_theta: match f.get("llama.rope.freq_base") {
+            Some(_) => f.get_f64("llama.rope.freq_base")? as f32,
+            None => 10_000.0,
+        },
+        rope_scaling_factor: scaling,
+        tie_word_embeddings: f.tensor_info("output.weight").is_none(),
+        attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some(),
+        mlp_bias: f.tensor_info("blk.0.ffn_up.bias").is_some(),
+        bos_token_id: f
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(GgufValue::as_u64)
+            .map(|v| v as u32),
+        eos_token_ids: eos.map(|v| vec![v as u32]).unwrap_or_default(),
+    })
+}
+
+/// HF name of a llama.cpp tensor name, and the heads to unpermute rows over (Q and K).
+fn hf_name(gguf: &str, cfg: &TextConfig) -> Option<(String, Option<usize>)> {
+    match gguf {
+        "token_embd.weight" => return Some(("model.embed_tokens.weight".into(), None)),
+        "output_norm.weight" => return Some(("model.norm.weight".into(), None)),
+        "output.weight" => return Some(("lm_head.weight".into(), None)),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, suffix) = rest.split_once('.')?; // suffix: weight | bias
+    let (hf, heads) = match part {
+        "attn_norm" => ("input_layernorm", None),
+        "ffn_norm" => ("post_attention_layernorm", None),
+        "attn_q" => ("self_attn.q_proj", Some(cfg.num_attention_heads)),
+        "attn_k" => ("self_attn.k_proj", Some(cfg.num_key_value_heads)),
+        "attn_v" => ("self_attn.v_proj", None),
+        "attn_output" => ("self_attn.o_proj", None),
+        "ffn_gate" => ("mlp.gate_proj", None),
+        "ffn_up" => ("mlp.up_proj", None),
+        "ffn_down" => ("mlp.down_proj", None),
+        _ => return None,
+    };
+    Some((format!("model.layers.{layer}.{hf}.{suffix}"), heads))
+}
+
+/// Undoes llama.cpp's per-head row interleave: HF row `h*d + t*d/2 + i` is GGUF row
+/// `h*d + 2i + t`. `row_bytes` is the stored size of one row (a bias has 1-element rows).
+fn unpermute_rows(bytes: &[u8], rows: usize, row_bytes: usize, heads: usize) -> Option<Vec<u8>> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || bytes.len() != rows * row_bytes
+    {
+        return None;
+    }
+    let d = rows / heads;
+    let half = d / 2;
+    let mut out = Vec::with_capacity(bytes.len());
+    for h in 0..heads {
+        for t in 0..2 {
+            for i in 0..half {
+                let g = h * d + 2 * i + t;
+                out.extend_from_slice(&bytes[g * row_bytes..(g + 1) * row_bytes]);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// A GGUF Llama file seen under HF tensor names, Q/K rows in HF order.
+pub struct LlamaGguf {
+    file: Arc<GgufFile>,
+    /// HF name → GGUF name.
+    names: BTreeMap<String, String>,
+    /// HF name → unpermuted copy (Q and K weights and biases).
+    permuted: BTreeMap<String, (DType, Vec<usize>, Vec<u8>)>,
+}
+
+impl LlamaGguf {
+    /// Wraps an opened file; `cfg` gives the head counts for the Q/K row order.
+    pub fn new(file: Arc<GgufFile>, cfg: &TextConfig) -> Result<Self> {
+        let mut names = BTreeMap::new();
+        let mut permuted = BTreeMap::new();
+        for info in file.tensor_infos() {
+            // Tensors we do not map (rope_freqs, ...) stay reachable under their own names.
+            let Some((hf, heads)) = hf_name(&info.name, cfg) else {
+                names.insert(info.name.clone(), info.name.clone());
+                continue;
+            };
+            if let Some(heads) = heads {
+                let v = file.view(&info.name)?;
+                let rows = v.shape[0];
+                let row_bytes = v.bytes.len().checked_div(rows).unwrap_or(0);
+                let data = unpermute_rows(v.bytes, rows, row_bytes, heads).ok_or_else(|| {
+                    Error::weight(
+                        &info.name,
+                        format!("{rows} rows cannot be split into {heads} heads of rotary pairs"),
+                    )
+                })?;
+                permuted.insert(hf.clone(), (v.dtype, v.shape.to_vec(), data));
+            }
+            names.insert(hf, info.name.clone());
+        }
+        Ok(LlamaGguf {
+            file,
+            names,
+            permuted,
+        })
+    }
+}
+
+impl WeightSource for LlamaGguf {
+    fn names(&self) -> Vec<String> {
+        self.names.keys().cloned().collect()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+    fn view(&self, name: &str) -> Result<WeightView<'_>> {
+        if let Some((dtype, shape, bytes)) = self.permuted.get(name) {
+            return Ok(WeightView {
+                dtype: *dtype,
+                shape,
+                bytes,
+            });
+        }
+        let g = self.names.get(name).ok_or_else(|| {
+            Error::weight(name, format!("missing from {}", self.file.path().display()))
+        })?;
+        self.file.view(g)
+    }
+    fn total_bytes(&self) -> u64 {
+        self.file.total_bytes()
+    }
+}
+
+fn str_array<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
+    let arr = f.get(key).and_then(GgufValue::as_array).ok_or_else(|| {
+        Error::file(
+            f.path(),
+            format!("metadata `{key}` missing or not an array"),
+        )
+    })?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_str()
+                .ok_or_else(|| Error::file(f.path(), format!("`{key}`[{i}] is not a string")))
+        })
+        .collect()
+}
+
+/// The tokenizer rebuilt from `tokenizer.ggml.*` metadata: byte-level BPE (`model = gpt2`)
+/// from tokens and merges, control tokens (type 3) and user-defined ones (type 4) as added
+/// tokens. The pre-tokenizer follows `tokenizer.ggml.pre` as llama.cpp does: `smollm`
+/// splits digits one by one before the GPT-2 regex; other values use the GPT-2 regex alone.
+/// No BOS is added here; callers add `bos_token_id` when `add_bos_token` says so.
+pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer> {
+    let model = f.get_str("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(Error::file(
+            f.path(),
+            format!("tokenizer model `{model}` is not supported yet (only gpt2 byte-level BPE)"),
+        ));
+    }
+    let tokens = str_array(f, "tokenizer.ggml.tokens")?;
+    let merges = str_array(f, "tokenizer.ggml.merges")?;
+    let mut vocab = tokenizers::models::bpe::Vocab::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.entry(t.to_string()).or_insert(i as u32);
+    }
+    let merges = merges
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| Error::file(f.path(), format!("merge {i} `{m}` is not two tokens")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| Error::file(f.path(), format!("cannot build the BPE tokenizer: {e}")))?;
+    let mut tok = Tokenizer::new(bpe);
+    let byte_level = ByteLevel::new(false, true, true);
+    match f.get("tokenizer.ggml.pre").and_then(GgufValue::as_str) {
+        Some("smollm") => {
+            tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])));
+        }
+        _ => {
+            tok.with_pre_tokenizer(Some(byte_level));
+        }
+    }
+    tok.with_decoder(Some(byte_level));
+    if let Some(types) = f
+        .get("tokenizer.ggml.token_type")
+        .and_then(GgufValue::as_array)
+    {
+        let added: Vec<AddedToken> = types
+            .iter()
+            .zip(&tokens)
+            .filter_map(|(t, s)| match t.as_u64() {
+                Some(3) => Some(AddedToken::from(s.to_string(), true)),
+                Some(4) => Some(AddedToken::from(s.to_string(), false)),
+                _ => None,
+            })
+            .collect();
+        tok.add_special_tokens(&added);
+    }
+    Ok(tok)
+}
+
+/// A Llama text model loaded from a GGUF file, with its tokenizer.
+pub struct GgufTextModel {
+    /// The decoder (quantized weights stay quantized on the backend).
+    pub llama: Llama,
+    /// Rebuilt from metadata.
+    pub tokenizer: Tokenizer,
+    /// From metadata.
+    pub config: TextConfig,
+    /// `tokenizer.ggml.add_bos_token` (llama.cpp's default, true, when absent).
+    pub add_bos: bool,
+}
+
+impl GgufTextModel {
+    /// Opens `path` and uploads its weights to `backend`.
+    pub fn load(path: &Path, backend: Arc<dyn Backend>) -> Result<Self> {
+        let file = Arc::new(GgufFile::open(path)?);
+        let config = text_config(&file)?;
+        let tokenizer = tokenizer(&file)?;
+        let add_bos = file
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(GgufValue::as_bool)
+            .unwrap_or(true);
+        let source: Arc<dyn WeightSource> = Arc::new(LlamaGguf::new(file, &config)?);
+        let w = Weights::new(source, backend);
+        let llama = Llama::load(&w.pp("model"), &w.pp("lm_head"), &config)?;
+        Ok(GgufTextModel {
+            llama,
+            tokenizer,
+            config,
+            add_bos,
+        })
+    }
+
+    /// Prompt token ids (BOS first when the file asks for it).
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| Error::msg(format!("tokenizing the prompt: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            ids.extend(self.config.bos_token_id);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
+    /// kept); also returns the first step's logits `[V]`.
+    pub fn greedy(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        max_new: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        if ids.is_empty() {
+            return Err(Error::msg("greedy: empty prompt"));
+        }
+        let embeds = self.llama.embed(b, ids)?; // [S, H]
+        let mut cache = KvCache::default();
+        let (logits, _) = self
+            .llama
+            .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
+        let first = b.to_vec_f32(&logits)?;
+        let mut out = Vec::with_capacity(max_new);
+        let mut logits = logits;
+        let mut pos = ids.len() as u32;
+        while out.len() < max_new {
+            let next = b
+                .to_vec_u32(&b.argmax(&logits)?)?
+                .first()
+                .copied()
+                .ok_or_else(|| Error::msg("greedy: argmax returned nothing"))?;
+            out.push(next);
+            if self.config.eos_token_ids.contains(&next) || out.len() == max_new {
+                break;
+            }
+            logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
+            pos += 1;
+        }
+        Ok((out, first))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_undoes_llama_cpp_permute() {
+        // llama.cpp: w.reshape(heads, 2, d/2, ..).swapaxes(1, 2): GGUF row h*d + 2i + t holds
+        // HF row h*d + t*d/2 + i. Rows here are 3 bytes tagged with their HF index.
+        let (heads, d) = (3usize, 8usize);
+        let rows = heads * d;
+        let mut gguf = vec![0u8; rows * 3];
+        for h in 0..heads {
+            for i in 0..d / 2 {
+                for t in 0..2 {
+                    let hf = (h * d + t * d / 2 + i) as u8;
+                    let g = h * d + 2 * i + t;
+                    gguf[g * 3..g * 3 + 3].copy_from_slice(&[hf, hf, hf]);
+                }
+            }
+        }
+        let out = unpermute_rows(&gguf, rows, 3, heads).expect("unpermute");
+        for r in 0..rows {
+            assert_eq!(&out[r * 3..r * 3 + 3], &[r as u8; 3], "row {r}");
+        }
+        assert!(
+            unpermute_rows(&gguf, rows, 3, 5).is_none(),
+            "24 rows in 5 heads accepted"
+        );
+        assert!(
+            unpermute_rows(&gguf, rows, 3, 0).is_none(),
+            "zero heads accepted"
+        );
+    }
+
+    #[test]
+    fn llama_cpp_names_map_to_hf() {
+        let cfg = TextConfig {
+            vocab_size: 8,
+            hidden_size: 8,
+            intermediate_size: 8,
+            num_hidden_layers: 1,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 2,
+            max_position_embeddings: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling_factor: 1.0,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        };
+        let cases = [
+            ("token_embd.weight", "model.embed_tokens.weight", None),
+            ("output.weight", "lm_head.weight", None),
+            ("output_norm.weight", "model.norm.weight", None),
+            (
+                "blk.3.attn_q.weight",
+                "model.layers.3.self_attn.q_proj.weight",
+                Some(4),
+            ),
+            (
+                "blk.3.attn_k.bias",
+                "model.layers.3.self_attn.k_proj.bias",
+                Some(2),
+            ),
+            (
+                "blk.0.attn_v.weight",
+                "model.layers.0.self_attn.v_proj.weight",
+                None,
+            ),
+            (
+                "blk.0.attn_output.weight",
+                "model.layers.0.self_attn.o_proj.weight",
+                None,
+            ),
+            (
+                "blk.12.ffn_down.weight",
+                "model.layers.12.mlp.down_proj.weight",
+                None,
+            ),
+            (
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+                None,
+            ),
+            (
+                "blk.1.attn_norm.weight",
+                "model.layers.1.input_layernorm.weight",
+                None,
+            ),
+        ];
+        for (g, hf, heads) in cases {
+            assert_eq!(hf_name(g, &cfg), Some((hf.to_string(), heads)), "{g}");
+        }
+        assert_eq!(hf_name("rope_freqs.weight", &cfg), None);
+        assert_eq!(hf_name("blk.x.attn_q.weight", &cfg), None);
+    }
+}
