@@ -13,7 +13,6 @@
 //! a panic or a huge allocation.
 
 // is_multiple_of is newer than the MSRV (1.85).
-#![allow(clippy::manual_is_multiple_of)]
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -165,7 +164,7 @@ impl GgufType {
             GgufType::Other(14) => (256, 210), // Q6_K
             GgufType::Other(_) => return None,
         };
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return None;
         }
         (n / block).checked_mul(bytes)

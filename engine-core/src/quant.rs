@@ -8,7 +8,6 @@
 //! never hold more than one weight row in f32.
 
 // is_multiple_of is newer than the MSRV (1.85).
-#![allow(clippy::manual_is_multiple_of)]
 
 use half::f16;
 
@@ -92,7 +91,7 @@ impl QuantType {
 
     /// Bytes that `n` weights occupy, or `None` unless `n` is a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_size() != 0 {
+        if !n.is_multiple_of(self.block_size()) {
             return None;
         }
         (n / self.block_size()).checked_mul(self.block_bytes())
@@ -101,7 +100,7 @@ impl QuantType {
     /// Checks that a `[.., K]` tensor of `n` weights with rows of `k` can be stored in this
     /// format in exactly `bytes` bytes.
     pub fn check(self, what: &str, n: usize, k: usize, bytes: usize) -> Result<()> {
-        if k % self.block_size() != 0 {
+        if !k.is_multiple_of(self.block_size()) {
             return Err(Error::weight(
                 what,
                 format!(

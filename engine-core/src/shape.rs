@@ -29,12 +29,7 @@ impl Shape {
     }
     /// Number of rows when the tensor is seen as a matrix `[elem_count / last_dim, last_dim]`.
     pub fn rows(&self) -> usize {
-        let n = self.last_dim();
-        if n == 0 {
-            0
-        } else {
-            self.elem_count() / n
-        }
+        self.elem_count().checked_div(self.last_dim()).unwrap_or(0)
     }
     /// The two dimensions of a rank-2 shape, or an error naming `op`.
     pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {

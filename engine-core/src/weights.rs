@@ -540,7 +540,7 @@ impl MemorySource {
         }
         let mut head = Value::Object(header).to_string().into_bytes();
         // Pad the header with spaces so the data starts 8-byte aligned, as the format advises.
-        while (8 + head.len()) % 8 != 0 {
+        while !(8 + head.len()).is_multiple_of(8) {
             head.push(b' ');
         }
         let mut out = Vec::with_capacity(8 + head.len() + offset);

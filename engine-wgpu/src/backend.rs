@@ -194,7 +194,6 @@ fn mask_span(m: &AttentionMask) -> Option<(usize, usize)> {
 }
 
 /// Checks an attention call like the CPU reference; returns the number of queries.
-#[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.85)
 fn check_attention(
     op: &'static str,
     q: &[usize],
@@ -210,7 +209,7 @@ fn check_attention(
             ),
         ));
     }
-    if p.num_heads % p.num_kv_heads > 0 {
+    if !p.num_heads.is_multiple_of(p.num_kv_heads) {
         return Err(Error::shape(
             op,
             format!(
@@ -374,7 +373,7 @@ impl GpuBackend {
         if count == 0 {
             return Ok(());
         }
-        if dtype != DType::F16 || (dst_off % 2 == 0 && src_off % 2 == 0 && count % 2 == 0) {
+        if dtype != DType::F16 || (dst_off.is_multiple_of(2) && src_off.is_multiple_of(2) && count.is_multiple_of(2)) {
             let es = if dtype == DType::F16 { 2 } else { 4 };
             let (so, d_o, n) = (
                 (src_off * es) as u64,
@@ -519,18 +518,18 @@ impl GpuBackend {
         let sw = st(w, OP)?;
         let gemv = m <= GEMV_MAX_ROWS && k > 0;
         // Software adapters: the subgroup-broadcast kernels (same dispatch grids as below).
-        let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k % 8 == 0 && k <= SG8_MAX_K;
+        let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k.is_multiple_of(8) && k <= SG8_MAX_K;
         let key = if sg8 && gemv {
             PipelineKey::new("gemv_sg8", "main").sub("M", m as u32)
         } else if sg8 {
             PipelineKey::new("gemm_sg8", "main")
         } else if gemv {
-            let vec = if w16 { k % 8 == 0 } else { k % 4 == 0 };
+            let vec = if w16 { k.is_multiple_of(8) } else { k.is_multiple_of(4) };
             PipelineKey::new("gemv", "main")
                 .flag(vec, "VEC")
                 .sub("M", m as u32)
         } else {
-            PipelineKey::new("gemm", "main").flag(k % 4 == 0, "VEC")
+            PipelineKey::new("gemm", "main").flag(k.is_multiple_of(4), "VEC")
         };
         let pipe = self
             .ctx
@@ -946,11 +945,10 @@ impl Backend for GpuBackend {
         self.rows_op(OP, "softmax", x, &[], 0.0)
     }
 
-    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.85)
     fn rope(&self, x: &Tensor, positions: &Tensor, p: &RopeParams) -> Result<Tensor> {
         const OP: &str = "rope";
         let (s, w) = x.dims2(OP)?;
-        if p.head_dim == 0 || p.head_dim % 2 > 0 || w % p.head_dim > 0 {
+        if p.head_dim == 0 || !p.head_dim.is_multiple_of(2) || w % p.head_dim > 0 {
             return Err(Error::shape(
                 OP,
                 format!(
@@ -1549,7 +1547,7 @@ mod tests {
             262_668_288,
         ] {
             let c = size_class(b);
-            assert!(c >= b && c % 16 == 0, "{b} -> {c}");
+            assert!(c >= b && c.is_multiple_of(16), "{b} -> {c}");
             assert!(
                 c <= b.max(256) + b.max(256) / 4,
                 "{b} -> {c} wastes too much"

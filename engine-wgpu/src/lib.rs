@@ -28,7 +28,6 @@
 //! `VISI_NO_SG8=1` (keep the tiled matmuls on software adapters too, for comparisons).
 
 // `is_multiple_of` is newer than the workspace MSRV (1.85).
-#![allow(clippy::manual_is_multiple_of)]
 
 mod backend;
 pub mod bench;

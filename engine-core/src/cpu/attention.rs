@@ -13,7 +13,6 @@ use crate::error::{Error, Result};
 /// Checks an attention call's shapes and parameters; returns the number of queries.
 ///
 /// `q` is `[Sq, num_heads*head_dim]`; `kv` are the dims of `k` (and `v`), `[L, num_kv_heads*head_dim]`.
-#[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.85)
 pub(crate) fn check(
     op: &'static str,
     q: &[usize],
@@ -29,7 +28,7 @@ pub(crate) fn check(
             ),
         ));
     }
-    if p.num_heads % p.num_kv_heads > 0 {
+    if !p.num_heads.is_multiple_of(p.num_kv_heads) {
         return Err(Error::shape(
             op,
             format!(

@@ -316,11 +316,10 @@ impl Backend for CpuBackend {
         Ok(tensor(CpuData::F32(out), x.shape().clone()))
     }
 
-    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.85)
     fn rope(&self, x: &Tensor, positions: &Tensor, p: &RopeParams) -> Result<Tensor> {
         const OP: &str = "rope";
         let (s, w) = x.dims2(OP)?;
-        if p.head_dim == 0 || p.head_dim % 2 > 0 || w % p.head_dim > 0 {
+        if p.head_dim == 0 || !p.head_dim.is_multiple_of(2) || w % p.head_dim > 0 {
             return Err(Error::shape(
                 OP,
                 format!(
