@@ -203,12 +203,23 @@ def time_llama(a):
     )
 
 
+def seq_lens(m):
+    """Run-length form of the per-layer sequence lengths, e.g. `640×3 64×3`."""
+    out = []
+    for n in m.get("layer_seq_lens", []):
+        if out and out[-1][0] == n:
+            out[-1][1] += 1
+        else:
+            out.append([n, 1])
+    return " ".join(f"{n}×{c}" for n, c in out)
+
+
 def table(a):
     with open(a.visi) as f:
         v = json.load(f)
     rows = []
     dev = v.get("device", {})
-    adapter = dev.get("name", dev) if isinstance(dev, dict) else dev
+    adapter = dev.get("adapter", dev) if isinstance(dev, dict) else dev
     plen = v["prompt"]["len"] if isinstance(v.get("prompt"), dict) and "len" in v["prompt"] else None
     for name in ("dense", "visipruner"):
         m = v["methods"][name]
@@ -216,7 +227,7 @@ def table(a):
         n = plen or a.prompt_len
         rows.append(
             (
-                f"visi {name}",
+                f"visi {name}" + ("" if name == "dense" else f" ({seq_lens(m)})"),
                 f"wgpu: {adapter}",
                 n,
                 f"{pre:.1f}",

@@ -99,7 +99,7 @@ if [ -z "${VISI_CLI:-}" ]; then
     VISI_CLI=${CARGO_TARGET_DIR:-$ROOT/target}/release/visi-cli
 fi
 echo "peer: visi-cli bench on $MODEL" >&2
-"$VISI_CLI" bench --model "$MODEL" --device gpu --skip-kernels --json \
+"$VISI_CLI" bench --model "$MODEL" --device auto --skip-kernels --json \
     --prompt-len "$PROMPT_LEN" --decode-tokens "$DECODE" --reps "$REPS" --warmup "$WARMUP" \
     >"$WORK/visi.json" 2>"$WORK/visi.err" || { cat "$WORK/visi.err" >&2; exit 1; }
 
@@ -112,7 +112,6 @@ run_llama() { # NGL LABEL OUT
         --prompt-len "$PROMPT_LEN" --decode-tokens "$DECODE" --reps "$REPS" \
         --warmup "$WARMUP" --threads "$THREADS" >"$3" 2>"$3.err" || { tail -20 "$3.err" >&2; }
 }
-VK=$(grep -m1 -o "ggml_vulkan: 0 = [^|]*" "$WORK/build.log" "$WORK"/*.err 2>/dev/null | head -1 || true)
 run_llama -1 "Vulkan (all layers)" "$WORK/llama-vk.json"
 run_llama 0 "CPU layers, Vulkan for big batched matmuls" "$WORK/llama-cpu.json"
 VK=$(grep -h -m1 -o "ggml_vulkan: 0 = .*" "$WORK/llama-vk.json.err" | head -1 || true)
