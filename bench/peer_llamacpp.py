@@ -244,7 +244,7 @@ def table(a):
         r = json.loads(lines[-1])
         rows.append(
             (
-                f"llama.cpp n_gpu_layers={r['n_gpu_layers']}",
+                f"llama.cpp f16, n_gpu_layers={r['n_gpu_layers']}",
                 r["label"],
                 r["prompt_len"],
                 f"{r['prefill_ms']['median']:.1f}",

@@ -106,18 +106,20 @@ echo "peer: visi-cli bench on $MODEL" >&2
 # ---- 6. llama.cpp: everything offloaded to Vulkan, then nothing offloaded ----
 # With n_gpu_layers=0 llama.cpp still sends large batched matmuls (the 640-token prefill)
 # to the Vulkan device; only its decode is then CPU-only. The label says so.
-run_llama() { # NGL LABEL OUT
-    echo "peer: llama.cpp n_gpu_layers=$1" >&2
-    "$PY" "$ROOT/bench/peer_llamacpp.py" llama "$GGUF" --n-gpu-layers "$1" --label "$2" \
+run_llama() { # NGL LABEL OUT [ENV=VALUE]
+    echo "peer: llama.cpp n_gpu_layers=$1 ${4:-}" >&2
+    env ${4:-} "$PY" "$ROOT/bench/peer_llamacpp.py" llama "$GGUF" --n-gpu-layers "$1" --label "$2" \
         --prompt-len "$PROMPT_LEN" --decode-tokens "$DECODE" --reps "$REPS" \
         --warmup "$WARMUP" --threads "$THREADS" >"$3" 2>"$3.err" || { tail -20 "$3.err" >&2; }
 }
 run_llama -1 "Vulkan (all layers)" "$WORK/llama-vk.json"
-run_llama 0 "CPU layers, Vulkan for big batched matmuls" "$WORK/llama-cpu.json"
+run_llama 0 "CPU layers, Vulkan for big batched matmuls" "$WORK/llama-ngl0.json"
+# Pure CPU: no Vulkan driver visible to the loader, so ggml registers no Vulkan device.
+run_llama 0 "CPU only (no Vulkan device)" "$WORK/llama-cpu.json" VK_ICD_FILENAMES=/nonexistent.json
 VK=$(grep -h -m1 -o "ggml_vulkan: 0 = .*" "$WORK/llama-vk.json.err" | head -1 || true)
 
 echo
 echo "model $MODEL: prompt $PROMPT_LEN tokens, $DECODE greedy decode tokens, reps $REPS, warm-up $WARMUP"
 echo "llama.cpp device: ${VK:-no ggml_vulkan device line found}"
 "$PY" "$ROOT/bench/peer_llamacpp.py" table "$WORK/visi.json" "$WORK/llama-vk.json" \
-    "$WORK/llama-cpu.json" --prompt-len "$PROMPT_LEN"
+    "$WORK/llama-ngl0.json" "$WORK/llama-cpu.json" --prompt-len "$PROMPT_LEN"
