@@ -51,6 +51,22 @@ def text_name(name):
     return None
 
 
+def verify(src_path, src_base, keep, out_path):
+    """Re-reads the written file: every kept tensor's dtype, shape and bytes must match."""
+    header, base = read_header(out_path)
+    with open(src_path, "rb") as fa, open(out_path, "rb") as fb:
+        for k, info in keep.items():
+            w = header.get(k)
+            if w is None or w["dtype"] != info["dtype"] or w["shape"] != info["shape"]:
+                sys.exit(f"extract: {k}: header {w} does not match the source {info}")
+            a0, a1 = info["data_offsets"]
+            b0, _ = w["data_offsets"]
+            fa.seek(src_base + a0)
+            fb.seek(base + b0)
+            if fa.read(a1 - a0) != fb.read(a1 - a0):
+                sys.exit(f"extract: {k}: bytes differ from the source")
+
+
 def extract(src, out):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(src, "config.json")) as f:
@@ -110,6 +126,7 @@ def extract(src, out):
                     chunk = fi.read(min(left, 64 << 20))
                     fo.write(chunk)
                     left -= len(chunk)
+        verify(os.path.join(src, shard), base, keep, os.path.join(out, out_name))
         for k in order:
             weight_map[k] = out_name
         total += off
