@@ -20,6 +20,9 @@ import struct
 import sys
 import time
 
+# Tokens before the image in visi's bench prompt (cli/src/bench.rs PREFIX_TOKENS).
+PREFIX_TOKENS = 35
+
 TOKENIZER_FILES = [
     "tokenizer.json",
     "tokenizer.model",
@@ -136,6 +139,43 @@ def extract(src, out):
     print(f"extract: {len(weight_map)} text tensors, {total / 2**20:.1f} MiB -> {out}")
 
 
+def extract_mm(src, out):
+    """The CLIP tower (CLIPVisionModel dir) and the projector (llava.projector) of a
+    llava-hf dir, the inputs of llama.cpp's examples/llava/convert_image_encoder_to_gguf.py."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    vis, proj = {}, {}
+    for shard in sorted(p for p in os.listdir(src) if p.endswith(".safetensors")):
+        for k, v in load_file(os.path.join(src, shard)).items():
+            for pre in ("vision_tower.", "model.vision_tower."):
+                if k.startswith(pre):
+                    vis[k[len(pre):]] = v
+            for pre in ("multi_modal_projector.", "model.multi_modal_projector."):
+                if k.startswith(pre):
+                    proj["multi_modal_projector." + k[len(pre):]] = v.float()
+    if not vis or len(proj) != 4:
+        sys.exit(f"extract-mm: {src}: {len(vis)} vision and {len(proj)} projector tensors")
+    vc = dict(cfg["vision_config"])
+    vc["architectures"] = ["CLIPVisionModel"]
+    vc["model_type"] = "clip_vision_model"
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(vc, f, indent=2)
+    shutil.copy(os.path.join(src, "preprocessor_config.json"), out)
+    save_file(vis, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    torch.save(proj, os.path.join(out, "llava.projector"))
+    print(f"extract-mm: {len(vis)} vision tensors, projector -> {out}")
+
+
+def noise_ppm(size, seed):
+    """A seeded noise image as binary PPM bytes (stb_image, inside clip.cpp, reads PNM)."""
+    rng = random.Random(seed)
+    return f"P6 {size} {size} 255\n".encode() + bytes(rng.randrange(256) for _ in range(3 * size * size))
+
+
 def prompt_ids(n, vocab, seed):
     """BOS then seeded ids below the vocabulary's added tokens (no <image>, no specials)."""
     rng = random.Random(seed)
@@ -171,11 +211,34 @@ def time_llama(a):
         row = np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_float)), (n_vocab,))
         return int(row.argmax())
 
-    prefill, decode, tokens = [], [], None
+    clip, image = None, None
+    if a.mmproj:
+        from llama_cpp import llava_cpp
+
+        clip = llava_cpp.clip_model_load(a.mmproj.encode(), 0)
+        if not clip:
+            sys.exit(f"llava: clip_model_load({a.mmproj}) failed")
+        image = noise_ppm(a.image_size, a.seed)
+    prefill, decode, vision, tokens = [], [], [], None
     for rep in range(a.warmup + a.reps):
         llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
+        if clip:
+            # LLaVA: vision (CLIP + projector in clip.cpp), then prefill = 35 prefix ids,
+            # the image embeddings, the suffix ids, as visi's bench lays them out.
+            tv = time.perf_counter()
+            buf = (ctypes.c_uint8 * len(image)).from_buffer(bytearray(image))
+            embed = llava_cpp.llava_image_embed_make_with_bytes(clip, a.threads, buf, len(image))
+            n_img = embed.contents.n_image_pos
+            t0 = time.perf_counter()
+            llm.eval(ids[:PREFIX_TOKENS])
+            n_past = ctypes.c_int(llm.n_tokens)
+            llava_cpp.llava_eval_image_embed(llm.ctx, embed, llm.n_batch, ctypes.pointer(n_past))
+            llm.n_tokens = n_past.value
+            llm.eval(ids[PREFIX_TOKENS + n_img:])
+            llava_cpp.llava_image_embed_free(embed)
+        else:
+            tv = t0 = time.perf_counter()
+            llm.eval(ids)
         tok = next_id()
         t1 = time.perf_counter()
         out = [tok]
@@ -185,9 +248,17 @@ def time_llama(a):
             out.append(tok)
         t2 = time.perf_counter()
         if rep >= a.warmup:
+            if clip:
+                vision.append((t0 - tv) * 1e3)
             prefill.append((t1 - t0) * 1e3)
             decode.append((t2 - t1) * 1e3)
         tokens = out
+
+    finish(a, prefill, decode, tokens, vision)
+
+
+def finish(a, prefill, decode, tokens, vision):
+    import llama_cpp
 
     def stat(v):
         s = sorted(v)
@@ -207,6 +278,7 @@ def time_llama(a):
                 "decode_tokens": a.decode_tokens,
                 "reps": a.reps,
                 "warmup": a.warmup,
+                "vision_ms": stat(vision) if vision else None,
                 "prefill_ms": pm,
                 "decode_ms": dm,
                 "prefill_tokens_per_s": a.prompt_len / (pm["median"] / 1e3),
@@ -246,7 +318,8 @@ def table(a):
             (
                 f"visi {name}" + ("" if name == "dense" else f" ({seq_lens(m)})"),
                 f"wgpu: {adapter}",
-                n,
+                f"LLaVA: {n} (576 image)",
+                f"{m['vision_ms']['median']:.1f}",
                 f"{pre:.1f}",
                 f"{n / (pre / 1e3):.1f}",
                 f"{m['decode_tokens_per_s']['median']:.2f}",
@@ -256,24 +329,26 @@ def table(a):
         with open(path) as f:
             lines = [l for l in f if l.startswith("{")]
         if not lines:
-            rows.append((f"llama.cpp ({path})", "failed: see log", "", "", "", ""))
+            rows.append((f"llama.cpp ({path})", "failed: see its .err log", "", "", "", "", ""))
             continue
         r = json.loads(lines[-1])
         rows.append(
             (
                 f"llama.cpp f16, n_gpu_layers={r['n_gpu_layers']}",
                 r["label"],
-                r["prompt_len"],
+                f"LLaVA: {r['prompt_len']} (576 image)" if r.get("vision_ms") else
+                f"text: {r['prompt_len']}",
+                f"{r['vision_ms']['median']:.1f}" if r.get("vision_ms") else "",
                 f"{r['prefill_ms']['median']:.1f}",
                 f"{r['prefill_tokens_per_s']:.1f}",
                 f"{r['decode_tokens_per_s']:.2f}" if r["decode_tokens_per_s"] else "",
             )
         )
     print(
-        "| engine / method | what ran the decoder | prompt tokens | prefill ms (med) "
+        "| engine / method | what ran the decoder | prompt | vision ms (med) | prefill ms (med) "
         "| prefill tok/s | decode tok/s (med) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
 
@@ -284,8 +359,13 @@ def main():
     e = sub.add_parser("extract")
     e.add_argument("llava_dir")
     e.add_argument("out_dir")
+    m = sub.add_parser("extract-mm")
+    m.add_argument("llava_dir")
+    m.add_argument("out_dir")
     t = sub.add_parser("llama")
     t.add_argument("gguf")
+    t.add_argument("--mmproj", help="LLaVA: clip/projector GGUF; the prompt gets an image")
+    t.add_argument("--image-size", type=int, default=336)
     t.add_argument("--n-gpu-layers", type=int, default=-1)
     t.add_argument("--label", default="")
     t.add_argument("--prompt-len", type=int, default=640)
@@ -301,6 +381,8 @@ def main():
     a = ap.parse_args()
     if a.cmd == "extract":
         extract(a.llava_dir, a.out_dir)
+    elif a.cmd == "extract-mm":
+        extract_mm(a.llava_dir, a.out_dir)
     elif a.cmd == "llama":
         time_llama(a)
     else:

@@ -93,6 +93,17 @@ if [ ! -f "$GGUF" ] || [ "$GGUF" -ot "$MODEL/config.json" ]; then
         >"$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log" >&2; exit 1; }
 fi
 
+# The CLIP tower and projector as llama.cpp's mmproj GGUF, with the converter from the
+# same sdist (examples/llava), for the LLaVA rows.
+MMDIR=$WORK/$NAME-mm
+MMPROJ=$MMDIR/mmproj-model-f16.gguf
+if [ ! -f "$MMPROJ" ] || [ "$MMPROJ" -ot "$MODEL/config.json" ]; then
+    "$PY" "$ROOT/bench/peer_llamacpp.py" extract-mm "$MODEL" "$MMDIR"
+    "$PY" "$LLAMA_CPP/examples/llava/convert_image_encoder_to_gguf.py" -m "$MMDIR" \
+        --llava-projector "$MMDIR/llava.projector" --output-dir "$MMDIR" \
+        --clip-model-is-vision >"$WORK/convert-mm.log" 2>&1 || { tail -20 "$WORK/convert-mm.log" >&2; exit 1; }
+fi
+
 # ---- 5. visi on the LLaVA dir (wgpu adapter), dense and VisiPruner ----
 if [ -z "${VISI_CLI:-}" ]; then
     (cd "$ROOT" && cargo build --release -p visi-cli -j 2 >&2)
@@ -106,12 +117,13 @@ echo "peer: visi-cli bench on $MODEL" >&2
 # ---- 6. llama.cpp: everything offloaded to Vulkan, then nothing offloaded ----
 # With n_gpu_layers=0 llama.cpp still sends large batched matmuls (the 640-token prefill)
 # to the Vulkan device; only its decode is then CPU-only. The label says so.
-run_llama() { # NGL LABEL OUT [ENV=VALUE]
-    echo "peer: llama.cpp n_gpu_layers=$1 ${4:-}" >&2
-    env ${4:-} "$PY" "$ROOT/bench/peer_llamacpp.py" llama "$GGUF" --n-gpu-layers "$1" --label "$2" \
+run_llama() { # NGL LABEL OUT [ENV=VALUE] [--mmproj FILE]
+    echo "peer: llama.cpp n_gpu_layers=$1 ${4:-} ${6:-}" >&2
+    env ${4:-} "$PY" "$ROOT/bench/peer_llamacpp.py" llama "$GGUF" --n-gpu-layers "$1" --label "$2" ${5:+"$5" "$6"} \
         --prompt-len "$PROMPT_LEN" --decode-tokens "$DECODE" --reps "$REPS" \
         --warmup "$WARMUP" --threads "$THREADS" >"$3" 2>"$3.err" || { tail -20 "$3.err" >&2; }
 }
+run_llama -1 "Vulkan (all layers; CLIP on Vulkan0)" "$WORK/llava-vk.json" "" --mmproj "$MMPROJ"
 run_llama -1 "Vulkan (all layers)" "$WORK/llama-vk.json"
 run_llama 0 "CPU layers, Vulkan for big batched matmuls" "$WORK/llama-ngl0.json"
 # Pure CPU: no Vulkan driver visible to the loader, so ggml registers no Vulkan device.
@@ -121,5 +133,5 @@ VK=$(grep -h -m1 -o "ggml_vulkan: 0 = .*" "$WORK/llama-vk.json.err" | head -1 ||
 echo
 echo "model $MODEL: prompt $PROMPT_LEN tokens, $DECODE greedy decode tokens, reps $REPS, warm-up $WARMUP"
 echo "llama.cpp device: ${VK:-no ggml_vulkan device line found}"
-"$PY" "$ROOT/bench/peer_llamacpp.py" table "$WORK/visi.json" "$WORK/llama-vk.json" \
+"$PY" "$ROOT/bench/peer_llamacpp.py" table "$WORK/visi.json" "$WORK/llava-vk.json" "$WORK/llama-vk.json" \
     "$WORK/llama-ngl0.json" "$WORK/llama-cpu.json" --prompt-len "$PROMPT_LEN"
