@@ -143,10 +143,10 @@ fn parse_fastv(text: &str) -> anyhow::Result<FastVConfig> {
 }
 
 /// The paper's 12/10/18 on 32 layers, scaled to `layers` and kept legal for
-/// `shallow_mid_layer` 6 (fusion above it, exit two layers later at least, before the last).
-fn default_schedule(layers: usize) -> ForcedSchedule {
+/// `shallow_mid` (fusion above it, exit two layers later at least, before the last).
+fn default_schedule(layers: usize, shallow_mid: usize) -> ForcedSchedule {
     let scale = |x: usize| (x * layers + 16) / 32;
-    let fusion = scale(12).max(7);
+    let fusion = scale(12).max(shallow_mid + 1);
     let exit = scale(18).max(fusion + 2).min(layers.saturating_sub(2));
     ForcedSchedule {
         fusion_layer: fusion,
@@ -468,14 +468,24 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
             cfg.text.max_position_embeddings
         )));
     }
-    let schedule = schedule_arg.unwrap_or(Schedule::Forced(default_schedule(layers)));
 
     // ---- pruners ----
-    let PruneConfig::VisiPruner(visi_cfg) = PruneConfig::paper_default() else {
+    let PruneConfig::VisiPruner(mut visi_cfg) = PruneConfig::paper_default() else {
         return Err(internal(anyhow!(
             "paper default is not a VisiPruner config"
         )));
     };
+    // The paper's shallow_mid_layer 6 leaves no legal fusion layer on very shallow models
+    // (the 6-layer test fixtures the llama.cpp peer script uses): scale it to the depth.
+    if let Some(s) = visi_cfg.shallow_mid_layer {
+        if s + 3 > layers {
+            let scaled = ((s * layers + 16) / 32).max(1);
+            eprintln!("bench: {layers}-layer model: shallow_mid_layer {s} scaled to {scaled}");
+            visi_cfg.shallow_mid_layer = Some(scaled);
+        }
+    }
+    let shallow_mid = visi_cfg.shallow_mid_layer.unwrap_or(6);
+    let schedule = schedule_arg.unwrap_or(Schedule::Forced(default_schedule(layers, shallow_mid)));
     let visi = match schedule {
         Schedule::Forced(fs) => VisiPruner::forced(visi_cfg, layers, fs),
         Schedule::Real => VisiPruner::new(visi_cfg, layers),

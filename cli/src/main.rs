@@ -27,7 +27,6 @@ use serde_json::json;
 
 use errors::{bad_input, classify, internal, Failure};
 
-
 #[derive(Parser)]
 #[command(
     name = "visi-cli",

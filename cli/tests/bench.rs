@@ -206,3 +206,50 @@ fn bad_schedules_are_bad_input() -> Result<()> {
     }
     Ok(())
 }
+
+/// The 6-layer fixture (the llama.cpp peer script's default model): the paper's
+/// shallow_mid_layer 6 leaves no legal fusion layer there, so the bench scales it to 1 and
+/// the default schedule becomes fusion 2, keep 10, exit 4.
+#[test]
+fn shallow_fixture_runs_visipruner_with_a_scaled_schedule() -> Result<()> {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/tiny-llava-mha"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
+        .args([
+            "bench",
+            "--model",
+            dir,
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--decode-tokens",
+            "1",
+            "--skip-kernels",
+            "--json",
+        ])
+        .output()
+        .context("running visi-cli bench")?;
+    ensure!(
+        out.status.success(),
+        "bench on {dir} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?;
+    let text = PROMPT - IMAGE;
+    let want = [PROMPT, PROMPT, PROMPT, text + 10, text, text];
+    check_lens(
+        "visipruner",
+        &lens(&json["methods"]["visipruner"]["layer_seq_lens"]),
+        &want,
+    )?;
+    check_lens(
+        "dense",
+        &lens(&json["methods"]["dense"]["layer_seq_lens"]),
+        &[PROMPT; 6],
+    )
+}

@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Driver of bench/peer_llamacpp.sh: llama.cpp (llama-cpp-python) next to visi-cli bench.
+
+Subcommands:
+  extract  LLAVA_DIR OUT_DIR   the text decoder of a llava-hf checkpoint as a
+                               LlamaForCausalLM directory (config, safetensors, tokenizer)
+  llama    GGUF                time llama.cpp prefill and greedy decode; one JSON line
+  table    VISI.json LLAMA.json...   the side-by-side markdown table
+
+`extract` copies tensor bytes unchanged (no torch, no dtype conversion), so the GGUF that
+the converter makes from it holds the same f16 values visi loads from the LLaVA dir.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import struct
+import sys
+import time
+
+# Tokens before the image in visi's bench prompt (cli/src/bench.rs PREFIX_TOKENS).
+PREFIX_TOKENS = 35
+
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "added_tokens.json",
+]
+
+
+def read_header(path):
+    """The JSON header of a safetensors file and the byte offset its data starts at."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def text_name(name):
+    """The LlamaForCausalLM name of a LLaVA tensor, or None for vision/projector ones.
+
+    Two llava-hf layouts exist: `language_model.model.layers...` / `language_model.lm_head`
+    (transformers < 4.52) and `model.language_model.layers...` / `lm_head` (newer)."""
+    if name.startswith("language_model."):
+        return name[len("language_model."):]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("lm_head."):
+        return name
+    return None
+
+
+def verify(src_path, src_base, keep, out_path):
+    """Re-reads the written file: every kept tensor's dtype, shape and bytes must match."""
+    header, base = read_header(out_path)
+    with open(src_path, "rb") as fa, open(out_path, "rb") as fb:
+        for k, info in keep.items():
+            w = header.get(k)
+            if w is None or w["dtype"] != info["dtype"] or w["shape"] != info["shape"]:
+                sys.exit(f"extract: {k}: header {w} does not match the source {info}")
+            a0, a1 = info["data_offsets"]
+            b0, _ = w["data_offsets"]
+            fa.seek(src_base + a0)
+            fb.seek(base + b0)
+            if fa.read(a1 - a0) != fb.read(a1 - a0):
+                sys.exit(f"extract: {k}: bytes differ from the source")
+
+
+def extract(src, out):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    text = dict(cfg["text_config"])
+    text["architectures"] = ["LlamaForCausalLM"]
+    text["model_type"] = "llama"
+    text.setdefault("torch_dtype", cfg.get("torch_dtype", "float16"))
+    text.setdefault("vocab_size", cfg.get("vocab_size", text.get("vocab_size")))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(text, f, indent=2)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(out, name))
+
+    shards = sorted(p for p in os.listdir(src) if p.endswith(".safetensors"))
+    if not shards:
+        sys.exit(f"extract: no *.safetensors in {src}")
+    weight_map = {}
+    total = 0
+    for shard in shards:
+        header, base = read_header(os.path.join(src, shard))
+        keep = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            new = text_name(name)
+            if new is not None:
+                keep[new] = info
+        if not keep:
+            continue
+        # Re-pack the kept tensors contiguously, in their original order.
+        order = sorted(keep, key=lambda k: keep[k]["data_offsets"][0])
+        out_header = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for k in order:
+            a, b = keep[k]["data_offsets"]
+            out_header[k] = {
+                "dtype": keep[k]["dtype"],
+                "shape": keep[k]["shape"],
+                "data_offsets": [off, off + (b - a)],
+            }
+            off += b - a
+        hb = json.dumps(out_header, separators=(",", ":")).encode()
+        hb += b" " * ((8 - len(hb) % 8) % 8)
+        out_name = shard if len(shards) > 1 else "model.safetensors"
+        with open(os.path.join(src, shard), "rb") as fi, open(
+            os.path.join(out, out_name), "wb"
+        ) as fo:
+            fo.write(struct.pack("<Q", len(hb)))
+            fo.write(hb)
+            for k in order:
+                a, b = keep[k]["data_offsets"]
+                fi.seek(base + a)
+                left = b - a
+                while left:
+                    chunk = fi.read(min(left, 64 << 20))
+                    fo.write(chunk)
+                    left -= len(chunk)
+        verify(os.path.join(src, shard), base, keep, os.path.join(out, out_name))
+        for k in order:
+            weight_map[k] = out_name
+        total += off
+    if len(shards) > 1:
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    print(f"extract: {len(weight_map)} text tensors, {total / 2**20:.1f} MiB -> {out}")
+
+
+def extract_mm(src, out):
+    """The CLIP tower (CLIPVisionModel dir) and the projector (llava.projector) of a
+    llava-hf dir, the inputs of llama.cpp's examples/llava/convert_image_encoder_to_gguf.py."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    vis, proj = {}, {}
+    for shard in sorted(p for p in os.listdir(src) if p.endswith(".safetensors")):
+        for k, v in load_file(os.path.join(src, shard)).items():
+            for pre in ("vision_tower.", "model.vision_tower."):
+                if k.startswith(pre):
+                    vis[k[len(pre):]] = v
+            for pre in ("multi_modal_projector.", "model.multi_modal_projector."):
+                if k.startswith(pre):
+                    proj["multi_modal_projector." + k[len(pre):]] = v.float()
+    if not vis or len(proj) != 4:
+        sys.exit(f"extract-mm: {src}: {len(vis)} vision and {len(proj)} projector tensors")
+    vc = dict(cfg["vision_config"])
+    vc["architectures"] = ["CLIPVisionModel"]
+    vc["model_type"] = "clip_vision_model"
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(vc, f, indent=2)
+    shutil.copy(os.path.join(src, "preprocessor_config.json"), out)
+    save_file(vis, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    torch.save(proj, os.path.join(out, "llava.projector"))
+    print(f"extract-mm: {len(vis)} vision tensors, projector -> {out}")
+
+
+def noise_ppm(size, seed):
+    """A seeded noise image as binary PPM bytes (stb_image, inside clip.cpp, reads PNM)."""
+    rng = random.Random(seed)
+    return f"P6 {size} {size} 255\n".encode() + bytes(rng.randrange(256) for _ in range(3 * size * size))
+
+
+def prompt_ids(n, vocab, seed):
+    """BOS then seeded ids below the vocabulary's added tokens (no <image>, no specials)."""
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, min(vocab, 32000)) for _ in range(n - 1)]
+
+
+def time_llama(a):
+    import ctypes
+
+    import numpy as np
+    import llama_cpp
+
+    n_ctx = a.prompt_len + a.decode_tokens + 8
+    llm = llama_cpp.Llama(
+        model_path=a.gguf,
+        n_gpu_layers=a.n_gpu_layers,
+        n_ctx=n_ctx,
+        # One batch and one micro-batch for the whole prompt, like visi's single prefill.
+        n_batch=a.prompt_len,
+        n_ubatch=a.prompt_len,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        seed=a.seed,
+        verbose=True,
+    )
+    n_vocab = llm.n_vocab()
+    ids = prompt_ids(a.prompt_len, n_vocab, a.seed)
+
+    def next_id():
+        # llama_get_logits_ith synchronises the backends: the same point at which visi
+        # reads its argmax back.
+        p = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        row = np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_float)), (n_vocab,))
+        return int(row.argmax())
+
+    clip, image = None, None
+    if a.mmproj:
+        from llama_cpp import llava_cpp
+
+        clip = llava_cpp.clip_model_load(a.mmproj.encode(), 0)
+        if not clip:
+            sys.exit(f"llava: clip_model_load({a.mmproj}) failed")
+        image = noise_ppm(a.image_size, a.seed)
+    prefill, decode, vision, tokens = [], [], [], None
+    for rep in range(a.warmup + a.reps):
+        llm.reset()
+        if clip:
+            # LLaVA: vision (CLIP + projector in clip.cpp), then prefill = 35 prefix ids,
+            # the image embeddings, the suffix ids, as visi's bench lays them out.
+            tv = time.perf_counter()
+            buf = (ctypes.c_uint8 * len(image)).from_buffer(bytearray(image))
+            embed = llava_cpp.llava_image_embed_make_with_bytes(clip, a.threads, buf, len(image))
+            n_img = embed.contents.n_image_pos
+            t0 = time.perf_counter()
+            llm.eval(ids[:PREFIX_TOKENS])
+            n_past = ctypes.c_int(llm.n_tokens)
+            llava_cpp.llava_eval_image_embed(llm.ctx, embed, llm.n_batch, ctypes.pointer(n_past))
+            llm.n_tokens = n_past.value
+            llm.eval(ids[PREFIX_TOKENS + n_img:])
+            llava_cpp.llava_image_embed_free(embed)
+        else:
+            tv = t0 = time.perf_counter()
+            llm.eval(ids)
+        tok = next_id()
+        t1 = time.perf_counter()
+        out = [tok]
+        for _ in range(a.decode_tokens):
+            llm.eval([tok])
+            tok = next_id()
+            out.append(tok)
+        t2 = time.perf_counter()
+        if rep >= a.warmup:
+            if clip:
+                vision.append((t0 - tv) * 1e3)
+            prefill.append((t1 - t0) * 1e3)
+            decode.append((t2 - t1) * 1e3)
+        tokens = out
+
+    finish(a, prefill, decode, tokens, vision)
+
+
+def finish(a, prefill, decode, tokens, vision):
+    import llama_cpp
+
+    def stat(v):
+        s = sorted(v)
+        return {"min": s[0], "median": s[len(s) // 2], "all": v}
+
+    pm, dm = stat(prefill), stat(decode)
+    print(
+        json.dumps(
+            {
+                "engine": "llama.cpp",
+                "llama_cpp_python": llama_cpp.__version__,
+                "gguf": a.gguf,
+                "n_gpu_layers": a.n_gpu_layers,
+                "label": a.label,
+                "threads": a.threads,
+                "prompt_len": a.prompt_len,
+                "decode_tokens": a.decode_tokens,
+                "reps": a.reps,
+                "warmup": a.warmup,
+                "vision_ms": stat(vision) if vision else None,
+                "prefill_ms": pm,
+                "decode_ms": dm,
+                "prefill_tokens_per_s": a.prompt_len / (pm["median"] / 1e3),
+                "decode_tokens_per_s": a.decode_tokens / (dm["median"] / 1e3)
+                if a.decode_tokens
+                else None,
+                "greedy_tokens": tokens,
+            }
+        ),
+        flush=True,
+    )
+
+
+def seq_lens(m):
+    """Run-length form of the per-layer sequence lengths, e.g. `640×3 64×3`."""
+    out = []
+    for n in m.get("layer_seq_lens", []):
+        if out and out[-1][0] == n:
+            out[-1][1] += 1
+        else:
+            out.append([n, 1])
+    return " ".join(f"{n}×{c}" for n, c in out)
+
+
+def table(a):
+    with open(a.visi) as f:
+        v = json.load(f)
+    rows = []
+    dev = v.get("device", {})
+    adapter = dev.get("adapter", dev) if isinstance(dev, dict) else dev
+    plen = v["prompt"]["len"] if isinstance(v.get("prompt"), dict) and "len" in v["prompt"] else None
+    for name in ("dense", "visipruner"):
+        m = v["methods"][name]
+        pre = m["prefill_ms"]["median"]
+        n = plen or a.prompt_len
+        rows.append(
+            (
+                f"visi {name}" + ("" if name == "dense" else f" ({seq_lens(m)})"),
+                f"wgpu: {adapter}",
+                f"LLaVA: {n} (576 image)",
+                f"{m['vision_ms']['median']:.1f}",
+                f"{pre:.1f}",
+                f"{n / (pre / 1e3):.1f}",
+                f"{m['decode_tokens_per_s']['median']:.2f}",
+            )
+        )
+    for path in a.llama:
+        with open(path) as f:
+            lines = [l for l in f if l.startswith("{")]
+        if not lines:
+            rows.append((f"llama.cpp ({path})", "failed: see its .err log", "", "", "", "", ""))
+            continue
+        r = json.loads(lines[-1])
+        rows.append(
+            (
+                f"llama.cpp f16, n_gpu_layers={r['n_gpu_layers']}",
+                r["label"],
+                f"LLaVA: {r['prompt_len']} (576 image)" if r.get("vision_ms") else
+                f"text: {r['prompt_len']}",
+                f"{r['vision_ms']['median']:.1f}" if r.get("vision_ms") else "",
+                f"{r['prefill_ms']['median']:.1f}",
+                f"{r['prefill_tokens_per_s']:.1f}",
+                f"{r['decode_tokens_per_s']:.2f}" if r["decode_tokens_per_s"] else "",
+            )
+        )
+    print(
+        "| engine / method | what ran the decoder | prompt | vision ms (med) | prefill ms (med) "
+        "| prefill tok/s | decode tok/s (med) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("llava_dir")
+    e.add_argument("out_dir")
+    m = sub.add_parser("extract-mm")
+    m.add_argument("llava_dir")
+    m.add_argument("out_dir")
+    t = sub.add_parser("llama")
+    t.add_argument("gguf")
+    t.add_argument("--mmproj", help="LLaVA: clip/projector GGUF; the prompt gets an image")
+    t.add_argument("--image-size", type=int, default=336)
+    t.add_argument("--n-gpu-layers", type=int, default=-1)
+    t.add_argument("--label", default="")
+    t.add_argument("--prompt-len", type=int, default=640)
+    t.add_argument("--decode-tokens", type=int, default=16)
+    t.add_argument("--reps", type=int, default=3)
+    t.add_argument("--warmup", type=int, default=1)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("table")
+    s.add_argument("visi")
+    s.add_argument("llama", nargs="*")
+    s.add_argument("--prompt-len", type=int, default=640)
+    a = ap.parse_args()
+    if a.cmd == "extract":
+        extract(a.llava_dir, a.out_dir)
+    elif a.cmd == "extract-mm":
+        extract_mm(a.llava_dir, a.out_dir)
+    elif a.cmd == "llama":
+        time_llama(a)
+    else:
+        table(a)
+
+
+if __name__ == "__main__":
+    main()
