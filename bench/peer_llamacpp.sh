@@ -76,9 +76,15 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     # where that is unreachable, borrow an existing torch (appended after the venv's own
     # packages, so the venv's numpy and transformers still win).
     if ! "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; then
-        [ -d "$TORCH_SITE/torch" ] || { echo "peer: no torch for the converter; set TORCH_SITE" >&2; exit 1; }
-        SP=$("$PY" -c "import site; print(site.getsitepackages()[0])")
-        echo "$TORCH_SITE" >"$SP/zz-peer-torch.pth"
+        if [ -d "$TORCH_SITE/torch" ]; then
+            SP=$("$PY" -c "import site; print(site.getsitepackages()[0])")
+            echo "$TORCH_SITE" >"$SP/zz-peer-torch.pth"
+        else
+            # Last resort: PyPI's torch (large: it brings the CUDA libraries along).
+            echo "peer: installing torch==2.5.1 from PyPI for the converter (large download)" >&2
+            "$PY" -m pip install -q torch==2.5.1 ||
+                { echo "peer: no torch for the converter; set TORCH_SITE" >&2; exit 1; }
+        fi
     fi
 fi
 [ $SETUP_ONLY = 1 ] && { echo "peer: setup done" >&2; exit 0; }
