@@ -98,12 +98,21 @@ pub enum AttentionMask {
     None,
     /// Layer 0, policy `sink`: for every query row `i >= s`, probabilities on image keys are
     /// zeroed; for text queries (`i >= e`) their sum `S_i` is put back on key `s`.
-    Layer0Sink { image_start: usize, image_end: usize },
+    Layer0Sink {
+        image_start: usize,
+        image_end: usize,
+    },
     /// Layer 0, policy `split`: image queries lose all image keys; text queries lose the
     /// first half of the image span (`[s, s + (e - s) / 2)`).
-    Layer0Split { image_start: usize, image_end: usize },
+    Layer0Split {
+        image_start: usize,
+        image_end: usize,
+    },
     /// Layers `0 < l < shallow_mid_layer`: text queries (`i >= e`) lose all image keys.
-    TextToImage { image_start: usize, image_end: usize },
+    TextToImage {
+        image_start: usize,
+        image_end: usize,
+    },
 }
 
 /// Parameters of [`Backend::attention`].
@@ -142,7 +151,10 @@ pub trait Backend: Send + Sync {
     /// answer `Error::DType`.
     fn upload_quant(&self, qt: crate::QuantType, bytes: &[u8], shape: Shape) -> Result<Tensor> {
         let _ = (bytes, shape);
-        Err(crate::Error::DType { op: "upload_quant", dtype: DType::Quant(qt) })
+        Err(crate::Error::DType {
+            op: "upload_quant",
+            dtype: DType::Quant(qt),
+        })
     }
     /// A zero-filled tensor (used for KV caches).
     fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor>;
@@ -191,16 +203,10 @@ pub trait Backend: Send + Sync {
     /// (a cache); query head `h` uses kv head `h / (num_heads / num_kv_heads)`.
     /// Returns `[Sq, num_heads*head_dim]`. The mask is applied as documented on
     /// [`AttentionMask`]; the full score matrix is never required to exist.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams)
-        -> Result<Tensor>;
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor>;
     /// Attention probabilities of the *last* query row only: `[num_heads, kv_len]`, f32, with
     /// `p`'s causal rule and mask (used by pruning policies; small).
-    fn attention_last_row(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        p: &AttentionParams,
-    ) -> Result<Tensor>;
+    fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor>;
     /// Per-token contributions to one query's attention output (VisiPruner middle/deep).
     ///
     /// `probs [num_heads, kv_len]` (from [`Backend::attention_last_row`]), `v [L, num_kv_heads*head_dim]`.

@@ -22,7 +22,11 @@ pub enum Error {
 
     /// A tensor is larger than the device can hold.
     #[error("{what} needs {bytes} bytes, more than the device allows ({limit} bytes)")]
-    TooLarge { what: String, bytes: u64, limit: u64 },
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
 
     /// The device ran out of memory.
     #[error("out of device memory: {0}")]
@@ -52,15 +56,24 @@ pub enum Error {
 impl Error {
     /// An [`Error::Shape`] for `op`.
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Shape { op, msg: msg.into() }
+        Error::Shape {
+            op,
+            msg: msg.into(),
+        }
     }
     /// An [`Error::Weight`] naming the tensor.
     pub fn weight(name: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Weight { name: name.into(), msg: msg.into() }
+        Error::Weight {
+            name: name.into(),
+            msg: msg.into(),
+        }
     }
     /// An [`Error::File`] naming the file.
     pub fn file(path: impl AsRef<std::path::Path>, msg: impl Into<String>) -> Self {
-        Error::File { path: path.as_ref().display().to_string(), msg: msg.into() }
+        Error::File {
+            path: path.as_ref().display().to_string(),
+            msg: msg.into(),
+        }
     }
     /// An [`Error::Msg`].
     pub fn msg(msg: impl Into<String>) -> Self {

@@ -35,7 +35,10 @@ impl Shape {
     pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
         match self.0.as_slice() {
             [a, b] => Ok((*a, *b)),
-            _ => Err(Error::shape(op, format!("expected a rank-2 tensor, got {self:?}"))),
+            _ => Err(Error::shape(
+                op,
+                format!("expected a rank-2 tensor, got {self:?}"),
+            )),
         }
     }
 }

@@ -28,7 +28,11 @@ pub struct Tensor {
 impl Tensor {
     /// Wraps backend storage. Backends call this; users get tensors from a backend.
     pub fn from_storage(storage: Arc<dyn Storage>, shape: Shape, dtype: DType) -> Self {
-        Tensor { shape, dtype, storage }
+        Tensor {
+            shape,
+            dtype,
+            storage,
+        }
     }
     /// The shape.
     pub fn shape(&self) -> &Shape {
@@ -52,7 +56,10 @@ impl Tensor {
     }
     /// Downcasts the storage to a backend's concrete type.
     pub fn storage_as<S: 'static>(&self, op: &'static str) -> Result<&S> {
-        self.storage.as_any().downcast_ref::<S>().ok_or(Error::WrongBackend { op })
+        self.storage
+            .as_any()
+            .downcast_ref::<S>()
+            .ok_or(Error::WrongBackend { op })
     }
     /// Same data, new shape with the same element count (no copy).
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
@@ -63,7 +70,11 @@ impl Tensor {
                 format!("cannot view {} as {}", self.shape, shape),
             ));
         }
-        Ok(Tensor { shape, dtype: self.dtype, storage: self.storage.clone() })
+        Ok(Tensor {
+            shape,
+            dtype: self.dtype,
+            storage: self.storage.clone(),
+        })
     }
     /// `(rows, cols)` of a rank-2 tensor.
     pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {

@@ -111,7 +111,10 @@ struct SafetensorsFile {
 impl SafetensorsFile {
     fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {
-            return Err(Error::file(path, "is a directory, expected a .safetensors file"));
+            return Err(Error::file(
+                path,
+                "is a directory, expected a .safetensors file",
+            ));
         }
         let file = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
         let len = file
@@ -131,7 +134,11 @@ impl SafetensorsFile {
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| Error::file(path, format!("cannot memory-map: {e}")))?;
         let entries = parse_header(&mmap, path)?;
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, entries })
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            entries,
+        })
     }
 }
 
@@ -170,12 +177,14 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, Entry>> {
     for (name, value) in map {
         if name == "__metadata__" {
             if !value.is_object() {
-                return Err(err("invalid header: `__metadata__` is not an object".to_string()));
+                return Err(err(
+                    "invalid header: `__metadata__` is not an object".to_string()
+                ));
             }
             continue;
         }
-        let (dtype, shape, begin, end) = parse_entry(&value)
-            .map_err(|msg| err(format!("tensor `{name}`: {msg}")))?;
+        let (dtype, shape, begin, end) =
+            parse_entry(&value).map_err(|msg| err(format!("tensor `{name}`: {msg}")))?;
         if begin > end || end > data_len as u64 {
             return Err(err(format!(
                 "tensor `{name}`: data_offsets [{begin}, {end}] out of range of the {data_len}-byte data section"
@@ -203,7 +212,12 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, Entry>> {
         }
         entries.insert(
             name,
-            Entry { dtype, shape, start: data_start + begin as usize, end: data_start + end as usize },
+            Entry {
+                dtype,
+                shape,
+                start: data_start + begin as usize,
+                end: data_start + end as usize,
+            },
         );
     }
 
@@ -256,8 +270,10 @@ fn parse_entry(v: &Value) -> std::result::Result<(StoredDType, Vec<usize>, u64, 
         .ok_or("`data_offsets` missing or not a list")?;
     let (begin, end) = match offsets.as_slice() {
         [b, e] => (
-            b.as_u64().ok_or("`data_offsets` must be two non-negative integers")?,
-            e.as_u64().ok_or("`data_offsets` must be two non-negative integers")?,
+            b.as_u64()
+                .ok_or("`data_offsets` must be two non-negative integers")?,
+            e.as_u64()
+                .ok_or("`data_offsets` must be two non-negative integers")?,
         ),
         _ => return Err("`data_offsets` must be two non-negative integers".to_string()),
     };
@@ -277,7 +293,11 @@ impl SafetensorsSource {
         let file = SafetensorsFile::open(path)?;
         let index = file.entries.keys().map(|n| (n.clone(), 0)).collect();
         let total_bytes = file.mmap.len() as u64;
-        Ok(SafetensorsSource { files: vec![file], index, total_bytes })
+        Ok(SafetensorsSource {
+            files: vec![file],
+            index,
+            total_bytes,
+        })
     }
 
     fn sharded(index_path: &Path) -> Result<Self> {
@@ -296,7 +316,10 @@ impl SafetensorsSource {
         let mut wanted: BTreeMap<String, &str> = BTreeMap::new();
         for (tensor, shard) in weight_map {
             let shard = shard.as_str().ok_or_else(|| {
-                Error::file(index_path, format!("weight_map[`{tensor}`] is not a file name"))
+                Error::file(
+                    index_path,
+                    format!("weight_map[`{tensor}`] is not a file name"),
+                )
             })?;
             // Shard names are plain file names; refusing paths keeps a hostile index inside
             // the model directory.
@@ -369,7 +392,11 @@ impl SafetensorsSource {
             }
         }
         let total_bytes = files.iter().map(|f| f.mmap.len() as u64).sum();
-        Ok(SafetensorsSource { files, index, total_bytes })
+        Ok(SafetensorsSource {
+            files,
+            index,
+            total_bytes,
+        })
     }
 }
 
@@ -428,9 +455,15 @@ pub fn check_safetensors_bytes(buf: &[u8], origin: &Path) -> Result<Vec<String>>
 /// `*.safetensors` file).
 pub fn open_safetensors(dir_or_file: &Path) -> Result<Arc<dyn WeightSource>> {
     let path = resolve_checkpoint(dir_or_file)?;
-    let is_index = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".json"));
-    let source =
-        if is_index { SafetensorsSource::sharded(&path)? } else { SafetensorsSource::single(&path)? };
+    let is_index = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".json"));
+    let source = if is_index {
+        SafetensorsSource::sharded(&path)?
+    } else {
+        SafetensorsSource::single(&path)?
+    };
     Ok(Arc::new(source))
 }
 
@@ -456,7 +489,10 @@ fn resolve_checkpoint(p: &Path) -> Result<PathBuf> {
     found.sort();
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(Error::file(p, format!("no {INDEX_FILE}, {SINGLE_FILE} or other .safetensors file"))),
+        0 => Err(Error::file(
+            p,
+            format!("no {INDEX_FILE}, {SINGLE_FILE} or other .safetensors file"),
+        )),
         n => Err(Error::file(
             p,
             format!("{n} .safetensors files but no {INDEX_FILE} saying which tensor is where"),
@@ -494,7 +530,10 @@ impl MemorySource {
         if bytes.len() != want {
             return Err(Error::weight(
                 name,
-                format!("{} bytes given but shape {shape:?} of {dtype} needs {want}", bytes.len()),
+                format!(
+                    "{} bytes given but shape {shape:?} of {dtype} needs {want}",
+                    bytes.len()
+                ),
             ));
         }
         self.tensors.insert(name, (dtype, shape.to_vec(), bytes));
@@ -502,20 +541,41 @@ impl MemorySource {
     }
 
     /// Inserts f32 data stored as F32.
-    pub fn insert_f32(&mut self, name: impl Into<String>, shape: &[usize], data: &[f32]) -> Result<()> {
+    pub fn insert_f32(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        data: &[f32],
+    ) -> Result<()> {
         let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.insert_bytes(name, DType::F32, shape, bytes)
     }
 
     /// Inserts f32 data rounded to and stored as F16.
-    pub fn insert_f16(&mut self, name: impl Into<String>, shape: &[usize], data: &[f32]) -> Result<()> {
-        let bytes = data.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+    pub fn insert_f16(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        data: &[f32],
+    ) -> Result<()> {
+        let bytes = data
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
         self.insert_bytes(name, DType::F16, shape, bytes)
     }
 
     /// Inserts f32 data rounded to and stored as BF16.
-    pub fn insert_bf16(&mut self, name: impl Into<String>, shape: &[usize], data: &[f32]) -> Result<()> {
-        let bytes = data.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+    pub fn insert_bf16(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        data: &[f32],
+    ) -> Result<()> {
+        let bytes = data
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
         self.insert_bytes(name, DType::BF16, shape, bytes)
     }
 
@@ -563,12 +623,21 @@ impl WeightSource for MemorySource {
     }
 
     fn view(&self, name: &str) -> Result<WeightView<'_>> {
-        let (dtype, shape, bytes) =
-            self.tensors.get(name).ok_or_else(|| Error::weight(name, "missing"))?;
+        let (dtype, shape, bytes) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::weight(name, "missing"))?;
         if *dtype == DType::U32 {
-            return Err(Error::weight(name, "stored as U32; only F32, F16 and BF16 are supported"));
+            return Err(Error::weight(
+                name,
+                "stored as U32; only F32, F16 and BF16 are supported",
+            ));
         }
-        Ok(WeightView { dtype: *dtype, shape, bytes })
+        Ok(WeightView {
+            dtype: *dtype,
+            shape,
+            bytes,
+        })
     }
 
     fn total_bytes(&self) -> u64 {
@@ -608,15 +677,26 @@ fn le_slice<T: LeElem>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
             return std::borrow::Cow::Borrowed(s);
         }
     }
-    std::borrow::Cow::Owned(bytes.chunks_exact(std::mem::size_of::<T>()).map(T::from_le).collect())
+    std::borrow::Cow::Owned(
+        bytes
+            .chunks_exact(std::mem::size_of::<T>())
+            .map(T::from_le)
+            .collect(),
+    )
 }
 
 /// Decodes any supported stored dtype to f32.
 fn view_to_f32(v: &WeightView<'_>) -> Vec<f32> {
     match v.dtype {
         DType::F32 => le_slice::<f32>(v.bytes).into_owned(),
-        DType::F16 => le_slice::<f16>(v.bytes).iter().map(|x| x.to_f32()).collect(),
-        DType::BF16 => le_slice::<bf16>(v.bytes).iter().map(|x| x.to_f32()).collect(),
+        DType::F16 => le_slice::<f16>(v.bytes)
+            .iter()
+            .map(|x| x.to_f32())
+            .collect(),
+        DType::BF16 => le_slice::<bf16>(v.bytes)
+            .iter()
+            .map(|x| x.to_f32())
+            .collect(),
         DType::Quant(q) => {
             let n = v.shape.iter().product::<usize>();
             let mut out = vec![0f32; n];
@@ -624,7 +704,11 @@ fn view_to_f32(v: &WeightView<'_>) -> Vec<f32> {
             out
         }
         // Sources never hand out U32 views; decoding it as integers keeps this total.
-        DType::U32 => v.bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
+        DType::U32 => v
+            .bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+            .collect(),
     }
 }
 
@@ -636,9 +720,11 @@ fn view_to_f32(v: &WeightView<'_>) -> Vec<f32> {
 /// cannot hold, out-of-memory and device loss must not read as a malformed checkpoint.
 fn upload_error(full: &str, e: Error) -> Error {
     match e {
-        Error::TooLarge { what, bytes, limit } => {
-            Error::TooLarge { what: format!("tensor `{full}` ({what})"), bytes, limit }
-        }
+        Error::TooLarge { what, bytes, limit } => Error::TooLarge {
+            what: format!("tensor `{full}` ({what})"),
+            bytes,
+            limit,
+        },
         Error::OutOfMemory(m) => Error::OutOfMemory(format!("uploading tensor `{full}`: {m}")),
         Error::Device(m) => Error::Device(format!("uploading tensor `{full}`: {m}")),
         other => Error::weight(full, format!("upload failed: {other}")),
@@ -660,14 +746,21 @@ pub struct Weights {
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Weights").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("Weights")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
 impl Weights {
     /// Weights at the root of `source`, uploaded to `backend`.
     pub fn new(source: Arc<dyn WeightSource>, backend: Arc<dyn Backend>) -> Self {
-        Weights { source, backend, prefix: String::new(), quant: None }
+        Weights {
+            source,
+            backend,
+            prefix: String::new(),
+            quant: None,
+        }
     }
 
     /// The same weights scoped one level deeper (`prefix` joined with '.').
@@ -685,7 +778,10 @@ impl Weights {
     /// biases, convolutions, matrices with odd rows) upload as stored, as llama.cpp falls
     /// back for them. `None` turns it off.
     pub fn with_quant(&self, qt: Option<crate::quant::QuantType>) -> Weights {
-        Weights { quant: qt, ..self.clone() }
+        Weights {
+            quant: qt,
+            ..self.clone()
+        }
     }
 
     /// The quantization applied at load, if any.
@@ -752,9 +848,15 @@ impl Weights {
         }
         let shape = shape.to_vec().into();
         let uploaded = match view.dtype {
-            DType::F32 => self.backend.upload(HostData::F32(&le_slice::<f32>(view.bytes)), shape),
-            DType::F16 => self.backend.upload(HostData::F16(&le_slice::<f16>(view.bytes)), shape),
-            DType::BF16 => self.backend.upload(HostData::BF16(&le_slice::<bf16>(view.bytes)), shape),
+            DType::F32 => self
+                .backend
+                .upload(HostData::F32(&le_slice::<f32>(view.bytes)), shape),
+            DType::F16 => self
+                .backend
+                .upload(HostData::F16(&le_slice::<f16>(view.bytes)), shape),
+            DType::BF16 => self
+                .backend
+                .upload(HostData::BF16(&le_slice::<bf16>(view.bytes)), shape),
             DType::Quant(q) => self.backend.upload_quant(q, view.bytes, shape),
             DType::U32 => return Err(Error::weight(full, "stored as U32; not a float weight")),
         };
@@ -791,7 +893,14 @@ mod tests {
     fn upload_errors_keep_their_kind_and_name_the_tensor() {
         let t = "lm_head.weight";
         let cases = [
-            (Error::TooLarge { what: "one row".into(), bytes: 9, limit: 4 }, "TooLarge"),
+            (
+                Error::TooLarge {
+                    what: "one row".into(),
+                    bytes: 9,
+                    limit: 4,
+                },
+                "TooLarge",
+            ),
             (Error::OutOfMemory("vram".into()), "OutOfMemory"),
             (Error::Device("lost".into()), "Device"),
             (Error::msg("odd"), "Weight"),
@@ -800,7 +909,10 @@ mod tests {
             let got = upload_error(t, e);
             let kind = format!("{got:?}");
             assert!(kind.starts_with(want), "case {i}: got {kind}, want {want}");
-            assert!(got.to_string().contains(t), "case {i}: {got} does not name {t}");
+            assert!(
+                got.to_string().contains(t),
+                "case {i}: {got} does not name {t}"
+            );
         }
     }
 }

@@ -55,7 +55,10 @@ impl Backend for MockBackend {
     }
     fn upload(&self, data: HostData<'_>, shape: Shape) -> Result<Tensor> {
         if data.len() != shape.elem_count() {
-            return Err(Error::shape("upload", format!("{} values for {shape}", data.len())));
+            return Err(Error::shape(
+                "upload",
+                format!("{} values for {shape}", data.len()),
+            ));
         }
         *self.uploads.lock().unwrap() += 1;
         let values: Vec<f32> = match data {
@@ -65,7 +68,14 @@ impl Backend for MockBackend {
             HostData::U32(v) => v.iter().map(|&x| x as f32).collect(),
         };
         let dtype = data.dtype();
-        Ok(Tensor::from_storage(Arc::new(MockStorage { uploaded_as: dtype, values }), shape, dtype))
+        Ok(Tensor::from_storage(
+            Arc::new(MockStorage {
+                uploaded_as: dtype,
+                values,
+            }),
+            shape,
+            dtype,
+        ))
     }
     fn zeros(&self, _: Shape, _: DType) -> Result<Tensor> {
         unsupported("zeros")
@@ -152,7 +162,9 @@ impl Backend for MockBackend {
 }
 
 fn uploaded_as(t: &Tensor) -> DType {
-    t.storage_as::<MockStorage>("test").expect("mock storage").uploaded_as
+    t.storage_as::<MockStorage>("test")
+        .expect("mock storage")
+        .uploaded_as
 }
 
 // ----- helpers ------------------------------------------------------------------------------
@@ -172,10 +184,14 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 /// Small deterministic values (a seeded LCG) so every element differs.
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
         })
         .collect()
@@ -205,16 +221,22 @@ fn open_err(tag: &str, bytes: &[u8]) -> (Error, String) {
     };
     let msg = err.to_string();
     assert!(!msg.contains('\n'), "{tag}: error is not one line: {msg}");
-    assert!(msg.contains("model.safetensors"), "{tag}: error does not name the file: {msg}");
+    assert!(
+        msg.contains("model.safetensors"),
+        "{tag}: error does not name the file: {msg}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     (err, msg)
 }
 
 fn source_with_all_dtypes() -> MemorySource {
     let mut m = MemorySource::new();
-    m.insert_f32("model.norm.weight", &[4], &values(4, 1)).unwrap();
-    m.insert_f16("model.layers.0.mlp.up_proj.weight", &[3, 5], &values(15, 2)).unwrap();
-    m.insert_bf16("model.embed_tokens.weight", &[6, 2], &values(12, 3)).unwrap();
+    m.insert_f32("model.norm.weight", &[4], &values(4, 1))
+        .unwrap();
+    m.insert_f16("model.layers.0.mlp.up_proj.weight", &[3, 5], &values(15, 2))
+        .unwrap();
+    m.insert_bf16("model.embed_tokens.weight", &[6, 2], &values(12, 3))
+        .unwrap();
     m.insert_f32("scalar", &[], &[7.5]).unwrap();
     m
 }
@@ -236,7 +258,9 @@ fn single_file_round_trip_every_dtype() {
             assert_eq!(a.shape, b.shape, "{name}: shape");
             assert_eq!(a.bytes, b.bytes, "{name}: bytes");
         }
-        let on_disk = std::fs::metadata(dir.join("model.safetensors")).unwrap().len();
+        let on_disk = std::fs::metadata(dir.join("model.safetensors"))
+            .unwrap()
+            .len();
         assert_eq!(src.total_bytes(), on_disk);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -248,18 +272,28 @@ fn weights_get_uploads_as_stored_and_checks_shapes() {
     let backend = Arc::new(MockBackend::default());
     let w = Weights::new(src, backend.clone());
     let layer = w.pp("model").pp("layers").pp(0);
-    assert_eq!(layer.full_name("mlp.up_proj.weight"), "model.layers.0.mlp.up_proj.weight");
+    assert_eq!(
+        layer.full_name("mlp.up_proj.weight"),
+        "model.layers.0.mlp.up_proj.weight"
+    );
     assert!(layer.contains("mlp.up_proj.weight"));
     assert!(!layer.contains("mlp.down_proj.weight"));
 
     let up = layer.get("mlp.up_proj.weight", &[3, 5]).unwrap();
     assert_eq!(uploaded_as(&up), DType::F16, "f16 weights stay f16");
     assert_eq!(up.dims(), &[3, 5]);
-    let want: Vec<f32> = values(15, 2).iter().map(|v| f16::from_f32(*v).to_f32()).collect();
+    let want: Vec<f32> = values(15, 2)
+        .iter()
+        .map(|v| f16::from_f32(*v).to_f32())
+        .collect();
     assert_eq!(backend.to_vec_f32(&up).unwrap(), want);
 
     let emb = w.get("model.embed_tokens.weight", &[6, 2]).unwrap();
-    assert_eq!(uploaded_as(&emb), DType::BF16, "bf16 goes through HostData::BF16");
+    assert_eq!(
+        uploaded_as(&emb),
+        DType::BF16,
+        "bf16 goes through HostData::BF16"
+    );
     let norm = w.pp("model").get("norm.weight", &[4]).unwrap();
     assert_eq!(uploaded_as(&norm), DType::F32);
     assert_eq!(backend.to_vec_f32(&norm).unwrap(), values(4, 1));
@@ -269,25 +303,40 @@ fn weights_get_uploads_as_stored_and_checks_shapes() {
     assert_eq!(uploaded_as(&up32), DType::F32);
     assert_eq!(backend.to_vec_f32(&up32).unwrap(), want);
     let emb_host = w.host_f32("model.embed_tokens.weight", &[6, 2]).unwrap();
-    let want_bf: Vec<f32> = values(12, 3).iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+    let want_bf: Vec<f32> = values(12, 3)
+        .iter()
+        .map(|v| bf16::from_f32(*v).to_f32())
+        .collect();
     assert_eq!(emb_host, want_bf);
     assert_eq!(w.host_f32("scalar", &[]).unwrap(), vec![7.5]);
-    assert_eq!(w.stored("model.norm.weight").unwrap(), (DType::F32, vec![4]));
+    assert_eq!(
+        w.stored("model.norm.weight").unwrap(),
+        (DType::F32, vec![4])
+    );
 
     // Shape mismatch: full name, expected and found shapes.
     let err = layer.get("mlp.up_proj.weight", &[5, 3]).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Weight { .. }), "{msg}");
     assert!(
-        msg.contains("model.layers.0.mlp.up_proj.weight") && msg.contains("[5, 3]") && msg.contains("[3, 5]"),
+        msg.contains("model.layers.0.mlp.up_proj.weight")
+            && msg.contains("[5, 3]")
+            && msg.contains("[3, 5]"),
         "shape mismatch message: {msg}"
     );
     // Missing: full name and "missing".
     let err = layer.get_f32("self_attn.q_proj.weight", &[2]).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Weight { .. }), "{msg}");
-    assert!(msg.contains("model.layers.0.self_attn.q_proj.weight") && msg.contains("missing"), "{msg}");
-    assert_eq!(*backend.uploads.lock().unwrap(), 4, "failed gets must not upload");
+    assert!(
+        msg.contains("model.layers.0.self_attn.q_proj.weight") && msg.contains("missing"),
+        "{msg}"
+    );
+    assert_eq!(
+        *backend.uploads.lock().unwrap(),
+        4,
+        "failed gets must not upload"
+    );
 }
 
 #[test]
@@ -318,24 +367,41 @@ fn sharded_checkpoint_reads_across_shards() {
     let mut b = MemorySource::new();
     b.insert_bf16("c.weight", &[2], &values(2, 13)).unwrap();
     b.insert_f32("extra.not_in_index", &[1], &[1.0]).unwrap();
-    write(&dir, "model-00001-of-00002.safetensors", &a.to_safetensors_bytes());
-    write(&dir, "model-00002-of-00002.safetensors", &b.to_safetensors_bytes());
+    write(
+        &dir,
+        "model-00001-of-00002.safetensors",
+        &a.to_safetensors_bytes(),
+    );
+    write(
+        &dir,
+        "model-00002-of-00002.safetensors",
+        &b.to_safetensors_bytes(),
+    );
     let index = r#"{"metadata":{"total_size":30},"weight_map":{
         "a.weight":"model-00001-of-00002.safetensors",
         "b.weight":"model-00001-of-00002.safetensors",
         "c.weight":"model-00002-of-00002.safetensors"}}"#;
     write(&dir, "model.safetensors.index.json", index.as_bytes());
     let src = open_safetensors(&dir).unwrap();
-    assert_eq!(src.names(), vec!["a.weight", "b.weight", "c.weight", "extra.not_in_index"]);
+    assert_eq!(
+        src.names(),
+        vec!["a.weight", "b.weight", "c.weight", "extra.not_in_index"]
+    );
     let w = Weights::new(src.clone(), Arc::new(MockBackend::default()));
     assert_eq!(w.host_f32("a.weight", &[2, 2]).unwrap(), values(4, 11));
     let c = w.host_f32("c.weight", &[2]).unwrap();
-    let want: Vec<f32> = values(2, 13).iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
-    assert_eq!(c, want);
-    let total: u64 = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    let want: Vec<f32> = values(2, 13)
         .iter()
-        .map(|f| std::fs::metadata(dir.join(f)).unwrap().len())
-        .sum();
+        .map(|v| bf16::from_f32(*v).to_f32())
+        .collect();
+    assert_eq!(c, want);
+    let total: u64 = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(dir.join(f)).unwrap().len())
+    .sum();
     assert_eq!(src.total_bytes(), total);
     // Opening the index file directly works as well.
     assert!(open_safetensors(&dir.join("model.safetensors.index.json")).is_ok());
@@ -345,8 +411,13 @@ fn sharded_checkpoint_reads_across_shards() {
 #[test]
 fn memory_source_rejects_wrong_byte_counts() {
     let mut m = MemorySource::new();
-    let err = m.insert_bytes("w", DType::F16, &[2, 3], vec![0; 10]).unwrap_err();
-    assert!(matches!(err, Error::Weight { .. }) && err.to_string().contains("`w`"), "{err}");
+    let err = m
+        .insert_bytes("w", DType::F16, &[2, 3], vec![0; 10])
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Weight { .. }) && err.to_string().contains("`w`"),
+        "{err}"
+    );
     let err = m.insert_f32("v", &[4], &[1.0, 2.0]).unwrap_err();
     assert!(err.to_string().contains("`v`"), "{err}");
 }
@@ -367,7 +438,10 @@ fn hostile_header_length_past_end() {
     let mut bytes = 1000u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
     let (err, msg) = open_err("hlen", &bytes);
-    assert!(matches!(err, Error::File { .. }) && msg.contains("past the end"), "{msg}");
+    assert!(
+        matches!(err, Error::File { .. }) && msg.contains("past the end"),
+        "{msg}"
+    );
     // A gigantic length must be refused before any allocation.
     let (_, msg) = open_err("hlen-huge", &u64::MAX.to_le_bytes());
     assert!(msg.contains("header length"), "{msg}");
@@ -380,9 +454,18 @@ fn hostile_invalid_header_json() {
         ("json-utf8", "\u{FFFD}"),
         ("json-array", "[1, 2]"),
         ("json-entry-type", r#"{"x": 3}"#),
-        ("json-no-dtype", r#"{"x":{"shape":[1],"data_offsets":[0,4]}}"#),
-        ("json-neg-shape", r#"{"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#),
-        ("json-bad-offsets", r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#),
+        (
+            "json-no-dtype",
+            r#"{"x":{"shape":[1],"data_offsets":[0,4]}}"#,
+        ),
+        (
+            "json-neg-shape",
+            r#"{"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+        ),
+        (
+            "json-bad-offsets",
+            r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
+        ),
         ("json-metadata", r#"{"__metadata__": 5}"#),
     ] {
         let mut bytes = raw_file(header, &[0u8; 4]);
@@ -392,7 +475,10 @@ fn hostile_invalid_header_json() {
         }
         let (err, msg) = open_err(tag, &bytes);
         assert!(matches!(err, Error::File { .. }), "{tag}: {msg}");
-        assert!(msg.contains("header") || msg.contains("`x`"), "{tag}: {msg}");
+        assert!(
+            msg.contains("header") || msg.contains("`x`"),
+            "{tag}: {msg}"
+        );
     }
 }
 
@@ -422,13 +508,19 @@ fn hostile_overlapping_tensors() {
     let h = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},
                 "b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
     let (_, msg) = open_err("overlap", &raw_file(h, &[0u8; 16]));
-    assert!(msg.contains("overlap") && msg.contains("`a`") && msg.contains("`b`"), "{msg}");
+    assert!(
+        msg.contains("overlap") && msg.contains("`a`") && msg.contains("`b`"),
+        "{msg}"
+    );
     // Overlap hidden behind an empty tensor between the two ranges.
     let h = r#"{"a":{"dtype":"F32","shape":[8],"data_offsets":[0,32]},
                 "e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},
                 "c":{"dtype":"F32","shape":[1],"data_offsets":[20,24]}}"#;
     let (_, msg) = open_err("overlap-nested", &raw_file(h, &[0u8; 32]));
-    assert!(msg.contains("overlap") && msg.contains("`a`") && msg.contains("`c`"), "{msg}");
+    assert!(
+        msg.contains("overlap") && msg.contains("`a`") && msg.contains("`c`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -457,8 +549,13 @@ fn unsupported_dtype_errors_when_read_naming_tensor_and_dtype() {
 fn missing_paths_and_shards() {
     let dir = temp_dir("missing");
     // Nothing there.
-    let err = open_safetensors(&dir.join("nope")).err().expect("missing path must fail");
-    assert!(matches!(err, Error::File { .. }) && err.to_string().contains("nope"), "{err}");
+    let err = open_safetensors(&dir.join("nope"))
+        .err()
+        .expect("missing path must fail");
+    assert!(
+        matches!(err, Error::File { .. }) && err.to_string().contains("nope"),
+        "{err}"
+    );
     // An empty directory.
     let err = open_safetensors(&dir).err().expect("empty dir must fail");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
@@ -466,22 +563,36 @@ fn missing_paths_and_shards() {
     // The index names a shard that does not exist.
     let mut a = MemorySource::new();
     a.insert_f32("a", &[1], &[1.0]).unwrap();
-    write(&dir, "model-00001-of-00002.safetensors", &a.to_safetensors_bytes());
+    write(
+        &dir,
+        "model-00001-of-00002.safetensors",
+        &a.to_safetensors_bytes(),
+    );
     let index = r#"{"weight_map":{"a":"model-00001-of-00002.safetensors",
                                   "b":"model-00002-of-00002.safetensors"}}"#;
     write(&dir, "model.safetensors.index.json", index.as_bytes());
-    let err = open_safetensors(&dir).err().expect("missing shard must fail");
+    let err = open_safetensors(&dir)
+        .err()
+        .expect("missing shard must fail");
     let msg = err.to_string();
     assert!(matches!(err, Error::File { .. }), "{msg}");
-    assert!(msg.contains("model-00002-of-00002.safetensors") && msg.contains("not found"), "{msg}");
+    assert!(
+        msg.contains("model-00002-of-00002.safetensors") && msg.contains("not found"),
+        "{msg}"
+    );
 
     // The index maps a tensor to a shard that does not hold it.
     let index = r#"{"weight_map":{"a":"model-00001-of-00002.safetensors",
                                   "zz":"model-00001-of-00002.safetensors"}}"#;
     write(&dir, "model.safetensors.index.json", index.as_bytes());
-    let err = open_safetensors(&dir).err().expect("tensor missing from its shard must fail");
+    let err = open_safetensors(&dir)
+        .err()
+        .expect("tensor missing from its shard must fail");
     let msg = err.to_string();
-    assert!(matches!(err, Error::Weight { .. }) && msg.contains("`zz`"), "{msg}");
+    assert!(
+        matches!(err, Error::Weight { .. }) && msg.contains("`zz`"),
+        "{msg}"
+    );
     assert!(msg.contains("model-00001-of-00002.safetensors"), "{msg}");
 
     // A shard path escaping the directory, and a broken index.
@@ -490,18 +601,30 @@ fn missing_paths_and_shards() {
     let err = open_safetensors(&dir).err().expect("path escape must fail");
     assert!(err.to_string().contains("plain file name"), "{err}");
     write(&dir, "model.safetensors.index.json", b"{\"weight_map\": [");
-    let err = open_safetensors(&dir).err().expect("bad index JSON must fail");
-    assert!(err.to_string().contains("model.safetensors.index.json"), "{err}");
+    let err = open_safetensors(&dir)
+        .err()
+        .expect("bad index JSON must fail");
+    assert!(
+        err.to_string().contains("model.safetensors.index.json"),
+        "{err}"
+    );
     write(&dir, "model.safetensors.index.json", b"{}");
-    let err = open_safetensors(&dir).err().expect("index without weight_map must fail");
+    let err = open_safetensors(&dir)
+        .err()
+        .expect("index without weight_map must fail");
     assert!(err.to_string().contains("weight_map"), "{err}");
 
     // A corrupt shard is reported with the shard's name.
     write(&dir, "model-00001-of-00002.safetensors", b"abc");
     let index = r#"{"weight_map":{"a":"model-00001-of-00002.safetensors"}}"#;
     write(&dir, "model.safetensors.index.json", index.as_bytes());
-    let err = open_safetensors(&dir).err().expect("corrupt shard must fail");
-    assert!(err.to_string().contains("model-00001-of-00002.safetensors"), "{err}");
+    let err = open_safetensors(&dir)
+        .err()
+        .expect("corrupt shard must fail");
+    assert!(
+        err.to_string().contains("model-00001-of-00002.safetensors"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -373,7 +373,9 @@ impl GpuBackend {
         if count == 0 {
             return Ok(());
         }
-        if dtype != DType::F16 || (dst_off.is_multiple_of(2) && src_off.is_multiple_of(2) && count.is_multiple_of(2)) {
+        if dtype != DType::F16
+            || (dst_off.is_multiple_of(2) && src_off.is_multiple_of(2) && count.is_multiple_of(2))
+        {
             let es = if dtype == DType::F16 { 2 } else { 4 };
             let (so, d_o, n) = (
                 (src_off * es) as u64,
@@ -524,7 +526,11 @@ impl GpuBackend {
         } else if sg8 {
             PipelineKey::new("gemm_sg8", "main")
         } else if gemv {
-            let vec = if w16 { k.is_multiple_of(8) } else { k.is_multiple_of(4) };
+            let vec = if w16 {
+                k.is_multiple_of(8)
+            } else {
+                k.is_multiple_of(4)
+            };
             PipelineKey::new("gemv", "main")
                 .flag(vec, "VEC")
                 .sub("M", m as u32)

@@ -58,7 +58,12 @@ fn backend(
             let _ = writeln!(
                 std::io::stderr(),
                 "wgpu parity tests on adapter: {} ({}, {}, f16 {}, subgroups {}, binding {} B)",
-                i.adapter, i.api, i.device_type, i.shader_f16, i.subgroups, i.max_binding_size
+                i.adapter,
+                i.api,
+                i.device_type,
+                i.shader_f16,
+                i.subgroups,
+                i.max_binding_size
             );
             Some(g)
         }

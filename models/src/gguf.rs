@@ -135,7 +135,10 @@ fn hf_name(gguf: &str, cfg: &TextConfig) -> Option<(String, Option<usize>)> {
 /// Undoes llama.cpp's per-head row interleave: HF row `h*d + t*d/2 + i` is GGUF row
 /// `h*d + 2i + t`. `row_bytes` is the stored size of one row (a bias has 1-element rows).
 fn unpermute_rows(bytes: &[u8], rows: usize, row_bytes: usize, heads: usize) -> Option<Vec<u8>> {
-    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) || bytes.len() != rows * row_bytes
+    if heads == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || bytes.len() != rows * row_bytes
     {
         return None;
     }

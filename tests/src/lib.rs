@@ -303,7 +303,12 @@ pub fn gpu_backend_or_skip(test: &str) -> Result<Option<Arc<dyn engine_core::Bac
     match engine_wgpu::open(&Default::default()) {
         Ok(b) => {
             let i = b.device_info();
-            let _ = writeln!(std::io::stderr(), "{test}: wgpu adapter {} ({})", i.adapter, i.api);
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: wgpu adapter {} ({})",
+                i.adapter,
+                i.api
+            );
             Ok(Some(b))
         }
         Err(e) if std::env::var_os("CI").is_some() => {

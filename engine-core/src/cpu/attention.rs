@@ -51,13 +51,15 @@ pub(crate) fn check(
     for (name, dims) in ["k", "v"].iter().zip(kv) {
         match dims {
             [l, w] if *w == kw && *l >= p.kv_len => {}
-            _ => return Err(Error::shape(
-                op,
-                format!(
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!(
                     "{name} must be [L >= kv_len {}, {kw}] (num_kv_heads*head_dim), got {dims:?}",
                     p.kv_len
                 ),
-            )),
+                ))
+            }
         }
     }
     if p.causal && p.q_offset + sq > p.kv_len {
@@ -192,7 +194,13 @@ fn visible_keys(p: &AttentionParams, row: usize) -> usize {
 const QUERY_BLOCK: usize = 16;
 
 /// `q [sq, H*D]`, `k`/`v [L, KvH*D]` (validated by [`check`]) → `[sq, H*D]`.
-pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], sq: usize, p: &AttentionParams) -> Vec<f32> {
+pub(crate) fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sq: usize,
+    p: &AttentionParams,
+) -> Vec<f32> {
     let (h, d) = (p.num_heads, p.head_dim);
     let group = p.num_heads / p.num_kv_heads;
     let (qw, kw) = (h * d, p.num_kv_heads * d);
@@ -202,26 +210,34 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], sq: usize, p: &Attentio
     if sq == 0 {
         return by_head;
     }
-    by_head.par_chunks_mut(sq * d).enumerate().for_each(|(hh, oh)| {
-        let koff = (hh / group) * d;
-        oh.par_chunks_mut(QUERY_BLOCK * d).enumerate().for_each(|(qb, ob)| {
-            let mut prob = Vec::with_capacity(p.kv_len);
-            for (ii, o) in ob.chunks_exact_mut(d).enumerate() {
-                let i = qb * QUERY_BLOCK + ii;
-                let row = p.q_offset + i;
-                let qv = &q[i * qw + hh * d..i * qw + (hh + 1) * d];
-                probs_row(qv, k, kw, koff, visible_keys(p, row), p, row, &mut prob);
-                // Masked keys are exact zeros: their value rows are never read.
-                simd::weighted_rows(o, &prob, v, kw, koff);
+    by_head
+        .par_chunks_mut(sq * d)
+        .enumerate()
+        .for_each(|(hh, oh)| {
+            let koff = (hh / group) * d;
+            oh.par_chunks_mut(QUERY_BLOCK * d)
+                .enumerate()
+                .for_each(|(qb, ob)| {
+                    let mut prob = Vec::with_capacity(p.kv_len);
+                    for (ii, o) in ob.chunks_exact_mut(d).enumerate() {
+                        let i = qb * QUERY_BLOCK + ii;
+                        let row = p.q_offset + i;
+                        let qv = &q[i * qw + hh * d..i * qw + (hh + 1) * d];
+                        probs_row(qv, k, kw, koff, visible_keys(p, row), p, row, &mut prob);
+                        // Masked keys are exact zeros: their value rows are never read.
+                        simd::weighted_rows(o, &prob, v, kw, koff);
+                    }
+                });
+        });
+    let mut out = vec![0f32; sq * qw]; // [sq, H*D]
+    out.par_chunks_mut(qw)
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(i, orow)| {
+            for (hh, o) in orow.chunks_exact_mut(d).enumerate() {
+                o.copy_from_slice(&by_head[(hh * sq + i) * d..(hh * sq + i + 1) * d]);
             }
         });
-    });
-    let mut out = vec![0f32; sq * qw]; // [sq, H*D]
-    out.par_chunks_mut(qw).enumerate().with_min_len(8).for_each(|(i, orow)| {
-        for (hh, o) in orow.chunks_exact_mut(d).enumerate() {
-            o.copy_from_slice(&by_head[(hh * sq + i) * d..(hh * sq + i + 1) * d]);
-        }
-    });
     out
 }
 

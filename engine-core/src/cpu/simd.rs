@@ -94,7 +94,12 @@ mod portable {
         // Eight independent accumulators hide the add latency and let LLVM vectorise.
         let mut acc = [0f32; 8];
         let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+        let tail: f32 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
         for (x, y) in ca.zip(cb) {
             for l in 0..8 {
                 acc[l] = fmadd::<FMA>(x[l], y[l], acc[l]);
@@ -150,7 +155,10 @@ mod portable {
 
     pub(super) fn micro<const FMA: bool>(kb: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
         let mut acc = [[0f32; NR]; MR];
-        for (av, bv) in a[..kb * MR].chunks_exact(MR).zip(b[..kb * NR].chunks_exact(NR)) {
+        for (av, bv) in a[..kb * MR]
+            .chunks_exact(MR)
+            .zip(b[..kb * NR].chunks_exact(NR))
+        {
             for r in 0..MR {
                 for j in 0..NR {
                     acc[r][j] = fmadd::<FMA>(av[r], bv[j], acc[r][j]);
@@ -223,7 +231,11 @@ mod avx2 {
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
             i += 8;
         }
         let mut s = hsum(_mm256_add_ps(
