@@ -115,6 +115,27 @@ pub enum AttentionMask {
     },
 }
 
+impl AttentionMask {
+    /// The image span `[s, e)` the mask acts on, if any.
+    pub fn image_span(&self) -> Option<(usize, usize)> {
+        match *self {
+            AttentionMask::None => None,
+            AttentionMask::Layer0Sink {
+                image_start,
+                image_end,
+            }
+            | AttentionMask::Layer0Split {
+                image_start,
+                image_end,
+            }
+            | AttentionMask::TextToImage {
+                image_start,
+                image_end,
+            } => Some((image_start, image_end)),
+        }
+    }
+}
+
 /// Parameters of [`Backend::attention`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionParams {

@@ -5,6 +5,7 @@
 //! that every GPU kernel is tested against and that also runs real models (`--device cpu`).
 
 pub mod backend;
+pub mod checks;
 pub mod cpu;
 pub mod dtype;
 pub mod error;

@@ -11,6 +11,7 @@ use engine_core::{
 use half::f16;
 
 use crate::ctx::{lock, Bind, Ctx, PipelineKey};
+use engine_core::checks::{check_attention, check_broadcast, check_rows, check_vec};
 
 /// Host copies of small `U32` uploads are kept so ids/indices can be range-checked without a
 /// device round trip.
@@ -133,39 +134,6 @@ fn need_float(t: &Tensor, op: &'static str) -> Result<()> {
     }
 }
 
-fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
-    let row = b.dims().len() == 1 && b.dims()[0] == a.shape().last_dim();
-    if a.dims() == b.dims() || row {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            format!("cannot broadcast {} onto {}", b.shape(), a.shape()),
-        ))
-    }
-}
-
-fn check_vec(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
-    if t.dims() == [n] {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            format!("{what} must be [{n}], got {}", t.shape()),
-        ))
-    }
-}
-
-fn check_rows(op: &'static str, t: &Tensor) -> Result<usize> {
-    if t.dims().is_empty() {
-        return Err(Error::shape(
-            op,
-            "expected at least one dimension, got a scalar",
-        ));
-    }
-    Ok(t.shape().last_dim())
-}
-
 fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} {v} does not fit in 32 bits")))
 }
@@ -173,98 +141,6 @@ fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
 /// Little-endian bytes of a uniform made of 32-bit fields.
 fn params(words: &[u32]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
-}
-
-fn mask_span(m: &AttentionMask) -> Option<(usize, usize)> {
-    match *m {
-        AttentionMask::None => None,
-        AttentionMask::Layer0Sink {
-            image_start,
-            image_end,
-        }
-        | AttentionMask::Layer0Split {
-            image_start,
-            image_end,
-        }
-        | AttentionMask::TextToImage {
-            image_start,
-            image_end,
-        } => Some((image_start, image_end)),
-    }
-}
-
-/// Checks an attention call like the CPU reference; returns the number of queries.
-fn check_attention(
-    op: &'static str,
-    q: &[usize],
-    kv: &[&[usize]],
-    p: &AttentionParams,
-) -> Result<usize> {
-    if p.num_heads == 0 || p.num_kv_heads == 0 || p.head_dim == 0 {
-        return Err(Error::shape(
-            op,
-            format!(
-                "num_heads ({}), num_kv_heads ({}) and head_dim ({}) must be positive",
-                p.num_heads, p.num_kv_heads, p.head_dim
-            ),
-        ));
-    }
-    if !p.num_heads.is_multiple_of(p.num_kv_heads) {
-        return Err(Error::shape(
-            op,
-            format!(
-                "num_heads {} is not a multiple of num_kv_heads {}",
-                p.num_heads, p.num_kv_heads
-            ),
-        ));
-    }
-    let qw = p.num_heads * p.head_dim;
-    let kw = p.num_kv_heads * p.head_dim;
-    let sq = match q {
-        [s, w] if *w == qw => *s,
-        _ => {
-            return Err(Error::shape(
-                op,
-                format!("q must be [Sq, {qw}] (num_heads*head_dim), got {q:?}"),
-            ))
-        }
-    };
-    for (name, dims) in ["k", "v"].iter().zip(kv) {
-        match dims {
-            [l, w] if *w == kw && *l >= p.kv_len => {}
-            _ => {
-                return Err(Error::shape(
-                    op,
-                    format!(
-                    "{name} must be [L >= kv_len {}, {kw}] (num_kv_heads*head_dim), got {dims:?}",
-                    p.kv_len
-                ),
-                ))
-            }
-        }
-    }
-    if p.causal && p.q_offset + sq > p.kv_len {
-        return Err(Error::shape(
-            op,
-            format!(
-                "causal queries reach cache row {} but kv_len is {}",
-                p.q_offset + sq,
-                p.kv_len
-            ),
-        ));
-    }
-    if sq > 0 && p.kv_len == 0 {
-        return Err(Error::shape(op, "kv_len is 0: no keys to attend to"));
-    }
-    if let Some((s, e)) = mask_span(&p.mask) {
-        if s > e {
-            return Err(Error::shape(
-                op,
-                format!("mask image span [{s}, {e}) is reversed"),
-            ));
-        }
-    }
-    Ok(sq)
 }
 
 /// Uniform words shared by the attention kernels (see attention.wgsl's `P`).

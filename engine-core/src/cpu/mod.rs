@@ -12,6 +12,7 @@ mod storage;
 use half::f16;
 
 use crate::backend::{AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
+use crate::checks::{check_attention, check_broadcast, check_rows, check_vec};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
@@ -49,42 +50,6 @@ fn cpu_name() -> String {
 
 fn dtype_err(op: &'static str, dtype: DType) -> Error {
     Error::DType { op, dtype }
-}
-
-/// `b` must have `a`'s shape, or be a row `[N]` with `N` = `a`'s last dim.
-fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
-    let row = b.dims().len() == 1 && b.dims()[0] == a.shape().last_dim();
-    if a.dims() == b.dims() || row {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            format!("cannot broadcast {} onto {}", b.shape(), a.shape()),
-        ))
-    }
-}
-
-/// A per-column parameter vector (norm weight, bias) must be `[n]`.
-fn check_vec(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
-    if t.dims() == [n] {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            format!("{what} must be [{n}], got {}", t.shape()),
-        ))
-    }
-}
-
-/// Rank >= 1 with its last dim; scalars have no rows to work on.
-fn check_rows(op: &'static str, t: &Tensor) -> Result<usize> {
-    if t.dims().is_empty() {
-        return Err(Error::shape(
-            op,
-            "expected at least one dimension, got a scalar",
-        ));
-    }
-    Ok(t.shape().last_dim())
 }
 
 fn unary(op: &'static str, x: &Tensor, f: fn(f32) -> f32) -> Result<Tensor> {
@@ -348,7 +313,7 @@ impl Backend for CpuBackend {
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor> {
         const OP: &str = "attention";
-        let sq = attention::check(OP, q.dims(), &[k.dims(), v.dims()], p)?;
+        let sq = check_attention(OP, q.dims(), &[k.dims(), v.dims()], p)?;
         let (gq, gk, gv) = (read(q, OP)?, read(k, OP)?, read(v, OP)?);
         let out = attention::attention(gq.f32s(OP)?, gk.f32s(OP)?, gv.f32s(OP)?, sq, p);
         Ok(tensor(CpuData::F32(out), [sq, p.num_heads * p.head_dim]))
@@ -356,7 +321,7 @@ impl Backend for CpuBackend {
 
     fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor> {
         const OP: &str = "attention_last_row";
-        let sq = attention::check(OP, q.dims(), &[k.dims()], p)?;
+        let sq = check_attention(OP, q.dims(), &[k.dims()], p)?;
         if sq == 0 {
             return Err(Error::shape(OP, "q has no rows"));
         }
@@ -380,7 +345,7 @@ impl Backend for CpuBackend {
             causal: false,
             ..*p
         };
-        attention::check(OP, &q_dims, &[v.dims()], &p_any)?;
+        check_attention(OP, &q_dims, &[v.dims()], &p_any)?;
         if probs.dims() != [p.num_heads, p.kv_len] {
             return Err(Error::shape(
                 OP,

@@ -1,0 +1,118 @@
+//! Argument checks shared by every backend, so that all of them reject the same calls with
+//! the same messages (the CPU backend is the reference for both).
+
+use crate::backend::AttentionParams;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// `b` must have `a`'s shape, or be a row `[N]` with `N` = `a`'s last dim.
+pub fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    let row = b.dims().len() == 1 && b.dims()[0] == a.shape().last_dim();
+    if a.dims() == b.dims() || row {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("cannot broadcast {} onto {}", b.shape(), a.shape()),
+        ))
+    }
+}
+
+/// A per-column parameter vector (norm weight, bias) must be `[n]`.
+pub fn check_vec(op: &'static str, what: &str, t: &Tensor, n: usize) -> Result<()> {
+    if t.dims() == [n] {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("{what} must be [{n}], got {}", t.shape()),
+        ))
+    }
+}
+
+/// Rank >= 1 with its last dim; scalars have no rows to work on.
+pub fn check_rows(op: &'static str, t: &Tensor) -> Result<usize> {
+    if t.dims().is_empty() {
+        return Err(Error::shape(
+            op,
+            "expected at least one dimension, got a scalar",
+        ));
+    }
+    Ok(t.shape().last_dim())
+}
+
+/// Checks an attention call's shapes and parameters; returns the number of queries.
+///
+/// `q` is `[Sq, num_heads*head_dim]`; `kv` are the dims of `k` (and `v`), `[L, num_kv_heads*head_dim]`.
+pub fn check_attention(
+    op: &'static str,
+    q: &[usize],
+    kv: &[&[usize]],
+    p: &AttentionParams,
+) -> Result<usize> {
+    if p.num_heads == 0 || p.num_kv_heads == 0 || p.head_dim == 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "num_heads ({}), num_kv_heads ({}) and head_dim ({}) must be positive",
+                p.num_heads, p.num_kv_heads, p.head_dim
+            ),
+        ));
+    }
+    if !p.num_heads.is_multiple_of(p.num_kv_heads) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                p.num_heads, p.num_kv_heads
+            ),
+        ));
+    }
+    let qw = p.num_heads * p.head_dim;
+    let kw = p.num_kv_heads * p.head_dim;
+    let sq = match q {
+        [s, w] if *w == qw => *s,
+        _ => {
+            return Err(Error::shape(
+                op,
+                format!("q must be [Sq, {qw}] (num_heads*head_dim), got {q:?}"),
+            ))
+        }
+    };
+    for (name, dims) in ["k", "v"].iter().zip(kv) {
+        match dims {
+            [l, w] if *w == kw && *l >= p.kv_len => {}
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                    "{name} must be [L >= kv_len {}, {kw}] (num_kv_heads*head_dim), got {dims:?}",
+                    p.kv_len
+                ),
+                ))
+            }
+        }
+    }
+    if p.causal && p.q_offset + sq > p.kv_len {
+        return Err(Error::shape(
+            op,
+            format!(
+                "causal queries reach cache row {} but kv_len is {}",
+                p.q_offset + sq,
+                p.kv_len
+            ),
+        ));
+    }
+    if sq > 0 && p.kv_len == 0 {
+        return Err(Error::shape(op, "kv_len is 0: no keys to attend to"));
+    }
+    if let Some((s, e)) = p.mask.image_span() {
+        if s > e {
+            return Err(Error::shape(
+                op,
+                format!("mask image span [{s}, {e}) is reversed"),
+            ));
+        }
+    }
+    Ok(sq)
+}
