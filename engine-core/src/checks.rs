@@ -116,3 +116,40 @@ pub fn check_attention(
     }
     Ok(sq)
 }
+
+/// Checks a `token_contributions` call: `probs [num_heads, kv_len]`, `v` a cache of
+/// `[L >= kv_len, num_kv_heads*head_dim]`, and keys `start..end` inside `0..kv_len`.
+pub fn check_token_contributions(
+    op: &'static str,
+    probs: &Tensor,
+    v: &Tensor,
+    p: &AttentionParams,
+    start: usize,
+    end: usize,
+) -> Result<()> {
+    // Only the head layout and kv_len matter here; a one-row query stands in for q.
+    let q_dims = [1, p.num_heads * p.head_dim];
+    let p_any = AttentionParams {
+        causal: false,
+        ..*p
+    };
+    check_attention(op, &q_dims, &[v.dims()], &p_any)?;
+    if probs.dims() != [p.num_heads, p.kv_len] {
+        return Err(Error::shape(
+            op,
+            format!(
+                "probs must be [{}, {}], got {}",
+                p.num_heads,
+                p.kv_len,
+                probs.shape()
+            ),
+        ));
+    }
+    if start > end || end > p.kv_len {
+        return Err(Error::shape(
+            op,
+            format!("keys {start}..{end} are not inside 0..{}", p.kv_len),
+        ));
+    }
+    Ok(())
+}

@@ -11,7 +11,9 @@ use engine_core::{
 use half::f16;
 
 use crate::ctx::{lock, Bind, Ctx, PipelineKey};
-use engine_core::checks::{check_attention, check_broadcast, check_rows, check_vec};
+use engine_core::checks::{
+    check_attention, check_broadcast, check_rows, check_token_contributions, check_vec,
+};
 
 /// Host copies of small `U32` uploads are kept so ids/indices can be range-checked without a
 /// device round trip.
@@ -1000,29 +1002,7 @@ impl Backend for GpuBackend {
         end: usize,
     ) -> Result<Tensor> {
         const OP: &str = "token_contributions";
-        let q_dims = [1, p.num_heads * p.head_dim];
-        let p_any = AttentionParams {
-            causal: false,
-            ..*p
-        };
-        check_attention(OP, &q_dims, &[v.dims()], &p_any)?;
-        if probs.dims() != [p.num_heads, p.kv_len] {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "probs must be [{}, {}], got {}",
-                    p.num_heads,
-                    p.kv_len,
-                    probs.shape()
-                ),
-            ));
-        }
-        if start > end || end > p.kv_len {
-            return Err(Error::shape(
-                OP,
-                format!("keys {start}..{end} are not inside 0..{}", p.kv_len),
-            ));
-        }
+        check_token_contributions(OP, probs, v, p, start, end)?;
         need(probs, DType::F32, OP)?;
         need(v, DType::F32, OP)?;
         let (cp, cv) = (one(probs, OP)?, one(v, OP)?);

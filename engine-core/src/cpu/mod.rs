@@ -12,7 +12,9 @@ mod storage;
 use half::f16;
 
 use crate::backend::{AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
-use crate::checks::{check_attention, check_broadcast, check_rows, check_vec};
+use crate::checks::{
+    check_attention, check_broadcast, check_rows, check_token_contributions, check_vec,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
@@ -339,30 +341,7 @@ impl Backend for CpuBackend {
         end: usize,
     ) -> Result<Tensor> {
         const OP: &str = "token_contributions";
-        // Only the head layout and kv_len matter here; a one-row query stands in for q.
-        let q_dims = [1, p.num_heads * p.head_dim];
-        let p_any = AttentionParams {
-            causal: false,
-            ..*p
-        };
-        check_attention(OP, &q_dims, &[v.dims()], &p_any)?;
-        if probs.dims() != [p.num_heads, p.kv_len] {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "probs must be [{}, {}], got {}",
-                    p.num_heads,
-                    p.kv_len,
-                    probs.shape()
-                ),
-            ));
-        }
-        if start > end || end > p.kv_len {
-            return Err(Error::shape(
-                OP,
-                format!("keys {start}..{end} are not inside 0..{}", p.kv_len),
-            ));
-        }
+        check_token_contributions(OP, probs, v, p, start, end)?;
         let (gp, gv) = (read(probs, OP)?, read(v, OP)?);
         let out = attention::token_contributions(gp.f32s(OP)?, gv.f32s(OP)?, p, start, end);
         Ok(tensor(CpuData::F32(out), [end - start, 2]))
