@@ -153,3 +153,38 @@ pub fn check_token_contributions(
     }
     Ok(())
 }
+
+/// Checks a `patch_embed` call: `pixels [C, H, W]`, `w [D, C, patch, patch]`, and a patch
+/// that fits the image. Returns `(C, H, W, D)`.
+pub fn check_patch_embed(
+    op: &'static str,
+    pixels: &Tensor,
+    w: &Tensor,
+    patch: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let (c, h, wd) = match pixels.dims() {
+        [c, h, w] => (*c, *h, *w),
+        d => {
+            return Err(Error::shape(
+                op,
+                format!("pixels must be [C, H, W], got {d:?}"),
+            ))
+        }
+    };
+    let d = match w.dims() {
+        [d, wc, p1, p2] if *wc == c && *p1 == patch && *p2 == patch => *d,
+        dims => {
+            return Err(Error::shape(
+                op,
+                format!("w must be [D, {c}, {patch}, {patch}], got {dims:?}"),
+            ))
+        }
+    };
+    if patch == 0 || h < patch || wd < patch {
+        return Err(Error::shape(
+            op,
+            format!("patch {patch} does not fit in a {h}x{wd} image"),
+        ));
+    }
+    Ok((c, h, wd, d))
+}

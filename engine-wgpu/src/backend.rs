@@ -12,7 +12,8 @@ use half::f16;
 
 use crate::ctx::{lock, Bind, Ctx, PipelineKey};
 use engine_core::checks::{
-    check_attention, check_broadcast, check_rows, check_token_contributions, check_vec,
+    check_attention, check_broadcast, check_patch_embed, check_rows, check_token_contributions,
+    check_vec,
 };
 
 /// Host copies of small `U32` uploads are kept so ids/indices can be range-checked without a
@@ -1264,30 +1265,7 @@ impl Backend for GpuBackend {
 
     fn patch_embed(&self, pixels: &Tensor, w: &Tensor, patch: usize) -> Result<Tensor> {
         const OP: &str = "patch_embed";
-        let (c, h, wd) = match pixels.dims() {
-            [c, h, w] => (*c, *h, *w),
-            d => {
-                return Err(Error::shape(
-                    OP,
-                    format!("pixels must be [C, H, W], got {d:?}"),
-                ))
-            }
-        };
-        let d = match w.dims() {
-            [d, wc, p1, p2] if *wc == c && *p1 == patch && *p2 == patch => *d,
-            dims => {
-                return Err(Error::shape(
-                    OP,
-                    format!("w must be [D, {c}, {patch}, {patch}], got {dims:?}"),
-                ))
-            }
-        };
-        if patch == 0 || h < patch || wd < patch {
-            return Err(Error::shape(
-                OP,
-                format!("patch {patch} does not fit in a {h}x{wd} image"),
-            ));
-        }
+        let (c, h, wd, d) = check_patch_embed(OP, pixels, w, patch)?;
         need(pixels, DType::F32, OP)?;
         need_float(w, OP)?;
         let (gh, gw) = (h / patch, wd / patch);

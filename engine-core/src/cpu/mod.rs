@@ -13,7 +13,8 @@ use half::f16;
 
 use crate::backend::{AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
 use crate::checks::{
-    check_attention, check_broadcast, check_rows, check_token_contributions, check_vec,
+    check_attention, check_broadcast, check_patch_embed, check_rows, check_token_contributions,
+    check_vec,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -526,30 +527,7 @@ impl Backend for CpuBackend {
 
     fn patch_embed(&self, pixels: &Tensor, w: &Tensor, patch: usize) -> Result<Tensor> {
         const OP: &str = "patch_embed";
-        let (c, h, wd) = match pixels.dims() {
-            [c, h, w] => (*c, *h, *w),
-            d => {
-                return Err(Error::shape(
-                    OP,
-                    format!("pixels must be [C, H, W], got {d:?}"),
-                ))
-            }
-        };
-        let d = match w.dims() {
-            [d, wc, p1, p2] if *wc == c && *p1 == patch && *p2 == patch => *d,
-            dims => {
-                return Err(Error::shape(
-                    OP,
-                    format!("w must be [D, {c}, {patch}, {patch}], got {dims:?}"),
-                ))
-            }
-        };
-        if patch == 0 || h < patch || wd < patch {
-            return Err(Error::shape(
-                OP,
-                format!("patch {patch} does not fit in a {h}x{wd} image"),
-            ));
-        }
+        let (c, h, wd, d) = check_patch_embed(OP, pixels, w, patch)?;
         let (gp, gw) = (read(pixels, OP)?, read(w, OP)?);
         let cols = ops::im2col(gp.f32s(OP)?, c, h, wd, patch); // [P, C*p*p]
         let np = (h / patch) * (wd / patch);
