@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use visi_tests::fixtures;
+use visi_tests::{expect_error, fixtures};
 
 fn visi_env(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
     let mut c = Command::new(env!("CARGO_BIN_EXE_visi-cli"));
@@ -25,34 +25,6 @@ fn visi_env(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
 
 fn visi(args: &[&str]) -> Result<Output> {
     visi_env(args, &[])
-}
-
-/// Checks the error contract; `needles` must all appear in the one error line.
-fn expect_error(out: &Output, code: i32, needles: &[&str]) -> Result<()> {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.code() == Some(code),
-        "exit {:?} (want {code}); stderr: {stderr}",
-        out.status.code()
-    );
-    ensure!(
-        out.stdout.is_empty(),
-        "stdout not empty: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "internal panic"] {
-        ensure!(!stderr.contains(bad), "stderr mentions {bad:?}: {stderr}");
-    }
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note:")).collect();
-    ensure!(
-        lines.len() == 1 && lines[0].starts_with("error: "),
-        "stderr is not one error line: {stderr}"
-    );
-    for n in needles {
-        ensure!(stderr.contains(n), "error does not mention {n:?}: {stderr}");
-    }
-    println!("{}", lines[0]);
-    Ok(())
 }
 
 /// A scratch directory removed on drop.

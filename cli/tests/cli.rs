@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use visi_tests::{first_difference, fixtures, references};
+use visi_tests::{expect_error, first_difference, fixtures, references};
 
 fn visi(args: &[&str]) -> Result<Output> {
     Command::new(env!("CARGO_BIN_EXE_visi-cli"))
@@ -298,7 +298,7 @@ fn default_pruning_and_save_kept() -> Result<()> {
         "--prune",
         r#"{"mode":["shallow","middle","deep"],"shallow_mid_layer":6,"layer_threshold":0.995,"tokens_threshold":0.2}"#,
     ])?;
-    expect_error(&out, 2, "shallow_mid_layer")?;
+    expect_error(&out, 2, &["shallow_mid_layer"])?;
 
     // --prune @file.json with a raw prompt that places the image itself.
     let cfg = std::env::temp_dir().join(format!("visi-fastv-{}.json", std::process::id()));
@@ -341,30 +341,6 @@ fn default_pruning_and_save_kept() -> Result<()> {
         s > 1 && e - s == 576,
         "raw prompt image span {}",
         v["image_span"]
-    );
-    Ok(())
-}
-
-fn expect_error(out: &Output, code: i32, needle: &str) -> Result<()> {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.code() == Some(code),
-        "exit {:?} (want {code}); stderr: {stderr}",
-        out.status.code()
-    );
-    ensure!(
-        out.stdout.is_empty(),
-        "stdout not empty: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note:")).collect();
-    ensure!(
-        lines.len() == 1 && lines[0].starts_with("error: "),
-        "stderr is not one error line: {stderr}"
-    );
-    ensure!(
-        stderr.contains(needle),
-        "error does not mention {needle:?}: {stderr}"
     );
     Ok(())
 }
@@ -454,7 +430,7 @@ fn bad_input_exits_2_with_one_line() -> Result<()> {
     for (args, needle) in cases {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = visi(&refs)?;
-        expect_error(&out, 2, needle)
+        expect_error(&out, 2, &[needle])
             .with_context(|| format!("args {:?}", &refs[..refs.len().min(12)]))?;
     }
     // A model directory whose config is malformed.
@@ -471,7 +447,7 @@ fn bad_input_exits_2_with_one_line() -> Result<()> {
         "cpu",
     ])?;
     let _ = std::fs::remove_dir_all(&dir);
-    expect_error(&out, 2, "config.json")?;
+    expect_error(&out, 2, &["config.json"])?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use engine_core::weights::{open_safetensors, WeightSource};
 use serde_json::Value;
 
@@ -319,4 +319,33 @@ pub fn gpu_backend_or_skip(test: &str) -> Result<Option<Arc<dyn engine_core::Bac
             Ok(None)
         }
     }
+}
+
+/// Checks a `visi-cli` run against the error contract (exit `code`, empty stdout, one
+/// `error:` line on stderr besides `note:` lines, no panic or backtrace); `needles` must all appear in the one error line.
+pub fn expect_error(out: &std::process::Output, code: i32, needles: &[&str]) -> Result<()> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(code),
+        "exit {:?} (want {code}); stderr: {stderr}",
+        out.status.code()
+    );
+    ensure!(
+        out.stdout.is_empty(),
+        "stdout not empty: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "internal panic"] {
+        ensure!(!stderr.contains(bad), "stderr mentions {bad:?}: {stderr}");
+    }
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note:")).collect();
+    ensure!(
+        lines.len() == 1 && lines[0].starts_with("error: "),
+        "stderr is not one error line: {stderr}"
+    );
+    for n in needles {
+        ensure!(stderr.contains(n), "error does not mention {n:?}: {stderr}");
+    }
+    println!("{}", lines[0]);
+    Ok(())
 }
