@@ -123,6 +123,7 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
         "memory": {
             "weights_bytes": weights_bytes,
             "weights_bytes_quantized": quantized_weight_bytes(&tensors),
+            "params_quantized": quantized_params(&tensors),
             "kv_cache_bytes": kv_bytes,
             "total_bytes": weights_bytes + kv_bytes,
             "note": "weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in f32 at the full context; activations not included",
@@ -228,24 +229,50 @@ fn device_check(
     }))
 }
 
-/// Weight bytes under `run --quant` per format: matrices whose rows are whole blocks are
-/// quantized (as `Weights::with_quant` does), everything else stays as counted above.
+/// Whether `run --quant q` stores tensor `t` in format `q`: matrices whose rows are whole
+/// blocks (as `Weights::with_quant` does); the CLIP position table stays f32.
+fn in_format(t: &TensorInfo, q: engine_core::QuantType) -> Option<u64> {
+    match t.shape.as_slice() {
+        [r, k] if !t.name.ends_with("position_embedding.weight") && k % q.block_size() == 0 => {
+            q.bytes_for(r * k).map(|b| b as u64)
+        }
+        _ => None,
+    }
+}
+
+const FORMATS: [engine_core::QuantType; 4] = [
+    engine_core::QuantType::Q8_0,
+    engine_core::QuantType::Q4_0,
+    engine_core::QuantType::Q4_1,
+    engine_core::QuantType::Q4K,
+];
+
+/// Weight bytes under `run --quant` per format: matrices in the format, everything else as
+/// counted above.
 fn quantized_weight_bytes(tensors: &[TensorInfo]) -> serde_json::Map<String, Value> {
-    use engine_core::QuantType as Q;
-    [Q::Q8_0, Q::Q4_0, Q::Q4_1, Q::Q4K]
+    FORMATS
         .into_iter()
         .map(|q| {
             let total: u64 = tensors
                 .iter()
-                .map(|t| match t.shape.as_slice() {
-                    [r, k] if !t.name.ends_with("position_embedding.weight") => q
-                        .bytes_for(r * k)
-                        .filter(|_| k % q.block_size() == 0)
-                        .map_or(t.device_bytes, |b| b as u64),
-                    _ => t.device_bytes,
-                })
+                .map(|t| in_format(t, q).unwrap_or(t.device_bytes))
                 .sum();
             (q.name().to_string(), json!(total))
+        })
+        .collect()
+}
+
+/// Parameters held in each format under `run --quant` (the rest stays as stored).
+fn quantized_params(tensors: &[TensorInfo]) -> serde_json::Map<String, Value> {
+    FORMATS
+        .into_iter()
+        .map(|q| {
+            let n: u64 = tensors
+                .iter()
+                .filter(|t| in_format(t, q).is_some())
+                .map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>())
+                .sum();
+            (q.name().to_string(), json!(n))
         })
         .collect()
 }

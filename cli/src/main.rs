@@ -14,6 +14,7 @@ mod devices;
 mod errors;
 mod info;
 mod progress;
+mod quant_eval;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -63,6 +64,8 @@ enum Cmd {
     },
     /// Dense vs VisiPruner vs FastV on a checkpoint or a synthetic shape.
     Bench(bench::BenchArgs),
+    /// Quality of each weight format against the stored weights (logit error, greedy agreement).
+    QuantEval(quant_eval::QuantEvalArgs),
     /// Kernel benchmark on the selected adapter (JSON).
     BenchKernels {
         /// Fewer repetitions.
@@ -202,6 +205,7 @@ fn main() -> ExitCode {
         Cmd::Devices { json } => devices::devices(json),
         Cmd::BenchKernels { quick } => bench_kernels(quick),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::QuantEval(a) => quant_eval::quant_eval(a),
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

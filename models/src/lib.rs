@@ -13,6 +13,7 @@ pub mod llava;
 pub mod nn;
 pub mod preprocess;
 pub mod prompt;
+pub mod quality;
 pub mod sampling;
 pub mod synthetic;
 

@@ -563,6 +563,44 @@ impl Llava {
         })
     }
 
+    /// Step logits for quality accounting (see [`crate::quality::step_logits`]): the prompt
+    /// (with `image` spliced in) under `prune`, `steps` positions, greedy or teacher-forced.
+    pub fn step_logits(
+        &self,
+        prompt: &PromptIds,
+        image: Option<&EncodedImage>,
+        prune: &PruneConfig,
+        steps: usize,
+        forced: Option<&[u32]>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let span = match (prompt.image_span, image) {
+            (Some(sp), Some(_)) => Some(sp),
+            (None, None) => None,
+            _ => {
+                return Err(Error::msg(
+                    "the prompt's image span and the image must come together",
+                ))
+            }
+        };
+        let ctx = self.cfg.text.max_position_embeddings;
+        if prompt.ids.is_empty() || prompt.ids.len() + steps > ctx {
+            return Err(Error::msg(format!(
+                "prompt of {} tokens plus {steps} steps does not fit the context of {ctx}",
+                prompt.ids.len()
+            )));
+        }
+        let embeds = self.embed_prompt(&prompt.ids, span, image)?; // [S, H]
+        crate::quality::step_logits(
+            &self.llama,
+            self.backend.as_ref(),
+            &embeds,
+            span,
+            prune,
+            steps,
+            forced,
+        )
+    }
+
     /// Token embeddings with the image embeddings spliced over the image span.
     fn embed_prompt(
         &self,

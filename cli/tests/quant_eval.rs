@@ -1,0 +1,127 @@
+//! `visi-cli quant-eval` on the tiny fixtures: the report's structure, q8_0's closeness to
+//! the stored f16 weights, exact agreement where a format covers no tensor, bad input.
+
+use std::process::{Command, Output};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+fn visi(args: &[&str]) -> Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_visi-cli"))
+        .args(args)
+        .env_remove("VISI_ADAPTER")
+        .output()
+        .context("running visi-cli")
+}
+
+fn fixture(rel: &str) -> String {
+    format!("{}/../tests/fixtures/{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn quant_eval_reports_every_format() -> Result<()> {
+    let out = visi(&[
+        "quant-eval",
+        "--model",
+        &fixture("tiny-llava-gqa"),
+        "--image",
+        &fixture("images/square.png"),
+        "--steps",
+        "6",
+        "--json",
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "exit {:?}: {stderr}",
+        out.status.code()
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).context("JSON")?;
+    let base = v["baseline"]["tokens"]
+        .as_array()
+        .context("baseline tokens")?;
+    ensure!(base.len() == 6, "baseline has {} tokens", base.len());
+    let rows = v["formats"].as_array().context("formats")?;
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["format"].as_str()).collect();
+    ensure!(
+        names == ["q8_0", "q4_0", "q4_1", "q4_k"],
+        "formats {names:?}"
+    );
+    let stored = v["baseline"]["weights_bytes"].as_u64().context("bytes")?;
+    for r in rows {
+        let name = r["format"].as_str().unwrap_or("?");
+        let covered = r["params_quantized"].as_f64().context("coverage")?;
+        let rel = r["first_rel_rms"].as_f64().context("first_rel_rms")?;
+        let agree = r["greedy_agree"].as_u64().context("greedy_agree")?;
+        let bytes = r["weights_bytes"].as_u64().context("weights_bytes")?;
+        ensure!(r["steps"] == 6, "{name}: steps {}", r["steps"]);
+        if covered == 0.0 {
+            // Nothing is stored differently (the fixture's rows are not whole 256-blocks):
+            // the logits must be the baseline's, bit for bit.
+            ensure!(rel == 0.0 && agree == 6, "{name}: rel {rel}, agree {agree}");
+            ensure!(bytes == stored, "{name}: {bytes} bytes vs {stored} stored");
+        } else {
+            ensure!(rel > 0.0, "{name}: quantized weights gave identical logits");
+            ensure!(bytes < stored, "{name}: {bytes} bytes vs {stored} stored");
+        }
+    }
+    // q8_0 keeps 8 bits per weight: close to f16 (measured 0.076 relative RMS, 8/8 tokens).
+    let q8 = &rows[0];
+    ensure!(
+        q8["params_quantized"].as_f64() > Some(0.9),
+        "q8_0 coverage {}",
+        q8["params_quantized"]
+    );
+    ensure!(
+        q8["first_rel_rms"].as_f64() < Some(0.15),
+        "q8_0 error {}",
+        q8["first_rel_rms"]
+    );
+    ensure!(
+        q8["greedy_agree"].as_u64() >= Some(5),
+        "q8_0 agreement {}",
+        q8["greedy_agree"]
+    );
+    // q4_0 is coarser than q8_0.
+    ensure!(
+        rows[1]["first_rel_rms"].as_f64() > q8["first_rel_rms"].as_f64(),
+        "q4_0 {} vs q8_0 {}",
+        rows[1]["first_rel_rms"],
+        q8["first_rel_rms"]
+    );
+    Ok(())
+}
+
+#[test]
+fn quant_eval_bad_input() -> Result<()> {
+    let model = fixture("tiny-llava-gqa");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["quant-eval", "--model", &model, "--formats", "q9_9"],
+            "q9_9",
+        ),
+        (
+            &["quant-eval", "--model", &model, "--steps", "0"],
+            "--steps",
+        ),
+        (&["quant-eval", "--model", "/nonexistent/model"], "--model"),
+    ];
+    for (args, needle) in cases {
+        let out = visi(args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2),
+            "{args:?}: exit {:?}: {stderr}",
+            out.status.code()
+        );
+        ensure!(
+            stderr.contains(needle),
+            "{args:?}: stderr lacks {needle:?}: {stderr}"
+        );
+        ensure!(
+            stderr.trim().lines().count() == 1,
+            "{args:?}: not one line: {stderr}"
+        );
+    }
+    Ok(())
+}
