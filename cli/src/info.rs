@@ -32,10 +32,27 @@ struct TensorInfo {
     device_bytes: u64,
 }
 
-/// Runs `info` and prints the report (text, or one JSON object with `json`).
-pub fn info(model: &str, device: InfoDevice, json_out: bool) -> Result<(), Failure> {
-    let dir = models::hub::resolve_model(model).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
-    let v = report(&dir, device)?;
+/// Runs `info` on a model directory or a synthetic shape and prints the report (text, or
+/// one JSON object with `json`).
+pub fn info(
+    model: Option<&str>,
+    shape: Option<&str>,
+    device: InfoDevice,
+    json_out: bool,
+) -> Result<(), Failure> {
+    let v = match (model, shape) {
+        (Some(m), None) => {
+            let dir =
+                models::hub::resolve_model(m).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+            report(&dir, device)?
+        }
+        (None, Some(s)) => {
+            let shape = models::synthetic::SyntheticShape::parse(s)
+                .map_err(|e| bad_input(anyhow!("--shape: {e}")))?;
+            shape_report(shape, device)?
+        }
+        _ => return Err(bad_input(anyhow!("give either --model or --shape"))),
+    };
     if json_out {
         let text = serde_json::to_string(&v).map_err(|e| internal(e.into()))?;
         println!("{text}");
@@ -61,15 +78,68 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
         .to_string();
 
     let source = open_safetensors(dir).map_err(classify)?;
+    let mut stored = Vec::new();
+    for name in source.names() {
+        let view = source.view(&name).map_err(classify)?;
+        stored.push((
+            name,
+            view.dtype,
+            view.shape.to_vec(),
+            view.bytes.len() as u64,
+        ));
+    }
+    report_from(
+        dir.display().to_string(),
+        &cfg,
+        arch,
+        stored,
+        source.total_bytes(),
+        device,
+    )
+}
+
+/// The report for a synthetic shape (`tiny`, `llava-1b`, `llava-7b`): the tensors an f16
+/// llava-hf checkpoint of that shape holds, with nothing generated or read.
+pub fn shape_report(
+    shape: models::synthetic::SyntheticShape,
+    device: InfoDevice,
+) -> Result<Value, Failure> {
+    let cfg = shape.config().map_err(classify)?;
+    let stored: Vec<_> = models::synthetic::tensor_shapes(&cfg)
+        .into_iter()
+        .map(|(name, s)| {
+            let n: u64 = s.iter().map(|&d| d as u64).product();
+            (name, DType::F16, s, 2 * n)
+        })
+        .collect();
+    let on_disk = stored.iter().map(|t| t.3).sum();
+    report_from(
+        format!("synthetic {} (f16)", shape.name()),
+        &cfg,
+        "LlavaForConditionalGeneration".to_string(),
+        stored,
+        on_disk,
+        device,
+    )
+}
+
+/// The report from the stored tensors `(name, dtype, shape, bytes)`.
+fn report_from(
+    label: String,
+    cfg: &LlavaConfig,
+    arch: String,
+    stored: Vec<(String, DType, Vec<usize>, u64)>,
+    bytes_on_disk: u64,
+    device: InfoDevice,
+) -> Result<Value, Failure> {
     let mut tensors = Vec::new();
     let mut dtypes: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     let mut params: BTreeMap<&str, u64> = BTreeMap::new();
-    for name in source.names() {
-        let view = source.view(&name).map_err(classify)?;
-        let n: u64 = view.shape.iter().map(|&d| d as u64).product();
-        let e = dtypes.entry(view.dtype.to_string()).or_default();
+    for (name, dtype, shape, bytes) in stored {
+        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        let e = dtypes.entry(dtype.to_string()).or_default();
         e.0 += 1;
-        e.1 += view.bytes.len() as u64;
+        e.1 += bytes;
         let part = if name.contains("vision_tower") {
             "vision"
         } else if name.contains("multi_modal_projector") {
@@ -78,15 +148,15 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
             "text"
         };
         *params.entry(part).or_default() += n;
-        let as_f32 = view.shape.len() <= 1 || name.ends_with("position_embedding.weight");
-        let elem = match view.dtype {
+        let as_f32 = shape.len() <= 1 || name.ends_with("position_embedding.weight");
+        let elem = match dtype {
             _ if as_f32 => 4,
             DType::F16 | DType::BF16 => 2,
             _ => 4,
         };
         tensors.push(TensorInfo {
             name,
-            shape: view.shape.to_vec(),
+            shape,
             device_bytes: n * elem,
         });
     }
@@ -94,13 +164,20 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
     let tc = &cfg.text;
     let ctx = tc.max_position_embeddings as u64;
     // K and V, f32, every layer, the whole context.
+    // One image, a 64-token question and 256 answer tokens, dense (pruning only shrinks it).
+    let typical_rows = (cfg.image_tokens() + 64 + 256).min(ctx as usize) as u64;
+    let kv_typical = 2
+        * tc.num_hidden_layers as u64
+        * typical_rows
+        * (tc.num_key_value_heads * tc.head_dim) as u64
+        * 4;
     let kv_bytes =
         2 * tc.num_hidden_layers as u64 * ctx * (tc.num_key_value_heads * tc.head_dim) as u64 * 4;
     let largest = tensors.iter().max_by_key(|t| t.device_bytes);
 
     let dev = device_check(device, largest, weights_bytes + kv_bytes)?;
     Ok(json!({
-        "model_dir": dir.display().to_string(),
+        "model_dir": label,
         "architecture": arch,
         "vision_layers": cfg.vision.num_hidden_layers,
         "vision_layers_run": cfg.vision_layers_to_run(),
@@ -119,12 +196,14 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
         },
         "tensors": tensors.len(),
         "dtypes": dtypes.iter().map(|(k, (n, b))| (k.clone(), json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
-        "bytes_on_disk": source.total_bytes(),
+        "bytes_on_disk": bytes_on_disk,
         "memory": {
             "weights_bytes": weights_bytes,
             "weights_bytes_quantized": quantized_weight_bytes(&tensors),
             "params_quantized": quantized_params(&tensors),
             "kv_cache_bytes": kv_bytes,
+            "kv_cache_bytes_one_image": kv_typical,
+            "one_image_rows": typical_rows,
             "total_bytes": weights_bytes + kv_bytes,
             "note": "weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in f32 at the full context; activations not included",
         },
@@ -323,6 +402,11 @@ pub fn text_report(v: &Value) -> String {
         let parts: Vec<String> = q.iter().map(|(k, x)| format!("{k} {}", b(x))).collect();
         s += &format!("  --quant    weights {}\n", parts.join(", "));
     }
+    s += &format!(
+        "  one image  KV cache {} ({} rows: image, 64-token question, 256-token answer, dense)\n",
+        b(&m["kv_cache_bytes_one_image"]),
+        n(&m["one_image_rows"])
+    );
     let d = &v["device"];
     match d["backend"].as_str() {
         Some("wgpu") => {

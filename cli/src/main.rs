@@ -47,8 +47,11 @@ enum Cmd {
     /// Describe a model: layers, parameters, dtypes, memory, and whether a device holds it.
     Info {
         /// Model directory or Hugging Face repo id (as for `run`).
+        #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
+        model: Option<String>,
+        /// A synthetic shape instead (tiny, llava-1b, llava-7b): sizes without weights.
         #[arg(long)]
-        model: String,
+        shape: Option<String>,
         /// Device to check the model against.
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
@@ -191,10 +194,12 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Info {
             model,
+            shape,
             device,
             json,
         } => info::info(
-            &model,
+            model.as_deref(),
+            shape.as_deref(),
             match device {
                 DeviceArg::Auto => info::InfoDevice::Auto,
                 DeviceArg::Gpu => info::InfoDevice::Gpu,

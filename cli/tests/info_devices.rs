@@ -279,3 +279,30 @@ fn ctrl_c_stops_generation_cleanly() -> Result<()> {
     );
     Ok(())
 }
+
+/// `info --shape llava-7b`: LLaVA-1.5-7B's published size (7,063,427,072 parameters in
+/// llava-hf/llava-1.5-7b-hf), and the per-format weight bytes from GGUF's block sizes.
+#[test]
+fn info_shape_llava_7b() -> Result<()> {
+    let out = visi(&["info", "--shape", "llava-7b", "--device", "cpu", "--json"])?;
+    let v: Value = serde_json::from_str(&ok_stdout(&out)?)?;
+    ensure!(
+        v["parameters"]["total"] == 7_063_427_072u64,
+        "parameters {}",
+        v["parameters"]
+    );
+    let m = &v["memory"];
+    let f16 = m["weights_bytes"].as_u64().context("weights_bytes")?;
+    let q = |f: &str| m["weights_bytes_quantized"][f].as_u64().unwrap_or(0);
+    // Q8_0: 34 bytes per 32 weights; Q4_0 18/32; Q4_K 144/256 (all 4.5 bits): every matrix
+    // of this shape is whole blocks, only vectors and the position table stay f32.
+    let params = m["params_quantized"]["q4_k"].as_u64().context("params_quantized")?;
+    let rest = f16 - 2 * params;
+    ensure!(q("q8_0") == params / 32 * 34 + rest, "q8_0 {}", q("q8_0"));
+    ensure!(q("q4_0") == params / 32 * 18 + rest, "q4_0 {}", q("q4_0"));
+    ensure!(q("q4_k") == params / 256 * 144 + rest, "q4_k {}", q("q4_k"));
+    ensure!(q("q4_k") < 4 << 30, "q4_k {} does not fit 4 GiB", q("q4_k"));
+    let bad = visi(&["info", "--shape", "llava-9b"])?;
+    ensure!(bad.status.code() == Some(2), "bad shape: {:?}", bad.status.code());
+    Ok(())
+}

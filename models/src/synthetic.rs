@@ -112,81 +112,93 @@ pub struct SyntheticSource {
     logical_bytes: u64,
 }
 
+/// The tensor list for `cfg`, each with how it is filled.
+fn entries(cfg: &LlavaConfig) -> BTreeMap<String, (Vec<usize>, Fill)> {
+    let mut e: BTreeMap<String, (Vec<usize>, Fill)> = BTreeMap::new();
+    let mut put = |name: String, shape: &[usize]| {
+        let fill = if name.ends_with(".bias") {
+            Fill::Zeros
+        } else if name.contains("norm") && name.ends_with(".weight") {
+            Fill::Ones
+        } else {
+            Fill::Random
+        };
+        e.insert(name, (shape.to_vec(), fill));
+    };
+    let (v, t) = (&cfg.vision, &cfg.text);
+    let d = v.hidden_size;
+    let vt = "vision_tower.vision_model";
+    put(
+        format!("{vt}.embeddings.patch_embedding.weight"),
+        &[d, v.num_channels, v.patch_size, v.patch_size],
+    );
+    put(format!("{vt}.embeddings.class_embedding"), &[d]);
+    put(
+        format!("{vt}.embeddings.position_embedding.weight"),
+        &[v.num_patches() + 1, d],
+    );
+    for n in ["weight", "bias"] {
+        put(format!("{vt}.pre_layrnorm.{n}"), &[d]);
+        put(format!("{vt}.post_layernorm.{n}"), &[d]);
+    }
+    for i in 0..v.num_hidden_layers {
+        let l = format!("{vt}.encoder.layers.{i}");
+        for ln in ["layer_norm1", "layer_norm2"] {
+            put(format!("{l}.{ln}.weight"), &[d]);
+            put(format!("{l}.{ln}.bias"), &[d]);
+        }
+        for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            put(format!("{l}.self_attn.{p}.weight"), &[d, d]);
+            put(format!("{l}.self_attn.{p}.bias"), &[d]);
+        }
+        put(format!("{l}.mlp.fc1.weight"), &[v.intermediate_size, d]);
+        put(format!("{l}.mlp.fc1.bias"), &[v.intermediate_size]);
+        put(format!("{l}.mlp.fc2.weight"), &[d, v.intermediate_size]);
+        put(format!("{l}.mlp.fc2.bias"), &[d]);
+    }
+    let h = t.hidden_size;
+    let mm = "multi_modal_projector";
+    put(format!("{mm}.linear_1.weight"), &[h, d]);
+    put(format!("{mm}.linear_1.bias"), &[h]);
+    put(format!("{mm}.linear_2.weight"), &[h, h]);
+    put(format!("{mm}.linear_2.bias"), &[h]);
+    let lm = "language_model.model";
+    let q_dim = t.num_attention_heads * t.head_dim;
+    let kv_dim = t.num_key_value_heads * t.head_dim;
+    let i = t.intermediate_size;
+    put(format!("{lm}.embed_tokens.weight"), &[t.vocab_size, h]);
+    for l in 0..t.num_hidden_layers {
+        let p = format!("{lm}.layers.{l}");
+        put(format!("{p}.input_layernorm.weight"), &[h]);
+        put(format!("{p}.post_attention_layernorm.weight"), &[h]);
+        put(format!("{p}.self_attn.q_proj.weight"), &[q_dim, h]);
+        put(format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h]);
+        put(format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h]);
+        put(format!("{p}.self_attn.o_proj.weight"), &[h, q_dim]);
+        put(format!("{p}.mlp.gate_proj.weight"), &[i, h]);
+        put(format!("{p}.mlp.up_proj.weight"), &[i, h]);
+        put(format!("{p}.mlp.down_proj.weight"), &[h, i]);
+    }
+    put(format!("{lm}.norm.weight"), &[h]);
+    put(
+        "language_model.lm_head.weight".to_string(),
+        &[t.vocab_size, h],
+    );
+
+    e
+}
+
+/// Every tensor (name, shape) a llava-hf checkpoint of `cfg` holds, as [`SyntheticSource`]
+/// lists them (old naming); for memory estimates without generating weights.
+pub fn tensor_shapes(cfg: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
+    entries(cfg).into_iter().map(|(n, (s, _))| (n, s)).collect()
+}
+
 impl SyntheticSource {
     /// Builds the tensor list for `cfg` and generates one buffer per distinct (role, shape)
     /// from `seed`.
     pub fn new(cfg: &LlavaConfig, seed: u64) -> Self {
-        let mut e: BTreeMap<String, (Vec<usize>, Fill)> = BTreeMap::new();
-        let mut put = |name: String, shape: &[usize]| {
-            let fill = if name.ends_with(".bias") {
-                Fill::Zeros
-            } else if name.contains("norm") && name.ends_with(".weight") {
-                Fill::Ones
-            } else {
-                Fill::Random
-            };
-            e.insert(name, (shape.to_vec(), fill));
-        };
-        let (v, t) = (&cfg.vision, &cfg.text);
-        let d = v.hidden_size;
-        let vt = "vision_tower.vision_model";
-        put(
-            format!("{vt}.embeddings.patch_embedding.weight"),
-            &[d, v.num_channels, v.patch_size, v.patch_size],
-        );
-        put(format!("{vt}.embeddings.class_embedding"), &[d]);
-        put(
-            format!("{vt}.embeddings.position_embedding.weight"),
-            &[v.num_patches() + 1, d],
-        );
-        for n in ["weight", "bias"] {
-            put(format!("{vt}.pre_layrnorm.{n}"), &[d]);
-            put(format!("{vt}.post_layernorm.{n}"), &[d]);
-        }
-        for i in 0..v.num_hidden_layers {
-            let l = format!("{vt}.encoder.layers.{i}");
-            for ln in ["layer_norm1", "layer_norm2"] {
-                put(format!("{l}.{ln}.weight"), &[d]);
-                put(format!("{l}.{ln}.bias"), &[d]);
-            }
-            for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                put(format!("{l}.self_attn.{p}.weight"), &[d, d]);
-                put(format!("{l}.self_attn.{p}.bias"), &[d]);
-            }
-            put(format!("{l}.mlp.fc1.weight"), &[v.intermediate_size, d]);
-            put(format!("{l}.mlp.fc1.bias"), &[v.intermediate_size]);
-            put(format!("{l}.mlp.fc2.weight"), &[d, v.intermediate_size]);
-            put(format!("{l}.mlp.fc2.bias"), &[d]);
-        }
-        let h = t.hidden_size;
-        let mm = "multi_modal_projector";
-        put(format!("{mm}.linear_1.weight"), &[h, d]);
-        put(format!("{mm}.linear_1.bias"), &[h]);
-        put(format!("{mm}.linear_2.weight"), &[h, h]);
-        put(format!("{mm}.linear_2.bias"), &[h]);
-        let lm = "language_model.model";
-        let q_dim = t.num_attention_heads * t.head_dim;
-        let kv_dim = t.num_key_value_heads * t.head_dim;
-        let i = t.intermediate_size;
-        put(format!("{lm}.embed_tokens.weight"), &[t.vocab_size, h]);
-        for l in 0..t.num_hidden_layers {
-            let p = format!("{lm}.layers.{l}");
-            put(format!("{p}.input_layernorm.weight"), &[h]);
-            put(format!("{p}.post_attention_layernorm.weight"), &[h]);
-            put(format!("{p}.self_attn.q_proj.weight"), &[q_dim, h]);
-            put(format!("{p}.self_attn.k_proj.weight"), &[kv_dim, h]);
-            put(format!("{p}.self_attn.v_proj.weight"), &[kv_dim, h]);
-            put(format!("{p}.self_attn.o_proj.weight"), &[h, q_dim]);
-            put(format!("{p}.mlp.gate_proj.weight"), &[i, h]);
-            put(format!("{p}.mlp.up_proj.weight"), &[i, h]);
-            put(format!("{p}.mlp.down_proj.weight"), &[h, i]);
-        }
-        put(format!("{lm}.norm.weight"), &[h]);
-        put(
-            "language_model.lm_head.weight".to_string(),
-            &[t.vocab_size, h],
-        );
-
+        let e = entries(cfg);
         let mut data = HashMap::new();
         let mut logical_bytes = 0u64;
         for (shape, fill) in e.values() {
