@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// FastV settings.
     #[arg(long, default_value = "k=2,ratio=0.5")]
     fastv: String,
+    /// Methods to run, comma-separated; dense always runs (it is the baseline).
+    #[arg(long, default_value = "dense,visipruner,fastv")]
+    methods: String,
     /// Leave out the kernel benchmark.
     #[arg(long)]
     skip_kernels: bool,
@@ -99,6 +102,27 @@ fn parse_kv(text: &str, flag: &str, keys: &[&str]) -> anyhow::Result<Vec<(String
             return Err(anyhow!("{flag}: {k} given twice"));
         }
         out.push((k.to_string(), v.trim().to_string()));
+    }
+    Ok(out)
+}
+
+/// `--methods`: names out of dense, visipruner, fastv; dense is added when missing.
+fn parse_methods(text: &str) -> anyhow::Result<Vec<&'static str>> {
+    let mut out = vec!["dense"];
+    for m in text.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let name = match m {
+            "dense" => "dense",
+            "visipruner" => "visipruner",
+            "fastv" => "fastv",
+            _ => {
+                return Err(anyhow!(
+                    "--methods: unknown method {m:?} (expected dense, visipruner, fastv)"
+                ))
+            }
+        };
+        if !out.contains(&name) {
+            out.push(name);
+        }
     }
     Ok(out)
 }
@@ -398,6 +422,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         .transpose()
         .map_err(bad_input)?;
     let fastv = parse_fastv(&a.fastv).map_err(bad_input)?;
+    let wanted = parse_methods(&a.methods).map_err(bad_input)?;
     if let Some(p) = &a.plot {
         if p.extension().and_then(|e| e.to_str()) != Some("png") {
             return Err(bad_input(anyhow!(
@@ -499,6 +524,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         ("fastv", Box::new(fastv_p)),
     ]
     .into_iter()
+    .filter(|(name, _)| wanted.contains(name))
     .map(|(name, pruner)| MethodRuns {
         name,
         pruner,
@@ -780,6 +806,9 @@ fn print_table(r: &Value) {
     );
     for name in ["dense", "visipruner", "fastv"] {
         let x = &m[name];
+        if x.is_null() {
+            continue;
+        }
         println!(
             "{:<11} {:>8.1}/{:<8.1} {:>9.1}/{:<9.1} {:>9.1}/{:<9.1} {:>12.2} {:>10.2} {:>8.2}x {:>8.2}x {:>6.1}%",
             name,
@@ -802,6 +831,9 @@ fn print_table(r: &Value) {
     );
     for name in ["visipruner", "fastv"] {
         let x = &m[name];
+        if x.is_null() {
+            continue;
+        }
         println!("{name}: layer seq lens {}", compact(&x["layer_seq_lens"]));
     }
     println!(

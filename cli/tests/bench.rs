@@ -190,6 +190,7 @@ fn bad_schedules_are_bad_input() -> Result<()> {
         (vec!["--schedule", "fusion=7,kept=10"], "kept"),
         (vec!["--fastv", "k=2,ratio=x"], "ratio"),
         (vec!["--prompt-len", "600"], "prompt-len"),
+        (vec!["--methods", "dense,fastvv"], "fastvv"),
     ] {
         let (out, _) = bench(&args)?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -252,4 +253,22 @@ fn shallow_fixture_runs_visipruner_with_a_scaled_schedule() -> Result<()> {
         &lens(&json["methods"]["dense"]["layer_seq_lens"]),
         &[PROMPT; 6],
     )
+}
+
+/// `--methods visipruner`: dense (the baseline) and VisiPruner only.
+#[test]
+fn methods_subset_runs_dense_and_the_named_ones() -> Result<()> {
+    let (out, json) = bench(&["--methods", "visipruner", "--json"])?;
+    ensure!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json.context("no JSON")?;
+    let m = v["methods"].as_object().context("methods")?;
+    let mut names: Vec<&str> = m.keys().map(String::as_str).collect();
+    names.sort();
+    ensure!(names == ["dense", "visipruner"], "methods {names:?}");
+    Ok(())
 }

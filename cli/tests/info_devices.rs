@@ -296,13 +296,19 @@ fn info_shape_llava_7b() -> Result<()> {
     let q = |f: &str| m["weights_bytes_quantized"][f].as_u64().unwrap_or(0);
     // Q8_0: 34 bytes per 32 weights; Q4_0 18/32; Q4_K 144/256 (all 4.5 bits): every matrix
     // of this shape is whole blocks, only vectors and the position table stay f32.
-    let params = m["params_quantized"]["q4_k"].as_u64().context("params_quantized")?;
+    let params = m["params_quantized"]["q4_k"]
+        .as_u64()
+        .context("params_quantized")?;
     let rest = f16 - 2 * params;
     ensure!(q("q8_0") == params / 32 * 34 + rest, "q8_0 {}", q("q8_0"));
     ensure!(q("q4_0") == params / 32 * 18 + rest, "q4_0 {}", q("q4_0"));
     ensure!(q("q4_k") == params / 256 * 144 + rest, "q4_k {}", q("q4_k"));
     ensure!(q("q4_k") < 4 << 30, "q4_k {} does not fit 4 GiB", q("q4_k"));
     let bad = visi(&["info", "--shape", "llava-9b"])?;
-    ensure!(bad.status.code() == Some(2), "bad shape: {:?}", bad.status.code());
+    ensure!(
+        bad.status.code() == Some(2),
+        "bad shape: {:?}",
+        bad.status.code()
+    );
     Ok(())
 }
