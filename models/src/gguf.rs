@@ -426,11 +426,12 @@ pub fn llama_tokenizer(f: &GgufFile) -> Result<Tokenizer> {
     let unk = id_key("tokenizer.ggml.unknown_token_id").unwrap_or(0);
 
     let merges = spm_merges(&tokens, &scores, &types);
-    // The BPE vocabulary is every token but the user-defined ones (added tokens).
+    // Every token is in the BPE vocabulary so added tokens keep their ids (merges never
+    // produce the user-defined ones; see spm_merges).
     let mut vocab = serde_json::Map::new();
     let mut added = Vec::new();
     for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
-        if *ty != TOKEN_USER_DEFINED && !vocab.contains_key(*t) {
+        if !vocab.contains_key(*t) {
             vocab.insert(t.to_string(), serde_json::json!(i));
         }
         if *ty == TOKEN_CONTROL || *ty == TOKEN_USER_DEFINED {
