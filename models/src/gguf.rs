@@ -565,6 +565,45 @@ impl GgufTextModel {
         Ok(ids)
     }
 
+    /// Decoding of up to `max_new` tokens after `ids` with `params` (greedy when its
+    /// temperature is 0; stops at an EOS token, which is kept); also returns the first
+    /// step's logits `[V]`.
+    pub fn generate(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        max_new: usize,
+        params: crate::sampling::SamplingParams,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        if params.is_greedy() {
+            return self.greedy(b, ids, max_new);
+        }
+        if ids.is_empty() {
+            return Err(Error::msg("generate: empty prompt"));
+        }
+        let mut sampler = crate::sampling::Sampler::new(params)?;
+        let embeds = self.llama.embed(b, ids)?; // [S, H]
+        let mut cache = KvCache::default();
+        let (logits, _) = self
+            .llama
+            .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
+        let first = b.to_vec_f32(&logits)?;
+        let mut host = first.clone();
+        let mut out = Vec::with_capacity(max_new);
+        let mut pos = ids.len() as u32;
+        while out.len() < max_new {
+            let next = sampler.sample(&host)?;
+            out.push(next);
+            if self.config.eos_token_ids.contains(&next) || out.len() == max_new {
+                break;
+            }
+            let logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
+            host = b.to_vec_f32(&logits)?;
+            pos += 1;
+        }
+        Ok((out, first))
+    }
+
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
     /// kept); also returns the first step's logits `[V]`.
     pub fn greedy(
