@@ -190,6 +190,55 @@ fn quantize_f16_and_q8_0_pairs_match_the_references() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn quantize_4bit_pairs_load_and_run() -> Result<()> {
+    let f16 = {
+        let d = scratch("q4-f16")?;
+        let (t, m) = quantize("f16", &d)?;
+        run_pair(&t, &m)?
+    };
+    for q in ["q4_0", "q4_1", "q4_k"] {
+        let (t, m) = quantize(q, &scratch(&format!("q4-{q}"))?)?;
+        let f = GgufFile::open(&t)?;
+        let stored: Vec<String> = f.tensor_infos().map(|i| format!("{:?}", i.ty)).collect();
+        let got = run_pair(&t, &m)?;
+        for ((case, toks, logits), (_, ftoks, l16)) in got.iter().zip(&f16) {
+            let err = logits
+                .iter()
+                .zip(l16)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let rms = (l16.iter().map(|v| v * v).sum::<f32>() / l16.len() as f32).sqrt();
+            let agree = toks.iter().zip(ftoks).take_while(|(a, b)| a == b).count();
+            note(&format!(
+                "quantize {q} {case}: first-step max |logit - f16 pair| {err:.4} ({:.3} of rms), greedy agrees with f16 on {agree}/16",
+                err / rms
+            ));
+            // Reported, not bounded: 4 bits on this random tiny model move the text case's
+            // logits by ~0.9 of rms (q8_0: 0.09). Correctness is the check below.
+            ensure!(err.is_finite(), "{q} {case}: non-finite logits");
+        }
+        // The text case equals quantizing the same matrices at load from safetensors.
+        let qt = engine_core::QuantType::parse(q).context("quant type")?;
+        let at_load = run_llava(Llava::load_quantized(
+            &fixtures().join("tiny-llava-mha"),
+            Arc::new(CpuBackend::new()),
+            None,
+            Some(qt),
+        )?)?;
+        for ((case, _, a), (_, _, b)) in got.iter().zip(&at_load).filter(|(g, _)| g.0 == "text") {
+            compare(&format!("{q} pair vs --quant {q} at load, {case}"), a, b, b.len(), 1e-4)?;
+        }
+        let quantized = stored.iter().filter(|s| s.contains("Quant")).count();
+        note(&format!("quantize {q}: {quantized} of {} text tensors stored quantized", stored.len()));
+        ensure!(
+            (q == "q4_k") == (quantized == 0),
+            "{q}: {quantized} quantized tensors (q4_k should fall back to f16 everywhere here)"
+        );
+    }
+    Ok(())
+}
+
 fn md_map(f: &GgufFile) -> &std::collections::BTreeMap<String, GgufValue> {
     &f.metadata
 }
@@ -324,6 +373,15 @@ fn run_with_mmproj_matches_the_reference_and_samples() -> Result<()> {
     let (a, b) = (s("7")?, s("7")?);
     ensure!(a["tokens"] == b["tokens"], "same seed, different tokens");
     ensure!(a["tokens"] != Value::from(c.generated_ids.clone()), "sampling at T=1.5 reproduced greedy");
+    // The text file alone is the text-only GGUF path (no --mmproj): same greedy tokens.
+    let o = visi(&[
+        "run", "--model", t.to_str().unwrap_or_default(),
+        "--prompt", "What is the capital of France?", "--max-new-tokens", "16", "--json",
+    ])?;
+    ensure!(o.status.success(), "text-only gguf: {}", String::from_utf8_lossy(&o.stderr));
+    let j: Value = serde_json::from_slice(&o.stdout)?;
+    let want = &r.cases.iter().find(|c| c.name == "text").context("text case")?.generated_ids;
+    ensure!(j["tokens"] == Value::from(want.clone()), "text-only gguf tokens {}", j["tokens"]);
     // Text-only through the pair (no --image) works too.
     let o = visi(&[
         "run", "--model", t.to_str().unwrap_or_default(), "--mmproj", m.to_str().unwrap_or_default(),
