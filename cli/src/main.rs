@@ -598,9 +598,12 @@ fn run(a: RunArgs) -> Result<(), Failure> {
 fn pair_is_quantized(text: &Path, mmproj: &Path) -> engine_core::Result<bool> {
     for p in [text, mmproj] {
         let f = engine_core::gguf::GgufFile::open(p)?;
-        let q = f
-            .tensor_infos()
-            .any(|t| matches!(t.ty, engine_core::gguf::GgufType::Known(engine_core::DType::Quant(_))));
+        let q = f.tensor_infos().any(|t| {
+            matches!(
+                t.ty,
+                engine_core::gguf::GgufType::Known(engine_core::DType::Quant(_))
+            )
+        });
         if q {
             return Ok(true);
         }

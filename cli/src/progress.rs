@@ -42,8 +42,10 @@ pub fn count_bar(what: &str) -> Option<ProgressBar> {
         return None;
     }
     let bar = ProgressBar::new(0);
-    let style = ProgressStyle::with_template(&format!("{what} {{bar:20}} {{pos}}/{{len}} tensors ({{eta}})"))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(&format!(
+        "{what} {{bar:20}} {{pos}}/{{len}} tensors ({{eta}})"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     Some(bar)
 }

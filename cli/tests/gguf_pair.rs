@@ -84,14 +84,17 @@ fn quantize(quant: &str, out: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((lines[0].clone(), lines[1].clone()))
 }
 
+/// One reference case's run: (case, greedy tokens, first-step logits).
+type CaseRun = (String, Vec<u32>, Vec<f32>);
+
 /// Per reference case of tiny-llava-mha: (case, greedy tokens, first-step logits) of a pair.
-fn run_pair(text: &Path, mmproj: &Path) -> Result<Vec<(String, Vec<u32>, Vec<f32>)>> {
+fn run_pair(text: &Path, mmproj: &Path) -> Result<Vec<CaseRun>> {
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     run_llava(Llava::load_gguf(text, mmproj, be, None, None)?)
 }
 
 /// [`run_pair`] for an already loaded model.
-fn run_llava(llava: Llava) -> Result<Vec<(String, Vec<u32>, Vec<f32>)>> {
+fn run_llava(llava: Llava) -> Result<Vec<CaseRun>> {
     let r = references()?
         .into_iter()
         .find(|r| r.name == "tiny-llava-mha")
@@ -139,11 +142,19 @@ fn quantize_f16_and_q8_0_pairs_match_the_references() -> Result<()> {
         let (want, _) = r.array(case, "logits")?;
         // Same f16 weights as the safetensors checkpoint, f32 compute: the reference
         // suite's 1e-3 bound (measured ~3e-5).
-        let e = compare(&format!("f16 pair {case}: logits"), logits, &want, want.len(), 1e-3)?;
+        let e = compare(
+            &format!("f16 pair {case}: logits"),
+            logits,
+            &want,
+            want.len(),
+            1e-3,
+        )?;
         if let Some(d) = first_difference(toks, &c.generated_ids) {
             bail!("f16 pair {case}: greedy tokens: {d}");
         }
-        note(&format!("quantize f16 {case}: logits max err {e:.2e}, 16 tokens match"));
+        note(&format!(
+            "quantize f16 {case}: logits max err {e:.2e}, 16 tokens match"
+        ));
     }
     // Its own directory: the f16 run's mmproj is there and is never overwritten.
     let (t8, m8) = quantize("q8_0", &scratch("quantize-q8")?)?;
@@ -158,7 +169,13 @@ fn quantize_f16_and_q8_0_pairs_match_the_references() -> Result<()> {
         Some(engine_core::QuantType::Q8_0),
     )?)?;
     for ((case, _, a), (_, _, b)) in q8.iter().zip(&at_load).filter(|(q, _)| q.0 == "text") {
-        compare(&format!("q8_0 pair vs --quant q8_0 at load, {case}"), a, b, b.len(), 1e-4)?;
+        compare(
+            &format!("q8_0 pair vs --quant q8_0 at load, {case}"),
+            a,
+            b,
+            b.len(),
+            1e-4,
+        )?;
     }
     for ((case, toks, logits), (_, _, l16)) in q8.iter().zip(&f16) {
         let c = r.cases.iter().find(|c| &c.name == case).context("case")?;
@@ -182,7 +199,11 @@ fn quantize_f16_and_q8_0_pairs_match_the_references() -> Result<()> {
         // 0.021 (square_crop) to 0.088 (text), the latter identical to quantizing at load
         // (checked above), so it is Q8_0 on these random weights, not the file. A broken
         // format or a wrong row order is ~1. Bound 0.15, and greedy must still agree.
-        ensure!(err / rms <= 0.15, "q8_0 {case}: first-step logit error {err} is {} of rms", err / rms);
+        ensure!(
+            err / rms <= 0.15,
+            "q8_0 {case}: first-step logit error {err} is {} of rms",
+            err / rms
+        );
         if let Some(d) = first_difference(toks, &c.generated_ids) {
             bail!("q8_0 pair {case}: greedy tokens: {d}");
         }
@@ -227,10 +248,19 @@ fn quantize_4bit_pairs_load_and_run() -> Result<()> {
             Some(qt),
         )?)?;
         for ((case, _, a), (_, _, b)) in got.iter().zip(&at_load).filter(|(g, _)| g.0 == "text") {
-            compare(&format!("{q} pair vs --quant {q} at load, {case}"), a, b, b.len(), 1e-4)?;
+            compare(
+                &format!("{q} pair vs --quant {q} at load, {case}"),
+                a,
+                b,
+                b.len(),
+                1e-4,
+            )?;
         }
         let quantized = stored.iter().filter(|s| s.contains("Quant")).count();
-        note(&format!("quantize {q}: {quantized} of {} text tensors stored quantized", stored.len()));
+        note(&format!(
+            "quantize {q}: {quantized} of {} text tensors stored quantized",
+            stored.len()
+        ));
         ensure!(
             (q == "q4_k") == (quantized == 0),
             "{q}: {quantized} quantized tensors (q4_k should fall back to f16 everywhere here)"
@@ -283,18 +313,39 @@ fn quantize_f16_writes_what_the_llama_cpp_converters_write() -> Result<()> {
             let Some(mine) = md_map(&a).get(k) else {
                 bail!("{}: key {k} missing (converter has it)", ours.display());
             };
-            ensure!(approx_eq(mine, v), "{}: key {k}: ours {mine:?} vs converter {v:?}", ours.display());
+            ensure!(
+                approx_eq(mine, v),
+                "{}: key {k}: ours {mine:?} vs converter {v:?}",
+                ours.display()
+            );
         }
         let names_a: Vec<String> = a.tensor_infos().map(|t| t.name.clone()).collect();
         let mut names_b: Vec<String> = b.tensor_infos().map(|t| t.name.clone()).collect();
         let mut sorted_a = names_a.clone();
         sorted_a.sort();
         names_b.sort();
-        ensure!(sorted_a == names_b, "{}: tensor names differ: ours {sorted_a:?} converter {names_b:?}", ours.display());
+        ensure!(
+            sorted_a == names_b,
+            "{}: tensor names differ: ours {sorted_a:?} converter {names_b:?}",
+            ours.display()
+        );
         for n in &names_b {
-            let (ta, tb) = (a.tensor_info(n).context("a")?, b.tensor_info(n).context("b")?);
-            ensure!(ta.shape == tb.shape, "{n}: shape ours {:?} converter {:?}", ta.shape, tb.shape);
-            ensure!(ta.ty == tb.ty, "{n}: type ours {:?} converter {:?}", ta.ty, tb.ty);
+            let (ta, tb) = (
+                a.tensor_info(n).context("a")?,
+                b.tensor_info(n).context("b")?,
+            );
+            ensure!(
+                ta.shape == tb.shape,
+                "{n}: shape ours {:?} converter {:?}",
+                ta.shape,
+                tb.shape
+            );
+            ensure!(
+                ta.ty == tb.ty,
+                "{n}: type ours {:?} converter {:?}",
+                ta.ty,
+                tb.ty
+            );
             // Same f16 source values, same Q/K permutation: identical bytes.
             let (va, vb) = (a.view(n)?, b.view(n)?);
             if let Some(i) = va.bytes.iter().zip(vb.bytes).position(|(x, y)| x != y) {
@@ -308,10 +359,17 @@ fn quantize_f16_writes_what_the_llama_cpp_converters_write() -> Result<()> {
         ) {
             ensure!(x.len() == y.len(), "token_type lengths");
             for (i, (p, q)) in x.iter().zip(y).enumerate().take(32000) {
-                ensure!(p.as_u64() == q.as_u64(), "token_type[{i}]: ours {p:?} converter {q:?}");
+                ensure!(
+                    p.as_u64() == q.as_u64(),
+                    "token_type[{i}]: ours {p:?} converter {q:?}"
+                );
             }
         }
-        note(&format!("{}: {} tensors and the converter's metadata match", ours.display(), names_b.len()));
+        note(&format!(
+            "{}: {} tensors and the converter's metadata match",
+            ours.display(),
+            names_b.len()
+        ));
     }
     Ok(())
 }
@@ -323,7 +381,11 @@ fn run_with_mmproj_matches_the_reference_and_samples() -> Result<()> {
         .into_iter()
         .find(|r| r.name == "tiny-llava-mha")
         .context("reference")?;
-    let c = r.cases.iter().find(|c| c.name == "square_crop").context("case")?;
+    let c = r
+        .cases
+        .iter()
+        .find(|c| c.name == "square_crop")
+        .context("case")?;
     let image = c.image.clone().context("image")?;
     let args = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
@@ -350,7 +412,11 @@ fn run_with_mmproj_matches_the_reference_and_samples() -> Result<()> {
     let go = |a: Vec<String>| -> Result<Value> {
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
         let o = visi(&refs)?;
-        ensure!(o.status.success(), "{a:?}: {}", String::from_utf8_lossy(&o.stderr));
+        ensure!(
+            o.status.success(),
+            "{a:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         Ok(serde_json::from_slice(&o.stdout)?)
     };
     let j = go(args(&["--no-prune"]))?;
@@ -363,34 +429,103 @@ fn run_with_mmproj_matches_the_reference_and_samples() -> Result<()> {
     if let Some(d) = first_difference(&toks, &c.generated_ids) {
         bail!("run --mmproj greedy tokens: {d}");
     }
-    ensure!(j["image_tokens"] == 576, "image_tokens {}", j["image_tokens"]);
+    ensure!(
+        j["image_tokens"] == 576,
+        "image_tokens {}",
+        j["image_tokens"]
+    );
     // Pruning runs on the pair as on safetensors (6 layers: the paper default falls back
     // to dense with a note, an explicit FastV config runs).
-    let j = go(args(&["--prune", r#"{"method":"fastv","k":2,"ratio":0.5}"#]))?;
-    ensure!(j["pruning"]["method"] == "fastv", "pruning {}", j["pruning"]);
+    let j = go(args(&[
+        "--prune",
+        r#"{"method":"fastv","k":2,"ratio":0.5}"#,
+    ]))?;
+    ensure!(
+        j["pruning"]["method"] == "fastv",
+        "pruning {}",
+        j["pruning"]
+    );
     // Sampling: seeded runs repeat, and differ from greedy somewhere.
-    let s = |seed: &str| go(args(&["--no-prune", "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95", "--seed", seed]));
+    let s = |seed: &str| {
+        go(args(&[
+            "--no-prune",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+        ]))
+    };
     let (a, b) = (s("7")?, s("7")?);
     ensure!(a["tokens"] == b["tokens"], "same seed, different tokens");
-    ensure!(a["tokens"] != Value::from(c.generated_ids.clone()), "sampling at T=1.5 reproduced greedy");
+    ensure!(
+        a["tokens"] != Value::from(c.generated_ids.clone()),
+        "sampling at T=1.5 reproduced greedy"
+    );
     // The text file alone is the text-only GGUF path (no --mmproj): same greedy tokens.
     let o = visi(&[
-        "run", "--model", t.to_str().unwrap_or_default(),
-        "--prompt", "What is the capital of France?", "--max-new-tokens", "16", "--json",
+        "run",
+        "--model",
+        t.to_str().unwrap_or_default(),
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "16",
+        "--json",
     ])?;
-    ensure!(o.status.success(), "text-only gguf: {}", String::from_utf8_lossy(&o.stderr));
+    ensure!(
+        o.status.success(),
+        "text-only gguf: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let j: Value = serde_json::from_slice(&o.stdout)?;
-    let want = &r.cases.iter().find(|c| c.name == "text").context("text case")?.generated_ids;
-    ensure!(j["tokens"] == Value::from(want.clone()), "text-only gguf tokens {}", j["tokens"]);
+    let want = &r
+        .cases
+        .iter()
+        .find(|c| c.name == "text")
+        .context("text case")?
+        .generated_ids;
+    ensure!(
+        j["tokens"] == Value::from(want.clone()),
+        "text-only gguf tokens {}",
+        j["tokens"]
+    );
     // Text-only through the pair (no --image) works too.
     let o = visi(&[
-        "run", "--model", t.to_str().unwrap_or_default(), "--mmproj", m.to_str().unwrap_or_default(),
-        "--prompt", "What is the capital of France?", "--max-new-tokens", "16", "--device", "cpu", "--json", "--no-prune",
+        "run",
+        "--model",
+        t.to_str().unwrap_or_default(),
+        "--mmproj",
+        m.to_str().unwrap_or_default(),
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "16",
+        "--device",
+        "cpu",
+        "--json",
+        "--no-prune",
     ])?;
-    ensure!(o.status.success(), "text-only pair: {}", String::from_utf8_lossy(&o.stderr));
+    ensure!(
+        o.status.success(),
+        "text-only pair: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let j: Value = serde_json::from_slice(&o.stdout)?;
-    let want = &r.cases.iter().find(|c| c.name == "text").context("text case")?.generated_ids;
-    ensure!(j["tokens"] == Value::from(want.clone()), "text-only pair tokens {}", j["tokens"]);
+    let want = &r
+        .cases
+        .iter()
+        .find(|c| c.name == "text")
+        .context("text case")?
+        .generated_ids;
+    ensure!(
+        j["tokens"] == Value::from(want.clone()),
+        "text-only pair tokens {}",
+        j["tokens"]
+    );
     Ok(())
 }
 
@@ -412,7 +547,11 @@ fn narrowed_mmproj(dst: &Path, width: usize) -> Result<()> {
         if info.name.starts_with("mm.") {
             let el = v.dtype.bytes_for(1).context("element size")?;
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
-            let new_cols = if info.name == "mm.2.weight" { width } else { cols };
+            let new_cols = if info.name == "mm.2.weight" {
+                width
+            } else {
+                cols
+            };
             let mut out = Vec::new();
             for r in 0..width {
                 out.extend_from_slice(&bytes[r * cols * el..(r * cols + new_cols) * el]);
@@ -438,18 +577,27 @@ fn narrowed_mmproj(dst: &Path, width: usize) -> Result<()> {
 fn bad_pairs_and_quantize_inputs_exit_2_with_one_line() -> Result<()> {
     let dir = scratch("bad")?;
     let (t, m) = converter_pair();
-    let (t, m) = (t.to_str().unwrap_or_default().to_string(), m.to_str().unwrap_or_default().to_string());
+    let (t, m) = (
+        t.to_str().unwrap_or_default().to_string(),
+        m.to_str().unwrap_or_default().to_string(),
+    );
     let img = fixtures().join("images/square.png");
     let img = img.to_str().unwrap_or_default();
     let narrow = dir.join("mmproj-narrow.gguf");
     narrowed_mmproj(&narrow, 40)?;
     let truncated = dir.join("truncated.gguf");
     std::fs::write(&truncated, &std::fs::read(&m)?[..200])?;
-    let (narrow, truncated) = (narrow.to_str().unwrap_or_default(), truncated.to_str().unwrap_or_default());
+    let (narrow, truncated) = (
+        narrow.to_str().unwrap_or_default(),
+        truncated.to_str().unwrap_or_default(),
+    );
     let run = |mm: &str| -> Vec<String> {
-        ["run", "--model", &t, "--mmproj", mm, "--image", img, "--prompt", "hi", "--device", "cpu"]
-            .map(String::from)
-            .to_vec()
+        [
+            "run", "--model", &t, "--mmproj", mm, "--image", img, "--prompt", "hi", "--device",
+            "cpu",
+        ]
+        .map(String::from)
+        .to_vec()
     };
     let model = fixtures().join("tiny-llava-mha");
     let model = model.to_str().unwrap_or_default();
@@ -458,32 +606,62 @@ fn bad_pairs_and_quantize_inputs_exit_2_with_one_line() -> Result<()> {
     let out = dir.to_str().unwrap_or_default();
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (
-            ["run", "--model", &t, "--image", img, "--prompt", "hi"].map(String::from).to_vec(),
+            ["run", "--model", &t, "--image", img, "--prompt", "hi"]
+                .map(String::from)
+                .to_vec(),
             vec!["--mmproj"],
         ),
         (run(narrow), vec!["mm.0.weight", "does not belong"]),
         (run(truncated), vec!["truncated.gguf"]),
         (run(&t), vec!["not an mmproj"]),
         (
-            ["run", "--model", &m, "--mmproj", &m, "--prompt", "hi", "--device", "cpu"].map(String::from).to_vec(),
+            [
+                "run", "--model", &m, "--mmproj", &m, "--prompt", "hi", "--device", "cpu",
+            ]
+            .map(String::from)
+            .to_vec(),
             vec!["general.architecture"],
         ),
         (
-            ["quantize", "--model", model, "--quant", "q5_k", "--out", out].map(String::from).to_vec(),
+            [
+                "quantize", "--model", model, "--quant", "q5_k", "--out", out,
+            ]
+            .map(String::from)
+            .to_vec(),
             vec!["--quant q5_k"],
         ),
         (
-            ["quantize", "--model", model, "--quant", "f16", "--out", out].map(String::from).to_vec(),
+            ["quantize", "--model", model, "--quant", "f16", "--out", out]
+                .map(String::from)
+                .to_vec(),
             vec!["already exists", "--force"],
         ),
         (
-            ["quantize", "--model", "/nonexistent", "--quant", "f16", "--out", out].map(String::from).to_vec(),
+            [
+                "quantize",
+                "--model",
+                "/nonexistent",
+                "--quant",
+                "f16",
+                "--out",
+                out,
+            ]
+            .map(String::from)
+            .to_vec(),
             vec!["not a directory"],
         ),
         (
-            ["quantize", "--model", &fixtures().join("tiny-llava-gqa").to_string_lossy(), "--quant", "f16", "--out", out]
-                .map(String::from)
-                .to_vec(),
+            [
+                "quantize",
+                "--model",
+                &fixtures().join("tiny-llava-gqa").to_string_lossy(),
+                "--quant",
+                "f16",
+                "--out",
+                out,
+            ]
+            .map(String::from)
+            .to_vec(),
             vec!["full"],
         ),
     ];
@@ -492,11 +670,23 @@ fn bad_pairs_and_quantize_inputs_exit_2_with_one_line() -> Result<()> {
         let o = visi(&refs)?;
         expect_error(&o, 2, needles).with_context(|| format!("{args:?}"))?;
     }
-    ensure!(std::fs::read(&existing)? == b"keep me", "quantize replaced a file without --force");
+    ensure!(
+        std::fs::read(&existing)? == b"keep me",
+        "quantize replaced a file without --force"
+    );
     // With --force it is replaced, and no temp file is left behind.
-    let o = visi(&["quantize", "--model", model, "--quant", "f16", "--out", out, "--force"])?;
-    ensure!(o.status.success(), "--force: {}", String::from_utf8_lossy(&o.stderr));
-    ensure!(std::fs::read(&existing)?.starts_with(b"GGUF"), "--force did not write the pair");
+    let o = visi(&[
+        "quantize", "--model", model, "--quant", "f16", "--out", out, "--force",
+    ])?;
+    ensure!(
+        o.status.success(),
+        "--force: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ensure!(
+        std::fs::read(&existing)?.starts_with(b"GGUF"),
+        "--force did not write the pair"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))

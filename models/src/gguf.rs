@@ -384,9 +384,9 @@ pub fn llama_tokenizer(f: &GgufFile) -> Result<Tokenizer> {
         let Some(v) = f.get(key) else {
             return Ok(None);
         };
-        let arr = v.as_array().ok_or_else(|| {
-            Error::file(f.path(), format!("metadata `{key}` is not an array"))
-        })?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| Error::file(f.path(), format!("metadata `{key}` is not an array")))?;
         if arr.len() != n {
             return Err(Error::file(
                 f.path(),
@@ -445,9 +445,8 @@ pub fn llama_tokenizer(f: &GgufFile) -> Result<Tokenizer> {
     if add_space_prefix {
         normalizers.push(serde_json::json!({"type": "Prepend", "prepend": "▁"}));
     }
-    normalizers.push(
-        serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}),
-    );
+    normalizers
+        .push(serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
     let mut decoders = vec![
         serde_json::json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
         serde_json::json!({"type": "ByteFallback"}),

@@ -32,7 +32,9 @@ use crate::prompt::IMAGE_PLACEHOLDER;
 pub fn mmproj_hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "v.class_embd" => Some("vision_tower.vision_model.embeddings.class_embedding"),
-        "v.patch_embd.weight" => Some("vision_tower.vision_model.embeddings.patch_embedding.weight"),
+        "v.patch_embd.weight" => {
+            Some("vision_tower.vision_model.embeddings.patch_embedding.weight")
+        }
         "v.position_embd.weight" => {
             Some("vision_tower.vision_model.embeddings.position_embedding.weight")
         }
@@ -88,7 +90,10 @@ pub fn mmproj_gguf_name(hf: &str) -> Option<String> {
         "mm.2.weight",
         "mm.2.bias",
     ];
-    if let Some(g) = fixed.iter().find(|g| mmproj_hf_name(g).as_deref() == Some(hf)) {
+    if let Some(g) = fixed
+        .iter()
+        .find(|g| mmproj_hf_name(g).as_deref() == Some(hf))
+    {
         return Some(g.to_string());
     }
     let rest = hf.strip_prefix("vision_tower.vision_model.encoder.layers.")?;
@@ -181,7 +186,10 @@ pub fn mmproj_vision_config(f: &GgufFile) -> Result<VisionConfig> {
             format!("general.architecture is `{arch}`, not `clip`: not an mmproj file"),
         ));
     }
-    if f.get("clip.has_llava_projector").and_then(GgufValue::as_bool) != Some(true) {
+    if f.get("clip.has_llava_projector")
+        .and_then(GgufValue::as_bool)
+        != Some(true)
+    {
         return Err(Error::file(
             f.path(),
             "clip.has_llava_projector is not true: not a LLaVA mmproj file",
@@ -286,8 +294,16 @@ pub fn open_pair(text: &Path, mmproj: &Path) -> Result<PairParts> {
     let processor = ImageProcessor {
         size: ResizeTarget::ShortestEdge(s),
         crop_size: (s, s),
-        image_mean: f64_triple(&mf, "clip.vision.image_mean", ImageProcessor::default().image_mean)?,
-        image_std: f64_triple(&mf, "clip.vision.image_std", ImageProcessor::default().image_std)?,
+        image_mean: f64_triple(
+            &mf,
+            "clip.vision.image_mean",
+            ImageProcessor::default().image_mean,
+        )?,
+        image_std: f64_triple(
+            &mf,
+            "clip.vision.image_std",
+            ImageProcessor::default().image_std,
+        )?,
         ..Default::default()
     };
     let text_src = LlamaGguf::new(tf, &tc)?;
@@ -407,7 +423,11 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
 /// llama.cpp's Q/K row permutation (HF "rotate half" pairs → ggml's adjacent pairs):
 /// GGUF row `h*d + 2i + t` holds HF row `h*d + t*d/2 + i`.
 fn permute_rows(x: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || x.len() != rows * cols {
+    if heads == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || x.len() != rows * cols
+    {
         return Err(Error::msg(format!(
             "{rows} rows cannot be split into {heads} heads of rotary pairs"
         )));
@@ -461,8 +481,8 @@ fn text_gguf_name(hf: &str, cfg: &TextConfig) -> Option<(String, Option<usize>)>
 fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, GgufValue)>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    let j: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    let j: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
     let model = &j["model"];
     if model["type"] != "BPE" || model["byte_fallback"] != true {
         return Err(Error::file(
@@ -478,7 +498,10 @@ fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, Gguf
         let slot = tokens.get_mut(id as usize).ok_or_else(|| {
             Error::file(
                 path,
-                format!("token `{t}` has id {id}, past the model's vocabulary of {}", cfg.vocab_size),
+                format!(
+                    "token `{t}` has id {id}, past the model's vocabulary of {}",
+                    cfg.vocab_size
+                ),
             )
         })?;
         *slot = Some(t.to_string());
@@ -528,16 +551,30 @@ fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, Gguf
         } else {
             1
         };
-        scores.push(GgufValue::F32(rank.get(&t).map_or(0.0, |&r| -(r as f32) - 1.0)));
+        scores.push(GgufValue::F32(
+            rank.get(&t).map_or(0.0, |&r| -(r as f32) - 1.0),
+        ));
         types.push(GgufValue::I32(ty));
         toks.push(GgufValue::String(t));
     }
     let mut md = vec![
-        ("tokenizer.ggml.model".to_string(), GgufValue::String("llama".into())),
-        ("tokenizer.ggml.pre".to_string(), GgufValue::String("default".into())),
+        (
+            "tokenizer.ggml.model".to_string(),
+            GgufValue::String("llama".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            GgufValue::String("default".into()),
+        ),
         ("tokenizer.ggml.tokens".to_string(), GgufValue::Array(toks)),
-        ("tokenizer.ggml.scores".to_string(), GgufValue::Array(scores)),
-        ("tokenizer.ggml.token_type".to_string(), GgufValue::Array(types)),
+        (
+            "tokenizer.ggml.scores".to_string(),
+            GgufValue::Array(scores),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            GgufValue::Array(types),
+        ),
     ];
     if let Some(b) = cfg.bos_token_id {
         md.push(("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(b)));
@@ -545,12 +582,24 @@ fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, Gguf
     if let Some(&e) = cfg.eos_token_ids.first() {
         md.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(e)));
     }
-    let unk = model["unk_token"].as_str().and_then(|u| vocab.get(u)).and_then(|v| v.as_u64());
+    let unk = model["unk_token"]
+        .as_str()
+        .and_then(|u| vocab.get(u))
+        .and_then(|v| v.as_u64());
     if let Some(u) = unk {
-        md.push(("tokenizer.ggml.unknown_token_id".into(), GgufValue::U32(u as u32)));
+        md.push((
+            "tokenizer.ggml.unknown_token_id".into(),
+            GgufValue::U32(u as u32),
+        ));
     }
-    md.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(cfg.bos_token_id.is_some())));
-    md.push(("tokenizer.ggml.add_eos_token".into(), GgufValue::Bool(false)));
+    md.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        GgufValue::Bool(cfg.bos_token_id.is_some()),
+    ));
+    md.push((
+        "tokenizer.ggml.add_eos_token".into(),
+        GgufValue::Bool(false),
+    ));
     Ok(md)
 }
 
@@ -559,10 +608,19 @@ fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, Gguf
 /// to replace an existing file unless `force`.
 fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
     if path.exists() && !force {
-        return Err(Error::file(path, "already exists (pass --force to overwrite)"));
+        return Err(Error::file(
+            path,
+            "already exists (pass --force to overwrite)",
+        ));
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -591,7 +649,10 @@ pub fn pair_paths(model_dir: &Path, out: &Path, ty: PairType) -> (PathBuf, PathB
         (out.to_path_buf(), name)
     } else {
         let dir = out.parent().map(Path::to_path_buf).unwrap_or_default();
-        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         (dir, name)
     };
     (
@@ -645,7 +706,10 @@ pub fn write_pair(
     let old_name = |n: &str| -> Option<String> {
         if let Some(r) = n.strip_prefix(lm) {
             if lm == "model.language_" {
-                return Some(format!("language_model.model.{}", r.strip_prefix("model.")?));
+                return Some(format!(
+                    "language_model.model.{}",
+                    r.strip_prefix("model.")?
+                ));
             }
             return Some(format!("language_model.{r}"));
         }
@@ -654,7 +718,10 @@ pub fn write_pair(
         }
         n.strip_prefix(vt)
             .filter(|r| r.starts_with("vision_tower."))
-            .or_else(|| n.strip_prefix(mm).filter(|r| r.starts_with("multi_modal_projector.")))
+            .or_else(|| {
+                n.strip_prefix(mm)
+                    .filter(|r| r.starts_with("multi_modal_projector."))
+            })
             .map(str::to_string)
     };
     let names = src.names();
@@ -675,7 +742,8 @@ pub fn write_pair(
             };
             let mut x = to_f32(&v);
             if let (Some(h), [rows, cols]) = (heads, &shape[..]) {
-                x = permute_rows(&x, *rows, *cols, h).map_err(|e| Error::weight(n, e.to_string()))?;
+                x = permute_rows(&x, *rows, *cols, h)
+                    .map_err(|e| Error::weight(n, e.to_string()))?;
             } else if let (Some(h), [rows]) = (heads, &shape[..]) {
                 x = permute_rows(&x, *rows, 1, h).map_err(|e| Error::weight(n, e.to_string()))?;
             }
@@ -683,7 +751,11 @@ pub fn write_pair(
                 (_, [_]) => (DType::F32, f32_bytes(&x)),
                 (PairType::Quant(q), [_, k]) if k % q.block_size() == 0 => {
                     quantized += 1;
-                    (DType::Quant(q), engine_core::quant::quantize(q, &x).map_err(|e| Error::weight(n, e.to_string()))?)
+                    (
+                        DType::Quant(q),
+                        engine_core::quant::quantize(q, &x)
+                            .map_err(|e| Error::weight(n, e.to_string()))?,
+                    )
                 }
                 (PairType::Quant(_), _) => {
                     fallback += 1;
@@ -691,7 +763,12 @@ pub fn write_pair(
                 }
                 (PairType::F16, _) => (DType::F16, f16_bytes(&x)),
             };
-            text_t.push(GgufTensorOut { name: g, dtype, shape, bytes });
+            text_t.push(GgufTensorOut {
+                name: g,
+                dtype,
+                shape,
+                bytes,
+            });
         } else if let Some(g) = mmproj_gguf_name(&old) {
             if g.starts_with("v.post_ln") {
                 continue; // LLaVA never runs the post-LayerNorm
@@ -713,28 +790,55 @@ pub fn write_pair(
             } else {
                 (DType::F32, f32_bytes(&x))
             };
-            mm_t.push(GgufTensorOut { name: g, dtype, shape, bytes });
+            mm_t.push(GgufTensorOut {
+                name: g,
+                dtype,
+                shape,
+                bytes,
+            });
         }
     }
     progress(total, total);
 
     let name = text_path
         .file_name()
-        .map(|n| n.to_string_lossy().trim_end_matches(&format!(".{}.gguf", ty.name())).to_string())
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_end_matches(&format!(".{}.gguf", ty.name()))
+                .to_string()
+        })
         .unwrap_or_default();
     let u32v = |x: usize| GgufValue::U32(x as u32);
     let mut tmd: Vec<(String, GgufValue)> = vec![
-        ("general.architecture".into(), GgufValue::String("llama".into())),
+        (
+            "general.architecture".into(),
+            GgufValue::String("llama".into()),
+        ),
         ("general.type".into(), GgufValue::String("model".into())),
         ("general.name".into(), GgufValue::String(name.clone())),
         ("llama.block_count".into(), u32v(tc.num_hidden_layers)),
-        ("llama.context_length".into(), u32v(tc.max_position_embeddings)),
+        (
+            "llama.context_length".into(),
+            u32v(tc.max_position_embeddings),
+        ),
         ("llama.embedding_length".into(), u32v(tc.hidden_size)),
-        ("llama.feed_forward_length".into(), u32v(tc.intermediate_size)),
-        ("llama.attention.head_count".into(), u32v(tc.num_attention_heads)),
-        ("llama.attention.head_count_kv".into(), u32v(tc.num_key_value_heads)),
+        (
+            "llama.feed_forward_length".into(),
+            u32v(tc.intermediate_size),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            u32v(tc.num_attention_heads),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u32v(tc.num_key_value_heads),
+        ),
         ("llama.rope.freq_base".into(), GgufValue::F32(tc.rope_theta)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), GgufValue::F32(tc.rms_norm_eps)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            GgufValue::F32(tc.rms_norm_eps),
+        ),
         ("llama.attention.key_length".into(), u32v(tc.head_dim)),
         ("llama.attention.value_length".into(), u32v(tc.head_dim)),
         ("general.file_type".into(), GgufValue::U32(ty.file_type())),
@@ -742,36 +846,68 @@ pub fn write_pair(
         ("llama.rope.dimension_count".into(), u32v(tc.head_dim)),
     ];
     if tc.rope_scaling_factor != 1.0 {
-        tmd.push(("llama.rope.scaling.type".into(), GgufValue::String("linear".into())));
-        tmd.push(("llama.rope.scaling.factor".into(), GgufValue::F32(tc.rope_scaling_factor)));
+        tmd.push((
+            "llama.rope.scaling.type".into(),
+            GgufValue::String("linear".into()),
+        ));
+        tmd.push((
+            "llama.rope.scaling.factor".into(),
+            GgufValue::F32(tc.rope_scaling_factor),
+        ));
     }
     tmd.extend(tokenizer_metadata(&model_dir.join("tokenizer.json"), tc)?);
     tmd.push(("general.quantization_version".into(), GgufValue::U32(2)));
 
     let pp = model_dir.join("preprocessor_config.json");
-    let proc = if pp.is_file() { ImageProcessor::from_file(&pp)? } else { ImageProcessor::default() };
+    let proc = if pp.is_file() {
+        ImageProcessor::from_file(&pp)?
+    } else {
+        ImageProcessor::default()
+    };
     let vc = &cfg.vision;
-    let f32a = |a: [f64; 3]| GgufValue::Array(a.iter().map(|&v| GgufValue::F32(v as f32)).collect());
+    let f32a =
+        |a: [f64; 3]| GgufValue::Array(a.iter().map(|&v| GgufValue::F32(v as f32)).collect());
     let mmd: Vec<(String, GgufValue)> = vec![
-        ("general.architecture".into(), GgufValue::String("clip".into())),
+        (
+            "general.architecture".into(),
+            GgufValue::String("clip".into()),
+        ),
         ("clip.has_text_encoder".into(), GgufValue::Bool(false)),
         ("clip.has_vision_encoder".into(), GgufValue::Bool(true)),
         ("clip.has_llava_projector".into(), GgufValue::Bool(true)),
         ("general.file_type".into(), GgufValue::U32(1)),
         ("general.name".into(), GgufValue::String(name)),
-        ("general.description".into(), GgufValue::String("image encoder for LLaVA".into())),
-        ("clip.projector_type".into(), GgufValue::String("mlp".into())),
+        (
+            "general.description".into(),
+            GgufValue::String("image encoder for LLaVA".into()),
+        ),
+        (
+            "clip.projector_type".into(),
+            GgufValue::String("mlp".into()),
+        ),
         ("clip.vision.image_size".into(), u32v(vc.image_size)),
         ("clip.vision.patch_size".into(), u32v(vc.patch_size)),
         ("clip.vision.embedding_length".into(), u32v(vc.hidden_size)),
-        ("clip.vision.feed_forward_length".into(), u32v(vc.intermediate_size)),
+        (
+            "clip.vision.feed_forward_length".into(),
+            u32v(vc.intermediate_size),
+        ),
         ("clip.vision.projection_dim".into(), u32v(vc.hidden_size)),
-        ("clip.vision.attention.head_count".into(), u32v(vc.num_attention_heads)),
-        ("clip.vision.attention.layer_norm_epsilon".into(), GgufValue::F32(vc.layer_norm_eps)),
+        (
+            "clip.vision.attention.head_count".into(),
+            u32v(vc.num_attention_heads),
+        ),
+        (
+            "clip.vision.attention.layer_norm_epsilon".into(),
+            GgufValue::F32(vc.layer_norm_eps),
+        ),
         ("clip.vision.block_count".into(), u32v(keep_layers)),
         ("clip.vision.image_mean".into(), f32a(proc.image_mean)),
         ("clip.vision.image_std".into(), f32a(proc.image_std)),
-        ("clip.use_gelu".into(), GgufValue::Bool(vc.hidden_act == Activation::Gelu)),
+        (
+            "clip.use_gelu".into(),
+            GgufValue::Bool(vc.hidden_act == Activation::Gelu),
+        ),
     ];
     if cfg.projector_hidden_act != Activation::Gelu {
         return Err(Error::file(

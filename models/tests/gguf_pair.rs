@@ -67,8 +67,9 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let path = fixtures().join("reference/tiny-llava-mha/expected.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read expected.json"))
-        .expect("parse expected.json");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read expected.json"))
+            .expect("parse expected.json");
     let ids = |x: &Value| -> Vec<u32> {
         x.as_array()
             .expect("ids")
@@ -250,10 +251,24 @@ fn converter_pair_matches_transformers_and_safetensors_on_cpu() {
     for c in cases() {
         let (toks, logits) = run_case(&gguf, &c);
         let (want, _) = array(&c.name, "logits");
-        let e = compare(&format!("{}: logits vs transformers", c.name), &logits, &want, TOL_LOGITS);
-        assert_eq!(toks, c.generated, "{}: greedy tokens vs transformers", c.name);
+        let e = compare(
+            &format!("{}: logits vs transformers", c.name),
+            &logits,
+            &want,
+            TOL_LOGITS,
+        );
+        assert_eq!(
+            toks, c.generated,
+            "{}: greedy tokens vs transformers",
+            c.name
+        );
         let (_, st_logits) = run_case(&st, &c);
-        let e2 = compare(&format!("{}: logits vs safetensors", c.name), &logits, &st_logits, TOL_SAME);
+        let e2 = compare(
+            &format!("{}: logits vs safetensors", c.name),
+            &logits,
+            &st_logits,
+            TOL_SAME,
+        );
         note(&format!(
             "gguf pair {}: logits max err {e:.2e} vs transformers, {e2:.2e} vs safetensors; 16 greedy tokens match",
             c.name
@@ -267,7 +282,9 @@ fn converter_pair_runs_on_gpu() {
         Ok(b) => b,
         Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but no GPU backend: {e}"),
         Err(e) => {
-            note(&format!("SKIP converter_pair_runs_on_gpu: no GPU backend ({e})"));
+            note(&format!(
+                "SKIP converter_pair_runs_on_gpu: no GPU backend ({e})"
+            ));
             return;
         }
     };
@@ -283,5 +300,7 @@ fn converter_pair_runs_on_gpu() {
     // allows 2e-3 on features); logits get 2e-2 here.
     let e = compare("gpu logits vs transformers", &logits, &want, 2e-2);
     assert_eq!(toks, c.generated, "gpu greedy tokens");
-    note(&format!("gguf pair on GPU square_crop: logits max err {e:.2e}, tokens match"));
+    note(&format!(
+        "gguf pair on GPU square_crop: logits max err {e:.2e}, tokens match"
+    ));
 }
