@@ -675,6 +675,27 @@ mod tests {
     }
 
     #[test]
+    fn spm_merges_follow_scores_then_ids() {
+        // Real scores: "ab" (id 4) outranks "ba" (id 3) by score, so its merge comes first;
+        // user-defined tokens (type 4) are never merge targets.
+        let tokens = ["<unk>", "a", "b", "ba", "ab", "aba", "<x>"];
+        let types = [2, 1, 1, 1, 1, 1, 4];
+        let scores = [0.0, 0.0, 0.0, -5.0, -1.0, -6.0, 0.0];
+        let m = spm_merges(&tokens, &scores, &types);
+        let pairs: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [("a", "b"), ("b", "a"), ("a", "ba"), ("ab", "a")],
+            "merge order"
+        );
+        // Uniform (placeholder) scores: id order, runs of ▁ last.
+        let tokens = ["▁", "x", "▁▁", "▁x"];
+        let m = spm_merges(&tokens, &[-1000.0; 4], &[1; 4]);
+        assert_eq!(m[0], ("▁".to_string(), "x".to_string()));
+        assert_eq!(m[1], ("▁".to_string(), "▁".to_string()));
+    }
+
+    #[test]
     fn llama_cpp_names_map_to_hf() {
         let cfg = TextConfig {
             vocab_size: 8,

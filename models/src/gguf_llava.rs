@@ -960,6 +960,26 @@ mod tests {
     }
 
     #[test]
+    fn pair_paths_for_a_directory_and_a_prefix() {
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llava-mha");
+        let q8 = PairType::parse("q8_0").expect("q8_0");
+        let (t, m) = pair_paths(&model, Path::new("/nonexistent/out/"), q8);
+        assert_eq!(t, Path::new("/nonexistent/out/tiny-llava-mha.q8_0.gguf"));
+        assert_eq!(
+            m,
+            Path::new("/nonexistent/out/mmproj-tiny-llava-mha.f16.gguf")
+        );
+        let (t, m) = pair_paths(&model, Path::new("/nonexistent/out/llava7b"), PairType::F16);
+        assert_eq!(t, Path::new("/nonexistent/out/llava7b.f16.gguf"));
+        assert_eq!(m, Path::new("/nonexistent/out/mmproj-llava7b.f16.gguf"));
+        assert_eq!(
+            PairType::parse("Q4_K").map(|t| t.name()),
+            Some("q4_k".into())
+        );
+        assert_eq!(PairType::parse("q5_k"), None);
+    }
+
+    #[test]
     fn permute_then_unpermute_is_identity() {
         let (rows, cols, heads) = (12, 3, 3);
         let x: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
