@@ -269,6 +269,98 @@ fn quantize_4bit_pairs_load_and_run() -> Result<()> {
     Ok(())
 }
 
+/// A llava-hf directory like tiny-llava-mha but with a 256-wide GQA decoder (2 layers,
+/// 4 heads, 2 KV heads, MLP 512), seeded random f16 weights: every text matrix is whole
+/// Q4_K blocks.
+fn wide_model(dir: &Path) -> Result<()> {
+    let src = fixtures().join("tiny-llava-mha");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json"))?)?;
+    let tc = &mut cfg["text_config"];
+    tc["hidden_size"] = 256.into();
+    tc["intermediate_size"] = 512.into();
+    tc["num_hidden_layers"] = 2.into();
+    tc["num_attention_heads"] = 4.into();
+    tc["num_key_value_heads"] = 2.into();
+    tc["head_dim"] = 64.into();
+    let text = serde_json::to_string_pretty(&cfg)?;
+    std::fs::write(dir.join("config.json"), &text)?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f))?;
+    }
+    let lc = models::LlavaConfig::from_json_str(&text)?;
+    let syn = models::synthetic::SyntheticSource::new(&lc, 11);
+    let mut mem = engine_core::weights::MemorySource::new();
+    for n in syn.names() {
+        let v = syn.view(&n)?;
+        mem.insert_bytes(n.clone(), v.dtype, v.shape, v.bytes.to_vec())?;
+    }
+    std::fs::write(dir.join("model.safetensors"), mem.to_safetensors_bytes())?;
+    Ok(())
+}
+
+#[test]
+fn quantize_q4_k_pair_of_a_256_wide_model() -> Result<()> {
+    let model = scratch("wide-model")?;
+    wide_model(&model)?;
+    let out = scratch("wide-out")?;
+    let o = visi(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--quant",
+        "q4_k",
+        "--out",
+        out.join("wide").to_str().unwrap_or_default(),
+    ])?;
+    ensure!(
+        o.status.success(),
+        "quantize: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (t, m) = (out.join("wide.q4_k.gguf"), out.join("mmproj-wide.f16.gguf"));
+    let f = GgufFile::open(&t)?;
+    let q4k =
+        engine_core::gguf::GgufType::Known(engine_core::DType::Quant(engine_core::QuantType::Q4K));
+    for i in f.tensor_infos() {
+        // Every matrix is Q4_K (attn_q/attn_k included: their rows were permuted as whole
+        // blocks); only the norms stay f32.
+        let want_q = i.shape.len() == 2;
+        ensure!((i.ty == q4k) == want_q, "{}: stored {:?}", i.name, i.ty);
+    }
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let pair = Llava::load_gguf(&t, &m, be.clone(), None, None)?;
+    let at_load = Llava::load_quantized(&model, be, None, Some(engine_core::QuantType::Q4K))?;
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        prune: Some(PruneConfig::Dense),
+        keep_first_logits: true,
+        ..Default::default()
+    };
+    let run = |l: &Llava| -> Result<(Vec<u32>, Vec<f32>)> {
+        let p = l.prompt(Template::VicunaV1, "What is the capital of France?", false)?;
+        let g = l.generate_ids(&p, None, &opts, &mut |_| {})?;
+        Ok((g.tokens, g.first_logits.unwrap_or_default()))
+    };
+    let (ta, la) = run(&pair)?;
+    let (tb, lb) = run(&at_load)?;
+    // Same Q4_K blocks either way (the pair's Q/K rows un-permuted at load).
+    let e = compare(
+        "q4_k pair vs --quant q4_k at load",
+        &la,
+        &lb,
+        lb.len(),
+        1e-4,
+    )?;
+    ensure!(ta == tb, "greedy tokens: pair {ta:?} vs at load {tb:?}");
+    note(&format!("q4_k pair (256-wide GQA decoder): logits within {e:.1e} of quantizing at load, {} tokens match", ta.len()));
+    Ok(())
+}
+
 fn md_map(f: &GgufFile) -> &std::collections::BTreeMap<String, GgufValue> {
     &f.metadata
 }
