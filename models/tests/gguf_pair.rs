@@ -304,3 +304,56 @@ fn converter_pair_runs_on_gpu() {
         "gguf pair on GPU square_crop: logits max err {e:.2e}, tokens match"
     ));
 }
+
+/// llama.cpp pairs converted from the original LLaVA checkpoints have no `<image>` token
+/// (32000 tokens). The same text file with the two added tokens dropped from its vocabulary
+/// metadata still answers the image prompt identically: the span's id is never embedded.
+#[test]
+fn pair_without_an_image_token_still_matches() {
+    use engine_core::gguf::{to_gguf_bytes, GgufTensorOut, GgufValue};
+    use engine_core::weights::WeightSource;
+    let (text, mmproj) = pair();
+    let f = GgufFile::open(&text).expect("open");
+    let md: Vec<(String, GgufValue)> = f
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("GGUF."))
+        .map(|(k, v)| {
+            let v = match (k.as_str(), v) {
+                (
+                    "tokenizer.ggml.tokens" | "tokenizer.ggml.scores" | "tokenizer.ggml.token_type",
+                    GgufValue::Array(a),
+                ) => GgufValue::Array(a[..32000].to_vec()),
+                _ => v.clone(),
+            };
+            (k.clone(), v)
+        })
+        .filter(|(k, _)| k != "tokenizer.ggml.padding_token_id")
+        .collect();
+    let ts: Vec<GgufTensorOut> = f
+        .tensor_infos()
+        .map(|i| {
+            let v = f.view(&i.name).expect("view");
+            GgufTensorOut {
+                name: i.name.clone(),
+                dtype: v.dtype,
+                shape: v.shape.to_vec(),
+                bytes: v.bytes.to_vec(),
+            }
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("visi-gguf-noimage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let path = dir.join("no-image-token.gguf");
+    std::fs::write(&path, to_gguf_bytes(&md, &ts).expect("write")).expect("write");
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let llava = Llava::load_gguf(&path, &mmproj, be, None, None).expect("load");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(llava.config().image_token_index, 32000, "placeholder id");
+    let c = cases()
+        .into_iter()
+        .find(|c| c.name == "square_crop")
+        .expect("case");
+    let (toks, _) = run_case(&llava, &c);
+    assert_eq!(toks, c.generated, "greedy tokens without an <image> token");
+}
