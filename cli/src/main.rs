@@ -41,9 +41,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Answer a prompt about an image with a llava-hf model directory.
+    /// Answer a prompt about an image with a llava-hf model directory or a llama.cpp GGUF
+    /// pair (`--model text.gguf --mmproj mmproj.gguf`).
     #[command(args_override_self = true)]
     Run(RunArgs),
+    /// Convert a llava-hf directory to llama.cpp's GGUF pair (`<name>.<quant>.gguf` and
+    /// `mmproj-<name>.f16.gguf`).
+    Quantize(QuantizeArgs),
     /// Describe a model: layers, parameters, dtypes, memory, and whether a device holds it.
     Info {
         /// Model directory or Hugging Face repo id (as for `run`).
@@ -144,6 +148,25 @@ struct RunArgs {
     /// Quantize the checkpoint's weight matrices as they load (CPU backend only for now).
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
+    /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
+    #[arg(long)]
+    mmproj: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct QuantizeArgs {
+    /// llava-hf model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text model type: f16, q8_0, q4_0, q4_1, q4_k (the CLIP tower stays f16).
+    #[arg(long)]
+    quant: String,
+    /// Output directory (files named after the model directory) or a path prefix.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace existing output files.
+    #[arg(long)]
+    force: bool,
 }
 
 /// A GGUF block format for `--quant`.
@@ -192,6 +215,7 @@ fn main() -> ExitCode {
     errors::install_panic_hook();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Quantize(a) => quantize(a),
         Cmd::Info {
             model,
             shape,
@@ -301,18 +325,16 @@ fn check_output_path(p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Text-only generation from a llama.cpp GGUF file (issue 7, first milestone): greedy,
-/// on the CPU backend, whose kernels dequantise GGUF blocks; the wgpu kernels do not yet.
-fn run_gguf(a: &RunArgs) -> Result<(), Failure> {
+/// Text-only generation from a llama.cpp GGUF file, on the CPU backend, whose kernels
+/// dequantise GGUF blocks; the wgpu kernels do not yet.
+fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
     if a.image.is_some() {
         return Err(bad_input(anyhow!(
-            "--image with a .gguf model needs --mmproj, which is not supported yet"
+            "--image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
         )));
     }
-    if a.temperature != 0.0 {
-        return Err(bad_input(anyhow!(
-            "GGUF models decode greedily for now: use --temperature 0"
-        )));
+    if a.save_kept.is_some() {
+        return Err(bad_input(anyhow!("--save-kept needs --image")));
     }
     if matches!(a.device, DeviceArg::Gpu) {
         return Err(bad_input(anyhow!(
@@ -334,7 +356,7 @@ fn run_gguf(a: &RunArgs) -> Result<(), Failure> {
     let ids = m.encode(&text).map_err(|e| bad_input(e.into()))?;
     let t1 = std::time::Instant::now();
     let (tokens, _) = m
-        .greedy(backend.as_ref(), &ids, a.max_new_tokens)
+        .generate(backend.as_ref(), &ids, a.max_new_tokens, sampling)
         .map_err(classify)?;
     let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
     let out = m
@@ -377,8 +399,17 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     if a.max_new_tokens == 0 {
         return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
     }
-    if a.model.ends_with(".gguf") {
-        return run_gguf(&a);
+    let gguf = a.model.ends_with(".gguf");
+    if gguf && a.mmproj.is_none() {
+        return run_gguf(&a, sampling);
+    }
+    if let Some(m) = &a.mmproj {
+        if !gguf {
+            return Err(bad_input(anyhow!(
+                "--mmproj {} needs a GGUF text model (--model <file>.gguf)",
+                m.display()
+            )));
+        }
     }
     let prune = if a.no_prune {
         Some(PruneConfig::Dense)
@@ -389,8 +420,11 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             .transpose()
             .map_err(bad_input)?
     };
-    let model_dir =
-        models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+    let model_dir = if gguf {
+        PathBuf::from(&a.model)
+    } else {
+        models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?
+    };
     if let Some(p) = &a.save_kept {
         if a.image.is_none() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
@@ -421,24 +455,38 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
         QuantArg::Q4K => engine_core::QuantType::Q4K,
     });
+    // A GGUF pair with quantized tensors needs quantized kernels, as --quant does.
+    let stored_quant = match (&a.mmproj, gguf) {
+        (Some(mm), true) => pair_is_quantized(Path::new(&a.model), mm).map_err(classify)?,
+        _ => false,
+    };
     // Quantized kernels exist on the CPU backend only: auto picks it, gpu is refused.
-    let device = match (quant, a.device) {
-        (Some(_), DeviceArg::Gpu) => {
+    let device = match (quant.is_some() || stored_quant, a.device) {
+        (true, DeviceArg::Gpu) => {
             return Err(bad_input(anyhow!(
-                "--quant runs on --device cpu only for now (no quantized GPU kernels yet)"
+                "quantized weights (--quant or a quantized GGUF) run on --device cpu only for now (no quantized GPU kernels yet)"
             )))
         }
-        (Some(_), _) => DeviceArg::Cpu,
-        (None, d) => d,
+        (true, _) => DeviceArg::Cpu,
+        (false, d) => d,
     };
     let backend = open_backend(device)?;
     let bar = progress::load_bar();
-    let loaded = Llava::load_quantized(
-        &model_dir,
-        backend,
-        bar.as_ref().map(|b| b.1.clone()),
-        quant,
-    );
+    let loaded = match &a.mmproj {
+        Some(mm) => Llava::load_gguf(
+            &model_dir,
+            mm,
+            backend,
+            bar.as_ref().map(|b| b.1.clone()),
+            quant,
+        ),
+        None => Llava::load_quantized(
+            &model_dir,
+            backend,
+            bar.as_ref().map(|b| b.1.clone()),
+            quant,
+        ),
+    };
     if let Some((b, _)) = &bar {
         b.finish_and_clear();
     }
@@ -552,5 +600,59 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             err: anyhow!("interrupted after {} tokens", gen.tokens.len()),
         });
     }
+    Ok(())
+}
+
+/// Whether either file of a GGUF pair stores block-quantized tensors.
+fn pair_is_quantized(text: &Path, mmproj: &Path) -> engine_core::Result<bool> {
+    for p in [text, mmproj] {
+        let f = engine_core::gguf::GgufFile::open(p)?;
+        let q = f.tensor_infos().any(|t| {
+            matches!(
+                t.ty,
+                engine_core::gguf::GgufType::Known(engine_core::DType::Quant(_))
+            )
+        });
+        if q {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `visi-cli quantize`: a llava-hf directory to llama.cpp's GGUF pair.
+fn quantize(a: QuantizeArgs) -> Result<(), Failure> {
+    let ty = models::gguf_llava::PairType::parse(&a.quant).ok_or_else(|| {
+        bad_input(anyhow!(
+            "--quant {}: expected one of f16, q8_0, q4_0, q4_1, q4_k",
+            a.quant
+        ))
+    })?;
+    if !a.model.is_dir() {
+        return Err(bad_input(anyhow!(
+            "--model {}: not a directory (expected a llava-hf model directory)",
+            a.model.display()
+        )));
+    }
+    let bar = progress::count_bar("converting");
+    let mut cb = |done: usize, total: usize| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    };
+    let res = models::gguf_llava::write_pair(&a.model, &a.out, ty, a.force, &mut cb);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let w = res.map_err(classify)?;
+    println!("{}", w.text.display());
+    println!("{}", w.mmproj.display());
+    eprintln!(
+        "wrote the pair: {} text matrices in {}, {} kept f16 (rows not whole blocks); CLIP tower f16",
+        w.quantized,
+        ty.name(),
+        w.fallback_f16
+    );
     Ok(())
 }

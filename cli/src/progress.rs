@@ -36,6 +36,20 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+/// A counting progress bar (`what {bar} n/total`) on a terminal, `None` otherwise.
+pub fn count_bar(what: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template(&format!(
+        "{what} {{bar:20}} {{pos}}/{{len}} tensors ({{eta}})"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
+}
+
 /// A byte progress bar for weight loading, when stderr is a terminal (`None` otherwise, so
 /// logs and pipes get no control characters).
 pub fn load_bar() -> Option<(ProgressBar, LoadProgress)> {

@@ -76,15 +76,9 @@ fn quant_and_gguf_refusals() -> Result<()> {
         ),
         (
             &[
-                "run",
-                "--model",
-                "x.gguf",
-                "--prompt",
-                "hi",
-                "--temperature",
-                "0.5",
+                "run", "--model", &model, "--prompt", "hi", "--mmproj", "m.gguf",
             ],
-            "greedily",
+            "needs a GGUF text model",
         ),
     ];
     for (args, needle) in cases {

@@ -246,6 +246,9 @@ fn str_array<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
 /// No BOS is added here; callers add `bos_token_id` when `add_bos_token` says so.
 pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer> {
     let model = f.get_str("tokenizer.ggml.model")?;
+    if model == "llama" {
+        return llama_tokenizer(f);
+    }
     if model != "gpt2" {
         return Err(Error::file(
             f.path(),
@@ -303,6 +306,217 @@ pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_NORMAL: u64 = 1;
+const TOKEN_CONTROL: u64 = 3;
+const TOKEN_USER_DEFINED: u64 = 4;
+
+/// Whether a piece is a run of SentencePiece spaces (`▁▁`, `▁▁▁▁`, ...).
+fn is_space_run(piece: &str) -> bool {
+    piece.chars().count() > 1 && piece.chars().all(|c| c == '▁')
+}
+
+/// BPE merges of a SentencePiece-BPE vocabulary, in priority order, as transformers'
+/// `SentencePieceExtractor` derives them for Llama's `tokenizer.json`: every split
+/// `piece = left + right` with both halves in the vocabulary is a merge; merges rank by
+/// the merged piece's score (higher first), then its id, then the halves' ids.
+///
+/// `convert_hf_to_gguf.py` on a checkpoint that has only `tokenizer.json` (llava-hf) writes
+/// the placeholder score -1000 for every token (gguf-py's `LlamaHfVocab`). When all normal
+/// tokens share one score the scores carry no order, so the Llama SentencePiece model's own
+/// order is used instead: id order, with runs of `▁` last (Llama gives them score -1e9).
+pub fn spm_merges(tokens: &[&str], scores: &[f32], types: &[u64]) -> Vec<(String, String)> {
+    let mut ids: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        ids.entry(t).or_insert(i);
+    }
+    let normal: Vec<f32> = (0..tokens.len())
+        .filter(|&i| types.get(i).copied().unwrap_or(TOKEN_NORMAL) == TOKEN_NORMAL)
+        .map(|i| scores.get(i).copied().unwrap_or(0.0))
+        .collect();
+    let uniform = normal.windows(2).all(|w| w[0] == w[1]);
+    let score = |i: usize| -> f32 {
+        if uniform {
+            if is_space_run(tokens[i]) {
+                -1e9
+            } else {
+                0.0
+            }
+        } else {
+            scores.get(i).copied().unwrap_or(0.0)
+        }
+    };
+    // (score, merged id, left id, right id)
+    let mut found: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if types.get(i).copied() == Some(TOKEN_USER_DEFINED) {
+            continue; // added tokens are matched whole, never merged into
+        }
+        for (k, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(k);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                found.push((score(i), i, li, ri));
+            }
+        }
+    }
+    found.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    found
+        .into_iter()
+        .map(|(_, _, l, r)| (tokens[l].to_string(), tokens[r].to_string()))
+        .collect()
+}
+
+/// The tokenizer of a `tokenizer.ggml.model = llama` file (SentencePiece BPE): tokens,
+/// scores and types rebuilt as the `tokenizer.json` transformers writes for Llama (BPE
+/// with byte fallback and merges from [`spm_merges`], `▁` for spaces, a leading `▁` when
+/// `add_space_prefix` (default true), control and user-defined tokens matched whole, BOS
+/// (and EOS) added by the post-processor as `add_bos_token`/`add_eos_token` say).
+pub fn llama_tokenizer(f: &GgufFile) -> Result<Tokenizer> {
+    let tokens = str_array(f, "tokenizer.ggml.tokens")?;
+    let n = tokens.len();
+    let num_array = |key: &str| -> Result<Option<Vec<f64>>> {
+        let Some(v) = f.get(key) else {
+            return Ok(None);
+        };
+        let arr = v
+            .as_array()
+            .ok_or_else(|| Error::file(f.path(), format!("metadata `{key}` is not an array")))?;
+        if arr.len() != n {
+            return Err(Error::file(
+                f.path(),
+                format!("`{key}` has {} entries for {n} tokens", arr.len()),
+            ));
+        }
+        arr.iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_f64()
+                    .or_else(|| x.as_u64().map(|u| u as f64))
+                    .ok_or_else(|| Error::file(f.path(), format!("`{key}`[{i}] is not a number")))
+            })
+            .collect::<Result<Vec<f64>>>()
+            .map(Some)
+    };
+    let scores: Vec<f32> = num_array("tokenizer.ggml.scores")?
+        .unwrap_or_else(|| vec![0.0; n])
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    let types: Vec<u64> = num_array("tokenizer.ggml.token_type")?
+        .unwrap_or_else(|| vec![TOKEN_NORMAL as f64; n])
+        .into_iter()
+        .map(|x| x as u64)
+        .collect();
+    let id_key = |k: &str| -> Option<usize> {
+        f.get(k)
+            .and_then(GgufValue::as_u64)
+            .map(|v| v as usize)
+            .filter(|&v| v < n)
+    };
+    let flag = |k: &str, default: bool| f.get(k).and_then(GgufValue::as_bool).unwrap_or(default);
+    let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", true);
+    let add_bos = flag("tokenizer.ggml.add_bos_token", true);
+    let add_eos = flag("tokenizer.ggml.add_eos_token", false);
+    let unk = id_key("tokenizer.ggml.unknown_token_id").unwrap_or(0);
+
+    let merges = spm_merges(&tokens, &scores, &types);
+    // Every token is in the BPE vocabulary so added tokens keep their ids (merges never
+    // produce the user-defined ones; see spm_merges).
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+        if !vocab.contains_key(*t) {
+            vocab.insert(t.to_string(), serde_json::json!(i));
+        }
+        if *ty == TOKEN_CONTROL || *ty == TOKEN_USER_DEFINED {
+            added.push(serde_json::json!({
+                "id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": *ty == TOKEN_CONTROL,
+            }));
+        }
+    }
+    let mut normalizers = Vec::new();
+    if add_space_prefix {
+        normalizers.push(serde_json::json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers
+        .push(serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    let mut decoders = vec![
+        serde_json::json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        serde_json::json!({"type": "ByteFallback"}),
+        serde_json::json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let mut single = Vec::new();
+    let mut specials = serde_json::Map::new();
+    let mut special = |key: &str, on: bool, out: &mut Vec<serde_json::Value>| {
+        if let Some(id) = id_key(key).filter(|_| on) {
+            let t = tokens[id];
+            out.push(serde_json::json!({"SpecialToken": {"id": t, "type_id": 0}}));
+            specials.insert(
+                t.to_string(),
+                serde_json::json!({"id": t, "ids": [id], "tokens": [t]}),
+            );
+        }
+    };
+    special("tokenizer.ggml.bos_token_id", add_bos, &mut single);
+    single.push(serde_json::json!({"Sequence": {"id": "A", "type_id": 0}}));
+    special("tokenizer.ggml.eos_token_id", add_eos, &mut single);
+    // A pair is the single template twice, the second sequence as `B` with type id 1.
+    let mut pair = single.clone();
+    pair.extend(single.iter().map(|v| {
+        let mut v = v.clone();
+        if let Some(s) = v.get_mut("Sequence") {
+            s["id"] = serde_json::json!("B");
+        }
+        for k in ["Sequence", "SpecialToken"] {
+            if let Some(s) = v.get_mut(k) {
+                s["type_id"] = serde_json::json!(1);
+            }
+        }
+        v
+    }));
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": single,
+            "pair": pair,
+            "special_tokens": specials,
+        },
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": tokens.get(unk).copied().unwrap_or("<unk>"),
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": true,
+            "byte_fallback": true,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
+        },
+    });
+    let text = serde_json::to_string(&json)
+        .map_err(|e| Error::file(f.path(), format!("cannot build the tokenizer: {e}")))?;
+    text.parse::<Tokenizer>()
+        .map_err(|e| Error::file(f.path(), format!("cannot build the Llama tokenizer: {e}")))
+}
+
 /// A Llama text model loaded from a GGUF file, with its tokenizer.
 pub struct GgufTextModel {
     /// The decoder (quantized weights stay quantized on the backend).
@@ -348,6 +562,45 @@ impl GgufTextModel {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Decoding of up to `max_new` tokens after `ids` with `params` (greedy when its
+    /// temperature is 0; stops at an EOS token, which is kept); also returns the first
+    /// step's logits `[V]`.
+    pub fn generate(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        max_new: usize,
+        params: crate::sampling::SamplingParams,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        if params.is_greedy() {
+            return self.greedy(b, ids, max_new);
+        }
+        if ids.is_empty() {
+            return Err(Error::msg("generate: empty prompt"));
+        }
+        let mut sampler = crate::sampling::Sampler::new(params)?;
+        let embeds = self.llama.embed(b, ids)?; // [S, H]
+        let mut cache = KvCache::default();
+        let (logits, _) = self
+            .llama
+            .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
+        let first = b.to_vec_f32(&logits)?;
+        let mut host = first.clone();
+        let mut out = Vec::with_capacity(max_new);
+        let mut pos = ids.len() as u32;
+        while out.len() < max_new {
+            let next = sampler.sample(&host)?;
+            out.push(next);
+            if self.config.eos_token_ids.contains(&next) || out.len() == max_new {
+                break;
+            }
+            let logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
+            host = b.to_vec_f32(&logits)?;
+            pos += 1;
+        }
+        Ok((out, first))
     }
 
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
@@ -419,6 +672,27 @@ mod tests {
             unpermute_rows(&gguf, rows, 3, 0).is_none(),
             "zero heads accepted"
         );
+    }
+
+    #[test]
+    fn spm_merges_follow_scores_then_ids() {
+        // Real scores: "ab" (id 4) outranks "ba" (id 3) by score, so its merge comes first;
+        // user-defined tokens (type 4) are never merge targets.
+        let tokens = ["<unk>", "a", "b", "ba", "ab", "aba", "<x>"];
+        let types = [2, 1, 1, 1, 1, 1, 4];
+        let scores = [0.0, 0.0, 0.0, -5.0, -1.0, -6.0, 0.0];
+        let m = spm_merges(&tokens, &scores, &types);
+        let pairs: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [("a", "b"), ("b", "a"), ("a", "ba"), ("ab", "a")],
+            "merge order"
+        );
+        // Uniform (placeholder) scores: id order, runs of ▁ last.
+        let tokens = ["▁", "x", "▁▁", "▁x"];
+        let m = spm_merges(&tokens, &[-1000.0; 4], &[1; 4]);
+        assert_eq!(m[0], ("▁".to_string(), "x".to_string()));
+        assert_eq!(m[1], ("▁".to_string(), "▁".to_string()));
     }
 
     #[test]

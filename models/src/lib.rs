@@ -7,6 +7,7 @@
 pub mod clip;
 pub mod config;
 pub mod gguf;
+pub mod gguf_llava;
 pub mod hub;
 pub mod llama;
 pub mod llava;

@@ -238,7 +238,51 @@ impl Llava {
                 ..Default::default()
             }
         };
-        let mut source = open_safetensors(dir)?;
+        let source = open_safetensors(dir)?;
+        Self::build(
+            t0, cfg, tokenizer, processor, source, backend, progress, quant,
+        )
+    }
+
+    /// Loads llama.cpp's LLaVA pair: the Llama text GGUF (`general.architecture = llama`,
+    /// tokenizer rebuilt from its metadata) and the `mmproj` GGUF (CLIP tower and `mlp`
+    /// projector). Tensors may be F32, F16, BF16, Q8_0, Q4_0, Q4_1 or Q4_K; `quant`
+    /// additionally quantizes float matrices at load as in [`Llava::load_quantized`].
+    /// A pair whose halves do not fit (projector width vs text hidden size) is an error.
+    pub fn load_gguf(
+        text: &Path,
+        mmproj: &Path,
+        backend: Arc<dyn Backend>,
+        progress: Option<LoadProgress>,
+        quant: Option<engine_core::QuantType>,
+    ) -> Result<Self> {
+        let t0 = Instant::now();
+        let parts = crate::gguf_llava::open_pair(text, mmproj)?;
+        let tokenizer = PromptTokenizer::new(parts.tokenizer, parts.config.image_token_index);
+        Self::build(
+            t0,
+            parts.config,
+            tokenizer,
+            parts.processor,
+            parts.source,
+            backend,
+            progress,
+            quant,
+        )
+    }
+
+    /// Uploads the weights of `source` (a llava-hf checkpoint in either naming).
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        t0: Instant,
+        cfg: LlavaConfig,
+        tokenizer: PromptTokenizer,
+        processor: ImageProcessor,
+        mut source: Arc<dyn WeightSource>,
+        backend: Arc<dyn Backend>,
+        progress: Option<LoadProgress>,
+        quant: Option<engine_core::QuantType>,
+    ) -> Result<Self> {
         if let Some(cb) = progress {
             source = Arc::new(ProgressSource {
                 inner: source,
