@@ -63,3 +63,27 @@ fn attention_head_dims_validate() {
             .unwrap_or_else(|e| panic!("head_dim {d}: {}", e.emit_to_string(&src)));
     }
 }
+
+#[test]
+fn quant_formats_validate() {
+    // Every quantized kernel for every format (the defaults above only cover Q8_0).
+    for name in ["gemv_q", "gemm_q", "embedding_q"] {
+        for [qt, bs, bb] in shaders::QUANT_SUBS {
+            for bias in [false, true] {
+                let flags: &[&str] = if bias { &["BIAS"] } else { &[] };
+                let subs = [
+                    ("M", "3".to_string()),
+                    ("QT", qt.to_string()),
+                    ("QBS", bs.to_string()),
+                    ("QBB", bb.to_string()),
+                ];
+                let src = shaders::build(name, flags, &subs).expect("preprocess");
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{name} qt {qt}: {}", e.emit_to_string(&src)));
+                Validator::new(ValidationFlags::all(), Capabilities::all())
+                    .validate(&module)
+                    .unwrap_or_else(|e| panic!("{name} qt {qt}: {}", e.emit_to_string(&src)));
+            }
+        }
+    }
+}
