@@ -135,7 +135,7 @@ struct RunArgs {
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Quantize the checkpoint's weight matrices as they load (CPU backend only for now).
+    /// Quantize the checkpoint's weight matrices as they load (kept quantized on the device).
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
 }
@@ -292,8 +292,8 @@ fn check_output_path(p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Text-only generation from a llama.cpp GGUF file (issue 7, first milestone): greedy,
-/// on the CPU backend, whose kernels dequantise GGUF blocks; the wgpu kernels do not yet.
+/// Text-only generation from a llama.cpp GGUF file (issue 7, first milestone): greedy, on
+/// either backend (both dequantise GGUF blocks inside their matmul and embedding kernels).
 fn run_gguf(a: &RunArgs) -> Result<(), Failure> {
     if a.image.is_some() {
         return Err(bad_input(anyhow!(
@@ -305,11 +305,6 @@ fn run_gguf(a: &RunArgs) -> Result<(), Failure> {
             "GGUF models decode greedily for now: use --temperature 0"
         )));
     }
-    if matches!(a.device, DeviceArg::Gpu) {
-        return Err(bad_input(anyhow!(
-            "quantized GGUF weights run on --device cpu only for now"
-        )));
-    }
     let template = match a.template {
         TemplateArg::VicunaV1 => Template::VicunaV1,
         TemplateArg::Raw => Template::Raw,
@@ -317,7 +312,8 @@ fn run_gguf(a: &RunArgs) -> Result<(), Failure> {
     let text = template
         .render(&a.prompt, false)
         .map_err(|e| bad_input(e.into()))?;
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let backend = open_backend(a.device)?;
+    let dev = backend.device_info();
     let t0 = std::time::Instant::now();
     let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.model), backend.clone())
         .map_err(classify)?;
@@ -339,17 +335,18 @@ fn run_gguf(a: &RunArgs) -> Result<(), Failure> {
             "tokens": tokens,
             "prompt_tokens": ids.len(),
             "timings_ms": { "load": load_ms, "generate": gen_ms },
-            "device": { "backend": "cpu" },
+            "device": { "backend": dev.backend, "adapter": dev.adapter },
         });
         let _ = writeln!(stdout, "{j}");
     } else {
         let _ = writeln!(stdout, "{out}");
         eprintln!(
-            "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), cpu",
+            "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), {}",
             ids.len(),
             tokens.len(),
             gen_ms,
-            load_ms
+            load_ms,
+            dev.backend
         );
     }
     Ok(())
@@ -412,17 +409,8 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
         QuantArg::Q4K => engine_core::QuantType::Q4K,
     });
-    // Quantized kernels exist on the CPU backend only: auto picks it, gpu is refused.
-    let device = match (quant, a.device) {
-        (Some(_), DeviceArg::Gpu) => {
-            return Err(bad_input(anyhow!(
-                "--quant runs on --device cpu only for now (no quantized GPU kernels yet)"
-            )))
-        }
-        (Some(_), _) => DeviceArg::Cpu,
-        (None, d) => d,
-    };
-    let backend = open_backend(device)?;
+    // Both backends have quantized kernels: --device picks as without --quant.
+    let backend = open_backend(a.device)?;
     let bar = progress::load_bar();
     let loaded = Llava::load_quantized(
         &model_dir,
