@@ -26,8 +26,9 @@ fn main(iv: Inv) {
     if (id < p.v0 || id >= p.v1) {
         return;
     }
-    let sb = sub_block((id - p.v0) * (p.d / QBS) * QBB, j);
+    let rb = (id - p.v0) * (p.d / QBS) * QBB;
+    let dm = sub_head(rb, j);
     for (var u = 0u; u < 8u; u++) {
-        out[s * (p.d / 4u) + j * 8u + u] = sb.d * sub_q4(sb, u) + vec4<f32>(sb.m);
+        out[s * (p.d / 4u) + j * 8u + u] = dm.x * sub_q4(rb, j, u) + vec4<f32>(dm.y);
     }
 }

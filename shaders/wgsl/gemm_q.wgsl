@@ -51,9 +51,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         // Tile row `lid` of W: one sub-block, decoded once.
         let n = n0 + lid;
         if (n < p.rows) {
-            let sb = sub_block(n * row_bytes, k0 / 32u);
+            let dm = sub_head(n * row_bytes, k0 / 32u);
             for (var t = 0u; t < 8u; t++) {
-                let v = sb.d * sub_q4(sb, t) + vec4<f32>(sb.m);
+                let v = dm.x * sub_q4(n * row_bytes, k0 / 32u, t) + vec4<f32>(dm.y);
                 for (var c = 0u; c < 4u; c++) {
                     Bs[(4u * t + c) * 16u + lid / 4u][lid % 4u] = v[c];
                 }

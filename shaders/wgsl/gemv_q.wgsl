@@ -36,21 +36,19 @@ fn main(iv: Inv) {
         let rb = r * (p.k / QBS) * QBB; // byte offset of the row
         let xv = p.k / 4u; // vec4 per activation row
         for (var s = lane; s < nsub; s += TPR) {
-            let sb = sub_block(rb, s);
-            var q: array<vec4<f32>, 8>;
+            let dm = sub_head(rb, s);
+            var dq: array<f32, M>;
+            var sx: array<vec4<f32>, M>;
             for (var t = 0u; t < 8u; t++) {
-                q[t] = sub_q4(sb, t);
+                let q = sub_q4(rb, s, t);
+                for (var m = 0u; m < M; m++) {
+                    let a = x[m * xv + s * 8u + t];
+                    dq[m] += dot(a, q);
+                    sx[m] += a;
+                }
             }
             for (var m = 0u; m < M; m++) {
-                let xb = m * xv + s * 8u;
-                var dq = 0.0;
-                var sx = vec4<f32>(0.0);
-                for (var t = 0u; t < 8u; t++) {
-                    let a = x[xb + t];
-                    dq += dot(a, q[t]);
-                    sx += a;
-                }
-                acc[m] += sb.d * dq + sb.m * (sx.x + sx.y + sx.z + sx.w);
+                acc[m] += dm.x * dq[m] + dm.y * (sx[m].x + sx[m].y + sx[m].z + sx[m].w);
             }
         }
     }

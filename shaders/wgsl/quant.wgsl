@@ -24,30 +24,27 @@ fn qhalf(b: u32) -> f32 {
     return unpack2x16float(w[b >> 2u] >> ((b & 2u) * 8u)).x;
 }
 
-// One 32-weight sub-block: scale, offset and the raw quants (Q8_0: 32 bytes; Q4_0/Q4_1: 16
-// bytes in q[0..4], weight i < 16 the low nibble of byte i, i >= 16 the high nibble of byte
-// i - 16; Q4_K: 32 bytes in q, nibble `shift` of byte i).
-struct Sub {
-    d: f32,
-    m: f32,
-    shift: u32,
-    q: array<u32, 8>,
-}
-
 // Byte `i` (0..12) of the Q4_K scales at word `sw`.
 fn k4_byte(sw: u32, i: u32) -> u32 {
     return (w[sw + i / 4u] >> (8u * (i % 4u))) & 0xFFu;
 }
 
-// Sub-block `s` (weights 32s..32s+32) of the quantized row starting at byte `rb`.
-fn sub_block(rb: u32, s: u32) -> Sub {
-    var o: Sub;
+// Byte offset of the block holding sub-block `s` (weights 32s..32s+32) of the row at byte `rb`.
+fn sub_base(rb: u32, s: u32) -> u32 {
+    if (QT == 3u) {
+        return rb + (s / 8u) * QBB;
+    }
+    return rb + s * QBB;
+}
+
+// Scale d and offset m of sub-block `s` of the row at byte `rb`: weight i = d * q_i + m.
+fn sub_head(rb: u32, s: u32) -> vec2<f32> {
+    let b = sub_base(rb, s);
     if (QT == 3u) {
         // Q4_K: d, dmin (f16), 12 bytes of six-bit scales/mins, 128 bytes of nibbles.
-        let bw = (rb + (s / 8u) * 144u) / 4u;
         let j = s % 8u;
-        let dm = unpack2x16float(w[bw]);
-        let sw = bw + 1u;
+        let dm = unpack2x16float(w[b / 4u]);
+        let sw = b / 4u + 1u;
         var sc: u32;
         var mn: u32;
         if (j < 4u) {
@@ -57,52 +54,42 @@ fn sub_block(rb: u32, s: u32) -> Sub {
             sc = (k4_byte(sw, j + 4u) & 0xFu) | ((k4_byte(sw, j - 4u) >> 6u) << 4u);
             mn = (k4_byte(sw, j + 4u) >> 4u) | ((k4_byte(sw, j) >> 6u) << 4u);
         }
-        o.d = dm.x * f32(sc);
-        o.m = -dm.y * f32(mn);
-        o.shift = (j % 2u) * 4u;
-        let qw = bw + 4u + 8u * (j / 2u);
-        for (var t = 0u; t < 8u; t++) {
-            o.q[t] = w[qw + t];
-        }
-    } else if (QT == 2u) {
-        // Q4_1: d, m (f16), 16 bytes of nibbles; word-aligned.
-        let bw = (rb + s * 20u) / 4u;
-        let dm = unpack2x16float(w[bw]);
-        o.d = dm.x;
-        o.m = dm.y;
-        for (var t = 0u; t < 4u; t++) {
-            o.q[t] = w[bw + 1u + t];
-        }
-    } else if (QT == 1u) {
-        // Q4_0: d (f16), 16 bytes of nibbles; x = d * (q - 8).
-        let b = rb + s * 18u;
-        o.d = qhalf(b);
-        o.m = -8.0 * o.d;
-        for (var t = 0u; t < 4u; t++) {
-            o.q[t] = qword(b + 2u + 4u * t);
-        }
-    } else {
-        // Q8_0: d (f16), 32 signed bytes.
-        let b = rb + s * 34u;
-        o.d = qhalf(b);
-        o.m = 0.0;
-        for (var t = 0u; t < 8u; t++) {
-            o.q[t] = qword(b + 2u + 4u * t);
-        }
+        return vec2<f32>(dm.x * f32(sc), -dm.y * f32(mn));
     }
-    return o;
+    if (QT == 2u) {
+        // Q4_1: d, m (f16); word-aligned.
+        return unpack2x16float(w[b / 4u]);
+    }
+    let d = qhalf(b);
+    if (QT == 1u) {
+        // Q4_0: x = d * (q - 8).
+        return vec2<f32>(d, -8.0 * d);
+    }
+    return vec2<f32>(d, 0.0);
 }
 
-// The raw quants q of weights 4t..4t+4 of sub-block `sb` (t < 8), as floats.
-fn sub_q4(sb: Sub, t: u32) -> vec4<f32> {
+// The raw quants q of weights 4t..4t+4 (t < 8) of sub-block `s` of the row at byte `rb`, as
+// floats. Q8_0: signed bytes after the f16 scale. Q4_0/Q4_1: 16 bytes after the header,
+// weight i < 16 the low nibble of byte i, i >= 16 the high nibble of byte i - 16. Q4_K: the
+// 32 bytes of the sub-block's pair, low nibbles for even sub-blocks, high for odd.
+fn sub_q4(rb: u32, s: u32, t: u32) -> vec4<f32> {
+    let b = sub_base(rb, s);
     if (QT == 0u) {
-        let v = bitcast<vec4<i32>>(vec4<u32>(sb.q[t]) << vec4<u32>(24u, 16u, 8u, 0u));
+        let v = bitcast<vec4<i32>>(vec4<u32>(qword(b + 2u + 4u * t)) << vec4<u32>(24u, 16u, 8u, 0u));
         return vec4<f32>(v >> vec4<u32>(24u));
     }
+    var word: u32;
+    var sh: u32;
     if (QT == 3u) {
-        return vec4<f32>((vec4<u32>(sb.q[t]) >> (vec4<u32>(0u, 8u, 16u, 24u) + sb.shift)) & vec4<u32>(15u));
+        let j = s % 8u;
+        word = w[b / 4u + 4u + 8u * (j / 2u) + t];
+        sh = (j % 2u) * 4u;
+    } else if (QT == 2u) {
+        word = w[b / 4u + 1u + t % 4u];
+        sh = 4u * (t / 4u);
+    } else {
+        word = qword(b + 2u + 4u * (t % 4u));
+        sh = 4u * (t / 4u);
     }
-    // Q4_0 / Q4_1: words 0..4 hold weights 0..16 (low nibbles) and 16..32 (high nibbles).
-    let sh = vec4<u32>(0u, 8u, 16u, 24u) + 4u * (t / 4u);
-    return vec4<f32>((vec4<u32>(sb.q[t % 4u]) >> sh) & vec4<u32>(15u));
+    return vec4<f32>((vec4<u32>(word) >> (vec4<u32>(0u, 8u, 16u, 24u) + sh)) & vec4<u32>(15u));
 }
