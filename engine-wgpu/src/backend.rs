@@ -435,10 +435,19 @@ impl GpuBackend {
                     ),
                 ));
             }
+            // Software adapters: the subgroup-broadcast variants (same grids again).
+            let qsg8 = self.ctx.sg8_cpu && k <= SG8_MAX_K;
+            let name = match (gemv, qsg8) {
+                (true, true) => "gemv_q_sg8",
+                (true, false) => "gemv_q",
+                (false, true) => "gemm_q_sg8",
+                (false, false) => "gemm_q",
+            };
+            let key = quant_key(PipelineKey::new(name, "main"), qt);
             if gemv {
-                quant_key(PipelineKey::new("gemv_q", "main"), qt).sub("M", m as u32)
+                key.sub("M", m as u32)
             } else {
-                quant_key(PipelineKey::new("gemm_q", "main"), qt)
+                key
             }
         } else if sg8 && gemv {
             PipelineKey::new("gemv_sg8", "main").sub("M", m as u32)

@@ -220,8 +220,10 @@ fn linear_rows(
         let gflops = flop / min * 1e-9;
         let gbps = moved / min * 1e-9;
         let kernel = match (qt, m <= 8, ctx.sg8_cpu && k % 8 == 0) {
-            (Some(_), true, _) => "gemv_q",
-            (Some(_), false, _) => "gemm_q",
+            (Some(_), true, false) => "gemv_q",
+            (Some(_), false, false) => "gemm_q",
+            (Some(_), true, true) => "gemv_q_sg8",
+            (Some(_), false, true) => "gemm_q_sg8",
             (None, true, false) => "gemv",
             (None, false, false) => "gemm",
             (None, true, true) => "gemv_sg8",

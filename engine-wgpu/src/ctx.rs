@@ -27,6 +27,8 @@ const UNCHECKED_KERNELS: &[&str] = &[
     "gemm_q",
     "gemv_q",
     "embedding_q",
+    "gemm_q_sg8",
+    "gemv_q_sg8",
 ];
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the data stays

@@ -43,6 +43,19 @@ fn gpu() -> Option<Arc<GpuBackend>> {
     backend(GpuOptions::default(), &G)
 }
 
+/// No subgroups: the portable `gemv_q`/`gemm_q` (software adapters otherwise take the
+/// `*_q_sg8` kernels).
+fn gpu_no_subgroups() -> Option<Arc<GpuBackend>> {
+    static G: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    backend(
+        GpuOptions {
+            no_subgroups: true,
+            ..Default::default()
+        },
+        &G,
+    )
+}
+
 /// A 64 KiB binding limit: weights above it are split by rows.
 fn gpu_small_binding() -> Option<Arc<GpuBackend>> {
     static G: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
@@ -202,7 +215,25 @@ fn embedding_case(g: &GpuBackend, r: &mut Rng, qt: QuantType, vocab: usize, d: u
 #[test]
 fn quant_gemv() {
     let Some(g) = gpu() else { return };
-    let mut r = Rng::new(71);
+    gemv_suite(&g, 71);
+}
+
+#[test]
+fn quant_gemm() {
+    let Some(g) = gpu() else { return };
+    gemm_suite(&g, 72);
+}
+
+#[test]
+fn quant_portable_kernels() {
+    let Some(g) = gpu_no_subgroups() else { return };
+    assert!(!g.device_info().subgroups);
+    gemv_suite(&g, 75);
+    gemm_suite(&g, 76);
+}
+
+fn gemv_suite(g: &GpuBackend, seed: u64) {
+    let mut r = Rng::new(seed);
     for qt in FORMATS {
         // K = 32 puts Q8_0/Q4_0 rows at 2-byte (not word) boundaries.
         let mut cases = vec![
@@ -218,15 +249,13 @@ fn quant_gemv() {
             cases.push((3, 32, 50, true));
         }
         for (m, k, n, bias) in cases {
-            linear_case(&g, &mut r, qt, m, k, n, bias, 1);
+            linear_case(g, &mut r, qt, m, k, n, bias, 1);
         }
     }
 }
 
-#[test]
-fn quant_gemm() {
-    let Some(g) = gpu() else { return };
-    let mut r = Rng::new(72);
+fn gemm_suite(g: &GpuBackend, seed: u64) {
+    let mut r = Rng::new(seed);
     for qt in FORMATS {
         let mut cases = vec![
             (65, 256, 77, true),
@@ -238,7 +267,7 @@ fn quant_gemm() {
             cases.push((9, 32, 50, false));
         }
         for (m, k, n, bias) in cases {
-            linear_case(&g, &mut r, qt, m, k, n, bias, 1);
+            linear_case(g, &mut r, qt, m, k, n, bias, 1);
         }
     }
 }

@@ -68,6 +68,16 @@ pub const KERNELS: &[Kernel] = &[
         &[],
         &[("QT", "0"), ("QBS", "32"), ("QBB", "34")]
     ),
+    kernel!(
+        "gemv_q_sg8",
+        &["BIAS"],
+        &[("M", "8"), ("QT", "0"), ("QBS", "32"), ("QBB", "34")]
+    ),
+    kernel!(
+        "gemm_q_sg8",
+        &["BIAS"],
+        &[("QT", "0"), ("QBS", "32"), ("QBB", "34")]
+    ),
 ];
 
 /// `{{QT}}`, `{{QBS}}`, `{{QBB}}` of the quantized kernels (`*_q`, snippet `quant`) for each

@@ -67,7 +67,7 @@ fn attention_head_dims_validate() {
 #[test]
 fn quant_formats_validate() {
     // Every quantized kernel for every format (the defaults above only cover Q8_0).
-    for name in ["gemv_q", "gemm_q", "embedding_q"] {
+    for name in ["gemv_q", "gemm_q", "embedding_q", "gemv_q_sg8", "gemm_q_sg8"] {
         for [qt, bs, bb] in shaders::QUANT_SUBS {
             for bias in [false, true] {
                 let flags: &[&str] = if bias { &["BIAS"] } else { &[] };
@@ -80,8 +80,10 @@ fn quant_formats_validate() {
                 let src = shaders::build(name, flags, &subs).expect("preprocess");
                 let module = naga::front::wgsl::parse_str(&src)
                     .unwrap_or_else(|e| panic!("{name} qt {qt}: {}", e.emit_to_string(&src)));
-                Validator::new(ValidationFlags::all(), Capabilities::all())
-                    .validate(&module)
+                let mut v = Validator::new(ValidationFlags::all(), Capabilities::all());
+                v.subgroup_stages(ShaderStages::COMPUTE);
+                v.subgroup_operations(SubgroupOperationSet::all());
+                v.validate(&module)
                     .unwrap_or_else(|e| panic!("{name} qt {qt}: {}", e.emit_to_string(&src)));
             }
         }
