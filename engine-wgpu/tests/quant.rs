@@ -94,7 +94,8 @@ fn check(what: &str, got: &[f32], want: &[f32], cols: usize, abs: f32, rel: f32)
     let mut worst = 0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        if !(err <= abs + rel * w.abs()) {
+        // NaN fails too (a NaN error is not within tolerance).
+        if err.is_nan() || err > abs + rel * w.abs() {
             panic!(
                 "{what}: row {} col {}: got {g} want {w} (|err| {err}, tol {abs} + {rel}·|want|)",
                 i / cols,

@@ -67,7 +67,13 @@ fn attention_head_dims_validate() {
 #[test]
 fn quant_formats_validate() {
     // Every quantized kernel for every format (the defaults above only cover Q8_0).
-    for name in ["gemv_q", "gemm_q", "embedding_q", "gemv_q_sg8", "gemm_q_sg8"] {
+    for name in [
+        "gemv_q",
+        "gemm_q",
+        "embedding_q",
+        "gemv_q_sg8",
+        "gemm_q_sg8",
+    ] {
         for [qt, bs, bb] in shaders::QUANT_SUBS {
             for bias in [false, true] {
                 let flags: &[&str] = if bias { &["BIAS"] } else { &[] };
