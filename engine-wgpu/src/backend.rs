@@ -98,15 +98,40 @@ fn not_quant(t: &Tensor, op: &'static str) -> Result<()> {
     }
 }
 
-/// The `{{QT}}`, `{{QBS}}`, `{{QBB}}` substitutions of the `*_q` kernels for format `qt`.
-fn quant_key(key: PipelineKey, qt: QuantType) -> PipelineKey {
+/// Whether `upload_quant` re-packs rows of `k` weights of format `qt` on the device: Q8_0
+/// and Q4_0 blocks (34 and 18 bytes) are not word-aligned, so a row with an even number of
+/// blocks is stored as [its f16 scales][its runs of quants] instead (same bytes and row size;
+/// every quant word aligned; see shaders/wgsl/quant.wgsl). Odd block counts stay as in GGUF.
+fn repacked(qt: QuantType, k: usize) -> bool {
+    matches!(qt, QuantType::Q8_0 | QuantType::Q4_0)
+        && k.is_multiple_of(qt.block_size())
+        && (k / qt.block_size()).is_multiple_of(2)
+}
+
+/// Row `src` (GGUF blocks of format `qt`) in the re-packed layout of [`repacked`].
+fn repack_row(qt: QuantType, src: &[u8], dst: &mut [u8]) {
+    let bb = qt.block_bytes();
+    let nb = src.len() / bb;
+    let (scales, quants) = dst.split_at_mut(2 * nb);
+    for (j, blk) in src.chunks_exact(bb).enumerate() {
+        scales[2 * j..2 * j + 2].copy_from_slice(&blk[..2]);
+        quants[(bb - 2) * j..(bb - 2) * (j + 1)].copy_from_slice(&blk[2..]);
+    }
+}
+
+/// The `{{QT}}`, `{{QBS}}`, `{{QBB}}`, `{{QPK}}` substitutions of the `*_q` kernels for
+/// weights of format `qt` with rows of `k`.
+fn quant_key(key: PipelineKey, qt: QuantType, k: usize) -> PipelineKey {
     let [code, bs, bb] = shaders::QUANT_SUBS[match qt {
         QuantType::Q8_0 => 0,
         QuantType::Q4_0 => 1,
         QuantType::Q4_1 => 2,
         QuantType::Q4K => 3,
     }];
-    key.sub("QT", code).sub("QBS", bs).sub("QBB", bb)
+    key.sub("QT", code)
+        .sub("QBS", bs)
+        .sub("QBB", bb)
+        .sub("QPK", u32::from(repacked(qt, k)))
 }
 
 /// RoPE frequency tables by (head_dim, theta bits, scaling bits).
@@ -443,7 +468,7 @@ impl GpuBackend {
                 (false, true) => "gemm_q_sg8",
                 (false, false) => "gemm_q",
             };
-            let key = quant_key(PipelineKey::new(name, "main"), qt);
+            let key = quant_key(PipelineKey::new(name, "main"), qt, k);
             if gemv {
                 key.sub("M", m as u32)
             } else {
@@ -751,9 +776,9 @@ impl Backend for GpuBackend {
         };
         qt.check(OP, n, k, bytes.len())
             .map_err(|e| Error::shape(OP, e.to_string()))?;
-        // The raw GGUF blocks, rows back to back (the kernels decode unaligned blocks), split
-        // by whole rows when one binding cannot hold them like f16 weights; each chunk padded
-        // to a whole u32 word.
+        // The raw GGUF blocks, rows back to back (Q8_0/Q4_0 rows re-packed when `repacked`;
+        // otherwise the kernels decode unaligned blocks), split by whole rows when one
+        // binding cannot hold them like f16 weights; each chunk padded to a whole u32 word.
         let rows = n.checked_div(k).unwrap_or(0);
         let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
         let per_rows = if dev_bytes(DType::Quant(qt), n) <= self.ctx.max_binding || row_bytes == 0 {
@@ -781,7 +806,16 @@ impl Backend for GpuBackend {
                 .create(size, &format!("tensor {shape} {qt}"), true)?;
             {
                 let mut host = vec![0u8; size as usize];
-                host[..raw.len()].copy_from_slice(raw);
+                if repacked(qt, k) && row_bytes > 0 {
+                    for (src, dst) in raw
+                        .chunks_exact(row_bytes)
+                        .zip(host.chunks_exact_mut(row_bytes))
+                    {
+                        repack_row(qt, src, dst);
+                    }
+                } else {
+                    host[..raw.len()].copy_from_slice(raw);
+                }
                 let mut view = buf
                     .slice(..)
                     .get_mapped_range_mut()
@@ -1199,7 +1233,7 @@ impl Backend for GpuBackend {
             // One invocation per 32-weight sub-block of an output row.
             Some(qt) => (
                 self.ctx
-                    .pipeline(quant_key(PipelineKey::new("embedding_q", "main"), qt))?,
+                    .pipeline(quant_key(PipelineKey::new("embedding_q", "main"), qt, d))?,
                 self.grid(OP, (s * d / 32).div_ceil(256))?,
             ),
             None => (

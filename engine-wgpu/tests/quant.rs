@@ -247,7 +247,9 @@ fn gemv_suite(g: &GpuBackend, seed: u64) {
             (8, 512, 70, true),
         ];
         if qt.block_size() == 32 {
+            // Odd block counts keep GGUF's layout (Q8_0/Q4_0 even counts are re-packed).
             cases.push((3, 32, 50, true));
+            cases.push((5, 96, 40, false));
         }
         for (m, k, n, bias) in cases {
             linear_case(g, &mut r, qt, m, k, n, bias, 1);
@@ -266,6 +268,7 @@ fn gemm_suite(g: &GpuBackend, seed: u64) {
         ];
         if qt.block_size() == 32 {
             cases.push((9, 32, 50, false));
+            cases.push((70, 96, 65, true));
         }
         for (m, k, n, bias) in cases {
             linear_case(g, &mut r, qt, m, k, n, bias, 1);

@@ -17,7 +17,9 @@ use models::synthetic::{SyntheticShape, SyntheticSource};
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let shape = SyntheticShape::parse(args.first().map_or("tiny", String::as_str))?;
-    let formats = args.get(1).map_or("f16,q8_0,q4_0,q4_1,q4_k", String::as_str);
+    let formats = args
+        .get(1)
+        .map_or("f16,q8_0,q4_0,q4_1,q4_k", String::as_str);
     let steps: usize = args.get(2).map_or(Ok(16), |s| s.parse())?;
     let b: Arc<dyn Backend> = engine_wgpu::open(&engine_wgpu::GpuOptions::default())?;
     let cfg = shape.config()?;

@@ -75,13 +75,14 @@ fn quant_formats_validate() {
         "gemm_q_sg8",
     ] {
         for [qt, bs, bb] in shaders::QUANT_SUBS {
-            for bias in [false, true] {
+            for (bias, pk) in [(false, 0), (true, 0), (false, 1), (true, 1)] {
                 let flags: &[&str] = if bias { &["BIAS"] } else { &[] };
                 let subs = [
                     ("M", "3".to_string()),
                     ("QT", qt.to_string()),
                     ("QBS", bs.to_string()),
                     ("QBB", bb.to_string()),
+                    ("QPK", pk.to_string()),
                 ];
                 let src = shaders::build(name, flags, &subs).expect("preprocess");
                 let module = naga::front::wgsl::parse_str(&src)

@@ -5,7 +5,7 @@
 // bindings: 0 uniform P, 1 ids [S] u32, 2 table chunk raw blocks as u32 words, 3 out [S, D] f32
 #include common
 
-struct P { s: u32, d: u32, v0: u32, v1: u32 }
+struct P { s: u32, k: u32, v0: u32, v1: u32 } // k: the row width D
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
@@ -16,7 +16,7 @@ struct P { s: u32, d: u32, v0: u32, v1: u32 }
 @compute @workgroup_size(256)
 fn main(iv: Inv) {
     let t = flat_group(iv) * 256u + iv.lid;
-    let nsub = p.d / 32u;
+    let nsub = p.k / 32u;
     if (t >= p.s * nsub) {
         return;
     }
@@ -26,9 +26,9 @@ fn main(iv: Inv) {
     if (id < p.v0 || id >= p.v1) {
         return;
     }
-    let rb = (id - p.v0) * (p.d / QBS) * QBB;
+    let rb = (id - p.v0) * (p.k / QBS) * QBB;
     let dm = sub_head(rb, j);
     for (var u = 0u; u < 8u; u++) {
-        out[s * (p.d / 4u) + j * 8u + u] = dm.x * sub_q4(rb, j, u) + vec4<f32>(dm.y);
+        out[s * (p.k / 4u) + j * 8u + u] = dm.x * sub_q4(rb, j, u) + vec4<f32>(dm.y);
     }
 }
