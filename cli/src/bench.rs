@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
-use engine_core::{Backend, HostData, Tensor};
+use engine_core::{Backend, HostData, QuantType, Tensor};
 use image::{Rgb, RgbImage};
 use models::llama::{ImageSpan, KvCache, Llama, PrefillStats};
 use models::synthetic::{SyntheticLlava, SyntheticShape};
@@ -76,6 +76,28 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights, pixels and prompt ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Weight formats to compare, e.g. `f16,q8_0,q4_0,q4_k`: the methods run on the first;
+    /// dense prefill and decode are then timed on each of the others (matrices quantized
+    /// at load), reported side by side.
+    #[arg(long, value_delimiter = ',')]
+    quant: Vec<String>,
+}
+
+/// `--quant` entries: `None` for the checkpoint's own floats (`f16`).
+fn parse_quant_list(list: &[String]) -> anyhow::Result<Vec<Option<QuantType>>> {
+    list.iter()
+        .map(|s| match s.trim().to_ascii_lowercase().as_str() {
+            "f16" | "none" => Ok(None),
+            t => QuantType::parse(t).map(Some).ok_or_else(|| {
+                anyhow!("--quant: unknown format {s:?} (f16, q8_0, q4_0, q4_1, q4_k)")
+            }),
+        })
+        .collect()
+}
+
+/// Name of a `--quant` entry.
+fn quant_name(q: Option<QuantType>) -> &'static str {
+    q.map_or("f16", QuantType::name)
 }
 
 /// VisiPruner's decisions for the run.
@@ -423,6 +445,8 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         .map_err(bad_input)?;
     let fastv = parse_fastv(&a.fastv).map_err(bad_input)?;
     let wanted = parse_methods(&a.methods).map_err(bad_input)?;
+    let quants = parse_quant_list(&a.quant).map_err(bad_input)?;
+    let main_quant = quants.first().copied().flatten();
     if let Some(p) = &a.plot {
         if p.extension().and_then(|e| e.to_str()) != Some("png") {
             return Err(bad_input(anyhow!(
@@ -460,22 +484,28 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     // ---- model ----
     let backend = open_backend(a.device)?;
     let b = backend.as_ref();
-    let model = match (&model_dir, shape) {
-        (Some(dir), _) => {
-            let l = Llava::load(dir, backend.clone()).map_err(classify)?;
-            Model::Real(Box::new(l), dir_safetensors_bytes(dir))
-        }
-        (None, Some(s)) => {
-            eprintln!(
-                "bench: generating and uploading synthetic {} weights",
-                s.name()
-            );
-            Model::Synth(Box::new(
-                SyntheticLlava::load(s, a.seed, backend.clone()).map_err(classify)?,
-            ))
-        }
-        (None, None) => return Err(bad_input(anyhow!("give --model DIR or --shape NAME"))),
+    let load = |quant: Option<QuantType>| -> Result<Model, Failure> {
+        Ok(match (&model_dir, shape) {
+            (Some(dir), _) => {
+                let l =
+                    Llava::load_quantized(dir, backend.clone(), None, quant).map_err(classify)?;
+                Model::Real(Box::new(l), dir_safetensors_bytes(dir))
+            }
+            (None, Some(s)) => {
+                eprintln!(
+                    "bench: generating and uploading synthetic {} weights ({})",
+                    s.name(),
+                    quant_name(quant)
+                );
+                Model::Synth(Box::new(
+                    SyntheticLlava::load_quantized(s, a.seed, backend.clone(), quant)
+                        .map_err(classify)?,
+                ))
+            }
+            (None, None) => return Err(bad_input(anyhow!("give --model DIR or --shape NAME"))),
+        })
     };
+    let model = load(main_quant)?;
     let cfg = model.cfg().clone();
     let layers = cfg.text.num_hidden_layers;
     let n_img = cfg.image_tokens();
@@ -586,8 +616,35 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         }
     }
 
+    // ---- weight formats: dense prefill and decode per --quant entry ----
+    let mut formats = Vec::new();
+    for (i, &q) in quants.iter().enumerate() {
+        let (prefill, decode, load_ms) = if i == 0 {
+            (
+                methods[0].prefill_ms.clone(),
+                methods[0].decode_ms.clone(),
+                model_load_ms(&model),
+            )
+        } else {
+            let m = load(q)?;
+            let mut dense = Dense;
+            let (mut p, mut d) = (Vec::new(), Vec::new());
+            for round in 0..a.warmup + a.reps {
+                eprintln!("bench: dense {} round {}", quant_name(q), round + 1);
+                let o = run_once(&m, b, &inp, &mut dense, false)
+                    .map_err(|e| internal(anyhow!("dense {}: {e}", quant_name(q))))?;
+                if round >= a.warmup {
+                    p.push(o.prefill_ms);
+                    d.push(o.decode_ms);
+                }
+            }
+            (p, d, model_load_ms(&m))
+        };
+        formats.push(format_report(q, &prefill, &decode, load_ms, &a));
+    }
+
     // ---- report ----
-    let report = build_report(
+    let mut report = build_report(
         &a,
         &model,
         &cfg,
@@ -596,6 +653,8 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         kernels,
         b.device_info(),
     )?;
+    report["weight_formats"] = Value::Array(formats);
+    report["model"]["weights_format"] = json!(quant_name(main_quant));
     if let Some(p) = &a.plot {
         plot(p, &methods).map_err(internal)?;
         eprintln!("bench: wrote {}", p.display());
@@ -607,6 +666,38 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         print_table(&report);
     }
     Ok(())
+}
+
+fn model_load_ms(m: &Model) -> f64 {
+    match m {
+        Model::Real(l, _) => l.load_ms(),
+        Model::Synth(s) => s.load_ms,
+    }
+}
+
+/// One `weight_formats` entry: dense prefill and decode timings with weights in format `q`.
+fn format_report(
+    q: Option<QuantType>,
+    prefill: &[f64],
+    decode: &[f64],
+    load_ms: f64,
+    a: &BenchArgs,
+) -> Value {
+    let per_s = |n: usize, ms: f64| if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 };
+    let (p_min, p_med) = min_median(prefill);
+    let (d_min, d_med) = min_median(decode);
+    json!({
+        "weights": quant_name(q),
+        "load_ms": load_ms,
+        "prefill_ms": stat(prefill),
+        "decode_ms": stat(decode),
+        "prefill_tokens_per_s": {
+            "best": per_s(a.prompt_len, p_min), "median": per_s(a.prompt_len, p_med),
+        },
+        "decode_tokens_per_s": {
+            "best": per_s(a.decode_tokens, d_min), "median": per_s(a.decode_tokens, d_med),
+        },
+    })
 }
 
 fn build_report(
@@ -751,7 +842,9 @@ fn kernel_efficiency(k: &Value) -> Value {
     let rows = k["linear"].as_array().cloned().unwrap_or_default();
     let pick = |r: &Value| {
         let m = r["m"].as_u64().unwrap_or(0);
-        let base = json!({ "m": m, "k": r["k"], "n": r["n"], "kernel": r["kernel"] });
+        let base = json!({
+            "m": m, "k": r["k"], "n": r["n"], "kernel": r["kernel"], "weights": r["weights"],
+        });
         match (m, base) {
             (640, mut b) => {
                 b["gflops"] = r["gflops"].clone();
@@ -836,6 +929,23 @@ fn print_table(r: &Value) {
         }
         println!("{name}: layer seq lens {}", compact(&x["layer_seq_lens"]));
     }
+    if let Some(fs) = r["weight_formats"].as_array().filter(|v| !v.is_empty()) {
+        println!(
+            "weight formats (dense): {:<6} {:>19} {:>16} {:>20}",
+            "format", "prefill ms min/med", "prefill tok/s", "decode tok/s best/med"
+        );
+        for x in fs {
+            println!(
+                "                        {:<6} {:>9.1}/{:<9.1} {:>16.1} {:>10.2}/{:<9.2}",
+                x["weights"].as_str().unwrap_or("?"),
+                f(&x["prefill_ms"]["min"]),
+                f(&x["prefill_ms"]["median"]),
+                f(&x["prefill_tokens_per_s"]["median"]),
+                f(&x["decode_tokens_per_s"]["best"]),
+                f(&x["decode_tokens_per_s"]["median"]),
+            );
+        }
+    }
     println!(
         "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV)",
         f(&r["memory"]["allocated_bytes"]) / (1 << 20) as f64
@@ -850,17 +960,19 @@ fn print_table(r: &Value) {
         for row in k["rows"].as_array().into_iter().flatten() {
             if row["m"] == 640 {
                 println!(
-                    "  gemm M=640 K={} N={}: {:.1} GFLOP/s = {:.1}% of FMA peak",
+                    "  gemm M=640 K={} N={} {}: {:.1} GFLOP/s = {:.1}% of FMA peak",
                     row["k"],
                     row["n"],
+                    row["weights"].as_str().unwrap_or("f16"),
                     f(&row["gflops"]),
                     100.0 * f(&row["frac_of_fma_peak"])
                 );
             } else {
                 println!(
-                    "  gemv M=1   K={} N={}: {:.1} GB/s = {:.1}% of copy peak",
+                    "  gemv M=1   K={} N={} {}: {:.1} GB/s = {:.1}% of copy peak",
                     row["k"],
                     row["n"],
+                    row["weights"].as_str().unwrap_or("f16"),
                     f(&row["gbps"]),
                     100.0 * f(&row["frac_of_copy_peak"])
                 );

@@ -145,7 +145,7 @@ struct RunArgs {
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Quantize the checkpoint's weight matrices as they load (CPU backend only for now).
+    /// Quantize the checkpoint's weight matrices as they load (kept quantized on the device).
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
     /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
@@ -325,8 +325,8 @@ fn check_output_path(p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Text-only generation from a llama.cpp GGUF file, on the CPU backend, whose kernels
-/// dequantise GGUF blocks; the wgpu kernels do not yet.
+/// Text-only generation from a llama.cpp GGUF file, on either backend (both dequantise
+/// GGUF blocks inside their matmul and embedding kernels).
 fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
     if a.image.is_some() {
         return Err(bad_input(anyhow!(
@@ -336,11 +336,6 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
     if a.save_kept.is_some() {
         return Err(bad_input(anyhow!("--save-kept needs --image")));
     }
-    if matches!(a.device, DeviceArg::Gpu) {
-        return Err(bad_input(anyhow!(
-            "quantized GGUF weights run on --device cpu only for now"
-        )));
-    }
     let template = match a.template {
         TemplateArg::VicunaV1 => Template::VicunaV1,
         TemplateArg::Raw => Template::Raw,
@@ -348,7 +343,8 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
     let text = template
         .render(&a.prompt, false)
         .map_err(|e| bad_input(e.into()))?;
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let backend = open_backend(a.device)?;
+    let dev = backend.device_info();
     let t0 = std::time::Instant::now();
     let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.model), backend.clone())
         .map_err(classify)?;
@@ -370,17 +366,18 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
             "tokens": tokens,
             "prompt_tokens": ids.len(),
             "timings_ms": { "load": load_ms, "generate": gen_ms },
-            "device": { "backend": "cpu" },
+            "device": { "backend": dev.backend, "adapter": dev.adapter },
         });
         let _ = writeln!(stdout, "{j}");
     } else {
         let _ = writeln!(stdout, "{out}");
         eprintln!(
-            "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), cpu",
+            "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), {}",
             ids.len(),
             tokens.len(),
             gen_ms,
-            load_ms
+            load_ms,
+            dev.backend
         );
     }
     Ok(())
@@ -455,22 +452,8 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
         QuantArg::Q4K => engine_core::QuantType::Q4K,
     });
-    // A GGUF pair with quantized tensors needs quantized kernels, as --quant does.
-    let stored_quant = match (&a.mmproj, gguf) {
-        (Some(mm), true) => pair_is_quantized(Path::new(&a.model), mm).map_err(classify)?,
-        _ => false,
-    };
-    // Quantized kernels exist on the CPU backend only: auto picks it, gpu is refused.
-    let device = match (quant.is_some() || stored_quant, a.device) {
-        (true, DeviceArg::Gpu) => {
-            return Err(bad_input(anyhow!(
-                "quantized weights (--quant or a quantized GGUF) run on --device cpu only for now (no quantized GPU kernels yet)"
-            )))
-        }
-        (true, _) => DeviceArg::Cpu,
-        (false, d) => d,
-    };
-    let backend = open_backend(device)?;
+    // Both backends have quantized kernels: --device picks as without --quant.
+    let backend = open_backend(a.device)?;
     let bar = progress::load_bar();
     let loaded = match &a.mmproj {
         Some(mm) => Llava::load_gguf(
@@ -601,23 +584,6 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         });
     }
     Ok(())
-}
-
-/// Whether either file of a GGUF pair stores block-quantized tensors.
-fn pair_is_quantized(text: &Path, mmproj: &Path) -> engine_core::Result<bool> {
-    for p in [text, mmproj] {
-        let f = engine_core::gguf::GgufFile::open(p)?;
-        let q = f.tensor_infos().any(|t| {
-            matches!(
-                t.ty,
-                engine_core::gguf::GgufType::Known(engine_core::DType::Quant(_))
-            )
-        });
-        if q {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 /// `visi-cli quantize`: a llava-hf directory to llama.cpp's GGUF pair.

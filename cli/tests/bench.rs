@@ -191,6 +191,7 @@ fn bad_schedules_are_bad_input() -> Result<()> {
         (vec!["--fastv", "k=2,ratio=x"], "ratio"),
         (vec!["--prompt-len", "600"], "prompt-len"),
         (vec!["--methods", "dense,fastvv"], "fastvv"),
+        (vec!["--quant", "f16,q5_k"], "q5_k"),
     ] {
         let (out, _) = bench(&args)?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -270,5 +271,40 @@ fn methods_subset_runs_dense_and_the_named_ones() -> Result<()> {
     let mut names: Vec<&str> = m.keys().map(String::as_str).collect();
     names.sort();
     ensure!(names == ["dense", "visipruner"], "methods {names:?}");
+    Ok(())
+}
+
+/// `--quant f16,q4_k`: the methods on f16, then dense again on Q4_K weights; both formats
+/// reported with their decode and prefill rates (CPU backend; timings not asserted).
+#[test]
+fn quant_list_reports_each_weight_format() -> Result<()> {
+    let (out, json) = bench(&["--quant", "f16,q4_k", "--json"])?;
+    ensure!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json.context("JSON report")?;
+    let fs = j["weight_formats"].as_array().context("weight_formats")?;
+    let names: Vec<&str> = fs.iter().filter_map(|x| x["weights"].as_str()).collect();
+    ensure!(names == ["f16", "q4_k"], "formats {names:?}");
+    for x in fs {
+        for key in [
+            "prefill_ms",
+            "decode_ms",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+        ] {
+            ensure!(x.get(key).is_some(), "format entry lacks {key}: {x}");
+        }
+        ensure!(
+            x["decode_tokens_per_s"]["median"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "no decode rate: {x}"
+        );
+    }
+    ensure!(j["model"]["weights_format"] == "f16", "{}", j["model"]);
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! - Activations are `F32`, row-major, contiguous. "Rows" are the leading dimensions
 //!   flattened, "columns" the last dimension.
 //! - Weight matrices follow the checkpoint layout `[out_features, in_features]` and may be
-//!   `F16`, `F32` or block-quantized (`DType::Quant`, CPU backend); `linear` computes `y = x·Wᵀ + b` accumulating in f32.
+//!   `F16`, `F32` or block-quantized (`DType::Quant`, both backends); `linear` computes `y = x·Wᵀ + b` accumulating in f32.
 //! - Norm weights, biases, position tables: `F32`. Indices, token ids, positions: `U32`.
 //! - Only `to_vec_*` (and `sync`) wait for the device; every other op only records work.
 

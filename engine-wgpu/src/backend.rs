@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use engine_core::{
-    AttentionMask, AttentionParams, Backend, DType, DeviceInfo, Error, HostData, Result,
+    AttentionMask, AttentionParams, Backend, DType, DeviceInfo, Error, HostData, QuantType, Result,
     RopeParams, Shape, Storage, Tensor,
 };
 use half::f16;
@@ -77,12 +77,61 @@ impl Drop for GpuStorage {
     }
 }
 
-/// Bytes of `n` elements of `dtype` on the device (f16 packed two per u32).
+/// Bytes of `n` elements of `dtype` on the device (f16 packed two per u32; quantized blocks
+/// as raw bytes padded to a whole u32 word).
 fn dev_bytes(dtype: DType, n: usize) -> u64 {
     match dtype {
         DType::F16 | DType::BF16 => (n as u64).div_ceil(2) * 4,
+        DType::Quant(q) => {
+            let (bs, bb) = (q.block_size() as u64, q.block_bytes() as u64);
+            ((n as u64).div_ceil(bs) * bb).div_ceil(4) * 4
+        }
         _ => n as u64 * 4,
     }
+}
+
+/// Rejects quantized tensors in ops that only move floats or ids.
+fn not_quant(t: &Tensor, op: &'static str) -> Result<()> {
+    match t.dtype() {
+        d @ DType::Quant(_) => Err(Error::DType { op, dtype: d }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `upload_quant` re-packs rows of `k` weights of format `qt` on the device: Q8_0
+/// and Q4_0 blocks (34 and 18 bytes) are not word-aligned, so a row with an even number of
+/// blocks is stored as [its f16 scales][its runs of quants] instead (same bytes and row size;
+/// every quant word aligned; see shaders/wgsl/quant.wgsl). Odd block counts stay as in GGUF.
+fn repacked(qt: QuantType, k: usize) -> bool {
+    matches!(qt, QuantType::Q8_0 | QuantType::Q4_0)
+        && k.is_multiple_of(qt.block_size())
+        && (k / qt.block_size()).is_multiple_of(2)
+}
+
+/// Row `src` (GGUF blocks of format `qt`) in the re-packed layout of [`repacked`].
+fn repack_row(qt: QuantType, src: &[u8], dst: &mut [u8]) {
+    let bb = qt.block_bytes();
+    let nb = src.len() / bb;
+    let (scales, quants) = dst.split_at_mut(2 * nb);
+    for (j, blk) in src.chunks_exact(bb).enumerate() {
+        scales[2 * j..2 * j + 2].copy_from_slice(&blk[..2]);
+        quants[(bb - 2) * j..(bb - 2) * (j + 1)].copy_from_slice(&blk[2..]);
+    }
+}
+
+/// The `{{QT}}`, `{{QBS}}`, `{{QBB}}`, `{{QPK}}` substitutions of the `*_q` kernels for
+/// weights of format `qt` with rows of `k`.
+fn quant_key(key: PipelineKey, qt: QuantType, k: usize) -> PipelineKey {
+    let [code, bs, bb] = shaders::QUANT_SUBS[match qt {
+        QuantType::Q8_0 => 0,
+        QuantType::Q4_0 => 1,
+        QuantType::Q4_1 => 2,
+        QuantType::Q4K => 3,
+    }];
+    key.sub("QT", code)
+        .sub("QBS", bs)
+        .sub("QBB", bb)
+        .sub("QPK", u32::from(repacked(qt, k)))
 }
 
 /// RoPE frequency tables by (head_dim, theta bits, scaling bits).
@@ -400,7 +449,32 @@ impl GpuBackend {
         let gemv = m <= GEMV_MAX_ROWS && k > 0;
         // Software adapters: the subgroup-broadcast kernels (same dispatch grids as below).
         let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k.is_multiple_of(8) && k <= SG8_MAX_K;
-        let key = if sg8 && gemv {
+        let key = if let DType::Quant(qt) = w.dtype() {
+            // upload_quant guarantees whole blocks per row (so K % 32 == 0 and K > 0).
+            if k == 0 || !k.is_multiple_of(qt.block_size()) {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "{qt} weights need K a multiple of {}, got {k}",
+                        qt.block_size()
+                    ),
+                ));
+            }
+            // Software adapters: the subgroup-broadcast variants (same grids again).
+            let qsg8 = self.ctx.sg8_cpu && k <= SG8_MAX_K;
+            let name = match (gemv, qsg8) {
+                (true, true) => "gemv_q_sg8",
+                (true, false) => "gemv_q",
+                (false, true) => "gemm_q_sg8",
+                (false, false) => "gemm_q",
+            };
+            let key = quant_key(PipelineKey::new(name, "main"), qt, k);
+            if gemv {
+                key.sub("M", m as u32)
+            } else {
+                key
+            }
+        } else if sg8 && gemv {
             PipelineKey::new("gemv_sg8", "main").sub("M", m as u32)
         } else if sg8 {
             PipelineKey::new("gemm_sg8", "main")
@@ -692,8 +766,80 @@ impl Backend for GpuBackend {
         Ok(Tensor::from_storage(Arc::new(s), shape, dtype))
     }
 
+    fn upload_quant(&self, qt: QuantType, bytes: &[u8], shape: Shape) -> Result<Tensor> {
+        const OP: &str = "upload_quant";
+        let n = shape.elem_count();
+        let k = if shape.rank() == 0 {
+            1
+        } else {
+            shape.last_dim()
+        };
+        qt.check(OP, n, k, bytes.len())
+            .map_err(|e| Error::shape(OP, e.to_string()))?;
+        // The raw GGUF blocks, rows back to back (Q8_0/Q4_0 rows re-packed when `repacked`;
+        // otherwise the kernels decode unaligned blocks), split by whole rows when one
+        // binding cannot hold them like f16 weights; each chunk padded to a whole u32 word.
+        let rows = n.checked_div(k).unwrap_or(0);
+        let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
+        let per_rows = if dev_bytes(DType::Quant(qt), n) <= self.ctx.max_binding || row_bytes == 0 {
+            rows.max(1)
+        } else {
+            let r = (self.ctx.max_binding.saturating_sub(3) / row_bytes as u64) as usize;
+            if r == 0 {
+                return Err(Error::TooLarge {
+                    what: format!("one row of tensor {shape} {qt}"),
+                    bytes: row_bytes as u64,
+                    limit: self.ctx.max_binding,
+                });
+            }
+            r
+        };
+        let mut chunks = Vec::new();
+        let mut r0 = 0;
+        loop {
+            let nr = per_rows.min(rows - r0);
+            let raw = &bytes[r0 * row_bytes..(r0 + nr) * row_bytes];
+            let words = (raw.len() as u64).div_ceil(4) * 4;
+            let size = words.max(16).div_ceil(16) * 16;
+            let buf = self
+                .ctx
+                .create(size, &format!("tensor {shape} {qt}"), true)?;
+            {
+                let mut host = vec![0u8; size as usize];
+                if repacked(qt, k) && row_bytes > 0 {
+                    for (src, dst) in raw
+                        .chunks_exact(row_bytes)
+                        .zip(host.chunks_exact_mut(row_bytes))
+                    {
+                        repack_row(qt, src, dst);
+                    }
+                } else {
+                    host[..raw.len()].copy_from_slice(raw);
+                }
+                let mut view = buf
+                    .slice(..)
+                    .get_mapped_range_mut()
+                    .map_err(|e| Error::Device(format!("{OP}: mapping a buffer: {e}")))?;
+                view.copy_from_slice(&host);
+            }
+            buf.unmap();
+            chunks.push(Chunk {
+                buf,
+                class: size,
+                elem0: r0 * k,
+                elems: nr * k,
+                bytes: words.max(4),
+            });
+            r0 += nr;
+            if r0 >= rows {
+                break;
+            }
+        }
+        Ok(self.wrap(chunks, shape, DType::Quant(qt)))
+    }
+
     fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor> {
-        if dtype == DType::BF16 {
+        if matches!(dtype, DType::BF16 | DType::Quant(_)) {
             return Err(Error::DType { op: "zeros", dtype });
         }
         let t = self.empty(shape, dtype, "zeros")?;
@@ -767,7 +913,9 @@ impl Backend for GpuBackend {
             need(b, DType::F32, OP)?;
         }
         need(x, DType::F32, OP)?;
-        need_float(w, OP)?;
+        if !matches!(w.dtype(), DType::Quant(_)) {
+            need_float(w, OP)?;
+        }
         let m = x.shape().rows();
         let cx = one(x, OP)?;
         let cb = b.map(|b| one(b, OP)).transpose()?;
@@ -1035,7 +1183,21 @@ impl Backend for GpuBackend {
         const OP: &str = "embedding";
         let (vocab, d) = table.dims2(OP)?;
         need(ids, DType::U32, OP)?;
-        need_float(table, OP)?;
+        let quant = match table.dtype() {
+            DType::Quant(qt) => {
+                if !d.is_multiple_of(qt.block_size()) {
+                    return Err(Error::shape(
+                        OP,
+                        format!("{qt} table rows of {d} are not whole blocks"),
+                    ));
+                }
+                Some(qt)
+            }
+            _ => {
+                need_float(table, OP)?;
+                None
+            }
+        };
         if ids.dims().len() != 1 {
             return Err(Error::shape(
                 OP,
@@ -1067,10 +1229,19 @@ impl Backend for GpuBackend {
         }
         let cout = one(&out, OP)?;
         let w16 = table.dtype() == DType::F16;
-        let pipe = self
-            .ctx
-            .pipeline(PipelineKey::new("embedding", "main").flag(w16, "W16"))?;
-        let g = self.grid(OP, (s * d).div_ceil(256))?;
+        let (pipe, g) = match quant {
+            // One invocation per 32-weight sub-block of an output row.
+            Some(qt) => (
+                self.ctx
+                    .pipeline(quant_key(PipelineKey::new("embedding_q", "main"), qt, d))?,
+                self.grid(OP, (s * d / 32).div_ceil(256))?,
+            ),
+            None => (
+                self.ctx
+                    .pipeline(PipelineKey::new("embedding", "main").flag(w16, "W16"))?,
+                self.grid(OP, (s * d).div_ceil(256))?,
+            ),
+        };
         for c in &st(table, OP)?.chunks {
             if c.elem0 % d != 0 || c.elems % d != 0 {
                 return Err(Error::msg(format!(
@@ -1160,10 +1331,10 @@ impl Backend for GpuBackend {
                 ),
             ));
         }
-        if x.dtype() == DType::BF16 {
+        if matches!(x.dtype(), DType::BF16 | DType::Quant(_)) {
             return Err(Error::DType {
                 op: OP,
-                dtype: DType::BF16,
+                dtype: x.dtype(),
             });
         }
         let n: usize = dims[1..].iter().product();
@@ -1213,6 +1384,7 @@ impl Backend for GpuBackend {
                     ),
                 ));
             }
+            not_quant(t, OP)?;
             if t.dtype() != first.dtype() {
                 return Err(Error::DType {
                     op: OP,
@@ -1248,6 +1420,7 @@ impl Backend for GpuBackend {
                 ),
             ));
         }
+        not_quant(dst, OP)?;
         if src.dtype() != dst.dtype() {
             return Err(Error::DType {
                 op: OP,

@@ -2,7 +2,8 @@
 
 use std::time::Instant;
 
-use engine_core::{Backend, HostData, Result, Shape};
+use engine_core::quant::quantize;
+use engine_core::{Backend, HostData, QuantType, Result, Shape, Tensor};
 use half::f16;
 use serde_json::json;
 
@@ -71,10 +72,20 @@ fn min_median(t: &[f64]) -> (f64, f64) {
     (min, med)
 }
 
+/// Block-quantized weight formats benchmarked after the f16 rows.
+const QUANTS: [QuantType; 4] = [
+    QuantType::Q8_0,
+    QuantType::Q4_0,
+    QuantType::Q4_1,
+    QuantType::Q4K,
+];
+
 /// Runs the kernel benchmark on the adapter `opts` selects: achieved GFLOP/s and GB/s
 /// of `linear` for the LLaVA-7B shapes (M = 1 and M = 640; K×N = 4096×4096,
-/// 4096×11008, 11008×4096, f16 weights) and the adapter's measured peaks (a pure-FMA
-/// kernel and a pure-copy kernel). `quick` shrinks repetitions (for tests).
+/// 4096×11008, 11008×4096, f16 weights), then the same with Q8_0, Q4_0, Q4_1 and Q4_K
+/// weights (GB/s counts the bytes actually read: the quantized blocks), and the adapter's
+/// measured peaks (a pure-FMA kernel and a pure-copy kernel). `quick` shrinks repetitions
+/// and runs the quantized formats on the first shape only (for tests).
 pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value> {
     let gpu = open_gpu(opts)?;
     let ctx = &gpu.ctx;
@@ -133,35 +144,36 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
     let copy_peak = 2.0 * bytes as f64 / min_median(&t_copy).0 * 1e-9;
 
     let mut rows = Vec::new();
-    for (k, n) in SHAPES {
-        let wv: Vec<f16> = values(n * k, (k * 31 + n) as u64)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
-        let w = gpu.upload(HostData::F16(&wv), Shape::from([n, k]))?;
-        drop(wv);
-        for m in ROWS {
-            let x = gpu.upload(HostData::F32(&values(m * k, m as u64)), Shape::from([m, k]))?;
-            let (t, _) = time(&gpu, warm, reps, &|| gpu.linear(&x, &w, None).map(drop))?;
-            let (min, med) = min_median(&t);
-            let flop = 2.0 * (m * n * k) as f64;
-            let moved = (n * k * 2 + m * k * 4 + m * n * 4) as f64;
-            let gflops = flop / min * 1e-9;
-            let gbps = moved / min * 1e-9;
-            rows.push(json!({
-                "m": m, "k": k, "n": n, "weights": "f16",
-                "kernel": match (m <= 8, ctx.sg8_cpu && k % 8 == 0) {
-                    (true, false) => "gemv",
-                    (false, false) => "gemm",
-                    (true, true) => "gemv_sg8",
-                    (false, true) => "gemm_sg8",
-                },
-                "min_s": min, "median_s": med,
-                "gflops": gflops, "gflops_median": flop / med * 1e-9,
-                "gbps": gbps, "gbps_median": moved / med * 1e-9,
-                "frac_of_fma_peak": gflops / fma_peak,
-                "frac_of_copy_peak": gbps / copy_peak,
-            }));
+    let formats = std::iter::once(None).chain(QUANTS.map(Some));
+    for qt in formats {
+        for (si, (k, n)) in SHAPES.into_iter().enumerate() {
+            if quick && qt.is_some() && si > 0 {
+                continue;
+            }
+            let wv = values(n * k, (k * 31 + n) as u64);
+            let (w, w_bytes) = match qt {
+                None => {
+                    let h: Vec<f16> = wv.into_iter().map(f16::from_f32).collect();
+                    (
+                        gpu.upload(HostData::F16(&h), Shape::from([n, k]))?,
+                        n * k * 2,
+                    )
+                }
+                Some(q) => {
+                    let b = quantize(q, &wv)?;
+                    drop(wv);
+                    (gpu.upload_quant(q, &b, Shape::from([n, k]))?, b.len())
+                }
+            };
+            linear_rows(
+                &gpu,
+                &w,
+                qt,
+                w_bytes,
+                (warm, reps),
+                (fma_peak, copy_peak),
+                &mut rows,
+            )?;
         }
     }
     let info = gpu.device_info();
@@ -184,4 +196,50 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
         },
         "linear": rows,
     }))
+}
+
+/// Times `linear` with weights `w` (`[n, k]`, `w_bytes` bytes on the device) at every row
+/// count of [`ROWS`] and appends one JSON row each.
+fn linear_rows(
+    gpu: &GpuBackend,
+    w: &Tensor,
+    qt: Option<QuantType>,
+    w_bytes: usize,
+    (warm, reps): (usize, usize),
+    (fma_peak, copy_peak): (f64, f64),
+    rows: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    let ctx = &gpu.ctx;
+    let (n, k) = w.dims2("bench")?;
+    for m in ROWS {
+        let x = gpu.upload(HostData::F32(&values(m * k, m as u64)), Shape::from([m, k]))?;
+        let (t, _) = time(gpu, warm, reps, &|| gpu.linear(&x, w, None).map(drop))?;
+        let (min, med) = min_median(&t);
+        let flop = 2.0 * (m * n * k) as f64;
+        let moved = (w_bytes + m * k * 4 + m * n * 4) as f64;
+        let gflops = flop / min * 1e-9;
+        let gbps = moved / min * 1e-9;
+        let kernel = match (qt, m <= 8, ctx.sg8_cpu && k % 8 == 0) {
+            (Some(_), true, false) => "gemv_q",
+            (Some(_), false, false) => "gemm_q",
+            (Some(_), true, true) => "gemv_q_sg8",
+            (Some(_), false, true) => "gemm_q_sg8",
+            (None, true, false) => "gemv",
+            (None, false, false) => "gemm",
+            (None, true, true) => "gemv_sg8",
+            (None, false, true) => "gemm_sg8",
+        };
+        rows.push(json!({
+            "m": m, "k": k, "n": n,
+            "weights": qt.map_or("f16", QuantType::name),
+            "weight_bytes": w_bytes,
+            "kernel": kernel,
+            "min_s": min, "median_s": med,
+            "gflops": gflops, "gflops_median": flop / med * 1e-9,
+            "gbps": gbps, "gbps_median": moved / med * 1e-9,
+            "frac_of_fma_peak": gflops / fma_peak,
+            "frac_of_copy_peak": gbps / copy_peak,
+        }));
+    }
+    Ok(())
 }

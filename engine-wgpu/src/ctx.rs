@@ -19,7 +19,17 @@ const POOL_CAP: u64 = 2 << 30;
 
 /// Kernels compiled without naga's runtime bounds checks (they check their own bounds);
 /// `VISI_CHECKED_SHADERS=1` turns the checks back on for debugging.
-const UNCHECKED_KERNELS: &[&str] = &["gemm", "gemv", "gemm_sg8", "gemv_sg8"];
+const UNCHECKED_KERNELS: &[&str] = &[
+    "gemm",
+    "gemv",
+    "gemm_sg8",
+    "gemv_sg8",
+    "gemm_q",
+    "gemv_q",
+    "embedding_q",
+    "gemm_q_sg8",
+    "gemv_q_sg8",
+];
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the data stays
 /// consistent: every critical section here leaves it valid at each step).
@@ -218,7 +228,9 @@ impl Ctx {
         let module = if trusted {
             // SAFETY: these kernels guard every storage index against the bound sizes
             // (rows < M, k < K, n < rows; workgroup arrays by construction), and the backend
-            // binds buffers at least as large as the sizes in their uniforms. Dropping naga's
+            // binds buffers at least as large as the sizes in their uniforms. The `*_q`
+            // kernels read whole blocks of rows < `rows` of their chunk (a 2-byte-aligned
+            // field's second word starts inside the data, and chunks are padded to words). Dropping naga's
             // per-access clamps makes the matmuls ~1.7x faster on lavapipe.
             unsafe {
                 self.device

@@ -12,7 +12,8 @@
 //! command encoder with a per-batch uniform arena and submit only at `to_vec_*`/`sync` or when a
 //! batch grows large; output buffers come from a size-class pool that freed tensors return to.
 //! Weights stay f16 on the device (packed two per u32; loaded natively under `shader-f16`),
-//! activations f32. Tensors above the storage-binding limit are split by rows over several
+//! or block-quantized (`Backend::upload_quant`: GGUF's Q8_0/Q4_0/Q4_1/Q4_K blocks as raw
+//! bytes, dequantised inside `gemv_q`/`gemm_q`/`embedding_q`), activations f32. Tensors above the storage-binding limit are split by rows over several
 //! buffers (`linear`, `embedding` and `to_vec_*` stream the chunks).
 //!
 //! Software adapters: llvmpipe (lavapipe) stops any loop nest after 65535 iterations per
@@ -21,7 +22,8 @@
 //! llvmpipe also runs a subgroup as one 8-lane SIMD vector and splits every non-uniform load
 //! into 8 scalar loads, so `linear` with f16 weights (K % 8 == 0) takes `gemm_sg8`/`gemv_sg8`
 //! on CPU adapters whose subgroups are exactly 8 wide: each value loaded once per subgroup and
-//! shared by `subgroupBroadcast` (3-4x faster there than the tiled kernels, which GPUs keep).
+//! shared by `subgroupBroadcast` (3-4x faster there than the tiled kernels, which GPUs keep);
+//! quantized weights likewise take `gemm_q_sg8`/`gemv_q_sg8` there.
 //!
 //! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
 //! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too),

@@ -1038,7 +1038,13 @@ fn kernel_bench_quick() {
         "copy peak"
     );
     let rows = v["linear"].as_array().expect("linear rows");
-    assert_eq!(rows.len(), 6, "2 row counts x 3 shapes");
+    let f16_rows = rows.iter().filter(|r| r["weights"] == "f16").count();
+    assert_eq!(f16_rows, 6, "f16: 2 row counts x 3 shapes");
+    // Quick: each quantized format on the first shape only.
+    for q in ["q8_0", "q4_0", "q4_1", "q4_k"] {
+        let n = rows.iter().filter(|r| r["weights"] == q).count();
+        assert_eq!(n, 2, "{q}: 2 row counts x 1 shape, got {n}");
+    }
     for r in rows {
         for key in [
             "m",

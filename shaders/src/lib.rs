@@ -53,13 +53,56 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("copy", &["F16"], &[]),
     kernel!("argmax", &["F16"], &[]),
     kernel!("bench", &["F16"], &[]),
+    kernel!(
+        "gemv_q",
+        &["BIAS"],
+        &[
+            ("M", "8"),
+            ("QT", "0"),
+            ("QBS", "32"),
+            ("QBB", "34"),
+            ("QPK", "0")
+        ]
+    ),
+    kernel!(
+        "gemm_q",
+        &["BIAS"],
+        &[("QT", "0"), ("QBS", "32"), ("QBB", "34"), ("QPK", "0")]
+    ),
+    kernel!(
+        "embedding_q",
+        &[],
+        &[("QT", "0"), ("QBS", "32"), ("QBB", "34"), ("QPK", "0")]
+    ),
+    kernel!(
+        "gemv_q_sg8",
+        &["BIAS"],
+        &[
+            ("M", "8"),
+            ("QT", "0"),
+            ("QBS", "32"),
+            ("QBB", "34"),
+            ("QPK", "0")
+        ]
+    ),
+    kernel!(
+        "gemm_q_sg8",
+        &["BIAS"],
+        &[("QT", "0"), ("QBS", "32"), ("QBB", "34"), ("QPK", "0")]
+    ),
 ];
+
+/// `{{QT}}`, `{{QBS}}`, `{{QBB}}` of the quantized kernels (`*_q`, snippet `quant`) for each
+/// GGUF format: format code, weights per block, bytes per block (Q8_0, Q4_0, Q4_1, Q4_K).
+/// `{{QPK}}` is 1 where the backend re-packed Q8_0/Q4_0 rows (see quant.wgsl).
+pub const QUANT_SUBS: [[u32; 3]; 4] = [[0, 32, 34], [1, 32, 18], [2, 32, 20], [3, 256, 144]];
 
 /// Shared snippets for `#include`.
 const SNIPPETS: &[(&str, &str)] = &[
     ("common", include_str!("../wgsl/common.wgsl")),
     ("reduce", include_str!("../wgsl/reduce.wgsl")),
     ("mask", include_str!("../wgsl/mask.wgsl")),
+    ("quant", include_str!("../wgsl/quant.wgsl")),
 ];
 
 /// The kernel family `name`, if it exists.

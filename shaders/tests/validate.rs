@@ -63,3 +63,36 @@ fn attention_head_dims_validate() {
             .unwrap_or_else(|e| panic!("head_dim {d}: {}", e.emit_to_string(&src)));
     }
 }
+
+#[test]
+fn quant_formats_validate() {
+    // Every quantized kernel for every format (the defaults above only cover Q8_0).
+    for name in [
+        "gemv_q",
+        "gemm_q",
+        "embedding_q",
+        "gemv_q_sg8",
+        "gemm_q_sg8",
+    ] {
+        for [qt, bs, bb] in shaders::QUANT_SUBS {
+            for (bias, pk) in [(false, 0), (true, 0), (false, 1), (true, 1)] {
+                let flags: &[&str] = if bias { &["BIAS"] } else { &[] };
+                let subs = [
+                    ("M", "3".to_string()),
+                    ("QT", qt.to_string()),
+                    ("QBS", bs.to_string()),
+                    ("QBB", bb.to_string()),
+                    ("QPK", pk.to_string()),
+                ];
+                let src = shaders::build(name, flags, &subs).expect("preprocess");
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{name} qt {qt}: {}", e.emit_to_string(&src)));
+                let mut v = Validator::new(ValidationFlags::all(), Capabilities::all());
+                v.subgroup_stages(ShaderStages::COMPUTE);
+                v.subgroup_operations(SubgroupOperationSet::all());
+                v.validate(&module)
+                    .unwrap_or_else(|e| panic!("{name} qt {qt}: {}", e.emit_to_string(&src)));
+            }
+        }
+    }
+}
