@@ -122,6 +122,7 @@ fn quantized_gpu_matches_cpu() -> Result<()> {
 
 #[test]
 fn quant_and_gguf_refusals() -> Result<()> {
+    let model = fixture("tiny-llava-gqa");
     let cases: [(&[&str], &str); 2] = [
         (
             &[
