@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::{bad_input, classify, internal, open_backend, DeviceArg, Failure};
 
 /// Tokens before the image in a Vicuna-v1 LLaVA prompt (system prompt and "USER: ").
-const PREFIX_TOKENS: usize = 35;
+pub(crate) const PREFIX_TOKENS: usize = 35;
 
 /// Arguments of `visi-cli bench`.
 #[derive(clap::Args)]
@@ -380,7 +380,7 @@ fn stat(v: &[f64]) -> Value {
 }
 
 /// Seeded vicuna-shaped ids: BOS, prefix, image placeholders, suffix.
-fn synthetic_ids(cfg: &LlavaConfig, len: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn synthetic_ids(cfg: &LlavaConfig, len: usize, seed: u64) -> Vec<u32> {
     let vocab = cfg.text.vocab_size.min(32000) as u64;
     let n_img = cfg.image_tokens();
     let mut s = seed ^ 0x1d5;
@@ -401,7 +401,7 @@ fn synthetic_ids(cfg: &LlavaConfig, len: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn synthetic_pixels(size: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn synthetic_pixels(size: usize, seed: u64) -> Vec<f32> {
     let mut s = seed ^ 0x9e37;
     (0..3 * size * size)
         .map(|_| {

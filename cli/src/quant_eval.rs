@@ -8,20 +8,33 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::anyhow;
-use engine_core::{Backend, CpuBackend, QuantType};
-use models::quality::{common_prefix, compare_logits, greedy_tokens};
+use engine_core::{Backend, HostData, QuantType, Tensor};
+use image::RgbImage;
+use models::llama::ImageSpan;
+use models::quality::{common_prefix, compare_logits, greedy_tokens, step_logits};
+use models::synthetic::{SyntheticLlava, SyntheticShape};
 use models::{Llava, PadMode, Template};
 use pruner::PruneConfig;
 use serde_json::{json, Value};
 
+use crate::bench::{synthetic_ids, synthetic_pixels, PREFIX_TOKENS};
 use crate::errors::{bad_input, classify, human_bytes, internal, Failure};
+use crate::DeviceArg;
 
 /// Arguments of `visi-cli quant-eval`.
 #[derive(clap::Args)]
 pub struct QuantEvalArgs {
-    /// llava-hf model directory, or a repo id in the local Hugging Face cache.
+    /// llava-hf model directory, a repo id in the local Hugging Face cache, or a GGUF text
+    /// model (with --mmproj).
+    #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
+    model: Option<String>,
+    /// The mmproj file of a GGUF pair.
     #[arg(long)]
-    model: String,
+    mmproj: Option<PathBuf>,
+    /// A synthetic LLaVA (tiny, llava-1b, llava-7b) with seeded f16 weights instead: the
+    /// prompt is the bench's seeded 640-token one with seeded pixels.
+    #[arg(long)]
+    shape: Option<String>,
     /// Image file; without it the prompt is text only.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -37,9 +50,19 @@ pub struct QuantEvalArgs {
     /// Pruning config as JSON (default: dense, so only the weights differ).
     #[arg(long)]
     prune: Option<String>,
+    /// Backend for every run (the baseline and each format run on the same one).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     /// One JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// What to evaluate.
+enum Source {
+    Dir(PathBuf),
+    Pair(PathBuf, PathBuf),
+    Shape(SyntheticShape),
 }
 
 /// Runs the comparison and prints it.
@@ -52,48 +75,68 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
         Some(t) => PruneConfig::from_json(t).map_err(|e| bad_input(anyhow!("--prune: {e}")))?,
         None => PruneConfig::Dense,
     };
-    let dir =
-        models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+    let source = match (&a.model, &a.shape, &a.mmproj) {
+        (Some(m), None, Some(mm)) if m.ends_with(".gguf") => {
+            Source::Pair(PathBuf::from(m), mm.clone())
+        }
+        (Some(m), None, None) if m.ends_with(".gguf") => {
+            return Err(bad_input(anyhow!(
+                "--model {m}: a GGUF text model needs its --mmproj file"
+            )))
+        }
+        (Some(_), None, Some(_)) => {
+            return Err(bad_input(anyhow!(
+                "--mmproj needs a GGUF text model as --model"
+            )))
+        }
+        (Some(m), None, None) => Source::Dir(
+            models::hub::resolve_model(m).map_err(|e| bad_input(anyhow!("--model: {e}")))?,
+        ),
+        (None, Some(s), None) => {
+            Source::Shape(SyntheticShape::parse(s).map_err(|e| bad_input(anyhow!("--shape: {e}")))?)
+        }
+        _ => {
+            return Err(bad_input(anyhow!(
+                "give --model (with --mmproj for a GGUF pair) or --shape"
+            )))
+        }
+    };
     let image = match &a.image {
+        Some(_) if matches!(source, Source::Shape(_)) => {
+            return Err(bad_input(anyhow!(
+                "--image: synthetic shapes use seeded pixels"
+            )))
+        }
         Some(p) => Some(models::preprocess::load_image(p).map_err(|e| bad_input(e.into()))?),
         None => None,
     };
-    // Quantized kernels: the CPU backend (dequantise-in-the-loop, f32 accumulation); the
-    // baseline runs there too so that only the weights differ.
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-    let info = crate::info::report(&dir, crate::info::InfoDevice::Cpu)?;
-
-    let run = |quant: Option<QuantType>, forced: Option<&[u32]>| {
-        let llava = Llava::load_quantized(&dir, backend.clone(), None, quant).map_err(classify)?;
-        let prompt = llava
-            .prompt(Template::VicunaV1, &a.prompt, image.is_some())
-            .map_err(|e| bad_input(e.into()))?;
-        let encoded = image
-            .as_ref()
-            .map(|img| llava.encode_image(img, PadMode::Crop))
-            .transpose()
-            .map_err(classify)?;
-        let rows = llava
-            .step_logits(&prompt, encoded.as_ref(), &prune, a.steps, forced)
-            .map_err(classify)?;
-        Ok::<_, Failure>((rows, llava))
+    let backend = crate::open_backend(a.device)?;
+    let info = match &source {
+        Source::Dir(d) => Some(crate::info::report(d, crate::info::InfoDevice::Cpu)?),
+        Source::Shape(s) => Some(crate::info::shape_report(*s, crate::info::InfoDevice::Cpu)?),
+        Source::Pair(..) => None,
     };
+    let input = (a.prompt.as_str(), image.as_ref());
+    let rows =
+        |m: &Loaded, forced: Option<&[u32]>| step_rows(m, &backend, input, &prune, a.steps, forced);
 
-    let (base, llava) = run(None, None)?;
+    let base = rows(&load(&source, &backend, None, a.steps)?, None)?;
     let base_tokens = greedy_tokens(&base);
     let mut results = Vec::new();
     for &q in &formats {
-        let (forced_rows, _) = run(Some(q), Some(&base_tokens))?;
+        let m = load(&source, &backend, Some(q), a.steps)?;
+        let forced_rows = rows(&m, Some(&base_tokens))?;
         let c = compare_logits(&base, &forced_rows).map_err(classify)?;
-        let (free_rows, _) = run(Some(q), None)?;
+        let free_rows = rows(&m, None)?;
+        drop(m);
         let free = greedy_tokens(&free_rows);
-        let bytes = info["memory"]["weights_bytes_quantized"][q.name()]
-            .as_u64()
-            .unwrap_or(0);
+        let bytes = info
+            .as_ref()
+            .map(|i| i["memory"]["weights_bytes_quantized"][q.name()].clone());
         results.push(json!({
             "format": q.name(),
             "weights_bytes": bytes,
-            "params_quantized": quantized_fraction(&info, q),
+            "params_quantized": info.as_ref().map(|i| quantized_fraction(i, q)),
             "first_max_abs": c.first_max_abs,
             "first_rel_rms": c.first_rel_rms,
             "mean_rel_rms": c.mean_rel_rms,
@@ -103,9 +146,14 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
             "tokens": free,
         }));
     }
-    let dev = llava.device_info();
+    let dev = backend.device_info();
+    let label = match &source {
+        Source::Dir(d) => d.display().to_string(),
+        Source::Pair(t, m) => format!("{} + {}", t.display(), m.display()),
+        Source::Shape(s) => format!("synthetic {} (seed 0)", s.name()),
+    };
     let v = json!({
-        "model_dir": dir.display().to_string(),
+        "model": label,
         "device": { "backend": dev.backend, "adapter": dev.adapter },
         "prompt": a.prompt,
         "image": a.image.as_ref().map(|p| p.display().to_string()),
@@ -113,7 +161,7 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
         "prune": prune.to_json(),
         "baseline": {
             "format": "as stored",
-            "weights_bytes": info["memory"]["weights_bytes"],
+            "weights_bytes": info.as_ref().map(|i| i["memory"]["weights_bytes"].clone()),
             "tokens": base_tokens,
         },
         "formats": results,
@@ -127,6 +175,92 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
         print!("{}", table(&v));
     }
     Ok(())
+}
+
+/// One load of the model, ready to produce step logits.
+enum Loaded {
+    Llava(Box<Llava>),
+    /// The synthetic model and its prompt embeddings `[S, H]` with the image span.
+    Synth(Box<SyntheticLlava>, Tensor, ImageSpan),
+}
+
+/// Loads `source` with `quant` (None: as stored).
+fn load(
+    source: &Source,
+    backend: &Arc<dyn Backend>,
+    quant: Option<QuantType>,
+    steps: usize,
+) -> Result<Loaded, Failure> {
+    let llava = match source {
+        Source::Dir(d) => Llava::load_quantized(d, backend.clone(), None, quant),
+        Source::Pair(t, m) => Llava::load_gguf(t, m, backend.clone(), None, quant),
+        Source::Shape(shape) => {
+            let m = SyntheticLlava::load_quantized(*shape, 0, backend.clone(), quant)
+                .map_err(classify)?;
+            let b = backend.as_ref();
+            let cfg = &m.cfg;
+            let n_img = cfg.image_tokens();
+            let len = (PREFIX_TOKENS + n_img + 29).min(cfg.text.max_position_embeddings - steps);
+            let ids = synthetic_ids(cfg, len, 0);
+            let s = cfg.vision.image_size;
+            let pixels = b
+                .upload(HostData::F32(&synthetic_pixels(s, 0)), vec![3, s, s].into())
+                .map_err(classify)?;
+            let image = m.encode(b, &pixels).map_err(classify)?; // [N, H]
+            let span = ImageSpan {
+                start: PREFIX_TOKENS,
+                end: PREFIX_TOKENS + n_img,
+            };
+            let mut parts = vec![
+                m.llama.embed(b, &ids[..span.start]).map_err(classify)?,
+                image,
+            ];
+            if span.end < ids.len() {
+                parts.push(m.llama.embed(b, &ids[span.end..]).map_err(classify)?);
+            }
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            let embeds = b.concat_rows(&refs).map_err(classify)?; // [S, H]
+            return Ok(Loaded::Synth(Box::new(m), embeds, span));
+        }
+    }
+    .map_err(classify)?;
+    Ok(Loaded::Llava(Box::new(llava)))
+}
+
+/// Step logits of a loaded model (greedy, or teacher-forced on `forced`).
+fn step_rows(
+    loaded: &Loaded,
+    backend: &Arc<dyn Backend>,
+    input: (&str, Option<&RgbImage>),
+    prune: &PruneConfig,
+    steps: usize,
+    forced: Option<&[u32]>,
+) -> Result<Vec<Vec<f32>>, Failure> {
+    match loaded {
+        Loaded::Synth(m, embeds, span) => step_logits(
+            &m.llama,
+            backend.as_ref(),
+            embeds,
+            Some(*span),
+            prune,
+            steps,
+            forced,
+        )
+        .map_err(classify),
+        Loaded::Llava(llava) => {
+            let (prompt, image) = input;
+            let ids = llava
+                .prompt(Template::VicunaV1, prompt, image.is_some())
+                .map_err(|e| bad_input(e.into()))?;
+            let encoded = image
+                .map(|img| llava.encode_image(img, PadMode::Crop))
+                .transpose()
+                .map_err(classify)?;
+            llava
+                .step_logits(&ids, encoded.as_ref(), prune, steps, forced)
+                .map_err(classify)
+        }
+    }
 }
 
 fn parse_formats(s: &str) -> anyhow::Result<Vec<QuantType>> {
@@ -163,20 +297,28 @@ fn table(v: &Value) -> String {
     let f = |x: &Value| x.as_f64().unwrap_or(f64::NAN);
     let n = |x: &Value| x.as_u64().unwrap_or(0);
     let mut s = format!(
-        "model     {}\ndevice    {}\nbaseline  weights as stored, {}; {} steps, greedy tokens {}\n\n",
-        v["model_dir"].as_str().unwrap_or(""),
+        "model     {}\ndevice    {}\nbaseline  weights as stored{}; {} steps, greedy tokens {}\n\n",
+        v["model"].as_str().unwrap_or(""),
         v["device"]["adapter"].as_str().unwrap_or("?"),
-        human_bytes(n(&v["baseline"]["weights_bytes"])),
+        v["baseline"]["weights_bytes"]
+            .as_u64()
+            .map_or(String::new(), |b| format!(", {}", human_bytes(b))),
         n(&v["steps"]),
         v["baseline"]["tokens"],
     );
     s += "format  weights    params in format  first max|err|  first rel rms  mean rel rms  greedy agree  same prefix\n";
     for r in v["formats"].as_array().into_iter().flatten() {
+        let bytes = r["weights_bytes"]
+            .as_u64()
+            .map_or("-".to_string(), human_bytes);
+        let covered = r["params_quantized"]
+            .as_f64()
+            .map_or("-".to_string(), |c| format!("{:.1}%", 100.0 * c));
         s += &format!(
-            "{:<7} {:>9}  {:>15.1}%  {:>14.4}  {:>13.4}  {:>12.4}  {:>6}/{:<5}  {:>6}/{}\n",
+            "{:<7} {:>9}  {:>16}  {:>14.4}  {:>13.4}  {:>12.4}  {:>6}/{:<5}  {:>6}/{}\n",
             r["format"].as_str().unwrap_or("?"),
-            human_bytes(n(&r["weights_bytes"])),
-            100.0 * f(&r["params_quantized"]),
+            bytes,
+            covered,
             f(&r["first_max_abs"]),
             f(&r["first_rel_rms"]),
             f(&r["mean_rel_rms"]),

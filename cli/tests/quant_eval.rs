@@ -92,10 +92,91 @@ fn quant_eval_reports_every_format() -> Result<()> {
     Ok(())
 }
 
+/// A synthetic shape (seeded weights, the bench's prompt) and the llama.cpp-converter GGUF
+/// pair of tiny-llava-mha (its f16 baseline gives the safetensors fixture's greedy tokens).
+#[test]
+fn quant_eval_on_a_shape_and_a_gguf_pair() -> Result<()> {
+    let out = visi(&[
+        "quant-eval",
+        "--shape",
+        "tiny",
+        "--steps",
+        "4",
+        "--formats",
+        "q8_0",
+        "--json",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "shape: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).context("shape JSON")?;
+    let q8 = &v["formats"][0];
+    ensure!(
+        q8["params_quantized"].as_f64() > Some(0.5),
+        "tiny q8_0 coverage {q8}"
+    );
+    ensure!(
+        q8["first_rel_rms"]
+            .as_f64()
+            .is_some_and(|e| e > 0.0 && e < 0.1),
+        "tiny q8_0 {q8}"
+    );
+
+    let dir = fixture("gguf/tiny-llava-mha");
+    let out = visi(&[
+        "quant-eval",
+        "--model",
+        &format!("{dir}/tiny-llava-mha.f16.gguf"),
+        "--mmproj",
+        &format!("{dir}/mmproj-tiny-llava-mha.f16.gguf"),
+        "--image",
+        &fixture("images/square.png"),
+        "--steps",
+        "4",
+        "--formats",
+        "q8_0",
+        "--json",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "pair: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).context("pair JSON")?;
+    let base = &v["baseline"]["tokens"];
+    let same = visi(&[
+        "quant-eval",
+        "--model",
+        &fixture("tiny-llava-mha"),
+        "--image",
+        &fixture("images/square.png"),
+        "--steps",
+        "4",
+        "--formats",
+        "q8_0",
+        "--json",
+    ])?;
+    let w: Value = serde_json::from_slice(&same.stdout).context("dir JSON")?;
+    ensure!(
+        *base == w["baseline"]["tokens"],
+        "pair baseline {base} vs safetensors {}",
+        w["baseline"]["tokens"]
+    );
+    ensure!(
+        v["formats"][0]["greedy_agree"] == w["formats"][0]["greedy_agree"],
+        "pair {} vs dir {}",
+        v["formats"][0],
+        w["formats"][0]
+    );
+    Ok(())
+}
+
 #[test]
 fn quant_eval_bad_input() -> Result<()> {
     let model = fixture("tiny-llava-gqa");
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["quant-eval", "--model", &model, "--formats", "q9_9"],
             "q9_9",
@@ -105,6 +186,11 @@ fn quant_eval_bad_input() -> Result<()> {
             "--steps",
         ),
         (&["quant-eval", "--model", "/nonexistent/model"], "--model"),
+        (&["quant-eval", "--model", "x.gguf"], "--mmproj"),
+        (
+            &["quant-eval", "--shape", "tiny", "--image", "a.png"],
+            "--image",
+        ),
     ];
     for (args, needle) in cases {
         let out = visi(args)?;
