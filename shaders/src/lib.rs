@@ -4,6 +4,7 @@
 //! preprocessor understands, line by line:
 //! - `#if NAME` / `#else` / `#endif` (nestable): keep lines when flag `NAME` is set;
 //! - `#include NAME`: paste the snippet `NAME` (see [`snippet`]), preprocessed with the same flags;
+//! - `#gen NAME`: paste generated text (see `unrolled.rs`: unrolled kernel bodies), preprocessed alike;
 //! - `{{NAME}}` anywhere in a line: replaced by the substitution's value.
 //!
 //! Flags used by the kernels: `F16` (the adapter has `shader-f16`; emits `enable f16;`),
@@ -11,6 +12,9 @@
 //! (vectorised weight loads), `BIAS`.
 
 use std::fmt;
+
+mod unrolled;
+pub use unrolled::GEMM_SG8_TILE;
 
 /// One kernel source: its name, WGSL text, the flags it reacts to, and the substitutions it needs
 /// (with a default value used when validating every variant).
@@ -138,6 +142,12 @@ fn expand(
                 let s = snippet(name.trim())
                     .ok_or_else(|| err(format!("unknown snippet `{}`", name.trim())))?;
                 expand(s, flags, subs, out, depth + 1)?;
+            }
+        } else if let Some(name) = t.strip_prefix("#gen ") {
+            if active(&stack) {
+                let s = unrolled::generate(name.trim())
+                    .ok_or_else(|| err(format!("unknown generator `{}`", name.trim())))?;
+                expand(&s, flags, subs, out, depth + 1)?;
             }
         } else if t.starts_with('#') {
             return Err(err(format!("unknown directive `{t}`")));
