@@ -1,8 +1,12 @@
-//! Kernel lab for matmul tuning on one adapter, without rebuilding: loads a WGSL file at run time
-//! (already preprocessed: no `#include`), runs y = x·Wᵀ with bindings 0 uniform
-//! (m, k, rows, n, n_off, 0, 0, 0), 1 x f32 [M, K], 2 w f16 packed [N, K], 4 y f32 [M, N],
-//! and checks sampled outputs against the f32 CPU sum.
-//! `gemm_lab M K N REPS FILE:TM:TN[:n] ...`: grid (ceil(M / TM), ceil(N / TN)) (`:n`: N along x),
+//! Kernel lab for matmul tuning on one adapter without rebuilding: times WGSL files read at run
+//! time (preprocessed: no `#include`/`#gen`) side by side with the FMA peak, interleaved, and
+//! checks 2000 sampled outputs against an f64 sum. Kernels get bindings 0 uniform
+//! (m, k, rows, n, n_off, 0, 0, 0), 1 x f32 [M, K], 2 w f16 packed [N, K], 4 y f32 [M, N].
+//! - `gemm_lab M K N REPS FILE:TM:TN[:n] ...`: grid (ceil(M / TM), ceil(N / TN)), or N along x
+//!   with `:n`; prints the best of REPS per kernel. `PEAKS=file:entry:flop,...` adds peak
+//!   kernels (FLOP per invocation per loop step; 256 groups of 256, 1024 steps).
+//! - `gemm_lab --dump KERNEL [FLAGS...]`: prints a kernel of the shaders crate preprocessed,
+//!   e.g. `--dump gemm_sg8 > /tmp/g.wgsl` to start from the shipped one.
 
 use std::time::Instant;
 
@@ -23,6 +27,11 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--dump") {
+        let flags: Vec<&str> = args[3..].iter().map(String::as_str).collect();
+        println!("{}", shaders::build(&args[2], &flags, &[]).expect("kernel"));
+        return;
+    }
     let instance = {
         let mut d = wgpu::InstanceDescriptor::new_without_display_handle();
         d.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
@@ -76,7 +85,9 @@ fn main() {
         }
         let t = Instant::now();
         queue.submit([enc.finish()]);
-        device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .expect("poll");
         t.elapsed().as_secs_f64()
     };
     let buf = |data: &[u8], usage| {
@@ -86,16 +97,22 @@ fn main() {
             usage,
         })
     };
-    // Peak: bench.wgsl peak_fma, 256 groups of 256, 1024 iterations, 64 FLOP each.
+    // Peak: the shipped bench.wgsl peak_fma, 256 groups of 256, 1024 steps, 64 FLOP each.
+    let bench = std::env::temp_dir().join("gemm_lab_bench.wgsl");
+    std::fs::write(&bench, shaders::build("bench", &[], &[]).expect("bench")).expect("write");
+    let bench = bench.to_string_lossy().to_string();
     // PEAKS="file:entry:flop_per_invocation_iteration,...": more peak kernels, timed alike.
     let spec = std::env::var("PEAKS").unwrap_or_default();
-    let mut peaks = vec![("/tmp/lab/bench.wgsl".to_string(), "peak_fma".to_string(), 64.0)];
+    let mut peaks = vec![(bench.clone(), "peak_fma".to_string(), 64.0)];
     for e in spec.split(',').filter(|e| !e.is_empty()) {
         let f: Vec<&str> = e.split(':').collect();
         peaks.push((f[0].into(), f[1].into(), f[2].parse().expect("flop")));
     }
-    let peak = compile("/tmp/lab/bench.wgsl", "peak_fma");
-    let pu = buf(bytemuck::cast_slice(&[1024u32, 0, 0, 0]), wgpu::BufferUsages::UNIFORM);
+    let peak = compile(&bench, "peak_fma");
+    let pu = buf(
+        bytemuck::cast_slice(&[1024u32, 0, 0, 0]),
+        wgpu::BufferUsages::UNIFORM,
+    );
     let sink = device.create_buffer(&wgpu::BufferDescriptor {
         label: None,
         size: 256 * 256 * 16,
@@ -106,8 +123,14 @@ fn main() {
         label: None,
         layout: &peak.get_bind_group_layout(0),
         entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: pu.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: sink.as_entire_binding() },
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: pu.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: sink.as_entire_binding(),
+            },
         ],
     });
     let x = values(m * k, 7);
@@ -139,14 +162,30 @@ fn main() {
             label: None,
             layout: &pipe.get_bind_group_layout(0),
             entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: ub.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: xb.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: wb.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 4, resource: yb.as_entire_binding() },
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: ub.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: xb.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: wb.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 4,
+                    resource: yb.as_entire_binding(),
+                },
             ],
         });
         run(&pipe, &bg, grid);
-        println!("{}: compile + first run {:.2}s", f[0], tc.elapsed().as_secs_f64());
+        println!(
+            "{}: compile + first run {:.2}s",
+            f[0],
+            tc.elapsed().as_secs_f64()
+        );
         let bad = check(&device, &queue, &yb, &x, &w, m, k, n);
         ks.push((f[0].to_string(), pipe, bg, grid, f64::INFINITY, bad));
     }
@@ -158,8 +197,14 @@ fn main() {
                 label: None,
                 layout: &pp.get_bind_group_layout(0),
                 entries: &[
-                    wgpu::BindGroupEntry { binding: 0, resource: pu.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: 1, resource: sink.as_entire_binding() },
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: pu.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: sink.as_entire_binding(),
+                    },
                 ],
             });
             run(&pp, &bg, [256, 1, 1]);
@@ -180,11 +225,21 @@ fn main() {
     let pk = 256.0 * 256.0 * 1024.0 * 64.0 / tp * 1e-9;
     println!("peak {pk:.2} GFLOP/s; m={m} k={k} n={n}");
     for q in &pks {
-        println!("  {:<12} {:.2} GFLOP/s", q.0, 256.0 * 256.0 * 1024.0 * q.3 / q.4 * 1e-9);
+        println!(
+            "  {:<12} {:.2} GFLOP/s",
+            q.0,
+            256.0 * 256.0 * 1024.0 * q.3 / q.4 * 1e-9
+        );
     }
     for kk in &ks {
         let g = 2.0 * (m * n * k) as f64 / kk.4 * 1e-9;
-        println!("{:<28} {:.3}s {g:6.2} GFLOP/s {:5.1}% of peak  bad {}", kk.0, kk.4, 100.0 * g / pk, kk.5);
+        println!(
+            "{:<28} {:.3}s {g:6.2} GFLOP/s {:5.1}% of peak  bad {}",
+            kk.0,
+            kk.4,
+            100.0 * g / pk,
+            kk.5
+        );
     }
 }
 
@@ -209,15 +264,22 @@ fn check(
     enc.copy_buffer_to_buffer(yb, 0, &rb, 0, (m * n * 4) as u64);
     queue.submit([enc.finish()]);
     rb.slice(..).map_async(wgpu::MapMode::Read, |_| {});
-    device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
     let y: Vec<f32> =
         bytemuck::cast_slice::<u8, f32>(&rb.slice(..).get_mapped_range().expect("map")).to_vec();
     let mut bad = 0;
     let mut s = 12345u64;
     for t in 0..2000 {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let (r, c) = if t < 4 {
-            (if t % 2 == 0 { 0 } else { m - 1 }, if t / 2 % 2 == 0 { 0 } else { n - 1 })
+            (
+                if t % 2 == 0 { 0 } else { m - 1 },
+                if t / 2 % 2 == 0 { 0 } else { n - 1 },
+            )
         } else {
             ((s >> 33) as usize % m, (s >> 13) as usize % n)
         };
