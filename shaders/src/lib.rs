@@ -220,4 +220,16 @@ mod tests {
         assert!(preprocess("#endif\n", &[], &[]).is_err());
         assert!(preprocess("{{M}}\n", &[], &[]).is_err());
     }
+
+    #[test]
+    fn generated_bodies() {
+        assert!(preprocess("#gen nothing\n", &[], &[]).is_err());
+        // The generated gemm_sg8 body takes the BIAS flag through its own #if lines.
+        let with = preprocess("#gen gemm_sg8_main\n", &["BIAS"], &[]).unwrap();
+        let without = preprocess("#gen gemm_sg8_main\n", &[], &[]).unwrap();
+        assert!(with.contains("bias[") && !without.contains("bias["));
+        let (tm, tn) = GEMM_SG8_TILE;
+        assert!(with.contains(&format!("wid.x * {tm}u")), "M tile {tm} not in the body");
+        assert!(with.contains(&format!("wid.y * {tn}u")), "N tile {tn} not in the body");
+    }
 }
