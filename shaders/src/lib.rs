@@ -229,7 +229,13 @@ mod tests {
         let without = preprocess("#gen gemm_sg8_main\n", &[], &[]).unwrap();
         assert!(with.contains("bias[") && !without.contains("bias["));
         let (tm, tn) = GEMM_SG8_TILE;
-        assert!(with.contains(&format!("wid.x * {tm}u")), "M tile {tm} not in the body");
-        assert!(with.contains(&format!("wid.y * {tn}u")), "N tile {tn} not in the body");
+        assert!(
+            with.contains(&format!("wid.x * {tm}u")),
+            "M tile {tm} not in the body"
+        );
+        assert!(
+            with.contains(&format!("wid.y * {tn}u")),
+            "N tile {tn} not in the body"
+        );
     }
 }
