@@ -522,6 +522,19 @@ impl GpuBackend {
             binds.push(Bind(4, &out.buf, out.bytes));
             let g = if gemv {
                 self.grid(OP, rows.div_ceil(32))?
+            } else if sg8 {
+                // M tiles along x: consecutive workgroups share one weight tile in cache.
+                let (tm, tn) = shaders::GEMM_SG8_TILE;
+                let gx = u32_of(OP, "groups", m.div_ceil(tm as usize))?;
+                let gy = u32_of(OP, "groups", rows.div_ceil(tn as usize))?;
+                if gx > self.ctx.max_groups || gy > self.ctx.max_groups {
+                    return Err(Error::TooLarge {
+                        what: format!("linear: [{m}, {k}] x [{rows}, {k}]"),
+                        bytes: (m * rows) as u64,
+                        limit: u64::from(self.ctx.max_groups) * u64::from(tm),
+                    });
+                }
+                [gx, gy.max(1), 1]
             } else {
                 let gx = u32_of(OP, "groups", rows.div_ceil(64))?;
                 let gy = u32_of(OP, "groups", m.div_ceil(64))?;

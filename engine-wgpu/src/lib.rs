@@ -23,7 +23,9 @@
 //! into 8 scalar loads, so `linear` with f16 weights (K % 8 == 0) takes `gemm_sg8`/`gemv_sg8`
 //! on CPU adapters whose subgroups are exactly 8 wide: each value loaded once per subgroup and
 //! shared by `subgroupBroadcast` (3-4x faster there than the tiled kernels, which GPUs keep);
-//! quantized weights likewise take `gemm_q_sg8`/`gemv_q_sg8` there.
+//! quantized weights likewise take `gemm_q_sg8`/`gemv_q_sg8` there. As each loaded element
+//! costs more than the FMAs it feeds, `gemm_sg8` keeps a 32 × 16 block of accumulators per
+//! lane (64 × 128 per workgroup; generated, see shaders::GEMM_SG8_TILE).
 //!
 //! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
 //! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too),

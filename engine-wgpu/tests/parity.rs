@@ -335,6 +335,10 @@ fn linear_suite(g: &dyn Backend, seed: u64) {
         (70, 136, 200, true, true),
         (8, 256, 37, true, true),
         (2, 64, 33, true, false),
+        // gemm_sg8's 64 × 128 tiles: a partial second subgroup, a subgroup wholly past M,
+        // partial weight tiles and lanes past N.
+        (130, 264, 300, true, true),
+        (33, 512, 129, true, false),
     ];
     for (m, k, n, w16, bias) in cases {
         let x = r.vec(m * k, -1.0, 1.0);

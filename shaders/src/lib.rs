@@ -4,6 +4,7 @@
 //! preprocessor understands, line by line:
 //! - `#if NAME` / `#else` / `#endif` (nestable): keep lines when flag `NAME` is set;
 //! - `#include NAME`: paste the snippet `NAME` (see [`snippet`]), preprocessed with the same flags;
+//! - `#gen NAME`: paste generated text (see `unrolled.rs`: unrolled kernel bodies), preprocessed alike;
 //! - `{{NAME}}` anywhere in a line: replaced by the substitution's value.
 //!
 //! Flags used by the kernels: `F16` (the adapter has `shader-f16`; emits `enable f16;`),
@@ -11,6 +12,9 @@
 //! (vectorised weight loads), `BIAS`.
 
 use std::fmt;
+
+mod unrolled;
+pub use unrolled::GEMM_SG8_TILE;
 
 /// One kernel source: its name, WGSL text, the flags it reacts to, and the substitutions it needs
 /// (with a default value used when validating every variant).
@@ -182,6 +186,12 @@ fn expand(
                     .ok_or_else(|| err(format!("unknown snippet `{}`", name.trim())))?;
                 expand(s, flags, subs, out, depth + 1)?;
             }
+        } else if let Some(name) = t.strip_prefix("#gen ") {
+            if active(&stack) {
+                let s = unrolled::generate(name.trim())
+                    .ok_or_else(|| err(format!("unknown generator `{}`", name.trim())))?;
+                expand(&s, flags, subs, out, depth + 1)?;
+            }
         } else if t.starts_with('#') {
             return Err(err(format!("unknown directive `{t}`")));
         } else if active(&stack) {
@@ -252,5 +262,23 @@ mod tests {
         assert!(preprocess("#if X\n", &[], &[]).is_err());
         assert!(preprocess("#endif\n", &[], &[]).is_err());
         assert!(preprocess("{{M}}\n", &[], &[]).is_err());
+    }
+
+    #[test]
+    fn generated_bodies() {
+        assert!(preprocess("#gen nothing\n", &[], &[]).is_err());
+        // The generated gemm_sg8 body takes the BIAS flag through its own #if lines.
+        let with = preprocess("#gen gemm_sg8_main\n", &["BIAS"], &[]).unwrap();
+        let without = preprocess("#gen gemm_sg8_main\n", &[], &[]).unwrap();
+        assert!(with.contains("bias[") && !without.contains("bias["));
+        let (tm, tn) = GEMM_SG8_TILE;
+        assert!(
+            with.contains(&format!("wid.x * {tm}u")),
+            "M tile {tm} not in the body"
+        );
+        assert!(
+            with.contains(&format!("wid.y * {tn}u")),
+            "N tile {tn} not in the body"
+        );
     }
 }
