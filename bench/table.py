@@ -12,6 +12,8 @@ print()
 print("| method | layer seq lens | vision ms (med) | prefill ms (min / med) | TTFT ms (med) | decode tok/s (med) | KV MiB | realised prefill speedup | analytic FLOPs speedup | efficiency |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for name in ["dense", "visipruner", "fastv"]:
+    if name not in m:
+        continue
     x = m[name]
     seq = x["layer_seq_lens"]
     runs, i = [], 0
@@ -31,10 +33,11 @@ if k:
     print()
     print(f"Kernels ({k['timing']}): FMA peak {k['fma_peak_gflops']:.1f} GFLOP/s, copy peak {k['copy_peak_gbps']:.1f} GB/s")
     print()
-    print("| kernel | M | K×N | achieved | fraction of peak |")
-    print("|---|---|---|---|---|")
+    print("| kernel | weights | M | K×N | achieved | fraction of peak |")
+    print("|---|---|---|---|---|---|")
     for row in k["rows"]:
+        w = row.get("weights", "f16")
         if row["m"] == 1:
-            print(f"| gemv | 1 | {row['k']}×{row['n']} | {row['gbps']:.1f} GB/s | {100 * row['frac_of_copy_peak']:.0f}% of copy |")
+            print(f"| {row.get('kernel', 'gemv')} | {w} | 1 | {row['k']}×{row['n']} | {row['gbps']:.1f} GB/s | {100 * row['frac_of_copy_peak']:.0f}% of copy |")
         else:
-            print(f"| gemm | {row['m']} | {row['k']}×{row['n']} | {row['gflops']:.1f} GFLOP/s | {100 * row['frac_of_fma_peak']:.0f}% of FMA |")
+            print(f"| {row.get('kernel', 'gemm')} | {w} | {row['m']} | {row['k']}×{row['n']} | {row['gflops']:.1f} GFLOP/s | {100 * row['frac_of_fma_peak']:.0f}% of FMA |")

@@ -755,6 +755,7 @@ impl Backend for GpuBackend {
                 view.copy_from_slice(&host);
             }
             buf.unmap();
+            self.ctx.staged_upload(size)?;
             chunks.push(Chunk {
                 buf,
                 class: size,
@@ -836,6 +837,7 @@ impl Backend for GpuBackend {
                 view.copy_from_slice(&host);
             }
             buf.unmap();
+            self.ctx.staged_upload(size)?;
             chunks.push(Chunk {
                 buf,
                 class: size,

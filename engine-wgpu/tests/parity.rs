@@ -1065,3 +1065,32 @@ fn kernel_bench_quick() {
         }
     }
 }
+
+/// Uploads past the staged-bytes limit (256 MiB) are submitted on the way, with recorded work
+/// between them too; every tensor reads back intact (the path that keeps a 7B load from
+/// holding every weight twice in host memory).
+#[test]
+fn large_uploads_are_submitted_on_the_way_and_intact() {
+    let Some(g) = gpu() else { return };
+    let n = 20 << 20; // 80 MiB of f32 per tensor; four cross the limit
+    let (mut tensors, mut sums) = (Vec::new(), Vec::new());
+    for i in 0..4usize {
+        let v: Vec<f32> = (0..n).map(|j| ((j * 7 + i) % 1000) as f32).collect();
+        tensors.push(g.upload(HostData::F32(&v), Shape::from([n])).unwrap());
+        // Recorded but unsubmitted work between uploads.
+        let a = g
+            .upload(HostData::F32(&[i as f32; 4]), Shape::from([4]))
+            .unwrap();
+        sums.push(g.add(&a, &a).unwrap());
+    }
+    for (i, s) in sums.iter().enumerate() {
+        assert_eq!(g.to_vec_f32(s).unwrap(), vec![2.0 * i as f32; 4], "sum {i}");
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        let got = g.to_vec_f32(t).unwrap();
+        for (j, &x) in got.iter().enumerate() {
+            let want = ((j * 7 + i) % 1000) as f32;
+            assert!(x == want, "tensor {i} elem {j}: got {x} want {want}");
+        }
+    }
+}
