@@ -230,6 +230,23 @@ fn attention_params(sq: usize, p: &AttentionParams, last: u32) -> Vec<u8> {
 }
 
 impl GpuBackend {
+    /// A new storage buffer holding `host` (its length a multiple of 16), written through a
+    /// mapping at creation; the staged bytes are counted so that loads submit as they go.
+    fn buffer_with(&self, host: &[u8], what: &str) -> Result<wgpu::Buffer> {
+        let size = host.len() as u64;
+        let buf = self.ctx.create(size, what, true)?;
+        {
+            let mut view = buf
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::Device(format!("{what}: mapping a buffer: {e}")))?;
+            view.copy_from_slice(host);
+        }
+        buf.unmap();
+        self.ctx.staged_upload(size)?;
+        Ok(buf)
+    }
+
     pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
         GpuBackend {
             ctx,
@@ -728,34 +745,23 @@ impl Backend for GpuBackend {
             let elems = per.min(n - e0);
             let bytes = dev_bytes(dtype, elems);
             let size = bytes.max(16).div_ceil(16) * 16;
-            let buf = self
-                .ctx
-                .create(size, &format!("tensor {shape} {dtype}"), true)?;
-            {
-                // The mapped view is write-only: stage the padded bytes and copy them once.
-                let mut host = vec![0u8; size as usize];
-                match data {
-                    HostData::F32(v) => {
-                        host[..elems * 4].copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems]))
-                    }
-                    HostData::U32(v) => {
-                        host[..elems * 4].copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems]))
-                    }
-                    HostData::F16(v) => {
-                        let b: &[u8] = bytemuck::cast_slice(&v[e0..e0 + elems]);
-                        host[..b.len()].copy_from_slice(b);
-                    }
-                    // Converted to F16 or F32 above.
-                    HostData::BF16(_) => {}
+            // The mapped view is write-only: stage the padded bytes and copy them once.
+            let mut host = vec![0u8; size as usize];
+            match data {
+                HostData::F32(v) => {
+                    host[..elems * 4].copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems]))
                 }
-                let mut view = buf
-                    .slice(..)
-                    .get_mapped_range_mut()
-                    .map_err(|e| Error::Device(format!("upload: mapping a buffer: {e}")))?;
-                view.copy_from_slice(&host);
+                HostData::U32(v) => {
+                    host[..elems * 4].copy_from_slice(bytemuck::cast_slice(&v[e0..e0 + elems]))
+                }
+                HostData::F16(v) => {
+                    let b: &[u8] = bytemuck::cast_slice(&v[e0..e0 + elems]);
+                    host[..b.len()].copy_from_slice(b);
+                }
+                // Converted to F16 or F32 above.
+                HostData::BF16(_) => {}
             }
-            buf.unmap();
-            self.ctx.staged_upload(size)?;
+            let buf = self.buffer_with(&host, &format!("tensor {shape} {dtype}"))?;
             chunks.push(Chunk {
                 buf,
                 class: size,
@@ -815,29 +821,18 @@ impl Backend for GpuBackend {
             let raw = &bytes[r0 * row_bytes..(r0 + nr) * row_bytes];
             let words = (raw.len() as u64).div_ceil(4) * 4;
             let size = words.max(16).div_ceil(16) * 16;
-            let buf = self
-                .ctx
-                .create(size, &format!("tensor {shape} {qt}"), true)?;
-            {
-                let mut host = vec![0u8; size as usize];
-                if repacked(qt, k) && row_bytes > 0 {
-                    for (src, dst) in raw
-                        .chunks_exact(row_bytes)
-                        .zip(host.chunks_exact_mut(row_bytes))
-                    {
-                        repack_row(qt, src, dst);
-                    }
-                } else {
-                    host[..raw.len()].copy_from_slice(raw);
+            let mut host = vec![0u8; size as usize];
+            if repacked(qt, k) && row_bytes > 0 {
+                for (src, dst) in raw
+                    .chunks_exact(row_bytes)
+                    .zip(host.chunks_exact_mut(row_bytes))
+                {
+                    repack_row(qt, src, dst);
                 }
-                let mut view = buf
-                    .slice(..)
-                    .get_mapped_range_mut()
-                    .map_err(|e| Error::Device(format!("{OP}: mapping a buffer: {e}")))?;
-                view.copy_from_slice(&host);
+            } else {
+                host[..raw.len()].copy_from_slice(raw);
             }
-            buf.unmap();
-            self.ctx.staged_upload(size)?;
+            let buf = self.buffer_with(&host, &format!("tensor {shape} {qt}"))?;
             chunks.push(Chunk {
                 buf,
                 class: size,

@@ -4,7 +4,6 @@
 //!
 //! Without an adapter each test prints SKIP and passes, unless `CI` is set (then it fails).
 
-use std::io::Write;
 use std::sync::{Arc, OnceLock};
 
 use engine_core::{
@@ -12,6 +11,9 @@ use engine_core::{
     Tensor,
 };
 use engine_wgpu::{GpuBackend, GpuOptions};
+
+mod common;
+use common::{backend, gpu, gpu_small_binding};
 use half::f16;
 
 /// `|got - want| <= abs + rel * |want|`.
@@ -47,44 +49,6 @@ fn matmul_tol(k: usize) -> Tol {
     }
 }
 
-fn backend(
-    opts: GpuOptions,
-    slot: &'static OnceLock<Option<Arc<GpuBackend>>>,
-) -> Option<Arc<GpuBackend>> {
-    slot.get_or_init(|| match engine_wgpu::open_gpu(&opts) {
-        Ok(g) => {
-            let i = g.device_info();
-            // Straight to stderr, past libtest's capture, so every CI log names the adapter.
-            let _ = writeln!(
-                std::io::stderr(),
-                "wgpu parity tests on adapter: {} ({}, {}, f16 {}, subgroups {}, binding {} B)",
-                i.adapter,
-                i.api,
-                i.device_type,
-                i.shader_f16,
-                i.subgroups,
-                i.max_binding_size
-            );
-            Some(g)
-        }
-        Err(e) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("no wgpu adapter and CI is set: {e}");
-            }
-            println!("SKIP: no wgpu adapter ({e})");
-            None
-        }
-    })
-    .clone()
-    .inspect(|g| println!("adapter: {}", g.device_info().adapter))
-}
-
-/// The default backend (f16 and subgroups where the adapter has them).
-fn gpu() -> Option<Arc<GpuBackend>> {
-    static G: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
-    backend(GpuOptions::default(), &G)
-}
-
 /// The portable fallbacks: no shader-f16, no subgroups.
 fn gpu_fallback() -> Option<Arc<GpuBackend>> {
     static G: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
@@ -92,18 +56,6 @@ fn gpu_fallback() -> Option<Arc<GpuBackend>> {
         GpuOptions {
             no_f16: true,
             no_subgroups: true,
-            ..Default::default()
-        },
-        &G,
-    )
-}
-
-/// A 64 KiB binding limit: tensors above it are split by rows.
-fn gpu_small_binding() -> Option<Arc<GpuBackend>> {
-    static G: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
-    backend(
-        GpuOptions {
-            max_binding_override: Some(64 << 10),
             ..Default::default()
         },
         &G,

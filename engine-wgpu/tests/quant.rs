@@ -11,37 +11,15 @@ use engine_core::quant::{dequantize, quantize};
 use engine_core::{Backend, CpuBackend, DType, HostData, QuantType, Shape, Tensor};
 use engine_wgpu::{GpuBackend, GpuOptions};
 
+mod common;
+use common::{backend, gpu, gpu_small_binding};
+
 const FORMATS: [QuantType; 4] = [
     QuantType::Q8_0,
     QuantType::Q4_0,
     QuantType::Q4_1,
     QuantType::Q4K,
 ];
-
-fn backend(
-    opts: GpuOptions,
-    slot: &'static OnceLock<Option<Arc<GpuBackend>>>,
-) -> Option<Arc<GpuBackend>> {
-    slot.get_or_init(|| match engine_wgpu::open_gpu(&opts) {
-        Ok(g) => {
-            eprintln!("quant tests on adapter: {}", g.device_info().adapter);
-            Some(g)
-        }
-        Err(e) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("no wgpu adapter and CI is set: {e}");
-            }
-            println!("SKIP: no wgpu adapter ({e})");
-            None
-        }
-    })
-    .clone()
-}
-
-fn gpu() -> Option<Arc<GpuBackend>> {
-    static G: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
-    backend(GpuOptions::default(), &G)
-}
 
 /// No subgroups: the portable `gemv_q`/`gemm_q` (software adapters otherwise take the
 /// `*_q_sg8` kernels).
@@ -50,18 +28,6 @@ fn gpu_no_subgroups() -> Option<Arc<GpuBackend>> {
     backend(
         GpuOptions {
             no_subgroups: true,
-            ..Default::default()
-        },
-        &G,
-    )
-}
-
-/// A 64 KiB binding limit: weights above it are split by rows.
-fn gpu_small_binding() -> Option<Arc<GpuBackend>> {
-    static G: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
-    backend(
-        GpuOptions {
-            max_binding_override: Some(64 << 10),
             ..Default::default()
         },
         &G,
