@@ -5,6 +5,7 @@ use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use visi_tests::expect_error;
 
 fn visi(args: &[&str]) -> Result<Output> {
     Command::new(env!("CARGO_BIN_EXE_visi-cli"))
@@ -138,18 +139,7 @@ fn quant_and_gguf_refusals() -> Result<()> {
         ),
     ];
     for (args, needle) in cases {
-        let out = visi(args)?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            out.status.code() == Some(2),
-            "{args:?}: exit {:?}: {stderr}",
-            out.status.code()
-        );
-        ensure!(
-            stderr.contains(needle),
-            "{args:?}: stderr lacks {needle:?}: {stderr}"
-        );
-        ensure!(!stderr.contains("panicked"), "{args:?}: panic: {stderr}");
+        expect_error(&visi(args)?, 2, &[needle]).with_context(|| format!("{args:?}"))?;
     }
     let out = visi(&[
         "run",

@@ -5,6 +5,7 @@ use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use visi_tests::expect_error;
 
 fn visi(args: &[&str]) -> Result<Output> {
     Command::new(env!("CARGO_BIN_EXE_visi-cli"))
@@ -193,21 +194,7 @@ fn quant_eval_bad_input() -> Result<()> {
         ),
     ];
     for (args, needle) in cases {
-        let out = visi(args)?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            out.status.code() == Some(2),
-            "{args:?}: exit {:?}: {stderr}",
-            out.status.code()
-        );
-        ensure!(
-            stderr.contains(needle),
-            "{args:?}: stderr lacks {needle:?}: {stderr}"
-        );
-        ensure!(
-            stderr.trim().lines().count() == 1,
-            "{args:?}: not one line: {stderr}"
-        );
+        expect_error(&visi(args)?, 2, &[needle]).with_context(|| format!("{args:?}"))?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use engine_core::{
 use engine_wgpu::{GpuBackend, GpuOptions};
 
 mod common;
-use common::{backend, gpu, gpu_small_binding};
+use common::{backend, gpu, gpu_small_binding, Rng};
 use half::f16;
 
 /// `|got - want| <= abs + rel * |want|`.
@@ -60,26 +60,6 @@ fn gpu_fallback() -> Option<Arc<GpuBackend>> {
         },
         &G,
     )
-}
-
-/// Seeded xorshift values in [lo, hi).
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * self.next()).collect()
-    }
-    fn below(&mut self, n: u32) -> u32 {
-        ((self.next() * n as f32) as u32).min(n - 1)
-    }
 }
 
 /// Compares `got` with `want` laid out in rows of `cols`; panics naming the first bad element.

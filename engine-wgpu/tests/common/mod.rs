@@ -58,3 +58,23 @@ pub fn gpu_small_binding() -> Option<Arc<GpuBackend>> {
         &G,
     )
 }
+
+/// Seeded xorshift values in [lo, hi).
+pub struct Rng(u64);
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| lo + (hi - lo) * self.next()).collect()
+    }
+    pub fn below(&mut self, n: u32) -> u32 {
+        ((self.next() * n as f32) as u32).min(n - 1)
+    }
+}
