@@ -27,6 +27,9 @@ use crate::{bad_input, classify, internal, open_backend, DeviceArg, Failure};
 /// Tokens before the image in a Vicuna-v1 LLaVA prompt (system prompt and "USER: ").
 pub(crate) const PREFIX_TOKENS: usize = 35;
 
+/// Default prompt length: the prefix, 576 image tokens and a 29-token question.
+pub(crate) const DEFAULT_PROMPT_LEN: usize = 640;
+
 /// Arguments of `visi-cli bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -46,7 +49,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
     /// Prompt length: 35 prefix tokens, the image tokens, then a suffix up to this.
-    #[arg(long, default_value_t = 640)]
+    #[arg(long, default_value_t = DEFAULT_PROMPT_LEN)]
     prompt_len: usize,
     /// VisiPruner decisions: `fusion=F,keep=K[,exit=E]` forced onto its code path, or
     /// `real` for the paper policy's own decisions. Default: 12/10/18 scaled to the depth.
@@ -308,13 +311,7 @@ fn run_once(
     let vision_ms = ms(t);
 
     let t = Instant::now();
-    let (s, e) = (inp.span.start, inp.span.end);
-    let mut parts = vec![llama.embed(b, &inp.ids[..s])?, image]; // [s, H], [N, H]
-    if e < inp.ids.len() {
-        parts.push(llama.embed(b, &inp.ids[e..])?); // [S - e, H]
-    }
-    let refs: Vec<&Tensor> = parts.iter().collect();
-    let embeds = b.concat_rows(&refs)?; // [S, H]
+    let embeds = llama.embed_with_image(b, inp.ids, inp.span, &image)?; // [S, H]
     let mut layer_ms = Vec::new();
     let mut mark = if profile {
         b.sync()?;

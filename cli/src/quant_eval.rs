@@ -17,7 +17,7 @@ use models::{Llava, PadMode, Template};
 use pruner::PruneConfig;
 use serde_json::{json, Value};
 
-use crate::bench::{synthetic_ids, synthetic_pixels, PREFIX_TOKENS};
+use crate::bench::{synthetic_ids, synthetic_pixels, DEFAULT_PROMPT_LEN, PREFIX_TOKENS};
 use crate::errors::{bad_input, classify, human_bytes, internal, Failure};
 use crate::DeviceArg;
 
@@ -200,7 +200,9 @@ fn load(
             let b = backend.as_ref();
             let cfg = &m.cfg;
             let n_img = cfg.image_tokens();
-            let len = (PREFIX_TOKENS + n_img + 29).min(cfg.text.max_position_embeddings - steps);
+            let len = DEFAULT_PROMPT_LEN
+                .max(PREFIX_TOKENS + n_img + 1)
+                .min(cfg.text.max_position_embeddings - steps);
             let ids = synthetic_ids(cfg, len, 0);
             let s = cfg.vision.image_size;
             let pixels = b
@@ -211,15 +213,10 @@ fn load(
                 start: PREFIX_TOKENS,
                 end: PREFIX_TOKENS + n_img,
             };
-            let mut parts = vec![
-                m.llama.embed(b, &ids[..span.start]).map_err(classify)?,
-                image,
-            ];
-            if span.end < ids.len() {
-                parts.push(m.llama.embed(b, &ids[span.end..]).map_err(classify)?);
-            }
-            let refs: Vec<&Tensor> = parts.iter().collect();
-            let embeds = b.concat_rows(&refs).map_err(classify)?; // [S, H]
+            let embeds = m
+                .llama
+                .embed_with_image(b, &ids, span, &image)
+                .map_err(classify)?; // [S, H]
             return Ok(Loaded::Synth(Box::new(m), embeds, span));
         }
     }

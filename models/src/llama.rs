@@ -149,6 +149,36 @@ impl Llama {
         b.embedding(&self.embed_tokens, &ids)
     }
 
+    /// Token embeddings of `ids` with `image [N, H]` spliced over `span` (which must hold
+    /// exactly N positions inside the prompt): `[S, H]`.
+    pub fn embed_with_image(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        span: ImageSpan,
+        image: &Tensor,
+    ) -> Result<Tensor> {
+        let n = image.dims()[0];
+        if span.end - span.start != n || span.end > ids.len() {
+            return Err(Error::msg(format!(
+                "image span {}..{} does not hold the {n} image embeddings (prompt of {} tokens)",
+                span.start,
+                span.end,
+                ids.len()
+            )));
+        }
+        let mut parts = Vec::with_capacity(3);
+        if span.start > 0 {
+            parts.push(self.embed(b, &ids[..span.start])?); // [s, H]
+        }
+        parts.push(image.clone()); // [N, H]
+        if span.end < ids.len() {
+            parts.push(self.embed(b, &ids[span.end..])?); // [S - e, H]
+        }
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        b.concat_rows(&refs) // [S, H]
+    }
+
     fn kv_dim(&self) -> usize {
         self.cfg.num_key_value_heads * self.cfg.head_dim
     }

@@ -656,25 +656,7 @@ impl Llava {
         let (Some(sp), Some(img)) = (span, image) else {
             return self.llama.embed(b, ids); // [S, H]
         };
-        let n = img.embeds.dims()[0];
-        if sp.end - sp.start != n || sp.end > ids.len() {
-            return Err(Error::msg(format!(
-                "image span {}..{} does not hold the {n} image embeddings (prompt of {} tokens)",
-                sp.start,
-                sp.end,
-                ids.len()
-            )));
-        }
-        let mut parts = Vec::with_capacity(3);
-        if sp.start > 0 {
-            parts.push(self.llama.embed(b, &ids[..sp.start])?); // [s, H]
-        }
-        parts.push(img.embeds.clone()); // [N, H]
-        if sp.end < ids.len() {
-            parts.push(self.llama.embed(b, &ids[sp.end..])?); // [S - e, H]
-        }
-        let refs: Vec<&Tensor> = parts.iter().collect();
-        b.concat_rows(&refs) // [S, H]
+        self.llama.embed_with_image(b, ids, sp, &img.embeds) // [S, H]
     }
 
     /// Greedy picks on the device and reads back one id; sampling reads the logits.
