@@ -8,12 +8,15 @@
 //! never mixed into the headline numbers.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use engine_core::{Backend, HostData, QuantType, Tensor};
 use image::{Rgb, RgbImage};
-use models::llama::{ImageSpan, KvCache, Llama, PrefillStats};
+use models::llama::{ImageSpan, Llama, PrefillStats};
+use models::sampling::{Sampler, SamplingParams};
+use models::session::{next_token, ImageInput, PromptInput, Session};
 use models::synthetic::{SyntheticLlava, SyntheticShape};
 use models::{Llava, LlavaConfig};
 use pruner::{
@@ -79,6 +82,10 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights, pixels and prompt ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Time a two-turn conversation instead: a fresh run on the whole conversation against
+    /// the follow-up turn in the session that answered the first (reuse), per method.
+    #[arg(long)]
+    conversation: bool,
     /// Weight formats to compare, e.g. `f16,q8_0,q4_0,q4_k`: the methods run on the first;
     /// dense prefill and decode are then timed on each of the others (matrices quantized
     /// at load), reported side by side.
@@ -217,9 +224,9 @@ impl Model {
             Model::Synth(s) => &s.cfg,
         }
     }
-    fn llama(&self) -> &Llama {
+    fn llama(&self) -> &Arc<Llama> {
         match self {
-            Model::Real(l, _) => l.llama(),
+            Model::Real(l, _) => l.llama_arc(),
             Model::Synth(s) => &s.llama,
         }
     }
@@ -276,7 +283,8 @@ struct Once {
     prefill_ms: f64,
     decode_ms: f64,
     stats: PrefillStats,
-    cache: KvCache,
+    kv_lens: Vec<usize>,
+    kv_bytes: u64,
     layer_ms: Vec<f64>,
 }
 
@@ -287,31 +295,21 @@ struct Input<'a> {
     decode_tokens: usize,
 }
 
-fn argmax_id(b: &dyn Backend, logits: &Tensor) -> engine_core::Result<u32> {
-    let t = b.argmax(logits)?; // [1] u32
-    let v = b.to_vec_u32(&t)?; // sync: one id
-    v.first()
-        .copied()
-        .ok_or_else(|| engine_core::Error::msg("argmax returned nothing"))
-}
-
-/// Vision, prefill (through the first token) and `decode_tokens` greedy steps; with
-/// `profile`, syncs after every layer and returns per-layer milliseconds.
+/// Vision, prefill (through the first token) and `decode_tokens` greedy steps in a fresh
+/// session; with `profile`, syncs after every layer and returns per-layer milliseconds.
 fn run_once(
     m: &Model,
-    b: &dyn Backend,
+    backend: &Arc<dyn Backend>,
     inp: &Input,
     pruner: &mut dyn Pruner,
     profile: bool,
 ) -> engine_core::Result<Once> {
-    let llama = m.llama();
-    pruner.reset();
+    let b = backend.as_ref();
     let t = Instant::now();
     let image = m.encode(b, inp.pixels)?; // [N, H]
     let vision_ms = ms(t);
 
     let t = Instant::now();
-    let embeds = llama.embed_with_image(b, inp.ids, inp.span, &image)?; // [S, H]
     let mut layer_ms = Vec::new();
     let mut mark = if profile {
         b.sync()?;
@@ -327,34 +325,268 @@ fn run_once(
         }
         Ok(())
     };
-    let mut cache = KvCache::default();
-    let (logits, stats) = llama.prefill_observed(
-        b,
-        &embeds,
-        Some(inp.span),
+    let img = ImageInput {
+        span: inp.span,
+        key: 0,
+        embeds: image,
+    };
+    let mut session = Session::new(m.llama().clone(), backend.clone());
+    let pre = session.prefill_observed(
+        PromptInput {
+            ids: inp.ids,
+            image: Some(&img),
+        },
         pruner,
-        &mut cache,
+        "bench",
         inp.decode_tokens,
         &mut observe,
     )?;
-    let mut token = argmax_id(b, &logits)?;
+    let mut greedy = Sampler::new(SamplingParams::default())?;
+    let mut token = next_token(b, &pre.logits, &mut greedy)?;
     let prefill_ms = ms(t);
 
+    // Exactly `decode_tokens` steps (an EOS from random weights must not end the timing).
     let t = Instant::now();
-    for i in 0..inp.decode_tokens {
-        let pos = (inp.ids.len() + i) as u32;
-        let logits = llama.decode_step(b, token, pos, &mut cache)?; // [1, V]
-        token = argmax_id(b, &logits)?;
+    for _ in 0..inp.decode_tokens {
+        let logits = session.step(token)?; // [1, V]
+        token = next_token(b, &logits, &mut greedy)?;
     }
     let decode_ms = ms(t);
     Ok(Once {
         vision_ms,
         prefill_ms,
         decode_ms,
-        stats,
-        cache,
+        stats: pre.stats,
+        kv_lens: session.kv_lens(),
+        kv_bytes: session.kv_bytes(),
         layer_ms,
     })
+}
+
+/// The follow-up question of `bench --conversation`: 29 text tokens.
+const FOLLOWUP_TOKENS: usize = 29;
+
+/// One conversation round of `bench --conversation`.
+struct ConvRound {
+    fresh_ttft_ms: f64,
+    followup_ttft_ms: f64,
+    tokens_identical: bool,
+    decisions_identical: bool,
+    reused_tokens: usize,
+    prompt_tokens: usize,
+    recomputed_from_layer: Option<usize>,
+}
+
+/// Turn 1 (`ids`, answered with `decode_tokens` greedy tokens) in a session; then the
+/// follow-up turn (turn 1, its answer, a 29-token question) timed twice through the first
+/// token: in that session (image encoding cached, shared rows reused) and fresh. Both then
+/// decode `decode_tokens` tokens, which must be identical, as must the pruning decisions.
+fn conversation_round(
+    m: &Model,
+    backend: &Arc<dyn Backend>,
+    ids: &[u32],
+    span: ImageSpan,
+    pixels: &[f32],
+    decode_tokens: usize,
+    pruner: &mut dyn Pruner,
+    seed: u64,
+) -> engine_core::Result<ConvRound> {
+    let b = backend.as_ref();
+    let greedy = || Sampler::new(SamplingParams::default());
+    let embeds = m.encode(b, pixels)?; // [N, H]
+    let image = ImageInput {
+        span,
+        key: seed,
+        embeds,
+    };
+    let mut session = Session::new(m.llama().clone(), backend.clone());
+    let pre = session.prefill(
+        PromptInput {
+            ids,
+            image: Some(&image),
+        },
+        pruner,
+        "bench",
+        decode_tokens + FOLLOWUP_TOKENS + 1,
+    )?;
+    let mut s = greedy()?;
+    let answer: Vec<u32> = session
+        .decode(pre.logits, &mut s, decode_tokens)
+        .collect::<engine_core::Result<_>>()?;
+    let mut ids2 = ids.to_vec();
+    ids2.extend(&answer);
+    let q2 = synthetic_ids(
+        m.cfg(),
+        PREFIX_TOKENS + m.cfg().image_tokens() + FOLLOWUP_TOKENS + 1,
+        seed ^ 0x5eed,
+    );
+    ids2.extend(&q2[q2.len() - FOLLOWUP_TOKENS..]);
+    let input2 = PromptInput {
+        ids: &ids2,
+        image: Some(&image),
+    };
+
+    // Follow-up in the same session: the image encoding comes from the model's cache (a
+    // real checkpoint re-runs `encode`, which hits it; synthetic weights keep `image`).
+    b.sync()?;
+    let t = Instant::now();
+    if let Model::Real(..) = m {
+        m.encode(b, pixels)?;
+    }
+    let re = session.prefill(input2, pruner, "bench", decode_tokens)?;
+    let report_re = pruner.report();
+    let mut s = greedy()?;
+    let mut dec = session.decode(re.logits.clone(), &mut s, decode_tokens);
+    let first = dec.next().transpose()?;
+    let followup_ttft_ms = ms(t);
+    let mut reuse_tokens: Vec<u32> = first.into_iter().collect();
+    for tok in dec {
+        reuse_tokens.push(tok?);
+    }
+
+    // Fresh run on the whole conversation, vision included.
+    let t = Instant::now();
+    let embeds = m.encode(b, pixels)?;
+    let image_f = ImageInput {
+        span,
+        key: seed,
+        embeds,
+    };
+    let mut fresh = Session::new(m.llama().clone(), backend.clone());
+    let fr = fresh.prefill(
+        PromptInput {
+            ids: &ids2,
+            image: Some(&image_f),
+        },
+        pruner,
+        "bench",
+        decode_tokens,
+    )?;
+    let report_fr = pruner.report();
+    let mut s = greedy()?;
+    let mut dec = fresh.decode(fr.logits.clone(), &mut s, decode_tokens);
+    let first = dec.next().transpose()?;
+    let fresh_ttft_ms = ms(t);
+    let mut fresh_tokens: Vec<u32> = first.into_iter().collect();
+    for tok in dec {
+        fresh_tokens.push(tok?);
+    }
+    Ok(ConvRound {
+        fresh_ttft_ms,
+        followup_ttft_ms,
+        tokens_identical: reuse_tokens == fresh_tokens,
+        decisions_identical: report_re == report_fr
+            && re.stats.layer_seq_lens == fr.stats.layer_seq_lens,
+        reused_tokens: re.reused_tokens,
+        prompt_tokens: ids2.len(),
+        recomputed_from_layer: re.recomputed_from_layer,
+    })
+}
+
+/// `bench --conversation`: follow-up TTFT with reuse against a fresh run, per method.
+fn conversation_bench(
+    a: &BenchArgs,
+    model: &Model,
+    backend: &Arc<dyn Backend>,
+    ids: &[u32],
+    pixels: &[f32],
+    methods: &mut [MethodRuns],
+    schedule: Schedule,
+) -> Result<(), Failure> {
+    let span = ImageSpan {
+        start: PREFIX_TOKENS,
+        end: PREFIX_TOKENS + model.cfg().image_tokens(),
+    };
+    let mut rows = Vec::new();
+    for mr in methods.iter_mut() {
+        let mut rounds = Vec::new();
+        for round in 0..a.warmup + a.reps {
+            eprintln!("bench: conversation {} round {}", mr.name, round + 1);
+            let r = conversation_round(
+                model,
+                backend,
+                ids,
+                span,
+                pixels,
+                a.decode_tokens,
+                mr.pruner.as_mut(),
+                a.seed,
+            )
+            .map_err(|e| internal(anyhow!("{}: {e}", mr.name)))?;
+            if round >= a.warmup {
+                rounds.push(r);
+            }
+        }
+        let fresh: Vec<f64> = rounds.iter().map(|r| r.fresh_ttft_ms).collect();
+        let follow: Vec<f64> = rounds.iter().map(|r| r.followup_ttft_ms).collect();
+        let (_, fresh_med) = min_median(&fresh);
+        let (_, follow_med) = min_median(&follow);
+        let last = rounds.last();
+        rows.push(json!({
+            "method": mr.name,
+            "fresh_ttft_ms": fresh_med,
+            "followup_ttft_ms": follow_med,
+            "ratio": follow_med / fresh_med.max(1e-9),
+            "tokens_identical": rounds.iter().all(|r| r.tokens_identical),
+            "decisions_identical": rounds.iter().all(|r| r.decisions_identical),
+            "prompt_tokens": last.map(|r| r.prompt_tokens),
+            "reused_tokens": last.map(|r| r.reused_tokens),
+            "recomputed_from_layer": last.and_then(|r| r.recomputed_from_layer),
+            "fresh_ttft_ms_all": fresh,
+            "followup_ttft_ms_all": follow,
+        }));
+    }
+    let head = rows
+        .iter()
+        .find(|r| r["method"] == "visipruner")
+        .or(rows.first())
+        .cloned()
+        .unwrap_or(Value::Null);
+    let dev = backend.device_info();
+    let report = json!({
+        "model": model.describe(),
+        "shape": a.shape,
+        "device": { "backend": dev.backend, "adapter": dev.adapter },
+        "schedule": format!("{schedule:?}"),
+        "prompt_len": ids.len(),
+        "answer_tokens": a.decode_tokens,
+        "followup_question_tokens": FOLLOWUP_TOKENS,
+        "reps": a.reps,
+        "warmup": a.warmup,
+        "conversation": head,
+        "methods": rows,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "visi bench --conversation on {} ({}): turn 1 {} tokens + {}-token answer + {}-token follow-up, median of {} reps",
+            dev.adapter, dev.backend, ids.len(), a.decode_tokens, FOLLOWUP_TOKENS, a.reps
+        );
+        println!(
+            "{:<11} {:>15} {:>18} {:>7} {:>9} {:>9} {:>9}",
+            "method",
+            "fresh TTFT ms",
+            "follow-up TTFT ms",
+            "ratio",
+            "reused",
+            "tokens=",
+            "decisions="
+        );
+        for r in &rows {
+            println!(
+                "{:<11} {:>15.1} {:>18.1} {:>7.3} {:>9} {:>9} {:>9}",
+                r["method"].as_str().unwrap_or("?"),
+                r["fresh_ttft_ms"].as_f64().unwrap_or(0.0),
+                r["followup_ttft_ms"].as_f64().unwrap_or(0.0),
+                r["ratio"].as_f64().unwrap_or(0.0),
+                r["reused_tokens"],
+                r["tokens_identical"],
+                r["decisions_identical"],
+            );
+        }
+    }
+    Ok(())
 }
 
 fn ms(t: Instant) -> f64 {
@@ -460,7 +692,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         .map_err(|e| bad_input(anyhow!("--model: {e}")))?;
 
     // ---- kernels first, so their buffers are gone before the model loads ----
-    let kernels = if a.skip_kernels || a.device == DeviceArg::Cpu {
+    let kernels = if a.skip_kernels || a.conversation || a.device == DeviceArg::Cpu {
         None
     } else {
         let quick = a.reps < 3;
@@ -569,6 +801,9 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     // ---- runs: warm-up, interleaved reps, one profiled run each ----
     let ids = synthetic_ids(&cfg, a.prompt_len, a.seed);
     let pixels = synthetic_pixels(cfg.vision.image_size, a.seed);
+    if a.conversation {
+        return conversation_bench(&a, &model, &backend, &ids, &pixels, &mut methods, schedule);
+    }
     let inp = Input {
         ids: &ids,
         span: ImageSpan {
@@ -578,7 +813,6 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         pixels: &pixels,
         decode_tokens: a.decode_tokens,
     };
-    let kv_dim = cfg.text.num_key_value_heads * cfg.text.head_dim;
     let profiled = a.layer_times || a.plot.is_some();
     let total = a.warmup + a.reps + usize::from(profiled);
     for round in 0..total {
@@ -595,7 +829,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
                     format!("rep {}/{}", round - a.warmup + 1, a.reps)
                 }
             );
-            let o = run_once(&model, b, &inp, mr.pruner.as_mut(), profile)
+            let o = run_once(&model, &backend, &inp, mr.pruner.as_mut(), profile)
                 .map_err(|e| internal(anyhow!("{}: {e}", mr.name)))?;
             if profile {
                 mr.layer_ms = o.layer_ms;
@@ -605,8 +839,8 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
                 mr.decode_ms.push(o.decode_ms);
             }
             if mr.stats.is_none() {
-                mr.kv_lens = o.cache.lens();
-                mr.kv_bytes = o.cache.bytes_used(kv_dim);
+                mr.kv_lens = o.kv_lens;
+                mr.kv_bytes = o.kv_bytes;
                 mr.stats = Some(o.stats);
                 mr.report = Some(mr.pruner.report());
             }
@@ -628,7 +862,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
             let (mut p, mut d) = (Vec::new(), Vec::new());
             for round in 0..a.warmup + a.reps {
                 eprintln!("bench: dense {} round {}", quant_name(q), round + 1);
-                let o = run_once(&m, b, &inp, &mut dense, false)
+                let o = run_once(&m, &backend, &inp, &mut dense, false)
                     .map_err(|e| internal(anyhow!("dense {}: {e}", quant_name(q))))?;
                 if round >= a.warmup {
                     p.push(o.prefill_ms);

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 mod bench;
+mod chat;
 mod devices;
 mod errors;
 mod info;
@@ -19,7 +20,8 @@ mod quant_eval;
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use engine_core::{Backend, CpuBackend};
-use models::llava::{draw_kept_patches, GenerateOptions, Llava};
+use image::RgbImage;
+use models::llava::{draw_kept_patches, GenerateOptions, Generation, Llava};
 use models::preprocess::PadMode;
 use models::prompt::Template;
 use models::sampling::SamplingParams;
@@ -45,6 +47,10 @@ enum Cmd {
     /// pair (`--model text.gguf --mmproj mmproj.gguf`).
     #[command(args_override_self = true)]
     Run(RunArgs),
+    /// Talk with a LLaVA model: multi-turn, answers streamed, follow-ups reuse the image
+    /// and the shared prompt (one user turn per line when stdin is not a terminal).
+    #[command(args_override_self = true)]
+    Chat(chat::ChatArgs),
     /// Convert a llava-hf directory to llama.cpp's GGUF pair (`<name>.<quant>.gguf` and
     /// `mmproj-<name>.f16.gguf`).
     Quantize(QuantizeArgs),
@@ -89,68 +95,171 @@ enum TemplateArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum ImageModeArg {
+pub(crate) enum ImageModeArg {
     Crop,
     Pad,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum DeviceArg {
+pub(crate) enum DeviceArg {
     Auto,
     Gpu,
     Cpu,
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
-    /// llava-hf model directory (config.json, tokenizer.json, safetensors), or a repo id
-    /// (`llava-hf/llava-1.5-7b-hf`) already in the local Hugging Face cache.
+/// Model, device, pruning and sampling flags shared by `run` and `chat`.
+#[derive(clap::Args, Clone)]
+pub(crate) struct GenArgs {
+    /// llava-hf model directory (config.json, tokenizer.json, safetensors), a repo id
+    /// (`llava-hf/llava-1.5-7b-hf`) already in the local Hugging Face cache, or a GGUF file.
     #[arg(long)]
-    model: String,
-    /// Image file; without it the prompt is text only.
+    pub model: String,
+    /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
     #[arg(long)]
-    image: Option<PathBuf>,
-    /// The question.
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, value_enum, default_value = "vicuna_v1")]
-    template: TemplateArg,
+    pub mmproj: Option<PathBuf>,
     /// crop: llava-hf's processor; pad: LLaVA-1.5's expand2square.
     #[arg(long, value_enum, default_value = "crop")]
-    image_mode: ImageModeArg,
+    pub image_mode: ImageModeArg,
     /// At least 1.
     #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
-    max_new_tokens: usize,
+    pub max_new_tokens: usize,
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    temperature: f32,
+    pub temperature: f32,
     /// 0 disables.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    top_k: usize,
+    pub top_k: usize,
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    top_p: f32,
+    pub top_p: f32,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
-    device: DeviceArg,
+    pub device: DeviceArg,
     /// Pruning config as JSON, or @file.json (default: the paper's VisiPruner config).
     #[arg(long, conflicts_with = "no_prune")]
-    prune: Option<String>,
+    pub prune: Option<String>,
     /// Run dense (no pruning, no masks).
     #[arg(long)]
-    no_prune: bool,
+    pub no_prune: bool,
+    /// Quantize the checkpoint's weight matrices as they load (kept quantized on the device).
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantArg>,
+}
+
+impl GenArgs {
+    /// Sampling flags, validated.
+    pub fn sampling(&self) -> Result<SamplingParams, Failure> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        sampling.validate().map_err(|e| bad_input(e.into()))?;
+        if self.max_new_tokens == 0 {
+            return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
+        }
+        Ok(sampling)
+    }
+
+    /// `--prune`/`--no-prune`: `None` is the default (paper config when it fits).
+    pub fn prune_config(&self) -> Result<Option<PruneConfig>, Failure> {
+        if self.no_prune {
+            return Ok(Some(PruneConfig::Dense));
+        }
+        self.prune
+            .as_deref()
+            .map(parse_prune)
+            .transpose()
+            .map_err(bad_input)
+    }
+
+    /// The image preprocessing mode.
+    pub fn pad_mode(&self) -> PadMode {
+        match self.image_mode {
+            ImageModeArg::Crop => PadMode::Crop,
+            ImageModeArg::Pad => PadMode::Pad,
+        }
+    }
+
+    /// Whether `--model` names a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        self.model.ends_with(".gguf")
+    }
+
+    /// Checks the model flags and resolves `--model` (cheap: no weights are read).
+    pub fn model_path(&self) -> Result<PathBuf, Failure> {
+        if let Some(m) = &self.mmproj {
+            if !self.is_gguf() {
+                return Err(bad_input(anyhow!(
+                    "--mmproj {} needs a GGUF text model (--model <file>.gguf)",
+                    m.display()
+                )));
+            }
+        }
+        if self.is_gguf() {
+            Ok(PathBuf::from(&self.model))
+        } else {
+            models::hub::resolve_model(&self.model).map_err(|e| bad_input(anyhow!("--model: {e}")))
+        }
+    }
+
+    /// Loads the LLaVA model (llava-hf directory or GGUF pair) with a progress bar.
+    pub fn load_llava(&self, model_dir: &Path) -> Result<Llava, Failure> {
+        let quant = self.quant.map(|q| match q {
+            QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
+            QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
+            QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
+            QuantArg::Q4K => engine_core::QuantType::Q4K,
+        });
+        // Both backends have quantized kernels: --device picks as without --quant.
+        let backend = open_backend(self.device)?;
+        let bar = progress::load_bar();
+        let loaded = match &self.mmproj {
+            Some(mm) => Llava::load_gguf(
+                model_dir,
+                mm,
+                backend,
+                bar.as_ref().map(|b| b.1.clone()),
+                quant,
+            ),
+            None => {
+                Llava::load_quantized(model_dir, backend, bar.as_ref().map(|b| b.1.clone()), quant)
+            }
+        };
+        if let Some((b, _)) = &bar {
+            b.finish_and_clear();
+        }
+        loaded.map_err(classify)
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    g: GenArgs,
+    /// Image file; without it the prompt is text only.
+    #[arg(long, conflicts_with = "messages")]
+    image: Option<PathBuf>,
+    /// The question.
+    #[arg(
+        long,
+        required_unless_present = "messages",
+        conflicts_with = "messages"
+    )]
+    prompt: Option<String>,
+    /// An OpenAI-style conversation (JSON `messages`), rendered with the model's template;
+    /// `-` reads it from stdin. Images come from its `image_url` parts.
+    #[arg(long)]
+    messages: Option<String>,
+    #[arg(long, value_enum, default_value = "vicuna_v1")]
+    template: TemplateArg,
     /// Write the image as the model saw it, pruned patches dimmed, kept ones outlined.
     #[arg(long)]
     save_kept: Option<PathBuf>,
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Quantize the checkpoint's weight matrices as they load (kept quantized on the device).
-    #[arg(long, value_enum)]
-    quant: Option<QuantArg>,
-    /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
-    #[arg(long)]
-    mmproj: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -171,7 +280,7 @@ struct QuantizeArgs {
 
 /// A GGUF block format for `--quant`.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum QuantArg {
+pub(crate) enum QuantArg {
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_0")]
@@ -215,6 +324,7 @@ fn main() -> ExitCode {
     errors::install_panic_hook();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Chat(a) => chat::chat(a),
         Cmd::Quantize(a) => quantize(a),
         Cmd::Info {
             model,
@@ -325,34 +435,111 @@ fn check_output_path(p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The prompt `run` was given: `--prompt` with a template, or a `--messages` conversation
+/// rendered with the model's template (its images loaded, relative paths against the
+/// messages file's folder).
+struct RunPrompt {
+    /// The text before tokenisation (`<image>` where the image goes).
+    text: String,
+    /// The image, if any.
+    image: Option<RgbImage>,
+}
+
+/// Reads `--messages FILE|-` (a regular file, size-limited).
+fn read_messages(arg: &str) -> anyhow::Result<(Vec<models::chat::Message>, Option<PathBuf>)> {
+    use std::io::Read;
+    let limit = models::chat::MAX_MESSAGES_BYTES;
+    let (text, base) = if arg == "-" {
+        let mut buf = String::new();
+        std::io::stdin()
+            .lock()
+            .take(limit + 1)
+            .read_to_string(&mut buf)
+            .context("--messages -: cannot read stdin")?;
+        (buf, None)
+    } else {
+        let p = Path::new(arg);
+        let meta = std::fs::metadata(p).with_context(|| format!("--messages {arg}"))?;
+        if !meta.is_file() {
+            return Err(anyhow!("--messages {arg}: not a regular file"));
+        }
+        let mut buf = String::new();
+        std::fs::File::open(p)
+            .and_then(|f| f.take(limit + 1).read_to_string(&mut buf))
+            .with_context(|| format!("--messages {arg}"))?;
+        (buf, p.parent().map(Path::to_path_buf))
+    };
+    if text.len() as u64 > limit {
+        return Err(anyhow!("--messages {arg}: larger than {limit} bytes"));
+    }
+    let msgs = models::chat::parse_messages(&text).map_err(|e| anyhow!("--messages {arg}: {e}"))?;
+    Ok((msgs, base))
+}
+
+/// Everything `run` needs about its prompt, checked before any model loads.
+fn run_prompt(a: &RunArgs) -> Result<RunPrompt, Failure> {
+    if let Some(arg) = &a.messages {
+        if matches!(a.template, TemplateArg::Raw) {
+            return Err(bad_input(anyhow!(
+                "--messages is rendered with the model's template; --template raw does not apply"
+            )));
+        }
+        let (msgs, base) = read_messages(arg).map_err(bad_input)?;
+        let r = models::chat::render_vicuna_v1(&msgs).map_err(|e| bad_input(e.into()))?;
+        if r.images.len() > 1 {
+            return Err(bad_input(anyhow!(
+                "--messages holds {} images; this model takes one image per conversation",
+                r.images.len()
+            )));
+        }
+        let image = r
+            .images
+            .first()
+            .map(|u| models::chat::load_image_url(u, base.as_deref()))
+            .transpose()
+            .map_err(|e| bad_input(e.into()))?;
+        return Ok(RunPrompt {
+            text: r.text,
+            image,
+        });
+    }
+    let prompt = a.prompt.as_deref().unwrap_or_default();
+    let template = match a.template {
+        TemplateArg::VicunaV1 => Template::VicunaV1,
+        TemplateArg::Raw => Template::Raw,
+    };
+    let image = match &a.image {
+        Some(p) => Some(models::preprocess::load_image(p).map_err(|e| bad_input(e.into()))?),
+        None => None,
+    };
+    // Template errors do not need the model: report them before loading it.
+    let text = template
+        .render(prompt, image.is_some())
+        .map_err(|e| bad_input(e.into()))?;
+    Ok(RunPrompt { text, image })
+}
+
 /// Text-only generation from a llama.cpp GGUF file, on either backend (both dequantise
 /// GGUF blocks inside their matmul and embedding kernels).
-fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
-    if a.image.is_some() {
+fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), Failure> {
+    if p.image.is_some() {
         return Err(bad_input(anyhow!(
-            "--image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
+            "an image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
         )));
     }
     if a.save_kept.is_some() {
         return Err(bad_input(anyhow!("--save-kept needs --image")));
     }
-    let template = match a.template {
-        TemplateArg::VicunaV1 => Template::VicunaV1,
-        TemplateArg::Raw => Template::Raw,
-    };
-    let text = template
-        .render(&a.prompt, false)
-        .map_err(|e| bad_input(e.into()))?;
-    let backend = open_backend(a.device)?;
+    let backend = open_backend(a.g.device)?;
     let dev = backend.device_info();
     let t0 = std::time::Instant::now();
-    let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.model), backend.clone())
+    let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.g.model), backend.clone())
         .map_err(classify)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let ids = m.encode(&text).map_err(|e| bad_input(e.into()))?;
+    let ids = m.encode(&p.text).map_err(|e| bad_input(e.into()))?;
     let t1 = std::time::Instant::now();
     let (tokens, _) = m
-        .generate(backend.as_ref(), &ids, a.max_new_tokens, sampling)
+        .generate(backend.clone(), &ids, a.g.max_new_tokens, sampling)
         .map_err(classify)?;
     let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
     let out = m
@@ -363,6 +550,7 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
     if a.json {
         let j = json!({
             "text": out,
+            "prompt": p.text,
             "tokens": tokens,
             "prompt_tokens": ids.len(),
             "timings_ms": { "load": load_ms, "generate": gen_ms },
@@ -386,96 +574,30 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
 fn run(a: RunArgs) -> Result<(), Failure> {
     progress::install_ctrl_c();
     // ---- everything the user handed in, checked before any heavy work ----
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
-    sampling.validate().map_err(|e| bad_input(e.into()))?;
-    if a.max_new_tokens == 0 {
-        return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
+    let sampling = a.g.sampling()?;
+    let prune = a.g.prune_config()?;
+    let model_dir = a.g.model_path()?;
+    if a.g.is_gguf() && a.g.mmproj.is_none() && a.image.is_some() {
+        return Err(bad_input(anyhow!(
+            "--image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
+        )));
     }
-    let gguf = a.model.ends_with(".gguf");
-    if gguf && a.mmproj.is_none() {
-        return run_gguf(&a, sampling);
+    let p = run_prompt(&a)?;
+    if a.g.is_gguf() && a.g.mmproj.is_none() {
+        return run_gguf(&a, sampling, p);
     }
-    if let Some(m) = &a.mmproj {
-        if !gguf {
-            return Err(bad_input(anyhow!(
-                "--mmproj {} needs a GGUF text model (--model <file>.gguf)",
-                m.display()
-            )));
-        }
-    }
-    let prune = if a.no_prune {
-        Some(PruneConfig::Dense)
-    } else {
-        a.prune
-            .as_deref()
-            .map(parse_prune)
-            .transpose()
-            .map_err(bad_input)?
-    };
-    let model_dir = if gguf {
-        PathBuf::from(&a.model)
-    } else {
-        models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?
-    };
-    if let Some(p) = &a.save_kept {
-        if a.image.is_none() {
+    if let Some(path) = &a.save_kept {
+        if p.image.is_none() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
         }
-        check_output_path(p).map_err(bad_input)?;
+        check_output_path(path).map_err(bad_input)?;
     }
-    let image = match &a.image {
-        Some(p) => Some(models::preprocess::load_image(p).map_err(|e| bad_input(e.into()))?),
-        None => None,
-    };
-    let template = match a.template {
-        TemplateArg::VicunaV1 => Template::VicunaV1,
-        TemplateArg::Raw => Template::Raw,
-    };
-    // Template errors do not need the model: report them before loading it.
-    template
-        .render(&a.prompt, image.is_some())
-        .map_err(|e| bad_input(e.into()))?;
-    let image_mode = match a.image_mode {
-        ImageModeArg::Crop => PadMode::Crop,
-        ImageModeArg::Pad => PadMode::Pad,
-    };
+    let image_mode = a.g.pad_mode();
 
     // ---- model ----
-    let quant = a.quant.map(|q| match q {
-        QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
-        QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
-        QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
-        QuantArg::Q4K => engine_core::QuantType::Q4K,
-    });
-    // Both backends have quantized kernels: --device picks as without --quant.
-    let backend = open_backend(a.device)?;
-    let bar = progress::load_bar();
-    let loaded = match &a.mmproj {
-        Some(mm) => Llava::load_gguf(
-            &model_dir,
-            mm,
-            backend,
-            bar.as_ref().map(|b| b.1.clone()),
-            quant,
-        ),
-        None => Llava::load_quantized(
-            &model_dir,
-            backend,
-            bar.as_ref().map(|b| b.1.clone()),
-            quant,
-        ),
-    };
-    if let Some((b, _)) = &bar {
-        b.finish_and_clear();
-    }
-    let llava = loaded.map_err(classify)?;
+    let llava = a.g.load_llava(&model_dir)?;
     let prompt = llava
-        .prompt(template, &a.prompt, image.is_some())
+        .prompt(Template::Raw, &p.text, p.image.is_some())
         .map_err(|e| bad_input(e.into()))?;
     let (_, note) = llava
         .resolve_prune(prune.as_ref())
@@ -484,16 +606,17 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         eprintln!("note: {n}");
     }
     let opts = GenerateOptions {
-        template,
+        template: Template::Raw,
         image_mode,
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens: a.g.max_new_tokens,
         sampling,
         prune,
         keep_first_logits: false,
     };
 
     // ---- generation ----
-    let encoded = image
+    let encoded = p
+        .image
         .as_ref()
         .map(|img| llava.encode_image(img, image_mode))
         .transpose()
@@ -532,44 +655,8 @@ fn run(a: RunArgs) -> Result<(), Failure> {
 
     let dev = llava.device_info();
     if a.json {
-        let f = &gen.flops;
-        let out = json!({
-            "text": gen.text,
-            "tokens": gen.tokens,
-            "prompt_tokens": gen.prompt_tokens,
-            "image_tokens": gen.image_tokens,
-            "image_span": gen.image_span.map(|s| [s.start, s.end]),
-            "stopped_by_eos": gen.stopped_by_eos,
-            "interrupted": gen.interrupted,
-            "timings_ms": {
-                "load": gen.timings.load_ms,
-                "vision": gen.timings.vision_ms,
-                "prefill": gen.timings.prefill_ms,
-                "decode": gen.timings.decode_ms,
-            },
-            "decode_tokens_per_s": gen.decode_tokens_per_s,
-            "device": { "backend": dev.backend, "adapter": dev.adapter },
-            "pruning": {
-                "method": gen.prune.method,
-                "config": gen.prune.config,
-                "fusion_layer": gen.prune.fusion_layer,
-                "kept_image_tokens": gen.prune.kept_image_tokens,
-                "text_only_from_layer": gen.prune.text_only_from_layer,
-                "layer_seq_lens": gen.layer_seq_lens,
-                "layer_image_lens": gen.layer_image_lens,
-                "kv_lens": gen.kv_lens,
-                "kv_bytes": gen.kv_bytes,
-                "note": gen.prune_note,
-            },
-            "flops": {
-                "prefill": f.prefill,
-                "prefill_dense": f.prefill_dense,
-                "image_attention": f.attention_image,
-                "image_attention_dense": f.attention_image_dense,
-                "vision": f.vision,
-                "per_layer": f.per_layer,
-            },
-        });
+        let mut out = generation_json(&gen, &dev);
+        out["prompt"] = json!(p.text);
         let text = serde_json::to_string(&out).map_err(|e| internal(e.into()))?;
         let _ = writeln!(stdout, "{text}");
     } else {
@@ -584,6 +671,56 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         });
     }
     Ok(())
+}
+
+/// The `--json` object of one generation.
+pub(crate) fn generation_json(
+    gen: &Generation,
+    dev: &engine_core::DeviceInfo,
+) -> serde_json::Value {
+    let f = &gen.flops;
+    json!({
+        "text": gen.text,
+        "tokens": gen.tokens,
+        "prompt_tokens": gen.prompt_tokens,
+        "image_tokens": gen.image_tokens,
+        "image_span": gen.image_span.map(|s| [s.start, s.end]),
+        "stopped_by_eos": gen.stopped_by_eos,
+        "interrupted": gen.interrupted,
+        "timings_ms": {
+            "load": gen.timings.load_ms,
+            "vision": gen.timings.vision_ms,
+            "prefill": gen.timings.prefill_ms,
+            "decode": gen.timings.decode_ms,
+        },
+        "decode_tokens_per_s": gen.decode_tokens_per_s,
+        "device": { "backend": dev.backend, "adapter": dev.adapter },
+        "reuse": {
+            "reused_tokens": gen.reused_tokens,
+            "recomputed_from_layer": gen.recomputed_from_layer,
+            "computed_rows": gen.computed_rows,
+        },
+        "pruning": {
+            "method": gen.prune.method,
+            "config": gen.prune.config,
+            "fusion_layer": gen.prune.fusion_layer,
+            "kept_image_tokens": gen.prune.kept_image_tokens,
+            "text_only_from_layer": gen.prune.text_only_from_layer,
+            "layer_seq_lens": gen.layer_seq_lens,
+            "layer_image_lens": gen.layer_image_lens,
+            "kv_lens": gen.kv_lens,
+            "kv_bytes": gen.kv_bytes,
+            "note": gen.prune_note,
+        },
+        "flops": {
+            "prefill": f.prefill,
+            "prefill_dense": f.prefill_dense,
+            "image_attention": f.attention_image,
+            "image_attention_dense": f.attention_image_dense,
+            "vision": f.vision,
+            "per_layer": f.per_layer,
+        },
+    })
 }
 
 /// `visi-cli quantize`: a llava-hf directory to llama.cpp's GGUF pair.

@@ -31,6 +31,11 @@ pub fn set_generating(on: bool) {
     GENERATING.store(on, Ordering::SeqCst);
 }
 
+/// Forgets a Ctrl-C that stopped generation (chat goes on with the next turn).
+pub fn clear_stop() {
+    STOP.store(false, Ordering::SeqCst);
+}
+
 /// Whether Ctrl-C asked generation to stop.
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::anyhow;
-use engine_core::{Backend, HostData, QuantType, Tensor};
+use engine_core::{Backend, HostData, QuantType};
 use image::RgbImage;
 use models::llama::ImageSpan;
 use models::quality::{common_prefix, compare_logits, greedy_tokens, step_logits};
+use models::session::{ImageInput, PromptInput, Session};
 use models::synthetic::{SyntheticLlava, SyntheticShape};
 use models::{Llava, PadMode, Template};
 use pruner::PruneConfig;
@@ -181,7 +182,7 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
 enum Loaded {
     Llava(Box<Llava>),
     /// The synthetic model and its prompt embeddings `[S, H]` with the image span.
-    Synth(Box<SyntheticLlava>, Tensor, ImageSpan),
+    Synth(Box<SyntheticLlava>, Vec<u32>, ImageInput),
 }
 
 /// Loads `source` with `quant` (None: as stored).
@@ -208,16 +209,16 @@ fn load(
             let pixels = b
                 .upload(HostData::F32(&synthetic_pixels(s, 0)), vec![3, s, s].into())
                 .map_err(classify)?;
-            let image = m.encode(b, &pixels).map_err(classify)?; // [N, H]
-            let span = ImageSpan {
-                start: PREFIX_TOKENS,
-                end: PREFIX_TOKENS + n_img,
+            let embeds = m.encode(b, &pixels).map_err(classify)?; // [N, H]
+            let image = ImageInput {
+                span: ImageSpan {
+                    start: PREFIX_TOKENS,
+                    end: PREFIX_TOKENS + n_img,
+                },
+                key: 0,
+                embeds,
             };
-            let embeds = m
-                .llama
-                .embed_with_image(b, &ids, span, &image)
-                .map_err(classify)?; // [S, H]
-            return Ok(Loaded::Synth(Box::new(m), embeds, span));
+            return Ok(Loaded::Synth(Box::new(m), ids, image));
         }
     }
     .map_err(classify)?;
@@ -234,11 +235,12 @@ fn step_rows(
     forced: Option<&[u32]>,
 ) -> Result<Vec<Vec<f32>>, Failure> {
     match loaded {
-        Loaded::Synth(m, embeds, span) => step_logits(
-            &m.llama,
-            backend.as_ref(),
-            embeds,
-            Some(*span),
+        Loaded::Synth(m, ids, image) => step_logits(
+            &mut Session::new(m.llama.clone(), backend.clone()),
+            PromptInput {
+                ids,
+                image: Some(image),
+            },
             prune,
             steps,
             forced,

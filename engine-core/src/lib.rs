@@ -15,7 +15,10 @@ pub mod shape;
 pub mod tensor;
 pub mod weights;
 
-pub use backend::{AttentionMask, AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
+pub use backend::{
+    AttentionMask, AttentionParams, Backend, DeviceInfo, HostData, MaskAction, MaskRule, MaskRules,
+    RopeParams, MAX_MASK_RULES, OPEN_END,
+};
 pub use cpu::CpuBackend;
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -17,6 +17,8 @@ use engine_core::gguf::{GgufFile, GgufValue};
 use engine_core::weights::{WeightSource, WeightView, Weights};
 use engine_core::{Backend, DType, Error, Result};
 use pruner::Dense;
+
+use crate::session::{PromptInput, Session};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -24,7 +26,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::config::TextConfig;
-use crate::llama::{KvCache, Llama};
+use crate::llama::Llama;
 
 /// The text config of a `general.architecture = llama` GGUF file.
 pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
@@ -520,7 +522,7 @@ pub fn llama_tokenizer(f: &GgufFile) -> Result<Tokenizer> {
 /// A Llama text model loaded from a GGUF file, with its tokenizer.
 pub struct GgufTextModel {
     /// The decoder (quantized weights stay quantized on the backend).
-    pub llama: Llama,
+    pub llama: Arc<Llama>,
     /// Rebuilt from metadata.
     pub tokenizer: Tokenizer,
     /// From metadata.
@@ -541,7 +543,7 @@ impl GgufTextModel {
             .unwrap_or(true);
         let source: Arc<dyn WeightSource> = Arc::new(LlamaGguf::new(file, &config)?);
         let w = Weights::new(source, backend);
-        let llama = Llama::load(&w.pp("model"), &w.pp("lm_head"), &config)?;
+        let llama = Arc::new(Llama::load(&w.pp("model"), &w.pp("lm_head"), &config)?);
         Ok(GgufTextModel {
             llama,
             tokenizer,
@@ -564,79 +566,45 @@ impl GgufTextModel {
         Ok(ids)
     }
 
+    /// A new generation session over this model's decoder.
+    pub fn session(&self, backend: Arc<dyn Backend>) -> Session {
+        Session::new(self.llama.clone(), backend)
+    }
+
     /// Decoding of up to `max_new` tokens after `ids` with `params` (greedy when its
     /// temperature is 0; stops at an EOS token, which is kept); also returns the first
     /// step's logits `[V]`.
     pub fn generate(
         &self,
-        b: &dyn Backend,
+        b: Arc<dyn Backend>,
         ids: &[u32],
         max_new: usize,
         params: crate::sampling::SamplingParams,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
-        if params.is_greedy() {
-            return self.greedy(b, ids, max_new);
-        }
-        if ids.is_empty() {
-            return Err(Error::msg("generate: empty prompt"));
-        }
+        let mut session = self.session(b.clone());
+        let pre = session.prefill(
+            PromptInput { ids, image: None },
+            &mut Dense,
+            "dense",
+            max_new,
+        )?;
+        let first = b.to_vec_f32(&pre.logits)?;
         let mut sampler = crate::sampling::Sampler::new(params)?;
-        let embeds = self.llama.embed(b, ids)?; // [S, H]
-        let mut cache = KvCache::default();
-        let (logits, _) = self
-            .llama
-            .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
-        let first = b.to_vec_f32(&logits)?;
-        let mut host = first.clone();
-        let mut out = Vec::with_capacity(max_new);
-        let mut pos = ids.len() as u32;
-        while out.len() < max_new {
-            let next = sampler.sample(&host)?;
-            out.push(next);
-            if self.config.eos_token_ids.contains(&next) || out.len() == max_new {
-                break;
-            }
-            let logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
-            host = b.to_vec_f32(&logits)?;
-            pos += 1;
-        }
-        Ok((out, first))
+        let tokens = session
+            .decode(pre.logits, &mut sampler, max_new)
+            .collect::<Result<Vec<u32>>>()?;
+        Ok((tokens, first))
     }
 
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
     /// kept); also returns the first step's logits `[V]`.
     pub fn greedy(
         &self,
-        b: &dyn Backend,
+        b: Arc<dyn Backend>,
         ids: &[u32],
         max_new: usize,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
-        if ids.is_empty() {
-            return Err(Error::msg("greedy: empty prompt"));
-        }
-        let embeds = self.llama.embed(b, ids)?; // [S, H]
-        let mut cache = KvCache::default();
-        let (logits, _) = self
-            .llama
-            .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
-        let first = b.to_vec_f32(&logits)?;
-        let mut out = Vec::with_capacity(max_new);
-        let mut logits = logits;
-        let mut pos = ids.len() as u32;
-        while out.len() < max_new {
-            let next = b
-                .to_vec_u32(&b.argmax(&logits)?)?
-                .first()
-                .copied()
-                .ok_or_else(|| Error::msg("greedy: argmax returned nothing"))?;
-            out.push(next);
-            if self.config.eos_token_ids.contains(&next) || out.len() == max_new {
-                break;
-            }
-            logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
-            pos += 1;
-        }
-        Ok((out, first))
+        self.generate(b, ids, max_new, crate::sampling::SamplingParams::default())
     }
 }
 

@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod clip;
 pub mod config;
 pub mod gguf;
@@ -16,6 +17,7 @@ pub mod preprocess;
 pub mod prompt;
 pub mod quality;
 pub mod sampling;
+pub mod session;
 pub mod synthetic;
 
 pub use config::LlavaConfig;
@@ -27,3 +29,4 @@ pub use llava::{
 pub use preprocess::{load_image, PadMode};
 pub use prompt::{PromptIds, Template};
 pub use sampling::SamplingParams;
+pub use session::{ImageInput, PromptInput, Session};

@@ -46,6 +46,9 @@ pub fn load_image_oriented(path: &Path) -> Result<RgbImage> {
     load(path, true)
 }
 
+/// Largest image file read (a 16k×16k PNG compresses far below this).
+const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+
 fn load(path: &Path, orient: bool) -> Result<RgbImage> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         ErrorKind::NotFound => Error::file(path, "image not found"),
@@ -54,25 +57,66 @@ fn load(path: &Path, orient: bool) -> Result<RgbImage> {
     if meta.is_dir() {
         return Err(Error::file(path, "is a directory, not an image"));
     }
-    // The extension picks the format only when the content has no recognisable signature (TGA).
-    let reader = ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
-    let Some(format) = reader.format() else {
-        return Err(Error::file(path, "not an image (unrecognised format)"));
-    };
-    // A known extension on content without that format's signature (a text file named
-    // .png) would otherwise read as a truncated image. TGA alone has no signature.
-    if format != ImageFormat::Tga && !has_signature(path) {
+    if !meta.is_file() {
+        return Err(Error::file(path, "not a regular file"));
+    }
+    if meta.len() > MAX_IMAGE_FILE_BYTES {
         return Err(Error::file(
             path,
             format!(
-                "not an image (the name says {}, the content has no image signature)",
-                format.extensions_str().first().unwrap_or(&"?")
+                "image file of {} bytes is over the {MAX_IMAGE_FILE_BYTES}-byte limit",
+                meta.len()
             ),
         ));
     }
-    let mut reader = reader;
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+    // The extension picks the format only when the content has no recognisable signature (TGA).
+    let by_name = ImageFormat::from_path(path).ok();
+    decode(&bytes, path, by_name, orient)
+}
+
+/// Decodes an in-memory image (a `data:` URL's bytes) like [`load_image`]; `origin` names
+/// it in errors.
+pub fn decode_image(bytes: &[u8], origin: &str) -> Result<RgbImage> {
+    if bytes.len() as u64 > MAX_IMAGE_FILE_BYTES {
+        return Err(Error::file(
+            origin,
+            format!(
+                "image of {} bytes is over the {MAX_IMAGE_FILE_BYTES}-byte limit",
+                bytes.len()
+            ),
+        ));
+    }
+    decode(bytes, Path::new(origin), None, false)
+}
+
+fn decode(
+    bytes: &[u8],
+    path: &Path,
+    by_name: Option<ImageFormat>,
+    orient: bool,
+) -> Result<RgbImage> {
+    let format = match image::guess_format(bytes) {
+        Ok(f) => f,
+        Err(_) => match by_name {
+            // TGA alone has no signature.
+            Some(ImageFormat::Tga) => ImageFormat::Tga,
+            // A known extension on content without that format's signature (a text file
+            // named .png) would otherwise read as a truncated image.
+            Some(f) => {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "not an image (the name says {}, the content has no image signature)",
+                        f.extensions_str().first().unwrap_or(&"?")
+                    ),
+                ))
+            }
+            None => return Err(Error::file(path, "not an image (unrecognised format)")),
+        },
+    };
+    let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
@@ -103,14 +147,6 @@ fn load(path: &Path, orient: bool) -> Result<RgbImage> {
         img.apply_orientation(o);
     }
     Ok(to_rgb8_like_pil(img))
-}
-
-/// Whether the file starts with the signature of a format the `image` crate knows.
-fn has_signature(path: &Path) -> bool {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(64);
-    let read = std::fs::File::open(path).and_then(|f| f.take(64).read_to_end(&mut head));
-    read.is_ok() && image::guess_format(&head).is_ok()
 }
 
 fn image_error(path: &Path, e: ImageError) -> Error {
