@@ -1,5 +1,6 @@
 //! `visi-cli`: run LLaVA on an image (`run`), describe a model (`info`), list adapters
-//! (`devices`), benchmark kernels (`bench-kernels`).
+//! (`devices`), benchmark kernels (`bench-kernels`), answer and score benchmark question
+//! files (`eval`, `eval-merge`, `score`, `sweep`).
 //!
 //! Exit status: 0 on success, 2 for bad input (files, flags, prompts, configs), 1 for
 //! internal failures. Errors are one `error: ...` line on stderr and nothing on stdout.
@@ -9,12 +10,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod answers;
 mod bench;
 mod devices;
 mod errors;
+mod eval;
 mod info;
+mod plot;
 mod progress;
 mod quant_eval;
+mod score;
+mod sweep;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -73,6 +79,15 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Quality of each weight format against the stored weights (logit error, greedy agreement).
     QuantEval(quant_eval::QuantEvalArgs),
+    /// Answer a LLaVA question file (jsonl) or the MMBench TSV into LLaVA's answer jsonl,
+    /// resuming an existing answers file.
+    Eval(eval::EvalArgs),
+    /// Join `eval --num-chunks` chunk files in question order.
+    EvalMerge(eval::MergeArgs),
+    /// Official metrics of an answers file (POPE, MME, GQA, TextVQA, SEED, MMBench).
+    Score(score::ScoreArgs),
+    /// Run and score a list of pruning configs on one question set; table and PNG plot.
+    Sweep(sweep::SweepArgs),
     /// Kernel benchmark on the selected adapter (JSON).
     BenchKernels {
         /// Fewer repetitions.
@@ -182,6 +197,16 @@ enum QuantArg {
     Q4K,
 }
 
+/// The engine's block format for `--quant`.
+fn quant_type(q: QuantArg) -> engine_core::QuantType {
+    match q {
+        QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
+        QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
+        QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
+        QuantArg::Q4K => engine_core::QuantType::Q4K,
+    }
+}
+
 fn main() -> ExitCode {
     devices::quiet_headless_probe();
     let cli = match Cli::try_parse() {
@@ -235,6 +260,10 @@ fn main() -> ExitCode {
         Cmd::BenchKernels { quick } => bench_kernels(quick),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::QuantEval(a) => quant_eval::quant_eval(a),
+        Cmd::Eval(a) => eval::eval(a),
+        Cmd::EvalMerge(a) => eval::merge(a),
+        Cmd::Score(a) => score::score(a),
+        Cmd::Sweep(a) => sweep::sweep(a),
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -446,12 +475,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     };
 
     // ---- model ----
-    let quant = a.quant.map(|q| match q {
-        QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
-        QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
-        QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
-        QuantArg::Q4K => engine_core::QuantType::Q4K,
-    });
+    let quant = a.quant.map(quant_type);
     // Both backends have quantized kernels: --device picks as without --quant.
     let backend = open_backend(a.device)?;
     let bar = progress::load_bar();
