@@ -374,7 +374,7 @@ impl RunSummary {
 
 /// Decodes a question's image (MMBench's base64 goes through a scratch file so that it
 /// meets the same loader, limits and colour conversion as a file).
-fn question_image(q: &Question, scratch: &Path) -> anyhow::Result<RgbImage> {
+pub fn question_image(q: &Question, scratch: &Path) -> anyhow::Result<RgbImage> {
     match &q.image {
         ImageRef::File(p) => Ok(models::preprocess::load_image(p)?),
         ImageRef::Base64(b) => {

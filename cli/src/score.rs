@@ -392,6 +392,9 @@ pub fn mme_parse(pred: &str) -> &'static str {
     }
 }
 
+/// Per image file of one MME subtask: its (ground truth, parsed prediction) pairs.
+type MmeImages = Vec<(String, Vec<(String, &'static str)>)>;
+
 fn mme(ans: &[Answer], root: &Path) -> Result<ScoreReport> {
     if !root.is_dir() {
         bail!(
@@ -450,7 +453,7 @@ fn mme(ans: &[Answer], root: &Path) -> Result<ScoreReport> {
         );
     }
     // Per category, per image (category, file): the (gt, pred) of its questions.
-    let mut tasks: BTreeMap<String, Vec<(String, Vec<(String, &'static str)>)>> = BTreeMap::new();
+    let mut tasks: BTreeMap<String, MmeImages> = BTreeMap::new();
     for a in ans {
         let qid = id_string(&a.id);
         let cat = qid.split('/').next().unwrap_or("").to_string();
@@ -771,8 +774,7 @@ pub fn evalai_normalise(item: &str) -> String {
     // word_tokenize
     let s = item
         .to_lowercase()
-        .replace(',', "")
-        .replace('?', "")
+        .replace([',', '?'], "")
         .replace("'s", " 's");
     let s = s.trim().replace(['\n', '\t'], " ");
     let s = s.trim();
