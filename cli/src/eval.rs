@@ -190,11 +190,18 @@ pub fn generate_answer(
         prune: prune.cloned(),
         keep_first_logits: false,
     };
+    // No streaming; the debug delay (VISI_DEBUG_TOKEN_DELAY_MS) lets tests interrupt and
+    // kill a run of the tiny model mid-answer.
+    let delay = progress::token_delay();
     llava.generate_ids_until(
         &prompt,
         Some(&encoded),
         &opts,
-        &mut |_| {},
+        &mut |_| {
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
+        },
         &progress::stop_requested,
     )
 }
@@ -231,6 +238,7 @@ pub fn plan(
     answers: &Path,
     force: bool,
     settings: Value,
+    model_id: &str,
 ) -> anyhow::Result<Plan> {
     let parent = answers
         .parent()
@@ -272,6 +280,15 @@ pub fn plan(
             outside += 1;
             first_outside.get_or_insert_with(|| a.id.to_string());
             continue;
+        }
+        if let Some(m) = a.raw.get("model_id").and_then(Value::as_str) {
+            if m != model_id {
+                anyhow::bail!(
+                    "--answers {}: question {} was answered by model {m:?}, not {model_id:?}; pass --force to start over, use another file, or --model-id",
+                    answers.display(),
+                    a.id
+                );
+            }
         }
         let meta = a.raw.get("metadata").cloned().unwrap_or(Value::Null);
         if let Some(s) = meta.get("settings") {
@@ -638,17 +655,18 @@ pub fn eval(a: EvalArgs) -> Result<(), Failure> {
             a.chunk_idx, a.num_chunks
         );
     }
+    let model_id = a
+        .model_id
+        .clone()
+        .unwrap_or_else(|| default_model_id(&a.model));
     let plan = plan(
         questions,
         &a.answers,
         a.force,
         settings_json(&settings, prune.as_ref()),
+        &model_id,
     )
     .map_err(bad_input)?;
-    let model_id = a
-        .model_id
-        .clone()
-        .unwrap_or_else(|| default_model_id(&a.model));
     if plan.todo().next().is_none() {
         let sum = RunSummary {
             resumed: plan.done.len(),

@@ -196,6 +196,7 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
             )));
         }
     }
+    let model_id = default_model_id(&a.model);
     let mut plans = Vec::new();
     for e in &entries {
         let answers = a.out.join(format!("{}.jsonl", e.name));
@@ -205,6 +206,7 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
                 &answers,
                 false,
                 settings_json(&settings, e.prune.as_ref()),
+                &model_id,
             )
             .map_err(bad_input)?
         } else {
@@ -256,7 +258,6 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
         .map_err(crate::errors::classify)?;
         let _ = std::fs::remove_file(a.out.join(".warmup-image"));
     }
-    let model_id = default_model_id(&a.model);
     let mut rows = Vec::new();
     for (e, p) in entries.iter().zip(&plans) {
         let sum = execute(&llava, p, &settings, e.prune.as_ref(), &model_id, &e.name)?;

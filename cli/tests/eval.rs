@@ -919,6 +919,14 @@ fn bad_input_exits_2_before_the_model() -> Result<()> {
         2,
         &["outside this question file", "--force"],
     )?;
+    // Answers from another model are not resumed into.
+    let other = json!({"question_id": "q1", "prompt": format!("What is in the image?{SHORT}"), "text": "x", "model_id": "other-model"});
+    s.write("a.jsonl", &format!("{other}\n"))?;
+    expect_error(
+        &eval(&["--questions", &qs, "--image-folder", &im])?,
+        2,
+        &["other-model", "--force"],
+    )?;
     s.write("a.jsonl", "garbage\n{\"question_id\": \"q1\"}\n")?;
     expect_error(
         &eval(&["--questions", &qs, "--image-folder", &im])?,
@@ -1022,5 +1030,83 @@ fn bad_input_exits_2_before_the_model() -> Result<()> {
         2,
         &["does not exist"],
     )?;
+    Ok(())
+}
+
+/// Polls until `path` holds at least `n` complete lines (60 s at most).
+fn wait_lines(path: &str, n: usize) -> Result<()> {
+    for _ in 0..600 {
+        let have = std::fs::read_to_string(path).map_or(0, |t| t.matches('\n').count());
+        if have >= n {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("{path} never reached {n} lines")
+}
+
+#[test]
+fn interrupt_and_kill_then_resume() -> Result<()> {
+    let s = Scratch::new("kill")?;
+    let qs = questions(&s)?;
+    let whole = s.p("whole.jsonl");
+    run_eval(&qs, &whole, "cpu", &[])?;
+    let want = triples(&read_lines(&whole)?);
+    let m = model();
+    let im = images();
+    // A 100 ms pause per token makes each answer of the tiny model take ~0.6 s.
+    let spawn = |answers: &str| -> Result<std::process::Child> {
+        let mut a = eval_args(&qs, answers, "cpu", &[]);
+        a.extend(["--model", &m, "--image-folder", &im]);
+        Ok(Command::new(env!("CARGO_BIN_EXE_visi-cli"))
+            .args(&a)
+            .env("VISI_DEBUG_TOKEN_DELAY_MS", "100")
+            .env_remove("CI")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
+    };
+
+    // Ctrl-C (SIGINT) mid-run: exit 130, finished answers kept, the half answer dropped.
+    let int = s.p("int.jsonl");
+    let child = spawn(&int)?;
+    wait_lines(&int, 1)?;
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    ensure!(sent.success());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(130),
+        "exit {:?}: {stderr}",
+        out.status.code()
+    );
+    ensure!(stderr.contains("to resume"), "{stderr}");
+    let kept = read_lines(&int)?;
+    ensure!(
+        !kept.is_empty() && kept.len() < 5,
+        "{} answers after Ctrl-C",
+        kept.len()
+    );
+    ensure!(triples(&kept)[..] == want[..kept.len()]);
+    run_eval(&qs, &int, "cpu", &[])?;
+    ensure!(
+        triples(&read_lines(&int)?) == want,
+        "resumed after Ctrl-C differs"
+    );
+
+    // SIGKILL mid-run: whatever the file holds, the same command completes it.
+    let killed = s.p("killed.jsonl");
+    let mut child = spawn(&killed)?;
+    wait_lines(&killed, 2)?;
+    child.kill()?;
+    child.wait()?;
+    ensure!(read_lines(&killed)?.len() < 5, "finished before the kill");
+    run_eval(&qs, &killed, "cpu", &[])?;
+    ensure!(
+        triples(&read_lines(&killed)?) == want,
+        "resumed after a kill differs"
+    );
     Ok(())
 }
