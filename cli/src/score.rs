@@ -1156,6 +1156,68 @@ fn mmbench(ans: &[Answer], path: &Path) -> Result<ScoreReport> {
 mod tests {
     use super::*;
 
+    /// `tests/fixtures/eval/official_refs.json`: LLaVA's own scorer code run on seeded
+    /// synthetic answers by `tools/make_eval_refs.py`.
+    fn official() -> Value {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/eval/official_refs.json");
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("official_refs.json"))
+            .expect("official_refs.json is JSON")
+    }
+
+    fn pairs(v: &Value) -> Vec<(String, Value)> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|p| (p[0].as_str().expect("a string").to_string(), p[1].clone()))
+            .collect()
+    }
+
+    #[test]
+    fn matches_llava_m4c_evaluator() {
+        let o = official();
+        let cases = pairs(&o["textvqa_normalise"]);
+        assert!(cases.len() > 400);
+        for (input, want) in cases {
+            assert_eq!(
+                evalai_normalise(&input),
+                want.as_str().unwrap(),
+                "input {input:?}"
+            );
+        }
+        for c in o["textvqa_soft_score"].as_array().unwrap() {
+            let gts: Vec<String> = c["gts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g.as_str().unwrap().to_string())
+                .collect();
+            let pred = c["pred"].as_str().unwrap();
+            let want = c["score"].as_f64().unwrap();
+            let got = vqa_soft_score(pred, &gts);
+            assert!(
+                (got - want).abs() < 1e-12,
+                "{pred:?} vs {gts:?}: {got} != {want}"
+            );
+        }
+        for (prompt, want) in pairs(&o["textvqa_prompt"]) {
+            assert_eq!(
+                textvqa_question(&prompt).as_deref(),
+                want.as_str(),
+                "{prompt:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_llava_eval_pope() {
+        let cases = pairs(&official()["pope_says_yes"]);
+        assert!(cases.len() >= 200);
+        for (text, want) in cases {
+            assert_eq!(pope_says_yes(&text), want.as_bool().unwrap(), "{text:?}");
+        }
+    }
+
     #[test]
     fn evalai_normalisation_cases() {
         // Hand-run through EvalAIAnswerProcessor: lower, `,`/`?` dropped, punctuation next
