@@ -8,7 +8,7 @@
 //! | gqa | LLaVA `scripts/convert_gqa_for_eval.py` (`rstrip('.')`, lower) + GQA `eval.py` accuracy |
 //! | textvqa | LLaVA `llava/eval/eval_textvqa.py` with `m4c_evaluator`'s `EvalAIAnswerProcessor` |
 //! | seed | LLaVA `scripts/convert_seed_for_submission.py` (exact letter match) |
-//! | mmbench | VLMEvalKit's `can_infer` letter extraction (no LLM judge) and circular groups `index % 1e6` |
+//! | mmbench | VLMEvalKit's `can_infer` letter extraction (c6bdffd3; no LLM judge) and circular groups `index % 1e6` |
 //!
 //! On a complete answers file every number equals the official script's. On a partial one
 //! (a subset of the questions, as in a quick sweep) the metrics are over the answered
@@ -1010,8 +1010,10 @@ fn seed(ans: &[Answer], path: &Path) -> Result<ScoreReport> {
 
 // ---------------------------------------------------------------- MMBench
 
-/// VLMEvalKit's `can_infer_option`: the one option letter standing alone in the answer
-/// (after `.()[],:;!*#{}` become spaces), `Z` for a refusal, else nothing.
+/// VLMEvalKit's `can_infer_option` (`vlmeval/utils/matching_util.py` as of commit c6bdffd3,
+/// 2024-03, `VERBOSE` unset; later versions changed the rule): the one option letter
+/// standing alone in the answer (after `.()[],:;!*#{}` become spaces), `Z` for a refusal,
+/// else nothing.
 pub fn infer_option(answer: &str, letters: &[&str]) -> Option<String> {
     const REJECT: [&str; 4] = [
         "Sorry, I can't help with images of people yet.",
@@ -1019,6 +1021,9 @@ pub fn infer_option(answer: &str, letters: &[&str]) -> Option<String> {
         "I'm sorry, but without the image provided",
         "Cannot determine the answer",
     ];
+    if answer.contains("Failed to obtain answer via API") {
+        return None;
+    }
     if REJECT.iter().any(|r| answer.contains(r)) {
         return Some("Z".into());
     }
