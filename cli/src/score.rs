@@ -147,6 +147,22 @@ pub fn score_files(
     annotations: &Path,
     questions: Option<&Path>,
 ) -> Result<ScoreReport> {
+    // The annotations first: a wrong file is reported before the answers are read.
+    check_annotations(task, annotations, questions)?;
+    let ans = read_answers(answers, "--answers")?;
+    if ans.is_empty() {
+        bail!("--answers {}: no answers", answers.display());
+    }
+    score_answers(task, &ans, annotations, questions)
+}
+
+/// Scores answers already read (none: only the annotations are loaded and checked).
+fn score_answers(
+    task: Task,
+    ans: &[Answer],
+    annotations: &Path,
+    questions: Option<&Path>,
+) -> Result<ScoreReport> {
     if !annotations.exists() {
         bail!(
             "--annotations {}: not found (expected {})",
@@ -162,17 +178,32 @@ pub fn score_files(
             bail!("--questions {}: not found", q.display());
         }
     }
-    let ans = read_answers(answers, "--answers")?;
-    if ans.is_empty() {
-        bail!("--answers {}: no answers", answers.display());
-    }
     match task {
-        Task::Pope => pope(&ans, annotations, questions.unwrap_or(Path::new(""))),
-        Task::Mme => mme(&ans, annotations),
-        Task::Gqa => gqa(&ans, annotations),
-        Task::Textvqa => textvqa(&ans, annotations),
-        Task::Seed => seed(&ans, annotations),
-        Task::Mmbench => mmbench(&ans, annotations),
+        Task::Pope => pope(ans, annotations, questions.unwrap_or(Path::new(""))),
+        Task::Mme => mme(ans, annotations),
+        Task::Gqa => gqa(ans, annotations),
+        Task::Textvqa => textvqa(ans, annotations),
+        Task::Seed => seed(ans, annotations),
+        Task::Mmbench => mmbench(ans, annotations),
+    }
+}
+
+/// Checks that `annotations` (and POPE's `questions`) are what `task` reads, without
+/// answers: `sweep` calls it before any generation.
+pub fn check_annotations(task: Task, annotations: &Path, questions: Option<&Path>) -> Result<()> {
+    score_answers(task, &[], annotations, questions).map(|_| ())
+}
+
+/// The report of an annotation check (no answers scored).
+fn checked(task: Task) -> ScoreReport {
+    ScoreReport {
+        task,
+        metric: "",
+        value: 0.0,
+        answered: 0,
+        expected: 0,
+        detail: Value::Null,
+        table: String::new(),
     }
 }
 
@@ -297,6 +328,9 @@ fn pope(ans: &[Answer], dir: &Path, questions: &Path) -> Result<ScoreReport> {
         for (q, l) in in_cat.iter().zip(&labels) {
             label_of.insert(q.key(), (cat.clone(), *l));
         }
+    }
+    if ans.is_empty() {
+        return Ok(checked(Task::Pope));
     }
     let mut by_cat: BTreeMap<String, Vec<(bool, bool)>> = BTreeMap::new();
     for a in ans {
@@ -452,6 +486,9 @@ fn mme(ans: &[Answer], root: &Path) -> Result<ScoreReport> {
             Task::Mme.annotations_help()
         );
     }
+    if ans.is_empty() {
+        return Ok(checked(Task::Mme));
+    }
     // Per category, per image (category, file): the (gt, pred) of its questions.
     let mut tasks: BTreeMap<String, MmeImages> = BTreeMap::new();
     for a in ans {
@@ -562,6 +599,9 @@ fn gqa(ans: &[Answer], path: &Path) -> Result<ScoreReport> {
             path.display()
         )
     })?;
+    if ans.is_empty() {
+        return Ok(checked(Task::Gqa));
+    }
     // A later answer to the same id wins, as in the predictions dict eval.py builds.
     let pred: HashMap<String, String> = ans
         .iter()
@@ -899,6 +939,9 @@ fn textvqa(ans: &[Answer], path: &Path) -> Result<ScoreReport> {
         };
         ann.insert((img, q.to_lowercase()), answers);
     }
+    if ans.is_empty() {
+        return Ok(checked(Task::Textvqa));
+    }
     let mut sum = 0.0;
     for a in ans {
         let q = textvqa_question(&a.prompt).ok_or_else(|| {
@@ -974,6 +1017,9 @@ fn seed(ans: &[Answer], path: &Path) -> Result<ScoreReport> {
         let e = by_data.entry(d).or_default();
         e.0 += 1;
         e.1 += usize::from(hit);
+    }
+    if ans.is_empty() {
+        return Ok(checked(Task::Seed));
     }
     if n == 0 {
         bail!(
@@ -1118,6 +1164,9 @@ fn mmbench(ans: &[Answer], path: &Path) -> Result<ScoreReport> {
             ok += usize::from(hit);
         }
         groups.entry(idx % 1_000_000).or_default().push(res);
+    }
+    if ans.is_empty() {
+        return Ok(checked(Task::Mmbench));
     }
     if n == 0 {
         bail!(

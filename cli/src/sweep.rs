@@ -16,7 +16,7 @@ use crate::eval::{
     GenArgs,
 };
 use crate::plot::{sweep_plot, Point};
-use crate::score::{score_files, Task};
+use crate::score::{check_annotations, score_files, Task};
 
 /// The configs a sweep runs without `--configs`.
 pub const DEFAULT_CONFIGS: &str = r#"["dense", "default", {"method": "fastv", "k": 2, "ratio": 0.5}, {"method": "fastv", "k": 2, "ratio": 0.75}]"#;
@@ -162,13 +162,8 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
     let spec = model_spec(&a.model, a.mmproj.as_deref()).map_err(bad_input)?;
     let questions = chunk_questions(&a.questions, a.image_folder.as_deref(), 1, 0, a.limit)
         .map_err(bad_input)?;
-    if !a.annotations.exists() {
-        return Err(bad_input(anyhow!(
-            "--annotations {}: not found (expected {})",
-            a.annotations.display(),
-            a.task.annotations_help()
-        )));
-    }
+    let pope_q = (a.task == Task::Pope).then_some(a.questions.as_path());
+    check_annotations(a.task, &a.annotations, pope_q).map_err(bad_input)?;
     let parent = a
         .out
         .parent()
@@ -262,7 +257,6 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
     for (e, p) in entries.iter().zip(&plans) {
         let sum = execute(&llava, p, &settings, e.prune.as_ref(), &model_id, &e.name)?;
         eprintln!("{}: {}", e.name, sum.line());
-        let pope_q = (a.task == Task::Pope).then_some(a.questions.as_path());
         let sc = score_files(a.task, &p.answers, &a.annotations, pope_q).map_err(bad_input)?;
         rows.push((e, sum, sc));
     }

@@ -936,24 +936,26 @@ fn bad_input_exits_2_before_the_model() -> Result<()> {
     let tsv = s.write("bad.tsv", "index\tquestion\n0\tq\n")?;
     expect_error(&eval(&["--questions", &tsv])?, 2, &["no `image` column"])?;
     // score
-    expect_error(
-        &visi(&[
+    let annp = s.write("g.json", "{\"1\": {\"answer\": \"b\"}}")?;
+    let none = s.p("none.jsonl");
+    let score = |answers: &str, annotations: &str| {
+        visi(&[
             "score",
             "--task",
             "gqa",
             "--answers",
-            &s.p("none.jsonl"),
+            answers,
             "--annotations",
-            &qs,
-        ])?,
-        2,
-        &["none.jsonl"],
-    )?;
+            annotations,
+        ])
+    };
+    expect_error(&score(&none, &annp)?, 2, &["none.jsonl"])?;
+    // A question file where the annotations belong.
+    expect_error(&score(&qs, &qs)?, 2, &["--annotations", "not JSON"])?;
     let cut = s.write(
         "cut.jsonl",
         "{\"question_id\": 1, \"prompt\": \"a\", \"text\": \"b\"}\n{\"question_id\": 2, \"pro",
     )?;
-    let annp = s.write("g.json", "{\"1\": {\"answer\": \"b\"}}")?;
     expect_error(
         &visi(&[
             "score",
@@ -1030,6 +1032,31 @@ fn bad_input_exits_2_before_the_model() -> Result<()> {
         2,
         &["does not exist"],
     )?;
+    // Wrong annotations are found before any answer is generated.
+    let mut a = vec![
+        "sweep",
+        "--model",
+        &m,
+        "--questions",
+        &qs,
+        "--image-folder",
+        &im,
+    ];
+    a.extend([
+        "--task",
+        "textvqa",
+        "--annotations",
+        &annp,
+        "--out",
+        &out,
+        "--device",
+        "cpu",
+    ]);
+    expect_error(&visi(&a)?, 2, &["no `data` list"])?;
+    ensure!(
+        !Path::new(&out).exists(),
+        "the sweep made its output directory before failing"
+    );
     Ok(())
 }
 
