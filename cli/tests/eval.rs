@@ -8,12 +8,12 @@
 //! where an adapter exists, wgpu), two chunks merge to the whole file, and a killed run
 //! (partial file, cut-off last line) resumes without losing or redoing an answer.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
-use visi_tests::{expect_error, fixtures};
+use visi_tests::{binary_devices, expect_error, fixtures, Scratch};
 
 fn visi(args: &[&str]) -> Result<Output> {
     Command::new(env!("CARGO_BIN_EXE_visi-cli"))
@@ -32,35 +32,6 @@ fn ok(out: &Output) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Self> {
-        let d = std::env::temp_dir().join(format!("visi-eval-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d)?;
-        Ok(Scratch(d))
-    }
-    fn write(&self, rel: &str, text: &str) -> Result<String> {
-        let p = self.0.join(rel);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        std::fs::write(&p, text)?;
-        Ok(p.to_string_lossy().to_string())
-    }
-    fn p(&self, rel: &str) -> String {
-        self.0.join(rel).to_string_lossy().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Lines of JSON objects.
@@ -497,31 +468,12 @@ fn run_text(image: &Path, prompt: &str, device: &str, prune: &[&str]) -> Result<
     Ok(v["text"].as_str().unwrap_or_default().trim().to_string())
 }
 
-/// The wgpu half runs where `visi-cli devices` lists an adapter (lavapipe in CI, where a
-/// missing adapter is a failure).
-fn has_adapter() -> Result<bool> {
-    let out = visi(&["devices", "--json"])?;
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    let any = v["adapters"].as_array().is_some_and(|a| !a.is_empty());
-    ensure!(
-        any || std::env::var_os("CI").is_none(),
-        "CI is set but visi-cli devices lists no adapter"
-    );
-    if !any {
-        eprintln!("SKIP the wgpu half: no adapter");
-    }
-    Ok(any)
-}
-
 #[test]
 fn eval_answers_equal_run() -> Result<()> {
     let s = Scratch::new("vsrun")?;
     let qs = questions(&s)?;
-    let mut devices = vec!["cpu"];
-    if has_adapter()? {
-        // `auto` takes the adapter (lavapipe included; `gpu` refuses software adapters).
-        devices.push("auto");
-    }
+    // `auto` takes the adapter (lavapipe included; `gpu` refuses software adapters).
+    let devices = binary_devices(Path::new(env!("CARGO_BIN_EXE_visi-cli")))?;
     let configs = [
         vec![],
         vec!["--no-prune"],
