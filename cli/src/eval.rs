@@ -679,7 +679,9 @@ pub fn eval(a: EvalArgs) -> Result<(), Failure> {
             models::gguf_llava::write_atomic(&a.answers, text.as_bytes(), true)
                 .map_err(|e| internal(e.into()))?;
         }
-        eprintln!("all {} questions already answered", plan.done.len());
+        if !plan.questions.is_empty() {
+            eprintln!("all {} questions already answered", plan.done.len());
+        }
         eprintln!("{}", sum.line());
         return Ok(());
     }
