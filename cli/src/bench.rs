@@ -580,9 +580,9 @@ fn conversation_bench(
                 r["fresh_ttft_ms"].as_f64().unwrap_or(0.0),
                 r["followup_ttft_ms"].as_f64().unwrap_or(0.0),
                 r["ratio"].as_f64().unwrap_or(0.0),
-                r["reused_tokens"],
-                r["tokens_identical"],
-                r["decisions_identical"],
+                r["reused_tokens"].to_string(),
+                r["tokens_identical"].to_string(),
+                r["decisions_identical"].to_string(),
             );
         }
     }

@@ -1,5 +1,6 @@
 //! `visi-cli`: run LLaVA on an image (`run`), describe a model (`info`), list adapters
-//! (`devices`), benchmark kernels (`bench-kernels`).
+//! (`devices`), benchmark kernels (`bench-kernels`), answer and score benchmark question
+//! files (`eval`, `eval-merge`, `score`, `sweep`).
 //!
 //! Exit status: 0 on success, 2 for bad input (files, flags, prompts, configs), 1 for
 //! internal failures. Errors are one `error: ...` line on stderr and nothing on stdout.
@@ -9,13 +10,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod answers;
 mod bench;
 mod chat;
 mod devices;
 mod errors;
+mod eval;
 mod info;
+mod plot;
 mod progress;
 mod quant_eval;
+mod score;
+mod sweep;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -79,6 +85,15 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Quality of each weight format against the stored weights (logit error, greedy agreement).
     QuantEval(quant_eval::QuantEvalArgs),
+    /// Answer a LLaVA question file (jsonl) or the MMBench TSV into LLaVA's answer jsonl,
+    /// resuming an existing answers file.
+    Eval(eval::EvalArgs),
+    /// Join `eval --num-chunks` chunk files in question order.
+    EvalMerge(eval::MergeArgs),
+    /// Official metrics of an answers file (POPE, MME, GQA, TextVQA, SEED, MMBench).
+    Score(score::ScoreArgs),
+    /// Run and score a list of pruning configs on one question set; table and PNG plot.
+    Sweep(sweep::SweepArgs),
     /// Kernel benchmark on the selected adapter (JSON).
     BenchKernels {
         /// Fewer repetitions.
@@ -206,32 +221,31 @@ impl GenArgs {
 
     /// Loads the LLaVA model (llava-hf directory or GGUF pair) with a progress bar.
     pub fn load_llava(&self, model_dir: &Path) -> Result<Llava, Failure> {
-        let quant = self.quant.map(|q| match q {
-            QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
-            QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
-            QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
-            QuantArg::Q4K => engine_core::QuantType::Q4K,
-        });
-        // Both backends have quantized kernels: --device picks as without --quant.
-        let backend = open_backend(self.device)?;
-        let bar = progress::load_bar();
-        let loaded = match &self.mmproj {
-            Some(mm) => Llava::load_gguf(
-                model_dir,
-                mm,
-                backend,
-                bar.as_ref().map(|b| b.1.clone()),
-                quant,
-            ),
-            None => {
-                Llava::load_quantized(model_dir, backend, bar.as_ref().map(|b| b.1.clone()), quant)
-            }
-        };
-        if let Some((b, _)) = &bar {
-            b.finish_and_clear();
-        }
-        loaded.map_err(classify)
+        load_llava(model_dir, self.mmproj.as_deref(), self.device, self.quant)
     }
+}
+
+/// Loads a LLaVA model (a llava-hf directory, or a GGUF text model with its `mmproj`) on
+/// `device`, quantizing at load with `quant`; a progress bar on a terminal.
+pub(crate) fn load_llava(
+    model: &Path,
+    mmproj: Option<&Path>,
+    device: DeviceArg,
+    quant: Option<QuantArg>,
+) -> Result<Llava, Failure> {
+    let quant = quant.map(quant_type);
+    // Both backends have quantized kernels: --device picks as without --quant.
+    let backend = open_backend(device)?;
+    let bar = progress::load_bar();
+    let cb = bar.as_ref().map(|b| b.1.clone());
+    let loaded = match mmproj {
+        Some(mm) => Llava::load_gguf(model, mm, backend, cb, quant),
+        None => Llava::load_quantized(model, backend, cb, quant),
+    };
+    if let Some((b, _)) = &bar {
+        b.finish_and_clear();
+    }
+    loaded.map_err(classify)
 }
 
 #[derive(clap::Args)]
@@ -291,6 +305,16 @@ pub(crate) enum QuantArg {
     Q4K,
 }
 
+/// The engine's block format for `--quant`.
+fn quant_type(q: QuantArg) -> engine_core::QuantType {
+    match q {
+        QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
+        QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
+        QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
+        QuantArg::Q4K => engine_core::QuantType::Q4K,
+    }
+}
+
 fn main() -> ExitCode {
     devices::quiet_headless_probe();
     let cli = match Cli::try_parse() {
@@ -345,6 +369,10 @@ fn main() -> ExitCode {
         Cmd::BenchKernels { quick } => bench_kernels(quick),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::QuantEval(a) => quant_eval::quant_eval(a),
+        Cmd::Eval(a) => eval::eval(a),
+        Cmd::EvalMerge(a) => eval::merge(a),
+        Cmd::Score(a) => score::score(a),
+        Cmd::Sweep(a) => sweep::sweep(a),
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

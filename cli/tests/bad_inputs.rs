@@ -4,12 +4,12 @@
 //! Broken model directories are copies of `tests/fixtures/tiny-llava-gqa` in a temp dir
 //! with one file corrupted; the committed fixtures are never modified.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use visi_tests::{expect_error, fixtures};
+use visi_tests::{expect_error, fixtures, Scratch};
 
 fn visi_env(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
     let mut c = Command::new(env!("CARGO_BIN_EXE_visi-cli"));
@@ -25,30 +25,6 @@ fn visi_env(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
 
 fn visi(args: &[&str]) -> Result<Output> {
     visi_env(args, &[])
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Self> {
-        let d = std::env::temp_dir().join(format!("visi-bad-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d)?;
-        Ok(Scratch(d))
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn s(&self) -> String {
-        self.0.to_string_lossy().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A copy of tiny-llava-gqa (symlinked tokenizer files copied as files).
@@ -363,7 +339,10 @@ fn missing_model() -> Result<()> {
     let args = |m: &'static str| -> Vec<&str> {
         vec!["run", "--model", m, "--image", &img, "--prompt", "x"]
     };
-    let env = [("HF_HUB_CACHE", cache.0.to_str().unwrap_or("/nonexistent"))];
+    let env = [(
+        "HF_HUB_CACHE",
+        cache.path().to_str().unwrap_or("/nonexistent"),
+    )];
     let out = visi_env(&args("no-such-org/no-such-model"), &env)?;
     expect_error(
         &out,
@@ -443,7 +422,7 @@ fn bad_images() -> Result<()> {
         std::fs::write(&p, bytes)?;
         paths.push((p.to_string_lossy().to_string(), needle.to_string(), name));
     }
-    paths.push((dir.s(), "directory".into(), "visi-bad-img"));
+    paths.push((dir.s(), "directory".into(), "visi-test-img"));
     paths.push(("/nonexistent/cat.png".into(), "not found".into(), "cat.png"));
     for (p, needle, name) in &paths {
         let out = visi(&[

@@ -46,21 +46,7 @@ fn ids(v: &Value) -> Vec<u32> {
 /// The devices binary tests run on: the CPU backend, and `auto` when it reaches a wgpu
 /// adapter (lavapipe in CI, where a missing adapter is a failure, never a silent skip).
 fn devices() -> Result<Vec<&'static str>> {
-    let probe = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-        .args(["devices", "--json"])
-        .output()
-        .context("running visi-cli devices")?;
-    let v: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
-    let has_adapter = v["adapters"].as_array().is_some_and(|a| !a.is_empty());
-    if has_adapter {
-        return Ok(vec!["cpu", "auto"]);
-    }
-    ensure!(
-        std::env::var_os("CI").is_none(),
-        "CI is set but visi-cli devices lists no adapter"
-    );
-    eprintln!("SKIP the wgpu half of the binary tests: no adapter");
-    Ok(vec!["cpu"])
+    visi_tests::binary_devices(Path::new(env!("CARGO_BIN_EXE_visi-cli")))
 }
 
 /// `run` arguments for one reference case (greedy, its image and image mode).

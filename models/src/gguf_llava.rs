@@ -606,7 +606,7 @@ fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, Gguf
 /// Writes `bytes` to `path` through a temp file in the same directory and a rename, so a
 /// failed or interrupted write never leaves a partial file under the final name; refuses
 /// to replace an existing file unless `force`.
-fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
     if path.exists() && !force {
         return Err(Error::file(
             path,
