@@ -13,7 +13,12 @@ one YCCK file. Run from the repository root:
 
     /tmp/venv-fix/bin/python tools/make_image_corpus.py
 
-Writes (small: ~0.3 MB in all):
+A larger corpus for a one-off check (not committed), read by the same test:
+
+    /tmp/venv-fix/bin/python tools/make_image_corpus.py --out /tmp/corpus-big --size 500x375
+    VISI_IMAGE_CORPUS=/tmp/corpus-big cargo test --release -p models --test image_corpus
+
+Writes (small: ~0.4 MB in all):
   corpus/<name>.<ext>          the inputs (JPEG, PNG, GIF, BMP, TIFF, WebP)
   corpus/expected/<sha>.png    Pillow's decoded RGB, as an 8-bit RGB PNG (named by its sha256)
   corpus/manifest.json         per file: width, height and sha256 of the decoded RGB bytes
@@ -119,9 +124,9 @@ def exif_with_orientation(o):
     return ex.tobytes()
 
 
-def make_corpus(ycck_tool, tmp):
-    base = base_image(45, 31)
-    big = base_image(97, 61, seed=1)
+def make_corpus(ycck_tool, tmp, w, h):
+    base = base_image(w, h)
+    big = base_image(2 * w + 7, 2 * h - 1, seed=1)
     grey = base.convert("L")
     files = {}
 
@@ -161,7 +166,7 @@ def make_corpus(ycck_tool, tmp):
         # Pillow stores CMYK inverted (Adobe convention); write it the same way.
         raw = bytes(255 - v for v in raw)
         files["jpeg_ycck.jpg"] = subprocess.run(
-            [ycck_tool, "45", "31", "90"], input=raw, capture_output=True, check=True).stdout
+            [ycck_tool, str(w), str(h), "90"], input=raw, capture_output=True, check=True).stdout
     # --- EXIF orientation 1..8 (non-square, so every transpose shows)
     for o in range(1, 9):
         files[f"exif_orientation_{o}.jpg"] = pil_save(base, "JPEG", quality=90, exif=exif_with_orientation(o))
@@ -171,7 +176,7 @@ def make_corpus(ycck_tool, tmp):
 
     # --- PNG
     rgba = base.copy()
-    rgba.putalpha(Image.fromarray((np.arange(45 * 31) % 256).reshape(31, 45).astype(np.uint8)))
+    rgba.putalpha(Image.fromarray((np.arange(w * h) % 256).reshape(h, w).astype(np.uint8)))
     files["png_rgb.png"] = pil_save(base, "PNG")
     files["png_rgba.png"] = pil_save(rgba, "PNG")
     files["png_l.png"] = pil_save(grey, "PNG")
@@ -184,8 +189,8 @@ def make_corpus(ycck_tool, tmp):
     files["png_1bit.png"] = pil_save(grey.convert("1"), "PNG")
     files["png_rgb_trns.png"] = pil_save(base, "PNG", transparency=(250, 20, 30))
     files["png_l_trns.png"] = pil_save(grey, "PNG", transparency=0)
-    arr16 = (np.asarray(base).astype(np.uint32) * 257 + np.arange(45)[None, :, None] * 3) % 65536
-    alpha16 = (np.arange(45 * 31).reshape(31, 45) * 47) % 65536
+    arr16 = (np.asarray(base).astype(np.uint32) * 257 + np.arange(w)[None, :, None] * 3) % 65536
+    alpha16 = (np.arange(w * h).reshape(h, w) * 47) % 65536
     files["png_rgb16.png"] = png16(arr16, 2)
     files["png_rgba16.png"] = png16(np.concatenate([arr16, alpha16[..., None]], -1), 6)
     files["png_la16.png"] = png16(np.stack([arr16[..., 0], alpha16], -1), 4)
@@ -233,6 +238,13 @@ def pil_decode(path):
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=OUT, help="output folder (default: the committed corpus)")
+    ap.add_argument("--size", default="45x31", help="base picture WxH (the committed corpus: 45x31)")
+    args = ap.parse_args()
+    out = args.out
+    w, h = (int(v) for v in args.size.split("x"))
     tmp = tempfile.mkdtemp()
     ycck_tool = None
     try:
@@ -244,26 +256,26 @@ def main():
         ycck_tool = exe
     except (OSError, subprocess.CalledProcessError) as e:
         print(f"WARNING: no YCCK file (cannot build the helper: {e})", file=sys.stderr)
-    files = make_corpus(ycck_tool, tmp)
+    files = make_corpus(ycck_tool, tmp, w, h)
     shutil.rmtree(tmp)
-    if os.path.isdir(OUT):
-        shutil.rmtree(OUT)
-    os.makedirs(os.path.join(OUT, "expected"))
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(os.path.join(out, "expected"))
     manifest = {}
     for name in sorted(files):
-        path = os.path.join(OUT, name)
+        path = os.path.join(out, name)
         with open(path, "wb") as f:
             f.write(files[name])
         rgb = pil_decode(path)
         sha = hashlib.sha256(rgb.tobytes()).hexdigest()
         # Named by content: lossless files of one picture share one reference.
         rel = f"expected/{sha[:16]}.png"
-        if not os.path.exists(os.path.join(OUT, rel)):
-            rgb.save(os.path.join(OUT, rel), optimize=True)
+        if not os.path.exists(os.path.join(out, rel)):
+            rgb.save(os.path.join(out, rel), optimize=True)
         manifest[name] = {"width": rgb.width, "height": rgb.height, "rgb_sha256": sha, "expected": rel}
     import PIL
     from PIL import features
-    with open(os.path.join(OUT, "manifest.json"), "w") as f:
+    with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump({
             "generator": "tools/make_image_corpus.py",
             "pillow": PIL.__version__,
@@ -273,8 +285,8 @@ def main():
             "files": manifest,
         }, f, indent=1)
         f.write("\n")
-    total = sum(os.path.getsize(os.path.join(r, x)) for r, _, fs in os.walk(OUT) for x in fs)
-    print(f"{len(manifest)} files, {total} bytes in {OUT}")
+    total = sum(os.path.getsize(os.path.join(r, x)) for r, _, fs in os.walk(out) for x in fs)
+    print(f"{len(manifest)} files, {total} bytes in {out}")
 
 
 if __name__ == "__main__":

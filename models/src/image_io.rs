@@ -106,6 +106,8 @@ fn decode(bytes: &[u8], path: &Path, by_name: Option<ImageFormat>) -> Result<Rgb
     let (img, orientation) = if format == ImageFormat::Jpeg {
         let img = jpeg::decode(bytes, path)?;
         (img, jpeg_orientation(bytes))
+    } else if let Some(decoded) = palette_tiff(bytes, path)? {
+        decoded
     } else {
         decode_with_image_crate(bytes, path, format)?
     };
@@ -314,6 +316,59 @@ fn decode_with_image_crate(
     Ok((to_rgb8_like_pil(img), orientation))
 }
 
+/// A palette TIFF (photometric 3), which the `tiff` crate does not decode: its indices are
+/// decoded as 8-bit grey (the photometric entry patched to 1 in a copy), then mapped through
+/// the colour map as Pillow maps it (each 16-bit entry `// 256`). `None` for other files.
+fn palette_tiff(bytes: &[u8], path: &Path) -> Result<Option<(RgbImage, Option<u32>)>> {
+    let Some(ifd) = Ifd0::parse(bytes) else {
+        return Ok(None);
+    };
+    let Some(photometric) = ifd.entry(262) else {
+        return Ok(None);
+    };
+    // Written in place below, so only the usual one-SHORT form is taken.
+    if ifd.kind(photometric) != Some((3, 1)) || ifd.single(photometric) != Some(3) {
+        return Ok(None);
+    }
+    let unsupported =
+        |what: &str| Error::file(path, format!("unsupported image: palette TIFF {what}"));
+    let bits = ifd.entry(258).and_then(|e| ifd.single(e)).unwrap_or(1);
+    let samples = ifd.entry(277).and_then(|e| ifd.single(e)).unwrap_or(1);
+    if bits != 8 || samples != 1 {
+        return Err(unsupported(&format!(
+            "with {samples} sample(s) of {bits} bits (only 8-bit indices)"
+        )));
+    }
+    let map_entry = ifd
+        .entry(320)
+        .ok_or_else(|| unsupported("without a colour map"))?;
+    let map_at = match ifd.kind(map_entry) {
+        Some((3, 768)) => ifd.u32_at(map_entry + 8).map(|o| o as usize),
+        _ => None,
+    };
+    let map: Vec<u8> = map_at
+        .and_then(|at| {
+            (0..768)
+                .map(|i| ifd.u16_at(at + 2 * i).map(|v| (v >> 8) as u8))
+                .collect()
+        })
+        .ok_or_else(|| unsupported("with a malformed colour map"))?;
+    let mut grey = bytes.to_vec();
+    let value = photometric + 8;
+    let one = if ifd.le {
+        1u16.to_le_bytes()
+    } else {
+        1u16.to_be_bytes()
+    };
+    grey[value..value + 2].copy_from_slice(&one);
+    let (mut img, orientation) = decode_with_image_crate(&grey, path, ImageFormat::Tiff)?;
+    for p in img.pixels_mut() {
+        let i = p.0[0] as usize;
+        p.0 = [map[i], map[256 + i], map[512 + i]];
+    }
+    Ok(Some((img, orientation)))
+}
+
 fn image_error(path: &Path, e: ImageError) -> Error {
     let msg = match &e {
         ImageError::Limits(_) => format!(
@@ -422,52 +477,74 @@ fn jpeg_orientation(bytes: &[u8]) -> Option<u32> {
     }
 }
 
-/// The Orientation tag (0x0112) of an EXIF block's IFD0 (a TIFF structure, optionally
-/// after `Exif\0\0`), if present: any value, as Pillow reads it.
-fn exif_orientation(exif: &[u8]) -> Option<u32> {
-    let t = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
-    let le = match t.get(..4)? {
-        b"II*\0" => true,
-        b"MM\0*" => false,
-        _ => return None,
-    };
-    let u16_at = |o: usize| -> Option<u16> {
-        let b = t.get(o..o + 2)?;
-        Some(if le {
-            u16::from_le_bytes([b[0], b[1]])
+/// The first IFD of a TIFF structure (a TIFF file, or an EXIF block after `Exif\0\0`).
+struct Ifd0<'a> {
+    t: &'a [u8],
+    le: bool,
+    at: usize,
+}
+
+impl<'a> Ifd0<'a> {
+    fn parse(t: &'a [u8]) -> Option<Self> {
+        let le = match t.get(..4)? {
+            b"II*\0" => true,
+            b"MM\0*" => false,
+            _ => return None,
+        };
+        let mut ifd = Ifd0 { t, le, at: 0 };
+        ifd.at = ifd.u32_at(4)? as usize;
+        Some(ifd)
+    }
+
+    fn u16_at(&self, o: usize) -> Option<u16> {
+        let b: [u8; 2] = self.t.get(o..o.checked_add(2)?)?.try_into().ok()?;
+        Some(if self.le {
+            u16::from_le_bytes(b)
         } else {
-            u16::from_be_bytes([b[0], b[1]])
+            u16::from_be_bytes(b)
         })
-    };
-    let u32_at = |o: usize| -> Option<u32> {
-        let b: [u8; 4] = t.get(o..o + 4)?.try_into().ok()?;
-        Some(if le {
+    }
+
+    fn u32_at(&self, o: usize) -> Option<u32> {
+        let b: [u8; 4] = self.t.get(o..o.checked_add(4)?)?.try_into().ok()?;
+        Some(if self.le {
             u32::from_le_bytes(b)
         } else {
             u32::from_be_bytes(b)
         })
-    };
-    let ifd = u32_at(4)? as usize;
-    let count = u16_at(ifd)? as usize;
-    for k in 0..count {
-        let e = ifd + 2 + 12 * k;
-        if u16_at(e)? != 0x0112 {
-            continue;
-        }
-        let n = u32_at(e + 4)?;
-        if n != 1 {
-            // Pillow then holds a tuple, which matches no transpose.
-            return Some(0);
-        }
-        // BYTE, SHORT, LONG (inline values, left-justified).
-        return match u16_at(e + 2)? {
-            1 => t.get(e + 8).map(|&v| v as u32),
-            3 => u16_at(e + 8).map(u32::from),
-            4 => u32_at(e + 8),
-            _ => Some(0),
-        };
     }
-    None
+
+    /// Offset of the 12-byte entry for `tag`.
+    fn entry(&self, tag: u16) -> Option<usize> {
+        let count = self.u16_at(self.at)? as usize;
+        (0..count)
+            .map(|k| self.at + 2 + 12 * k)
+            .find(|&e| self.u16_at(e) == Some(tag))
+    }
+
+    /// (type, count) of an entry.
+    fn kind(&self, e: usize) -> Option<(u16, u32)> {
+        Some((self.u16_at(e + 2)?, self.u32_at(e + 4)?))
+    }
+
+    /// An entry's value when it is one BYTE, SHORT or LONG (stored inline, left-justified);
+    /// `Some(0)` for any other shape (Pillow then holds a tuple or another type, which
+    /// matches no orientation).
+    fn single(&self, e: usize) -> Option<u32> {
+        match self.kind(e)? {
+            (1, 1) => self.t.get(e + 8).map(|&v| v as u32),
+            (3, 1) => self.u16_at(e + 8).map(u32::from),
+            (4, 1) => self.u32_at(e + 8),
+            _ => Some(0),
+        }
+    }
+}
+
+/// The Orientation tag (0x0112) of an EXIF block's IFD0 (optionally after `Exif\0\0`), if
+/// present, as Pillow reads it.
+fn exif_orientation(exif: &[u8]) -> Option<u32> {
+    let ifd = Ifd0::parse(exif.strip_prefix(b"Exif\0\0").unwrap_or(exif))?;
+    ifd.single(ifd.entry(0x0112)?)
 }
 
 /// Pillow's XMP fallback: the first `tiff:Orientation="N"` or `tiff:Orientation>N`.

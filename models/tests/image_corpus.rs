@@ -10,8 +10,14 @@ use std::path::{Path, PathBuf};
 
 use models::preprocess::{decode_image, load_image};
 
-fn corpus() -> PathBuf {
+fn committed_corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/images/corpus")
+}
+
+/// `VISI_IMAGE_CORPUS` points the corpus test at another folder the generator wrote (a
+/// larger one: `tools/make_image_corpus.py --out DIR --size 500x375`).
+fn corpus() -> PathBuf {
+    std::env::var_os("VISI_IMAGE_CORPUS").map_or_else(committed_corpus, PathBuf::from)
 }
 
 fn manifest() -> serde_json::Value {
@@ -23,7 +29,12 @@ fn manifest() -> serde_json::Value {
 fn corpus_decodes_exactly_as_pillow() {
     let m = manifest();
     let files = m["files"].as_object().expect("files");
-    assert!(files.len() >= 80, "corpus has {} files", files.len());
+    assert!(
+        files.len() >= 80,
+        "corpus {} has {} files",
+        corpus().display(),
+        files.len()
+    );
     let (mut values, mut differing, mut failed) = (0usize, 0usize, Vec::new());
     for (name, f) in files {
         let want = image::open(corpus().join(f["expected"].as_str().expect("expected")))
@@ -87,7 +98,7 @@ fn in_memory_decode_equals_file_decode() {
         "cjpeg_progressive_restart.jpg",
         "png_palette_trns.png",
     ] {
-        let path = corpus().join(name);
+        let path = committed_corpus().join(name);
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(
             decode_image(&bytes, "data URL").unwrap(),
@@ -106,7 +117,7 @@ fn err(r: engine_core::Result<image::RgbImage>) -> String {
 
 #[test]
 fn truncated_and_corrupt_jpeg_are_refused() {
-    let bytes = std::fs::read(corpus().join("jpeg_q75_420.jpg")).unwrap();
+    let bytes = std::fs::read(committed_corpus().join("jpeg_q75_420.jpg")).unwrap();
     let e = err(decode_image(&bytes[..bytes.len() / 2], "half.jpg"));
     assert!(e.contains("truncated"), "{e}");
     let e = err(decode_image(&bytes[..40], "head.jpg"));
@@ -136,13 +147,13 @@ fn with_size(jpeg: &[u8], w: u16, h: u16) -> Vec<u8> {
 
 #[test]
 fn decompression_bombs_are_refused_before_decoding() {
-    let bytes = std::fs::read(corpus().join("jpeg_q75_420.jpg")).unwrap();
+    let bytes = std::fs::read(committed_corpus().join("jpeg_q75_420.jpg")).unwrap();
     // Over the side limit, then within it but over Pillow's pixel limit.
     for (w, h) in [(20000, 10), (16000, 16000)] {
         let e = err(decode_image(&with_size(&bytes, w, h), "bomb.jpg"));
         assert!(e.contains("too large"), "{w}x{h}: {e}");
     }
-    let png = std::fs::read(corpus().join("png_rgb.png")).unwrap();
+    let png = std::fs::read(committed_corpus().join("png_rgb.png")).unwrap();
     let mut bomb = png.clone();
     // IHDR width/height at bytes 16..24 (the CRC is then wrong; the size check comes first).
     bomb[16..20].copy_from_slice(&30000u32.to_be_bytes());
