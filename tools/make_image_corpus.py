@@ -118,6 +118,23 @@ def png16(arr, color_type):
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw, 9)) + png_chunk(b"IEND", b"")
 
 
+def gif_offset_frame(img, screen, offset, **kw):
+    """A one-frame GIF whose frame sits at `offset` on a logical screen of size `screen`
+    (Pillow writes frame == screen; the header and image descriptor are patched)."""
+    d = bytearray(pil_save(img, "GIF", **kw))
+    d[6:10] = struct.pack("<HH", *screen)
+    d[11] = 2  # background colour index: Pillow does not use it for the first frame
+    i = 13 + (3 << ((d[10] & 7) + 1) if d[10] & 0x80 else 0)
+    while d[i] != 0x2C:  # skip extension blocks up to the image descriptor
+        assert d[i] == 0x21
+        i += 2
+        while d[i]:
+            i += d[i] + 1
+        i += 1
+    d[i + 1:i + 5] = struct.pack("<HH", *offset)
+    return bytes(d)
+
+
 def exif_with_orientation(o):
     ex = Image.Exif()
     ex[0x0112] = o
@@ -203,6 +220,10 @@ def make_corpus(ycck_tool, tmp, w, h):
     files["gif_animated.gif"] = pil_save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
     files["gif_transparent.gif"] = pil_save(pal, "GIF", transparency=5)
     files["gif_grey.gif"] = pil_save(grey, "GIF")
+    small = base.resize((17, 11)).quantize(colors=32)
+    files["gif_offset_frame.gif"] = gif_offset_frame(small, (30, 20), (5, 4))
+    files["gif_offset_frame_transparent.gif"] = gif_offset_frame(small, (30, 20), (5, 4), transparency=7)
+    files["gif_frame_past_screen.gif"] = gif_offset_frame(small, (12, 8), (3, 2))
 
     # --- BMP
     files["bmp_rgb.bmp"] = pil_save(base, "BMP")

@@ -106,6 +106,9 @@ fn decode(bytes: &[u8], path: &Path, by_name: Option<ImageFormat>) -> Result<Rgb
     let (img, orientation) = if format == ImageFormat::Jpeg {
         let img = jpeg::decode(bytes, path)?;
         (img, jpeg_orientation(bytes))
+    } else if format == ImageFormat::Gif {
+        // GIFs carry no EXIF in Pillow.
+        (gif_first_frame(bytes, path)?, None)
     } else if let Some(decoded) = palette_tiff(bytes, path)? {
         decoded
     } else {
@@ -314,6 +317,66 @@ fn decode_with_image_crate(
         .or_else(|| xmp.as_deref().and_then(xmp_orientation));
     let img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, e))?;
     Ok((to_rgb8_like_pil(img), orientation))
+}
+
+/// A GIF's first frame as Pillow gives it: a canvas the size of the logical screen (grown to
+/// the frame's extent if that is larger) filled with the frame's transparent index, or 0,
+/// the frame's indices pasted at its offset, then mapped through the frame's palette (local,
+/// else global). Indices past the palette map to black, except that a palette which is the
+/// grey ramp (Pillow's mode `L`) maps every index `i` to grey `i`. (The `image` crate fills
+/// the canvas with transparent black instead.)
+fn gif_first_frame(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+    let bad = |e: gif::DecodingError| {
+        let msg = match &e {
+            gif::DecodingError::Io(io) if io.kind() == ErrorKind::UnexpectedEof => {
+                format!("image is truncated: {e}")
+            }
+            _ => format!("cannot decode GIF (corrupt or truncated?): {e}"),
+        };
+        Error::file(path, msg.replace('\n', " "))
+    };
+    let mut opts = gif::DecodeOptions::new();
+    opts.set_color_output(gif::ColorOutput::Indexed);
+    // Frames larger than or offset past the screen are placed as Pillow places them.
+    opts.check_frame_consistency(false);
+    if let Some(limit) = std::num::NonZeroU64::new(MAX_DECODE_BYTES) {
+        opts.set_memory_limit(gif::MemoryLimit::Bytes(limit));
+    }
+    let mut d = opts.read_info(std::io::Cursor::new(bytes)).map_err(bad)?;
+    let (sw, sh) = (d.width() as usize, d.height() as usize);
+    let global = d.global_palette().map(<[u8]>::to_vec);
+    let frame = d
+        .read_next_frame()
+        .map_err(bad)?
+        .ok_or_else(|| Error::file(path, "GIF has no image"))?;
+    let (fx, fy) = (frame.left as usize, frame.top as usize);
+    let (fw, fh) = (frame.width as usize, frame.height as usize);
+    let (w, h) = (sw.max(fx + fw), sh.max(fy + fh));
+    check_dimensions(path, w as u32, h as u32)?;
+    let palette = frame.palette.clone().or(global);
+    let mut canvas = vec![frame.transparent.unwrap_or(0); w * h];
+    for (row, src) in frame.buffer.chunks_exact(fw.max(1)).take(fh).enumerate() {
+        let at = (fy + row) * w + fx;
+        canvas[at..at + src.len()].copy_from_slice(src);
+    }
+    let grey_ramp = palette.as_deref().is_none_or(|p| {
+        p.chunks(3)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|&v| v as usize == i))
+    });
+    let rgb = canvas
+        .iter()
+        .flat_map(|&i| {
+            let i = i as usize;
+            match palette.as_deref() {
+                _ if grey_ramp => [i as u8; 3],
+                Some(p) if 3 * i + 2 < p.len() => [p[3 * i], p[3 * i + 1], p[3 * i + 2]],
+                _ => [0; 3],
+            }
+        })
+        .collect();
+    RgbImage::from_raw(w as u32, h as u32, rgb)
+        .ok_or_else(|| Error::file(path, "GIF canvas size mismatch"))
 }
 
 /// A palette TIFF (photometric 3), which the `tiff` crate does not decode: its indices are
