@@ -38,7 +38,8 @@ static void visi_emit_message(j_common_ptr c, int level) {
  * components are stored and 0 is returned. Otherwise the image is decoded into `out` (rows of
  * width * components bytes: grey, RGB, or CMYK as stored) and the number of output
  * components is returned. A negative return is an error described in `msg`: -1 invalid or
- * unsupported data, -2 truncated data, -3 `out` too small.
+ * unsupported data, -2 truncated data, -3 `out` too small, -4 dimensions over libjpeg's
+ * 65500-pixel limit.
  * `max_memory` bounds libjpeg's working memory (coefficient buffers of progressive files).
  */
 int visi_jpeg_decode(const uint8_t *data, size_t len, uint32_t *width, uint32_t *height,
@@ -55,8 +56,9 @@ int visi_jpeg_decode(const uint8_t *data, size_t len, uint32_t *width, uint32_t 
     char text[JMSG_LENGTH_MAX];
     e.pub.format_message((j_common_ptr)&c, text);
     snprintf(msg, msg_len, "%s", text);
+    int too_big = e.pub.msg_code == JERR_IMAGE_TOO_BIG;
     jpeg_destroy_decompress(&c);
-    return -1;
+    return too_big ? -4 : -1;
   }
   jpeg_create_decompress(&c);
   c.mem->max_memory_to_use = max_memory;

@@ -209,6 +209,7 @@ mod jpeg {
     fn failed(path: &Path, c: &Call) -> Error {
         let msg = match c.ret {
             -2 => format!("image is truncated ({})", c.msg),
+            -4 => format!("image too large: {}", c.msg),
             _ => format!("cannot decode JPEG (corrupt or unsupported?): {}", c.msg),
         };
         Error::file(path, msg)
