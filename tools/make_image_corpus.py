@@ -87,6 +87,14 @@ int main(int argc, char **argv) {
 """
 
 
+def cmyk_image(img):
+    """CMYK with a real black channel (Pillow's RGB->CMYK leaves K at 0): K ramps across."""
+    w, h = img.size
+    c, m, y = (Image.eval(ch, lambda v: 255 - v) for ch in img.split())
+    k = Image.fromarray(np.tile(np.linspace(0, 255, w).round().astype(np.uint8), (h, 1)), "L")
+    return Image.merge("CMYK", (c, m, y, k))
+
+
 def ppm_bytes(img):
     w, h = img.size
     if img.mode == "L":
@@ -156,7 +164,7 @@ def make_corpus(ycck_tool, tmp, w, h):
     files["jpeg_progressive_444.jpg"] = pil_save(big, "JPEG", quality=90, subsampling=0, progressive=True)
     files["jpeg_optimized_422.jpg"] = pil_save(base, "JPEG", quality=80, subsampling=1, optimize=True)
     files["jpeg_grey_pil.jpg"] = pil_save(grey, "JPEG", quality=90)
-    files["jpeg_cmyk.jpg"] = pil_save(base.convert("CMYK"), "JPEG", quality=90)
+    files["jpeg_cmyk.jpg"] = pil_save(cmyk_image(base), "JPEG", quality=90)
     # --- JPEG through cjpeg: what Pillow cannot write
     for sample, tag in (("1x2", "440"), ("4x1", "411"), ("2x2", "420"), ("2x1", "422"), ("1x1", "444")):
         files[f"cjpeg_{tag}.jpg"] = cjpeg(big, ["-quality", "88", "-sample", sample])
@@ -179,7 +187,7 @@ def make_corpus(ycck_tool, tmp, w, h):
     files["cjpeg_17x9.jpg"] = cjpeg(base_image(17, 9, seed=4), ["-quality", "90"])
     files["cjpeg_9x17_440.jpg"] = cjpeg(base_image(9, 17, seed=5), ["-quality", "90", "-sample", "1x2"])
     if ycck_tool:
-        raw = base.convert("CMYK").tobytes()
+        raw = cmyk_image(base).tobytes()
         # Pillow stores CMYK inverted (Adobe convention); write it the same way.
         raw = bytes(255 - v for v in raw)
         files["jpeg_ycck.jpg"] = subprocess.run(
@@ -240,6 +248,7 @@ def make_corpus(ycck_tool, tmp, w, h):
     files["tiff_rgba.tiff"] = pil_save(rgba, "TIFF", compression="tiff_lzw")
     files["tiff_l.tiff"] = pil_save(grey, "TIFF")
     files["tiff_palette.tiff"] = pil_save(pal, "TIFF")
+    files["tiff_cmyk.tiff"] = pil_save(cmyk_image(base), "TIFF", compression="tiff_lzw")
     files["tiff_l16.tiff"] = pil_save(Image.fromarray(arr16[..., 1].astype(np.uint16)), "TIFF")
 
     # --- WebP

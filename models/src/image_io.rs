@@ -111,6 +111,8 @@ fn decode(bytes: &[u8], path: &Path, by_name: Option<ImageFormat>) -> Result<Rgb
         (gif_first_frame(bytes, path)?, None)
     } else if let Some(decoded) = palette_tiff(bytes, path)? {
         decoded
+    } else if let Some(decoded) = cmyk_tiff(bytes, path)? {
+        decoded
     } else {
         decode_with_image_crate(bytes, path, format)?
     };
@@ -255,26 +257,24 @@ mod jpeg {
                 .chunks_exact(4)
                 .flat_map(|p| {
                     // Pillow reads 4-layer JPEGs as "CMYK;I" (Adobe's inverted polarity).
-                    let k = 255 - p[3];
-                    [
-                        cmyk2rgb(255 - p[0], k),
-                        cmyk2rgb(255 - p[1], k),
-                        cmyk2rgb(255 - p[2], k),
-                    ]
+                    cmyk_to_rgb([255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]])
                 })
                 .collect(),
         };
         RgbImage::from_raw(head.width, head.height, rgb)
             .ok_or_else(|| Error::file(path, "JPEG decoder returned a short buffer"))
     }
+}
 
-    /// Pillow's `cmyk2rgb` (Convert.c) for one channel: `nk - nk * c / 255` with its
-    /// rounding `MULDIV255`, clipped.
-    fn cmyk2rgb(c: u8, k: u8) -> u8 {
-        let nk = 255 - k as i32;
+/// Pillow's `cmyk2rgb` (Convert.c): per channel `nk - nk * c / 255` with `nk = 255 - k`,
+/// rounded as its `MULDIV255`, clipped.
+fn cmyk_to_rgb(p: [u8; 4]) -> [u8; 3] {
+    let nk = 255 - p[3] as i32;
+    let ch = |c: u8| {
         let t = c as i32 * nk + 128;
         (nk - (((t >> 8) + t) >> 8)).clamp(0, 255) as u8
-    }
+    };
+    [ch(p[0]), ch(p[1]), ch(p[2])]
 }
 
 // ---------------------------------------------------------------------------------------
@@ -378,6 +378,43 @@ fn gif_first_frame(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         .collect();
     RgbImage::from_raw(w as u32, h as u32, rgb)
         .ok_or_else(|| Error::file(path, "GIF canvas size mismatch"))
+}
+
+/// An 8-bit CMYK TIFF (photometric 5), converted with Pillow's `cmyk2rgb` (the `image`
+/// crate rounds its own way). `None` for other files.
+fn cmyk_tiff(bytes: &[u8], path: &Path) -> Result<Option<(RgbImage, Option<u32>)>> {
+    let Some(ifd) = Ifd0::parse(bytes) else {
+        return Ok(None);
+    };
+    if ifd.entry(262).and_then(|e| ifd.single(e)) != Some(5) {
+        return Ok(None);
+    }
+    let bad = |e: tiff::TiffError| {
+        Error::file(
+            path,
+            format!("cannot decode TIFF (corrupt or unsupported?): {e}").replace('\n', " "),
+        )
+    };
+    let mut d = tiff::decoder::Decoder::new(std::io::Cursor::new(bytes)).map_err(bad)?;
+    if d.colortype().map_err(bad)? != tiff::ColorType::CMYK(8) {
+        // 16-bit CMYK and the rest: the image crate's conversion.
+        return Ok(None);
+    }
+    let (w, h) = d.dimensions().map_err(bad)?;
+    check_dimensions(path, w, h)?;
+    let tiff::decoder::DecodingResult::U8(px) = d.read_image().map_err(bad)? else {
+        return Err(Error::file(
+            path,
+            "CMYK TIFF did not decode to 8-bit samples",
+        ));
+    };
+    let rgb: Vec<u8> = px
+        .chunks_exact(4)
+        .flat_map(|p| cmyk_to_rgb([p[0], p[1], p[2], p[3]]))
+        .collect();
+    let img = RgbImage::from_raw(w, h, rgb)
+        .ok_or_else(|| Error::file(path, "CMYK TIFF decoded to a short buffer"))?;
+    Ok(Some((img, exif_orientation(bytes))))
 }
 
 /// A palette TIFF (photometric 3), which the `tiff` crate does not decode: its indices are
