@@ -29,12 +29,9 @@ fn manifest_at(dir: &Path) -> serde_json::Value {
 fn corpus_decodes_exactly_as_pillow() {
     let m = manifest_at(&corpus());
     let files = m["files"].as_object().expect("files");
-    assert!(
-        files.len() >= 80,
-        "corpus {} has {} files",
-        corpus().display(),
-        files.len()
-    );
+    if corpus() == committed_corpus() {
+        assert!(files.len() >= 80, "the corpus has {} files", files.len());
+    }
     let (mut values, mut differing, mut failed) = (0usize, 0usize, Vec::new());
     for (name, f) in files {
         let want = image::open(corpus().join(f["expected"].as_str().expect("expected")))
