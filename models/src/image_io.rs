@@ -346,19 +346,26 @@ fn gif_first_frame(bytes: &[u8], path: &Path) -> Result<RgbImage> {
     let mut d = opts.read_info(std::io::Cursor::new(bytes)).map_err(bad)?;
     let (sw, sh) = (d.width() as usize, d.height() as usize);
     let global = d.global_palette().map(<[u8]>::to_vec);
+    // The frame's header first: the canvas is checked against the limits before any
+    // pixel is decoded.
     let frame = d
-        .read_next_frame()
+        .next_frame_info()
         .map_err(bad)?
         .ok_or_else(|| Error::file(path, "GIF has no image"))?;
     let (fx, fy) = (frame.left as usize, frame.top as usize);
     let (fw, fh) = (frame.width as usize, frame.height as usize);
+    let fill = frame.transparent.unwrap_or(0);
+    let palette = frame.palette.clone().or(global);
     let (w, h) = (sw.max(fx + fw), sh.max(fy + fh));
     check_dimensions(path, w as u32, h as u32)?;
-    let palette = frame.palette.clone().or(global);
-    let mut canvas = vec![frame.transparent.unwrap_or(0); w * h];
-    for (row, src) in frame.buffer.chunks_exact(fw.max(1)).take(fh).enumerate() {
-        let at = (fy + row) * w + fx;
-        canvas[at..at + src.len()].copy_from_slice(src);
+    let mut indices = vec![0u8; fw * fh];
+    d.read_into_buffer(&mut indices).map_err(bad)?;
+    let mut canvas = vec![fill; w * h];
+    if fw > 0 {
+        for (row, src) in indices.chunks_exact(fw).enumerate() {
+            let at = (fy + row) * w + fx;
+            canvas[at..at + fw].copy_from_slice(src);
+        }
     }
     let grey_ramp = palette.as_deref().is_none_or(|p| {
         p.chunks(3)

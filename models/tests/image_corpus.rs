@@ -150,6 +150,11 @@ fn decompression_bombs_are_refused_before_decoding() {
         let e = err(decode_image(&with_size(&bytes, w, h), "bomb.jpg"));
         assert!(e.contains("too large"), "{w}x{h}: {e}");
     }
+    // A GIF whose logical screen claims 65535x65535 (the canvas Pillow would allocate).
+    let mut gif = std::fs::read(committed_corpus().join("gif_grey.gif")).unwrap();
+    gif[6..10].copy_from_slice(&[0xFF; 4]);
+    let e = err(decode_image(&gif, "bomb.gif"));
+    assert!(e.contains("too large"), "{e}");
     let png = std::fs::read(committed_corpus().join("png_rgb.png")).unwrap();
     let mut bomb = png.clone();
     // IHDR width/height at bytes 16..24 (the CRC is then wrong; the size check comes first).
