@@ -395,8 +395,9 @@ pub fn question_image(q: &Question, scratch: &Path) -> anyhow::Result<RgbImage> 
     match &q.image {
         ImageRef::File(p) => Ok(models::preprocess::load_image(p)?),
         ImageRef::Base64(b) => {
-            let bytes = base64::decode(b.as_bytes())
-                .map_err(|e| anyhow!("question {}: image is not base64: {e}", q.id))?;
+            let bytes =
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b.as_bytes())
+                    .map_err(|e| anyhow!("question {}: image is not base64: {e}", q.id))?;
             std::fs::write(scratch, &bytes)
                 .with_context(|| format!("writing {}", scratch.display()))?;
             models::preprocess::load_image(scratch)

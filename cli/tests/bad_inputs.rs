@@ -433,6 +433,62 @@ fn bad_images() -> Result<()> {
     Ok(())
 }
 
+/// JPEGs go through libjpeg-turbo (Pillow's decoder): damage, bombs and special files are
+/// refused with one line naming the file, before any pixel is allocated.
+#[test]
+fn bad_jpegs() -> Result<()> {
+    let dir = Scratch::new("jpeg")?;
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let good = std::fs::read(fixtures().join("images/wide.jpg"))?;
+    // The frame header (SOF0) of wide.jpg claims 30000x30000 pixels, then 65535x65535
+    // (over libjpeg's own limit).
+    let sof = good
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .context("wide.jpg has a SOF0")?;
+    let mut bomb = good.clone();
+    bomb[sof + 5..sof + 9].copy_from_slice(&[0x75, 0x30, 0x75, 0x30]);
+    let mut huge = good.clone();
+    huge[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+    let mut garbage = good[..200].to_vec();
+    garbage.extend(std::iter::repeat_n(0x5A, 300));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("half.jpg", good[..good.len() / 2].to_vec(), "truncated"),
+        ("bomb.jpg", bomb, "too large"),
+        ("huge.jpg", huge, "too large"),
+        ("garbage.jpg", garbage, "garbage.jpg"),
+        ("soi.jpg", good[..3].to_vec(), "soi.jpg"),
+    ];
+    for (name, bytes, needle) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes)?;
+        let p = p.to_string_lossy().to_string();
+        let out = visi(&[
+            "run", "--model", &model, "--image", &p, "--prompt", "x", "--device", "cpu",
+        ])?;
+        expect_error(&out, 2, &[needle, name]).with_context(|| format!("image {p}"))?;
+    }
+    #[cfg(unix)]
+    {
+        let out = visi(&[
+            "run",
+            "--model",
+            &model,
+            "--image",
+            "/dev/zero",
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+        ])?;
+        expect_error(&out, 2, &["not a regular file", "/dev/zero"])?;
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_flags() -> Result<()> {
     let model = fixtures()

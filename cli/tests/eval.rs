@@ -294,7 +294,10 @@ fn score_seed_by_hand() -> Result<()> {
 /// An MMBench TSV: two questions with a circular copy each (index + 1e6, options rotated)
 /// and one without, the fixture image as base64.
 fn mmbench_tsv(s: &Scratch) -> Result<String> {
-    let img = base64::encode(std::fs::read(fixtures().join("images/wide.jpg"))?);
+    let img = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        std::fs::read(fixtures().join("images/wide.jpg"))?,
+    );
     let header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\tsource\tl2-category\tcomment\tsplit\n";
     let row = |i: i64, q: &str, h: &str, o: [&str; 4], ans: &str| {
         format!("{i}\t{q}\t{h}\t{}\t{}\t{}\t{}\t{ans}\tcolour\t{img}\tsynthetic\tperception\tnan\tdev\n", o[0], o[1], o[2], o[3])

@@ -10,6 +10,7 @@ pub mod config;
 pub mod gguf;
 pub mod gguf_llava;
 pub mod hub;
+pub mod image_io;
 pub mod llama;
 pub mod llava;
 pub mod nn;
@@ -26,7 +27,7 @@ pub use llava::{
     draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, LoadProgress, Naming,
     Timings,
 };
-pub use preprocess::{load_image, PadMode};
+pub use preprocess::{decode_image, load_image, PadMode};
 pub use prompt::{PromptIds, Template};
 pub use sampling::SamplingParams;
 pub use session::{ImageInput, PromptInput, Session};
