@@ -15,6 +15,7 @@ mod errors;
 mod info;
 mod progress;
 mod quant_eval;
+mod validate;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -142,6 +143,9 @@ struct RunArgs {
     /// Write the image as the model saw it, pruned patches dimmed, kept ones outlined.
     #[arg(long)]
     save_kept: Option<PathBuf>,
+    /// Replace an existing --save-kept file.
+    #[arg(long)]
+    force: bool,
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -253,19 +257,19 @@ fn main() -> ExitCode {
 fn bench_kernels(quick: bool) -> Result<(), Failure> {
     let v = engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick)
         .map_err(|e| internal(e.into()))?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?
-    );
-    Ok(())
+    validate::println_stdout(&serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?)
 }
 
 /// Reads `--prune`: inline JSON or `@file.json`.
 fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
     let (text, origin) = match arg.strip_prefix('@') {
+        // A regular file of bounded size: `@/dev/zero` or a FIFO must not hang or grow.
         Some(path) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("--prune: cannot read {path}"))?,
+            engine_core::files::read_text_limited(
+                Path::new(path),
+                engine_core::files::MAX_CONFIG_BYTES,
+            )
+            .context("--prune")?,
             path.to_string(),
         ),
         None => (arg.to_string(), "--prune".to_string()),
@@ -292,37 +296,21 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
         }
         DeviceArg::Auto => match engine_wgpu::open(&engine_wgpu::GpuOptions::default()) {
             Ok(b) => Ok(b),
+            // An adapter asked for by name that is not there is a mistake to report, not a
+            // reason to run on the CPU instead.
+            Err(e) if std::env::var("VISI_ADAPTER").is_ok_and(|v| !v.trim().is_empty()) => {
+                let f = classify(e);
+                Err(Failure {
+                    err: f.err.context("VISI_ADAPTER"),
+                    ..f
+                })
+            }
             Err(e) => {
                 eprintln!("note: {e}; running on the CPU backend");
                 Ok(Arc::new(CpuBackend::new()))
             }
         },
     }
-}
-
-fn check_output_path(p: &Path) -> anyhow::Result<()> {
-    let ext = p
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase());
-    if ext.as_deref() != Some("png") {
-        return Err(anyhow!(
-            "--save-kept {}: the file name must end in .png",
-            p.display()
-        ));
-    }
-    let parent = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(anyhow!(
-            "--save-kept {}: directory {} does not exist",
-            p.display(),
-            parent.display()
-        ));
-    }
-    Ok(())
 }
 
 /// Text-only generation from a llama.cpp GGUF file, on either backend (both dequantise
@@ -359,18 +347,17 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
         .tokenizer
         .decode(&tokens, true)
         .map_err(|e| internal(anyhow!("decoding: {e}")))?;
-    let mut stdout = std::io::stdout().lock();
     if a.json {
         let j = json!({
             "text": out,
             "tokens": tokens,
             "prompt_tokens": ids.len(),
             "timings_ms": { "load": load_ms, "generate": gen_ms },
-            "device": { "backend": dev.backend, "adapter": dev.adapter },
+            "device": { "backend": dev.backend, "adapter": dev.adapter, "api": dev.api },
         });
-        let _ = writeln!(stdout, "{j}");
+        validate::println_stdout(&j.to_string())?;
     } else {
-        let _ = writeln!(stdout, "{out}");
+        validate::println_stdout(&out)?;
         eprintln!(
             "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), {}",
             ids.len(),
@@ -397,6 +384,16 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
     }
     let gguf = a.model.ends_with(".gguf");
+    // Input files are regular files (a FIFO would hang, a device never ends).
+    if gguf {
+        validate::input_file("--model", Path::new(&a.model))?;
+    }
+    if let Some(m) = &a.mmproj {
+        validate::input_file("--mmproj", m)?;
+    }
+    if let Some(p) = &a.image {
+        validate::input_file("--image", p)?;
+    }
     if gguf && a.mmproj.is_none() {
         return run_gguf(&a, sampling);
     }
@@ -422,11 +419,14 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     } else {
         models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?
     };
+    if let Some(p) = &prune {
+        validate::prune_fits(p, &model_dir, gguf)?;
+    }
     if let Some(p) = &a.save_kept {
         if a.image.is_none() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
         }
-        check_output_path(p).map_err(bad_input)?;
+        validate::output_file("--save-kept", p, "png", a.force)?;
     }
     let image = match &a.image {
         Some(p) => Some(models::preprocess::load_image(p).map_err(|e| bad_input(e.into()))?),
@@ -480,9 +480,6 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let (_, note) = llava
         .resolve_prune(prune.as_ref())
         .map_err(|e| bad_input(e.into()))?;
-    if let Some(n) = &note {
-        eprintln!("note: {n}");
-    }
     let opts = GenerateOptions {
         template,
         image_mode,
@@ -501,33 +498,32 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let mut stdout = std::io::stdout().lock();
     let stream = !a.json;
     let delay = progress::token_delay();
+    // A failed write (closed pipe, full disk) stops generation: the answer is being lost.
+    let write_error: std::cell::RefCell<Option<std::io::Error>> = Default::default();
     let mut on_text = |t: &str| {
-        if stream {
-            // A closed stdout (e.g. piped into `head`) must not abort generation.
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
+        if stream && write_error.borrow().is_none() {
+            if let Err(e) = stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush()) {
+                *write_error.borrow_mut() = Some(e);
+            }
         }
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
     };
+    let stop = || progress::stop_requested() || write_error.borrow().is_some();
     progress::set_generating(true);
     let gen = llava
-        .generate_ids_until(
-            &prompt,
-            encoded.as_ref(),
-            &opts,
-            &mut on_text,
-            &progress::stop_requested,
-        )
+        .generate_ids_until(&prompt, encoded.as_ref(), &opts, &mut on_text, &stop)
         .map_err(classify)?;
     progress::set_generating(false);
+    drop(stdout);
+    if let Some(e) = write_error.take() {
+        return Err(validate::stdout_error(e));
+    }
 
     if let (Some(path), Some(seen)) = (&a.save_kept, &gen.seen_image) {
         let pic = draw_kept_patches(seen, llava.config(), gen.prune.kept_image_tokens.as_deref());
-        pic.save(path)
-            .with_context(|| format!("--save-kept {}", path.display()))
-            .map_err(internal)?;
+        validate::save_png("--save-kept", path, &pic, a.force)?;
     }
 
     let dev = llava.device_info();
@@ -548,7 +544,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
                 "decode": gen.timings.decode_ms,
             },
             "decode_tokens_per_s": gen.decode_tokens_per_s,
-            "device": { "backend": dev.backend, "adapter": dev.adapter },
+            "device": { "backend": dev.backend, "adapter": dev.adapter, "api": dev.api },
             "pruning": {
                 "method": gen.prune.method,
                 "config": gen.prune.config,
@@ -571,10 +567,15 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             },
         });
         let text = serde_json::to_string(&out).map_err(|e| internal(e.into()))?;
-        let _ = writeln!(stdout, "{text}");
+        validate::println_stdout(&text)?;
     } else {
-        let _ = writeln!(stdout);
-        let _ = stdout.flush();
+        validate::println_stdout("")?;
+    }
+    // Said once the answer is out, so that an error before it stays one line.
+    if let Some(n) = &note {
+        eprintln!("note: {n}");
+    }
+    if !a.json {
         eprintln!("{}", progress::stats_line(&gen, &dev.backend, &dev.adapter));
     }
     if gen.interrupted {
@@ -588,6 +589,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
 
 /// `visi-cli quantize`: a llava-hf directory to llama.cpp's GGUF pair.
 fn quantize(a: QuantizeArgs) -> Result<(), Failure> {
+    progress::install_ctrl_c();
     let ty = models::gguf_llava::PairType::parse(&a.quant).ok_or_else(|| {
         bad_input(anyhow!(
             "--quant {}: expected one of f16, q8_0, q4_0, q4_1, q4_k",
@@ -612,8 +614,7 @@ fn quantize(a: QuantizeArgs) -> Result<(), Failure> {
         b.finish_and_clear();
     }
     let w = res.map_err(classify)?;
-    println!("{}", w.text.display());
-    println!("{}", w.mmproj.display());
+    validate::println_stdout(&format!("{}\n{}", w.text.display(), w.mmproj.display()))?;
     eprintln!(
         "wrote the pair: {} text matrices in {}, {} kept f16 (rows not whole blocks); CLIP tower f16",
         w.quantized,

@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod checks;
 pub mod clip;
 pub mod config;
 pub mod gguf;
