@@ -903,8 +903,7 @@ fn table(r: &Value) -> String {
         r["warmup"],
         r["decode_tokens"],
     );
-    let _ = writeln!(
-        out,"schedule: {}", r["schedule"]);
+    let _ = writeln!(out, "schedule: {}", r["schedule"]);
     let _ = writeln!(
         out,
         "{:<11} {:>17} {:>19} {:>19} {:>12} {:>10} {:>9} {:>9} {:>7}",
@@ -952,17 +951,20 @@ fn table(r: &Value) -> String {
             continue;
         }
         let _ = writeln!(
-        out,"{name}: layer seq lens {}", compact(&x["layer_seq_lens"]));
+            out,
+            "{name}: layer seq lens {}",
+            compact(&x["layer_seq_lens"])
+        );
     }
     if let Some(fs) = r["weight_formats"].as_array().filter(|v| !v.is_empty()) {
         let _ = writeln!(
-        out,
+            out,
             "weight formats (dense): {:<6} {:>19} {:>16} {:>20}",
             "format", "prefill ms min/med", "prefill tok/s", "decode tok/s best/med"
         );
         for x in fs {
             let _ = writeln!(
-        out,
+                out,
                 "                        {:<6} {:>9.1}/{:<9.1} {:>16.1} {:>10.2}/{:<9.2}",
                 x["weights"].as_str().unwrap_or("?"),
                 f(&x["prefill_ms"]["min"]),
@@ -980,7 +982,7 @@ fn table(r: &Value) -> String {
     );
     if let Some(k) = r["kernel_efficiency"].as_object() {
         let _ = writeln!(
-        out,
+            out,
             "kernels ({}): FMA peak {:.1} GFLOP/s, copy peak {:.1} GB/s",
             k["timing"].as_str().unwrap_or("?"),
             f(&k["fma_peak_gflops"]),
@@ -989,7 +991,7 @@ fn table(r: &Value) -> String {
         for row in k["rows"].as_array().into_iter().flatten() {
             if row["m"] == 640 {
                 let _ = writeln!(
-        out,
+                    out,
                     "  gemm M=640 K={} N={} {}: {:.1} GFLOP/s = {:.1}% of FMA peak",
                     row["k"],
                     row["n"],
@@ -999,7 +1001,7 @@ fn table(r: &Value) -> String {
                 );
             } else {
                 let _ = writeln!(
-        out,
+                    out,
                     "  gemv M=1   K={} N={} {}: {:.1} GB/s = {:.1}% of copy peak",
                     row["k"],
                     row["n"],
@@ -1010,8 +1012,7 @@ fn table(r: &Value) -> String {
             }
         }
     } else {
-        let _ = writeln!(
-        out,"kernels: skipped");
+        let _ = writeln!(out, "kernels: skipped");
     }
     out
 }

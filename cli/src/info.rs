@@ -146,9 +146,7 @@ fn report_from(
     for (name, dtype, shape, bytes) in stored {
         // Saturating: sizes from a config or header are bounded by the file, but a total
         // must never wrap around into a small number.
-        let n: u64 = shape
-            .iter()
-            .fold(1u64, |a, &d| a.saturating_mul(d as u64));
+        let n: u64 = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
         let e = dtypes.entry(dtype.to_string()).or_default();
         e.0 += 1;
         e.1 += bytes;
@@ -251,6 +249,16 @@ fn device_check(
             .max_by_key(|a| a.auto_pick),
     };
     let Some(a) = chosen else {
+        if device == InfoDevice::Auto {
+            if let Some(w) = std::env::var("VISI_ADAPTER")
+                .ok()
+                .filter(|w| !w.trim().is_empty())
+            {
+                return Err(bad_input(anyhow!(
+                    "VISI_ADAPTER: no adapter matches `{w}` (`visi-cli devices` lists them)"
+                )));
+            }
+        }
         if device == InfoDevice::Gpu {
             let f = classify(engine_core::Error::NoAdapter(format!(
                 "none of the {} adapters wgpu lists is a GPU; {CPU_HINT}",

@@ -193,7 +193,11 @@ fn main() -> ExitCode {
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
+                // print! would panic on a failed write (`--help > /dev/full`).
+                if let Err(f) = validate::print_stdout(&e.to_string()) {
+                    eprintln!("error: {:#}", f.err);
+                    return ExitCode::from(f.code);
+                }
                 return ExitCode::SUCCESS;
             }
             // clap's message up to its usage block, folded onto one line.
@@ -255,8 +259,9 @@ fn main() -> ExitCode {
 }
 
 fn bench_kernels(quick: bool) -> Result<(), Failure> {
+    // No adapter (or a VISI_ADAPTER naming none) is the user's to fix: classify, exit 2.
     let v = engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick)
-        .map_err(|e| internal(e.into()))?;
+        .map_err(classify)?;
     validate::println_stdout(&serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?)
 }
 
@@ -324,6 +329,7 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
     if a.save_kept.is_some() {
         return Err(bad_input(anyhow!("--save-kept needs --image")));
     }
+    validate::input_file("--model", Path::new(&a.model))?;
     let template = match a.template {
         TemplateArg::VicunaV1 => Template::VicunaV1,
         TemplateArg::Raw => Template::Raw,
@@ -384,16 +390,6 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
     }
     let gguf = a.model.ends_with(".gguf");
-    // Input files are regular files (a FIFO would hang, a device never ends).
-    if gguf {
-        validate::input_file("--model", Path::new(&a.model))?;
-    }
-    if let Some(m) = &a.mmproj {
-        validate::input_file("--mmproj", m)?;
-    }
-    if let Some(p) = &a.image {
-        validate::input_file("--image", p)?;
-    }
     if gguf && a.mmproj.is_none() {
         return run_gguf(&a, sampling);
     }
@@ -404,6 +400,16 @@ fn run(a: RunArgs) -> Result<(), Failure> {
                 m.display()
             )));
         }
+    }
+    // Input files are regular files (a FIFO would hang, a device never ends).
+    if gguf {
+        validate::input_file("--model", Path::new(&a.model))?;
+    }
+    if let Some(m) = &a.mmproj {
+        validate::input_file("--mmproj", m)?;
+    }
+    if let Some(p) = &a.image {
+        validate::input_file("--image", p)?;
     }
     let prune = if a.no_prune {
         Some(PruneConfig::Dense)

@@ -119,7 +119,9 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
         Source::Shape(s) => s.config().map_err(classify)?.text.num_hidden_layers,
         Source::Pair(t, _) => {
             let f = engine_core::gguf::GgufFile::open(t).map_err(classify)?;
-            models::gguf::text_config(&f).map_err(classify)?.num_hidden_layers
+            models::gguf::text_config(&f)
+                .map_err(classify)?
+                .num_hidden_layers
         }
     };
     prune
@@ -191,9 +193,7 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
         "formats": results,
     });
     if a.json {
-        crate::validate::println_stdout(
-            &serde_json::to_string(&v).map_err(|e| internal(e.into()))?,
-        )
+        crate::validate::println_stdout(&serde_json::to_string(&v).map_err(|e| internal(e.into()))?)
     } else {
         crate::validate::print_stdout(&table(&v))
     }

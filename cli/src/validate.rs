@@ -59,8 +59,11 @@ pub fn output_file(flag: &str, p: &Path, ext: &str, force: bool) -> Result<(), F
 /// Encodes `img` as PNG and writes it to `p` through a temp file and a rename.
 pub fn save_png(flag: &str, p: &Path, img: &image::RgbImage, force: bool) -> Result<(), Failure> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| crate::errors::internal(anyhow!("{flag} {}: {e}", p.display())))?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| crate::errors::internal(anyhow!("{flag} {}: {e}", p.display())))?;
     engine_core::files::write_files_atomic(&[(p, &bytes)], force)
         .map_err(|e| bad_input(anyhow!("{flag}: {e}")))
 }
@@ -86,11 +89,7 @@ pub fn println_stdout(s: &str) -> Result<(), Failure> {
 
 /// A `--prune` config against the model's depth, read from `config.json` or the GGUF
 /// header alone (nothing else loads), so a bad config fails before the weights do.
-pub fn prune_fits(
-    prune: &pruner::PruneConfig,
-    model: &Path,
-    gguf: bool,
-) -> Result<(), Failure> {
+pub fn prune_fits(prune: &pruner::PruneConfig, model: &Path, gguf: bool) -> Result<(), Failure> {
     let layers = if gguf {
         let f = engine_core::gguf::GgufFile::open(model).map_err(crate::errors::classify)?;
         models::gguf::text_config(&f)

@@ -53,7 +53,12 @@ impl Drop for Scratch {
 
 /// A copy of tiny-llava-gqa (symlinked tokenizer files copied as files).
 fn model_copy(tag: &str) -> Result<Scratch> {
-    let src = fixtures().join("tiny-llava-gqa");
+    model_copy_of("tiny-llava-gqa", tag)
+}
+
+/// A copy of fixture `name` (symlinked files copied as files).
+fn model_copy_of(name: &str, tag: &str) -> Result<Scratch> {
+    let src = fixtures().join(name);
     let dst = Scratch::new(tag)?;
     for e in std::fs::read_dir(&src)? {
         let e = e?;
@@ -587,7 +592,13 @@ fn set_config(d: &Path, path: &[&str], v: Value) -> Result<()> {
 
 #[test]
 fn config_values_that_make_garbage() -> Result<()> {
-    type Edit = (&'static str, Vec<&'static str>, Value, Vec<&'static str>, bool);
+    type Edit = (
+        &'static str,
+        Vec<&'static str>,
+        Value,
+        Vec<&'static str>,
+        bool,
+    );
     let cases: Vec<Edit> = vec![
         // 10^9 layers: named before a 784 GB allocation (run) or a runaway estimate (info).
         (
@@ -671,7 +682,7 @@ fn config_values_that_make_garbage() -> Result<()> {
         (
             "inter",
             vec!["text_config", "intermediate_size"],
-            Value::from(96),
+            Value::from(100),
             vec!["intermediate_size", "mlp"],
             false,
         ),
@@ -793,7 +804,11 @@ fn edit_gguf(
     Ok(())
 }
 
-fn set_md(md: &mut Vec<(String, engine_core::gguf::GgufValue)>, k: &str, v: engine_core::gguf::GgufValue) {
+fn set_md(
+    md: &mut Vec<(String, engine_core::gguf::GgufValue)>,
+    k: &str,
+    v: engine_core::gguf::GgufValue,
+) {
     md.retain(|(n, _)| n != k);
     md.push((k.to_string(), v));
 }
@@ -811,17 +826,68 @@ fn gguf_values_that_make_garbage() -> Result<()> {
     let img = img.to_string_lossy().to_string();
     type Case = (&'static str, bool, &'static str, G, Vec<&'static str>);
     let cases: Vec<Case> = vec![
-        ("blocks1e9", true, "llama.block_count", G::U32(1_000_000_000), vec!["llama.block_count", "1000000000"]),
-        ("blocks0", true, "llama.block_count", G::U32(0), vec!["llama.block_count", "positive"]),
-        ("epsnan", true, "llama.attention.layer_norm_rms_epsilon", G::F32(f32::NAN), vec!["layer_norm_rms_epsilon", "NaN"]),
-        ("epsneg", false, "clip.vision.attention.layer_norm_epsilon", G::F32(-1e-5), vec!["clip.vision.attention.layer_norm_epsilon"]),
-        ("bos", true, "tokenizer.ggml.bos_token_id", G::U32(9_999_999), vec!["tokenizer.ggml.bos_token_id", "vocabulary"]),
-        ("eos", true, "tokenizer.ggml.eos_token_id", G::U32(9_999_999), vec!["tokenizer.ggml.eos_token_id", "vocabulary"]),
-        ("ropedim", true, "llama.rope.dimension_count", G::U32(4), vec!["llama.rope.dimension_count", "head width"]),
-        ("std0", false, "clip.vision.image_std", G::Array(vec![G::F32(0.0), G::F32(0.5), G::F32(0.5)]), vec!["image_std"]),
+        (
+            "blocks1e9",
+            true,
+            "llama.block_count",
+            G::U32(1_000_000_000),
+            vec!["llama.block_count", "1000000000"],
+        ),
+        (
+            "blocks0",
+            true,
+            "llama.block_count",
+            G::U32(0),
+            vec!["llama.block_count", "positive"],
+        ),
+        (
+            "epsnan",
+            true,
+            "llama.attention.layer_norm_rms_epsilon",
+            G::F32(f32::NAN),
+            vec!["layer_norm_rms_epsilon", "NaN"],
+        ),
+        (
+            "epsneg",
+            false,
+            "clip.vision.attention.layer_norm_epsilon",
+            G::F32(-1e-5),
+            vec!["clip.vision.attention.layer_norm_epsilon"],
+        ),
+        (
+            "bos",
+            true,
+            "tokenizer.ggml.bos_token_id",
+            G::U32(9_999_999),
+            vec!["tokenizer.ggml.bos_token_id", "vocabulary"],
+        ),
+        (
+            "eos",
+            true,
+            "tokenizer.ggml.eos_token_id",
+            G::U32(9_999_999),
+            vec!["tokenizer.ggml.eos_token_id", "vocabulary"],
+        ),
+        (
+            "ropedim",
+            true,
+            "llama.rope.dimension_count",
+            G::U32(4),
+            vec!["llama.rope.dimension_count", "head width"],
+        ),
+        (
+            "std0",
+            false,
+            "clip.vision.image_std",
+            G::Array(vec![G::F32(0.0), G::F32(0.5), G::F32(0.5)]),
+            vec!["image_std"],
+        ),
     ];
     for (tag, in_text, key, v, needles) in cases {
-        let (t, m) = (dir.path().join(format!("{tag}.gguf")), dir.path().join(format!("mmproj-{tag}.gguf")));
+        let (t, m) = (
+            dir.path().join(format!("{tag}.gguf")),
+            dir.path().join(format!("mmproj-{tag}.gguf")),
+        );
         if in_text {
             edit_gguf(&text, &t, |md| set_md(md, key, v))?;
             std::fs::copy(&mmproj, &m)?;
@@ -829,16 +895,38 @@ fn gguf_values_that_make_garbage() -> Result<()> {
             std::fs::copy(&text, &t)?;
             edit_gguf(&mmproj, &m, |md| set_md(md, key, v))?;
         }
-        let (ts, ms) = (t.to_string_lossy().to_string(), m.to_string_lossy().to_string());
+        let (ts, ms) = (
+            t.to_string_lossy().to_string(),
+            m.to_string_lossy().to_string(),
+        );
         let out = visi(&[
-            "run", "--model", &ts, "--mmproj", &ms, "--image", &img, "--prompt", "hi",
-            "--device", "cpu", "--max-new-tokens", "2",
+            "run",
+            "--model",
+            &ts,
+            "--mmproj",
+            &ms,
+            "--image",
+            &img,
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
         ])?;
         expect_error(&out, 2, &needles).with_context(|| format!("{tag}: pair"))?;
         if in_text {
             // The text model alone reads the same keys.
             let out = visi(&[
-                "run", "--model", &ts, "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2",
+                "run",
+                "--model",
+                &ts,
+                "--prompt",
+                "hi",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "2",
             ])?;
             expect_error(&out, 2, &needles).with_context(|| format!("{tag}: text only"))?;
         }
@@ -851,7 +939,10 @@ fn gguf_values_that_make_garbage() -> Result<()> {
         // name (u64 length + bytes), rank u32, dims u64 x rank, type u32, then the offset.
         let mut key = (name.len() as u64).to_le_bytes().to_vec();
         key.extend_from_slice(name.as_bytes());
-        let at = bytes.windows(key.len()).position(|w| w == key.as_slice()).context("name")?;
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key.as_slice())
+            .context("name")?;
         let r = at + key.len();
         let rank = u32::from_le_bytes(bytes[r..r + 4].try_into()?) as usize;
         Ok(r + 4 + 8 * rank + 4)
@@ -860,7 +951,11 @@ fn gguf_values_that_make_garbage() -> Result<()> {
     let mut by_offset = Vec::new();
     for n in &names {
         let at = offset_of(&bytes, n)?;
-        by_offset.push((u64::from_le_bytes(bytes[at..at + 8].try_into()?), at, n.clone()));
+        by_offset.push((
+            u64::from_le_bytes(bytes[at..at + 8].try_into()?),
+            at,
+            n.clone(),
+        ));
     }
     by_offset.sort();
     let (a, b) = (&by_offset[0], &by_offset[1]);
@@ -870,7 +965,13 @@ fn gguf_values_that_make_garbage() -> Result<()> {
     let overlap = dir.path().join("overlap.gguf");
     std::fs::write(&overlap, bytes)?;
     let out = visi(&[
-        "run", "--model", &overlap.to_string_lossy(), "--prompt", "hi", "--device", "cpu",
+        "run",
+        "--model",
+        &overlap.to_string_lossy(),
+        "--prompt",
+        "hi",
+        "--device",
+        "cpu",
     ])?;
     expect_error(&out, 2, &["overlap.gguf", "overlap", &a.2, &b.2])?;
     Ok(())
@@ -879,14 +980,31 @@ fn gguf_values_that_make_garbage() -> Result<()> {
 #[test]
 fn special_files_are_refused_without_hanging() -> Result<()> {
     let dir = Scratch::new("special")?;
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
-    let img = fixtures().join("images/square.png").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
     let d = fixtures().join("gguf/tiny-llava-mha");
-    let text = d.join("tiny-llava-mha.f16.gguf").to_string_lossy().to_string();
+    let text = d
+        .join("tiny-llava-mha.f16.gguf")
+        .to_string_lossy()
+        .to_string();
     let base = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["run", "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"]
-            .map(String::from)
-            .to_vec();
+        let mut a: Vec<String> = [
+            "run",
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
@@ -903,24 +1021,47 @@ fn special_files_are_refused_without_hanging() -> Result<()> {
         base(&["--model", &m.s(), "--image", &img]),
         vec!["config.json".into(), "device".into()],
     ));
+    let mut keep = None;
     let fifo = dir.path().join("fifo.png");
     if mkfifo(&fifo)? {
         let f = fifo.to_string_lossy().to_string();
         let fg = dir.path().join("fifo.gguf");
         mkfifo(&fg)?;
         let fg = fg.to_string_lossy().to_string();
-        cases.push((base(&["--model", &model, "--image", &f]), vec!["--image".into(), "FIFO".into()]));
-        cases.push((base(&["--model", &fg]), vec!["--model".into(), "FIFO".into()]));
-        cases.push((base(&["--model", &text, "--mmproj", &fg, "--image", &img]), vec!["--mmproj".into(), "FIFO".into()]));
-        cases.push((base(&["--model", &model, "--image", &img, "--prune", &format!("@{f}")]), vec!["--prune".into(), "FIFO".into()]));
+        cases.push((
+            base(&["--model", &model, "--image", &f]),
+            vec!["--image".into(), "FIFO".into()],
+        ));
+        cases.push((
+            base(&["--model", &fg]),
+            vec!["--model".into(), "FIFO".into()],
+        ));
+        cases.push((
+            base(&["--model", &text, "--mmproj", &fg, "--image", &img]),
+            vec!["--mmproj".into(), "FIFO".into()],
+        ));
+        cases.push((
+            base(&[
+                "--model",
+                &model,
+                "--image",
+                &img,
+                "--prune",
+                &format!("@{f}"),
+            ]),
+            vec!["--prune".into(), "FIFO".into()],
+        ));
         let mf = model_copy("fifocfg")?;
         std::fs::remove_file(mf.path().join("config.json"))?;
         mkfifo(&mf.path().join("config.json"))?;
-        cases.push((base(&["--model", &mf.s(), "--image", &img]), vec!["config.json".into(), "FIFO".into()]));
+        cases.push((
+            base(&["--model", &mf.s(), "--image", &img]),
+            vec!["config.json".into(), "FIFO".into()],
+        ));
         let out = visi_timed(&["info", "--model", &mf.s(), "--device", "cpu"], &[], 20)?;
         expect_error(&out, 2, &["config.json", "FIFO"]).context("info on a FIFO config")?;
-        // Kept alive to the end of the test (its drop removes the directory).
-        drop(mf);
+        // Kept alive until the cases ran (its drop removes the directory).
+        keep = Some(mf);
     } else {
         eprintln!("no mkfifo here: FIFO cases skipped");
     }
@@ -930,6 +1071,7 @@ fn special_files_are_refused_without_hanging() -> Result<()> {
         let out = visi_timed(&a, &[], 20)?;
         expect_error(&out, 2, &n).with_context(|| format!("{args:?}"))?;
     }
+    drop(keep);
     Ok(())
 }
 
@@ -945,8 +1087,23 @@ fn hf_cache_refs_main_is_confined_to_snapshots() -> Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::symlink(&fixture, &snap)?;
     let env = [("HF_HUB_CACHE", cache.0.to_str().unwrap_or("/nonexistent"))];
-    let img = fixtures().join("images/square.png").to_string_lossy().to_string();
-    let args = ["run", "--model", "org/name", "--image", &img, "--prompt", "x", "--device", "cpu", "--max-new-tokens", "1"];
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let args = [
+        "run",
+        "--model",
+        "org/name",
+        "--image",
+        &img,
+        "--prompt",
+        "x",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "1",
+    ];
     let abs = fixture.to_string_lossy().to_string();
     for bad in ["../../..", "../snapshots/abc/..", abs.as_str(), "missing"] {
         std::fs::write(repo.join("refs/main"), bad)?;
@@ -956,15 +1113,37 @@ fn hf_cache_refs_main_is_confined_to_snapshots() -> Result<()> {
     // The right revision works.
     std::fs::write(repo.join("refs/main"), "abc\n")?;
     let out = visi_env(&args, &env)?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
 #[test]
 fn output_failures_are_errors() -> Result<()> {
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
-    let img = fixtures().join("images/square.png").to_string_lossy().to_string();
-    let run = ["run", "--model", &model, "--image", &img, "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "3"];
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let run = [
+        "run",
+        "--model",
+        &model,
+        "--image",
+        &img,
+        "--prompt",
+        "hi",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+    ];
     let mut json_run = run.to_vec();
     json_run.push("--json");
     let dir = Scratch::new("devfull")?;
@@ -976,7 +1155,17 @@ fn output_failures_are_errors() -> Result<()> {
         vec!["devices", "--json"],
         vec!["info", "--model", &model, "--device", "cpu"],
         vec!["info", "--shape", "tiny", "--device", "cpu", "--json"],
-        vec!["quantize", "--model", &model, "--quant", "q8_0", "--out", &out_prefix],
+        vec![
+            "quantize",
+            "--model",
+            &model,
+            "--quant",
+            "q8_0",
+            "--out",
+            &out_prefix,
+        ],
+        vec!["--help"],
+        vec!["--version"],
     ];
     for a in &cases {
         let out = visi_to_dev_full(a)?;
@@ -994,31 +1183,75 @@ fn output_failures_are_errors() -> Result<()> {
     drop(child.stdout.take());
     let out = child.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.code() == Some(2), "closed pipe: exit {:?}: {stderr}", out.status.code());
+    ensure!(
+        out.status.code() == Some(2),
+        "closed pipe: exit {:?}: {stderr}",
+        out.status.code()
+    );
     ensure!(!stderr.contains("panic"), "{stderr}");
-    ensure!(stderr.lines().filter(|l| l.starts_with("error:")).count() == 1, "{stderr}");
+    ensure!(
+        stderr.lines().filter(|l| l.starts_with("error:")).count() == 1,
+        "{stderr}"
+    );
     Ok(())
 }
 
 #[test]
 fn quantize_refuses_devices_and_cleans_up() -> Result<()> {
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
     // /dev/full is not a directory; taken as a prefix it would write into /dev.
-    let out = visi(&["quantize", "--model", &model, "--quant", "q8_0", "--out", "/dev/full"])?;
+    let out = visi(&[
+        "quantize",
+        "--model",
+        &model,
+        "--quant",
+        "q8_0",
+        "--out",
+        "/dev/full",
+    ])?;
     expect_error(&out, 2, &["/dev/full", "not a directory"])?;
-    ensure!(!Path::new("/dev/full.q8_0.gguf").exists(), "wrote into /dev");
+    ensure!(
+        !Path::new("/dev/full.q8_0.gguf").exists(),
+        "wrote into /dev"
+    );
     // 10^9 layers: refused, no file written.
-    let m = model_copy("qlayers")?;
-    set_config(m.path(), &["text_config", "num_hidden_layers"], Value::from(1_000_000_000u64))?;
+    let m = model_copy_of("tiny-llava-mha", "qlayers")?;
+    set_config(
+        m.path(),
+        &["text_config", "num_hidden_layers"],
+        Value::from(1_000_000_000u64),
+    )?;
     let dir = Scratch::new("qout")?;
-    let out = visi(&["quantize", "--model", &m.s(), "--quant", "q8_0", "--out", &format!("{}/", dir.s())])?;
+    let out = visi(&[
+        "quantize",
+        "--model",
+        &m.s(),
+        "--quant",
+        "q8_0",
+        "--out",
+        &format!("{}/", dir.s()),
+    ])?;
     expect_error(&out, 2, &["num_hidden_layers"])?;
-    ensure!(std::fs::read_dir(dir.path())?.next().is_none(), "files left behind");
+    ensure!(
+        std::fs::read_dir(dir.path())?.next().is_none(),
+        "files left behind"
+    );
     // Ctrl-C while the pair is being written: exit 130, nothing left (no .tmp files).
     #[cfg(unix)]
     {
         let mut child = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-            .args(["quantize", "--model", &model, "--quant", "q8_0", "--out", &format!("{}/", dir.s())])
+            .args([
+                "quantize",
+                "--model",
+                &model,
+                "--quant",
+                "q8_0",
+                "--out",
+                &format!("{}/", dir.s()),
+            ])
             .env("VISI_DEBUG_WRITE_DELAY_MS", "5000")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -1038,10 +1271,15 @@ fn quantize_refuses_devices_and_cleans_up() -> Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
         ensure!(tmp_seen, "the temp files never appeared");
-        Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()?;
         let st = child.wait()?;
         ensure!(st.code() == Some(130), "exit {:?}", st.code());
-        let left: Vec<_> = std::fs::read_dir(dir.path())?.flatten().map(|e| e.file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(dir.path())?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         ensure!(left.is_empty(), "left behind after Ctrl-C: {left:?}");
     }
     Ok(())
@@ -1050,24 +1288,60 @@ fn quantize_refuses_devices_and_cleans_up() -> Result<()> {
 #[test]
 fn save_kept_and_plot_are_checked_before_the_run() -> Result<()> {
     let dir = Scratch::new("kept")?;
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
-    let img = fixtures().join("images/square.png").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
     let existing = dir.path().join("kept.png");
     std::fs::write(&existing, b"keep me")?;
     let e = existing.to_string_lossy().to_string();
     let run = |extra: &[&str]| -> Result<Output> {
-        let mut a = vec!["run", "--model", &model, "--image", &img, "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"];
+        let mut a = vec![
+            "run",
+            "--model",
+            &model,
+            "--image",
+            &img,
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+        ];
         a.extend(extra);
         visi(&a)
     };
     expect_error(&run(&["--save-kept", &e])?, 2, &["--save-kept", "--force"])?;
-    ensure!(std::fs::read(&existing)? == b"keep me", "overwritten without --force");
+    ensure!(
+        std::fs::read(&existing)? == b"keep me",
+        "overwritten without --force"
+    );
     let out = run(&["--save-kept", &e, "--force"])?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    ensure!(std::fs::read(&existing)?.starts_with(b"\x89PNG"), "not replaced by a PNG");
-    expect_error(&run(&["--save-kept", "/nonexistent/dir/k.png"])?, 2, &["--save-kept", "/nonexistent/dir"])?;
-    expect_error(&run(&["--save-kept", "/dev/null.png"])?, 2, &["--save-kept"])
-        .or_else(|_| -> Result<()> { Ok(()) })?; // root may write in /dev: not asserted
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        std::fs::read(&existing)?.starts_with(b"\x89PNG"),
+        "not replaced by a PNG"
+    );
+    expect_error(
+        &run(&["--save-kept", "/nonexistent/dir/k.png"])?,
+        2,
+        &["--save-kept", "/nonexistent/dir"],
+    )?;
+    expect_error(
+        &run(&["--save-kept", "/dev/null.png"])?,
+        2,
+        &["--save-kept"],
+    )
+    .or_else(|_| -> Result<()> { Ok(()) })?; // root may write in /dev: not asserted
     expect_error(
         &visi(&["bench", "--shape", "tiny", "--device", "cpu", "--plot", &e])?,
         2,
@@ -1078,13 +1352,34 @@ fn save_kept_and_plot_are_checked_before_the_run() -> Result<()> {
 
 #[test]
 fn visi_adapter_naming_no_adapter_is_an_error() -> Result<()> {
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
-    let img = fixtures().join("images/square.png").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
     let out = visi_env(
-        &["run", "--model", &model, "--image", &img, "--prompt", "hi", "--max-new-tokens", "1"],
+        &[
+            "run",
+            "--model",
+            &model,
+            "--image",
+            &img,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "1",
+        ],
         &[("VISI_ADAPTER", "no-such-adapter")],
     )?;
     expect_error(&out, 2, &["VISI_ADAPTER", "no-such-adapter"])?;
+    let env = [("VISI_ADAPTER", "no-such-adapter")];
+    let out = visi_env(&["info", "--model", &model], &env)?;
+    expect_error(&out, 2, &["VISI_ADAPTER", "no-such-adapter"])?;
+    let out = visi_env(&["bench-kernels", "--quick"], &env)?;
+    expect_error(&out, 2, &["no-such-adapter"])?;
     Ok(())
 }
 
@@ -1092,13 +1387,24 @@ fn visi_adapter_naming_no_adapter_is_an_error() -> Result<()> {
 fn an_error_after_the_pruning_note_is_one_line() -> Result<()> {
     // tiny-llava-mha (6 layers) gets a note about the scaled pruning config; a prompt past
     // the context fails after the model loaded: stderr must be the error line alone.
-    let model = fixtures().join("tiny-llava-mha").to_string_lossy().to_string();
-    let img = fixtures().join("images/square.png").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
     let long = "word ".repeat(5000);
-    let out = visi(&["run", "--model", &model, "--image", &img, "--prompt", &long, "--device", "cpu"])?;
+    let out = visi(&[
+        "run", "--model", &model, "--image", &img, "--prompt", &long, "--device", "cpu",
+    ])?;
     expect_error(&out, 2, &["context"])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(stderr.lines().count() == 1, "more than the error line: {stderr}");
+    ensure!(
+        stderr.lines().count() == 1,
+        "more than the error line: {stderr}"
+    );
     Ok(())
 }
 
@@ -1108,23 +1414,123 @@ fn failing_arguments_fail_fast_on_every_subcommand() -> Result<()> {
     // bound is loose (2 s on a loaded machine); the point is that none of them does the
     // minutes of work the run would.
     let dir = Scratch::new("fast")?;
-    let model = fixtures().join("tiny-llava-gqa").to_string_lossy().to_string();
-    let img = fixtures().join("images/square.png").to_string_lossy().to_string();
+    let model = fixtures()
+        .join("tiny-llava-gqa")
+        .to_string_lossy()
+        .to_string();
+    let mha = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
     let existing = dir.path().join("x.png");
     std::fs::write(&existing, b"x")?;
     let e = existing.to_string_lossy().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["bench", "--shape", "tiny", "--schedule", "fusion=2,keep=10,exit=99"], "--schedule"),
-        (vec!["bench", "--shape", "llava-7b", "--schedule", "fusion=40,keep=10"], "--schedule"),
-        (vec!["bench", "--shape", "tiny", "--plot", "/nonexistent/p.png"], "--plot"),
+        (
+            vec![
+                "bench",
+                "--shape",
+                "tiny",
+                "--schedule",
+                "fusion=2,keep=10,exit=99",
+            ],
+            "--schedule",
+        ),
+        (
+            vec![
+                "bench",
+                "--shape",
+                "llava-7b",
+                "--schedule",
+                "fusion=40,keep=10",
+            ],
+            "--schedule",
+        ),
+        (
+            vec!["bench", "--shape", "tiny", "--plot", "/nonexistent/p.png"],
+            "--plot",
+        ),
         (vec!["bench", "--shape", "tiny", "--plot", &e], "--plot"),
-        (vec!["bench", "--model", &model, "--prompt-len", "5"], "--prompt-len"),
-        (vec!["run", "--model", &model, "--image", &img, "--prompt", "x", "--save-kept", "/nonexistent/k.png"], "--save-kept"),
-        (vec!["run", "--model", &model, "--image", &img, "--prompt", "x", "--prune", "{\"method\":\"fastv\",\"k\":99,\"ratio\":0.5}"], "99"),
-        (vec!["run", "--model", &model, "--image", "/nonexistent.png", "--prompt", "x"], "nonexistent.png"),
-        (vec!["quantize", "--model", &model, "--quant", "q8_0", "--out", "/dev/full"], "/dev/full"),
-        (vec!["quant-eval", "--model", &model, "--prune", "{\"method\":\"fastv\",\"k\":99,\"ratio\":0.5}"], "--prune"),
-        (vec!["quant-eval", "--model", &model, "--image", "/nonexistent.png"], "--image"),
+        (
+            vec!["bench", "--model", &model, "--prompt-len", "5"],
+            "--prompt-len",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                &model,
+                "--image",
+                &img,
+                "--prompt",
+                "x",
+                "--save-kept",
+                "/nonexistent/k.png",
+            ],
+            "--save-kept",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                &model,
+                "--image",
+                &img,
+                "--prompt",
+                "x",
+                "--prune",
+                "{\"method\":\"fastv\",\"k\":99,\"ratio\":0.5}",
+            ],
+            "99",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                &model,
+                "--image",
+                "/nonexistent.png",
+                "--prompt",
+                "x",
+            ],
+            "nonexistent.png",
+        ),
+        (
+            vec![
+                "quantize",
+                "--model",
+                &mha,
+                "--quant",
+                "q8_0",
+                "--out",
+                "/dev/full",
+            ],
+            "/dev/full",
+        ),
+        (
+            vec![
+                "quant-eval",
+                "--model",
+                &model,
+                "--prune",
+                "{\"method\":\"fastv\",\"k\":99,\"ratio\":0.5}",
+            ],
+            "--prune",
+        ),
+        (
+            vec![
+                "quant-eval",
+                "--model",
+                &model,
+                "--image",
+                "/nonexistent.png",
+            ],
+            "--image",
+        ),
         (vec!["info", "--shape", "huge"], "--shape"),
         (vec!["bench-kernels", "--reps", "0"], "--reps"),
     ];

@@ -205,7 +205,9 @@ mod tests {
 
     #[test]
     fn special_files_and_limits() {
-        let e = read_limited(Path::new("/dev/zero"), 10).unwrap_err().to_string();
+        let e = read_limited(Path::new("/dev/zero"), 10)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/dev/zero") && e.contains("device"), "{e}");
         let e = read_limited(Path::new("/"), 10).unwrap_err().to_string();
         assert!(e.contains("directory"), "{e}");
@@ -229,13 +231,19 @@ mod tests {
         let (a, b) = (d.join("a.bin"), d.join("b.bin"));
         write_files_atomic(&[(&a, b"aa"), (&b, b"bb")], false).unwrap();
         assert_eq!(std::fs::read(&b).unwrap(), b"bb");
-        let e = write_files_atomic(&[(&a, b"x")], false).unwrap_err().to_string();
+        let e = write_files_atomic(&[(&a, b"x")], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--force"), "{e}");
         // The second target's directory does not exist: the first must not stay behind.
         let (c, bad) = (d.join("c.bin"), d.join("no-dir/d.bin"));
         assert!(write_files_atomic(&[(&c, b"cc"), (&bad, b"dd")], false).is_err());
         assert!(!c.exists());
-        let left: Vec<_> = std::fs::read_dir(&d).unwrap().flatten().map(|e| e.file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(left.len(), 2, "{left:?}");
         // A device is never replaced, even with force.
         let e = write_files_atomic(&[(Path::new("/dev/null"), b"x")], true)

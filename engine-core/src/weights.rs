@@ -223,9 +223,13 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, Entry>> {
     }
 
     crate::checks::check_disjoint(
-        entries
-            .iter()
-            .map(|(n, e)| (n.as_str(), (e.start - data_start) as u64, (e.end - data_start) as u64)),
+        entries.iter().map(|(n, e)| {
+            (
+                n.as_str(),
+                (e.start - data_start) as u64,
+                (e.end - data_start) as u64,
+            )
+        }),
         "data_offsets",
     )
     .map_err(err)?;

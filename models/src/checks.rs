@@ -23,7 +23,13 @@ pub fn check_layers(cfg: &LlavaConfig, source: &dyn WeightSource, key_text: &str
     let names = source.names();
     check_text_layers(cfg.text.num_hidden_layers, &names, key_text)?;
     let v = cfg.vision_layers_to_run();
-    if v > names.len() || (v > 0 && !has_suffix(&names, &format!("encoder.layers.{}.layer_norm1.weight", v - 1))) {
+    if v > names.len()
+        || (v > 0
+            && !has_suffix(
+                &names,
+                &format!("encoder.layers.{}.layer_norm1.weight", v - 1),
+            ))
+    {
         return Err(Error::msg(format!(
             "the config's vision tower runs {v} layers but the checkpoint has no vision layer {}",
             v.saturating_sub(1)
@@ -53,7 +59,11 @@ pub fn check_shapes(cfg: &LlavaConfig, source: &dyn WeightSource) -> Result<()> 
     let new_naming = source.contains("model.language_model.embed_tokens.weight");
     let run = cfg.vision_layers_to_run();
     for (old, shape) in crate::synthetic::tensor_shapes(cfg) {
-        let name = if new_naming { new_name(&old) } else { old.clone() };
+        let name = if new_naming {
+            new_name(&old)
+        } else {
+            old.clone()
+        };
         let optional = old.contains("post_layernorm")
             || (old.ends_with("lm_head.weight") && cfg.text.tie_word_embeddings)
             || vision_layer(&old).is_some_and(|l| l >= run);

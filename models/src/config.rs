@@ -115,7 +115,8 @@ pub struct LlavaConfig {
 impl LlavaConfig {
     /// Reads and validates `config.json`; errors name the file and key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
+        let text =
+            engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text).map_err(|e| match e {
             Error::Msg(m) => Error::file(path, m),
             other => other,
@@ -326,13 +327,9 @@ impl TextConfig {
             mlp_bias: bool_or(m, "mlp_bias", pre, false)?,
             bos_token_id: match m.get("bos_token_id") {
                 None | Some(Value::Null) => Some(1),
-                Some(v) => Some(
-                    v.as_u64()
-                        .and_then(|x| u32::try_from(x).ok())
-                        .ok_or_else(|| {
-                            Error::msg(format!("key `{pre}bos_token_id`: expected an integer"))
-                        })?,
-                ),
+                Some(v) => Some(v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(
+                    || Error::msg(format!("key `{pre}bos_token_id`: expected an integer")),
+                )?),
             },
             eos_token_ids,
         };

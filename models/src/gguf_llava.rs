@@ -492,7 +492,8 @@ fn text_gguf_name(hf: &str, cfg: &TextConfig) -> Option<(String, Option<usize>)>
 /// for unmerged ones), so SentencePiece-style best-score-first merging (llama.cpp) and
 /// [`crate::gguf::spm_merges`] both reproduce the file's merge order.
 fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, GgufValue)>> {
-    let text = engine_core::files::read_text_limited(path, engine_core::files::MAX_TOKENIZER_BYTES)?;
+    let text =
+        engine_core::files::read_text_limited(path, engine_core::files::MAX_TOKENIZER_BYTES)?;
     let j: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
     let model = &j["model"];
@@ -689,9 +690,13 @@ pub fn write_pair(
     let src = open_safetensors(model_dir)?;
     // Every size the written file states must be one the checkpoint holds (a config with
     // 10^9 layers would otherwise be written into a GGUF that cannot load).
-    crate::checks::check_layers(&cfg, src.as_ref(), "config.json: text_config.num_hidden_layers")?;
+    crate::checks::check_layers(
+        &cfg,
+        src.as_ref(),
+        "config.json: text_config.num_hidden_layers",
+    )?;
     let pp = model_dir.join("preprocessor_config.json");
-    let proc = if pp.is_file() {
+    let proc = if pp.exists() {
         let p = ImageProcessor::from_file(&pp)?;
         crate::checks::check_processor(&p, &cfg, &pp)?;
         p

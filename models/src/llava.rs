@@ -228,7 +228,8 @@ impl Llava {
         let tokenizer =
             PromptTokenizer::from_file(&dir.join("tokenizer.json"), cfg.image_token_index)?;
         let pp = dir.join("preprocessor_config.json");
-        let processor = if pp.is_file() {
+        // exists(), not is_file(): a FIFO or device there is an error, not a default.
+        let processor = if pp.exists() {
             let p = ImageProcessor::from_file(&pp)?;
             crate::checks::check_processor(&p, &cfg, &pp)?;
             p
@@ -246,7 +247,11 @@ impl Llava {
             &dir.join("tokenizer.json"),
         )?;
         let source = open_safetensors(dir)?;
-        crate::checks::check_layers(&cfg, source.as_ref(), "config.json: text_config.num_hidden_layers")?;
+        crate::checks::check_layers(
+            &cfg,
+            source.as_ref(),
+            "config.json: text_config.num_hidden_layers",
+        )?;
         Self::build(
             t0, cfg, tokenizer, processor, source, backend, progress, quant,
         )

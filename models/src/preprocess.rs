@@ -601,7 +601,8 @@ impl Default for ImageProcessor {
 impl ImageProcessor {
     /// Reads a `preprocessor_config.json`; errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
+        let text =
+            engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text, path)
     }
 

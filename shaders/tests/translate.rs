@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use naga::back::{glsl, hlsl, msl, spv};
-use naga::valid::{Capabilities, ModuleInfo, ShaderStages, SubgroupOperationSet, ValidationFlags, Validator};
+use naga::valid::{
+    Capabilities, ModuleInfo, ShaderStages, SubgroupOperationSet, ValidationFlags, Validator,
+};
 use naga::{Module, ShaderStage};
 
 /// One preprocessed kernel variant.
@@ -79,7 +81,11 @@ fn parse_and_validate(v: &Variant, caps: Capabilities) -> Result<(Module, Module
 
 /// The module as wgpu hands it to a backend for entry point `ep`: `override` constants
 /// resolved (here to their defaults; the translators refuse unresolved ones).
-fn specialise(module: &Module, info: &ModuleInfo, ep: &str) -> Result<(Module, ModuleInfo), String> {
+fn specialise(
+    module: &Module,
+    info: &ModuleInfo,
+    ep: &str,
+) -> Result<(Module, ModuleInfo), String> {
     let (m, i) = naga::back::pipeline_constants::process_overrides(
         module,
         info,
@@ -107,7 +113,11 @@ fn uses_subgroups(v: &Variant) -> bool {
 }
 
 /// Runs `f` on every variant and fails listing every variant it fails on.
-fn for_each(what: &str, skip: impl Fn(&Variant) -> bool, f: impl Fn(&Variant) -> Result<(), String>) -> usize {
+fn for_each(
+    what: &str,
+    skip: impl Fn(&Variant) -> bool,
+    f: impl Fn(&Variant) -> Result<(), String>,
+) -> usize {
     let mut done = 0;
     let mut failures = Vec::new();
     for v in variants() {
@@ -125,65 +135,77 @@ fn for_each(what: &str, skip: impl Fn(&Variant) -> bool, f: impl Fn(&Variant) ->
         failures.len(),
         failures.join("\n")
     );
-    assert!(done >= shaders::KERNELS.len(), "{what}: only {done} variants");
+    assert!(
+        done >= shaders::KERNELS.len(),
+        "{what}: only {done} variants"
+    );
     println!("{what}: translated {done} variants");
     done
 }
 
 #[test]
 fn every_variant_translates_to_msl() {
-    for_each("MSL 2.4", |_| false, |v| {
-        let (module, info) = parse_and_validate(v, Capabilities::all())?;
-        // Metal 2.4 (macOS 12): f16 is native, simdgroup functions are there from 2.0.
-        let opts = msl::Options {
-            lang_version: (2, 4),
-            ..Default::default()
-        };
-        for ep in entry_points(&module) {
-            let (module, info) = specialise(&module, &info, &ep)?;
-            let pipe = msl::PipelineOptions {
-                entry_point: Some((ShaderStage::Compute, ep.clone())),
+    for_each(
+        "MSL 2.4",
+        |_| false,
+        |v| {
+            let (module, info) = parse_and_validate(v, Capabilities::all())?;
+            // Metal 2.4 (macOS 12): f16 is native, simdgroup functions are there from 2.0.
+            let opts = msl::Options {
+                lang_version: (2, 4),
                 ..Default::default()
             };
-            msl::write_string(&module, &info, &opts, &pipe).map_err(|e| format!("{ep}: {e}"))?;
-        }
-        Ok(())
-    });
+            for ep in entry_points(&module) {
+                let (module, info) = specialise(&module, &info, &ep)?;
+                let pipe = msl::PipelineOptions {
+                    entry_point: Some((ShaderStage::Compute, ep.clone())),
+                    ..Default::default()
+                };
+                msl::write_string(&module, &info, &opts, &pipe)
+                    .map_err(|e| format!("{ep}: {e}"))?;
+            }
+            Ok(())
+        },
+    );
 }
 
 #[test]
 fn every_variant_translates_to_hlsl() {
     let half_variants = std::cell::Cell::new(0usize);
-    for_each("HLSL SM 6.x", |_| false, |v| {
-        let (module, info) = parse_and_validate(v, Capabilities::all())?;
-        // Wave intrinsics need SM 6.0; 16-bit types (f16) need SM 6.2 and DXC's
-        // -enable-16bit-types, which wgpu's DX12 backend passes.
-        let shader_model = if uses_f16(v) {
-            hlsl::ShaderModel::V6_2
-        } else {
-            hlsl::ShaderModel::V6_0
-        };
-        let opts = hlsl::Options {
-            shader_model,
-            ..Default::default()
-        };
-        let mut any_half = false;
-        for ep in entry_points(&module) {
-            let (module, info) = specialise(&module, &info, &ep)?;
-            let pipe = hlsl::PipelineOptions {
-                entry_point: Some((ShaderStage::Compute, ep.clone())),
+    for_each(
+        "HLSL SM 6.x",
+        |_| false,
+        |v| {
+            let (module, info) = parse_and_validate(v, Capabilities::all())?;
+            // Wave intrinsics need SM 6.0; 16-bit types (f16) need SM 6.2 and DXC's
+            // -enable-16bit-types, which wgpu's DX12 backend passes.
+            let shader_model = if uses_f16(v) {
+                hlsl::ShaderModel::V6_2
+            } else {
+                hlsl::ShaderModel::V6_0
             };
-            let mut out = String::new();
-            hlsl::Writer::new(&mut out, &opts, &pipe)
-                .write(&module, &info, None)
-                .map_err(|e| format!("{ep}: {e}"))?;
-            any_half |= out.contains("half");
-        }
-        if uses_f16(v) && any_half {
-            half_variants.set(half_variants.get() + 1);
-        }
-        Ok(())
-    });
+            let opts = hlsl::Options {
+                shader_model,
+                ..Default::default()
+            };
+            let mut any_half = false;
+            for ep in entry_points(&module) {
+                let (module, info) = specialise(&module, &info, &ep)?;
+                let pipe = hlsl::PipelineOptions {
+                    entry_point: Some((ShaderStage::Compute, ep.clone())),
+                };
+                let mut out = String::new();
+                hlsl::Writer::new(&mut out, &opts, &pipe)
+                    .write(&module, &info, None)
+                    .map_err(|e| format!("{ep}: {e}"))?;
+                any_half |= out.contains("half");
+            }
+            if uses_f16(v) && any_half {
+                half_variants.set(half_variants.get() + 1);
+            }
+            Ok(())
+        },
+    );
     // Some F16 variants only `enable f16` (norm); those with f16 arithmetic must come out
     // as HLSL `half` (16-bit types), not be widened.
     assert!(
@@ -253,43 +275,47 @@ fn every_variant_translates_to_valid_spirv() {
     let dir = std::env::temp_dir().join(format!("visi-spv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let counter = std::sync::atomic::AtomicUsize::new(0);
-    for_each("SPIR-V 1.3", |_| false, |v| {
-        let (module, info) = parse_and_validate(v, Capabilities::all())?;
-        // SPIR-V 1.3 (Vulkan 1.1) is the first with subgroup operations.
-        let opts = spv::Options {
-            lang_version: (1, 3),
-            flags: spv::WriterFlags::empty(),
-            ..Default::default()
-        };
-        for ep in entry_points(&module) {
-            let (module, info) = specialise(&module, &info, &ep)?;
-            let pipe = spv::PipelineOptions {
-                shader_stage: ShaderStage::Compute,
-                entry_point: ep.clone(),
+    for_each(
+        "SPIR-V 1.3",
+        |_| false,
+        |v| {
+            let (module, info) = parse_and_validate(v, Capabilities::all())?;
+            // SPIR-V 1.3 (Vulkan 1.1) is the first with subgroup operations.
+            let opts = spv::Options {
+                lang_version: (1, 3),
+                flags: spv::WriterFlags::empty(),
+                ..Default::default()
             };
-            let words = spv::write_vec(&module, &info, &opts, Some(&pipe))
-                .map_err(|e| format!("{ep}: {e}"))?;
-            if let Some(val) = &val {
-                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let path = dir.join(format!("{n}.spv"));
-                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-                std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
-                let out = Command::new(val)
-                    .args(["--target-env", "vulkan1.1"])
-                    .arg(&path)
-                    .output()
-                    .map_err(|e| format!("spirv-val: {e}"))?;
-                let _ = std::fs::remove_file(&path);
-                if !out.status.success() {
-                    return Err(format!(
-                        "{ep}: spirv-val: {}{}",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    ));
+            for ep in entry_points(&module) {
+                let (module, info) = specialise(&module, &info, &ep)?;
+                let pipe = spv::PipelineOptions {
+                    shader_stage: ShaderStage::Compute,
+                    entry_point: ep.clone(),
+                };
+                let words = spv::write_vec(&module, &info, &opts, Some(&pipe))
+                    .map_err(|e| format!("{ep}: {e}"))?;
+                if let Some(val) = &val {
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let path = dir.join(format!("{n}.spv"));
+                    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                    std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+                    let out = Command::new(val)
+                        .args(["--target-env", "vulkan1.1"])
+                        .arg(&path)
+                        .output()
+                        .map_err(|e| format!("spirv-val: {e}"))?;
+                    let _ = std::fs::remove_file(&path);
+                    if !out.status.success() {
+                        return Err(format!(
+                            "{ep}: spirv-val: {}{}",
+                            String::from_utf8_lossy(&out.stdout),
+                            String::from_utf8_lossy(&out.stderr)
+                        ));
+                    }
                 }
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
