@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use engine_core::{Backend, HostData, QuantType, Tensor};
 use image::{Rgb, RgbImage};
 use models::llama::{ImageSpan, Llama, PrefillStats};
@@ -74,6 +74,9 @@ pub struct BenchArgs {
     /// --layer-times).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Replace an existing --plot file.
+    #[arg(long)]
+    force: bool,
     /// One extra untimed run per method that syncs after every layer to time it.
     #[arg(long)]
     layer_times: bool,
@@ -677,12 +680,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     let quants = parse_quant_list(&a.quant).map_err(bad_input)?;
     let main_quant = quants.first().copied().flatten();
     if let Some(p) = &a.plot {
-        if p.extension().and_then(|e| e.to_str()) != Some("png") {
-            return Err(bad_input(anyhow!(
-                "--plot {}: the file name must end in .png",
-                p.display()
-            )));
-        }
+        crate::validate::output_file("--plot", p, "png", a.force)?;
     }
     let model_dir = a
         .model
@@ -690,6 +688,63 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         .map(models::hub::resolve_model)
         .transpose()
         .map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+    // The config alone (no weights): everything that depends on the model's shape is
+    // checked against it before the kernel benchmark and the load.
+    let cfg = match (&model_dir, shape) {
+        (Some(dir), _) => {
+            let cfg = LlavaConfig::from_file(&dir.join("config.json")).map_err(classify)?;
+            // Headers only: a broken checkpoint fails now, not after the kernel benchmark.
+            let src = engine_core::weights::open_safetensors(dir).map_err(classify)?;
+            models::checks::check_layers(
+                &cfg,
+                src.as_ref(),
+                "config.json: text_config.num_hidden_layers",
+            )
+            .map_err(classify)?;
+            cfg
+        }
+        (None, Some(s)) => s.config().map_err(classify)?,
+        (None, None) => return Err(bad_input(anyhow!("give --model DIR or --shape NAME"))),
+    };
+    let layers = cfg.text.num_hidden_layers;
+    let n_img = cfg.image_tokens();
+    if a.prompt_len < PREFIX_TOKENS + n_img + 1 {
+        return Err(bad_input(anyhow!(
+            "--prompt-len {} is too short: {PREFIX_TOKENS} prefix + {n_img} image tokens + at least 1",
+            a.prompt_len
+        )));
+    }
+    if a.prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
+        return Err(bad_input(anyhow!(
+            "--prompt-len {} + --decode-tokens {} exceed the model's context of {}",
+            a.prompt_len,
+            a.decode_tokens,
+            cfg.text.max_position_embeddings
+        )));
+    }
+
+    // ---- pruners ----
+    // The paper's config, its shallow_mid_layer scaled to shallow models (the 6-layer
+    // fixtures the llama.cpp peer script uses).
+    let (paper, note) = PruneConfig::paper_default_for(layers);
+    let PruneConfig::VisiPruner(visi_cfg) = paper else {
+        return Err(bad_input(anyhow!(
+            "{}",
+            note.unwrap_or_else(|| "the paper's VisiPruner config does not fit".into())
+        )));
+    };
+    if let Some(n) = note {
+        eprintln!("bench: {n}");
+    }
+    let shallow_mid = visi_cfg.shallow_mid_layer.unwrap_or(6);
+    let schedule = schedule_arg.unwrap_or(Schedule::Forced(default_schedule(layers, shallow_mid)));
+    let visi = match schedule {
+        Schedule::Forced(fs) => VisiPruner::forced(visi_cfg, layers, fs),
+        Schedule::Real => VisiPruner::new(visi_cfg, layers),
+    }
+    .map_err(|e| bad_input(anyhow!("--schedule on this {layers}-layer model: {e}")))?;
+    let fastv_p = FastV::new(fastv, layers)
+        .map_err(|e| bad_input(anyhow!("--fastv on this {layers}-layer model: {e}")))?;
 
     // ---- kernels first, so their buffers are gone before the model loads ----
     let kernels = if a.skip_kernels || a.conversation || a.device == DeviceArg::Cpu {
@@ -735,48 +790,11 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         })
     };
     let model = load(main_quant)?;
-    let cfg = model.cfg().clone();
-    let layers = cfg.text.num_hidden_layers;
-    let n_img = cfg.image_tokens();
-    if a.prompt_len < PREFIX_TOKENS + n_img + 1 {
-        return Err(bad_input(anyhow!(
-            "--prompt-len {} is too short: {PREFIX_TOKENS} prefix + {n_img} image tokens + at least 1",
-            a.prompt_len
-        )));
-    }
-    if a.prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
-        return Err(bad_input(anyhow!(
-            "--prompt-len {} + --decode-tokens {} exceed the model's context of {}",
-            a.prompt_len,
-            a.decode_tokens,
-            cfg.text.max_position_embeddings
-        )));
-    }
-
-    // ---- pruners ----
-    let PruneConfig::VisiPruner(mut visi_cfg) = PruneConfig::paper_default() else {
+    if model.cfg() != &cfg {
         return Err(internal(anyhow!(
-            "paper default is not a VisiPruner config"
+            "the loaded model's config differs from the one checked"
         )));
-    };
-    // The paper's shallow_mid_layer 6 leaves no legal fusion layer on very shallow models
-    // (the 6-layer test fixtures the llama.cpp peer script uses): scale it to the depth.
-    if let Some(s) = visi_cfg.shallow_mid_layer {
-        if s + 3 > layers {
-            let scaled = ((s * layers + 16) / 32).max(1);
-            eprintln!("bench: {layers}-layer model: shallow_mid_layer {s} scaled to {scaled}");
-            visi_cfg.shallow_mid_layer = Some(scaled);
-        }
     }
-    let shallow_mid = visi_cfg.shallow_mid_layer.unwrap_or(6);
-    let schedule = schedule_arg.unwrap_or(Schedule::Forced(default_schedule(layers, shallow_mid)));
-    let visi = match schedule {
-        Schedule::Forced(fs) => VisiPruner::forced(visi_cfg, layers, fs),
-        Schedule::Real => VisiPruner::new(visi_cfg, layers),
-    }
-    .map_err(|e| bad_input(anyhow!("--schedule on this {layers}-layer model: {e}")))?;
-    let fastv_p = FastV::new(fastv, layers)
-        .map_err(|e| bad_input(anyhow!("--fastv on this {layers}-layer model: {e}")))?;
     let mut methods: Vec<MethodRuns> = [
         ("dense", Box::new(Dense) as Box<dyn Pruner>),
         ("visipruner", Box::new(visi)),
@@ -887,16 +905,16 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     report["weight_formats"] = Value::Array(formats);
     report["model"]["weights_format"] = json!(quant_name(main_quant));
     if let Some(p) = &a.plot {
-        plot(p, &methods).map_err(internal)?;
+        let img = plot(&methods);
+        crate::validate::save_png("--plot", p, &img, a.force)?;
         eprintln!("bench: wrote {}", p.display());
     }
     if a.json {
         let text = serde_json::to_string(&report).map_err(|e| internal(e.into()))?;
-        println!("{text}");
+        crate::validate::println_stdout(&text)
     } else {
-        print_table(&report);
+        crate::validate::print_stdout(&table(&report))
     }
-    Ok(())
 }
 
 fn model_load_ms(m: &Model) -> f64 {
@@ -1102,9 +1120,13 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
-fn print_table(r: &Value) {
+/// The report as a text table.
+fn table(r: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let m = &r["methods"];
-    println!(
+    let _ = writeln!(
+        out,
         "visi bench: {} on {} ({}), prompt {} tokens ({} image), {} reps after {} warm-up, {} decode tokens",
         r["model"]["name"].as_str().unwrap_or("?"),
         r["device"]["adapter"].as_str().unwrap_or("?"),
@@ -1115,8 +1137,9 @@ fn print_table(r: &Value) {
         r["warmup"],
         r["decode_tokens"],
     );
-    println!("schedule: {}", r["schedule"]);
-    println!(
+    let _ = writeln!(out, "schedule: {}", r["schedule"]);
+    let _ = writeln!(
+        out,
         "{:<11} {:>17} {:>19} {:>19} {:>12} {:>10} {:>9} {:>9} {:>7}",
         "method",
         "vision ms min/med",
@@ -1133,7 +1156,8 @@ fn print_table(r: &Value) {
         if x.is_null() {
             continue;
         }
-        println!(
+        let _ = writeln!(
+        out,
             "{:<11} {:>8.1}/{:<8.1} {:>9.1}/{:<9.1} {:>9.1}/{:<9.1} {:>12.2} {:>10.2} {:>8.2}x {:>8.2}x {:>6.1}%",
             name,
             f(&x["vision_ms"]["min"]),
@@ -1149,8 +1173,10 @@ fn print_table(r: &Value) {
             100.0 * f(&x["speedup"]["efficiency"]),
         );
     }
-    println!("realised = dense prefill median / method prefill median (decoder + lm_head, vision excluded);");
-    println!(
+    let _ = writeln!(
+        out,"realised = dense prefill median / method prefill median (decoder + lm_head, vision excluded);");
+    let _ = writeln!(
+        out,
         "FLOPs = analytic decoder FLOPs ratio of the schedule that ran; effic. = realised / FLOPs."
     );
     for name in ["visipruner", "fastv"] {
@@ -1158,15 +1184,21 @@ fn print_table(r: &Value) {
         if x.is_null() {
             continue;
         }
-        println!("{name}: layer seq lens {}", compact(&x["layer_seq_lens"]));
+        let _ = writeln!(
+            out,
+            "{name}: layer seq lens {}",
+            compact(&x["layer_seq_lens"])
+        );
     }
     if let Some(fs) = r["weight_formats"].as_array().filter(|v| !v.is_empty()) {
-        println!(
+        let _ = writeln!(
+            out,
             "weight formats (dense): {:<6} {:>19} {:>16} {:>20}",
             "format", "prefill ms min/med", "prefill tok/s", "decode tok/s best/med"
         );
         for x in fs {
-            println!(
+            let _ = writeln!(
+                out,
                 "                        {:<6} {:>9.1}/{:<9.1} {:>16.1} {:>10.2}/{:<9.2}",
                 x["weights"].as_str().unwrap_or("?"),
                 f(&x["prefill_ms"]["min"]),
@@ -1177,12 +1209,14 @@ fn print_table(r: &Value) {
             );
         }
     }
-    println!(
+    let _ = writeln!(
+        out,
         "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV)",
         f(&r["memory"]["allocated_bytes"]) / (1 << 20) as f64
     );
     if let Some(k) = r["kernel_efficiency"].as_object() {
-        println!(
+        let _ = writeln!(
+            out,
             "kernels ({}): FMA peak {:.1} GFLOP/s, copy peak {:.1} GB/s",
             k["timing"].as_str().unwrap_or("?"),
             f(&k["fma_peak_gflops"]),
@@ -1190,7 +1224,8 @@ fn print_table(r: &Value) {
         );
         for row in k["rows"].as_array().into_iter().flatten() {
             if row["m"] == 640 {
-                println!(
+                let _ = writeln!(
+                    out,
                     "  gemm M=640 K={} N={} {}: {:.1} GFLOP/s = {:.1}% of FMA peak",
                     row["k"],
                     row["n"],
@@ -1199,7 +1234,8 @@ fn print_table(r: &Value) {
                     100.0 * f(&row["frac_of_fma_peak"])
                 );
             } else {
-                println!(
+                let _ = writeln!(
+                    out,
                     "  gemv M=1   K={} N={} {}: {:.1} GB/s = {:.1}% of copy peak",
                     row["k"],
                     row["n"],
@@ -1210,8 +1246,9 @@ fn print_table(r: &Value) {
             }
         }
     } else {
-        println!("kernels: skipped");
+        let _ = writeln!(out, "kernels: skipped");
     }
+    out
 }
 
 /// `[640 x13, 45 x6, 35 x13]`: runs of equal values.
@@ -1232,7 +1269,8 @@ fn compact(v: &Value) -> String {
 
 /// Two panels, no text: top, sequence length per layer; bottom, profiled ms per layer.
 /// Grey = dense, blue = VisiPruner, orange = FastV (see bench/README.md).
-fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
+/// The per-layer plot (sequence length and time, dense vs pruned).
+fn plot(methods: &[MethodRuns]) -> RgbImage {
     const W: u32 = 900;
     const PH: u32 = 300;
     const PAD: u32 = 30;
@@ -1301,6 +1339,5 @@ fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
             }
         }
     }
-    img.save(path)
-        .with_context(|| format!("--plot: cannot write {}", path.display()))
+    img
 }

@@ -8,7 +8,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use image::RgbImage;
 use models::chat::{render_vicuna_v1, Message, Part, Role};
 use models::llava::{GenerateOptions, Generation, Llava};
@@ -43,34 +43,6 @@ fn load_attached(path: &Path) -> anyhow::Result<Attached> {
         url: abs.display().to_string(),
         pixels,
     })
-}
-
-/// Writes `text` to `path` through a temp file and a rename; refuses to replace a file
-/// unless `force`.
-fn write_new(path: &Path, text: &str, force: bool) -> anyhow::Result<()> {
-    if path.exists() && !force {
-        return Err(anyhow!(
-            "{} exists (add --force to replace it)",
-            path.display()
-        ));
-    }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let res = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.with_context(|| format!("writing {}", path.display()))
 }
 
 /// `visi-cli chat`.
@@ -169,7 +141,10 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
                         &chat.messages,
                     ))
                     .unwrap_or_default();
-                    match write_new(Path::new(file), &text, force) {
+                    match engine_core::files::write_files_atomic(
+                        &[(Path::new(file), text.as_bytes())],
+                        force,
+                    ) {
                         Ok(()) => eprintln!("(saved {} messages to {file})", chat.messages.len()),
                         Err(e) => eprintln!("error: /save: {e:#}"),
                     }

@@ -24,11 +24,9 @@ pub fn devices(json: bool) -> Result<(), Failure> {
             "auto": auto_choice(&list),
         });
         let text = serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?;
-        println!("{text}");
-        return Ok(());
+        return crate::validate::println_stdout(&text);
     }
-    print!("{}", table(&list));
-    Ok(())
+    crate::validate::print_stdout(&table(&list))
 }
 
 /// What `--device auto` runs on, in words.

@@ -432,7 +432,7 @@ pub fn execute(
     label: &str,
 ) -> Result<RunSummary, Failure> {
     if let Some(text) = &plan.rewrite {
-        models::gguf_llava::write_atomic(&plan.answers, text.as_bytes(), true)
+        engine_core::files::write_files_atomic(&[(plan.answers.as_path(), text.as_bytes())], true)
             .map_err(|e| internal(e.into()))?;
     }
     let mut file = std::fs::OpenOptions::new()
@@ -666,7 +666,7 @@ pub fn eval(a: EvalArgs) -> Result<(), Failure> {
         // so that merging finds it.
         if plan.rewrite.is_some() || !a.answers.exists() {
             let text = plan.rewrite.as_deref().unwrap_or("");
-            models::gguf_llava::write_atomic(&a.answers, text.as_bytes(), true)
+            engine_core::files::write_files_atomic(&[(a.answers.as_path(), text.as_bytes())], true)
                 .map_err(|e| internal(e.into()))?;
         }
         if !plan.questions.is_empty() {
@@ -759,7 +759,7 @@ pub fn merge(a: MergeArgs) -> Result<(), Failure> {
         text.push_str(&l);
         text.push('\n');
     }
-    models::gguf_llava::write_atomic(&a.out, text.as_bytes(), a.force)
+    engine_core::files::write_files_atomic(&[(a.out.as_path(), text.as_bytes())], a.force)
         .map_err(|e| internal(e.into()))?;
     eprintln!(
         "merged {} answers from {} chunk files into {}",

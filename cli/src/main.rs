@@ -22,6 +22,7 @@ mod progress;
 mod quant_eval;
 mod score;
 mod sweep;
+mod validate;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -271,6 +272,9 @@ struct RunArgs {
     /// Write the image as the model saw it, pruned patches dimmed, kept ones outlined.
     #[arg(long)]
     save_kept: Option<PathBuf>,
+    /// Replace an existing --save-kept file.
+    #[arg(long)]
+    force: bool,
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -322,7 +326,11 @@ fn main() -> ExitCode {
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
+                // print! would panic on a failed write (`--help > /dev/full`).
+                if let Err(f) = validate::print_stdout(&e.to_string()) {
+                    eprintln!("error: {:#}", f.err);
+                    return ExitCode::from(f.code);
+                }
                 return ExitCode::SUCCESS;
             }
             // clap's message up to its usage block, folded onto one line.
@@ -389,21 +397,22 @@ fn main() -> ExitCode {
 }
 
 fn bench_kernels(quick: bool) -> Result<(), Failure> {
+    // No adapter (or a VISI_ADAPTER naming none) is the user's to fix: classify, exit 2.
     let v = engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick)
-        .map_err(|e| internal(e.into()))?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?
-    );
-    Ok(())
+        .map_err(classify)?;
+    validate::println_stdout(&serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?)
 }
 
 /// Reads `--prune`: inline JSON or `@file.json`.
 fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
     let (text, origin) = match arg.strip_prefix('@') {
+        // A regular file of bounded size: `@/dev/zero` or a FIFO must not hang or grow.
         Some(path) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("--prune: cannot read {path}"))?,
+            engine_core::files::read_text_limited(
+                Path::new(path),
+                engine_core::files::MAX_CONFIG_BYTES,
+            )
+            .context("--prune")?,
             path.to_string(),
         ),
         None => (arg.to_string(), "--prune".to_string()),
@@ -430,37 +439,21 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
         }
         DeviceArg::Auto => match engine_wgpu::open(&engine_wgpu::GpuOptions::default()) {
             Ok(b) => Ok(b),
+            // An adapter asked for by name that is not there is a mistake to report, not a
+            // reason to run on the CPU instead.
+            Err(e) if std::env::var("VISI_ADAPTER").is_ok_and(|v| !v.trim().is_empty()) => {
+                let f = classify(e);
+                Err(Failure {
+                    err: f.err.context("VISI_ADAPTER"),
+                    ..f
+                })
+            }
             Err(e) => {
                 eprintln!("note: {e}; running on the CPU backend");
                 Ok(Arc::new(CpuBackend::new()))
             }
         },
     }
-}
-
-fn check_output_path(p: &Path) -> anyhow::Result<()> {
-    let ext = p
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase());
-    if ext.as_deref() != Some("png") {
-        return Err(anyhow!(
-            "--save-kept {}: the file name must end in .png",
-            p.display()
-        ));
-    }
-    let parent = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(anyhow!(
-            "--save-kept {}: directory {} does not exist",
-            p.display(),
-            parent.display()
-        ));
-    }
-    Ok(())
 }
 
 /// The prompt `run` was given: `--prompt` with a template, or a `--messages` conversation
@@ -558,6 +551,7 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
     if a.save_kept.is_some() {
         return Err(bad_input(anyhow!("--save-kept needs --image")));
     }
+    validate::input_file("--model", Path::new(&a.g.model))?;
     let backend = open_backend(a.g.device)?;
     let dev = backend.device_info();
     let t0 = std::time::Instant::now();
@@ -574,7 +568,6 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
         .tokenizer
         .decode(&tokens, true)
         .map_err(|e| internal(anyhow!("decoding: {e}")))?;
-    let mut stdout = std::io::stdout().lock();
     if a.json {
         let j = json!({
             "text": out,
@@ -582,11 +575,11 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
             "tokens": tokens,
             "prompt_tokens": ids.len(),
             "timings_ms": { "load": load_ms, "generate": gen_ms },
-            "device": { "backend": dev.backend, "adapter": dev.adapter },
+            "device": { "backend": dev.backend, "adapter": dev.adapter, "api": dev.api },
         });
-        let _ = writeln!(stdout, "{j}");
+        validate::println_stdout(&j.to_string())?;
     } else {
-        let _ = writeln!(stdout, "{out}");
+        validate::println_stdout(&out)?;
         eprintln!(
             "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), {}",
             ids.len(),
@@ -614,11 +607,21 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     if a.g.is_gguf() && a.g.mmproj.is_none() {
         return run_gguf(&a, sampling, p);
     }
+    // Input files are regular files (a FIFO would hang, a device never ends).
+    if a.g.is_gguf() {
+        validate::input_file("--model", Path::new(&a.g.model))?;
+    }
+    if let Some(m) = &a.g.mmproj {
+        validate::input_file("--mmproj", m)?;
+    }
+    if let Some(p) = &prune {
+        validate::prune_fits(p, &model_dir, a.g.is_gguf())?;
+    }
     if let Some(path) = &a.save_kept {
         if p.image.is_none() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
         }
-        check_output_path(path).map_err(bad_input)?;
+        validate::output_file("--save-kept", path, "png", a.force)?;
     }
     let image_mode = a.g.pad_mode();
 
@@ -630,9 +633,6 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let (_, note) = llava
         .resolve_prune(prune.as_ref())
         .map_err(|e| bad_input(e.into()))?;
-    if let Some(n) = &note {
-        eprintln!("note: {n}");
-    }
     let opts = GenerateOptions {
         template: Template::Raw,
         image_mode,
@@ -652,33 +652,32 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let mut stdout = std::io::stdout().lock();
     let stream = !a.json;
     let delay = progress::token_delay();
+    // A failed write (closed pipe, full disk) stops generation: the answer is being lost.
+    let write_error: std::cell::RefCell<Option<std::io::Error>> = Default::default();
     let mut on_text = |t: &str| {
-        if stream {
-            // A closed stdout (e.g. piped into `head`) must not abort generation.
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
+        if stream && write_error.borrow().is_none() {
+            if let Err(e) = stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush()) {
+                *write_error.borrow_mut() = Some(e);
+            }
         }
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
     };
+    let stop = || progress::stop_requested() || write_error.borrow().is_some();
     progress::set_generating(true);
     let gen = llava
-        .generate_ids_until(
-            &prompt,
-            encoded.as_ref(),
-            &opts,
-            &mut on_text,
-            &progress::stop_requested,
-        )
+        .generate_ids_until(&prompt, encoded.as_ref(), &opts, &mut on_text, &stop)
         .map_err(classify)?;
     progress::set_generating(false);
+    drop(stdout);
+    if let Some(e) = write_error.take() {
+        return Err(validate::stdout_error(e));
+    }
 
     if let (Some(path), Some(seen)) = (&a.save_kept, &gen.seen_image) {
         let pic = draw_kept_patches(seen, llava.config(), gen.prune.kept_image_tokens.as_deref());
-        pic.save(path)
-            .with_context(|| format!("--save-kept {}", path.display()))
-            .map_err(internal)?;
+        validate::save_png("--save-kept", path, &pic, a.force)?;
     }
 
     let dev = llava.device_info();
@@ -686,10 +685,15 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         let mut out = generation_json(&gen, &dev);
         out["prompt"] = json!(p.text);
         let text = serde_json::to_string(&out).map_err(|e| internal(e.into()))?;
-        let _ = writeln!(stdout, "{text}");
+        validate::println_stdout(&text)?;
     } else {
-        let _ = writeln!(stdout);
-        let _ = stdout.flush();
+        validate::println_stdout("")?;
+    }
+    // Said once the answer is out, so that an error before it stays one line.
+    if let Some(n) = &note {
+        eprintln!("note: {n}");
+    }
+    if !a.json {
         eprintln!("{}", progress::stats_line(&gen, &dev.backend, &dev.adapter));
     }
     if gen.interrupted {
@@ -722,7 +726,7 @@ pub(crate) fn generation_json(
             "decode": gen.timings.decode_ms,
         },
         "decode_tokens_per_s": gen.decode_tokens_per_s,
-        "device": { "backend": dev.backend, "adapter": dev.adapter },
+        "device": { "backend": dev.backend, "adapter": dev.adapter, "api": dev.api },
         "reuse": {
             "reused_tokens": gen.reused_tokens,
             "recomputed_from_layer": gen.recomputed_from_layer,
@@ -753,6 +757,7 @@ pub(crate) fn generation_json(
 
 /// `visi-cli quantize`: a llava-hf directory to llama.cpp's GGUF pair.
 fn quantize(a: QuantizeArgs) -> Result<(), Failure> {
+    progress::install_ctrl_c();
     let ty = models::gguf_llava::PairType::parse(&a.quant).ok_or_else(|| {
         bad_input(anyhow!(
             "--quant {}: expected one of f16, q8_0, q4_0, q4_1, q4_k",
@@ -777,8 +782,7 @@ fn quantize(a: QuantizeArgs) -> Result<(), Failure> {
         b.finish_and_clear();
     }
     let w = res.map_err(classify)?;
-    println!("{}", w.text.display());
-    println!("{}", w.mmproj.display());
+    validate::println_stdout(&format!("{}\n{}", w.text.display(), w.mmproj.display()))?;
     eprintln!(
         "wrote the pair: {} text matrices in {}, {} kept f16 (rows not whole blocks); CLIP tower f16",
         w.quantized,

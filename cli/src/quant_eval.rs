@@ -102,6 +102,32 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
             )))
         }
     };
+    // Files and the pruning config against the model's depth, before anything loads.
+    if let Source::Pair(t, mm) = &source {
+        crate::validate::input_file("--model", t)?;
+        crate::validate::input_file("--mmproj", mm)?;
+    }
+    if let Some(p) = &a.image {
+        crate::validate::input_file("--image", p)?;
+    }
+    let layers = match &source {
+        Source::Dir(d) => {
+            models::LlavaConfig::from_file(&d.join("config.json"))
+                .map_err(classify)?
+                .text
+                .num_hidden_layers
+        }
+        Source::Shape(s) => s.config().map_err(classify)?.text.num_hidden_layers,
+        Source::Pair(t, _) => {
+            let f = engine_core::gguf::GgufFile::open(t).map_err(classify)?;
+            models::gguf::text_config(&f)
+                .map_err(classify)?
+                .num_hidden_layers
+        }
+    };
+    prune
+        .validate(layers)
+        .map_err(|e| bad_input(anyhow!("--prune on this {layers}-layer model: {e}")))?;
     let image = match &a.image {
         Some(_) if matches!(source, Source::Shape(_)) => {
             return Err(bad_input(anyhow!(
@@ -168,14 +194,10 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
         "formats": results,
     });
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&v).map_err(|e| internal(e.into()))?
-        );
+        crate::validate::println_stdout(&serde_json::to_string(&v).map_err(|e| internal(e.into()))?)
     } else {
-        print!("{}", table(&v));
+        crate::validate::print_stdout(&table(&v))
     }
-    Ok(())
 }
 
 /// One load of the model, ready to produce step logits.

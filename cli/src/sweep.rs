@@ -314,7 +314,8 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
         .iter()
         .zip([tsv.as_bytes(), json_text.as_bytes(), png.as_slice()])
     {
-        models::gguf_llava::write_atomic(path, bytes, a.force).map_err(|e| internal(e.into()))?;
+        engine_core::files::write_files_atomic(&[(path, bytes)], a.force)
+            .map_err(|e| internal(e.into()))?;
     }
     print!("{tsv}");
     eprintln!(

@@ -246,7 +246,8 @@ fn default_pruning_and_save_kept() -> Result<()> {
     ensure!(meta.len() > 100, "tiny png");
     let _ = std::fs::remove_file(&png);
 
-    // 6 layers: the default falls back to dense with a note; an explicit config errors.
+    // 6 layers: the default is the paper's config scaled to the depth (as bench does),
+    // said in a note; an explicit config that does not fit errors.
     let mha = fixtures()
         .join("tiny-llava-mha")
         .to_string_lossy()
@@ -266,10 +267,16 @@ fn default_pruning_and_save_kept() -> Result<()> {
         "2",
     ])?;
     let v = json_of(&out)?;
-    ensure!(v["pruning"]["method"] == "dense");
+    ensure!(v["pruning"]["method"] == "visipruner", "{}", v["pruning"]);
     ensure!(
-        String::from_utf8_lossy(&out.stderr).contains("dense"),
-        "no note on stderr"
+        v["pruning"]["config"]["shallow_mid_layer"] == 1,
+        "6 * 6 / 32 rounds to 1: {}",
+        v["pruning"]["config"]
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("scaled to 1"),
+        "no note on stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let out = visi(&[
         "run",

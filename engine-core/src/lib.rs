@@ -9,6 +9,7 @@ pub mod checks;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod files;
 pub mod gguf;
 pub mod quant;
 pub mod shape;

@@ -78,17 +78,43 @@ pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
             ))
         }
     };
-    let eos = f
-        .get("tokenizer.ggml.eos_token_id")
-        .and_then(GgufValue::as_u64);
-    Ok(TextConfig {
+    // The head width is key_length where given (llama.cpp's default: embedding_length /
+    // head_count). Our RoPE rotates the whole head and V rows are as wide as K rows: a file
+    // that says otherwise would run with the wrong rotation or shapes, so it is refused.
+    let head_dim = match f.get("llama.attention.key_length") {
+        Some(_) => u("attention.key_length")?,
+        None => hidden / heads,
+    };
+    for k in ["rope.dimension_count", "attention.value_length"] {
+        if f.get(&format!("llama.{k}")).is_some() {
+            let v = u(k)?;
+            if v != head_dim {
+                return Err(Error::file(
+                    f.path(),
+                    format!("llama.{k} = {v} differs from the head width {head_dim} (partial rotary or different V width is not supported)"),
+                ));
+            }
+        }
+    }
+    let token_id = |k: &str| -> Result<Option<u32>> {
+        match f.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| Error::file(f.path(), format!("{k} is not a token id"))),
+        }
+    };
+    let eos = token_id("tokenizer.ggml.eos_token_id")?;
+    let cfg = TextConfig {
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
         num_hidden_layers: u("block_count")?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
-        head_dim: hidden / heads,
+        head_dim,
         max_position_embeddings: u("context_length")?,
         rms_norm_eps: f.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
         rope_theta: match f.get("llama.rope.freq_base") {
@@ -99,12 +125,28 @@ pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
         tie_word_embeddings: f.tensor_info("output.weight").is_none(),
         attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some(),
         mlp_bias: f.tensor_info("blk.0.ffn_up.bias").is_some(),
-        bos_token_id: f
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(GgufValue::as_u64)
-            .map(|v| v as u32),
-        eos_token_ids: eos.map(|v| vec![v as u32]).unwrap_or_default(),
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: eos.map(|v| vec![v]).unwrap_or_default(),
+    };
+    cfg.check(|k| {
+        match k {
+            "vocab_size" => "llama.vocab_size",
+            "hidden_size" => "llama.embedding_length",
+            "intermediate_size" => "llama.feed_forward_length",
+            "num_hidden_layers" => "llama.block_count",
+            "max_position_embeddings" => "llama.context_length",
+            "head_dim" => "llama.attention.key_length",
+            "rms_norm_eps" => "llama.attention.layer_norm_rms_epsilon",
+            "rope_theta" => "llama.rope.freq_base",
+            "rope_scaling.factor" => "llama.rope.scaling.factor",
+            "bos_token_id" => "tokenizer.ggml.bos_token_id",
+            "eos_token_id" => "tokenizer.ggml.eos_token_id",
+            other => other,
+        }
+        .to_string()
     })
+    .map_err(|e| Error::file(f.path(), e.to_string()))?;
+    Ok(cfg)
 }
 
 /// HF name of a llama.cpp tensor name, and the heads to unpermute rows over (Q and K).
@@ -541,7 +583,22 @@ impl GgufTextModel {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(GgufValue::as_bool)
             .unwrap_or(true);
+        let tokens = tokenizer.get_vocab_size(true);
+        if tokens > config.vocab_size {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tokenizer.ggml.tokens holds {tokens} tokens, more than the {} rows of the embedding table",
+                    config.vocab_size
+                ),
+            ));
+        }
         let source: Arc<dyn WeightSource> = Arc::new(LlamaGguf::new(file, &config)?);
+        crate::checks::check_text_layers(
+            config.num_hidden_layers,
+            &source.names(),
+            &format!("{}: llama.block_count", path.display()),
+        )?;
         let w = Weights::new(source, backend);
         let llama = Arc::new(Llama::load(&w.pp("model"), &w.pp("lm_head"), &config)?);
         Ok(GgufTextModel {

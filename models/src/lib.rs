@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod chat;
+pub mod checks;
 pub mod clip;
 pub mod config;
 pub mod gguf;

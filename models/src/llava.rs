@@ -276,8 +276,11 @@ impl Llava {
         let tokenizer =
             PromptTokenizer::from_file(&dir.join("tokenizer.json"), cfg.image_token_index)?;
         let pp = dir.join("preprocessor_config.json");
-        let processor = if pp.is_file() {
-            ImageProcessor::from_file(&pp)?
+        // exists(), not is_file(): a FIFO or device there is an error, not a default.
+        let processor = if pp.exists() {
+            let p = ImageProcessor::from_file(&pp)?;
+            crate::checks::check_processor(&p, &cfg, &pp)?;
+            p
         } else {
             let s = cfg.vision.image_size;
             ImageProcessor {
@@ -286,7 +289,17 @@ impl Llava {
                 ..Default::default()
             }
         };
+        crate::checks::check_tokenizer(
+            tokenizer.inner().get_vocab_size(true),
+            &cfg,
+            &dir.join("tokenizer.json"),
+        )?;
         let source = open_safetensors(dir)?;
+        crate::checks::check_layers(
+            &cfg,
+            source.as_ref(),
+            "config.json: text_config.num_hidden_layers",
+        )?;
         Self::build(
             t0, cfg, tokenizer, processor, source, backend, progress, quant,
         )
@@ -306,6 +319,11 @@ impl Llava {
     ) -> Result<Self> {
         let t0 = Instant::now();
         let parts = crate::gguf_llava::open_pair(text, mmproj)?;
+        crate::checks::check_layers(
+            &parts.config,
+            parts.source.as_ref(),
+            &format!("{}: llama.block_count", text.display()),
+        )?;
         let tokenizer = PromptTokenizer::new(parts.tokenizer, parts.config.image_token_index);
         Self::build(
             t0,
@@ -507,18 +525,7 @@ impl Llava {
                 })?;
                 Ok((cfg.clone(), None))
             }
-            None => {
-                let paper = PruneConfig::paper_default();
-                match paper.validate(n) {
-                    Ok(()) => Ok((paper, None)),
-                    Err(e) => Ok((
-                        PruneConfig::Dense,
-                        Some(format!(
-                            "the paper's VisiPruner config does not fit this {n}-layer model ({e}); running dense"
-                        )),
-                    )),
-                }
-            }
+            None => Ok(PruneConfig::paper_default_for(n)),
         }
     }
 

@@ -457,8 +457,8 @@ impl Default for ImageProcessor {
 impl ImageProcessor {
     /// Reads a `preprocessor_config.json`; errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let text =
+            engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text, path)
     }
 
