@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use engine_core::gguf::{GgufFile, GgufValue};
 use engine_core::weights::{WeightSource, WeightView, Weights};
@@ -574,19 +575,34 @@ impl GgufTextModel {
         max_new: usize,
         params: crate::sampling::SamplingParams,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.generate_timed(b, ids, max_new, params)
+            .map(|(t, l, _)| (t, l))
+    }
+
+    /// [`Self::generate`], with the wall-clock split into prefill and decode.
+    pub fn generate_timed(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        max_new: usize,
+        params: crate::sampling::SamplingParams,
+    ) -> Result<(Vec<u32>, Vec<f32>, GenTimings)> {
         if params.is_greedy() {
-            return self.greedy(b, ids, max_new);
+            return self.greedy_timed(b, ids, max_new);
         }
         if ids.is_empty() {
             return Err(Error::msg("generate: empty prompt"));
         }
         let mut sampler = crate::sampling::Sampler::new(params)?;
+        let t0 = Instant::now();
         let embeds = self.llama.embed(b, ids)?; // [S, H]
         let mut cache = KvCache::default();
         let (logits, _) = self
             .llama
             .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
         let first = b.to_vec_f32(&logits)?;
+        let mut t = GenTimings::prefilled(t0);
+        let t1 = Instant::now();
         let mut host = first.clone();
         let mut out = Vec::with_capacity(max_new);
         let mut pos = ids.len() as u32;
@@ -599,8 +615,10 @@ impl GgufTextModel {
             let logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
             host = b.to_vec_f32(&logits)?;
             pos += 1;
+            t.decode_steps += 1;
         }
-        Ok((out, first))
+        t.decode_ms = ms_since(t1);
+        Ok((out, first, t))
     }
 
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
@@ -611,15 +629,28 @@ impl GgufTextModel {
         ids: &[u32],
         max_new: usize,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.greedy_timed(b, ids, max_new).map(|(t, l, _)| (t, l))
+    }
+
+    /// [`Self::greedy`], with the wall-clock split into prefill and decode.
+    pub fn greedy_timed(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        max_new: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>, GenTimings)> {
         if ids.is_empty() {
             return Err(Error::msg("greedy: empty prompt"));
         }
+        let t0 = Instant::now();
         let embeds = self.llama.embed(b, ids)?; // [S, H]
         let mut cache = KvCache::default();
         let (logits, _) = self
             .llama
             .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
         let first = b.to_vec_f32(&logits)?;
+        let mut t = GenTimings::prefilled(t0);
+        let t1 = Instant::now();
         let mut out = Vec::with_capacity(max_new);
         let mut logits = logits;
         let mut pos = ids.len() as u32;
@@ -635,9 +666,36 @@ impl GgufTextModel {
             }
             logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
             pos += 1;
+            t.decode_steps += 1;
         }
-        Ok((out, first))
+        t.decode_ms = ms_since(t1);
+        Ok((out, first, t))
     }
+}
+
+/// Wall-clock split of one generation (every phase ends with a read-back, so the device has
+/// finished its work).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GenTimings {
+    /// Embedding, prefill and the first logits read back: the time to the first token.
+    pub prefill_ms: f64,
+    /// Everything after: `decode_steps` decode steps and their token choices.
+    pub decode_ms: f64,
+    /// Decode steps run (one fewer than the new tokens: the first comes from prefill).
+    pub decode_steps: usize,
+}
+
+impl GenTimings {
+    fn prefilled(t0: Instant) -> Self {
+        GenTimings {
+            prefill_ms: ms_since(t0),
+            ..Default::default()
+        }
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 #[cfg(test)]

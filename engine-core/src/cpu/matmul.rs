@@ -10,8 +10,19 @@ use rayon::prelude::*;
 use super::simd::{self, Row, MR, NR};
 use super::storage::Floats;
 
-/// Up to this many rows, the matrix-vector kernel wins: packing would cost as much as the math.
-const GEMV_MAX_ROWS: usize = simd::DOTS_MAX_ROWS;
+/// Up to this many rows, the matrix-vector kernel wins: packing would cost as much as the
+/// math. (Measured on SmolLM2-135M Q4_1, 2 Zen 4 cores: see `gemv`.)
+const GEMV_MAX_ROWS: usize = 8;
+fn gemv_max_rows() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("VISI_GEMV_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(GEMV_MAX_ROWS)
+    })
+}
+
 /// K-block: a packed `[KB][NB]` weight tile is 64 KiB of f32.
 const KB: usize = 256;
 /// N-block width (a multiple of `NR`).
@@ -30,7 +41,7 @@ pub(crate) fn linear(
 ) -> Vec<f32> {
     let mut y = if m == 0 || n == 0 || k == 0 {
         vec![0f32; m * n]
-    } else if m <= GEMV_MAX_ROWS {
+    } else if m <= gemv_max_rows() {
         gemv(x, m, k, w, n)
     } else {
         gemm(x, m, k, w, n)
@@ -47,24 +58,35 @@ pub(crate) fn linear(
     y
 }
 
-/// Few rows: every weight row is read (and converted) once and dotted with all `m` rows.
+/// Few rows: every weight row is read (and decoded) once and dotted with all `m` rows,
+/// `DOTS_MAX_ROWS` at a time. Quantized rows with at most `DOTS_MAX_ROWS` inputs (decode) are
+/// decoded in registers inside the dot products; otherwise a row is decoded once into a
+/// per-task f32 buffer (L1-resident) and reused by every group of inputs.
 fn gemv(x: &[f32], m: usize, k: usize, w: Floats<'_>, n: usize) -> Vec<f32> {
     let mut yt = vec![0f32; n * m]; // [n, m]: one chunk per weight row
-                                    // Quantized rows are decoded into a per-task f32 row, one weight row at a time.
+    let few = m <= simd::DOTS_MAX_ROWS;
     yt.par_chunks_mut(m)
         .enumerate()
         .with_min_len(64)
         .for_each_init(Vec::new, |buf, (j, out)| {
             let row = match w {
                 Floats::F32(v) => Row::F32(&v[j * k..(j + 1) * k]),
-                Floats::F16(v) => Row::F16(&v[j * k..(j + 1) * k]),
-                Floats::Quant(..) => {
+                Floats::F16(v) if few => Row::F16(&v[j * k..(j + 1) * k]),
+                Floats::Quant(qt, b) if few => {
+                    // Rows are whole blocks (checked at upload).
+                    let rb = k / qt.block_size() * qt.block_bytes();
+                    simd::qdots(x, k, qt, &b[j * rb..(j + 1) * rb], out);
+                    return;
+                }
+                _ => {
                     buf.resize(k, 0.0);
                     w.read_into(j * k, buf);
                     Row::F32(buf)
                 }
             };
-            simd::dots(x, k, row, out);
+            for (g, o) in out.chunks_mut(simd::DOTS_MAX_ROWS).enumerate() {
+                simd::dots(&x[g * simd::DOTS_MAX_ROWS * k..], k, row, o);
+            }
         });
     if m == 1 {
         return yt;
