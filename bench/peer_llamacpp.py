@@ -369,7 +369,7 @@ def table(a):
 # ---- GGUF text model: visi-cli run vs llama.cpp, one process per run ----
 
 # ~20 tokens, and a paragraph that bench makes ~512 tokens long by repetition and trimming.
-SHORT_PROMPT = "The history of the printing press begins in the fifteenth century, when"
+SHORT_PROMPT = "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz"
 LONG_PARAGRAPH = (
     "Rivers have shaped human settlement for as long as people have farmed. The floods of "
     "the Nile left fertile silt along its banks every summer, and the calendar of ancient "
@@ -474,16 +474,21 @@ def gguf_bench(a):
         with open(files[k], "w", encoding="utf-8") as f:
             f.write(v)
     no_vk = {"VK_ICD_FILENAMES": "/nonexistent.json", "VK_DRIVER_FILES": "/nonexistent.json"}
-    me = [sys.executable, os.path.abspath(__file__), "gguf-run", a.gguf, "--threads", str(a.threads)]
-    visi = [a.visi_cli, "--threads", str(a.threads), "run", "--model", a.gguf, "--template", "raw", "--json"]
-    configs = [
-        ("visi", "cpu", lambda p, n: visi + ["--device", "cpu", "--max-new-tokens", str(n), "--prompt", prompts[p]], {}),
-        ("llama.cpp", "cpu", lambda p, n: me + ["--n-gpu-layers", "0", "--new-tokens", str(n), "--prompt-file", files[p]], no_vk),
-    ]
-    if not a.no_vulkan:
+    me = lambda t: [sys.executable, os.path.abspath(__file__), "gguf-run", a.gguf, "--threads", str(t)]
+    visi = lambda t: [a.visi_cli, "--threads", str(t), "run", "--model", a.gguf, "--template", "raw", "--json"]
+    configs = []
+    # Device labels carry the thread count when several are compared.
+    for t in [a.threads] + a.extra_threads:
+        cpu = "cpu" if t == a.threads else f"cpu {t}t"
         configs += [
-            ("visi", "vulkan", lambda p, n: visi + ["--device", "gpu", "--max-new-tokens", str(n), "--prompt", prompts[p]], {}),
-            ("llama.cpp", "vulkan", lambda p, n: me + ["--n-gpu-layers", "-1", "--new-tokens", str(n), "--prompt-file", files[p]], {}),
+            ("visi", cpu, lambda p, n, t=t: visi(t) + ["--device", "cpu", "--max-new-tokens", str(n), "--prompt", prompts[p]], {}),
+            ("llama.cpp", cpu, lambda p, n, t=t: me(t) + ["--n-gpu-layers", "0", "--new-tokens", str(n), "--prompt-file", files[p]], no_vk),
+        ]
+    if not a.no_vulkan:
+        t = a.threads
+        configs += [
+            ("visi", "vulkan", lambda p, n: visi(t) + ["--device", "gpu", "--max-new-tokens", str(n), "--prompt", prompts[p]], {}),
+            ("llama.cpp", "vulkan", lambda p, n: me(t) + ["--n-gpu-layers", "-1", "--new-tokens", str(n), "--prompt-file", files[p]], {}),
         ]
     auto = subprocess.run([a.visi_cli, "devices", "--json"], capture_output=True, text=True)
     try:
@@ -559,10 +564,12 @@ def summarize(runs):
         )
     by = {(r["engine"], r["device"], r["prompt"]): r for r in out["rows"]}
     ratios = {}
-    for p in ("short", "long"):
-        v, l = by.get(("visi", "cpu", p)), by.get(("llama.cpp", "cpu", p))
+    for (e, d, p) in by:
+        if e != "visi" or not d.startswith("cpu"):
+            continue
+        v, l = by.get(("visi", d, p)), by.get(("llama.cpp", d, p))
         if v and l:
-            ratios[p] = {
+            ratios[f"{p} prompt, {d}"] = {
                 "cpu_prefill_visi_over_llama": v["prefill_tok_s"] / l["prefill_tok_s"],
                 "cpu_decode_visi_over_llama": (v["decode_tok_s"] or 0) / (l["decode_tok_s"] or 1),
             }
@@ -582,7 +589,7 @@ def print_gguf_table(s):
         print(f"| {r['engine']}, {r['device']} | {r['prompt_tokens']} | {f(r['prefill_tok_s'])} | {f(r['ttft_ms'])} "
               f"| {f(r['decode_tok_s'])} | {f(r['rss_mib'], 0)} |")
     for p, r in s["ratios"].items():
-        print(f"\n{p} prompt, CPU: visi/llama.cpp prefill {r['cpu_prefill_visi_over_llama']:.2f}x, "
+        print(f"\n{p}: visi/llama.cpp prefill {r['cpu_prefill_visi_over_llama']:.2f}x, "
               f"decode {r['cpu_decode_visi_over_llama']:.2f}x")
 
 
@@ -629,6 +636,8 @@ def main():
                    help="new tokens on Vulkan rows (software adapters decode at a few tok/s)")
     b.add_argument("--long-tokens", type=int, default=512)
     b.add_argument("--no-vulkan", action="store_true")
+    b.add_argument("--extra-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                   help="more CPU thread counts to run both engines with, e.g. 1")
     a = ap.parse_args()
     if a.cmd == "extract":
         extract(a.llava_dir, a.out_dir)

@@ -7,10 +7,11 @@
 //! chunks) so that LLVM vectorises them.
 //!
 //! Quantized weights (GGUF blocks) are decoded block by block in registers inside the dot
-//! products ([`qdots`]) or into a small f32 buffer ([`dequantize`]), never as a whole matrix.
-//! Both decode each weight bitwise as [`crate::quant::dequantize_block`] does (the same
-//! multiplies and adds, never fused), so the only difference from the f32 reference path
-//! (dequantize, then dot) is the order of the f32 sums. Activations stay f32.
+//! products ([`qdots`], decode) or into a small f32 buffer ([`dequantize`], GEMM tiles),
+//! never as a whole matrix. [`dequantize`] gives each weight bitwise as
+//! [`crate::quant::dequantize_block`] does; [`qdots`] factors each 32 weights as
+//! `scale * q + offset` (see there). Activations stay f32 throughout: the only difference
+//! from the f32 reference path (dequantize, then dot) is the order and grouping of f32 sums.
 //!
 //! `VISI_CPU_SIMD=off` forces the portable loops (tests, comparisons).
 
@@ -83,17 +84,29 @@ pub(crate) fn dots(x: &[f32], k: usize, w: Row<'_>, out: &mut [f32]) {
 
 /// `out[r] = x[r*k..(r+1)*k] · w` for a quantized weight row `w` (`k` weights, whole blocks of
 /// `qt`) and `out.len() <= DOTS_MAX_ROWS` rows: each block is read and decoded once for all
-/// rows.
+/// rows. `xs` holds the sums of every 32 activations ([`chunk_sums`] of `x`).
+///
+/// Every format's weight is `scale * q + offset` per 32 weights, `q` a small integer, so a
+/// 32-weight dot is `scale * Σ x·q + offset * Σ x`: the SIMD kernel multiplies the f32
+/// activations by the integers (exact in f32) and applies the scale once per 32, the offset
+/// through the precomputed sums. The sums are f32 and in a different order than the
+/// dequantize-then-dot reference, nothing more (activations are never quantized).
 #[inline]
-pub(crate) fn qdots(x: &[f32], k: usize, qt: QuantType, w: &[u8], out: &mut [f32]) {
+pub(crate) fn qdots(x: &[f32], xs: &[f32], k: usize, qt: QuantType, w: &[u8], out: &mut [f32]) {
     debug_assert!(out.len() <= DOTS_MAX_ROWS && x.len() >= out.len() * k);
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: as in `dot`; `qdots_m` checks every slice length it relies on.
-        unsafe { avx2::qdots(x, k, qt, w, out) };
+        unsafe { avx2::qdots(x, xs, k, qt, w, out) };
         return;
     }
     portable::qdots::<BASELINE_FMA>(x, k, qt, w, out)
+}
+
+/// Sums of every 32 consecutive values of `x` (whose length is a multiple of 32): the
+/// `xs` of [`qdots`].
+pub(crate) fn chunk_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(32).map(|c| c.iter().sum()).collect()
 }
 
 /// Decodes whole blocks of `bytes` into `out` (`block_size()` values per block), bitwise as
@@ -532,15 +545,82 @@ mod avx2 {
         }
     }
 
+    /// The two little-endian f16 at `p` (a block's `d` and `m`/`dmin`) as f32. Reads 4
+    /// bytes: every block is longer than that.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn qdots(x: &[f32], k: usize, qt: QuantType, w: &[u8], out: &mut [f32]) {
+    unsafe fn halves_at(p: *const u8) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    }
+
+    /// Weights `32j..32j+32` of the format-`F` block at `b` as `scale * q + offset`: the
+    /// integers `q` (exact in f32 lanes), `scale` and `offset`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn raw<const F: u8>(b: *const u8, j: usize) -> ([__m256; 4], f32, f32) {
+        match F {
+            Q8_0 => {
+                let q = b.add(2);
+                let mut w = [_mm256_setzero_ps(); 4];
+                for (u, wu) in w.iter_mut().enumerate() {
+                    let v = _mm_loadl_epi64(q.add(8 * u) as *const __m128i);
+                    *wu = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                }
+                (w, halves_at(b).0, 0.0)
+            }
+            Q4_0 => {
+                let d = halves_at(b).0;
+                let q = nibbles16(_mm_loadu_si128(b.add(2) as *const __m128i));
+                (q, d, -8.0 * d)
+            }
+            Q4_1 => {
+                let (d, m) = halves_at(b);
+                let q = nibbles16(_mm_loadu_si128(b.add(4) as *const __m128i));
+                (q, d, m)
+            }
+            _ => {
+                let scales = std::slice::from_raw_parts(b.add(4), 12);
+                let (sc, mn) = crate::quant::scale_min_k4(j, scales);
+                let (d, dmin) = halves_at(b);
+                let q = b.add(16 + 32 * (j / 2));
+                let (mut v0, mut v1) = (
+                    _mm_loadu_si128(q as *const __m128i),
+                    _mm_loadu_si128(q.add(16) as *const __m128i),
+                );
+                if j % 2 == 1 {
+                    v0 = _mm_srli_epi16(v0, 4);
+                    v1 = _mm_srli_epi16(v1, 4);
+                }
+                let mask = _mm_set1_epi8(0x0F);
+                let (v0, v1) = (_mm_and_si128(v0, mask), _mm_and_si128(v1, mask));
+                let q = [
+                    u8x8(v0),
+                    u8x8(_mm_srli_si128(v0, 8)),
+                    u8x8(v1),
+                    u8x8(_mm_srli_si128(v1, 8)),
+                ];
+                (q, d * sc as f32, -(dmin * mn as f32))
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn qdots(
+        x: &[f32],
+        xs: &[f32],
+        k: usize,
+        qt: QuantType,
+        w: &[u8],
+        out: &mut [f32],
+    ) {
         macro_rules! by_rows {
             ($f:expr) => {
                 match out.len() {
-                    1 => qdots_m::<1, { $f }>(x, k, w, out),
-                    2 => qdots_m::<2, { $f }>(x, k, w, out),
-                    3 => qdots_m::<3, { $f }>(x, k, w, out),
-                    _ => qdots_m::<4, { $f }>(x, k, w, out),
+                    1 => qdots_m::<1, { $f }>(x, xs, k, w, out),
+                    2 => qdots_m::<2, { $f }>(x, xs, k, w, out),
+                    3 => qdots_m::<3, { $f }>(x, xs, k, w, out),
+                    _ => qdots_m::<4, { $f }>(x, xs, k, w, out),
                 }
             };
         }
@@ -553,32 +633,48 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn qdots_m<const M: usize, const F: u8>(x: &[f32], k: usize, w: &[u8], out: &mut [f32]) {
+    unsafe fn qdots_m<const M: usize, const F: u8>(
+        x: &[f32],
+        xs: &[f32],
+        k: usize,
+        w: &[u8],
+        out: &mut [f32],
+    ) {
         let (bs, bb) = layout(F);
-        assert!(k % bs == 0 && w.len() >= k / bs * bb && x.len() >= M * k && out.len() >= M);
+        let nc = k / 32;
+        assert!(
+            k % bs == 0
+                && w.len() >= k / bs * bb
+                && x.len() >= M * k
+                && xs.len() >= M * nc
+                && out.len() >= M
+        );
         let px = x.as_ptr();
-        // Four accumulators per row hide the FMA latency at one or two rows; from three rows
-        // on two per row suffice (and keep within the 16 ymm registers).
-        let mut acc = [[_mm256_setzero_ps(); 4]; M];
+        // Two accumulators per row, alternating by chunk, hide the latency of the scaled FMA.
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        let mut offs = [0f32; M];
         for blk in 0..k / bs {
             let b = w.as_ptr().add(blk * bb);
             for j in 0..bs / 32 {
-                let wv = chunk::<F>(b, j);
-                let off = blk * bs + 32 * j;
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xr = px.add(r * k + off);
-                    for (u, wu) in wv.iter().enumerate() {
-                        let slot = if M <= 2 { u } else { u % 2 };
-                        a[slot] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8 * u)), *wu, a[slot]);
+                let (q, scale, offset) = raw::<F>(b, j);
+                let c = blk * (bs / 32) + j;
+                let sv = _mm256_set1_ps(scale);
+                for r in 0..M {
+                    let xr = px.add(r * k + 32 * c);
+                    let p0 = _mm256_mul_ps(_mm256_loadu_ps(xr), q[0]);
+                    let p1 = _mm256_mul_ps(_mm256_loadu_ps(xr.add(8)), q[1]);
+                    let p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(16)), q[2], p0);
+                    let p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(24)), q[3], p1);
+                    let slot = c % 2;
+                    acc[r][slot] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), sv, acc[r][slot]);
+                    if F != Q8_0 {
+                        offs[r] = offset.mul_add(*xs.get_unchecked(r * nc + c), offs[r]);
                     }
                 }
             }
         }
-        for (o, a) in out.iter_mut().zip(&acc) {
-            *o = hsum(_mm256_add_ps(
-                _mm256_add_ps(a[0], a[1]),
-                _mm256_add_ps(a[2], a[3]),
-            ));
+        for r in 0..M {
+            out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + offs[r];
         }
     }
 
@@ -700,7 +796,8 @@ mod tests {
                     let x = rng.vec(rows * k);
                     let want = reference(&x, k, &wd, rows);
                     let mut got = vec![0f32; rows];
-                    qdots(&x, k, qt, &wq, &mut got);
+                    let xs = chunk_sums(&x);
+                    qdots(&x, &xs, k, qt, &wq, &mut got);
                     check(&format!("qdots {qt} k={k} m={rows}"), &got, &want);
                     let mut got = vec![0f32; rows];
                     portable::qdots::<false>(&x, k, qt, &wq, &mut got);
@@ -712,7 +809,7 @@ mod tests {
                     if avx2::available() {
                         let mut got = vec![0f32; rows];
                         // SAFETY: the CPU has the features (checked just above).
-                        unsafe { avx2::qdots(&x, k, qt, &wq, &mut got) };
+                        unsafe { avx2::qdots(&x, &xs, k, qt, &wq, &mut got) };
                         check(&format!("avx2 {qt} k={k} m={rows}"), &got, &want);
                     }
                 }
