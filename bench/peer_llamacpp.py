@@ -485,10 +485,9 @@ def gguf_bench(a):
             ("llama.cpp", cpu, lambda p, n, t=t: me(t) + ["--n-gpu-layers", "0", "--new-tokens", str(n), "--prompt-file", files[p]], no_vk),
         ]
     if not a.no_vulkan:
-        t = a.threads
         configs += [
-            ("visi", "vulkan", lambda p, n: visi(t) + ["--device", "gpu", "--max-new-tokens", str(n), "--prompt", prompts[p]], {}),
-            ("llama.cpp", "vulkan", lambda p, n: me(t) + ["--n-gpu-layers", "-1", "--new-tokens", str(n), "--prompt-file", files[p]], {}),
+            ("visi", "vulkan", lambda p, n, t=a.threads: visi(t) + ["--device", "gpu", "--max-new-tokens", str(n), "--prompt", prompts[p]], {}),
+            ("llama.cpp", "vulkan", lambda p, n, t=a.threads: me(t) + ["--n-gpu-layers", "-1", "--new-tokens", str(n), "--prompt-file", files[p]], {}),
         ]
     auto = subprocess.run([a.visi_cli, "devices", "--json"], capture_output=True, text=True)
     try:
@@ -508,13 +507,13 @@ def gguf_bench(a):
                 if j is None:
                     r["error"] = err.strip().splitlines()[-1:] if err else "no output"
                 else:
-                    t = j["timings_ms"]
+                    tm = j["timings_ms"]
                     r.update(
                         prompt_tokens=j["prompt_tokens"],
-                        ttft_ms=t["prefill"],
-                        prefill_tok_s=j["prompt_tokens"] / (t["prefill"] / 1e3),
+                        ttft_ms=tm["prefill"],
+                        prefill_tok_s=j["prompt_tokens"] / (tm["prefill"] / 1e3),
                         decode_steps=j["decode_steps"],
-                        decode_tok_s=j["decode_steps"] / (t["decode"] / 1e3) if j["decode_steps"] else None,
+                        decode_tok_s=j["decode_steps"] / (tm["decode"] / 1e3) if j["decode_steps"] else None,
                         tokens=j["tokens"],
                     )
                     if "device" in j:

@@ -229,10 +229,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    // The pool's workers persist for the whole process: no thread is spawned per op.
-    engine_core::cpu::init_threads(cli.threads);
     errors::install_panic_hook();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
+    // The command runs on the CPU backend's pool (its workers persist; none is spawned per op).
+    let threads = cli.threads;
+    let run_cmd = || match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Quantize(a) => quantize(a),
         Cmd::Info {
@@ -254,6 +254,9 @@ fn main() -> ExitCode {
         Cmd::BenchKernels { quick } => bench_kernels(quick),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::QuantEval(a) => quant_eval::quant_eval(a),
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        engine_core::cpu::with_threads(threads, run_cmd)
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

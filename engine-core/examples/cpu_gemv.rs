@@ -20,8 +20,12 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .and_then(|v| v.parse::<usize>().ok())
     };
-    let threads = cpu::init_threads(arg("--threads"));
     let reps = arg("--reps").unwrap_or(7).max(1);
+    cpu::with_threads(arg("--threads"), || bench(reps));
+}
+
+fn bench(reps: usize) {
+    let threads = cpu::current_threads();
     let be = CpuBackend::new();
     let (n, k) = (16384usize, 4096usize);
     let mut seed = 1u64;

@@ -4,7 +4,7 @@
 //! (`--device cpu`, and what `--device auto` runs where the only adapters are software
 //! rasterizers): f16 weights stay f16 and GGUF blocks stay quantized in memory, decoded
 //! inside the kernels (SIMD with run-time feature detection, see `simd`), activations f32.
-//! Threads: rayon's global pool, sized by [`init_threads`] (physical cores by default).
+//! Threads: a rayon pool the caller runs in ([`with_threads`], physical cores by default).
 
 mod attention;
 mod matmul;
@@ -84,18 +84,24 @@ fn smt_per_core() -> usize {
     }
 }
 
-/// Sizes the CPU backend's thread pool (rayon's global pool, whose workers persist: no
-/// thread is spawned per op or per token) to `threads`, or [`physical_cores`] when `None`.
-/// Call it once, before any CPU work; returns the number of threads the pool has (if the
-/// pool was already started, its existing size).
-pub fn init_threads(threads: Option<usize>) -> usize {
+/// Runs `f` on the CPU backend's thread pool: `threads` workers, or [`physical_cores`] when
+/// `None`. The pool's workers persist for the whole call (no thread is spawned per op or
+/// per token), and `f` itself runs on one of them, so every parallel op is shared between
+/// the caller and the other workers without waking a thread for the caller's part; with one
+/// thread, nothing is handed over at all. Falls back to rayon's global pool if the pool
+/// cannot be built.
+pub fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
     let n = threads.unwrap_or_else(physical_cores).max(1);
-    // Fails only when the global pool already exists; its size is then what we report.
-    let _ = rayon::ThreadPoolBuilder::new()
+    match rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .thread_name(|i| format!("visi-cpu-{i}"))
-        .build_global();
-    rayon::current_num_threads()
+        // The whole command runs on a worker: give it a main thread's stack.
+        .stack_size(16 << 20)
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
 }
 
 /// Threads in the CPU backend's pool.

@@ -650,8 +650,9 @@ mod avx2 {
                 && out.len() >= M
         );
         let px = x.as_ptr();
-        // Two accumulators per row, alternating by chunk, hide the latency of the scaled FMA.
-        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        // One accumulator per row, indexed by constants only, so it stays in a register (a
+        // chunk's ~25 instructions outlast the scaled FMA's latency anyway).
+        let mut acc = [_mm256_setzero_ps(); M];
         let mut offs = [0f32; M];
         for blk in 0..k / bs {
             let b = w.as_ptr().add(blk * bb);
@@ -665,8 +666,7 @@ mod avx2 {
                     let p1 = _mm256_mul_ps(_mm256_loadu_ps(xr.add(8)), q[1]);
                     let p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(16)), q[2], p0);
                     let p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(24)), q[3], p1);
-                    let slot = c % 2;
-                    acc[r][slot] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), sv, acc[r][slot]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), sv, acc[r]);
                     if F != Q8_0 {
                         offs[r] = offset.mul_add(*xs.get_unchecked(r * nc + c), offs[r]);
                     }
@@ -674,7 +674,7 @@ mod avx2 {
             }
         }
         for r in 0..M {
-            out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + offs[r];
+            out[r] = hsum(acc[r]) + offs[r];
         }
     }
 
