@@ -643,7 +643,7 @@ mod avx2 {
         let (bs, bb) = layout(F);
         let nc = k / 32;
         assert!(
-            k % bs == 0
+            k.is_multiple_of(bs)
                 && w.len() >= k / bs * bb
                 && x.len() >= M * k
                 && xs.len() >= M * nc

@@ -101,7 +101,7 @@ impl Floats<'_> {
             Floats::F16(v) => v[start..start + len].convert_to_f32_slice(dst),
             Floats::Quant(qt, b) => {
                 let (bs, bb) = (qt.block_size(), qt.block_bytes());
-                if start % bs == 0 && len % bs == 0 {
+                if start.is_multiple_of(bs) && len.is_multiple_of(bs) {
                     // Whole blocks (every matmul tile and embedding row): the SIMD decoder.
                     let b0 = start / bs * bb;
                     super::simd::dequantize(*qt, &b[b0..b0 + len / bs * bb], dst)
