@@ -747,7 +747,10 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         .map_err(|e| bad_input(anyhow!("--fastv on this {layers}-layer model: {e}")))?;
 
     // ---- kernels first, so their buffers are gone before the model loads ----
-    let kernels = if a.skip_kernels || a.conversation || a.device == DeviceArg::Cpu {
+    // `auto` benchmarks the kernels only where it will run the model on an adapter.
+    let auto_cpu =
+        a.device == DeviceArg::Auto && !engine_wgpu::list_adapters().iter().any(|x| x.auto_pick);
+    let kernels = if a.skip_kernels || a.conversation || a.device == DeviceArg::Cpu || auto_cpu {
         None
     } else {
         let quick = a.reps < 3;

@@ -17,7 +17,8 @@ use crate::errors::{bad_input, classify, human_bytes, internal, Failure, CPU_HIN
 pub enum InfoDevice {
     /// The adapter `--device auto` would pick, else the CPU backend.
     Auto,
-    /// A hardware adapter (an error when there is none).
+    /// The adapter `--device gpu` would pick, software ones included (an error when wgpu
+    /// lists none).
     Gpu,
     /// The CPU backend: host memory only.
     Cpu,
@@ -243,10 +244,7 @@ fn device_check(
     let chosen = match device {
         InfoDevice::Cpu => None,
         InfoDevice::Auto => adapters.iter().find(|a| a.auto_pick),
-        InfoDevice::Gpu => adapters
-            .iter()
-            .filter(|a| a.device_type != "cpu")
-            .max_by_key(|a| a.auto_pick),
+        InfoDevice::Gpu => adapters.iter().find(|a| a.gpu_pick),
     };
     let Some(a) = chosen else {
         if device == InfoDevice::Auto {
@@ -261,7 +259,7 @@ fn device_check(
         }
         if device == InfoDevice::Gpu {
             let f = classify(engine_core::Error::NoAdapter(format!(
-                "none of the {} adapters wgpu lists is a GPU; {CPU_HINT}",
+                "none of the {} adapters wgpu lists is usable; {CPU_HINT}",
                 adapters.len()
             )));
             return Err(Failure {

@@ -44,8 +44,19 @@ use errors::{bad_input, classify, internal, Failure};
     about = "visi: multimodal LLM inference over wgpu, with VisiPruner"
 )]
 struct Cli {
+    /// Threads of the CPU backend (default: the physical cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Most `--threads` accepted: far more than any CPU here, small enough to be a typo guard.
+const MAX_THREADS: usize = 1024;
+
+/// The CPU backend's thread count for the JSON report (`null` on a wgpu device).
+fn rayon_threads(dev: &engine_core::DeviceInfo) -> Option<usize> {
+    (dev.backend == "cpu").then(engine_core::cpu::current_threads)
 }
 
 #[derive(Subcommand)]
@@ -353,8 +364,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(t) = cli.threads {
+        if t == 0 || t > MAX_THREADS {
+            eprintln!("error: --threads must be between 1 and {MAX_THREADS}, got {t}");
+            return ExitCode::from(2);
+        }
+    }
     errors::install_panic_hook();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
+    // The command runs on the CPU backend's pool (its workers persist; none is spawned per op).
+    let threads = cli.threads;
+    let run_cmd = || match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat::chat(a),
         Cmd::Quantize(a) => quantize(a),
@@ -381,6 +400,9 @@ fn main() -> ExitCode {
         Cmd::EvalMerge(a) => eval::merge(a),
         Cmd::Score(a) => score::score(a),
         Cmd::Sweep(a) => sweep::sweep(a),
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        engine_core::cpu::with_threads(threads, run_cmd)
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -424,12 +446,10 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
     match device {
         DeviceArg::Cpu => Ok(Arc::new(CpuBackend::new())),
         DeviceArg::Gpu => {
-            let opts = engine_wgpu::GpuOptions {
-                require_gpu: true,
-                ..Default::default()
-            };
-            // No usable adapter is the user's choice to fix (exit 2, suggests --device cpu).
-            engine_wgpu::open(&opts).map_err(|e| {
+            // Any adapter, software ones included (ranked last): asking for the wgpu backend
+            // is how lavapipe is chosen on purpose.
+            engine_wgpu::open(&engine_wgpu::GpuOptions::default()).map_err(|e| {
+                // No usable adapter is the user's choice to fix (exit 2, suggests --device cpu).
                 let f = classify(e);
                 Failure {
                     err: f.err.context("--device gpu"),
@@ -437,8 +457,12 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
                 }
             })
         }
-        DeviceArg::Auto => match engine_wgpu::open(&engine_wgpu::GpuOptions::default()) {
-            Ok(b) => Ok(b),
+        DeviceArg::Auto => match engine_wgpu::open_auto() {
+            Ok(engine_wgpu::Auto::Gpu(b)) => Ok(b),
+            Ok(engine_wgpu::Auto::Cpu(why)) => {
+                eprintln!("note: {why}; running on the CPU backend");
+                Ok(Arc::new(CpuBackend::new()))
+            }
             // An adapter asked for by name that is not there is a mistake to report, not a
             // reason to run on the CPU instead.
             Err(e) if std::env::var("VISI_ADAPTER").is_ok_and(|v| !v.trim().is_empty()) => {
@@ -560,8 +584,8 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let ids = m.encode(&p.text).map_err(|e| bad_input(e.into()))?;
     let t1 = std::time::Instant::now();
-    let (tokens, _) = m
-        .generate(backend.clone(), &ids, a.g.max_new_tokens, sampling)
+    let (tokens, _, timings) = m
+        .generate_timed(backend.clone(), &ids, a.g.max_new_tokens, sampling)
         .map_err(classify)?;
     let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
     let out = m
@@ -574,7 +598,14 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
             "prompt": p.text,
             "tokens": tokens,
             "prompt_tokens": ids.len(),
-            "timings_ms": { "load": load_ms, "generate": gen_ms },
+            "timings_ms": {
+                "load": load_ms,
+                "generate": gen_ms,
+                "prefill": timings.prefill_ms,
+                "decode": timings.decode_ms,
+            },
+            "decode_steps": timings.decode_steps,
+            "threads": rayon_threads(&dev),
             "device": { "backend": dev.backend, "adapter": dev.adapter, "api": dev.api },
         });
         validate::println_stdout(&j.to_string())?;

@@ -512,6 +512,9 @@ fn bad_flags() -> Result<()> {
         (vec!["--max-new-tokens", "0"], vec!["--max-new-tokens"]),
         (vec!["--max-new-tokens", "-3"], vec!["--max-new-tokens"]),
         (vec!["--device", "tpu"], vec!["tpu"]),
+        (vec!["--threads", "0"], vec!["--threads"]),
+        (vec!["--threads", "100000"], vec!["--threads"]),
+        (vec!["--threads", "two"], vec!["--threads"]),
         (vec!["--template", "raw"], vec!["<image>"]),
         (
             vec!["--template", "raw", "--prompt", "<image> and <image>"],

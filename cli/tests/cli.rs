@@ -43,8 +43,10 @@ fn ids(v: &Value) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// The devices binary tests run on: the CPU backend, and `auto` when it reaches a wgpu
-/// adapter (lavapipe in CI, where a missing adapter is a failure, never a silent skip).
+/// The devices binary tests run on: the CPU backend, and `gpu` when wgpu lists an adapter
+/// (lavapipe in CI, where a missing adapter is a failure, never a silent skip). `gpu`, not
+/// `auto`: auto takes the CPU backend over software adapters, and every wgpu path must stay
+/// tested on lavapipe.
 fn devices() -> Result<Vec<&'static str>> {
     visi_tests::binary_devices(Path::new(env!("CARGO_BIN_EXE_visi-cli")))
 }
@@ -487,8 +489,9 @@ fn text_streams_without_json() -> Result<()> {
 
 #[test]
 fn auto_device_gives_the_reference_tokens() -> Result<()> {
-    // `auto` runs on the GPU backend when an adapter exists (lavapipe in CI), else on the
-    // CPU with a note; either way the greedy tokens are the reference's.
+    // `auto` runs on a hardware adapter when there is one, else on the CPU backend with one
+    // note on stderr saying why (lavapipe alone, as in CI, is a software adapter); either way
+    // the greedy tokens are the reference's.
     let r = references()?
         .into_iter()
         .find(|r| r.name == "tiny-llava-mha")
@@ -526,6 +529,28 @@ fn auto_device_gives_the_reference_tokens() -> Result<()> {
         "auto picked {} ({})",
         v["device"]["backend"], v["device"]["adapter"]
     );
+    let probe: Value = serde_json::from_slice(&visi(&["devices", "--json"])?.stdout)?;
+    let adapters = probe["adapters"].as_array().context("adapters")?;
+    let hardware = adapters.iter().any(|a| a["device_type"] != "cpu");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !adapters.is_empty() && !hardware {
+        ensure!(
+            v["device"]["backend"] == "cpu",
+            "only software adapters, yet auto ran on {}",
+            v["device"]
+        );
+        let notes: Vec<&str> = stderr.lines().filter(|l| l.starts_with("note:")).collect();
+        ensure!(
+            notes.len() == 1 && notes[0].contains("software adapters"),
+            "auto on software adapters must say why in one note line: {stderr}"
+        );
+    }
+    if hardware {
+        ensure!(
+            v["device"]["backend"] == "wgpu",
+            "a GPU is listed, yet auto ran on the CPU"
+        );
+    }
     if let Some(d) = first_difference(&ids(&v["tokens"]), &c.generated_ids) {
         bail!("--device auto on {}: {d}", v["device"]["adapter"]);
     }

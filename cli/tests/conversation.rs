@@ -52,7 +52,7 @@ fn devices() -> Result<Vec<&'static str>> {
         .output()?;
     let v: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
     if v["adapters"].as_array().is_some_and(|a| !a.is_empty()) {
-        return Ok(vec!["cpu", "auto"]);
+        return Ok(vec!["cpu", "gpu"]);
     }
     ensure!(std::env::var_os("CI").is_none(), "CI is set but no adapter");
     Ok(vec!["cpu"])

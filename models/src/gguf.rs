@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use engine_core::gguf::{GgufFile, GgufValue};
 use engine_core::weights::{WeightSource, WeightView, Weights};
@@ -638,6 +639,19 @@ impl GgufTextModel {
         max_new: usize,
         params: crate::sampling::SamplingParams,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.generate_timed(b, ids, max_new, params)
+            .map(|(t, l, _)| (t, l))
+    }
+
+    /// [`Self::generate`], with the wall-clock split into prefill and decode.
+    pub fn generate_timed(
+        &self,
+        b: Arc<dyn Backend>,
+        ids: &[u32],
+        max_new: usize,
+        params: crate::sampling::SamplingParams,
+    ) -> Result<(Vec<u32>, Vec<f32>, GenTimings)> {
+        let t0 = Instant::now();
         let mut session = self.session(b.clone());
         let pre = session.prefill(
             PromptInput { ids, image: None },
@@ -647,10 +661,14 @@ impl GgufTextModel {
         )?;
         let first = b.to_vec_f32(&pre.logits)?;
         let mut sampler = crate::sampling::Sampler::new(params)?;
+        let mut t = GenTimings::prefilled(t0);
+        let t1 = Instant::now();
         let tokens = session
             .decode(pre.logits, &mut sampler, max_new)
             .collect::<Result<Vec<u32>>>()?;
-        Ok((tokens, first))
+        t.decode_steps = tokens.len().saturating_sub(1);
+        t.decode_ms = ms_since(t1);
+        Ok((tokens, first, t))
     }
 
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
@@ -663,6 +681,31 @@ impl GgufTextModel {
     ) -> Result<(Vec<u32>, Vec<f32>)> {
         self.generate(b, ids, max_new, crate::sampling::SamplingParams::default())
     }
+}
+
+/// Wall-clock split of one generation (every phase ends with a read-back, so the device has
+/// finished its work).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GenTimings {
+    /// Embedding, prefill and the first logits read back: the time to the first token.
+    pub prefill_ms: f64,
+    /// Everything after: `decode_steps` decode steps and their token choices.
+    pub decode_ms: f64,
+    /// Decode steps run (one fewer than the new tokens: the first comes from prefill).
+    pub decode_steps: usize,
+}
+
+impl GenTimings {
+    fn prefilled(t0: Instant) -> Self {
+        GenTimings {
+            prefill_ms: ms_since(t0),
+            ..Default::default()
+        }
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 #[cfg(test)]

@@ -371,7 +371,7 @@ pub fn binary_devices(bin: &Path) -> Result<Vec<&'static str>> {
         .context("running visi-cli devices")?;
     let v: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
     if v["adapters"].as_array().is_some_and(|a| !a.is_empty()) {
-        return Ok(vec!["cpu", "auto"]);
+        return Ok(vec!["cpu", "gpu"]);
     }
     ensure!(
         std::env::var_os("CI").is_none(),
