@@ -464,8 +464,8 @@ fn run_text(image: &Path, prompt: &str, device: &str, prune: &[&str]) -> Result<
     let v: Value = serde_json::from_str(out.trim())?;
     // The wgpu half must really run on wgpu.
     ensure!(
-        device != "auto" || v["device"]["backend"] != "cpu",
-        "auto fell back to the CPU: {}",
+        device != "gpu" || v["device"]["backend"] != "cpu",
+        "--device gpu ran on the CPU: {}",
         v["device"]
     );
     Ok(v["text"].as_str().unwrap_or_default().trim().to_string())
