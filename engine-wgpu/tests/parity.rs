@@ -922,10 +922,18 @@ fn adapters_listed() {
     for a in &list {
         println!("{}", serde_json::to_string(a).expect("json"));
     }
+    // `--device gpu` picks exactly one adapter; `auto` picks at most one, never a
+    // software one (it runs the CPU backend instead).
     assert_eq!(
-        list.iter().filter(|a| a.auto_pick).count(),
+        list.iter().filter(|a| a.gpu_pick).count(),
         1,
-        "exactly one auto pick"
+        "exactly one gpu pick"
+    );
+    let auto: Vec<_> = list.iter().filter(|a| a.auto_pick).collect();
+    assert!(auto.len() <= 1, "at most one auto pick");
+    assert!(
+        auto.iter().all(|a| a.device_type != "cpu"),
+        "auto picked a software adapter"
     );
     // Selecting by index and by name substring reaches the same adapter.
     let name = list[0].name.to_uppercase();
