@@ -634,6 +634,9 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             "--image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
         )));
     }
+    if let Some(p) = &a.image {
+        validate::input_file("--image", p)?;
+    }
     let p = run_prompt(&a)?;
     if a.g.is_gguf() && a.g.mmproj.is_none() {
         return run_gguf(&a, sampling, p);
