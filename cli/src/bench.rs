@@ -384,6 +384,7 @@ struct ConvRound {
 /// follow-up turn (turn 1, its answer, a 29-token question) timed twice through the first
 /// token: in that session (image encoding cached, shared rows reused) and fresh. Both then
 /// decode `decode_tokens` tokens, which must be identical, as must the pruning decisions.
+#[allow(clippy::too_many_arguments)]
 fn conversation_round(
     m: &Model,
     backend: &Arc<dyn Backend>,

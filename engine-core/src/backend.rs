@@ -209,6 +209,9 @@ impl MaskRules {
 /// `image_start..image_end` is the image span `[s, e)` in *cache row* coordinates (the same
 /// coordinates as query rows `q_offset + i`). Probabilities are zeroed after the softmax
 /// with no renormalisation; the zeroed value products are not computed.
+// `Copy` keeps `AttentionParams` cheap to pass around; the rules variant is a few hundred
+// bytes on the stack, once per attention call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionMask {
     /// Plain causal (or full) attention.

@@ -662,8 +662,7 @@ impl Llava {
         let mut stream = TextStream::new();
         let mut stopped_by_eos = false;
         let mut interrupted = false;
-        loop {
-            let Some(&last) = tokens.last() else { break };
+        while let Some(&last) = tokens.last() {
             if tc.eos_token_ids.contains(&last) {
                 stopped_by_eos = true;
                 break;

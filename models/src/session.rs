@@ -493,6 +493,8 @@ pub fn next_token(b: &dyn Backend, logits: &Tensor, sampler: &mut Sampler) -> Re
     sampler.sample(&b.to_vec_f32(logits)?) // sync: one logits row
 }
 
+// One per prefill: the size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Scheduled {
     Done(Prefill, Vec<LayerState>),
     /// Reuse needed a stored layer output that is not there: run fresh.
