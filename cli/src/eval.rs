@@ -389,18 +389,16 @@ impl RunSummary {
     }
 }
 
-/// Decodes a question's image (MMBench's base64 goes through a scratch file so that it
-/// meets the same loader, limits and colour conversion as a file).
-pub fn question_image(q: &Question, scratch: &Path) -> anyhow::Result<RgbImage> {
+/// Decodes a question's image (MMBench's base64 through the in-memory decoder, with the
+/// same limits and colour conversion as a file).
+pub fn question_image(q: &Question) -> anyhow::Result<RgbImage> {
     match &q.image {
         ImageRef::File(p) => Ok(models::preprocess::load_image(p)?),
         ImageRef::Base64(b) => {
             let bytes =
                 base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b.as_bytes())
                     .map_err(|e| anyhow!("question {}: image is not base64: {e}", q.id))?;
-            std::fs::write(scratch, &bytes)
-                .with_context(|| format!("writing {}", scratch.display()))?;
-            models::preprocess::load_image(scratch)
+            models::preprocess::decode_image(&bytes, "base64 image")
                 .map_err(|e| anyhow!("question {}: base64 image: {e}", q.id))
         }
     }
@@ -443,7 +441,6 @@ pub fn execute(
         .map_err(internal)?;
     let todo: Vec<&Question> = plan.todo().collect();
     let bar = progress_bar(todo.len(), label);
-    let scratch = std::env::temp_dir().join(format!("visi-eval-image-{}", std::process::id()));
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -455,7 +452,7 @@ pub fn execute(
     progress::set_generating(true);
     let result = (|| -> Result<(), Failure> {
         for q in todo {
-            let img = question_image(q, &scratch).map_err(bad_input)?;
+            let img = question_image(q).map_err(bad_input)?;
             let gen = generate_answer(llava, &q.model_text, &img, s, prune).map_err(|e| {
                 let f = classify(e);
                 Failure {
@@ -502,7 +499,6 @@ pub fn execute(
         Ok(())
     })();
     progress::set_generating(false);
-    let _ = std::fs::remove_file(&scratch);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

@@ -237,8 +237,7 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
     // One untimed answer first: pipeline compilation and buffer pools would otherwise be
     // charged to whichever config runs first.
     if let Some(q) = questions.first() {
-        let img =
-            crate::eval::question_image(q, &a.out.join(".warmup-image")).map_err(bad_input)?;
+        let img = crate::eval::question_image(q).map_err(bad_input)?;
         let warm = crate::eval::GenSettings {
             max_new_tokens: 1,
             ..settings.clone()
