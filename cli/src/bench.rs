@@ -374,6 +374,7 @@ struct ConvRound {
     fresh_ttft_ms: f64,
     followup_ttft_ms: f64,
     tokens_identical: bool,
+    first_logits_identical: bool,
     decisions_identical: bool,
     reused_tokens: usize,
     prompt_tokens: usize,
@@ -475,10 +476,14 @@ fn conversation_round(
     for tok in dec {
         fresh_tokens.push(tok?);
     }
+    let (lr, lf) = (b.to_vec_f32(&re.logits)?, b.to_vec_f32(&fr.logits)?);
+    let first_logits_identical =
+        lr.len() == lf.len() && lr.iter().zip(&lf).all(|(x, y)| x.to_bits() == y.to_bits());
     Ok(ConvRound {
         fresh_ttft_ms,
         followup_ttft_ms,
         tokens_identical: reuse_tokens == fresh_tokens,
+        first_logits_identical,
         decisions_identical: report_re == report_fr
             && re.stats.layer_seq_lens == fr.stats.layer_seq_lens,
         reused_tokens: re.reused_tokens,
@@ -532,6 +537,7 @@ fn conversation_bench(
             "followup_ttft_ms": follow_med,
             "ratio": follow_med / fresh_med.max(1e-9),
             "tokens_identical": rounds.iter().all(|r| r.tokens_identical),
+            "first_logits_identical": rounds.iter().all(|r| r.first_logits_identical),
             "decisions_identical": rounds.iter().all(|r| r.decisions_identical),
             "prompt_tokens": last.map(|r| r.prompt_tokens),
             "reused_tokens": last.map(|r| r.reused_tokens),

@@ -431,6 +431,21 @@ pub trait Backend: Send + Sync {
     fn patch_embed(&self, pixels: &Tensor, w: &Tensor, patch: usize) -> Result<Tensor>;
     /// Index of the largest value of each row (first on ties): `x [M, N]` → `[M] u32`.
     fn argmax(&self, x: &Tensor) -> Result<Tensor>;
+    /// The most rows a [`Backend::linear`] call may have for every row's result to be the
+    /// same bits as that row computed alone (its few-rows, decode kernels; calls with more
+    /// rows run kernels whose rows are independent of the row count too, but round
+    /// differently). Batched decode steps put at most this many sequences in one call, so a
+    /// sequence's tokens never depend on what runs beside it.
+    fn linear_batch_rows(&self) -> usize {
+        1
+    }
+    /// The fewest rows from which every [`Backend::linear`] call gives each row the same
+    /// bits whatever the row count (its many-rows, prefill kernels). Prefill pads smaller
+    /// calls up to it, so a follow-up turn that adds a few tokens computes them exactly as
+    /// a fresh prefill of the whole prompt does.
+    fn linear_prefill_rows(&self) -> usize {
+        1
+    }
     /// Converts between `F32` and `F16`.
     fn cast(&self, x: &Tensor, dtype: DType) -> Result<Tensor>;
 }

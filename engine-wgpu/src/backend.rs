@@ -1492,6 +1492,16 @@ impl Backend for GpuBackend {
         Ok(out)
     }
 
+    fn linear_batch_rows(&self) -> usize {
+        // The gemv kernels loop over their M (<= GEMV_MAX_ROWS) rows with the same
+        // per-row reduction; the gemm kernels beyond reduce in another order.
+        GEMV_MAX_ROWS
+    }
+
+    fn linear_prefill_rows(&self) -> usize {
+        GEMV_MAX_ROWS + 1
+    }
+
     fn argmax(&self, x: &Tensor) -> Result<Tensor> {
         const OP: &str = "argmax";
         let n = check_rows(OP, x)?;

@@ -220,12 +220,25 @@ impl Llama {
         capture: Option<(Capture, usize, usize)>,
     ) -> Result<(Tensor, Captured)> {
         let s = h.dims()[0];
-        let (q, k, v) = self.qkv(b, layer, h, positions)?;
+        // Prefill rows always take the backend's many-rows kernels (see `Rows::Prefill`).
+        let rows = Rows::Prefill(b.linear_prefill_rows());
+        let (q, k, v) = self.qkv(b, layer, h, positions, rows)?;
         kv.reserve(b, kv.len + s)?;
         b.write_rows(&kv.k, kv.len, &k)?;
         b.write_rows(&kv.v, kv.len, &v)?;
         let params = self.attn_params(kv.len, kv.len + s, mask);
-        let attn = b.attention(&q, &kv.k, &kv.v, &params)?; // [S, heads*hd]
+        let attn = if s == 1 && kv.len > 0 {
+            // One prefill query would take the backend's one-query (decode) attention, which
+            // reduces in another order than the many-queries kernel a fresh prefill of the
+            // whole prompt runs: ask for two, a dummy one row earlier first, and keep the
+            // second (a query's result does not depend on the others in that kernel).
+            let q2 = b.concat_rows(&[&q, &q])?;
+            let p2 = self.attn_params(kv.len - 1, kv.len + 1, mask);
+            let out = b.attention(&q2, &kv.k, &kv.v, &p2)?; // [2, heads*hd]
+            b.slice_rows(&out, 1, 1)?
+        } else {
+            b.attention(&q, &kv.k, &kv.v, &params)? // [S, heads*hd]
+        };
         let captured = match capture {
             None | Some((Capture::Nothing, _, _)) => Captured::None,
             Some((Capture::Contributions, start, end)) => {
@@ -246,7 +259,7 @@ impl Llama {
             }
         };
         kv.len += s;
-        Ok((self.finish_layer(b, layer, h, &attn)?, captured))
+        Ok((self.finish_layer(b, layer, h, &attn, rows)?, captured))
     }
 
     /// The input norm, Q/K/V projections and RoPE of one layer over `h [S, H]`, every row
@@ -257,12 +270,15 @@ impl Llama {
         layer: usize,
         h: &Tensor,
         positions: &Tensor,
+        rows: Rows,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let layer = &self.layers[layer];
         let x = layer.input_layernorm.forward(b, h)?;
-        let q = layer.q_proj.forward(b, &x)?; // [S, heads*hd]
-        let k = layer.k_proj.forward(b, &x)?; // [S, kv_heads*hd]
-        let v = layer.v_proj.forward(b, &x)?; // [S, kv_heads*hd]
+        let s = x.dims()[0];
+        let xp = rows.pad(b, &x)?;
+        let q = rows.unpad(b, layer.q_proj.forward(b, &xp)?, s)?; // [S, heads*hd]
+        let k = rows.unpad(b, layer.k_proj.forward(b, &xp)?, s)?; // [S, kv_heads*hd]
+        let v = rows.unpad(b, layer.v_proj.forward(b, &xp)?, s)?; // [S, kv_heads*hd]
         let q = b.rope(&q, positions, &self.rope())?;
         let k = b.rope(&k, positions, &self.rope())?;
         Ok((q, k, v))
@@ -275,15 +291,19 @@ impl Llama {
         layer: usize,
         h: &Tensor,
         attn: &Tensor,
+        rows: Rows,
     ) -> Result<Tensor> {
         let layer = &self.layers[layer];
-        let o = layer.o_proj.forward(b, attn)?; // [S, H]
+        let s = h.dims()[0];
+        let o = rows.unpad(b, layer.o_proj.forward(b, &rows.pad(b, attn)?)?, s)?; // [S, H]
         let h = b.add(h, &o)?;
         let x = layer.post_attention_layernorm.forward(b, &h)?;
-        let g = layer.gate_proj.forward(b, &x)?; // [S, I]
-        let u = layer.up_proj.forward(b, &x)?; // [S, I]
+        // Padded once for gate and up; the padded rows of `m` are dropped after down.
+        let xp = rows.pad(b, &x)?;
+        let g = layer.gate_proj.forward(b, &xp)?; // [S', I]
+        let u = layer.up_proj.forward(b, &xp)?; // [S', I]
         let m = b.silu_mul(&g, &u)?;
-        let m = layer.down_proj.forward(b, &m)?; // [S, H]
+        let m = rows.unpad(b, layer.down_proj.forward(b, &m)?, s)?; // [S, H]
         b.add(&h, &m)
     }
 
@@ -308,7 +328,7 @@ impl Llama {
                 kvs.len()
             )));
         }
-        let (q, k, v) = self.qkv(b, layer, h, positions)?;
+        let (q, k, v) = self.qkv(b, layer, h, positions, Rows::Decode)?;
         let mut parts = Vec::with_capacity(n);
         for (i, kv) in kvs.iter_mut().enumerate() {
             let row = |t: &Tensor| {
@@ -334,7 +354,7 @@ impl Llama {
             let refs: Vec<&Tensor> = parts.iter().collect();
             b.concat_rows(&refs)? // [B, heads*hd]
         };
-        self.finish_layer(b, layer, h, &attn)
+        self.finish_layer(b, layer, h, &attn, Rows::Decode)
     }
 
     /// An empty KV cache for one layer with room for `capacity` rows.
@@ -363,6 +383,44 @@ impl Llama {
     /// Bytes per cached row across K and V of one layer.
     pub fn kv_row_bytes(&self) -> usize {
         2 * self.kv_dim() * 4
+    }
+}
+
+/// Which of the backend's `linear` kernel classes a layer's rows take. A backend gives a
+/// row the same bits for any row count up to [`Backend::linear_batch_rows`] (its decode
+/// kernels) and for any row count from [`Backend::linear_prefill_rows`] on (its prefill
+/// kernels), but the classes round differently. Prefill rows therefore always take the many-rows class, padded with
+/// zero rows when there are few (a follow-up turn that adds three tokens computes them
+/// exactly as the fresh run over the whole conversation does), and decode rows always the
+/// few-rows class (a batched step is grouped to fit it).
+#[derive(Clone, Copy, Debug)]
+enum Rows {
+    /// At least this many rows per `linear` call.
+    Prefill(usize),
+    /// As they come (at most `linear_batch_rows` per call).
+    Decode,
+}
+
+impl Rows {
+    /// `x [S, C]` with zero rows appended up to the class's minimum.
+    fn pad(self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        let s = x.dims()[0];
+        match self {
+            Rows::Prefill(min) if s < min => {
+                let z = b.zeros((min - s, x.dims()[1]).into(), DType::F32)?;
+                b.concat_rows(&[x, &z])
+            }
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// The first `s` rows of `y` (dropping what [`Rows::pad`] added).
+    fn unpad(self, b: &dyn Backend, y: Tensor, s: usize) -> Result<Tensor> {
+        if y.dims()[0] == s {
+            Ok(y)
+        } else {
+            b.slice_rows(&y, 0, s)
+        }
     }
 }
 

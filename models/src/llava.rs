@@ -630,6 +630,21 @@ impl Llava {
         image: Option<&EncodedImage>,
         opts: &GenerateOptions,
     ) -> Result<Answer> {
+        self.begin_observed(session, prompt, image, opts, &mut |_| Ok(()))
+    }
+
+    /// [`Llava::begin`], calling `after_layer(l)` after each decoder layer of the prefill:
+    /// the point where a server runs decode steps of the other answers (chunked prefill
+    /// by layers), so streams already running never wait for a whole prefill. The callback
+    /// must not touch `session`.
+    pub fn begin_observed(
+        &self,
+        session: &mut Session,
+        prompt: &PromptIds,
+        image: Option<&EncodedImage>,
+        opts: &GenerateOptions,
+        after_layer: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<Answer> {
         let tc = &self.cfg.text;
         let sampler = Sampler::new(opts.sampling)?;
         let (prune_config, prune_note) = self.resolve_prune(opts.prune.as_ref())?;
@@ -671,11 +686,12 @@ impl Llava {
             ids,
             image: image_input.as_ref(),
         };
-        let pre = session.prefill(
+        let pre = session.prefill_observed(
             input,
             pruner.as_mut(),
             &prune_config.to_json().to_string(),
             max_new,
+            after_layer,
         )?;
         let first_logits = if opts.keep_first_logits {
             Some(self.backend.to_vec_f32(&pre.logits)?)

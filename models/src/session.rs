@@ -416,8 +416,9 @@ impl Session {
 /// its next position. The linear layers run as one `M = B` matmul over the `B` rows (each
 /// weight read once per step, not once per sequence); each row attends to its own
 /// session's per-layer (pruned) cache. Returns logits `[B, V]`, row `i` for session `i`,
-/// equal to what `sessions[i].step(tokens[i])` alone would give (batch invariance; the
-/// sessions must share one model and backend).
+/// equal to what `sessions[i].step(tokens[i])` alone would give, bit for bit (batch
+/// invariance: the sequences go through in groups of at most
+/// [`Backend::linear_batch_rows`]; the sessions must share one model and backend).
 pub fn step_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<Tensor> {
     let n = sessions.len();
     if n == 0 || tokens.len() != n {
@@ -436,17 +437,29 @@ pub fn step_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<Tenso
         }
         s.check_step()?;
     }
-    let positions: Vec<u32> = sessions.iter().map(|s| s.next_pos as u32).collect();
-    let mut caches: Vec<&mut KvCache> = sessions.iter_mut().map(|s| &mut s.cache).collect();
-    let logits = LayerScheduler {
+    // Groups no larger than the backend's batch-invariant row count: each sequence's rows
+    // take the same kernels, so the same bits, as when it steps alone.
+    let group = backend.linear_batch_rows().max(1);
+    let sched = LayerScheduler {
         llama: &llama,
         b: backend.as_ref(),
+    };
+    let mut parts = Vec::with_capacity(n.div_ceil(group));
+    for (chunk, toks) in sessions.chunks_mut(group).zip(tokens.chunks(group)) {
+        let positions: Vec<u32> = chunk.iter().map(|s| s.next_pos as u32).collect();
+        let mut caches: Vec<&mut KvCache> = chunk.iter_mut().map(|s| &mut s.cache).collect();
+        parts.push(sched.decode(toks, &positions, &mut caches)?);
+        for s in chunk.iter_mut() {
+            s.next_pos += 1;
+        }
     }
-    .decode(tokens, &positions, &mut caches)?;
-    for s in sessions.iter_mut() {
-        s.next_pos += 1;
+    if parts.len() == 1 {
+        return parts
+            .pop()
+            .ok_or_else(|| Error::internal("batched step: no logits"));
     }
-    Ok(logits)
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    backend.concat_rows(&refs) // [B, V]
 }
 
 /// Where one answer's decoding stands, owned (it borrows neither its session nor its

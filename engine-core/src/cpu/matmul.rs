@@ -13,7 +13,7 @@ use super::storage::Floats;
 /// Up to this many rows, the matrix-vector kernel wins: packing costs more than it saves.
 /// Measured on SmolLM2-135M Q4_1 (2 Zen 4 cores): a 19-token prefill ran about 2x faster on
 /// the matrix-vector path than on the GEMM, a 57-token one alike, a 510-token one 2x slower.
-const GEMV_MAX_ROWS: usize = 32;
+pub(crate) const GEMV_MAX_ROWS: usize = 32;
 
 /// K-block: a packed `[KB][NB]` weight tile is 64 KiB of f32.
 const KB: usize = 256;

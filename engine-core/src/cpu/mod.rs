@@ -616,6 +616,19 @@ impl Backend for CpuBackend {
         Ok(tensor(CpuData::F32(y), [np, d])) // [P, D]
     }
 
+    fn linear_batch_rows(&self) -> usize {
+        // The matrix-vector kernel dots each weight row with up to DOTS_MAX_ROWS inputs in
+        // one pass (quantized rows decoded in registers): the same operations per row for
+        // 1..=DOTS_MAX_ROWS rows. Beyond, quantized rows are decoded to f32 first.
+        simd::DOTS_MAX_ROWS
+    }
+
+    fn linear_prefill_rows(&self) -> usize {
+        // Up to GEMV_MAX_ROWS rows take the matrix-vector kernel (its own reduction
+        // order); the packed GEMM beyond gives each row the same bits for any M.
+        matmul::GEMV_MAX_ROWS + 1
+    }
+
     fn argmax(&self, x: &Tensor) -> Result<Tensor> {
         const OP: &str = "argmax";
         let n = check_rows(OP, x)?;
