@@ -379,6 +379,31 @@ impl Llava {
         )
     }
 
+    /// A LLaVA of `shape` over seeded synthetic weights ([`crate::synthetic`]) with the
+    /// `tokenizer.json` at `tokenizer` and CLIP's default image processor at the tower's
+    /// size: real shapes and real prompts (answers are noise), for serving benchmarks.
+    pub fn load_synthetic(
+        shape: crate::synthetic::SyntheticShape,
+        seed: u64,
+        tokenizer: &Path,
+        backend: Arc<dyn Backend>,
+        quant: Option<engine_core::QuantType>,
+    ) -> Result<Self> {
+        let t0 = Instant::now();
+        let cfg = shape.config()?;
+        let tok = PromptTokenizer::from_file(tokenizer, cfg.image_token_index)?;
+        crate::checks::check_tokenizer(tok.inner().get_vocab_size(true), &cfg, tokenizer)?;
+        let s = cfg.vision.image_size;
+        let processor = ImageProcessor {
+            size: ResizeTarget::ShortestEdge(s),
+            crop_size: (s, s),
+            ..Default::default()
+        };
+        let source: Arc<dyn WeightSource> =
+            Arc::new(crate::synthetic::SyntheticSource::new(&cfg, seed));
+        Self::build(t0, cfg, tok, processor, source, backend, None, quant)
+    }
+
     /// Uploads the weights of `source` (a llava-hf checkpoint in either naming).
     #[allow(clippy::too_many_arguments)]
     fn build(
