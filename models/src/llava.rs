@@ -381,7 +381,8 @@ impl Llava {
 
     /// A LLaVA of `shape` over seeded synthetic weights ([`crate::synthetic`]) with the
     /// `tokenizer.json` at `tokenizer` and CLIP's default image processor at the tower's
-    /// size: real shapes and real prompts (answers are noise), for serving benchmarks.
+    /// size: real shapes and real prompts (answers are noise), for serving benchmarks. The
+    /// vocabulary grows to the tokenizer's when that is larger.
     pub fn load_synthetic(
         shape: crate::synthetic::SyntheticShape,
         seed: u64,
@@ -390,9 +391,12 @@ impl Llava {
         quant: Option<engine_core::QuantType>,
     ) -> Result<Self> {
         let t0 = Instant::now();
-        let cfg = shape.config()?;
+        let mut cfg = shape.config()?;
         let tok = PromptTokenizer::from_file(tokenizer, cfg.image_token_index)?;
-        crate::checks::check_tokenizer(tok.inner().get_vocab_size(true), &cfg, tokenizer)?;
+        // llava-hf tokenizers add `<image>` and `<pad>` past Llama's 32000: widen the
+        // synthetic embedding and head to hold every id the tokenizer can produce.
+        let n_tok = tok.inner().get_vocab_size(true);
+        cfg.text.vocab_size = cfg.text.vocab_size.max(n_tok);
         let s = cfg.vision.image_size;
         let processor = ImageProcessor {
             size: ResizeTarget::ShortestEdge(s),

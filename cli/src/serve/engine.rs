@@ -302,6 +302,9 @@ impl<'a> Engine<'a> {
             .llava
             .begin(&mut session, &w.prompt, enc.as_ref(), &w.opts)
             .map_err(engine_error)?;
+        // GPU work is queued, not done: wait for it here so that the prefill's time is
+        // counted as prefill, not as the next decode step's.
+        self.llava.backend().sync().map_err(engine_error)?;
         Ok((session, answer))
     }
 
@@ -323,7 +326,11 @@ impl<'a> Engine<'a> {
         };
         self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
         let queue_ms = w.job.arrived.elapsed().as_secs_f64() * 1e3;
+        let t0 = Instant::now();
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.prefill_unit(&mut w)));
+        self.metrics
+            .prefill_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         let r = match r {
             Ok(r) => r,
             Err(p) => Err(ApiError::internal(format!(
@@ -398,6 +405,7 @@ impl<'a> Engine<'a> {
         if let Some(d) = self.cfg.step_delay {
             std::thread::sleep(d);
         }
+        let t0 = Instant::now();
         let results = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut items: Vec<DecodeItem> = self
                 .active
@@ -407,6 +415,9 @@ impl<'a> Engine<'a> {
             decode_batch(&mut items)
         }));
         Metrics::inc(&self.metrics.steps);
+        self.metrics
+            .decode_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         let results = match results {
             Ok(r) => r,
             Err(p) => {
@@ -434,6 +445,7 @@ impl<'a> Engine<'a> {
                     if a.answer.tokens.len() == 1 {
                         metrics.ttft.observe((now - a.job.arrived).as_secs_f64());
                     } else {
+                        Metrics::inc(&metrics.decode_tokens);
                         metrics
                             .token_latency
                             .observe((now - a.last_token).as_secs_f64());

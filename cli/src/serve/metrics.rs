@@ -80,6 +80,12 @@ pub struct Metrics {
     pub max_active: AtomicU64,
     /// Decode steps run.
     pub steps: AtomicU64,
+    /// Tokens that came out of decode steps (an answer's first token comes from its prefill).
+    pub decode_tokens: AtomicU64,
+    /// Microseconds spent in decode steps.
+    pub decode_us: AtomicU64,
+    /// Microseconds spent in prefill units (image encoding included).
+    pub prefill_us: AtomicU64,
     /// Time to first token, from the request's arrival.
     pub ttft: Histogram,
     /// Time between two tokens of one answer.
@@ -105,6 +111,9 @@ impl Metrics {
             kv_reserved: AtomicU64::new(0),
             max_active: AtomicU64::new(0),
             steps: AtomicU64::new(0),
+            decode_tokens: AtomicU64::new(0),
+            decode_us: AtomicU64::new(0),
+            prefill_us: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BOUNDS),
             token_latency: Histogram::new(TOKEN_BOUNDS),
             kv_budget,
@@ -153,6 +162,12 @@ impl Metrics {
                 g(&self.steps),
             ),
             (
+                "visi_decode_tokens_total",
+                "counter",
+                "Tokens out of decode steps (not an answer's first).",
+                g(&self.decode_tokens),
+            ),
+            (
                 "visi_queue_depth",
                 "gauge",
                 "Requests waiting for admission.",
@@ -192,6 +207,16 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        for (name, help, us) in [
+            ("visi_decode_seconds_total", "Time in batched decode steps.", g(&self.decode_us)),
+            ("visi_prefill_seconds_total", "Time in prefill units (image encoding included).", g(&self.prefill_us)),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                us as f64 / 1e6
             );
         }
         self.ttft.render(
