@@ -732,6 +732,7 @@ fn bad_requests_get_4xx_and_the_server_stays_up() -> Result<()> {
             {"type": "image_url", "image_url": {"url": "ok.png"}},
             {"type": "text", "text": "Compare."}]}]}).to_string().into_bytes(), 400),
         ("prompt over the context", user(json!(long_text)).to_string().into_bytes(), 400),
+        ("prompt far over the context", user(json!("hello ".repeat(60_000))).to_string().into_bytes(), 400),
         ("temperature < 0", with("temperature", json!(-1)).to_string().into_bytes(), 400),
         ("temperature a string", with("temperature", json!("hot")).to_string().into_bytes(), 400),
         ("top_p 0", with("top_p", json!(0)).to_string().into_bytes(), 400),

@@ -392,7 +392,12 @@ impl Llava {
     ) -> Result<Self> {
         let t0 = Instant::now();
         let mut cfg = shape.config()?;
-        let tok = PromptTokenizer::from_file(tokenizer, cfg.image_token_index)?;
+        let mut tok = PromptTokenizer::from_file(tokenizer, cfg.image_token_index)?;
+        // A tokenizer that defines `<image>` (llava-hf's) puts it at its own id.
+        if let Some(id) = tok.inner().token_to_id("<image>") {
+            cfg.image_token_index = id;
+            tok = PromptTokenizer::new(tok.inner().clone(), id);
+        }
         // llava-hf tokenizers add `<image>` and `<pad>` past Llama's 32000: widen the
         // synthetic embedding and head to hold every id the tokenizer can produce.
         let n_tok = tok.inner().get_vocab_size(true);

@@ -101,6 +101,9 @@ pub struct Defaults {
     pub prune: Option<PruneConfig>,
     /// Decoder layers (pruning configs are checked against them).
     pub layers: usize,
+    /// The model's context in tokens: a rendered prompt of more than 64 bytes per token of
+    /// it cannot fit and is refused before the engine spends time tokenising it.
+    pub context: usize,
 }
 
 /// A checked chat-completion request.
@@ -186,6 +189,17 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
         .map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
     let rendered = models::chat::render_vicuna_v1(&messages)
         .map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
+    if rendered.text.len() > d.context.saturating_mul(64) {
+        return Err(ApiError::bad(
+            Some("messages"),
+            format!(
+                "the conversation is {} bytes, far over the model's context of {} tokens",
+                rendered.text.len(),
+                d.context
+            ),
+        )
+        .code("context_length_exceeded"));
+    }
     if rendered.images.len() > 1 {
         return Err(ApiError::bad(
             Some("messages"),

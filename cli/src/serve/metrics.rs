@@ -210,8 +210,16 @@ impl Metrics {
             );
         }
         for (name, help, us) in [
-            ("visi_decode_seconds_total", "Time in batched decode steps.", g(&self.decode_us)),
-            ("visi_prefill_seconds_total", "Time in prefill units (image encoding included).", g(&self.prefill_us)),
+            (
+                "visi_decode_seconds_total",
+                "Time in batched decode steps.",
+                g(&self.decode_us),
+            ),
+            (
+                "visi_prefill_seconds_total",
+                "Time in prefill units (image encoding included).",
+                g(&self.prefill_us),
+            ),
         ] {
             let _ = writeln!(
                 out,

@@ -318,6 +318,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
             sampling,
             prune,
             layers,
+            context: llava.config().text.max_position_embeddings,
         },
         api_key,
         allow_files,
@@ -335,10 +336,21 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
         .set_nonblocking(true)
         .map_err(|e| internal(anyhow!("listening socket: {e}")))?;
     let http_state = state.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let http = std::thread::Builder::new()
         .name("visi-http".into())
-        .spawn(move || http_main(listener, http_state, tx, grace))
+        .spawn(move || http_main(listener, http_state, tx, grace, ready_tx))
         .map_err(|e| internal(anyhow!("starting the HTTP thread: {e}")))?;
+    // Announce the address only once the signal handlers are in place.
+    if ready_rx.recv().is_err() {
+        let r = http
+            .join()
+            .map_err(|_| internal(anyhow!("the HTTP thread panicked")))?;
+        return Err(internal(
+            r.err()
+                .unwrap_or_else(|| anyhow!("the HTTP thread stopped")),
+        ));
+    }
     eprintln!(
         "serve: listening on http://{addr} ({} on {}, max batch {}, KV budget {})",
         state.model_id,
@@ -379,6 +391,7 @@ fn http_main(
     state: Arc<AppState>,
     tx: std::sync::mpsc::Sender<ToEngine>,
     grace: Duration,
+    ready: std::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -386,6 +399,11 @@ fn http_main(
         .thread_name("visi-http-worker")
         .build()
         .context("starting the HTTP runtime")?;
+    let signals = {
+        let _in_rt = rt.enter();
+        install_signals()
+    };
+    let _ = ready.send(());
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).context("listening socket")?;
         let app = router(state.clone());
@@ -394,7 +412,7 @@ fn http_main(
         builder
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(state.read_timeout);
-        let signal = shutdown_signal();
+        let signal = shutdown_signal(signals);
         tokio::pin!(signal);
         loop {
             tokio::select! {
@@ -434,24 +452,62 @@ fn http_main(
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT handlers, installed before the address is announced so that a
+/// signal sent right after it is never the default (fatal) one.
+struct Signals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+/// Installs [`Signals`] (inside a runtime context).
+fn install_signals() -> Signals {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
     }
     #[cfg(not(unix))]
     {
+        Signals {}
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal(s: Signals) {
+    #[cfg(unix)]
+    {
+        let Signals { term, int } = s;
+        let t = async move {
+            match term {
+                Some(mut t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let i = async move {
+            match int {
+                Some(mut i) => {
+                    i.recv().await;
+                }
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = t => {}
+            _ = i => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = s;
         let _ = tokio::signal::ctrl_c().await;
     }
 }
