@@ -903,6 +903,21 @@ fn queue_full_disconnects_and_kv_budget() -> Result<()> {
         server.wait_metric("visi_active_sequences", |v| v == 0.0)?;
         let d = server.metric("visi_requests_total{outcome=\"disconnected\"}")?;
         ensure!(d == 1.0, "disconnected {d}");
+        // The same for a client waiting on a whole (non-streamed) answer.
+        let mut whole = long.clone();
+        whole["stream"] = json!(false);
+        let mut s = TcpStream::connect(&server.addr)?;
+        s.write_all(&request_bytes(
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            whole.to_string().as_bytes(),
+        ))?;
+        server.wait_metric("visi_kv_bytes_in_use", |v| v > 0.0)?;
+        drop(s);
+        server.wait_metric("visi_kv_bytes_in_use", |v| v == 0.0)?;
+        let d = server.metric("visi_requests_total{outcome=\"disconnected\"}")?;
+        ensure!(d == 2.0, "disconnected {d}");
     }
     {
         // A KV budget that holds one answer: three requests run one after the other.
