@@ -61,7 +61,10 @@ def stream_request(url, body, api_key, timeout):
                 text.append(delta["content"])
     total = time.perf_counter() - t0
     conn.close()
-    return ttft if ttft is not None else total, total, tokens or 0, "".join(text)
+    if tokens is None:
+        # A server without `stream_options.include_usage`: one chunk per token.
+        tokens = len(text)
+    return ttft if ttft is not None else total, total, tokens, "".join(text)
 
 
 def percentile(xs, p):
