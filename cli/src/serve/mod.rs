@@ -276,6 +276,19 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
         );
     }
 
+    // The runtime and the SIGTERM / Ctrl-C handlers come first: a signal while the model
+    // loads is then a clean shutdown (exit 0) once loading ends, never the default kill.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("visi-http-worker")
+        .build()
+        .map_err(|e| internal(anyhow!("starting the HTTP runtime: {e}")))?;
+    let signals = {
+        let _in_rt = rt.enter();
+        install_signals()
+    };
+
     // ---- model ----
     let llava = match (&model_path, shape) {
         (Some(dir), _) => crate::load_llava(dir, a.mmproj.as_deref(), a.device, a.quant)?,
@@ -336,21 +349,10 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
         .set_nonblocking(true)
         .map_err(|e| internal(anyhow!("listening socket: {e}")))?;
     let http_state = state.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let http = std::thread::Builder::new()
         .name("visi-http".into())
-        .spawn(move || http_main(listener, http_state, tx, grace, ready_tx))
+        .spawn(move || http_main(rt, signals, listener, http_state, tx, grace))
         .map_err(|e| internal(anyhow!("starting the HTTP thread: {e}")))?;
-    // Announce the address only once the signal handlers are in place.
-    if ready_rx.recv().is_err() {
-        let r = http
-            .join()
-            .map_err(|_| internal(anyhow!("the HTTP thread panicked")))?;
-        return Err(internal(
-            r.err()
-                .unwrap_or_else(|| anyhow!("the HTTP thread stopped")),
-        ));
-    }
     eprintln!(
         "serve: listening on http://{addr} ({} on {}, max batch {}, KV budget {})",
         state.model_id,
@@ -387,23 +389,13 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
 /// The HTTP side: accepts until SIGTERM / Ctrl-C, then tells the engine to drain and waits
 /// (at most the grace period and a little more) for the open answers to go out.
 fn http_main(
+    rt: tokio::runtime::Runtime,
+    signals: Signals,
     listener: std::net::TcpListener,
     state: Arc<AppState>,
     tx: std::sync::mpsc::Sender<ToEngine>,
     grace: Duration,
-    ready: std::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("visi-http-worker")
-        .build()
-        .context("starting the HTTP runtime")?;
-    let signals = {
-        let _in_rt = rt.enter();
-        install_signals()
-    };
-    let _ = ready.send(());
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).context("listening socket")?;
         let app = router(state.clone());
@@ -452,8 +444,8 @@ fn http_main(
     Ok(())
 }
 
-/// SIGTERM and SIGINT handlers, installed before the address is announced so that a
-/// signal sent right after it is never the default (fatal) one.
+/// SIGTERM and SIGINT handlers, installed before the model loads so that no signal after
+/// that is the default (fatal) one.
 struct Signals {
     #[cfg(unix)]
     term: Option<tokio::signal::unix::Signal>,
