@@ -21,6 +21,7 @@ mod plot;
 mod progress;
 mod quant_eval;
 mod score;
+mod serve;
 mod sweep;
 mod validate;
 
@@ -106,6 +107,9 @@ enum Cmd {
     Score(score::ScoreArgs),
     /// Run and score a list of pruning configs on one question set; table and PNG plot.
     Sweep(sweep::SweepArgs),
+    /// OpenAI-compatible HTTP server: /v1/chat/completions (streaming, continuous batching,
+    /// per-request pruning), /v1/models, /health, /metrics.
+    Serve(serve::ServeArgs),
     /// Kernel benchmark on the selected adapter (JSON).
     BenchKernels {
         /// Fewer repetitions.
@@ -321,7 +325,7 @@ pub(crate) enum QuantArg {
 }
 
 /// The engine's block format for `--quant`.
-fn quant_type(q: QuantArg) -> engine_core::QuantType {
+pub(crate) fn quant_type(q: QuantArg) -> engine_core::QuantType {
     match q {
         QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
         QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
@@ -400,6 +404,7 @@ fn main() -> ExitCode {
         Cmd::EvalMerge(a) => eval::merge(a),
         Cmd::Score(a) => score::score(a),
         Cmd::Sweep(a) => sweep::sweep(a),
+        Cmd::Serve(a) => serve::serve(a),
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         engine_core::cpu::with_threads(threads, run_cmd)
@@ -426,7 +431,7 @@ fn bench_kernels(quick: bool) -> Result<(), Failure> {
 }
 
 /// Reads `--prune`: inline JSON or `@file.json`.
-fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
+pub(crate) fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
     let (text, origin) = match arg.strip_prefix('@') {
         // A regular file of bounded size: `@/dev/zero` or a FIFO must not hang or grow.
         Some(path) => (
@@ -442,7 +447,7 @@ fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
     PruneConfig::from_json(&text).map_err(|e| anyhow!("{origin}: {e}"))
 }
 
-fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
+pub(crate) fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
     match device {
         DeviceArg::Cpu => Ok(Arc::new(CpuBackend::new())),
         DeviceArg::Gpu => {

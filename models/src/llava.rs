@@ -379,6 +379,40 @@ impl Llava {
         )
     }
 
+    /// A LLaVA of `shape` over seeded synthetic weights ([`crate::synthetic`]) with the
+    /// `tokenizer.json` at `tokenizer` and CLIP's default image processor at the tower's
+    /// size: real shapes and real prompts (answers are noise), for serving benchmarks. The
+    /// vocabulary grows to the tokenizer's when that is larger.
+    pub fn load_synthetic(
+        shape: crate::synthetic::SyntheticShape,
+        seed: u64,
+        tokenizer: &Path,
+        backend: Arc<dyn Backend>,
+        quant: Option<engine_core::QuantType>,
+    ) -> Result<Self> {
+        let t0 = Instant::now();
+        let mut cfg = shape.config()?;
+        let mut tok = PromptTokenizer::from_file(tokenizer, cfg.image_token_index)?;
+        // A tokenizer that defines `<image>` (llava-hf's) puts it at its own id.
+        if let Some(id) = tok.inner().token_to_id("<image>") {
+            cfg.image_token_index = id;
+            tok = PromptTokenizer::new(tok.inner().clone(), id);
+        }
+        // llava-hf tokenizers add `<image>` and `<pad>` past Llama's 32000: widen the
+        // synthetic embedding and head to hold every id the tokenizer can produce.
+        let n_tok = tok.inner().get_vocab_size(true);
+        cfg.text.vocab_size = cfg.text.vocab_size.max(n_tok);
+        let s = cfg.vision.image_size;
+        let processor = ImageProcessor {
+            size: ResizeTarget::ShortestEdge(s),
+            crop_size: (s, s),
+            ..Default::default()
+        };
+        let source: Arc<dyn WeightSource> =
+            Arc::new(crate::synthetic::SyntheticSource::new(&cfg, seed));
+        Self::build(t0, cfg, tok, processor, source, backend, None, quant)
+    }
+
     /// Uploads the weights of `source` (a llava-hf checkpoint in either naming).
     #[allow(clippy::too_many_arguments)]
     fn build(
