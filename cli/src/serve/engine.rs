@@ -81,6 +81,9 @@ pub struct EngineConfig {
     /// A request whose last user text is this panics in its prefill (tests check that
     /// the server answers it with a 500 and keeps serving).
     pub panic_on: Option<String>,
+    /// Chunked prefill: a decode step of the running answers after every this many
+    /// decoder layers of a prefill (0: prefills run whole).
+    pub prefill_chunk: usize,
 }
 
 struct Waiting {
@@ -280,13 +283,19 @@ impl<'a> Engine<'a> {
         (held, reserved)
     }
 
-    /// One unit of prefill work: the request's image encoding (cached across requests)
-    /// and its prompt's prefill in a fresh session. The one place a future resumable
-    /// (layer-chunked) prefill plugs in.
-    fn prefill_unit(&self, w: &mut Waiting) -> Result<(Session, Answer), ApiError> {
-        if let Some(p) = &self.cfg.panic_on {
+    /// One request's prefill: its image encoding (cached across requests) and its
+    /// prompt's prefill in a fresh session, calling `after_layer` after each decoder layer
+    /// (where the engine runs decode steps of the other answers: chunked prefill).
+    fn prefill_unit(
+        llava: &Llava,
+        image_mode: PadMode,
+        panic_on: Option<&str>,
+        w: &mut Waiting,
+        after_layer: &mut dyn FnMut(usize) -> engine_core::Result<()>,
+    ) -> Result<(Session, Answer), ApiError> {
+        if let Some(p) = panic_on {
             let last = w.job.req.messages.last().map(|m| m.joined_text());
-            if last.as_deref() == Some(p.as_str()) {
+            if last.as_deref() == Some(p) {
                 panic!("debug panic requested for this prompt");
             }
         }
@@ -294,17 +303,16 @@ impl<'a> Engine<'a> {
             .job
             .image
             .take()
-            .map(|img| self.llava.encode_image(&img, self.cfg.image_mode))
+            .map(|img| llava.encode_image(&img, image_mode))
             .transpose()
             .map_err(engine_error)?;
-        let mut session = self.llava.session();
-        let answer = self
-            .llava
-            .begin(&mut session, &w.prompt, enc.as_ref(), &w.opts)
+        let mut session = llava.session();
+        let answer = llava
+            .begin_observed(&mut session, &w.prompt, enc.as_ref(), &w.opts, after_layer)
             .map_err(engine_error)?;
         // GPU work is queued, not done: wait for it here so that the prefill's time is
         // counted as prefill, not as the next decode step's.
-        self.llava.backend().sync().map_err(engine_error)?;
+        llava.backend().sync().map_err(engine_error)?;
         Ok((session, answer))
     }
 
@@ -327,10 +335,31 @@ impl<'a> Engine<'a> {
         self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
         let queue_ms = w.job.arrived.elapsed().as_secs_f64() * 1e3;
         let t0 = Instant::now();
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.prefill_unit(&mut w)));
-        self.metrics
-            .prefill_us
-            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let llava = self.llava;
+        let (mode, panic_on, chunk) = (
+            self.cfg.image_mode,
+            self.cfg.panic_on.clone(),
+            self.cfg.prefill_chunk,
+        );
+        // Chunked prefill: the running answers take a decode step every `chunk` layers, so
+        // their streams never wait for a whole prefill (decode time counted as decode).
+        let mut stepped_us = 0u64;
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut after_layer = |l: usize| {
+                if chunk > 0 && (l + 1) % chunk == 0 && !self.active.is_empty() {
+                    let t = Instant::now();
+                    self.drop_disconnected();
+                    self.step();
+                    stepped_us += t.elapsed().as_micros() as u64;
+                }
+                Ok(())
+            };
+            Self::prefill_unit(llava, mode, panic_on.as_deref(), &mut w, &mut after_layer)
+        }));
+        self.metrics.prefill_us.fetch_add(
+            (t0.elapsed().as_micros() as u64).saturating_sub(stepped_us),
+            Ordering::Relaxed,
+        );
         let r = match r {
             Ok(r) => r,
             Err(p) => Err(ApiError::internal(format!(

@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// Most sequences decoding together in one batched step.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
+    /// Chunked prefill: the running answers take a decode step after every this many
+    /// decoder layers of a new request's prefill (0: prefills run whole).
+    #[arg(long, default_value_t = 4)]
+    prefill_chunk: usize,
     /// KV cache budget (bytes, or with a unit: 512MiB, 2GiB, 1.5GB); requests wait in the
     /// queue while the active ones would not leave room. Default: no limit.
     #[arg(long)]
@@ -373,6 +377,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
         },
         step_delay: crate::progress::token_delay(),
         panic_on: a.debug_panic_on.clone(),
+        prefill_chunk: a.prefill_chunk,
     };
     // The engine's own sender copy lives in AppState; when the HTTP side ends, the last
     // copies go and the loop returns.
