@@ -84,6 +84,9 @@ pub struct BenchArgs {
     /// at load), reported side by side.
     #[arg(long, value_delimiter = ',')]
     quant: Vec<String>,
+    /// Element type of the KV cache.
+    #[arg(long, value_enum, default_value = "f16")]
+    kv_dtype: crate::KvDtypeArg,
 }
 
 /// `--quant` entries: `None` for the checkpoint's own floats (`f16`).
@@ -285,6 +288,7 @@ struct Input<'a> {
     span: ImageSpan,
     pixels: &'a [f32],
     decode_tokens: usize,
+    kv_dtype: engine_core::DType,
 }
 
 fn argmax_id(b: &dyn Backend, logits: &Tensor) -> engine_core::Result<u32> {
@@ -327,7 +331,7 @@ fn run_once(
         }
         Ok(())
     };
-    let mut cache = KvCache::default();
+    let mut cache = KvCache::new(inp.kv_dtype);
     let (logits, stats) = llama.prefill_observed(
         b,
         &embeds,
@@ -577,6 +581,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         },
         pixels: &pixels,
         decode_tokens: a.decode_tokens,
+        kv_dtype: a.kv_dtype.dtype(),
     };
     let kv_dim = cfg.text.num_key_value_heads * cfg.text.head_dim;
     let profiled = a.layer_times || a.plot.is_some();
@@ -826,6 +831,8 @@ fn build_report(
             "note": "the backend reports no memory statistics; allocated_bytes is weights + the largest KV cache (activations not counted)",
             "allocated_bytes": weight_bytes + kv_max,
             "weight_bytes": weight_bytes,
+            "kv_dtype": a.kv_dtype.dtype().name(),
+            "kv_bytes_max": kv_max,
         },
         "methods": out,
         "kernels": kernels,
@@ -856,11 +863,28 @@ fn kernel_efficiency(k: &Value) -> Value {
             _ => None,
         }
     };
+    // Attention: prefill against the FMA peak, decode against the copy bandwidth.
+    let attention: Vec<Value> = k["attention"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let prefill = r["phase"] == "prefill";
+            json!({
+                "phase": r["phase"], "queries": r["queries"], "keys": r["keys"],
+                "kernel": r["kernel"],
+                "gflops": r["gflops"], "gbps": r["gbps"],
+                "share": if prefill { r["frac_of_fma_peak"].clone() } else { r["frac_of_copy_peak"].clone() },
+                "of": if prefill { "fma_peak" } else { "copy_peak" },
+            })
+        })
+        .collect();
     json!({
         "fma_peak_gflops": k["peak"]["fma_gflops"],
         "copy_peak_gbps": k["peak"]["copy_gbps"],
         "timing": k["timing"],
         "rows": rows.iter().filter_map(pick).collect::<Vec<_>>(),
+        "attention": attention,
     })
 }
 
@@ -944,8 +968,10 @@ fn print_table(r: &Value) {
         }
     }
     println!(
-        "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV)",
-        f(&r["memory"]["allocated_bytes"]) / (1 << 20) as f64
+        "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV, {:.1} MiB {})",
+        f(&r["memory"]["allocated_bytes"]) / (1 << 20) as f64,
+        f(&r["memory"]["kv_bytes_max"]) / (1 << 20) as f64,
+        r["memory"]["kv_dtype"].as_str().unwrap_or("?"),
     );
     if let Some(k) = r["kernel_efficiency"].as_object() {
         println!(
@@ -974,6 +1000,24 @@ fn print_table(r: &Value) {
                     100.0 * f(&row["frac_of_copy_peak"])
                 );
             }
+        }
+        for row in k["attention"].as_array().into_iter().flatten() {
+            let prefill = row["phase"] == "prefill";
+            println!(
+                "  attention {} {}x{} keys ({}): {:.1} {} = {:.1}% of {} peak",
+                row["phase"].as_str().unwrap_or("?"),
+                row["queries"],
+                row["keys"],
+                row["kernel"].as_str().unwrap_or("?"),
+                if prefill {
+                    f(&row["gflops"])
+                } else {
+                    f(&row["gbps"])
+                },
+                if prefill { "GFLOP/s" } else { "GB/s" },
+                100.0 * f(&row["share"]),
+                if prefill { "FMA" } else { "copy" },
+            );
         }
     } else {
         println!("kernels: skipped");

@@ -38,18 +38,19 @@ pub fn info(
     model: Option<&str>,
     shape: Option<&str>,
     device: InfoDevice,
+    kv_dtype: DType,
     json_out: bool,
 ) -> Result<(), Failure> {
     let v = match (model, shape) {
         (Some(m), None) => {
             let dir =
                 models::hub::resolve_model(m).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
-            report(&dir, device)?
+            report(&dir, device, kv_dtype)?
         }
         (None, Some(s)) => {
             let shape = models::synthetic::SyntheticShape::parse(s)
                 .map_err(|e| bad_input(anyhow!("--shape: {e}")))?;
-            shape_report(shape, device)?
+            shape_report(shape, device, kv_dtype)?
         }
         _ => return Err(bad_input(anyhow!("give either --model or --shape"))),
     };
@@ -62,8 +63,8 @@ pub fn info(
     Ok(())
 }
 
-/// The report as JSON (the text form is rendered from it).
-pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
+/// The report as JSON (the text form is rendered from it), K/V counted in `kv_dtype`.
+pub fn report(dir: &Path, device: InfoDevice, kv_dtype: DType) -> Result<Value, Failure> {
     let cfg_path = dir.join("config.json");
     let cfg = LlavaConfig::from_file(&cfg_path).map_err(classify)?;
     // The architecture name is not part of the parsed config; the file just parsed.
@@ -95,6 +96,7 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
         stored,
         source.total_bytes(),
         device,
+        kv_dtype,
     )
 }
 
@@ -103,6 +105,7 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
 pub fn shape_report(
     shape: models::synthetic::SyntheticShape,
     device: InfoDevice,
+    kv_dtype: DType,
 ) -> Result<Value, Failure> {
     let cfg = shape.config().map_err(classify)?;
     let stored: Vec<_> = models::synthetic::tensor_shapes(&cfg)
@@ -120,6 +123,7 @@ pub fn shape_report(
         stored,
         on_disk,
         device,
+        kv_dtype,
     )
 }
 
@@ -131,6 +135,7 @@ fn report_from(
     stored: Vec<(String, DType, Vec<usize>, u64)>,
     bytes_on_disk: u64,
     device: InfoDevice,
+    kv_dtype: DType,
 ) -> Result<Value, Failure> {
     let mut tensors = Vec::new();
     let mut dtypes: BTreeMap<String, (usize, u64)> = BTreeMap::new();
@@ -163,17 +168,23 @@ fn report_from(
     let weights_bytes: u64 = tensors.iter().map(|t| t.device_bytes).sum();
     let tc = &cfg.text;
     let ctx = tc.max_position_embeddings as u64;
-    // K and V, f32, every layer, the whole context.
+    // K and V in the cache's dtype, every layer: bytes per cached row across the layers.
+    let kv_row = 2
+        * tc.num_hidden_layers as u64
+        * (tc.num_key_value_heads * tc.head_dim) as u64
+        * kv_dtype.size_in_bytes() as u64;
     // One image, a 64-token question and 256 answer tokens, dense (pruning only shrinks it).
     let typical_rows = (cfg.image_tokens() + 64 + 256).min(ctx as usize) as u64;
-    let kv_typical = 2
-        * tc.num_hidden_layers as u64
-        * typical_rows
-        * (tc.num_key_value_heads * tc.head_dim) as u64
-        * 4;
-    let kv_bytes =
-        2 * tc.num_hidden_layers as u64 * ctx * (tc.num_key_value_heads * tc.head_dim) as u64 * 4;
+    let kv_typical = kv_row * typical_rows;
+    let kv_bytes = kv_row * ctx;
     let largest = tensors.iter().max_by_key(|t| t.device_bytes);
+    let quantized = quantized_weight_bytes(&tensors);
+    // Weights + the one-image KV cache, as stored and under each --quant format.
+    let mut one_image = serde_json::Map::new();
+    one_image.insert("stored".into(), json!(weights_bytes + kv_typical));
+    for (k, w) in &quantized {
+        one_image.insert(k.clone(), json!(w.as_u64().unwrap_or(0) + kv_typical));
+    }
 
     let dev = device_check(device, largest, weights_bytes + kv_bytes)?;
     Ok(json!({
@@ -199,13 +210,15 @@ fn report_from(
         "bytes_on_disk": bytes_on_disk,
         "memory": {
             "weights_bytes": weights_bytes,
-            "weights_bytes_quantized": quantized_weight_bytes(&tensors),
+            "weights_bytes_quantized": quantized,
             "params_quantized": quantized_params(&tensors),
+            "kv_dtype": kv_dtype.name(),
             "kv_cache_bytes": kv_bytes,
             "kv_cache_bytes_one_image": kv_typical,
             "one_image_rows": typical_rows,
+            "one_image_total_bytes": one_image,
             "total_bytes": weights_bytes + kv_bytes,
-            "note": "weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in f32 at the full context; activations not included",
+            "note": format!("weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in {kv_dtype} at the full context; one_image_total_bytes: weights (as stored or under --quant) + the one-image KV cache; activations not included"),
         },
         "largest_tensor": largest.map(|t| json!({
             "name": t.name,
@@ -392,9 +405,10 @@ pub fn text_report(v: &Value) -> String {
     s += &format!("on disk      {}\n", b(&v["bytes_on_disk"]));
     let m = &v["memory"];
     s += &format!(
-        "memory       weights {} + KV cache {} (f32, context {}) = {}\n",
+        "memory       weights {} + KV cache {} ({}, context {}) = {}\n",
         b(&m["weights_bytes"]),
         b(&m["kv_cache_bytes"]),
+        m["kv_dtype"].as_str().unwrap_or(""),
         n(&v["context_length"]),
         b(&m["total_bytes"])
     );
@@ -407,6 +421,10 @@ pub fn text_report(v: &Value) -> String {
         b(&m["kv_cache_bytes_one_image"]),
         n(&m["one_image_rows"])
     );
+    if let Some(t) = m["one_image_total_bytes"].as_object() {
+        let parts: Vec<String> = t.iter().map(|(k, x)| format!("{k} {}", b(x))).collect();
+        s += &format!("  one image  weights + KV: {}\n", parts.join(", "));
+    }
     let d = &v["device"];
     match d["backend"].as_str() {
         Some("wgpu") => {

@@ -59,6 +59,9 @@ enum Cmd {
         /// Device to check the model against.
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
+        /// Element type the KV cache is counted in.
+        #[arg(long, value_enum, default_value = "f16")]
+        kv_dtype: KvDtypeArg,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -78,6 +81,17 @@ enum Cmd {
         /// Fewer repetitions.
         #[arg(long)]
         quick: bool,
+    },
+    /// Time the kernel variants on the selected adapter and cache the fastest per shape
+    /// class in the platform cache dir (`run` and `bench` use the cache; without it, the
+    /// measured defaults).
+    Tune {
+        /// Smaller shapes (a quick check, not a tuning to keep).
+        #[arg(long)]
+        quick: bool,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -151,6 +165,26 @@ struct RunArgs {
     /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
     #[arg(long)]
     mmproj: Option<PathBuf>,
+    /// Element type of the KV cache (f16 halves its bytes; scores and softmax stay f32).
+    #[arg(long, value_enum, default_value = "f16")]
+    kv_dtype: KvDtypeArg,
+}
+
+/// The KV cache's element type (`--kv-dtype`).
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum KvDtypeArg {
+    F16,
+    F32,
+}
+
+impl KvDtypeArg {
+    /// The engine dtype.
+    pub(crate) fn dtype(self) -> engine_core::DType {
+        match self {
+            KvDtypeArg::F16 => engine_core::DType::F16,
+            KvDtypeArg::F32 => engine_core::DType::F32,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -220,6 +254,7 @@ fn main() -> ExitCode {
             model,
             shape,
             device,
+            kv_dtype,
             json,
         } => info::info(
             model.as_deref(),
@@ -229,10 +264,12 @@ fn main() -> ExitCode {
                 DeviceArg::Gpu => info::InfoDevice::Gpu,
                 DeviceArg::Cpu => info::InfoDevice::Cpu,
             },
+            kv_dtype.dtype(),
             json,
         ),
         Cmd::Devices { json } => devices::devices(json),
         Cmd::BenchKernels { quick } => bench_kernels(quick),
+        Cmd::Tune { quick, json } => tune(quick, json),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::QuantEval(a) => quant_eval::quant_eval(a),
     }));
@@ -257,6 +294,41 @@ fn bench_kernels(quick: bool) -> Result<(), Failure> {
         "{}",
         serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?
     );
+    Ok(())
+}
+
+fn tune(quick: bool, json_out: bool) -> Result<(), Failure> {
+    let v =
+        engine_wgpu::tune::tune(&engine_wgpu::GpuOptions::default(), quick).map_err(classify)?;
+    if let Some(n) = v["note"].as_str() {
+        eprintln!("note: {n}");
+    }
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string(&v).map_err(|e| internal(e.into()))?
+        );
+        return Ok(());
+    }
+    println!("adapter {}", v["adapter"].as_str().unwrap_or("?"));
+    for c in v["classes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<16} {:.2} ms",
+            c["class"].as_str().unwrap_or("?"),
+            c["winner"].as_str().unwrap_or("?"),
+            c["seconds"].as_f64().unwrap_or(0.0) * 1e3
+        );
+        for r in c["candidates"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<16} {:.2} ms",
+                r["variant"].as_str().unwrap_or("?"),
+                r["seconds"].as_f64().unwrap_or(0.0) * 1e3
+            );
+        }
+    }
+    if let Some(p) = v["cache"].as_str() {
+        println!("cached in {p}");
+    }
     Ok(())
 }
 
@@ -490,6 +562,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         sampling,
         prune,
         keep_first_logits: false,
+        kv_dtype: a.kv_dtype.dtype(),
     };
 
     // ---- generation ----

@@ -11,6 +11,7 @@ use engine_core::{
 use half::f16;
 
 use crate::ctx::{lock, Bind, Ctx, PipelineKey};
+use crate::tune::Prefill;
 use engine_core::checks::{
     check_attention, check_broadcast, check_patch_embed, check_rows, check_token_contributions,
     check_vec,
@@ -184,6 +185,47 @@ fn need_float(t: &Tensor, op: &'static str) -> Result<()> {
         DType::F32 | DType::F16 => Ok(()),
         d => Err(Error::DType { op, dtype: d }),
     }
+}
+
+/// Whether the K/V operands of an attention op are an f16 cache (`KV16` kernels) or f32; both
+/// must share the dtype.
+fn kv16(op: &'static str, kv: &[&Tensor]) -> Result<bool> {
+    let first = kv.first().map_or(DType::F32, |t| t.dtype());
+    for t in kv {
+        if t.dtype() != first || !matches!(first, DType::F32 | DType::F16) {
+            return Err(Error::DType {
+                op,
+                dtype: t.dtype(),
+            });
+        }
+    }
+    Ok(first == DType::F16)
+}
+
+/// Default tile sizes of `flash_attn` for head size `d`: (BQ queries, BK keys, TPR lanes per query),
+/// the largest of the preferred sizes whose workgroup memory fits `wg_storage` bytes with K/V
+/// tiles of `kv_bytes` per element; `None` when `d` is not a multiple of 4 or nothing fits.
+pub(crate) fn flash_tiles(
+    d: usize,
+    kv_bytes: usize,
+    wg_storage: usize,
+) -> Option<(usize, usize, usize)> {
+    if d == 0 || !d.is_multiple_of(4) {
+        return None;
+    }
+    // Lanes per query: a power of two up to 8 that divides the vec4 columns.
+    let tpr = [8, 4, 2, 1]
+        .into_iter()
+        .find(|t| (d / 4).is_multiple_of(*t))?;
+    let mem = |bq: usize, bk: usize| bq * d * 4 + 2 * bk * d * kv_bytes + bq * bk * 4 + 16 * bq;
+    for bq in [16, 8, 4] {
+        for bk in [32, 16, 8, 4] {
+            if mem(bq, bk) <= wg_storage && bq * tpr <= 256 {
+                return Some((bq, bk, tpr));
+            }
+        }
+    }
+    None
 }
 
 fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
@@ -599,12 +641,13 @@ impl GpuBackend {
         ck: &Chunk,
         sq: usize,
         p: &AttentionParams,
+        k16: bool,
         out: &Chunk,
     ) -> Result<()> {
         const OP: &str = "attention_last_row";
         let pipe = self
             .ctx
-            .pipeline(PipelineKey::new("attention_probs", "main"))?;
+            .pipeline(PipelineKey::new("attention_probs", "main").flag(k16, "KV16"))?;
         let prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
         let g = self.grid(OP, p.num_heads)?;
         if g[1] > 1 {
@@ -632,6 +675,7 @@ impl GpuBackend {
         cp: &Chunk,
         cv: &Chunk,
         p: &AttentionParams,
+        v16: bool,
         start: usize,
         end: usize,
         out: &Chunk,
@@ -650,7 +694,7 @@ impl GpuBackend {
         ]);
         let pipe = self
             .ctx
-            .pipeline(PipelineKey::new("contrib", "contrib_o"))?;
+            .pipeline(PipelineKey::new("contrib", "contrib_o").flag(v16, "KV16"))?;
         let hd = p.num_heads * p.head_dim;
         self.ctx.dispatch(
             &pipe,
@@ -663,6 +707,330 @@ impl GpuBackend {
             self.grid(OP, hd.div_ceil(256))?,
         )?;
         Ok(prm)
+    }
+
+    /// `flash_attn` over `sq` queries with tiles `(BQ, BK, TPR)` (see flash_attn.wgsl).
+    #[allow(clippy::too_many_arguments)]
+    fn flash_prefill(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        sq: usize,
+        kv16: bool,
+        (bq, bk, tpr): (usize, usize, usize),
+        out: Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let d = p.head_dim;
+        let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
+        let c = |v: usize| u32_of(OP, "size", v);
+        let pipe = self.ctx.pipeline(
+            PipelineKey::new("flash_attn", "main")
+                .flag(kv16, "KV16")
+                .sub("HEAD_DIM", c(d)?)
+                .sub("BQ", c(bq)?)
+                .sub("BK", c(bk)?)
+                .sub("TPR", c(tpr)?)
+                .sub("WG", c(bq * tpr)?),
+        )?;
+        let g = [c(sq.div_ceil(bq))?, c(p.num_heads)?, 1];
+        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
+            return Err(Error::shape(
+                OP,
+                format!("{sq} queries x {} heads is too many", p.num_heads),
+            ));
+        }
+        let kv_end = if p.causal {
+            (p.q_offset + sq).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        // Keys per dispatch: all of them on GPUs; on software adapters few enough that an
+        // invocation's loop nest stays under llvmpipe's 65535-iteration cap (the iterations
+        // one invocation runs per tile, counted from the kernel's loops), the running softmax
+        // state carried between passes.
+        let per_pass = if self.ctx.info.device_type == "cpu" {
+            let wg = bq * tpr;
+            let d4 = d / 4;
+            let per_tile = (bk * d4).div_ceil(wg)
+                + (bq * bk).div_ceil(wg) * (d4 + 1)
+                + 3 * bk
+                + bk * (d4 / tpr + 1)
+                + d4 / tpr;
+            (60_000 / per_tile).max(1) * bk
+        } else {
+            kv_end.max(1)
+        };
+        let passes = kv_end.div_ceil(per_pass).max(1);
+        let state = if passes > 1 {
+            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)? // [Sq, H, D+3]: m, l, S, o
+        } else {
+            self.empty([4], DType::F32, OP)? // bound but never touched
+        };
+        let cs = one(&state, OP)?;
+        let prm = attention_params(sq, p, 0);
+        for pass in 0..passes {
+            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
+            let mut prm = prm.clone();
+            prm.extend(params(&[
+                c(kb0)?,
+                c(kb1)?,
+                u32::from(pass == 0),
+                u32::from(pass + 1 == passes),
+            ]));
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &cq.buf, cq.bytes),
+                    Bind(2, &ck.buf, ck.bytes),
+                    Bind(3, &cv.buf, cv.bytes),
+                    Bind(4, &co.buf, co.bytes),
+                    Bind(5, &cs.buf, cs.bytes),
+                ],
+                g,
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// `flash_attn_k` over `sq` queries: invocations split the keys of a tile, then the
+    /// output columns (see flash_attn_k.wgsl).
+    #[allow(clippy::too_many_arguments)]
+    fn flash_prefill_k(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        sq: usize,
+        kv16: bool,
+        (bq, wg): (usize, usize),
+        out: Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let d = p.head_dim;
+        let nc = (d / 4).div_ceil(wg);
+        let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
+        let c = |v: usize| u32_of(OP, "size", v);
+        let pipe = self.ctx.pipeline(
+            PipelineKey::new("flash_attn_k", "main")
+                .flag(kv16, "KV16")
+                .sub("HEAD_DIM", c(d)?)
+                .sub("BQ", c(bq)?)
+                .sub("WG", c(wg)?)
+                .sub("NC", c(nc)?),
+        )?;
+        let g = [c(sq.div_ceil(bq))?, c(p.num_heads)?, 1];
+        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
+            return Err(Error::shape(
+                OP,
+                format!("{sq} queries x {} heads is too many", p.num_heads),
+            ));
+        }
+        let kv_end = if p.causal {
+            (p.q_offset + sq).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let per_pass = if self.ctx.info.device_type == "cpu" {
+            let d4 = d / 4;
+            let per_tile = d4 * (bq + 1) + 3 * bq + 2 * wg + wg * nc * (bq + 1) + bq * nc;
+            (60_000 / per_tile).max(1) * wg
+        } else {
+            kv_end.max(1)
+        };
+        let passes = kv_end.div_ceil(per_pass).max(1);
+        let state = if passes > 1 {
+            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)?
+        } else {
+            self.empty([4], DType::F32, OP)?
+        };
+        let cs = one(&state, OP)?;
+        let prm = attention_params(sq, p, 0);
+        for pass in 0..passes {
+            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
+            let mut prm = prm.clone();
+            prm.extend(params(&[
+                c(kb0)?,
+                c(kb1)?,
+                u32::from(pass == 0),
+                u32::from(pass + 1 == passes),
+            ]));
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &cq.buf, cq.bytes),
+                    Bind(2, &ck.buf, ck.bytes),
+                    Bind(3, &cv.buf, cv.bytes),
+                    Bind(4, &co.buf, co.bytes),
+                    Bind(5, &cs.buf, cs.bytes),
+                ],
+                g,
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// One query split over the KV length (`flash_decode`: partial, then combine).
+    fn flash_decode(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        kv16: bool,
+        out: Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let d = p.head_dim;
+        let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
+        let c = |v: usize| u32_of(OP, "size", v);
+        let visible = if p.causal {
+            (p.q_offset + 1).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let split = self.decode_split(d, kv16);
+        let nsplit = visible.div_ceil(split).max(1);
+        let part = self.empty([p.num_heads, nsplit, d + 3], DType::F32, OP)?; // m, l, S, o
+        let cp = one(&part, OP)?;
+        let key = |entry| {
+            PipelineKey::new("flash_decode", entry)
+                .flag(kv16, "KV16")
+                .sub("HEAD_DIM", d as u32)
+                .sub("CH", split as u32)
+        };
+        let mut prm = attention_params(1, p, 0);
+        prm.extend(params(&[c(nsplit)?, 0, 0, 0]));
+        let g = [c(nsplit)?, c(p.num_heads)?, 1];
+        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
+            return Err(Error::shape(
+                OP,
+                format!("{} keys x {} heads is too many", p.kv_len, p.num_heads),
+            ));
+        }
+        self.ctx.dispatch(
+            &*self.ctx.pipeline(key("partial"))?,
+            &prm,
+            &[
+                Bind(1, &cq.buf, cq.bytes),
+                Bind(2, &ck.buf, ck.bytes),
+                Bind(3, &cv.buf, cv.bytes),
+                Bind(5, &cp.buf, cp.bytes),
+            ],
+            g,
+        )?;
+        self.ctx.dispatch(
+            &*self.ctx.pipeline(key("combine"))?,
+            &prm,
+            &[
+                Bind(3, &cv.buf, cv.bytes),
+                Bind(4, &co.buf, co.bytes),
+                Bind(5, &cp.buf, cp.bytes),
+            ],
+            self.grid(OP, p.num_heads)?,
+        )?;
+        Ok(out)
+    }
+
+    /// The per-query attention kernel (`attention.wgsl`) over f32 K/V, for head sizes the
+    /// flash kernels do not take.
+    fn attention_per_query(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        sq: usize,
+        out: Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let (cq, ck, cv) = (one(q, OP)?, one(k, OP)?, one(v, OP)?);
+        let d = p.head_dim;
+        if sq == 1 {
+            // Decode: one query per head would leave the tiled kernel one busy invocation per
+            // workgroup. Instead spread the keys over a workgroup per head (the masked
+            // probabilities, exactly attention_last_row), then one invocation per output
+            // (h, d) sums P·V.
+            let probs = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
+            let cp = one(&probs, OP)?;
+            self.last_row_probs(cq, ck, sq, p, false, cp)?;
+            self.weighted_values(cp, cv, p, false, 0, 0, one(&out, OP)?)?;
+            return Ok(out);
+        }
+        // Keys per tile: the K and V tiles (2·TK·D f32) fit the workgroup memory.
+        let tk = (self.ctx.wg_storage as usize / (8 * d)).min(16);
+        if tk == 0 || d > 1024 {
+            return Err(Error::shape(
+                OP,
+                format!("head_dim {d} is too large for this adapter"),
+            ));
+        }
+        let co = one(&out, OP)?;
+        let pipe = self.ctx.pipeline(
+            PipelineKey::new("attention", "main")
+                .sub("HEAD_DIM", d as u32)
+                .sub("TK", tk as u32),
+        )?;
+        let prm = attention_params(sq, p, 0);
+        let g = [
+            u32_of(OP, "groups", sq.div_ceil(64))?,
+            u32_of(OP, "heads", p.num_heads)?,
+            1,
+        ];
+        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
+            return Err(Error::shape(
+                OP,
+                format!("{sq} queries x {} heads is too many", p.num_heads),
+            ));
+        }
+        // Keys per dispatch: all of them on GPUs; on software adapters few enough that an
+        // invocation's loop nest stays under llvmpipe's 65535-iteration cap (about 2·D + 4
+        // iterations per key), the running softmax state carried between passes.
+        let kv_end = if p.causal {
+            (p.q_offset + sq).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let per_pass = if self.ctx.info.device_type == "cpu" {
+            ((60_000 / (2 * d + 4)) / tk * tk).max(tk)
+        } else {
+            kv_end.max(1)
+        };
+        let passes = kv_end.div_ceil(per_pass).max(1);
+        let state = if passes > 1 {
+            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)? // [Sq, H, D+3]: m, l, S, o
+        } else {
+            self.empty([4], DType::F32, OP)? // bound but never touched
+        };
+        let cs = one(&state, OP)?;
+        for pass in 0..passes {
+            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
+            let mut prm = prm.clone();
+            prm.extend(params(&[
+                u32_of(OP, "key", kb0)?,
+                u32_of(OP, "key", kb1)?,
+                u32::from(pass == 0),
+                u32::from(pass + 1 == passes),
+            ]));
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &cq.buf, cq.bytes),
+                    Bind(2, &ck.buf, ck.bytes),
+                    Bind(3, &cv.buf, cv.bytes),
+                    Bind(4, &co.buf, co.bytes),
+                    Bind(5, &cs.buf, cs.bytes),
+                ],
+                g,
+            )?;
+        }
+        Ok(out)
     }
 
     /// Host copy of a small uploaded `U32` tensor, if one was kept.
@@ -1047,95 +1415,32 @@ impl Backend for GpuBackend {
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor> {
         const OP: &str = "attention";
         let sq = check_attention(OP, q.dims(), &[k.dims(), v.dims()], p)?;
-        for t in [q, k, v] {
-            need(t, DType::F32, OP)?;
-        }
-        let (cq, ck, cv) = (one(q, OP)?, one(k, OP)?, one(v, OP)?);
+        need(q, DType::F32, OP)?;
+        let kv16 = kv16(OP, &[k, v])?;
         let d = p.head_dim;
         let out = self.empty([sq, p.num_heads * d], DType::F32, OP)?;
         if sq == 0 {
             return Ok(out);
         }
-        if sq == 1 {
-            // Decode: one query per head would leave the tiled kernel one busy invocation per
-            // workgroup. Instead spread the keys over a workgroup per head (the masked
-            // probabilities, exactly attention_last_row), then one invocation per output
-            // (h, d) sums P·V.
-            let probs = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
-            let cp = one(&probs, OP)?;
-            self.last_row_probs(cq, ck, sq, p, cp)?;
-            self.weighted_values(cp, cv, p, 0, 0, one(&out, OP)?)?;
-            return Ok(out);
+        if d.is_multiple_of(4) {
+            if sq == 1 {
+                return self.flash_decode(q, k, v, p, kv16, out);
+            }
+            return match self.prefill_variant(d, kv16) {
+                Prefill::Tiled(bq, bk, tpr) => {
+                    self.flash_prefill(q, k, v, p, sq, kv16, (bq, bk, tpr), out)
+                }
+                Prefill::Keys(bq, wg) => self.flash_prefill_k(q, k, v, p, sq, kv16, (bq, wg), out),
+            };
         }
-        // Keys per tile: the K and V tiles (2·TK·D f32) fit the workgroup memory.
-        let tk = (self.ctx.wg_storage as usize / (8 * d)).min(16);
-        if tk == 0 || d > 1024 {
-            return Err(Error::shape(
-                OP,
-                format!("head_dim {d} is too large for this adapter"),
-            ));
-        }
-        let co = one(&out, OP)?;
-        let pipe = self.ctx.pipeline(
-            PipelineKey::new("attention", "main")
-                .sub("HEAD_DIM", d as u32)
-                .sub("TK", tk as u32),
-        )?;
-        let prm = attention_params(sq, p, 0);
-        let g = [
-            u32_of(OP, "groups", sq.div_ceil(64))?,
-            u32_of(OP, "heads", p.num_heads)?,
-            1,
-        ];
-        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
-            return Err(Error::shape(
-                OP,
-                format!("{sq} queries x {} heads is too many", p.num_heads),
-            ));
-        }
-        // Keys per dispatch: all of them on GPUs; on software adapters few enough that an
-        // invocation's loop nest stays under llvmpipe's 65535-iteration cap (about 2·D + 4
-        // iterations per key), the running softmax state carried between passes.
-        let kv_end = if p.causal {
-            (p.q_offset + sq).min(p.kv_len)
+        // Head sizes that are not a multiple of 4 (no model here has them): the per-query
+        // kernel over an f32 copy of the keys and values.
+        let (k, v) = if kv16 {
+            (self.cast(k, DType::F32)?, self.cast(v, DType::F32)?)
         } else {
-            p.kv_len
+            (k.clone(), v.clone())
         };
-        let per_pass = if self.ctx.info.device_type == "cpu" {
-            ((60_000 / (2 * d + 4)) / tk * tk).max(tk)
-        } else {
-            kv_end.max(1)
-        };
-        let passes = kv_end.div_ceil(per_pass).max(1);
-        let state = if passes > 1 {
-            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)? // [Sq, H, D+3]: m, l, S, o
-        } else {
-            self.empty([4], DType::F32, OP)? // bound but never touched
-        };
-        let cs = one(&state, OP)?;
-        for pass in 0..passes {
-            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
-            let mut prm = prm.clone();
-            prm.extend(params(&[
-                u32_of(OP, "key", kb0)?,
-                u32_of(OP, "key", kb1)?,
-                u32::from(pass == 0),
-                u32::from(pass + 1 == passes),
-            ]));
-            self.ctx.dispatch(
-                &pipe,
-                &prm,
-                &[
-                    Bind(1, &cq.buf, cq.bytes),
-                    Bind(2, &ck.buf, ck.bytes),
-                    Bind(3, &cv.buf, cv.bytes),
-                    Bind(4, &co.buf, co.bytes),
-                    Bind(5, &cs.buf, cs.bytes),
-                ],
-                g,
-            )?;
-        }
-        Ok(out)
+        self.attention_per_query(q, &k, &v, p, sq, out)
     }
 
     fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor> {
@@ -1145,10 +1450,10 @@ impl Backend for GpuBackend {
             return Err(Error::shape(OP, "q has no rows"));
         }
         need(q, DType::F32, OP)?;
-        need(k, DType::F32, OP)?;
+        let k16 = kv16(OP, &[k])?;
         let (cq, ck) = (one(q, OP)?, one(k, OP)?);
         let out = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
-        self.last_row_probs(cq, ck, sq, p, one(&out, OP)?)?;
+        self.last_row_probs(cq, ck, sq, p, k16, one(&out, OP)?)?;
         Ok(out)
     }
 
@@ -1163,7 +1468,7 @@ impl Backend for GpuBackend {
         const OP: &str = "token_contributions";
         check_token_contributions(OP, probs, v, p, start, end)?;
         need(probs, DType::F32, OP)?;
-        need(v, DType::F32, OP)?;
+        let v16 = kv16(OP, &[v])?;
         let (cp, cv) = (one(probs, OP)?, one(v, OP)?);
         let out = self.empty([end - start, 2], DType::F32, OP)?; // [end-start, 2]
         if end == start {
@@ -1171,10 +1476,10 @@ impl Backend for GpuBackend {
         }
         let o = self.empty([p.num_heads * p.head_dim], DType::F32, OP)?; // [H*D]: the output
         let (co, cout) = (one(&o, OP)?, one(&out, OP)?);
-        let prm = self.weighted_values(cp, cv, p, start, end, co)?;
+        let prm = self.weighted_values(cp, cv, p, v16, start, end, co)?;
         let p2 = self
             .ctx
-            .pipeline(PipelineKey::new("contrib", "contrib_main"))?;
+            .pipeline(PipelineKey::new("contrib", "contrib_main").flag(v16, "KV16"))?;
         self.ctx.dispatch(
             &p2,
             &prm,
@@ -1431,6 +1736,12 @@ impl Backend for GpuBackend {
             ));
         }
         not_quant(dst, OP)?;
+        if src.dtype() == DType::F32 && dst.dtype() == DType::F16 {
+            // An f16 KV cache: the rows are rounded to f16 first (a new tensor, so never the
+            // destination itself).
+            let h = self.cast(src, DType::F16)?;
+            return self.write_rows(dst, row, &h);
+        }
         if src.dtype() != dst.dtype() {
             return Err(Error::DType {
                 op: OP,

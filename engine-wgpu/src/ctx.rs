@@ -112,6 +112,8 @@ pub(crate) struct Ctx {
     pub max_binding: u64,
     pub max_groups: u32,
     pub wg_storage: u32,
+    /// Autotuned kernel variants of this adapter (see `tune`).
+    pub tuning: crate::tune::Tuning,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipe>>>,
     pool: Mutex<(HashMap<u64, Vec<wgpu::Buffer>>, u64)>,
     batch: Mutex<Batch>,
@@ -180,6 +182,7 @@ impl Ctx {
             max_binding: info.max_binding_size,
             max_groups: limits.max_compute_workgroups_per_dimension,
             wg_storage: limits.max_compute_workgroup_storage_size,
+            tuning: crate::tune::Tuning::empty(),
             device,
             queue,
             info,

@@ -5,6 +5,7 @@
 //! - [`open`]: builds the GPU backend as an `Arc<dyn Backend>`.
 //! - [`list_adapters`]: every adapter wgpu sees, and which one `auto` picks.
 //! - [`bench::kernel_bench`]: the kernel benchmark (GFLOP/s, GB/s, measured peaks) as JSON.
+//! - [`tune::tune`]: times the kernel variants per shape class and caches the winners.
 //! - [`open_gpu`] / [`GpuBackend`] / [`GpuStorage`]: the concrete types, for tests and benches.
 //!
 //! Design: every kernel is WGSL from the `shaders` crate, compiled once per
@@ -36,6 +37,7 @@
 mod backend;
 pub mod bench;
 mod ctx;
+pub mod tune;
 
 use std::sync::Arc;
 
@@ -137,6 +139,14 @@ pub fn open_gpu(opts: &GpuOptions) -> Result<Arc<GpuBackend>> {
         subgroups,
     };
     let mut ctx = ctx::Ctx::new(device, queue, info, f16, subgroups, timestamps, &limits);
+    // Tuned variants are per adapter, driver (version) and backend.
+    ctx.tuning = tune::Tuning::load(format!(
+        "{} | {} {} | {}",
+        ai.name,
+        ai.driver,
+        ai.driver_info,
+        api_name(ai.backend)
+    ));
     // The `*_sg8` matmuls broadcast with constant lanes 0..8: only where every subgroup is
     // exactly 8 wide, and only on CPU adapters (on GPUs the tiled kernels are the right shape).
     ctx.sg8_cpu = subgroups

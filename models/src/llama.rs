@@ -37,9 +37,9 @@ pub struct Llama {
 
 /// One layer's KV cache: `[capacity, kv_heads*head_dim]` keys and values, `len` rows valid.
 pub struct LayerKv {
-    /// Keys `[capacity, kv_heads * head_dim]` f32.
+    /// Keys `[capacity, kv_heads * head_dim]` in the cache's dtype (f16 or f32).
     pub k: Tensor,
-    /// Values `[capacity, kv_heads * head_dim]` f32.
+    /// Values `[capacity, kv_heads * head_dim]` in the cache's dtype.
     pub v: Tensor,
     /// Rows filled.
     pub len: usize,
@@ -48,22 +48,37 @@ pub struct LayerKv {
 }
 
 /// Per-layer KV caches; each layer's length is what that layer processed.
-#[derive(Default)]
 pub struct KvCache {
     /// One entry per decoder layer.
     pub layers: Vec<LayerKv>,
+    /// Element type of the layers' K and V: `F16` (the default: half the bytes; the
+    /// backends' attention reads it and keeps scores and softmax in f32) or `F32`.
+    pub dtype: DType,
+}
+
+impl Default for KvCache {
+    fn default() -> Self {
+        KvCache::new(DType::F16)
+    }
 }
 
 impl KvCache {
+    /// An empty cache whose layers will hold K and V as `dtype` (`F16` or `F32`).
+    pub fn new(dtype: DType) -> Self {
+        KvCache {
+            layers: Vec::new(),
+            dtype,
+        }
+    }
     /// Rows held per layer.
     pub fn lens(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.len).collect()
     }
-    /// Bytes of keys and values actually held (valid rows, f32).
+    /// Bytes of keys and values actually held (valid rows, in the cache's dtype).
     pub fn bytes_used(&self, kv_dim: usize) -> u64 {
         self.layers
             .iter()
-            .map(|l| (2 * l.len * kv_dim * 4) as u64)
+            .map(|l| (2 * l.len * kv_dim * self.dtype.size_in_bytes()) as u64)
             .sum()
     }
 }
@@ -265,11 +280,11 @@ impl Llama {
         Ok((b.add(&h, &m)?, captured))
     }
 
-    fn new_layer_kv(&self, b: &dyn Backend, capacity: usize) -> Result<LayerKv> {
+    fn new_layer_kv(&self, b: &dyn Backend, capacity: usize, dtype: DType) -> Result<LayerKv> {
         let shape = engine_core::Shape::from((capacity, self.kv_dim()));
         Ok(LayerKv {
-            k: b.zeros(shape.clone(), DType::F32)?,
-            v: b.zeros(shape, DType::F32)?,
+            k: b.zeros(shape.clone(), dtype)?,
+            v: b.zeros(shape, dtype)?,
             len: 0,
             capacity,
         })
@@ -337,7 +352,7 @@ impl Llama {
                     image_end: span.1,
                 },
             };
-            let mut kv = self.new_layer_kv(b, cur + extra)?;
+            let mut kv = self.new_layer_kv(b, cur + extra, cache.dtype)?;
             let (nh, captured) = self.layer_forward(
                 b,
                 layer,
@@ -417,9 +432,9 @@ impl Llama {
         b.linear(&x, &self.lm_head, None)
     }
 
-    /// Bytes per cached row across K and V of one layer.
-    pub fn kv_row_bytes(&self) -> usize {
-        2 * self.kv_dim() * 4
+    /// Bytes per cached row across K and V of one layer, for a cache of `dtype`.
+    pub fn kv_row_bytes(&self, dtype: DType) -> usize {
+        2 * self.kv_dim() * dtype.size_in_bytes()
     }
 }
 

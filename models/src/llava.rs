@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use engine_core::weights::{open_safetensors, WeightSource, WeightView, Weights};
-use engine_core::{Backend, DeviceInfo, Error, HostData, Result, Tensor};
+use engine_core::{Backend, DType, DeviceInfo, Error, HostData, Result, Tensor};
 use image::{Rgb, RgbImage};
 use pruner::{FlopsReport, FlopsShape, LayerSchedule, PruneConfig, PruneReport};
 
@@ -119,6 +119,8 @@ pub struct GenerateOptions {
     pub prune: Option<PruneConfig>,
     /// Read back the first step's full logits into [`Generation::first_logits`].
     pub keep_first_logits: bool,
+    /// Element type of the KV cache: `F16` (default) or `F32`.
+    pub kv_dtype: DType,
 }
 
 impl Default for GenerateOptions {
@@ -130,6 +132,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             prune: None,
             keep_first_logits: false,
+            kv_dtype: DType::F16,
         }
     }
 }
@@ -180,7 +183,7 @@ pub struct Generation {
     pub layer_image_lens: Vec<usize>,
     /// KV rows each layer holds at the end.
     pub kv_lens: Vec<usize>,
-    /// Bytes of K and V held at the end (f32).
+    /// Bytes of K and V held at the end (in the cache's dtype).
     pub kv_bytes: u64,
     /// Prefill FLOPs as scheduled (vision tower and projector included) and dense.
     pub flops: FlopsReport,
@@ -520,7 +523,7 @@ impl Llava {
         // ---- prefill ----
         let t0 = Instant::now();
         let embeds = self.embed_prompt(ids, span, image)?; // [S, H]
-        let mut cache = KvCache::default();
+        let mut cache = KvCache::new(opts.kv_dtype);
         let (logits, stats) =
             self.llama
                 .prefill(b, &embeds, span, pruner.as_mut(), &mut cache, max_new)?;

@@ -51,8 +51,29 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("gemm_sg8", &["BIAS"], &[]),
     kernel!("gemv_sg8", &["BIAS"], &[("M", "8")]),
     kernel!("attention", &["F16"], &[("HEAD_DIM", "128"), ("TK", "16")]),
-    kernel!("attention_probs", &["F16", "SUBGROUPS"], &[]),
-    kernel!("contrib", &["F16", "SUBGROUPS"], &[]),
+    kernel!(
+        "flash_attn",
+        &["F16", "KV16"],
+        &[
+            ("HEAD_DIM", "128"),
+            ("BQ", "16"),
+            ("BK", "32"),
+            ("TPR", "8"),
+            ("WG", "128")
+        ]
+    ),
+    kernel!(
+        "flash_attn_k",
+        &["F16", "KV16"],
+        &[("HEAD_DIM", "128"), ("BQ", "16"), ("WG", "32"), ("NC", "1")]
+    ),
+    kernel!(
+        "flash_decode",
+        &["F16", "SUBGROUPS", "KV16"],
+        &[("HEAD_DIM", "128"), ("CH", "64")]
+    ),
+    kernel!("attention_probs", &["F16", "SUBGROUPS", "KV16"], &[]),
+    kernel!("contrib", &["F16", "SUBGROUPS", "KV16"], &[]),
     kernel!("embedding", &["F16", "W16"], &[]),
     kernel!("copy", &["F16"], &[]),
     kernel!("argmax", &["F16"], &[]),
