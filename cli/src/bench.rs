@@ -196,7 +196,7 @@ fn parse_fastv(text: &str) -> anyhow::Result<FastVConfig> {
 
 /// The paper's 12/10/18 on 32 layers, scaled to `layers` and kept legal for
 /// `shallow_mid` (fusion above it, exit two layers later at least, before the last).
-fn default_schedule(layers: usize, shallow_mid: usize) -> ForcedSchedule {
+pub(crate) fn default_schedule(layers: usize, shallow_mid: usize) -> ForcedSchedule {
     let scale = |x: usize| (x * layers + 16) / 32;
     let fusion = scale(12).max(shallow_mid + 1);
     let exit = scale(18).max(fusion + 2).min(layers.saturating_sub(2));

@@ -177,13 +177,39 @@ fn report_from(
     let typical_rows = (cfg.image_tokens() + 64 + 256).min(ctx as usize) as u64;
     let kv_typical = kv_row * typical_rows;
     let kv_bytes = kv_row * ctx;
+    // The same prompt under bench's VisiPruner schedule (fusion 12 keeping 10 image tokens,
+    // text-only from 18, scaled to the depth): each layer's cache holds only the rows it
+    // processed. Real decisions depend on the input; this is the benchmarked schedule.
+    let layers = tc.num_hidden_layers;
+    let sched = crate::bench::default_schedule(layers, 6.min(layers.saturating_sub(3)).max(1));
+    let (img, text) = (
+        cfg.image_tokens() as u64,
+        typical_rows.saturating_sub(cfg.image_tokens() as u64),
+    );
+    let pruned_rows: u64 = (0..layers)
+        .map(|l| {
+            if sched.text_only_from.is_some_and(|e| l >= e) {
+                text
+            } else if l >= sched.fusion_layer {
+                text + (sched.keep as u64).min(img)
+            } else {
+                text + img
+            }
+        })
+        .sum();
+    let kv_typical_pruned = kv_row / layers.max(1) as u64 * pruned_rows;
     let largest = tensors.iter().max_by_key(|t| t.device_bytes);
     let quantized = quantized_weight_bytes(&tensors);
-    // Weights + the one-image KV cache, as stored and under each --quant format.
+    // Weights + the one-image KV cache, as stored and under each --quant format, dense and
+    // under the VisiPruner schedule.
     let mut one_image = serde_json::Map::new();
+    let mut one_image_pruned = serde_json::Map::new();
     one_image.insert("stored".into(), json!(weights_bytes + kv_typical));
+    one_image_pruned.insert("stored".into(), json!(weights_bytes + kv_typical_pruned));
     for (k, w) in &quantized {
-        one_image.insert(k.clone(), json!(w.as_u64().unwrap_or(0) + kv_typical));
+        let w = w.as_u64().unwrap_or(0);
+        one_image.insert(k.clone(), json!(w + kv_typical));
+        one_image_pruned.insert(k.clone(), json!(w + kv_typical_pruned));
     }
 
     let dev = device_check(device, largest, weights_bytes + kv_bytes)?;
@@ -217,6 +243,11 @@ fn report_from(
             "kv_cache_bytes_one_image": kv_typical,
             "one_image_rows": typical_rows,
             "one_image_total_bytes": one_image,
+            "kv_cache_bytes_one_image_visipruner": kv_typical_pruned,
+            "one_image_total_bytes_visipruner": one_image_pruned,
+            "visipruner_schedule": {
+                "fusion": sched.fusion_layer, "keep": sched.keep, "exit": sched.text_only_from,
+            },
             "total_bytes": weights_bytes + kv_bytes,
             "note": format!("weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in {kv_dtype} at the full context; one_image_total_bytes: weights (as stored or under --quant) + the one-image KV cache; activations not included"),
         },
@@ -424,6 +455,18 @@ pub fn text_report(v: &Value) -> String {
     if let Some(t) = m["one_image_total_bytes"].as_object() {
         let parts: Vec<String> = t.iter().map(|(k, x)| format!("{k} {}", b(x))).collect();
         s += &format!("  one image  weights + KV: {}\n", parts.join(", "));
+    }
+    if let Some(t) = m["one_image_total_bytes_visipruner"].as_object() {
+        let parts: Vec<String> = t.iter().map(|(k, x)| format!("{k} {}", b(x))).collect();
+        let sc = &m["visipruner_schedule"];
+        s += &format!(
+            "  VisiPruner KV {} (fusion {}, keep {}, exit {}): weights + KV {}\n",
+            b(&m["kv_cache_bytes_one_image_visipruner"]),
+            sc["fusion"],
+            sc["keep"],
+            sc["exit"],
+            parts.join(", ")
+        );
     }
     let d = &v["device"];
     match d["backend"].as_str() {

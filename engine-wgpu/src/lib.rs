@@ -30,7 +30,9 @@
 //!
 //! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
 //! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too),
-//! `VISI_NO_SG8=1` (keep the tiled matmuls on software adapters too, for comparisons).
+//! `VISI_NO_SG8=1` (keep the tiled matmuls on software adapters too, for comparisons),
+//! `VISI_ATTN` (force a prefill attention variant, as [`GpuOptions::prefill_variant`]),
+//! `VISI_CACHE_DIR` (where [`tune`] caches its choices).
 
 // `is_multiple_of` is newer than the workspace MSRV (1.85).
 
@@ -63,6 +65,10 @@ pub struct GpuOptions {
     pub no_timestamps: bool,
     /// Caps the storage-binding size below the adapter's (tests tensor splitting).
     pub max_binding_override: Option<u64>,
+    /// Forces the prefill attention variant (`tiled:BQ,BK,TPR` or `keys:BQ,WG`, see
+    /// [`tune`]) over the tuned one and the default (tests every variant); one that does not
+    /// parse or fit the adapter is ignored.
+    pub prefill_variant: Option<String>,
 }
 
 /// One adapter as wgpu reports it, with the limits and features the engine uses.
@@ -147,6 +153,10 @@ pub fn open_gpu(opts: &GpuOptions) -> Result<Arc<GpuBackend>> {
         ai.driver_info,
         api_name(ai.backend)
     ));
+    ctx.tuning.forced = opts
+        .prefill_variant
+        .clone()
+        .or_else(|| std::env::var("VISI_ATTN").ok());
     // The `*_sg8` matmuls broadcast with constant lanes 0..8: only where every subgroup is
     // exactly 8 wide, and only on CPU adapters (on GPUs the tiled kernels are the right shape).
     ctx.sg8_cpu = subgroups

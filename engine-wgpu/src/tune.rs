@@ -69,6 +69,8 @@ pub(crate) fn decode_class(d: usize, kv16: bool) -> String {
 pub(crate) struct Tuning {
     /// `name | driver | backend` of the adapter.
     pub key: String,
+    /// A prefill variant forced by the options or `VISI_ATTN`.
+    pub forced: Option<String>,
     choices: Mutex<HashMap<String, String>>,
 }
 
@@ -77,6 +79,7 @@ impl Tuning {
     pub fn empty() -> Tuning {
         Tuning {
             key: String::new(),
+            forced: None,
             choices: Mutex::new(HashMap::new()),
         }
     }
@@ -89,6 +92,7 @@ impl Tuning {
             .unwrap_or_default();
         Tuning {
             key,
+            forced: None,
             choices: Mutex::new(choices),
         }
     }

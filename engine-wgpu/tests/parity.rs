@@ -907,6 +907,42 @@ fn fallbacks_no_f16_no_subgroups() {
     data_suite(&*g, 16);
 }
 
+/// A backend forced onto one prefill attention variant.
+fn gpu_variant(
+    v: &str,
+    cell: &'static OnceLock<Option<Arc<GpuBackend>>>,
+) -> Option<Arc<GpuBackend>> {
+    backend(
+        GpuOptions {
+            prefill_variant: Some(v.to_string()),
+            ..Default::default()
+        },
+        cell,
+    )
+}
+
+#[test]
+fn attention_variants() {
+    // Both prefill kernels (whichever the adapter tunes to), with tiles other than the
+    // defaults, on f32 and f16 caches: flash_attn (K/V tiles in workgroup memory, 8 and 4
+    // lanes per query) and flash_attn_k (lanes split the keys, then the columns).
+    static A: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    static B: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    static C: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    for (v, cell) in [
+        ("tiled:16,32,8", &A),
+        ("tiled:8,16,4", &B),
+        ("keys:8,64", &C),
+    ] {
+        let Some(g) = gpu_variant(v, cell) else {
+            return;
+        };
+        println!("variant {v}");
+        attention_suite(&*g, 21, DType::F32);
+        attention_suite(&*g, 23, DType::F16);
+    }
+}
+
 #[test]
 fn split_bindings() {
     let Some(g) = gpu_small_binding() else { return };
