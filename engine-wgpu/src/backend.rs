@@ -670,6 +670,8 @@ impl GpuBackend {
 
     /// Records `o[h*D + d] = Σ_j probs[h, j] · v[j, kvh*D + d]` (zero probabilities skipped);
     /// returns the uniform (shared with `contrib_main`, which also reads `start..end`).
+    // The two chunks, the op's parameters and their dtype, the key range and the output.
+    #[allow(clippy::too_many_arguments)]
     fn weighted_values(
         &self,
         cp: &Chunk,

@@ -69,7 +69,7 @@ fn flash_attention_shapes_validate() {
     // Head sizes of the models and fixtures with the tiles the backend picks (16 and 32 KiB
     // of workgroup memory, f16 and f32 tiles), f16 and f32 caches, with and without f16.
     for (d, bq, bk, tpr) in [
-        (8, 16, 32, 2),
+        (8usize, 16usize, 32usize, 2usize),
         (16, 16, 32, 4),
         (64, 16, 32, 8),
         (80, 16, 32, 4),
