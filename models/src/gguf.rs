@@ -604,18 +604,29 @@ impl GgufTextModel {
     }
 
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
-    /// kept); also returns the first step's logits `[V]`.
+    /// kept); also returns the first step's logits `[V]`. The KV cache is f16 (the default).
     pub fn greedy(
         &self,
         b: &dyn Backend,
         ids: &[u32],
         max_new: usize,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.greedy_kv(b, ids, max_new, engine_core::DType::F16)
+    }
+
+    /// [`GgufTextModel::greedy`] with a KV cache of `kv_dtype` (`F16` or `F32`).
+    pub fn greedy_kv(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        max_new: usize,
+        kv_dtype: engine_core::DType,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
         if ids.is_empty() {
             return Err(Error::msg("greedy: empty prompt"));
         }
         let embeds = self.llama.embed(b, ids)?; // [S, H]
-        let mut cache = KvCache::default();
+        let mut cache = KvCache::new(kv_dtype);
         let (logits, _) = self
             .llama
             .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
