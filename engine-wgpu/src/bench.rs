@@ -285,7 +285,7 @@ fn attention_rows(
             "op": "attention",
             "phase": if prefill { "prefill" } else { "decode" },
             "queries": sq, "keys": keys, "heads": h, "head_dim": d, "kv": "f16",
-            "kernel": if prefill { "flash_attn" } else { "flash_decode" },
+            "kernel": gpu.attention_variant(d, true, prefill),
             "min_s": min, "median_s": med,
             "gflops": flop / min * 1e-9, "gflops_median": flop / med * 1e-9,
             "gbps": moved / min * 1e-9, "gbps_median": moved / med * 1e-9,

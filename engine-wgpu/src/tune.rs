@@ -187,6 +187,21 @@ impl GpuBackend {
             .unwrap_or_else(|| default_variant(self, d, kv16))
     }
 
+    /// The kernel and variant attention runs for head size `d` (for reports): prefill
+    /// (`sq > 1`) or decode.
+    pub fn attention_variant(&self, d: usize, kv16: bool, prefill: bool) -> String {
+        if !d.is_multiple_of(4) {
+            return "attention (per query)".into();
+        }
+        if !prefill {
+            return format!("flash_decode split:{}", self.decode_split(d, kv16));
+        }
+        match self.prefill_variant(d, kv16) {
+            v @ Prefill::Tiled(..) => format!("flash_attn {}", v.name()),
+            v @ Prefill::Keys(..) => format!("flash_attn_k {}", v.name()),
+        }
+    }
+
     /// Keys per split of flash_decode for head size `d`.
     pub(crate) fn decode_split(&self, d: usize, kv16: bool) -> usize {
         self.ctx
