@@ -7,8 +7,8 @@
 use std::sync::{Arc, OnceLock};
 
 use engine_core::{
-    AttentionMask, AttentionParams, Backend, CpuBackend, DType, Error, HostData, RopeParams, Shape,
-    Tensor,
+    AttentionMask, AttentionParams, Backend, CpuBackend, DType, Error, HostData, MaskAction,
+    MaskRule, MaskRules, RopeParams, Shape, Tensor, OPEN_END,
 };
 use engine_wgpu::{GpuBackend, GpuOptions};
 
@@ -371,6 +371,20 @@ fn attn_cases() -> Vec<AttnCase> {
     };
     let none = AttentionMask::None;
     let (s, e) = (5, 40);
+    let rule = |queries, keys, action| MaskRule {
+        queries,
+        keys,
+        action,
+    };
+    let rules = AttentionMask::Rules(
+        MaskRules::new(&[
+            rule((20, 30), (8, 18), MaskAction::Zero),
+            rule((30, OPEN_END), (8, 18), MaskAction::Sink { to: 13 }),
+            rule((45, OPEN_END), (2, 6), MaskAction::Zero),
+            rule((10, 50), (12, 16), MaskAction::Sink { to: 13 }),
+        ])
+        .expect("rules"),
+    );
     vec![
         // CLIP: non-causal, 33 queries over 33 keys.
         mk(33, 33, 33, 0, false, 4, 4, 64, none),
@@ -549,6 +563,12 @@ fn attn_cases() -> Vec<AttnCase> {
                 image_end: 20,
             },
         ),
+        // Explicit rules (masks as data): a sink to a key in the middle of its span, a
+        // zero rule with an open query range, and a rule that only later queries hit; the
+        // first covering rule decides. Prefill and decode (the sink reaches decode).
+        mk(60, 64, 60, 0, true, 4, 2, 64, rules),
+        mk(1, 64, 61, 60, true, 4, 2, 64, rules),
+        mk(70, 80, 70, 0, true, 2, 1, 128, rules),
     ]
 }
 
@@ -1026,10 +1046,18 @@ fn adapters_listed() {
     for a in &list {
         println!("{}", serde_json::to_string(a).expect("json"));
     }
+    // `--device gpu` picks exactly one adapter; `auto` picks at most one, never a
+    // software one (it runs the CPU backend instead).
     assert_eq!(
-        list.iter().filter(|a| a.auto_pick).count(),
+        list.iter().filter(|a| a.gpu_pick).count(),
         1,
-        "exactly one auto pick"
+        "exactly one gpu pick"
+    );
+    let auto: Vec<_> = list.iter().filter(|a| a.auto_pick).collect();
+    assert!(auto.len() <= 1, "at most one auto pick");
+    assert!(
+        auto.iter().all(|a| a.device_type != "cpu"),
+        "auto picked a software adapter"
     );
     // Selecting by index and by name substring reaches the same adapter.
     let name = list[0].name.to_uppercase();

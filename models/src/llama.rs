@@ -9,7 +9,7 @@
 use engine_core::weights::Weights;
 use engine_core::{AttentionMask, AttentionParams, Backend, HostData, Result, RopeParams, Tensor};
 use engine_core::{DType, Error};
-use pruner::{Action, Capture, LayerView, Pruner, ShallowMask};
+use pruner::{Capture, ShallowMask};
 
 use crate::config::TextConfig;
 use crate::nn::{Linear, RmsNorm};
@@ -45,6 +45,38 @@ pub struct LayerKv {
     pub len: usize,
     /// Rows allocated.
     pub capacity: usize,
+}
+
+impl LayerKv {
+    /// Zeroed keys and values for `capacity` rows of width `kv_dim`, stored as `dtype`
+    /// (`F16` or `F32`).
+    pub fn new(b: &dyn Backend, capacity: usize, kv_dim: usize, dtype: DType) -> Result<Self> {
+        let shape = engine_core::Shape::from((capacity, kv_dim));
+        Ok(LayerKv {
+            k: b.zeros(shape.clone(), dtype)?,
+            v: b.zeros(shape, dtype)?,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Grows the cache (doubling, at least to `rows`) so it holds `rows` rows; the valid
+    /// rows are copied on the device.
+    pub fn reserve(&mut self, b: &dyn Backend, rows: usize) -> Result<()> {
+        if rows <= self.capacity {
+            return Ok(());
+        }
+        let cap = rows.max(self.capacity.saturating_mul(2));
+        let width = self.k.dims()[1];
+        let mut grown = LayerKv::new(b, cap, width, self.k.dtype())?;
+        if self.len > 0 {
+            b.write_rows(&grown.k, 0, &b.slice_rows(&self.k, 0, self.len)?)?;
+            b.write_rows(&grown.v, 0, &b.slice_rows(&self.v, 0, self.len)?)?;
+        }
+        grown.len = self.len;
+        *self = grown;
+        Ok(())
+    }
 }
 
 /// Per-layer KV caches; each layer's length is what that layer processed.
@@ -164,36 +196,6 @@ impl Llama {
         b.embedding(&self.embed_tokens, &ids)
     }
 
-    /// Token embeddings of `ids` with `image [N, H]` spliced over `span` (which must hold
-    /// exactly N positions inside the prompt): `[S, H]`.
-    pub fn embed_with_image(
-        &self,
-        b: &dyn Backend,
-        ids: &[u32],
-        span: ImageSpan,
-        image: &Tensor,
-    ) -> Result<Tensor> {
-        let n = image.dims()[0];
-        if span.end - span.start != n || span.end > ids.len() {
-            return Err(Error::msg(format!(
-                "image span {}..{} does not hold the {n} image embeddings (prompt of {} tokens)",
-                span.start,
-                span.end,
-                ids.len()
-            )));
-        }
-        let mut parts = Vec::with_capacity(3);
-        if span.start > 0 {
-            parts.push(self.embed(b, &ids[..span.start])?); // [s, H]
-        }
-        parts.push(image.clone()); // [N, H]
-        if span.end < ids.len() {
-            parts.push(self.embed(b, &ids[span.end..])?); // [S - e, H]
-        }
-        let refs: Vec<&Tensor> = parts.iter().collect();
-        b.concat_rows(&refs) // [S, H]
-    }
-
     fn kv_dim(&self) -> usize {
         self.cfg.num_key_value_heads * self.cfg.head_dim
     }
@@ -223,16 +225,17 @@ impl Llama {
     /// Returns the new hidden states and, when asked, the captured pruning data.
     // The arguments are the layer's inputs as the paper writes them; a struct would only rename them.
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
+    pub(crate) fn layer_forward(
         &self,
         b: &dyn Backend,
-        layer: &LlamaLayer,
+        layer: usize,
         h: &Tensor,
         positions: &Tensor,
         kv: &mut LayerKv,
         mask: AttentionMask,
         capture: Option<(Capture, usize, usize)>,
     ) -> Result<(Tensor, Captured)> {
+        let layer = &self.layers[layer];
         let s = h.dims()[0];
         let x = layer.input_layernorm.forward(b, h)?;
         let q = layer.q_proj.forward(b, &x)?; // [S, heads*hd]
@@ -240,12 +243,7 @@ impl Llama {
         let v = layer.v_proj.forward(b, &x)?; // [S, kv_heads*hd]
         let q = b.rope(&q, positions, &self.rope())?;
         let k = b.rope(&k, positions, &self.rope())?;
-        if kv.len + s > kv.capacity {
-            return Err(Error::msg(format!(
-                "KV cache full: {} + {s} rows > capacity {}",
-                kv.len, kv.capacity
-            )));
-        }
+        kv.reserve(b, kv.len + s)?;
         b.write_rows(&kv.k, kv.len, &k)?;
         b.write_rows(&kv.v, kv.len, &v)?;
         let params = self.attn_params(kv.len, kv.len + s, mask);
@@ -280,156 +278,27 @@ impl Llama {
         Ok((b.add(&h, &m)?, captured))
     }
 
-    fn new_layer_kv(&self, b: &dyn Backend, capacity: usize, dtype: DType) -> Result<LayerKv> {
-        let shape = engine_core::Shape::from((capacity, self.kv_dim()));
-        Ok(LayerKv {
-            k: b.zeros(shape.clone(), dtype)?,
-            v: b.zeros(shape, dtype)?,
-            len: 0,
-            capacity,
-        })
-    }
-
-    /// Runs the prompt `embeds [S, H]` through every layer with `pruner` driving the
-    /// schedule; fills `cache` (one entry per layer, `extra` free rows for decode) and
-    /// returns the logits of the last prompt position `[1, V]`.
-    pub fn prefill(
+    /// An empty KV cache for one layer with room for `capacity` rows of `dtype`.
+    pub(crate) fn new_layer_kv(
         &self,
         b: &dyn Backend,
-        embeds: &Tensor,
-        image: Option<ImageSpan>,
-        pruner: &mut dyn Pruner,
-        cache: &mut KvCache,
-        extra: usize,
-    ) -> Result<(Tensor, PrefillStats)> {
-        self.prefill_observed(b, embeds, image, pruner, cache, extra, &mut |_| Ok(()))
+        capacity: usize,
+        dtype: DType,
+    ) -> Result<LayerKv> {
+        LayerKv::new(b, capacity.max(1), self.kv_dim(), dtype)
     }
 
-    /// [`Llama::prefill`] calling `after_layer(l)` once layer `l` (and any gather the
-    /// pruner asked for after it) has been recorded; benchmarks sync there to time layers.
-    // prefill's arguments plus the observer; a struct would only rename them.
-    #[allow(clippy::too_many_arguments)]
-    pub fn prefill_observed(
-        &self,
-        b: &dyn Backend,
-        embeds: &Tensor,
-        image: Option<ImageSpan>,
-        pruner: &mut dyn Pruner,
-        cache: &mut KvCache,
-        extra: usize,
-        after_layer: &mut dyn FnMut(usize) -> Result<()>,
-    ) -> Result<(Tensor, PrefillStats)> {
-        let seq = embeds.dims()[0];
-        let mut h = embeds.clone();
-        let mut positions: Vec<u32> = (0..seq as u32).collect();
-        let mut pos_t = b.upload(HostData::U32(&positions), seq.into())?;
-        let (s, e) = image.map(|i| (i.start, i.end)).unwrap_or((seq, seq));
-        // Original offsets (inside the image span) of the image rows still present.
-        let mut img: Vec<usize> = (0..e - s).collect();
-        let mut stats = PrefillStats::default();
-        cache.layers.clear();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let cur = h.dims()[0];
-            let n_img = img.len();
-            let (mask_kind, capture) = if image.is_some() && n_img > 0 {
-                (pruner.mask(l), pruner.capture(l))
-            } else {
-                (ShallowMask::None, Capture::Nothing)
-            };
-            let span = (s, s + n_img);
-            let mask = match mask_kind {
-                ShallowMask::None => AttentionMask::None,
-                ShallowMask::Layer0Sink => AttentionMask::Layer0Sink {
-                    image_start: span.0,
-                    image_end: span.1,
-                },
-                ShallowMask::Layer0Split => AttentionMask::Layer0Split {
-                    image_start: span.0,
-                    image_end: span.1,
-                },
-                ShallowMask::TextToImage => AttentionMask::TextToImage {
-                    image_start: span.0,
-                    image_end: span.1,
-                },
-            };
-            let mut kv = self.new_layer_kv(b, cur + extra, cache.dtype)?;
-            let (nh, captured) = self.layer_forward(
-                b,
-                layer,
-                &h,
-                &pos_t,
-                &mut kv,
-                mask,
-                Some((capture, span.0, span.1)),
-            )?;
-            cache.layers.push(kv);
-            h = nh;
-            stats.layer_seq_lens.push(cur);
-            stats.layer_image_lens.push(n_img);
-            stats.layer_masks.push(mask_kind);
-            if image.is_none() || n_img == 0 {
-                after_layer(l)?;
-                continue;
-            }
-            let (contributions, last_row) = match &captured {
-                Captured::None => (None, None),
-                Captured::Contributions(c) => (Some(c.as_slice()), None),
-                Captured::LastRowImageAttention(a) => (None, Some(a.as_slice())),
-            };
-            let view = LayerView {
-                layer: l,
-                num_layers: self.layers.len(),
-                image_tokens: &img,
-                contributions,
-                last_row_image_attention: last_row,
-            };
-            let action = pruner
-                .after_layer(&view)
-                .map_err(|e| Error::msg(e.to_string()))?;
-            if let Action::Keep(keep) = action {
-                // Rows of the current sequence to keep: prefix, kept image rows, suffix.
-                let mut rows: Vec<u32> = (0..s as u32).collect();
-                for off in &keep {
-                    let i = img.binary_search(off).map_err(|_| {
-                        Error::msg(format!(
-                            "pruner kept image token {off}, which layer {l} did not hold"
-                        ))
-                    })?;
-                    rows.push((s + i) as u32);
-                }
-                rows.extend((s + n_img) as u32..cur as u32);
-                let idx = b.upload(HostData::U32(&rows), rows.len().into())?;
-                h = b.gather_rows(&h, &idx)?; // [S', H]
-                positions = rows.iter().map(|&r| positions[r as usize]).collect();
-                pos_t = b.upload(HostData::U32(&positions), positions.len().into())?;
-                img = keep;
-            }
-            after_layer(l)?;
-        }
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Final norm and lm_head over the last row of `h [S, H]`: logits `[1, V]`.
+    pub(crate) fn logits_last(&self, b: &dyn Backend, h: &Tensor) -> Result<Tensor> {
         let last = h.dims()[0] - 1;
-        let x = b.slice_rows(&h, last, 1)?; // [1, H]
+        let x = b.slice_rows(h, last, 1)?; // [1, H]
         let x = self.norm.forward(b, &x)?;
-        let logits = b.linear(&x, &self.lm_head, None)?; // [1, V]
-        Ok((logits, stats))
-    }
-
-    /// One decode step for `token` at unpruned `position`: every layer attends to its own
-    /// cache (no masks). Returns logits `[1, V]`.
-    pub fn decode_step(
-        &self,
-        b: &dyn Backend,
-        token: u32,
-        position: u32,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let mut h = self.embed(b, &[token])?; // [1, H]
-        let pos = b.upload(HostData::U32(&[position]), 1.into())?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (nh, _) = self.layer_forward(b, layer, &h, &pos, kv, AttentionMask::None, None)?;
-            h = nh;
-        }
-        let x = self.norm.forward(b, &h)?;
-        b.linear(&x, &self.lm_head, None)
+        b.linear(&x, &self.lm_head, None) // [1, V]
     }
 
     /// Bytes per cached row across K and V of one layer, for a cache of `dtype`.
@@ -438,7 +307,8 @@ impl Llama {
     }
 }
 
-enum Captured {
+/// What a layer captured for the pruner.
+pub(crate) enum Captured {
     None,
     Contributions(Vec<(f32, f32)>),
     LastRowImageAttention(Vec<f32>),

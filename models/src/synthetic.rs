@@ -291,8 +291,8 @@ pub struct SyntheticLlava {
     pub vision: ClipVision,
     /// The multi-modal projector.
     pub projector: Projector,
-    /// The decoder.
-    pub llama: Llama,
+    /// The decoder (shared with sessions).
+    pub llama: Arc<Llama>,
     /// Bytes of weights as an f16 checkpoint would hold them.
     pub weight_bytes: u64,
     /// Peak bytes of generated weights on the host while loading.
@@ -323,11 +323,11 @@ impl SyntheticLlava {
         let w = Weights::new(source, backend.clone()).with_quant(quant);
         let vision = ClipVision::load(&w.pp("vision_tower"), &cfg)?;
         let projector = Projector::load(&w.pp("multi_modal_projector"), &cfg)?;
-        let llama = Llama::load(
+        let llama = Arc::new(Llama::load(
             &w.pp("language_model.model"),
             &w.pp("language_model.lm_head"),
             &cfg.text,
-        )?;
+        )?);
         backend.sync()?;
         Ok(SyntheticLlava {
             cfg,

@@ -130,11 +130,11 @@ fn greedy_matches(path: &Path, be: Arc<dyn Backend>) {
         // The default f16 KV cache: the same greedy tokens; its logits move by the f16
         // rounding of K and V (the largest top-5 move is printed below).
         let (got16, first16) = m
-            .greedy(be.as_ref(), &got_prompt, want.len())
+            .greedy(be.clone(), &got_prompt, want.len())
             .expect("greedy");
         assert_eq!(got16, want, "case {ci} {prompt:?}: greedy tokens (f16 KV)");
         let (got, first) = m
-            .greedy_kv(be.as_ref(), &got_prompt, want.len(), DType::F32)
+            .greedy_kv(be.clone(), &got_prompt, want.len(), DType::F32)
             .expect("greedy");
         // First-step logits (f32 KV): transformers' top-5 (rounded to 4 decimals); measured
         // within 1e-4.

@@ -176,25 +176,63 @@ pub fn prefill_flops(
 }
 
 /// Attention (query, key) pairs over image keys whose P·V product `mask` zeroes, for a
-/// causal layer of `seq_len` tokens with the image at `image`.
+/// causal layer of `seq_len` tokens with the image at `image`: counted from the mask's
+/// rules (the definition the backends run), a sink's target key staying live (it carries
+/// the folded image mass).
 fn masked_pairs(seq_len: u64, image: &Range<usize>, mask: ShallowMask) -> Result<u64, FlopsError> {
-    let n = u(image.len());
-    let text_queries = seq_len - u(image.end); // queries i >= e; checked by check_schedule
-    if n == 0 {
+    let rules = mask.attention_mask(image.start, image.end).rules();
+    let rules = rules.as_slice();
+    if rules.is_empty() {
         return Ok(0);
     }
-    // Image query i (0-based in the span) sees image keys 0..=i: n(n+1)/2 pairs in all.
-    let image_image = mul(&[n, n + 1])? / 2;
-    match mask {
-        ShallowMask::None => Ok(0),
-        ShallowMask::TextToImage => mul(&[text_queries, n]),
-        // Only key s stays live for text queries (it carries the folded image mass).
-        ShallowMask::Layer0Sink => add(&[image_image, mul(&[text_queries, n - 1])?]),
-        ShallowMask::Layer0Split => add(&[
-            image_image,
-            mul(&[text_queries, u(ShallowMask::split_hidden(image.len()))])?,
-        ]),
+    let seq = usize::try_from(seq_len).map_err(|_| FlopsError::Overflow)?;
+    // Rows are grouped into runs where the same rules cover the query; within a run each
+    // row's covered keys grow by one per row at most, so count row by row only over the
+    // rows some rule covers.
+    let mut total = 0u64;
+    let mut bounds: Vec<usize> = rules
+        .iter()
+        .flat_map(|r| [r.queries.0.min(seq), r.queries.1.min(seq)])
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut iv: Vec<(usize, usize)> = Vec::with_capacity(rules.len());
+    for w in bounds.windows(2) {
+        let (lo, hi) = (w[0], w[1]);
+        let active: Vec<_> = rules
+            .iter()
+            .filter(|r| r.queries.0 <= lo && lo < r.queries.1)
+            .collect();
+        if active.is_empty() {
+            continue;
+        }
+        for i in lo..hi {
+            iv.clear();
+            iv.extend(
+                active
+                    .iter()
+                    .map(|r| (r.keys.0, r.keys.1.min(i + 1)))
+                    .filter(|(a, b)| a < b),
+            );
+            iv.sort_unstable();
+            let (mut covered, mut end) = (0usize, 0usize);
+            for &(a, b) in &iv {
+                let a = a.max(end);
+                if b > a {
+                    covered += b - a;
+                    end = b;
+                }
+            }
+            let live_sink = active.iter().any(|r| match r.action {
+                engine_core::MaskAction::Sink { to } => to <= i && r.keys.0 < r.keys.1,
+                engine_core::MaskAction::Zero => false,
+            });
+            total = total
+                .checked_add(u(covered - usize::from(live_sink && covered > 0)))
+                .ok_or(FlopsError::Overflow)?;
+        }
     }
+    Ok(total)
 }
 
 struct LayerCost {

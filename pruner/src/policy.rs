@@ -26,6 +26,27 @@ impl ShallowMask {
     pub const fn split_hidden(image_len: usize) -> usize {
         image_len / 2
     }
+
+    /// The engine mask this stage means over image rows `[s, e)` (cache rows); its
+    /// [`engine_core::AttentionMask::rules`] are what every backend and the FLOPs counter run.
+    pub fn attention_mask(self, s: usize, e: usize) -> engine_core::AttentionMask {
+        use engine_core::AttentionMask as M;
+        match self {
+            ShallowMask::None => M::None,
+            ShallowMask::Layer0Sink => M::Layer0Sink {
+                image_start: s,
+                image_end: e,
+            },
+            ShallowMask::Layer0Split => M::Layer0Split {
+                image_start: s,
+                image_end: e,
+            },
+            ShallowMask::TextToImage => M::TextToImage {
+                image_start: s,
+                image_end: e,
+            },
+        }
+    }
 }
 
 /// What the scheduler must compute while running a layer, for [`Pruner::after_layer`].
@@ -136,6 +157,12 @@ pub trait Pruner: Send {
     fn after_layer(&mut self, view: &LayerView) -> Result<Action, PruneError>;
     /// The decisions taken so far for the current prompt.
     fn report(&self) -> PruneReport;
+    /// The first layer after which this pruner may change the rows later layers process
+    /// (a later prompt's schedule can only part from an earlier one's after it, so the
+    /// scheduler keeps layer outputs from there on); `None` when it never prunes.
+    fn first_decision_layer(&self) -> Option<usize> {
+        Some(0)
+    }
     /// Forgets the previous prompt.
     fn reset(&mut self);
 }
@@ -153,6 +180,9 @@ impl Pruner for Dense {
     }
     fn after_layer(&mut self, _view: &LayerView) -> Result<Action, PruneError> {
         Ok(Action::Continue)
+    }
+    fn first_decision_layer(&self) -> Option<usize> {
+        None
     }
     fn report(&self) -> PruneReport {
         PruneReport {

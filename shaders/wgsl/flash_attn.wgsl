@@ -32,6 +32,7 @@ struct P {
     mask: u32, ms: u32, me: u32, group: u32,
     qw: u32, kw: u32, scale: f32, pad: u32,
     kb0: u32, kb1: u32, first: u32, last: u32,
+    rules: array<vec4<u32>, 16>,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;
@@ -235,12 +236,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     let l = rl[r];
     let redirect = sink_redirect(row, visible);
+    let sink = select(0u, sink_target(row), redirect);
     let sf = rsi[r] / l;
     for (var n = 0u; n < NV; n++) {
         let d = (c + n * TPR) * 4u;
         var o = acc[n] / l;
         if (redirect) {
-            o += sf * v4(p.ms * p.kw + koff + d);
+            o += sf * v4(sink * p.kw + koff + d);
         }
         let g = i * p.qw + h * D + d;
         out[g] = o.x;

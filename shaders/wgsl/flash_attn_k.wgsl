@@ -26,6 +26,7 @@ struct P {
     mask: u32, ms: u32, me: u32, group: u32,
     qw: u32, kw: u32, scale: f32, pad: u32,
     kb0: u32, kb1: u32, first: u32, last: u32,
+    rules: array<vec4<u32>, 16>,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;
@@ -230,13 +231,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         } else {
             let l = rl[r];
             let redirect = sink_redirect(row, rvis[r]);
+            let sink = select(0u, sink_target(row), redirect);
             let sf = rsi[r] / l;
             for (var n = 0u; n < NC; n++) {
                 let c = lid + n * WG;
                 if (c < D4) {
                     var o = acc[r * NC + n] / l;
                     if (redirect) {
-                        o += sf * v4(p.ms * p.kw + koff + c * 4u);
+                        o += sf * v4(sink * p.kw + koff + c * 4u);
                     }
                     let g = i * p.qw + h * D + c * 4u;
                     out[g] = o.x;

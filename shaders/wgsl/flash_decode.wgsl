@@ -26,6 +26,7 @@ struct P {
     mask: u32, ms: u32, me: u32, group: u32,
     qw: u32, kw: u32, scale: f32, pad: u32,
     nsplit: u32, pad1: u32, pad2: u32, pad3: u32,
+    rules: array<vec4<u32>, 16>,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;
@@ -169,6 +170,7 @@ fn combine(iv: Inv) {
         si += part[pb + 2u] * w;
     }
     let redirect = sink_redirect(p.q_offset, visible_keys());
+    let sink = select(0u, sink_target(p.q_offset), redirect);
     for (var d = lid; d < D4; d += WG) {
         var o = vec4<f32>(0.0);
         for (var c = 0u; c < p.nsplit; c++) {
@@ -178,7 +180,7 @@ fn combine(iv: Inv) {
         }
         o /= l;
         if (redirect) {
-            o += (si / l) * v4(p.ms * p.kw + koff + d * 4u);
+            o += (si / l) * v4(sink * p.kw + koff + d * 4u);
         }
         let g = h * D + d * 4u;
         out[g] = o.x;
