@@ -2,6 +2,7 @@
 //! and one method per op recording WGSL dispatches into the current batch.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use engine_core::{
@@ -20,11 +21,21 @@ use engine_core::checks::{
 /// Host copies of small `U32` uploads are kept so ids/indices can be range-checked without a
 /// device round trip.
 const SHADOW_MAX: usize = 1 << 16;
-/// Rows up to which `linear` uses the matrix-vector kernel.
-const GEMV_MAX_ROWS: usize = 8;
-/// Largest K for the `*_sg8` kernels: their K loop runs K / 8 times (times M + 1 in gemv),
-/// which must stay under llvmpipe's 65535-iteration cap per invocation.
+/// Rows up to which `linear` uses the matrix-vector kernels where they reduce each row in the
+/// same order as the gemm kernels (`gemv_sg8`/`gemm_sg8`) or where nothing else is at stake
+/// (quantized `*_q_sg8`): every M up to 16 then gives a row the same bits (a server batching
+/// the decode rows of up to 16 sequences).
+const GEMV_MAX_ROWS: usize = 16;
+/// The same for the portable kernels, whose gemv (lanes split K) and gemm (one chain per
+/// output) reduce in different orders: kept at 8 so that a conversation's follow-up of 9 or
+/// more new rows equals a fresh run there; rows of 1..=8 agree with each other, not with 9+.
+const GEMV_MAX_ROWS_PORTABLE: usize = 8;
+/// Largest K for the `gemm*_sg8` kernels: their K loop runs K / 8 times, which must stay
+/// under llvmpipe's 65535-iteration cap per invocation.
 const SG8_MAX_K: usize = 32_768;
+/// Largest K for the `gemv*_sg8` kernels at M = 16: gemv_sg8 runs (K / 8)·(M + 1) loop
+/// iterations, gemv_q_sg8 about (K / 32)·(5M + 5); both under the cap.
+const GEMV_SG8_MAX_K: usize = 24_576;
 
 /// One buffer of a tensor: elements `elem0..elem0 + elems` of the tensor.
 pub(crate) struct Chunk {
@@ -512,9 +523,22 @@ impl GpuBackend {
         }
         let w16 = w.dtype() == DType::F16;
         let sw = st(w, OP)?;
-        let gemv = m <= GEMV_MAX_ROWS && k > 0;
+        let quant = matches!(w.dtype(), DType::Quant(_));
         // Software adapters: the subgroup-broadcast kernels (same dispatch grids as below).
-        let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k.is_multiple_of(8) && k <= SG8_MAX_K;
+        // Whether they apply depends on the weights and K only, never on M.
+        let sg8_path = self.ctx.sg8_cpu
+            && k > 0
+            && k <= GEMV_SG8_MAX_K
+            && (quant || (w16 && k.is_multiple_of(8)));
+        let gemv_max = if sg8_path {
+            GEMV_MAX_ROWS
+        } else {
+            GEMV_MAX_ROWS_PORTABLE
+        };
+        let gemv = m <= gemv_max && k > 0;
+        let sg8_max = if gemv { GEMV_SG8_MAX_K } else { SG8_MAX_K };
+        let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k.is_multiple_of(8) && k <= sg8_max;
+        let coop = !gemv && !quant && k > 0 && self.ctx.coop.load(Ordering::Relaxed);
         let key = if let DType::Quant(qt) = w.dtype() {
             // upload_quant guarantees whole blocks per row (so K % 32 == 0 and K > 0).
             if k == 0 || !k.is_multiple_of(qt.block_size()) {
@@ -527,7 +551,7 @@ impl GpuBackend {
                 ));
             }
             // Software adapters: the subgroup-broadcast variants (same grids again).
-            let qsg8 = self.ctx.sg8_cpu && k <= SG8_MAX_K;
+            let qsg8 = self.ctx.sg8_cpu && k <= sg8_max;
             let name = match (gemv, qsg8) {
                 (true, true) => "gemv_q_sg8",
                 (true, false) => "gemv_q",
@@ -540,6 +564,8 @@ impl GpuBackend {
             } else {
                 key
             }
+        } else if coop {
+            PipelineKey::new("gemm_coop", "main")
         } else if sg8 && gemv {
             PipelineKey::new("gemv_sg8", "main").sub("M", m as u32)
         } else if sg8 {
@@ -588,6 +614,18 @@ impl GpuBackend {
             binds.push(Bind(4, &out.buf, out.bytes));
             let g = if gemv {
                 self.grid(OP, rows.div_ceil(32))?
+            } else if coop {
+                // 32×32 blocks of y: weight rows along x, activation rows along y.
+                let gx = u32_of(OP, "groups", rows.div_ceil(32))?;
+                let gy = u32_of(OP, "groups", m.div_ceil(32))?;
+                if gx > self.ctx.max_groups || gy > self.ctx.max_groups {
+                    return Err(Error::TooLarge {
+                        what: format!("linear: [{m}, {k}] x [{rows}, {k}]"),
+                        bytes: (m * rows) as u64,
+                        limit: u64::from(self.ctx.max_groups) * 32,
+                    });
+                }
+                [gx.max(1), gy, 1]
             } else if sg8 {
                 // M tiles along x: consecutive workgroups share one weight tile in cache.
                 let (tm, tn) = shaders::GEMM_SG8_TILE;
@@ -619,6 +657,41 @@ impl GpuBackend {
             }
         }
         Ok(())
+    }
+
+    /// The load-time parity check of `gemm_coop`: a gemm with f16 and f32 weights, a bias,
+    /// and M, N, K that are not multiples of the 32×32 block or of 8, on the matrix units
+    /// and on the tiled gemm; `linear` keeps `gemm_coop` only when every output agrees within
+    /// f32 summation-order noise (anything else, a compile error included, leaves it off).
+    pub(crate) fn enable_coop_if_exact(&self) {
+        let (m, k, n) = (40usize, 76usize, 45usize);
+        let val = |i: usize, s: usize| ((i.wrapping_mul(s) % 1009) as f32) / 1009.0 - 0.5;
+        let x: Vec<f32> = (0..m * k).map(|i| val(i, 7919)).collect();
+        let wf: Vec<f32> = (0..n * k).map(|i| val(i, 104_729)).collect();
+        let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        let bias: Vec<f32> = (0..n).map(|i| val(i, 31)).collect();
+        let run = |coop: bool| -> Result<Vec<Vec<f32>>> {
+            self.ctx.coop.store(coop, Ordering::Relaxed);
+            let xt = self.upload(HostData::F32(&x), Shape::from([m, k]))?;
+            let bt = self.upload(HostData::F32(&bias), Shape::from(n))?;
+            let mut out = Vec::new();
+            for w in [
+                self.upload(HostData::F16(&wh), Shape::from([n, k]))?,
+                self.upload(HostData::F32(&wf), Shape::from([n, k]))?,
+            ] {
+                out.push(self.to_vec_f32(&self.linear(&xt, &w, Some(&bt))?)?);
+            }
+            Ok(out)
+        };
+        let exact = match (run(true), run(false)) {
+            (Ok(a), Ok(b)) => a
+                .iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .all(|(g, w)| (g - w).abs() <= 1e-4 * (1.0 + w.abs()) && g.is_finite()),
+            _ => false,
+        };
+        self.ctx.coop.store(exact, Ordering::Relaxed);
     }
 
     fn inv_freq(&self, p: &RopeParams) -> Result<Tensor> {
@@ -719,9 +792,14 @@ impl GpuBackend {
         Ok(prm)
     }
 
-    /// `flash_attn` over `sq` queries with tiles `(BQ, BK, TPR)` (see flash_attn.wgsl).
+    /// Split-KV flash attention over `sq` queries (prefill and decode alike): the adapter's
+    /// variant (`flash_attn` tiles or the keys-split `flash_attn_k`; one query per workgroup
+    /// for decode) runs every (query, head) over fixed splits of the keys, then
+    /// `flash_combine` reduces the splits. The splits and the variant depend on the adapter
+    /// and head shape only, so a query's result does not depend on how many queries the
+    /// call holds (batch invariance).
     #[allow(clippy::too_many_arguments)]
-    fn flash_prefill(
+    fn flash(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -729,229 +807,124 @@ impl GpuBackend {
         p: &AttentionParams,
         sq: usize,
         kv16: bool,
-        (bq, bk, tpr): (usize, usize, usize),
         out: Tensor,
     ) -> Result<Tensor> {
         const OP: &str = "attention";
         let d = p.head_dim;
         let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
         let c = |v: usize| u32_of(OP, "size", v);
-        let pipe = self.ctx.pipeline(
-            PipelineKey::new("flash_attn", "main")
-                .flag(kv16, "KV16")
-                .sub("HEAD_DIM", c(d)?)
-                .sub("BQ", c(bq)?)
-                .sub("BK", c(bk)?)
-                .sub("TPR", c(tpr)?)
-                .sub("WG", c(bq * tpr)?),
-        )?;
-        let g = [c(sq.div_ceil(bq))?, c(p.num_heads)?, 1];
-        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
-            return Err(Error::shape(
-                OP,
-                format!("{sq} queries x {} heads is too many", p.num_heads),
-            ));
-        }
+        let variant = self.prefill_variant(d, kv16);
+        let split = self.kv_split(d, kv16, variant);
+        // Decode (and short calls): one query per workgroup; the per-query arithmetic is the
+        // same for every BQ.
+        let (key, bq) = match variant {
+            Prefill::Tiled(bq, bk, tpr) => {
+                let bq = if sq < bq { 1 } else { bq };
+                (
+                    PipelineKey::new("flash_attn", "main")
+                        .sub("BQ", c(bq)?)
+                        .sub("BK", c(bk)?)
+                        .sub("TPR", c(tpr)?)
+                        .sub("WG", c(bq * tpr)?),
+                    bq,
+                )
+            }
+            Prefill::Keys(bq, wg) => {
+                let bq = if sq < bq { 1 } else { bq };
+                (
+                    PipelineKey::new("flash_attn_k", "main")
+                        .sub("BQ", c(bq)?)
+                        .sub("WG", c(wg)?)
+                        .sub("NC", c((d / 4).div_ceil(wg))?),
+                    bq,
+                )
+            }
+        };
+        let pipe = self
+            .ctx
+            .pipeline(key.flag(kv16, "KV16").sub("HEAD_DIM", c(d)?))?;
         let kv_end = if p.causal {
             (p.q_offset + sq).min(p.kv_len)
         } else {
             p.kv_len
         };
-        // Keys per dispatch: all of them on GPUs; on software adapters few enough that an
-        // invocation's loop nest stays under llvmpipe's 65535-iteration cap (the iterations
-        // one invocation runs per tile, counted from the kernel's loops), the running softmax
-        // state carried between passes.
-        let per_pass = if self.ctx.info.device_type == "cpu" {
-            let wg = bq * tpr;
-            let d4 = d / 4;
-            let per_tile = (bk * d4).div_ceil(wg)
-                + (bq * bk).div_ceil(wg) * (d4 + 1)
-                + 3 * bk
-                + bk * (d4 / tpr + 1)
-                + d4 / tpr;
-            (60_000 / per_tile).max(1) * bk
-        } else {
-            kv_end.max(1)
-        };
-        let passes = kv_end.div_ceil(per_pass).max(1);
-        let state = if passes > 1 {
-            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)? // [Sq, H, D+3]: m, l, S, o
-        } else {
-            self.empty([4], DType::F32, OP)? // bound but never touched
-        };
-        let cs = one(&state, OP)?;
-        let prm = attention_params(sq, p, 0);
-        for pass in 0..passes {
-            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
-            let mut prm = prm.clone();
-            prm.extend(params(&[
-                c(kb0)?,
-                c(kb1)?,
-                u32::from(pass == 0),
-                u32::from(pass + 1 == passes),
-            ]));
-            prm.extend(mask_words(p));
-            self.ctx.dispatch(
-                &pipe,
-                &prm,
-                &[
-                    Bind(1, &cq.buf, cq.bytes),
-                    Bind(2, &ck.buf, ck.bytes),
-                    Bind(3, &cv.buf, cv.bytes),
-                    Bind(4, &co.buf, co.bytes),
-                    Bind(5, &cs.buf, cs.bytes),
-                ],
-                g,
-            )?;
-        }
-        Ok(out)
-    }
-
-    /// `flash_attn_k` over `sq` queries: invocations split the keys of a tile, then the
-    /// output columns (see flash_attn_k.wgsl).
-    #[allow(clippy::too_many_arguments)]
-    fn flash_prefill_k(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        p: &AttentionParams,
-        sq: usize,
-        kv16: bool,
-        (bq, wg): (usize, usize),
-        out: Tensor,
-    ) -> Result<Tensor> {
-        const OP: &str = "attention";
-        let d = p.head_dim;
-        let nc = (d / 4).div_ceil(wg);
-        let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
-        let c = |v: usize| u32_of(OP, "size", v);
-        let pipe = self.ctx.pipeline(
-            PipelineKey::new("flash_attn_k", "main")
-                .flag(kv16, "KV16")
-                .sub("HEAD_DIM", c(d)?)
-                .sub("BQ", c(bq)?)
-                .sub("WG", c(wg)?)
-                .sub("NC", c(nc)?),
-        )?;
-        let g = [c(sq.div_ceil(bq))?, c(p.num_heads)?, 1];
-        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
+        let nsplit = kv_end.div_ceil(split).max(1);
+        let g = [c(sq.div_ceil(bq))?, c(p.num_heads)?, c(nsplit)?];
+        if g.iter().any(|&x| x > self.ctx.max_groups) {
             return Err(Error::shape(
                 OP,
-                format!("{sq} queries x {} heads is too many", p.num_heads),
+                format!(
+                    "{sq} queries x {} heads x {} keys is too many",
+                    p.num_heads, p.kv_len
+                ),
             ));
         }
-        let kv_end = if p.causal {
-            (p.q_offset + sq).min(p.kv_len)
-        } else {
-            p.kv_len
-        };
-        let per_pass = if self.ctx.info.device_type == "cpu" {
-            let d4 = d / 4;
-            let per_tile = d4 * (bq + 1) + 3 * bq + 2 * wg + wg * nc * (bq + 1) + bq * nc;
-            (60_000 / per_tile).max(1) * wg
-        } else {
-            kv_end.max(1)
-        };
-        let passes = kv_end.div_ceil(per_pass).max(1);
-        let state = if passes > 1 {
-            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)?
-        } else {
-            self.empty([4], DType::F32, OP)?
-        };
-        let cs = one(&state, OP)?;
-        let prm = attention_params(sq, p, 0);
-        for pass in 0..passes {
-            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
-            let mut prm = prm.clone();
-            prm.extend(params(&[
-                c(kb0)?,
-                c(kb1)?,
-                u32::from(pass == 0),
-                u32::from(pass + 1 == passes),
-            ]));
-            prm.extend(mask_words(p));
-            self.ctx.dispatch(
-                &pipe,
-                &prm,
-                &[
-                    Bind(1, &cq.buf, cq.bytes),
-                    Bind(2, &ck.buf, ck.bytes),
-                    Bind(3, &cv.buf, cv.bytes),
-                    Bind(4, &co.buf, co.bytes),
-                    Bind(5, &cs.buf, cs.bytes),
-                ],
-                g,
-            )?;
-        }
-        Ok(out)
-    }
-
-    /// One query split over the KV length (`flash_decode`: partial, then combine).
-    fn flash_decode(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        p: &AttentionParams,
-        kv16: bool,
-        out: Tensor,
-    ) -> Result<Tensor> {
-        const OP: &str = "attention";
-        let d = p.head_dim;
-        let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
-        let c = |v: usize| u32_of(OP, "size", v);
-        let visible = if p.causal {
-            (p.q_offset + 1).min(p.kv_len)
-        } else {
-            p.kv_len
-        };
-        let split = self.decode_split(d, kv16);
-        let nsplit = visible.div_ceil(split).max(1);
-        let part = self.empty([p.num_heads, nsplit, d + 3], DType::F32, OP)?; // m, l, S, o
+        // [Sq, H, nsplit, D+3]: each split's running max, normaliser, sink sum and P·V.
+        let part = self.empty([sq, p.num_heads, nsplit, d + 3], DType::F32, OP)?;
         let cp = one(&part, OP)?;
-        let key = |entry| {
-            PipelineKey::new("flash_decode", entry)
-                .flag(kv16, "KV16")
-                .sub("HEAD_DIM", d as u32)
-                .sub("CH", split as u32)
-        };
-        let mut prm = attention_params(1, p, 0);
-        prm.extend(params(&[c(nsplit)?, 0, 0, 0]));
+        let mut prm = attention_params(sq, p, 0);
+        prm[20..28].copy_from_slice(&params(&[c(split)?, c(nsplit)?]));
+        prm.extend(params(&[0, c(kv_end)?, 1, 0]));
         prm.extend(mask_words(p));
-        let g = [c(nsplit)?, c(p.num_heads)?, 1];
-        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
-            return Err(Error::shape(
-                OP,
-                format!("{} keys x {} heads is too many", p.kv_len, p.num_heads),
-            ));
-        }
         self.ctx.dispatch(
-            &*self.ctx.pipeline(key("partial"))?,
+            &pipe,
             &prm,
             &[
                 Bind(1, &cq.buf, cq.bytes),
                 Bind(2, &ck.buf, ck.bytes),
                 Bind(3, &cv.buf, cv.bytes),
+                Bind(4, &co.buf, co.bytes),
                 Bind(5, &cp.buf, cp.bytes),
             ],
             g,
         )?;
+        let combine = self.ctx.pipeline(
+            PipelineKey::new("flash_combine", "main")
+                .flag(kv16, "KV16")
+                .sub("HEAD_DIM", c(d)?),
+        )?;
         self.ctx.dispatch(
-            &*self.ctx.pipeline(key("combine"))?,
+            &combine,
             &prm,
             &[
                 Bind(3, &cv.buf, cv.bytes),
                 Bind(4, &co.buf, co.bytes),
                 Bind(5, &cp.buf, cp.bytes),
             ],
-            self.grid(OP, p.num_heads)?,
+            self.grid(OP, sq * p.num_heads)?,
         )?;
         Ok(out)
     }
 
+    /// Keys one invocation of `variant` may walk in one dispatch on a software adapter
+    /// (llvmpipe stops a loop nest after 65535 iterations: the iterations one invocation
+    /// runs per key tile, counted from the kernel's loops); unbounded elsewhere.
+    pub(crate) fn keys_per_pass(&self, variant: Prefill, d: usize) -> usize {
+        if self.ctx.info.device_type != "cpu" {
+            return usize::MAX;
+        }
+        let d4 = d / 4;
+        match variant {
+            Prefill::Tiled(bq, bk, tpr) => {
+                let wg = bq * tpr;
+                let per_tile = (bk * d4).div_ceil(wg)
+                    + (bq * bk).div_ceil(wg) * (d4 + 1)
+                    + 3 * bk
+                    + bk * (d4 / tpr + 1)
+                    + d4 / tpr;
+                (60_000 / per_tile).max(1) * bk
+            }
+            Prefill::Keys(bq, wg) => {
+                let nc = d4.div_ceil(wg);
+                let per_tile = d4 * (bq + 1) + 3 * bq + 2 * wg + wg * nc * (bq + 1) + bq * nc;
+                (60_000 / per_tile).max(1) * wg
+            }
+        }
+    }
+
     /// The per-query attention kernel (`attention.wgsl`) over f32 K/V, for head sizes the
-    /// flash kernels do not take.
+    /// flash kernels do not take; decode too (one query's arithmetic does not depend on how
+    /// many queries the call holds).
     fn attention_per_query(
         &self,
         q: &Tensor,
@@ -964,17 +937,6 @@ impl GpuBackend {
         const OP: &str = "attention";
         let (cq, ck, cv) = (one(q, OP)?, one(k, OP)?, one(v, OP)?);
         let d = p.head_dim;
-        if sq == 1 {
-            // Decode: one query per head would leave the tiled kernel one busy invocation per
-            // workgroup. Instead spread the keys over a workgroup per head (the masked
-            // probabilities, exactly attention_last_row), then one invocation per output
-            // (h, d) sums P·V.
-            let probs = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
-            let cp = one(&probs, OP)?;
-            self.last_row_probs(cq, ck, sq, p, false, cp)?;
-            self.weighted_values(cp, cv, p, false, 0, 0, one(&out, OP)?)?;
-            return Ok(out);
-        }
         // Keys per tile: the K and V tiles (2·TK·D f32) fit the workgroup memory.
         let tk = (self.ctx.wg_storage as usize / (8 * d)).min(16);
         if tk == 0 || d > 1024 {
@@ -1437,15 +1399,7 @@ impl Backend for GpuBackend {
             return Ok(out);
         }
         if d.is_multiple_of(4) {
-            if sq == 1 {
-                return self.flash_decode(q, k, v, p, kv16, out);
-            }
-            return match self.prefill_variant(d, kv16) {
-                Prefill::Tiled(bq, bk, tpr) => {
-                    self.flash_prefill(q, k, v, p, sq, kv16, (bq, bk, tpr), out)
-                }
-                Prefill::Keys(bq, wg) => self.flash_prefill_k(q, k, v, p, sq, kv16, (bq, wg), out),
-            };
+            return self.flash(q, k, v, p, sq, kv16, out);
         }
         // Head sizes that are not a multiple of 4 (no model here has them): the per-query
         // kernel over an f32 copy of the keys and values.

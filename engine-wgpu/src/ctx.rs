@@ -107,6 +107,10 @@ pub(crate) struct Ctx {
     /// A software adapter whose subgroups are exactly 8 wide (llvmpipe with AVX2): `linear`
     /// takes the `*_sg8` kernels there.
     pub sg8_cpu: bool,
+    /// `linear` (M above the gemv rows, f16/f32 weights) runs `gemm_coop` on the adapter's
+    /// matrix units: set only where the adapter has cooperative matrices (8×8 f32) and the
+    /// parity check at open passed.
+    pub coop: std::sync::atomic::AtomicBool,
     pub timestamps: bool,
     pub max_buffer: u64,
     pub max_binding: u64,
@@ -189,6 +193,7 @@ impl Ctx {
             f16,
             subgroups,
             sg8_cpu: false,
+            coop: std::sync::atomic::AtomicBool::new(false),
             timestamps,
             pipelines: Mutex::new(HashMap::new()),
             pool: Mutex::new((HashMap::new(), 0)),

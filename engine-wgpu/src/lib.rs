@@ -180,7 +180,18 @@ fn open_adapter(
     let f16 = feats.contains(wgpu::Features::SHADER_F16) && !opts.no_f16;
     let subgroups = feats.contains(wgpu::Features::SUBGROUP) && !opts.no_subgroups;
     let timestamps = feats.contains(wgpu::Features::TIMESTAMP_QUERY) && !opts.no_timestamps;
+    // Cooperative matrices: wgpu exposes 8×8×8 f32 tiles; only where the adapter lists that
+    // configuration (and not with VISI_NO_COOP). gemm_coop is then kept only if the parity
+    // check below passes.
+    let coop = feats.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        && std::env::var_os("VISI_NO_COOP").is_none()
+        && adapter.cooperative_matrix_properties().iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (8, 8, 8)
+                && c.ab_type == wgpu::CooperativeScalarType::F32
+                && c.cr_type == wgpu::CooperativeScalarType::F32
+        });
     let mut features = wgpu::Features::empty();
+    features.set(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX, coop);
     features.set(wgpu::Features::SHADER_F16, f16);
     features.set(wgpu::Features::SUBGROUP, subgroups);
     features.set(wgpu::Features::TIMESTAMP_QUERY, timestamps);
@@ -190,6 +201,14 @@ fn open_adapter(
         label: Some("visi"),
         required_features: features,
         required_limits: limits.clone(),
+        // SAFETY (wgpu's terms for experimental features): only EXPERIMENTAL_COOPERATIVE_MATRIX
+        // is requested, and only where the adapter reports it; its one kernel is checked
+        // against the tiled gemm before use.
+        experimental_features: if coop {
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        },
         ..Default::default()
     }))
     .map_err(|e| Error::NoAdapter(format!("{}: cannot open a device: {e}", ai.name)))?;
@@ -229,7 +248,11 @@ fn open_adapter(
         && ai.subgroup_min_size == 8
         && ai.subgroup_max_size == 8
         && std::env::var_os("VISI_NO_SG8").is_none();
-    Ok(Arc::new(GpuBackend::new(Arc::new(ctx))))
+    let g = Arc::new(GpuBackend::new(Arc::new(ctx)));
+    if coop {
+        g.enable_coop_if_exact();
+    }
+    Ok(g)
 }
 
 fn instance() -> wgpu::Instance {

@@ -8,7 +8,11 @@
 //! - `attn_prefill/d{D}/{f16|f32}`: `tiled:BQ,BK,TPR` (flash_attn: K/V tiles in workgroup
 //!   memory, TPR lanes per query) or `keys:BQ,WG` (flash_attn_k: lanes split the keys, then
 //!   the output columns; uniform Q and P reads).
-//! - `attn_decode/d{D}/{f16|f32}`: `split:CH` (flash_decode with CH keys per split).
+//! - `attn_split/d{D}/{f16|f32}`: `split:CH`, the keys per split of split-KV attention (prefill
+//!   and decode: the same splits, so one query's result does not depend on the call).
+//!
+//! No variant here changes a row's reduction order with the number of rows or queries in a
+//! call: a class is an adapter and a head shape, never a batch size (batch invariance).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -60,9 +64,9 @@ pub(crate) fn prefill_class(d: usize, kv16: bool) -> String {
     format!("attn_prefill/d{d}/{}", if kv16 { "f16" } else { "f32" })
 }
 
-/// The shape class of a decode attention call.
-pub(crate) fn decode_class(d: usize, kv16: bool) -> String {
-    format!("attn_decode/d{d}/{}", if kv16 { "f16" } else { "f32" })
+/// The shape class of the key splits of attention (prefill and decode).
+pub(crate) fn split_class(d: usize, kv16: bool) -> String {
+    format!("attn_split/d{d}/{}", if kv16 { "f16" } else { "f32" })
 }
 
 /// Tuned choices of one adapter: loaded at open, replaced by [`tune`].
@@ -188,28 +192,44 @@ impl GpuBackend {
     }
 
     /// The kernel and variant attention runs for head size `d` (for reports): prefill
-    /// (`sq > 1`) or decode.
+    /// (`sq > 1`) or decode (the same kernel with one query per workgroup).
     pub fn attention_variant(&self, d: usize, kv16: bool, prefill: bool) -> String {
         if !d.is_multiple_of(4) {
             return "attention (per query)".into();
         }
-        if !prefill {
-            return format!("flash_decode split:{}", self.decode_split(d, kv16));
-        }
-        match self.prefill_variant(d, kv16) {
-            v @ Prefill::Tiled(..) => format!("flash_attn {}", v.name()),
-            v @ Prefill::Keys(..) => format!("flash_attn_k {}", v.name()),
-        }
+        let v = self.prefill_variant(d, kv16);
+        let split = self.kv_split(d, kv16, v);
+        let kernel = match v {
+            Prefill::Tiled(..) => "flash_attn",
+            Prefill::Keys(..) => "flash_attn_k",
+        };
+        let bq1 = if prefill { "" } else { " BQ=1" };
+        format!("{kernel} {}{bq1} split:{split}", v.name())
     }
 
-    /// Keys per split of flash_decode for head size `d`.
-    pub(crate) fn decode_split(&self, d: usize, kv16: bool) -> usize {
-        self.ctx
+    /// Keys per split of split-KV attention for head size `d` under `variant`: the tuned
+    /// value, else 1024 on software adapters and 256 elsewhere; rounded down to whole key
+    /// tiles of the variant and, on software adapters, to what one dispatch may walk.
+    pub(crate) fn kv_split(&self, d: usize, kv16: bool, variant: Prefill) -> usize {
+        let tile = match variant {
+            Prefill::Tiled(_, bk, _) => bk,
+            Prefill::Keys(_, wg) => wg,
+        }
+        .max(1);
+        let default = if self.ctx.info.device_type == "cpu" {
+            1024
+        } else {
+            256
+        };
+        let ch = self
+            .ctx
             .tuning
-            .get(&decode_class(d, kv16))
+            .get(&split_class(d, kv16))
             .and_then(|s| s.strip_prefix("split:")?.parse().ok())
-            .filter(|&c: &usize| (16..=1024).contains(&c) && c.is_power_of_two())
-            .unwrap_or(64)
+            .filter(|&c: &usize| (16..=4096).contains(&c))
+            .unwrap_or(default)
+            .min(self.keys_per_pass(variant, d));
+        (ch / tile).max(1) * tile
     }
 
     /// Whether variant `v` is valid for head size `d` on this adapter (workgroup memory and
@@ -322,19 +342,23 @@ pub fn tune(opts: &GpuOptions, quick: bool) -> Result<Value> {
                 .push(json!({ "class": class, "winner": name, "seconds": t, "candidates": rows }));
         }
         if causal {
-            // Decode: the last query over the whole cache.
+            // Keys per split: prefill of `sq` queries plus decode of the last query over the
+            // whole cache (both run the same splits).
             let q1 = gpu.upload(HostData::F32(&values(w)), Shape::from([1, w]))?;
             let p1 = AttentionParams {
                 q_offset: sq - 1,
                 ..p
             };
-            let class = decode_class(d, kv16);
+            let class = split_class(d, kv16);
             let mut rows = Vec::new();
             let mut best: Option<(f64, String)> = None;
-            for ch in [32usize, 64, 128, 256] {
+            for ch in [128usize, 256, 512, 1024] {
                 let name = format!("split:{ch}");
                 gpu.ctx.tuning.set(&class, name.clone());
-                let t = time_min(&gpu, &|| gpu.attention(&q1, &k, &v, &p1).map(drop))?;
+                let t = time_min(&gpu, &|| {
+                    gpu.attention(&q, &k, &v, &p)?;
+                    gpu.attention(&q1, &k, &v, &p1).map(drop)
+                })?;
                 rows.push(json!({ "variant": name, "seconds": t }));
                 if best.as_ref().is_none_or(|(b, _)| t < *b) {
                     best = Some((t, name));

@@ -11,12 +11,16 @@ enable f16;
 // The softmax normaliser runs over every visible key; masked keys (VisiPruner) get probability
 // 0 after it (post-softmax zeroing without renormalisation, their P·V skipped), and
 // Layer0Sink adds S_i·V[s] at the end (see mask.wgsl).
-// Keys may be processed in several dispatches (keys kb0..kb1 each), carrying the running
-// (m, l, S, o) of every (query, head) in `state`: llvmpipe stops any loop nest after 65535
-// iterations per invocation, so on software adapters long contexts take several passes.
+// Split-KV: with `split` > 0, workgroup z of the dispatch runs keys [z·split, (z+1)·split)
+// and writes that split's running (m, l, S, o) to `state`; flash_combine.wgsl reduces the
+// splits. The splits sit at fixed key positions, so one query's arithmetic does not depend
+// on how many queries the call holds (batch invariance; decode runs this kernel with BQ 1).
+// Keys may also be processed in several dispatches (keys kb0..kb1 each), carrying the state
+// between them (first/last): llvmpipe stops any loop nest after 65535 iterations per
+// invocation; the backend keeps a split under that instead, so it runs one pass.
 // bindings: 0 uniform P, 1 q [Sq, H*D] f32, 2 k [L, KvH*D], 3 v [L, KvH*D] (f16 packed two per
-//           u32 with KV16, else f32), 4 out [Sq, H*D] f32, 5 state [Sq, H, D + 3] f32
-//           (multi-pass only). HEAD_DIM = D (a multiple of 4), BQ, BK, TPR (divides D/4), WG = BQ·TPR.
+//           u32 with KV16, else f32), 4 out [Sq, H*D] f32, 5 state [Sq, H, nsplit, D + 3] f32.
+//           HEAD_DIM = D (a multiple of 4), BQ, BK, TPR (divides D/4), WG = BQ·TPR.
 #include common
 
 const D: u32 = {{HEAD_DIM}}u;
@@ -29,7 +33,7 @@ const NV: u32 = D4 / TPR;
 
 struct P {
     sq: u32, kv_len: u32, q_offset: u32, causal: u32,
-    mask: u32, ms: u32, me: u32, group: u32,
+    mask: u32, split: u32, nsplit: u32, group: u32,
     qw: u32, kw: u32, scale: f32, pad: u32,
     kb0: u32, kb1: u32, first: u32, last: u32,
     rules: array<vec4<u32>, 16>,
@@ -88,6 +92,9 @@ var<workgroup> rc: array<f32, BQ>; // this tile's rescale factor
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let h = wid.y;
     let koff = (h / p.group) * D;
+    // Split-KV: workgroup z takes keys [z·split, (z+1)·split) of kb0..kb1 (split 0: all).
+    let kb0 = p.kb0 + wid.z * p.split;
+    let kb1 = select(p.kb1, min(kb0 + p.split, p.kb1), p.split != 0u);
     let r = lid / TPR;
     let c = lid % TPR;
     let q0 = wid.x * BQ;
@@ -117,7 +124,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         qs[e] = x;
     }
     var acc: array<vec4<f32>, NV>;
-    let sb = (i * (p.qw / D) + h) * (D + 3u);
+    let sb = ((i * (p.qw / D) + h) * p.nsplit + wid.z) * (D + 3u);
     for (var n = 0u; n < NV; n++) {
         acc[n] = vec4<f32>(0.0);
         if (live && p.first == 0u) {
@@ -138,8 +145,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         rl[r] = l;
         rsi[r] = si;
     }
-    let t_end = min(kv_end, p.kb1);
-    for (var t0 = p.kb0; t0 < t_end; t0 += BK) {
+    let t_end = min(kv_end, kb1);
+    for (var t0 = kb0; t0 < t_end; t0 += BK) {
         workgroupBarrier();
         for (var e = lid; e < BK * D4; e += WG) {
             let j = t0 + e / D4;

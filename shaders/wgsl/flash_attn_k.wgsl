@@ -1,8 +1,8 @@
 #if F16
 enable f16;
 #endif
-// flash_attn_k: the prefill attention of flash_attn.wgsl (same uniform, bindings, masks and
-// multi-pass state) with the work split the other way: invocation t of the WG owns key t0 + t
+// flash_attn_k: the attention of flash_attn.wgsl (same uniform, bindings, masks, split-KV
+// and multi-pass state) with the work split the other way: invocation t of the WG owns key t0 + t
 // of each key tile while the scores are computed (BQ partial sums, one per query of the
 // block) and vec4 columns t, t + WG, ... of the output while P·V accumulates (BQ·NC vec4
 // accumulators), so the Q block and the probabilities are read at addresses that are uniform
@@ -11,7 +11,7 @@ enable f16;
 // for software adapters (llvmpipe splits a divergent workgroup-memory load into scalar loads
 // but loads a uniform one once); flash_attn is the GPU one. Autotuning picks between them.
 // bindings: 0 uniform P, 1 q [Sq, H*D] f32, 2 k, 3 v [L, KvH*D] (f16 packed two per u32 with
-//           KV16, else f32), 4 out [Sq, H*D] f32, 5 state [Sq, H, D + 3] f32 (multi-pass).
+//           KV16, else f32), 4 out [Sq, H*D] f32, 5 state [Sq, H, nsplit, D + 3] f32.
 //           HEAD_DIM = D (a multiple of 4), BQ queries, WG keys per tile, NC = ceil(D/4 / WG).
 #include common
 
@@ -23,7 +23,7 @@ const NC: u32 = {{NC}}u;
 
 struct P {
     sq: u32, kv_len: u32, q_offset: u32, causal: u32,
-    mask: u32, ms: u32, me: u32, group: u32,
+    mask: u32, split: u32, nsplit: u32, group: u32,
     qw: u32, kw: u32, scale: f32, pad: u32,
     kb0: u32, kb1: u32, first: u32, last: u32,
     rules: array<vec4<u32>, 16>,
@@ -68,6 +68,9 @@ var<workgroup> rvis: array<u32, BQ>; // keys each query sees
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let h = wid.y;
     let koff = (h / p.group) * D;
+    // Split-KV: workgroup z takes keys [z·split, (z+1)·split) of kb0..kb1 (split 0: all).
+    let kb0 = p.kb0 + wid.z * p.split;
+    let kb1 = select(p.kb1, min(kb0 + p.split, p.kb1), p.split != 0u);
     let q0 = wid.x * BQ;
     let nh = p.qw / D;
     let last = min(q0 + BQ - 1u, p.sq - 1u);
@@ -96,7 +99,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 vis = min(p.q_offset + i + 1u, p.kv_len);
             }
             if (p.first == 0u) {
-                let sb = (i * nh + h) * (D + 3u);
+                let sb = ((i * nh + h) * p.nsplit + wid.z) * (D + 3u);
                 m = state[sb];
                 l = state[sb + 1u];
                 si = state[sb + 2u];
@@ -114,14 +117,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             let c = lid + n * WG;
             var a = vec4<f32>(0.0);
             if (p.first == 0u && i < p.sq && c < D4) {
-                let s = (i * nh + h) * (D + 3u) + 3u + c * 4u;
+                let s = ((i * nh + h) * p.nsplit + wid.z) * (D + 3u) + 3u + c * 4u;
                 a = vec4<f32>(state[s], state[s + 1u], state[s + 2u], state[s + 3u]);
             }
             acc[r * NC + n] = a;
         }
     }
-    let t_end = min(kv_end, p.kb1);
-    for (var t0 = p.kb0; t0 < t_end; t0 += WG) {
+    let t_end = min(kv_end, kb1);
+    for (var t0 = kb0; t0 < t_end; t0 += WG) {
         workgroupBarrier();
         let j = t0 + lid;
         var sc: array<f32, BQ>;
@@ -209,7 +212,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         if (i >= p.sq) {
             break;
         }
-        let sb = (i * nh + h) * (D + 3u);
+        let sb = ((i * nh + h) * p.nsplit + wid.z) * (D + 3u);
         let row = p.q_offset + i;
         if (p.last == 0u) {
             if (lid == 0u) {
