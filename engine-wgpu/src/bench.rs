@@ -311,8 +311,8 @@ fn linear_rows(
     let (n, k) = w.dims2("bench")?;
     for m in ROWS {
         let x = gpu.upload(HostData::F32(&values(m * k, m as u64)), Shape::from([m, k]))?;
-        // Priming: the same pipeline (M <= 8 is part of the gemv pipeline key) on few rows.
-        let pm = if m <= 8 { m } else { m.min(64) };
+        // Priming: the same pipeline (M <= 16 is part of the gemv pipeline key) on few rows.
+        let pm = if m <= 16 { m } else { m.min(64) };
         let xp = gpu.upload(HostData::F32(&values(pm * k, 1)), Shape::from([pm, k]))?;
         drop(gpu.linear(&xp, w, None)?);
         gpu.sync()?;
@@ -320,7 +320,9 @@ fn linear_rows(
         let (min, med) = min_median(&t);
         let flop = 2.0 * (m * n * k) as f64;
         let moved = (w_bytes + m * k * 4 + m * n * 4) as f64;
+        let coop = m > 16 && qt.is_none() && ctx.coop.load(std::sync::atomic::Ordering::Relaxed);
         let kernel = match (qt, m <= 8, ctx.sg8_cpu && k % 8 == 0) {
+            _ if coop => "gemm_coop",
             (Some(_), true, false) => "gemv_q",
             (Some(_), false, false) => "gemm_q",
             (Some(_), true, true) => "gemv_q_sg8",
