@@ -94,6 +94,9 @@ pub struct BenchArgs {
     /// at load), reported side by side.
     #[arg(long, value_delimiter = ',')]
     quant: Vec<String>,
+    /// Element type of the KV cache.
+    #[arg(long, value_enum, default_value = "f16")]
+    kv_dtype: crate::KvDtypeArg,
 }
 
 /// `--quant` entries: `None` for the checkpoint's own floats (`f16`).
@@ -203,7 +206,7 @@ fn parse_fastv(text: &str) -> anyhow::Result<FastVConfig> {
 
 /// The paper's 12/10/18 on 32 layers, scaled to `layers` and kept legal for
 /// `shallow_mid` (fusion above it, exit two layers later at least, before the last).
-fn default_schedule(layers: usize, shallow_mid: usize) -> ForcedSchedule {
+pub(crate) fn default_schedule(layers: usize, shallow_mid: usize) -> ForcedSchedule {
     let scale = |x: usize| (x * layers + 16) / 32;
     let fusion = scale(12).max(shallow_mid + 1);
     let exit = scale(18).max(fusion + 2).min(layers.saturating_sub(2));
@@ -296,6 +299,7 @@ struct Input<'a> {
     span: ImageSpan,
     pixels: &'a [f32],
     decode_tokens: usize,
+    kv_dtype: engine_core::DType,
 }
 
 /// Vision, prefill (through the first token) and `decode_tokens` greedy steps in a fresh
@@ -334,6 +338,7 @@ fn run_once(
         embeds: image,
     };
     let mut session = Session::new(m.llama().clone(), backend.clone());
+    session.set_kv_dtype(inp.kv_dtype);
     let pre = session.prefill_observed(
         PromptInput {
             ids: inp.ids,
@@ -395,6 +400,7 @@ fn conversation_round(
     decode_tokens: usize,
     pruner: &mut dyn Pruner,
     seed: u64,
+    kv_dtype: engine_core::DType,
 ) -> engine_core::Result<ConvRound> {
     let b = backend.as_ref();
     let greedy = || Sampler::new(SamplingParams::default());
@@ -405,6 +411,7 @@ fn conversation_round(
         embeds,
     };
     let mut session = Session::new(m.llama().clone(), backend.clone());
+    session.set_kv_dtype(kv_dtype);
     let pre = session.prefill(
         PromptInput {
             ids,
@@ -458,6 +465,7 @@ fn conversation_round(
         embeds,
     };
     let mut fresh = Session::new(m.llama().clone(), backend.clone());
+    fresh.set_kv_dtype(kv_dtype);
     let fr = fresh.prefill(
         PromptInput {
             ids: &ids2,
@@ -520,6 +528,7 @@ fn conversation_bench(
                 a.decode_tokens,
                 mr.pruner.as_mut(),
                 a.seed,
+                a.kv_dtype.dtype(),
             )
             .map_err(|e| internal(anyhow!("{}: {e}", mr.name)))?;
             if round >= a.warmup {
@@ -840,6 +849,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         },
         pixels: &pixels,
         decode_tokens: a.decode_tokens,
+        kv_dtype: a.kv_dtype.dtype(),
     };
     let profiled = a.layer_times || a.plot.is_some();
     let total = a.warmup + a.reps + usize::from(profiled);
@@ -1088,6 +1098,8 @@ fn build_report(
             "note": "the backend reports no memory statistics; allocated_bytes is weights + the largest KV cache (activations not counted)",
             "allocated_bytes": weight_bytes + kv_max,
             "weight_bytes": weight_bytes,
+            "kv_dtype": a.kv_dtype.dtype().name(),
+            "kv_bytes_max": kv_max,
         },
         "methods": out,
         "kernels": kernels,
@@ -1118,11 +1130,28 @@ fn kernel_efficiency(k: &Value) -> Value {
             _ => None,
         }
     };
+    // Attention: prefill against the FMA peak, decode against the copy bandwidth.
+    let attention: Vec<Value> = k["attention"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let prefill = r["phase"] == "prefill";
+            json!({
+                "phase": r["phase"], "queries": r["queries"], "keys": r["keys"],
+                "kernel": r["kernel"],
+                "gflops": r["gflops"], "gbps": r["gbps"],
+                "share": if prefill { r["frac_of_fma_peak"].clone() } else { r["frac_of_copy_peak"].clone() },
+                "of": if prefill { "fma_peak" } else { "copy_peak" },
+            })
+        })
+        .collect();
     json!({
         "fma_peak_gflops": k["peak"]["fma_gflops"],
         "copy_peak_gbps": k["peak"]["copy_gbps"],
         "timing": k["timing"],
         "rows": rows.iter().filter_map(pick).collect::<Vec<_>>(),
+        "attention": attention,
     })
 }
 
@@ -1221,8 +1250,10 @@ fn table(r: &Value) -> String {
     }
     let _ = writeln!(
         out,
-        "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV)",
-        f(&r["memory"]["allocated_bytes"]) / (1 << 20) as f64
+        "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV, {:.1} MiB {})",
+        f(&r["memory"]["allocated_bytes"]) / (1 << 20) as f64,
+        f(&r["memory"]["kv_bytes_max"]) / (1 << 20) as f64,
+        r["memory"]["kv_dtype"].as_str().unwrap_or("?"),
     );
     if let Some(k) = r["kernel_efficiency"].as_object() {
         let _ = writeln!(
@@ -1254,6 +1285,25 @@ fn table(r: &Value) -> String {
                     100.0 * f(&row["frac_of_copy_peak"])
                 );
             }
+        }
+        for row in k["attention"].as_array().into_iter().flatten() {
+            let prefill = row["phase"] == "prefill";
+            let _ = writeln!(
+                out,
+                "  attention {} {}x{} keys ({}): {:.1} {} = {:.1}% of {} peak",
+                row["phase"].as_str().unwrap_or("?"),
+                row["queries"],
+                row["keys"],
+                row["kernel"].as_str().unwrap_or("?"),
+                if prefill {
+                    f(&row["gflops"])
+                } else {
+                    f(&row["gbps"])
+                },
+                if prefill { "GFLOP/s" } else { "GB/s" },
+                100.0 * f(&row["share"]),
+                if prefill { "FMA" } else { "copy" },
+            );
         }
     } else {
         let _ = writeln!(out, "kernels: skipped");

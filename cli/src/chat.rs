@@ -77,6 +77,7 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
         sampling,
         prune,
         keep_first_logits: false,
+        kv_dtype: a.g.kv_dtype.dtype(),
     };
     let interactive = std::io::stdin().is_terminal();
     if interactive {

@@ -189,6 +189,8 @@ pub fn generate_answer(
         sampling: s.sampling,
         prune: prune.cloned(),
         keep_first_logits: false,
+        // The default KV cache (f16), as `run` without --kv-dtype.
+        ..Default::default()
     };
     // No streaming; the debug delay (VISI_DEBUG_TOKEN_DELAY_MS) lets tests interrupt and
     // kill a run of the tiny model mid-answer.

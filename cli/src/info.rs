@@ -39,18 +39,19 @@ pub fn info(
     model: Option<&str>,
     shape: Option<&str>,
     device: InfoDevice,
+    kv_dtype: DType,
     json_out: bool,
 ) -> Result<(), Failure> {
     let v = match (model, shape) {
         (Some(m), None) => {
             let dir =
                 models::hub::resolve_model(m).map_err(|e| bad_input(anyhow!("--model: {e}")))?;
-            report(&dir, device)?
+            report(&dir, device, kv_dtype)?
         }
         (None, Some(s)) => {
             let shape = models::synthetic::SyntheticShape::parse(s)
                 .map_err(|e| bad_input(anyhow!("--shape: {e}")))?;
-            shape_report(shape, device)?
+            shape_report(shape, device, kv_dtype)?
         }
         _ => return Err(bad_input(anyhow!("give either --model or --shape"))),
     };
@@ -62,8 +63,8 @@ pub fn info(
     }
 }
 
-/// The report as JSON (the text form is rendered from it).
-pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
+/// The report as JSON (the text form is rendered from it), K/V counted in `kv_dtype`.
+pub fn report(dir: &Path, device: InfoDevice, kv_dtype: DType) -> Result<Value, Failure> {
     let cfg_path = dir.join("config.json");
     let cfg = LlavaConfig::from_file(&cfg_path).map_err(classify)?;
     // The architecture name is not part of the parsed config; the file just parsed.
@@ -104,6 +105,7 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
         stored,
         source.total_bytes(),
         device,
+        kv_dtype,
     )
 }
 
@@ -112,6 +114,7 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
 pub fn shape_report(
     shape: models::synthetic::SyntheticShape,
     device: InfoDevice,
+    kv_dtype: DType,
 ) -> Result<Value, Failure> {
     let cfg = shape.config().map_err(classify)?;
     let stored: Vec<_> = models::synthetic::tensor_shapes(&cfg)
@@ -129,6 +132,7 @@ pub fn shape_report(
         stored,
         on_disk,
         device,
+        kv_dtype,
     )
 }
 
@@ -140,6 +144,7 @@ fn report_from(
     stored: Vec<(String, DType, Vec<usize>, u64)>,
     bytes_on_disk: u64,
     device: InfoDevice,
+    kv_dtype: DType,
 ) -> Result<Value, Failure> {
     let mut tensors = Vec::new();
     let mut dtypes: BTreeMap<String, (usize, u64)> = BTreeMap::new();
@@ -176,16 +181,55 @@ fn report_from(
         .fold(0u64, |a, t| a.saturating_add(t.device_bytes));
     let tc = &cfg.text;
     let ctx = tc.max_position_embeddings as u64;
+    // K and V in the cache's dtype, every layer: bytes per cached row across the layers.
     let kv_row = 2u64
         .saturating_mul(tc.num_hidden_layers as u64)
         .saturating_mul((tc.num_key_value_heads as u64).saturating_mul(tc.head_dim as u64))
-        .saturating_mul(4);
-    // K and V, f32, every layer, the whole context.
+        .saturating_mul(kv_dtype.size_in_bytes() as u64);
     // One image, a 64-token question and 256 answer tokens, dense (pruning only shrinks it).
     let typical_rows = ((cfg.image_tokens() + 64 + 256) as u64).min(ctx);
     let kv_typical = kv_row.saturating_mul(typical_rows);
     let kv_bytes = kv_row.saturating_mul(ctx);
+    // The same prompt under bench's VisiPruner schedule (fusion 12 keeping 10 image tokens,
+    // text-only from 18, scaled to the depth): each layer's cache holds only the rows it
+    // processed. Real decisions depend on the input; this is the benchmarked schedule.
+    let layers = tc.num_hidden_layers;
+    let sched = crate::bench::default_schedule(layers, 6.min(layers.saturating_sub(3)).max(1));
+    let (img, text) = (
+        cfg.image_tokens() as u64,
+        typical_rows.saturating_sub(cfg.image_tokens() as u64),
+    );
+    let pruned_rows: u64 = (0..layers)
+        .map(|l| {
+            if sched.text_only_from.is_some_and(|e| l >= e) {
+                text
+            } else if l >= sched.fusion_layer {
+                text + (sched.keep as u64).min(img)
+            } else {
+                text + img
+            }
+        })
+        .sum();
+    let kv_typical_pruned = (kv_row / layers.max(1) as u64).saturating_mul(pruned_rows);
     let largest = tensors.iter().max_by_key(|t| t.device_bytes);
+    let quantized = quantized_weight_bytes(&tensors);
+    // Weights + the one-image KV cache, as stored and under each --quant format, dense and
+    // under the VisiPruner schedule.
+    let mut one_image = serde_json::Map::new();
+    let mut one_image_pruned = serde_json::Map::new();
+    one_image.insert(
+        "stored".into(),
+        json!(weights_bytes.saturating_add(kv_typical)),
+    );
+    one_image_pruned.insert(
+        "stored".into(),
+        json!(weights_bytes.saturating_add(kv_typical_pruned)),
+    );
+    for (k, w) in &quantized {
+        let w = w.as_u64().unwrap_or(0);
+        one_image.insert(k.clone(), json!(w.saturating_add(kv_typical)));
+        one_image_pruned.insert(k.clone(), json!(w.saturating_add(kv_typical_pruned)));
+    }
 
     let dev = device_check(device, largest, weights_bytes.saturating_add(kv_bytes))?;
     Ok(json!({
@@ -211,13 +255,20 @@ fn report_from(
         "bytes_on_disk": bytes_on_disk,
         "memory": {
             "weights_bytes": weights_bytes,
-            "weights_bytes_quantized": quantized_weight_bytes(&tensors),
+            "weights_bytes_quantized": quantized,
             "params_quantized": quantized_params(&tensors),
+            "kv_dtype": kv_dtype.name(),
             "kv_cache_bytes": kv_bytes,
             "kv_cache_bytes_one_image": kv_typical,
             "one_image_rows": typical_rows,
+            "one_image_total_bytes": one_image,
+            "kv_cache_bytes_one_image_visipruner": kv_typical_pruned,
+            "one_image_total_bytes_visipruner": one_image_pruned,
+            "visipruner_schedule": {
+                "fusion": sched.fusion_layer, "keep": sched.keep, "exit": sched.text_only_from,
+            },
             "total_bytes": weights_bytes.saturating_add(kv_bytes),
-            "note": "weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in f32 at the full context; activations not included",
+            "note": format!("weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in {kv_dtype} at the full context; one_image_total_bytes: weights (as stored or under --quant) + the one-image KV cache; activations not included"),
         },
         "largest_tensor": largest.map(|t| json!({
             "name": t.name,
@@ -443,9 +494,10 @@ pub fn text_report(v: &Value) -> String {
     s += &format!("on disk      {}\n", b(&v["bytes_on_disk"]));
     let m = &v["memory"];
     s += &format!(
-        "memory       weights {} + KV cache {} (f32, context {}) = {}\n",
+        "memory       weights {} + KV cache {} ({}, context {}) = {}\n",
         b(&m["weights_bytes"]),
         b(&m["kv_cache_bytes"]),
+        m["kv_dtype"].as_str().unwrap_or(""),
         n(&v["context_length"]),
         b(&m["total_bytes"])
     );
@@ -458,6 +510,22 @@ pub fn text_report(v: &Value) -> String {
         b(&m["kv_cache_bytes_one_image"]),
         n(&m["one_image_rows"])
     );
+    if let Some(t) = m["one_image_total_bytes"].as_object() {
+        let parts: Vec<String> = t.iter().map(|(k, x)| format!("{k} {}", b(x))).collect();
+        s += &format!("  one image  weights + KV: {}\n", parts.join(", "));
+    }
+    if let Some(t) = m["one_image_total_bytes_visipruner"].as_object() {
+        let parts: Vec<String> = t.iter().map(|(k, x)| format!("{k} {}", b(x))).collect();
+        let sc = &m["visipruner_schedule"];
+        s += &format!(
+            "  VisiPruner KV {} (fusion {}, keep {}, exit {}): weights + KV {}\n",
+            b(&m["kv_cache_bytes_one_image_visipruner"]),
+            sc["fusion"],
+            sc["keep"],
+            sc["exit"],
+            parts.join(", ")
+        );
+    }
     let d = &v["device"];
     match d["backend"].as_str() {
         Some("wgpu") => {

@@ -84,6 +84,9 @@ enum Cmd {
         /// Device to check the model against.
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
+        /// Element type the KV cache is counted in.
+        #[arg(long, value_enum, default_value = "f16")]
+        kv_dtype: KvDtypeArg,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -115,6 +118,17 @@ enum Cmd {
         /// Fewer repetitions.
         #[arg(long)]
         quick: bool,
+    },
+    /// Time the kernel variants on the selected adapter and cache the fastest per shape
+    /// class in the platform cache dir (`run` and `bench` use the cache; without it, the
+    /// measured defaults).
+    Tune {
+        /// Smaller shapes (a quick check, not a tuning to keep).
+        #[arg(long)]
+        quick: bool,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -175,6 +189,26 @@ pub(crate) struct GenArgs {
     /// Quantize the checkpoint's weight matrices as they load (kept quantized on the device).
     #[arg(long, value_enum)]
     pub quant: Option<QuantArg>,
+    /// Element type of the KV cache (f16 halves its bytes; scores and softmax stay f32).
+    #[arg(long, value_enum, default_value = "f16")]
+    pub kv_dtype: KvDtypeArg,
+}
+
+/// The KV cache's element type (`--kv-dtype`).
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum KvDtypeArg {
+    F16,
+    F32,
+}
+
+impl KvDtypeArg {
+    /// The engine dtype.
+    pub(crate) fn dtype(self) -> engine_core::DType {
+        match self {
+            KvDtypeArg::F16 => engine_core::DType::F16,
+            KvDtypeArg::F32 => engine_core::DType::F32,
+        }
+    }
 }
 
 impl GenArgs {
@@ -385,6 +419,7 @@ fn main() -> ExitCode {
             model,
             shape,
             device,
+            kv_dtype,
             json,
         } => info::info(
             model.as_deref(),
@@ -394,10 +429,12 @@ fn main() -> ExitCode {
                 DeviceArg::Gpu => info::InfoDevice::Gpu,
                 DeviceArg::Cpu => info::InfoDevice::Cpu,
             },
+            kv_dtype.dtype(),
             json,
         ),
         Cmd::Devices { json } => devices::devices(json),
         Cmd::BenchKernels { quick } => bench_kernels(quick),
+        Cmd::Tune { quick, json } => tune(quick, json),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::QuantEval(a) => quant_eval::quant_eval(a),
         Cmd::Eval(a) => eval::eval(a),
@@ -428,6 +465,41 @@ fn bench_kernels(quick: bool) -> Result<(), Failure> {
     let v = engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick)
         .map_err(classify)?;
     validate::println_stdout(&serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?)
+}
+
+fn tune(quick: bool, json_out: bool) -> Result<(), Failure> {
+    let v =
+        engine_wgpu::tune::tune(&engine_wgpu::GpuOptions::default(), quick).map_err(classify)?;
+    if let Some(n) = v["note"].as_str() {
+        eprintln!("note: {n}");
+    }
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string(&v).map_err(|e| internal(e.into()))?
+        );
+        return Ok(());
+    }
+    println!("adapter {}", v["adapter"].as_str().unwrap_or("?"));
+    for c in v["classes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<16} {:.2} ms",
+            c["class"].as_str().unwrap_or("?"),
+            c["winner"].as_str().unwrap_or("?"),
+            c["seconds"].as_f64().unwrap_or(0.0) * 1e3
+        );
+        for r in c["candidates"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<16} {:.2} ms",
+                r["variant"].as_str().unwrap_or("?"),
+                r["seconds"].as_f64().unwrap_or(0.0) * 1e3
+            );
+        }
+    }
+    if let Some(p) = v["cache"].as_str() {
+        println!("cached in {p}");
+    }
+    Ok(())
 }
 
 /// Reads `--prune`: inline JSON or `@file.json`.
@@ -590,7 +662,13 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
     let ids = m.encode(&p.text).map_err(|e| bad_input(e.into()))?;
     let t1 = std::time::Instant::now();
     let (tokens, _, timings) = m
-        .generate_timed(backend.clone(), &ids, a.g.max_new_tokens, sampling)
+        .generate_timed_kv(
+            backend.clone(),
+            &ids,
+            a.g.max_new_tokens,
+            sampling,
+            a.g.kv_dtype.dtype(),
+        )
         .map_err(classify)?;
     let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
     let out = m
@@ -679,6 +757,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         sampling,
         prune,
         keep_first_logits: false,
+        kv_dtype: a.g.kv_dtype.dtype(),
     };
 
     // ---- generation ----

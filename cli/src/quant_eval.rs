@@ -139,8 +139,16 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
     };
     let backend = crate::open_backend(a.device)?;
     let info = match &source {
-        Source::Dir(d) => Some(crate::info::report(d, crate::info::InfoDevice::Cpu)?),
-        Source::Shape(s) => Some(crate::info::shape_report(*s, crate::info::InfoDevice::Cpu)?),
+        Source::Dir(d) => Some(crate::info::report(
+            d,
+            crate::info::InfoDevice::Cpu,
+            engine_core::DType::F16,
+        )?),
+        Source::Shape(s) => Some(crate::info::shape_report(
+            *s,
+            crate::info::InfoDevice::Cpu,
+            engine_core::DType::F16,
+        )?),
         Source::Pair(..) => None,
     };
     let input = (a.prompt.as_str(), image.as_ref());

@@ -116,10 +116,13 @@ fn run_llava(llava: Llava) -> Result<Vec<CaseRun>> {
                 Some(llava.encode_pixels(image::RgbImage::new(w as u32, h as u32), px)?)
             }
         };
+        // The f32 KV cache: these runs check the written files against transformers'
+        // 1e-3 bound (the f16 cache's own bound lives in tests/tests/reference.rs).
         let opts = GenerateOptions {
             max_new_tokens: c.generated_ids.len(),
             prune: Some(PruneConfig::Dense),
             keep_first_logits: true,
+            kv_dtype: engine_core::DType::F32,
             ..Default::default()
         };
         let g = llava.generate_ids(&prompt, enc.as_ref(), &opts, &mut |_| {})?;

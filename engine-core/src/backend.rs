@@ -390,8 +390,9 @@ pub trait Backend: Send + Sync {
     fn rope(&self, x: &Tensor, positions: &Tensor, p: &RopeParams) -> Result<Tensor>;
     /// Multi-head attention `softmax(q·kᵀ·scale + causal) · v`, probabilities in f32.
     ///
-    /// `q [Sq, num_heads*head_dim]`; `k`, `v [L, num_kv_heads*head_dim]` with `L >= kv_len`
-    /// (a cache); query head `h` uses kv head `h / (num_heads / num_kv_heads)`.
+    /// `q [Sq, num_heads*head_dim]` f32; `k`, `v [L, num_kv_heads*head_dim]` f32 or f16 (a
+    /// cache; scores, softmax and `P·V` accumulate in f32 either way) with `L >= kv_len`;
+    /// query head `h` uses kv head `h / (num_heads / num_kv_heads)`.
     /// Returns `[Sq, num_heads*head_dim]`. The mask is applied as documented on
     /// [`AttentionMask`]; the full score matrix is never required to exist.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor>;
@@ -400,7 +401,8 @@ pub trait Backend: Send + Sync {
     fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor>;
     /// Per-token contributions to one query's attention output (VisiPruner middle/deep).
     ///
-    /// `probs [num_heads, kv_len]` (from [`Backend::attention_last_row`]), `v [L, num_kv_heads*head_dim]`.
+    /// `probs [num_heads, kv_len]` (from [`Backend::attention_last_row`]), `v [L, num_kv_heads*head_dim]`
+    /// f32 or f16.
     /// With `c_j = concat_h(probs[h, j] · v_h[j])` and `o = Σ_{j<kv_len} c_j`, returns
     /// `[end - start, 2]`: for each key `j` in `start..end`, `[‖c_j‖₂, cos(o − c_j, o)]`.
     /// (cos is 1 when `o − c_j` or `o` is zero.)
@@ -424,6 +426,7 @@ pub trait Backend: Send + Sync {
     /// Concatenation along the first dimension; all parts share the trailing dims.
     fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor>;
     /// Writes `src [R, N]` into rows `row..row+R` of `dst [L, N]` in place (KV cache append).
+    /// Same dtypes, or `F32` rows into an `F16` tensor (an f16 KV cache; rounded to nearest).
     fn write_rows(&self, dst: &Tensor, row: usize, src: &Tensor) -> Result<()>;
     /// 2-D convolution with square kernel = stride = `patch`, no padding, no bias:
     /// `pixels [C, H, W] f32`, `w [D, C, patch, patch] f16|f32` → `[(H/patch)*(W/patch), D]`

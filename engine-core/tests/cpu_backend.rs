@@ -262,6 +262,69 @@ fn attention_long_cache_matches_chunked_queries() {
 }
 
 #[test]
+fn f16_kv_cache_rounds_on_write_and_attends_in_f32() {
+    // An f16 cache: f32 rows are rounded to nearest f16 on write (half's conversion is the
+    // reference), and attention over it equals, bit for bit, f32 attention over the rounded
+    // values (the cache stores f16; scores, softmax and P·V stay f32).
+    let be = be();
+    let mut rng = Rng::new(29);
+    let (h, kvh, d, s) = (4, 2, 16, 24);
+    let kw = kvh * d;
+    let (k, v) = (rng.vec(s * kw), rng.vec(s * kw));
+    let kc = be.zeros(Shape::new([s + 3, kw]), DType::F16).unwrap();
+    let vc = be.zeros(Shape::new([s + 3, kw]), DType::F16).unwrap();
+    be.write_rows(&kc, 0, &upload_f32(&be, &k, [s, kw]))
+        .unwrap();
+    be.write_rows(&vc, 0, &upload_f32(&be, &v, [s, kw]))
+        .unwrap();
+    let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&a| f16::from_f32(a).to_f32()).collect() };
+    let (kr, vr) = (round(&k), round(&v));
+    assert_eq!(&be.to_vec_f32(&kc).unwrap()[..s * kw], &kr[..]);
+    let q = upload_f32(&be, &rng.vec(s * h * d), [s, h * d]);
+    let mask = AttentionMask::Layer0Sink {
+        image_start: 3,
+        image_end: 15,
+    };
+    let p = AttentionParams {
+        mask,
+        ..params(h, kvh, d, s)
+    };
+    let (k32, v32) = (upload_f32(&be, &kr, [s, kw]), upload_f32(&be, &vr, [s, kw]));
+    let got = be
+        .to_vec_f32(&be.attention(&q, &kc, &vc, &p).unwrap())
+        .unwrap();
+    let want = be
+        .to_vec_f32(&be.attention(&q, &k32, &v32, &p).unwrap())
+        .unwrap();
+    assert_eq!(got, want, "attention over the f16 cache");
+    let lr = be.attention_last_row(&q, &kc, &p).unwrap();
+    let lr32 = be.attention_last_row(&q, &k32, &p).unwrap();
+    assert_eq!(be.to_vec_f32(&lr).unwrap(), be.to_vec_f32(&lr32).unwrap());
+    let tc = be.token_contributions(&lr, &vc, &p, 3, 15).unwrap();
+    let tc32 = be.token_contributions(&lr32, &v32, &p, 3, 15).unwrap();
+    assert_eq!(be.to_vec_f32(&tc).unwrap(), be.to_vec_f32(&tc32).unwrap());
+    // Against the unrounded f32 cache the output moves by about the f16 rounding
+    // (2^-11 relative on K and V, values here in [-1, 1)).
+    let (kf, vf) = (upload_f32(&be, &k, [s, kw]), upload_f32(&be, &v, [s, kw]));
+    let exact = be
+        .to_vec_f32(&be.attention(&q, &kf, &vf, &p).unwrap())
+        .unwrap();
+    let err = got
+        .iter()
+        .zip(&exact)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!("f16 KV vs f32 KV: max |err| {err:e}");
+    assert!(err < 2e-3, "f16 KV moved the output by {err}");
+    // Only f32 rows narrow into an f16 cache; f16 rows do not widen into an f32 one.
+    let c32 = be.zeros(Shape::new([2, 2]), DType::F32).unwrap();
+    let h16 = be
+        .upload(HostData::F16(&[f16::ONE; 4]), Shape::new([2, 2]))
+        .unwrap();
+    assert_dtype_err(be.write_rows(&c32, 0, &h16), "write_rows", DType::F16);
+}
+
+#[test]
 fn attention_with_no_queries_is_empty() {
     let be = be();
     let q = be.zeros(Shape::new([0, 8]), DType::F32).unwrap();

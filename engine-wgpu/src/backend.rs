@@ -2,6 +2,7 @@
 //! and one method per op recording WGSL dispatches into the current batch.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use engine_core::{
@@ -11,6 +12,7 @@ use engine_core::{
 use half::f16;
 
 use crate::ctx::{lock, Bind, Ctx, PipelineKey};
+use crate::tune::Prefill;
 use engine_core::checks::{
     check_attention, check_broadcast, check_patch_embed, check_rows, check_token_contributions,
     check_vec,
@@ -19,11 +21,21 @@ use engine_core::checks::{
 /// Host copies of small `U32` uploads are kept so ids/indices can be range-checked without a
 /// device round trip.
 const SHADOW_MAX: usize = 1 << 16;
-/// Rows up to which `linear` uses the matrix-vector kernel.
-const GEMV_MAX_ROWS: usize = 8;
-/// Largest K for the `*_sg8` kernels: their K loop runs K / 8 times (times M + 1 in gemv),
-/// which must stay under llvmpipe's 65535-iteration cap per invocation.
+/// Rows up to which `linear` uses the matrix-vector kernels where they reduce each row in the
+/// same order as the gemm kernels (`gemv_sg8`/`gemm_sg8`) or where nothing else is at stake
+/// (quantized `*_q_sg8`): every M up to 16 then gives a row the same bits (a server batching
+/// the decode rows of up to 16 sequences).
+const GEMV_MAX_ROWS: usize = 16;
+/// The same for the portable kernels, whose gemv (lanes split K) and gemm (one chain per
+/// output) reduce in different orders: kept at 8 so that a conversation's follow-up of 9 or
+/// more new rows equals a fresh run there; rows of 1..=8 agree with each other, not with 9+.
+const GEMV_MAX_ROWS_PORTABLE: usize = 8;
+/// Largest K for the `gemm*_sg8` kernels: their K loop runs K / 8 times, which must stay
+/// under llvmpipe's 65535-iteration cap per invocation.
 const SG8_MAX_K: usize = 32_768;
+/// Largest K for the `gemv*_sg8` kernels at M = 16: gemv_sg8 runs (K / 8)·(M + 1) loop
+/// iterations, gemv_q_sg8 about (K / 32)·(5M + 5); both under the cap.
+const GEMV_SG8_MAX_K: usize = 24_576;
 
 /// One buffer of a tensor: elements `elem0..elem0 + elems` of the tensor.
 pub(crate) struct Chunk {
@@ -184,6 +196,47 @@ fn need_float(t: &Tensor, op: &'static str) -> Result<()> {
         DType::F32 | DType::F16 => Ok(()),
         d => Err(Error::DType { op, dtype: d }),
     }
+}
+
+/// Whether the K/V operands of an attention op are an f16 cache (`KV16` kernels) or f32; both
+/// must share the dtype.
+fn kv16(op: &'static str, kv: &[&Tensor]) -> Result<bool> {
+    let first = kv.first().map_or(DType::F32, |t| t.dtype());
+    for t in kv {
+        if t.dtype() != first || !matches!(first, DType::F32 | DType::F16) {
+            return Err(Error::DType {
+                op,
+                dtype: t.dtype(),
+            });
+        }
+    }
+    Ok(first == DType::F16)
+}
+
+/// Default tile sizes of `flash_attn` for head size `d`: (BQ queries, BK keys, TPR lanes per query),
+/// the largest of the preferred sizes whose workgroup memory fits `wg_storage` bytes with K/V
+/// tiles of `kv_bytes` per element; `None` when `d` is not a multiple of 4 or nothing fits.
+pub(crate) fn flash_tiles(
+    d: usize,
+    kv_bytes: usize,
+    wg_storage: usize,
+) -> Option<(usize, usize, usize)> {
+    if d == 0 || !d.is_multiple_of(4) {
+        return None;
+    }
+    // Lanes per query: a power of two up to 8 that divides the vec4 columns.
+    let tpr = [8, 4, 2, 1]
+        .into_iter()
+        .find(|t| (d / 4).is_multiple_of(*t))?;
+    let mem = |bq: usize, bk: usize| bq * d * 4 + 2 * bk * d * kv_bytes + bq * bk * 4 + 16 * bq;
+    for bq in [16, 8, 4] {
+        for bk in [32, 16, 8, 4] {
+            if mem(bq, bk) <= wg_storage && bq * tpr <= 256 {
+                return Some((bq, bk, tpr));
+            }
+        }
+    }
+    None
 }
 
 fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
@@ -470,9 +523,22 @@ impl GpuBackend {
         }
         let w16 = w.dtype() == DType::F16;
         let sw = st(w, OP)?;
-        let gemv = m <= GEMV_MAX_ROWS && k > 0;
+        let quant = matches!(w.dtype(), DType::Quant(_));
         // Software adapters: the subgroup-broadcast kernels (same dispatch grids as below).
-        let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k.is_multiple_of(8) && k <= SG8_MAX_K;
+        // Whether they apply depends on the weights and K only, never on M.
+        let sg8_path = self.ctx.sg8_cpu
+            && k > 0
+            && k <= GEMV_SG8_MAX_K
+            && (quant || (w16 && k.is_multiple_of(8)));
+        let gemv_max = if sg8_path {
+            GEMV_MAX_ROWS
+        } else {
+            GEMV_MAX_ROWS_PORTABLE
+        };
+        let gemv = m <= gemv_max && k > 0;
+        let sg8_max = if gemv { GEMV_SG8_MAX_K } else { SG8_MAX_K };
+        let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k.is_multiple_of(8) && k <= sg8_max;
+        let coop = !gemv && !quant && k > 0 && self.ctx.coop.load(Ordering::Relaxed);
         let key = if let DType::Quant(qt) = w.dtype() {
             // upload_quant guarantees whole blocks per row (so K % 32 == 0 and K > 0).
             if k == 0 || !k.is_multiple_of(qt.block_size()) {
@@ -485,7 +551,7 @@ impl GpuBackend {
                 ));
             }
             // Software adapters: the subgroup-broadcast variants (same grids again).
-            let qsg8 = self.ctx.sg8_cpu && k <= SG8_MAX_K;
+            let qsg8 = self.ctx.sg8_cpu && k <= sg8_max;
             let name = match (gemv, qsg8) {
                 (true, true) => "gemv_q_sg8",
                 (true, false) => "gemv_q",
@@ -498,6 +564,8 @@ impl GpuBackend {
             } else {
                 key
             }
+        } else if coop {
+            PipelineKey::new("gemm_coop", "main")
         } else if sg8 && gemv {
             PipelineKey::new("gemv_sg8", "main").sub("M", m as u32)
         } else if sg8 {
@@ -546,6 +614,18 @@ impl GpuBackend {
             binds.push(Bind(4, &out.buf, out.bytes));
             let g = if gemv {
                 self.grid(OP, rows.div_ceil(32))?
+            } else if coop {
+                // 32×32 blocks of y: weight rows along x, activation rows along y.
+                let gx = u32_of(OP, "groups", rows.div_ceil(32))?;
+                let gy = u32_of(OP, "groups", m.div_ceil(32))?;
+                if gx > self.ctx.max_groups || gy > self.ctx.max_groups {
+                    return Err(Error::TooLarge {
+                        what: format!("linear: [{m}, {k}] x [{rows}, {k}]"),
+                        bytes: (m * rows) as u64,
+                        limit: u64::from(self.ctx.max_groups) * 32,
+                    });
+                }
+                [gx.max(1), gy, 1]
             } else if sg8 {
                 // M tiles along x: consecutive workgroups share one weight tile in cache.
                 let (tm, tn) = shaders::GEMM_SG8_TILE;
@@ -579,6 +659,41 @@ impl GpuBackend {
         Ok(())
     }
 
+    /// The load-time parity check of `gemm_coop`: a gemm with f16 and f32 weights, a bias,
+    /// and M, N, K that are not multiples of the 32×32 block or of 8, on the matrix units
+    /// and on the tiled gemm; `linear` keeps `gemm_coop` only when every output agrees within
+    /// f32 summation-order noise (anything else, a compile error included, leaves it off).
+    pub(crate) fn enable_coop_if_exact(&self) {
+        let (m, k, n) = (40usize, 76usize, 45usize);
+        let val = |i: usize, s: usize| ((i.wrapping_mul(s) % 1009) as f32) / 1009.0 - 0.5;
+        let x: Vec<f32> = (0..m * k).map(|i| val(i, 7919)).collect();
+        let wf: Vec<f32> = (0..n * k).map(|i| val(i, 104_729)).collect();
+        let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        let bias: Vec<f32> = (0..n).map(|i| val(i, 31)).collect();
+        let run = |coop: bool| -> Result<Vec<Vec<f32>>> {
+            self.ctx.coop.store(coop, Ordering::Relaxed);
+            let xt = self.upload(HostData::F32(&x), Shape::from([m, k]))?;
+            let bt = self.upload(HostData::F32(&bias), Shape::from(n))?;
+            let mut out = Vec::new();
+            for w in [
+                self.upload(HostData::F16(&wh), Shape::from([n, k]))?,
+                self.upload(HostData::F32(&wf), Shape::from([n, k]))?,
+            ] {
+                out.push(self.to_vec_f32(&self.linear(&xt, &w, Some(&bt))?)?);
+            }
+            Ok(out)
+        };
+        let exact = match (run(true), run(false)) {
+            (Ok(a), Ok(b)) => a
+                .iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .all(|(g, w)| (g - w).abs() <= 1e-4 * (1.0 + w.abs()) && g.is_finite()),
+            _ => false,
+        };
+        self.ctx.coop.store(exact, Ordering::Relaxed);
+    }
+
     fn inv_freq(&self, p: &RopeParams) -> Result<Tensor> {
         let key = (p.head_dim, p.theta.to_bits(), p.scaling_factor.to_bits());
         if let Some(t) = lock(&self.inv_freq).get(&key) {
@@ -606,12 +721,13 @@ impl GpuBackend {
         ck: &Chunk,
         sq: usize,
         p: &AttentionParams,
+        k16: bool,
         out: &Chunk,
     ) -> Result<()> {
         const OP: &str = "attention_last_row";
         let pipe = self
             .ctx
-            .pipeline(PipelineKey::new("attention_probs", "main"))?;
+            .pipeline(PipelineKey::new("attention_probs", "main").flag(k16, "KV16"))?;
         let mut prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
         prm.extend(mask_words(p));
         let g = self.grid(OP, p.num_heads)?;
@@ -635,11 +751,14 @@ impl GpuBackend {
 
     /// Records `o[h*D + d] = Σ_j probs[h, j] · v[j, kvh*D + d]` (zero probabilities skipped);
     /// returns the uniform (shared with `contrib_main`, which also reads `start..end`).
+    // The two chunks, the op's parameters and their dtype, the key range and the output.
+    #[allow(clippy::too_many_arguments)]
     fn weighted_values(
         &self,
         cp: &Chunk,
         cv: &Chunk,
         p: &AttentionParams,
+        v16: bool,
         start: usize,
         end: usize,
         out: &Chunk,
@@ -658,7 +777,7 @@ impl GpuBackend {
         ]);
         let pipe = self
             .ctx
-            .pipeline(PipelineKey::new("contrib", "contrib_o"))?;
+            .pipeline(PipelineKey::new("contrib", "contrib_o").flag(v16, "KV16"))?;
         let hd = p.num_heads * p.head_dim;
         self.ctx.dispatch(
             &pipe,
@@ -671,6 +790,223 @@ impl GpuBackend {
             self.grid(OP, hd.div_ceil(256))?,
         )?;
         Ok(prm)
+    }
+
+    /// Split-KV flash attention over `sq` queries (prefill and decode alike): the adapter's
+    /// variant (`flash_attn` tiles or the keys-split `flash_attn_k`; one query per workgroup
+    /// for decode) runs every (query, head) over fixed splits of the keys, then
+    /// `flash_combine` reduces the splits. The splits and the variant depend on the adapter
+    /// and head shape only, so a query's result does not depend on how many queries the
+    /// call holds (batch invariance).
+    #[allow(clippy::too_many_arguments)]
+    fn flash(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        sq: usize,
+        kv16: bool,
+        out: Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let d = p.head_dim;
+        let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
+        let c = |v: usize| u32_of(OP, "size", v);
+        let variant = self.prefill_variant(d, kv16);
+        let split = self.kv_split(d, kv16, variant);
+        // Decode (and short calls): one query per workgroup; the per-query arithmetic is the
+        // same for every BQ.
+        let (key, bq) = match variant {
+            Prefill::Tiled(bq, bk, tpr) => {
+                let bq = if sq < bq { 1 } else { bq };
+                (
+                    PipelineKey::new("flash_attn", "main")
+                        .sub("BQ", c(bq)?)
+                        .sub("BK", c(bk)?)
+                        .sub("TPR", c(tpr)?)
+                        .sub("WG", c(bq * tpr)?),
+                    bq,
+                )
+            }
+            Prefill::Keys(bq, wg) => {
+                let bq = if sq < bq { 1 } else { bq };
+                (
+                    PipelineKey::new("flash_attn_k", "main")
+                        .sub("BQ", c(bq)?)
+                        .sub("WG", c(wg)?)
+                        .sub("NC", c((d / 4).div_ceil(wg))?),
+                    bq,
+                )
+            }
+        };
+        let pipe = self
+            .ctx
+            .pipeline(key.flag(kv16, "KV16").sub("HEAD_DIM", c(d)?))?;
+        let kv_end = if p.causal {
+            (p.q_offset + sq).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let nsplit = kv_end.div_ceil(split).max(1);
+        let g = [c(sq.div_ceil(bq))?, c(p.num_heads)?, c(nsplit)?];
+        if g.iter().any(|&x| x > self.ctx.max_groups) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{sq} queries x {} heads x {} keys is too many",
+                    p.num_heads, p.kv_len
+                ),
+            ));
+        }
+        // [Sq, H, nsplit, D+3]: each split's running max, normaliser, sink sum and P·V.
+        let part = self.empty([sq, p.num_heads, nsplit, d + 3], DType::F32, OP)?;
+        let cp = one(&part, OP)?;
+        let mut prm = attention_params(sq, p, 0);
+        prm[20..28].copy_from_slice(&params(&[c(split)?, c(nsplit)?]));
+        prm.extend(params(&[0, c(kv_end)?, 1, 0]));
+        prm.extend(mask_words(p));
+        self.ctx.dispatch(
+            &pipe,
+            &prm,
+            &[
+                Bind(1, &cq.buf, cq.bytes),
+                Bind(2, &ck.buf, ck.bytes),
+                Bind(3, &cv.buf, cv.bytes),
+                Bind(4, &co.buf, co.bytes),
+                Bind(5, &cp.buf, cp.bytes),
+            ],
+            g,
+        )?;
+        let combine = self.ctx.pipeline(
+            PipelineKey::new("flash_combine", "main")
+                .flag(kv16, "KV16")
+                .sub("HEAD_DIM", c(d)?),
+        )?;
+        self.ctx.dispatch(
+            &combine,
+            &prm,
+            &[
+                Bind(3, &cv.buf, cv.bytes),
+                Bind(4, &co.buf, co.bytes),
+                Bind(5, &cp.buf, cp.bytes),
+            ],
+            self.grid(OP, sq * p.num_heads)?,
+        )?;
+        Ok(out)
+    }
+
+    /// Keys one invocation of `variant` may walk in one dispatch on a software adapter
+    /// (llvmpipe stops a loop nest after 65535 iterations: the iterations one invocation
+    /// runs per key tile, counted from the kernel's loops); unbounded elsewhere.
+    pub(crate) fn keys_per_pass(&self, variant: Prefill, d: usize) -> usize {
+        if self.ctx.info.device_type != "cpu" {
+            return usize::MAX;
+        }
+        let d4 = d / 4;
+        match variant {
+            Prefill::Tiled(bq, bk, tpr) => {
+                let wg = bq * tpr;
+                let per_tile = (bk * d4).div_ceil(wg)
+                    + (bq * bk).div_ceil(wg) * (d4 + 1)
+                    + 3 * bk
+                    + bk * (d4 / tpr + 1)
+                    + d4 / tpr;
+                (60_000 / per_tile).max(1) * bk
+            }
+            Prefill::Keys(bq, wg) => {
+                let nc = d4.div_ceil(wg);
+                let per_tile = d4 * (bq + 1) + 3 * bq + 2 * wg + wg * nc * (bq + 1) + bq * nc;
+                (60_000 / per_tile).max(1) * wg
+            }
+        }
+    }
+
+    /// The per-query attention kernel (`attention.wgsl`) over f32 K/V, for head sizes the
+    /// flash kernels do not take; decode too (one query's arithmetic does not depend on how
+    /// many queries the call holds).
+    fn attention_per_query(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        sq: usize,
+        out: Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let (cq, ck, cv) = (one(q, OP)?, one(k, OP)?, one(v, OP)?);
+        let d = p.head_dim;
+        // Keys per tile: the K and V tiles (2·TK·D f32) fit the workgroup memory.
+        let tk = (self.ctx.wg_storage as usize / (8 * d)).min(16);
+        if tk == 0 || d > 1024 {
+            return Err(Error::shape(
+                OP,
+                format!("head_dim {d} is too large for this adapter"),
+            ));
+        }
+        let co = one(&out, OP)?;
+        let pipe = self.ctx.pipeline(
+            PipelineKey::new("attention", "main")
+                .sub("HEAD_DIM", d as u32)
+                .sub("TK", tk as u32),
+        )?;
+        let prm = attention_params(sq, p, 0);
+        let g = [
+            u32_of(OP, "groups", sq.div_ceil(64))?,
+            u32_of(OP, "heads", p.num_heads)?,
+            1,
+        ];
+        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
+            return Err(Error::shape(
+                OP,
+                format!("{sq} queries x {} heads is too many", p.num_heads),
+            ));
+        }
+        // Keys per dispatch: all of them on GPUs; on software adapters few enough that an
+        // invocation's loop nest stays under llvmpipe's 65535-iteration cap (about 2·D + 4
+        // iterations per key), the running softmax state carried between passes.
+        let kv_end = if p.causal {
+            (p.q_offset + sq).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let per_pass = if self.ctx.info.device_type == "cpu" {
+            ((60_000 / (2 * d + 4)) / tk * tk).max(tk)
+        } else {
+            kv_end.max(1)
+        };
+        let passes = kv_end.div_ceil(per_pass).max(1);
+        let state = if passes > 1 {
+            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)? // [Sq, H, D+3]: m, l, S, o
+        } else {
+            self.empty([4], DType::F32, OP)? // bound but never touched
+        };
+        let cs = one(&state, OP)?;
+        for pass in 0..passes {
+            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
+            let mut prm = prm.clone();
+            prm.extend(params(&[
+                u32_of(OP, "key", kb0)?,
+                u32_of(OP, "key", kb1)?,
+                u32::from(pass == 0),
+                u32::from(pass + 1 == passes),
+            ]));
+            prm.extend(mask_words(p));
+            self.ctx.dispatch(
+                &pipe,
+                &prm,
+                &[
+                    Bind(1, &cq.buf, cq.bytes),
+                    Bind(2, &ck.buf, ck.bytes),
+                    Bind(3, &cv.buf, cv.bytes),
+                    Bind(4, &co.buf, co.bytes),
+                    Bind(5, &cs.buf, cs.bytes),
+                ],
+                g,
+            )?;
+        }
+        Ok(out)
     }
 
     /// Host copy of a small uploaded `U32` tensor, if one was kept.
@@ -1055,96 +1391,24 @@ impl Backend for GpuBackend {
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor> {
         const OP: &str = "attention";
         let sq = check_attention(OP, q.dims(), &[k.dims(), v.dims()], p)?;
-        for t in [q, k, v] {
-            need(t, DType::F32, OP)?;
-        }
-        let (cq, ck, cv) = (one(q, OP)?, one(k, OP)?, one(v, OP)?);
+        need(q, DType::F32, OP)?;
+        let kv16 = kv16(OP, &[k, v])?;
         let d = p.head_dim;
         let out = self.empty([sq, p.num_heads * d], DType::F32, OP)?;
         if sq == 0 {
             return Ok(out);
         }
-        if sq == 1 {
-            // Decode: one query per head would leave the tiled kernel one busy invocation per
-            // workgroup. Instead spread the keys over a workgroup per head (the masked
-            // probabilities, exactly attention_last_row), then one invocation per output
-            // (h, d) sums P·V.
-            let probs = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
-            let cp = one(&probs, OP)?;
-            self.last_row_probs(cq, ck, sq, p, cp)?;
-            self.weighted_values(cp, cv, p, 0, 0, one(&out, OP)?)?;
-            return Ok(out);
+        if d.is_multiple_of(4) {
+            return self.flash(q, k, v, p, sq, kv16, out);
         }
-        // Keys per tile: the K and V tiles (2·TK·D f32) fit the workgroup memory.
-        let tk = (self.ctx.wg_storage as usize / (8 * d)).min(16);
-        if tk == 0 || d > 1024 {
-            return Err(Error::shape(
-                OP,
-                format!("head_dim {d} is too large for this adapter"),
-            ));
-        }
-        let co = one(&out, OP)?;
-        let pipe = self.ctx.pipeline(
-            PipelineKey::new("attention", "main")
-                .sub("HEAD_DIM", d as u32)
-                .sub("TK", tk as u32),
-        )?;
-        let prm = attention_params(sq, p, 0);
-        let g = [
-            u32_of(OP, "groups", sq.div_ceil(64))?,
-            u32_of(OP, "heads", p.num_heads)?,
-            1,
-        ];
-        if g[0] > self.ctx.max_groups || g[1] > self.ctx.max_groups {
-            return Err(Error::shape(
-                OP,
-                format!("{sq} queries x {} heads is too many", p.num_heads),
-            ));
-        }
-        // Keys per dispatch: all of them on GPUs; on software adapters few enough that an
-        // invocation's loop nest stays under llvmpipe's 65535-iteration cap (about 2·D + 4
-        // iterations per key), the running softmax state carried between passes.
-        let kv_end = if p.causal {
-            (p.q_offset + sq).min(p.kv_len)
+        // Head sizes that are not a multiple of 4 (no model here has them): the per-query
+        // kernel over an f32 copy of the keys and values.
+        let (k, v) = if kv16 {
+            (self.cast(k, DType::F32)?, self.cast(v, DType::F32)?)
         } else {
-            p.kv_len
+            (k.clone(), v.clone())
         };
-        let per_pass = if self.ctx.info.device_type == "cpu" {
-            ((60_000 / (2 * d + 4)) / tk * tk).max(tk)
-        } else {
-            kv_end.max(1)
-        };
-        let passes = kv_end.div_ceil(per_pass).max(1);
-        let state = if passes > 1 {
-            self.empty([sq, p.num_heads, d + 3], DType::F32, OP)? // [Sq, H, D+3]: m, l, S, o
-        } else {
-            self.empty([4], DType::F32, OP)? // bound but never touched
-        };
-        let cs = one(&state, OP)?;
-        for pass in 0..passes {
-            let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
-            let mut prm = prm.clone();
-            prm.extend(params(&[
-                u32_of(OP, "key", kb0)?,
-                u32_of(OP, "key", kb1)?,
-                u32::from(pass == 0),
-                u32::from(pass + 1 == passes),
-            ]));
-            prm.extend(mask_words(p));
-            self.ctx.dispatch(
-                &pipe,
-                &prm,
-                &[
-                    Bind(1, &cq.buf, cq.bytes),
-                    Bind(2, &ck.buf, ck.bytes),
-                    Bind(3, &cv.buf, cv.bytes),
-                    Bind(4, &co.buf, co.bytes),
-                    Bind(5, &cs.buf, cs.bytes),
-                ],
-                g,
-            )?;
-        }
-        Ok(out)
+        self.attention_per_query(q, &k, &v, p, sq, out)
     }
 
     fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor> {
@@ -1154,10 +1418,10 @@ impl Backend for GpuBackend {
             return Err(Error::shape(OP, "q has no rows"));
         }
         need(q, DType::F32, OP)?;
-        need(k, DType::F32, OP)?;
+        let k16 = kv16(OP, &[k])?;
         let (cq, ck) = (one(q, OP)?, one(k, OP)?);
         let out = self.empty([p.num_heads, p.kv_len], DType::F32, OP)?; // [H, kv_len]
-        self.last_row_probs(cq, ck, sq, p, one(&out, OP)?)?;
+        self.last_row_probs(cq, ck, sq, p, k16, one(&out, OP)?)?;
         Ok(out)
     }
 
@@ -1172,7 +1436,7 @@ impl Backend for GpuBackend {
         const OP: &str = "token_contributions";
         check_token_contributions(OP, probs, v, p, start, end)?;
         need(probs, DType::F32, OP)?;
-        need(v, DType::F32, OP)?;
+        let v16 = kv16(OP, &[v])?;
         let (cp, cv) = (one(probs, OP)?, one(v, OP)?);
         let out = self.empty([end - start, 2], DType::F32, OP)?; // [end-start, 2]
         if end == start {
@@ -1180,10 +1444,10 @@ impl Backend for GpuBackend {
         }
         let o = self.empty([p.num_heads * p.head_dim], DType::F32, OP)?; // [H*D]: the output
         let (co, cout) = (one(&o, OP)?, one(&out, OP)?);
-        let prm = self.weighted_values(cp, cv, p, start, end, co)?;
+        let prm = self.weighted_values(cp, cv, p, v16, start, end, co)?;
         let p2 = self
             .ctx
-            .pipeline(PipelineKey::new("contrib", "contrib_main"))?;
+            .pipeline(PipelineKey::new("contrib", "contrib_main").flag(v16, "KV16"))?;
         self.ctx.dispatch(
             &p2,
             &prm,
@@ -1440,6 +1704,12 @@ impl Backend for GpuBackend {
             ));
         }
         not_quant(dst, OP)?;
+        if src.dtype() == DType::F32 && dst.dtype() == DType::F16 {
+            // An f16 KV cache: the rows are rounded to f16 first (a new tensor, so never the
+            // destination itself).
+            let h = self.cast(src, DType::F16)?;
+            return self.write_rows(dst, row, &h);
+        }
         if src.dtype() != dst.dtype() {
             return Err(Error::DType {
                 op: OP,
@@ -1493,13 +1763,14 @@ impl Backend for GpuBackend {
     }
 
     fn linear_batch_rows(&self) -> usize {
-        // The gemv kernels loop over their M (<= GEMV_MAX_ROWS) rows with the same
-        // per-row reduction; the gemm kernels beyond reduce in another order.
-        GEMV_MAX_ROWS
+        // Every path's gemv covers at least GEMV_MAX_ROWS_PORTABLE rows, each row reduced
+        // the same way whatever M; past its cutoff the portable gemm reduces differently.
+        GEMV_MAX_ROWS_PORTABLE
     }
 
     fn linear_prefill_rows(&self) -> usize {
-        GEMV_MAX_ROWS + 1
+        // Past every path's gemv cutoff: the gemm kernels, whose rows do not depend on M.
+        GEMV_MAX_ROWS.max(GEMV_MAX_ROWS_PORTABLE) + 1
     }
 
     fn argmax(&self, x: &Tensor) -> Result<Tensor> {

@@ -204,6 +204,13 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
             )?;
         }
     }
+    let mut remeasure = || -> Result<()> {
+        t_fma.extend(time(&gpu, 0, 3, &fma_run)?.0);
+        t_copy.extend(time(&gpu, 0, 3, &copy_run)?.0);
+        Ok(())
+    };
+    let attn = attention_rows(&gpu, (warm, reps), &mut remeasure)?;
+    rows.extend(attn);
     let fma_peak = peak_flop / min_median(&t_fma).0 * 1e-9;
     let copy_peak = 2.0 * bytes as f64 / min_median(&t_copy).0 * 1e-9;
     for r in &mut rows {
@@ -230,8 +237,62 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
             "copy_bytes": bytes,
             "copy_min_s": min_median(&t_copy).0,
         },
-        "linear": rows,
+        "linear": rows.iter().filter(|r| r["op"] != "attention").cloned().collect::<Vec<_>>(),
+        "attention": rows.iter().filter(|r| r["op"] == "attention").cloned().collect::<Vec<_>>(),
     }))
+}
+
+/// Attention at the LLaVA-7B head shape (32 heads of 128, f16 KV cache): prefill of 640
+/// causal queries over 640 keys (FLOPs: QKᵀ and P·V over the visible pairs), and decode of one
+/// query over 640 and 4096 cached keys (bytes: the K and V rows read, the floor of a decode
+/// step). Each row is appended with its kernel; ratios to the peaks are added by the caller.
+fn attention_rows(
+    gpu: &GpuBackend,
+    (warm, reps): (usize, usize),
+    remeasure: &mut dyn FnMut() -> Result<()>,
+) -> Result<Vec<serde_json::Value>> {
+    let (h, d) = (32usize, 128usize);
+    let w = h * d;
+    let mut rows = Vec::new();
+    for (sq, keys) in [(640usize, 640usize), (1, 640), (1, 4096)] {
+        let kv: Vec<f16> = values(keys * w, 7 + keys as u64)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let k = gpu.upload(HostData::F16(&kv), Shape::from([keys, w]))?;
+        let v = gpu.upload(HostData::F16(&kv), Shape::from([keys, w]))?;
+        let q = gpu.upload(HostData::F32(&values(sq * w, 3)), Shape::from([sq, w]))?;
+        let p = engine_core::AttentionParams {
+            num_heads: h,
+            num_kv_heads: h,
+            head_dim: d,
+            scale: (d as f32).powf(-0.5),
+            causal: true,
+            q_offset: keys - sq,
+            kv_len: keys,
+            mask: engine_core::AttentionMask::None,
+        };
+        drop(gpu.attention(&q, &k, &v, &p)?); // compiles the pipelines
+        gpu.sync()?;
+        let (t, _) = time(gpu, warm, reps, &|| gpu.attention(&q, &k, &v, &p).map(drop))?;
+        let (min, med) = min_median(&t);
+        // Visible (query, key) pairs under the causal rule.
+        let pairs: usize = (0..sq).map(|i| keys - sq + i + 1).sum();
+        let flop = 4.0 * (pairs * h * d) as f64;
+        let moved = (2 * keys * w * 2 + 2 * sq * w * 4) as f64;
+        let prefill = sq > 1;
+        rows.push(json!({
+            "op": "attention",
+            "phase": if prefill { "prefill" } else { "decode" },
+            "queries": sq, "keys": keys, "heads": h, "head_dim": d, "kv": "f16",
+            "kernel": gpu.attention_variant(d, true, prefill),
+            "min_s": min, "median_s": med,
+            "gflops": flop / min * 1e-9, "gflops_median": flop / med * 1e-9,
+            "gbps": moved / min * 1e-9, "gbps_median": moved / med * 1e-9,
+        }));
+        remeasure()?;
+    }
+    Ok(rows)
 }
 
 /// Times `linear` with weights `w` (`[n, k]`, `w_bytes` bytes on the device) at every row
@@ -250,8 +311,8 @@ fn linear_rows(
     let (n, k) = w.dims2("bench")?;
     for m in ROWS {
         let x = gpu.upload(HostData::F32(&values(m * k, m as u64)), Shape::from([m, k]))?;
-        // Priming: the same pipeline (M <= 8 is part of the gemv pipeline key) on few rows.
-        let pm = if m <= 8 { m } else { m.min(64) };
+        // Priming: the same pipeline (M <= 16 is part of the gemv pipeline key) on few rows.
+        let pm = if m <= 16 { m } else { m.min(64) };
         let xp = gpu.upload(HostData::F32(&values(pm * k, 1)), Shape::from([pm, k]))?;
         drop(gpu.linear(&xp, w, None)?);
         gpu.sync()?;
@@ -259,7 +320,9 @@ fn linear_rows(
         let (min, med) = min_median(&t);
         let flop = 2.0 * (m * n * k) as f64;
         let moved = (w_bytes + m * k * 4 + m * n * 4) as f64;
+        let coop = m > 16 && qt.is_none() && ctx.coop.load(std::sync::atomic::Ordering::Relaxed);
         let kernel = match (qt, m <= 8, ctx.sg8_cpu && k % 8 == 0) {
+            _ if coop => "gemm_coop",
             (Some(_), true, false) => "gemv_q",
             (Some(_), false, false) => "gemm_q",
             (Some(_), true, true) => "gemv_q_sg8",

@@ -107,11 +107,17 @@ pub(crate) struct Ctx {
     /// A software adapter whose subgroups are exactly 8 wide (llvmpipe with AVX2): `linear`
     /// takes the `*_sg8` kernels there.
     pub sg8_cpu: bool,
+    /// `linear` (M above the gemv rows, f16/f32 weights) runs `gemm_coop` on the adapter's
+    /// matrix units: set only where the adapter has cooperative matrices (8×8 f32) and the
+    /// parity check at open passed.
+    pub coop: std::sync::atomic::AtomicBool,
     pub timestamps: bool,
     pub max_buffer: u64,
     pub max_binding: u64,
     pub max_groups: u32,
     pub wg_storage: u32,
+    /// Autotuned kernel variants of this adapter (see `tune`).
+    pub tuning: crate::tune::Tuning,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipe>>>,
     pool: Mutex<(HashMap<u64, Vec<wgpu::Buffer>>, u64)>,
     batch: Mutex<Batch>,
@@ -180,12 +186,14 @@ impl Ctx {
             max_binding: info.max_binding_size,
             max_groups: limits.max_compute_workgroups_per_dimension,
             wg_storage: limits.max_compute_workgroup_storage_size,
+            tuning: crate::tune::Tuning::empty(),
             device,
             queue,
             info,
             f16,
             subgroups,
             sg8_cpu: false,
+            coop: std::sync::atomic::AtomicBool::new(false),
             timestamps,
             pipelines: Mutex::new(HashMap::new()),
             pool: Mutex::new((HashMap::new(), 0)),

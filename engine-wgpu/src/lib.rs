@@ -5,6 +5,7 @@
 //! - [`open`]: builds the GPU backend as an `Arc<dyn Backend>`.
 //! - [`list_adapters`]: every adapter wgpu sees, and which one `auto` picks.
 //! - [`bench::kernel_bench`]: the kernel benchmark (GFLOP/s, GB/s, measured peaks) as JSON.
+//! - [`tune::tune`]: times the kernel variants per shape class and caches the winners.
 //! - [`open_gpu`] / [`GpuBackend`] / [`GpuStorage`]: the concrete types, for tests and benches.
 //!
 //! Design: every kernel is WGSL from the `shaders` crate, compiled once per
@@ -29,13 +30,16 @@
 //!
 //! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
 //! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too),
-//! `VISI_NO_SG8=1` (keep the tiled matmuls on software adapters too, for comparisons).
+//! `VISI_NO_SG8=1` (keep the tiled matmuls on software adapters too, for comparisons),
+//! `VISI_ATTN` (force a prefill attention variant, as [`GpuOptions::prefill_variant`]),
+//! `VISI_CACHE_DIR` (where [`tune`] caches its choices).
 
 // `is_multiple_of` is newer than the workspace MSRV (1.85).
 
 mod backend;
 pub mod bench;
 mod ctx;
+pub mod tune;
 
 use std::sync::Arc;
 
@@ -62,6 +66,10 @@ pub struct GpuOptions {
     pub no_timestamps: bool,
     /// Caps the storage-binding size below the adapter's (tests tensor splitting).
     pub max_binding_override: Option<u64>,
+    /// Forces the prefill attention variant (`tiled:BQ,BK,TPR` or `keys:BQ,WG`, see
+    /// [`tune`]) over the tuned one and the default (tests every variant); one that does not
+    /// parse or fit the adapter is ignored.
+    pub prefill_variant: Option<String>,
 }
 
 /// One adapter as wgpu reports it, with the limits and features the engine uses.
@@ -172,7 +180,18 @@ fn open_adapter(
     let f16 = feats.contains(wgpu::Features::SHADER_F16) && !opts.no_f16;
     let subgroups = feats.contains(wgpu::Features::SUBGROUP) && !opts.no_subgroups;
     let timestamps = feats.contains(wgpu::Features::TIMESTAMP_QUERY) && !opts.no_timestamps;
+    // Cooperative matrices: wgpu exposes 8×8×8 f32 tiles; only where the adapter lists that
+    // configuration (and not with VISI_NO_COOP). gemm_coop is then kept only if the parity
+    // check below passes.
+    let coop = feats.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        && std::env::var_os("VISI_NO_COOP").is_none()
+        && adapter.cooperative_matrix_properties().iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (8, 8, 8)
+                && c.ab_type == wgpu::CooperativeScalarType::F32
+                && c.cr_type == wgpu::CooperativeScalarType::F32
+        });
     let mut features = wgpu::Features::empty();
+    features.set(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX, coop);
     features.set(wgpu::Features::SHADER_F16, f16);
     features.set(wgpu::Features::SUBGROUP, subgroups);
     features.set(wgpu::Features::TIMESTAMP_QUERY, timestamps);
@@ -182,6 +201,14 @@ fn open_adapter(
         label: Some("visi"),
         required_features: features,
         required_limits: limits.clone(),
+        // SAFETY (wgpu's terms for experimental features): only EXPERIMENTAL_COOPERATIVE_MATRIX
+        // is requested, and only where the adapter reports it; its one kernel is checked
+        // against the tiled gemm before use.
+        experimental_features: if coop {
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        },
         ..Default::default()
     }))
     .map_err(|e| Error::NoAdapter(format!("{}: cannot open a device: {e}", ai.name)))?;
@@ -202,6 +229,18 @@ fn open_adapter(
         subgroups,
     };
     let mut ctx = ctx::Ctx::new(device, queue, info, f16, subgroups, timestamps, &limits);
+    // Tuned variants are per adapter, driver (version) and backend.
+    ctx.tuning = tune::Tuning::load(format!(
+        "{} | {} {} | {}",
+        ai.name,
+        ai.driver,
+        ai.driver_info,
+        api_name(ai.backend)
+    ));
+    ctx.tuning.forced = opts
+        .prefill_variant
+        .clone()
+        .or_else(|| std::env::var("VISI_ATTN").ok());
     // The `*_sg8` matmuls broadcast with constant lanes 0..8: only where every subgroup is
     // exactly 8 wide, and only on CPU adapters (on GPUs the tiled kernels are the right shape).
     ctx.sg8_cpu = subgroups
@@ -209,7 +248,11 @@ fn open_adapter(
         && ai.subgroup_min_size == 8
         && ai.subgroup_max_size == 8
         && std::env::var_os("VISI_NO_SG8").is_none();
-    Ok(Arc::new(GpuBackend::new(Arc::new(ctx))))
+    let g = Arc::new(GpuBackend::new(Arc::new(ctx)));
+    if coop {
+        g.enable_coop_if_exact();
+    }
+    Ok(g)
 }
 
 fn instance() -> wgpu::Instance {

@@ -7,8 +7,8 @@
 use std::sync::{Arc, OnceLock};
 
 use engine_core::{
-    AttentionMask, AttentionParams, Backend, CpuBackend, DType, Error, HostData, RopeParams, Shape,
-    Tensor,
+    AttentionMask, AttentionParams, Backend, CpuBackend, DType, Error, HostData, MaskAction,
+    MaskRule, MaskRules, RopeParams, Shape, Tensor, OPEN_END,
 };
 use engine_wgpu::{GpuBackend, GpuOptions};
 
@@ -371,6 +371,20 @@ fn attn_cases() -> Vec<AttnCase> {
     };
     let none = AttentionMask::None;
     let (s, e) = (5, 40);
+    let rule = |queries, keys, action| MaskRule {
+        queries,
+        keys,
+        action,
+    };
+    let rules = AttentionMask::Rules(
+        MaskRules::new(&[
+            rule((20, 30), (8, 18), MaskAction::Zero),
+            rule((30, OPEN_END), (8, 18), MaskAction::Sink { to: 13 }),
+            rule((45, OPEN_END), (2, 6), MaskAction::Zero),
+            rule((10, 50), (12, 16), MaskAction::Sink { to: 13 }),
+        ])
+        .expect("rules"),
+    );
     vec![
         // CLIP: non-causal, 33 queries over 33 keys.
         mk(33, 33, 33, 0, false, 4, 4, 64, none),
@@ -498,6 +512,42 @@ fn attn_cases() -> Vec<AttnCase> {
                 image_end: 581,
             },
         ),
+        // Decode over long caches: flash-decoding splits the keys (64 per split) and combines,
+        // the sink key in the first split and image keys across many.
+        mk(
+            1,
+            720,
+            700,
+            699,
+            true,
+            4,
+            2,
+            128,
+            AttentionMask::Layer0Sink {
+                image_start: 5,
+                image_end: 581,
+            },
+        ),
+        mk(
+            1,
+            4096,
+            4096,
+            4095,
+            true,
+            8,
+            2,
+            128,
+            AttentionMask::TextToImage {
+                image_start: 35,
+                image_end: 611,
+            },
+        ),
+        // Head sizes of the test fixtures (8: two lanes per query) and one that is not a
+        // multiple of 4 (the per-query fallback), prefill and decode.
+        mk(19, 24, 19, 0, true, 4, 2, 8, none),
+        mk(1, 24, 20, 19, true, 4, 2, 8, none),
+        mk(9, 12, 9, 0, true, 2, 1, 6, none),
+        mk(1, 12, 10, 9, true, 2, 1, 6, none),
         // Non-causal with a mask (every query sees every key).
         mk(
             45,
@@ -513,10 +563,18 @@ fn attn_cases() -> Vec<AttnCase> {
                 image_end: 20,
             },
         ),
+        // Explicit rules (masks as data): a sink to a key in the middle of its span, a
+        // zero rule with an open query range, and a rule that only later queries hit; the
+        // first covering rule decides. Prefill and decode (the sink reaches decode).
+        mk(60, 64, 60, 0, true, 4, 2, 64, rules),
+        mk(1, 64, 61, 60, true, 4, 2, 64, rules),
+        mk(70, 80, 70, 0, true, 2, 1, 128, rules),
     ]
 }
 
-fn attention_suite(g: &dyn Backend, seed: u64) {
+/// Every attention case with K and V of `kv` (`F32`, or `F16` as an f16 KV cache holds them:
+/// the same f16 values on both backends, so the tolerance is the f32 one).
+fn attention_suite(g: &dyn Backend, seed: u64, kv: DType) {
     let mut r = Rng::new(seed);
     for (ci, c) in attn_cases().into_iter().enumerate() {
         let p = c.p;
@@ -525,10 +583,23 @@ fn attention_suite(g: &dyn Backend, seed: u64) {
         let k = r.vec(c.l * kw, -2.0, 2.0);
         let v = r.vec(c.l * kw, -1.0, 1.0);
         let (cq, gq) = both(g, HostData::F32(&q), &[c.sq, qw]);
-        let (ck, gk) = both(g, HostData::F32(&k), &[c.l, kw]);
-        let (cv, gv) = both(g, HostData::F32(&v), &[c.l, kw]);
+        let (kh, vh): (Vec<f16>, Vec<f16>) = (
+            k.iter().map(|&x| f16::from_f32(x)).collect(),
+            v.iter().map(|&x| f16::from_f32(x)).collect(),
+        );
+        let ((ck, gk), (cv, gv)) = if kv == DType::F16 {
+            (
+                both(g, HostData::F16(&kh), &[c.l, kw]),
+                both(g, HostData::F16(&vh), &[c.l, kw]),
+            )
+        } else {
+            (
+                both(g, HostData::F32(&k), &[c.l, kw]),
+                both(g, HostData::F32(&v), &[c.l, kw]),
+            )
+        };
         let tag = format!(
-            "case {ci}: sq={} kv_len={} q_offset={} causal={} H={} KvH={} D={} {:?}",
+            "case {ci} (KV {kv}): sq={} kv_len={} q_offset={} causal={} H={} KvH={} D={} {:?}",
             c.sq, p.kv_len, p.q_offset, p.causal, p.num_heads, p.num_kv_heads, p.head_dim, p.mask
         );
         same(&format!("attention {tag}"), g, ATTN, |be, gpu| {
@@ -689,6 +760,21 @@ fn data_suite(g: &dyn Backend, seed: u64) {
             EXACT,
         );
     }
+    // f32 rows into an f16 cache (the f16 KV cache's append): rounded to nearest on both
+    // backends, at odd row offsets (n is odd) too.
+    let c_cache = cpu.zeros(Shape::from([40, n]), DType::F16).expect("zeros");
+    let g_cache = g.zeros(Shape::from([40, n]), DType::F16).expect("zeros");
+    for row in [0, 3, 35] {
+        cpu.write_rows(&c_cache, row, &cy).expect("cpu write");
+        g.write_rows(&g_cache, row, &gy).expect("gpu write");
+    }
+    check(
+        "write_rows f32 into f16",
+        &f32s(g, &g_cache),
+        &f32s(&cpu, &c_cache),
+        n,
+        EXACT,
+    );
     // cast: f32 -> f16 -> f32 (round to nearest; values here are normal f16 numbers).
     let big = r.vec(577 * 9, -100.0, 100.0);
     let (cb, gb) = both(g, HostData::F32(&big), &[577, 9]);
@@ -818,7 +904,8 @@ suite_tests! {
     norms_softmax_argmax => |g| norm_suite(g, 2);
     linear => |g| linear_suite(g, 3);
     rope => |g| rope_suite(g, 4);
-    attention => |g| attention_suite(g, 5);
+    attention => |g| attention_suite(g, 5, DType::F32);
+    attention_f16_kv => |g| attention_suite(g, 7, DType::F16);
     data_movement => |g| data_suite(g, 6);
     errors => |g| errors_suite(g);
     batching => |g| batching_suite(g);
@@ -835,8 +922,45 @@ fn fallbacks_no_f16_no_subgroups() {
     elementwise_suite(&*g, 11);
     norm_suite(&*g, 12);
     linear_suite(&*g, 13);
-    attention_suite(&*g, 15);
+    attention_suite(&*g, 15, DType::F32);
+    attention_suite(&*g, 17, DType::F16);
     data_suite(&*g, 16);
+}
+
+/// A backend forced onto one prefill attention variant.
+fn gpu_variant(
+    v: &str,
+    cell: &'static OnceLock<Option<Arc<GpuBackend>>>,
+) -> Option<Arc<GpuBackend>> {
+    backend(
+        GpuOptions {
+            prefill_variant: Some(v.to_string()),
+            ..Default::default()
+        },
+        cell,
+    )
+}
+
+#[test]
+fn attention_variants() {
+    // Both prefill kernels (whichever the adapter tunes to), with tiles other than the
+    // defaults, on f32 and f16 caches: flash_attn (K/V tiles in workgroup memory, 8 and 4
+    // lanes per query) and flash_attn_k (lanes split the keys, then the columns).
+    static A: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    static B: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    static C: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    for (v, cell) in [
+        ("tiled:16,32,8", &A),
+        ("tiled:8,16,4", &B),
+        ("keys:8,64", &C),
+    ] {
+        let Some(g) = gpu_variant(v, cell) else {
+            return;
+        };
+        println!("variant {v}");
+        attention_suite(&*g, 21, DType::F32);
+        attention_suite(&*g, 23, DType::F16);
+    }
 }
 
 #[test]
@@ -1002,6 +1126,26 @@ fn kernel_bench_quick() {
             "frac_of_copy_peak",
         ] {
             assert!(r.get(key).is_some(), "linear row lacks `{key}`: {r}");
+        }
+    }
+    // Attention at the 7B head shape: prefill 640x640, decode over 640 and 4096 keys.
+    let attn = v["attention"].as_array().expect("attention rows");
+    let got: Vec<(u64, u64)> = attn
+        .iter()
+        .map(|r| {
+            (
+                r["queries"].as_u64().unwrap_or(0),
+                r["keys"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(640, 640), (1, 640), (1, 4096)], "attention rows");
+    for r in attn {
+        for key in ["gflops", "gbps", "frac_of_fma_peak", "frac_of_copy_peak"] {
+            assert!(
+                r[key].as_f64().is_some_and(|x| x > 0.0),
+                "attention row lacks a positive `{key}`: {r}"
+            );
         }
     }
 }

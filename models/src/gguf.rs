@@ -643,7 +643,7 @@ impl GgufTextModel {
             .map(|(t, l, _)| (t, l))
     }
 
-    /// [`Self::generate`], with the wall-clock split into prefill and decode.
+    /// [`Self::generate`], with the wall-clock split into prefill and decode (f16 KV cache).
     pub fn generate_timed(
         &self,
         b: Arc<dyn Backend>,
@@ -651,8 +651,21 @@ impl GgufTextModel {
         max_new: usize,
         params: crate::sampling::SamplingParams,
     ) -> Result<(Vec<u32>, Vec<f32>, GenTimings)> {
+        self.generate_timed_kv(b, ids, max_new, params, DType::F16)
+    }
+
+    /// [`Self::generate_timed`] with a KV cache of `kv_dtype` (`F16` or `F32`).
+    pub fn generate_timed_kv(
+        &self,
+        b: Arc<dyn Backend>,
+        ids: &[u32],
+        max_new: usize,
+        params: crate::sampling::SamplingParams,
+        kv_dtype: DType,
+    ) -> Result<(Vec<u32>, Vec<f32>, GenTimings)> {
         let t0 = Instant::now();
         let mut session = self.session(b.clone());
+        session.set_kv_dtype(kv_dtype);
         let pre = session.prefill(
             PromptInput { ids, image: None },
             &mut Dense,
@@ -672,14 +685,27 @@ impl GgufTextModel {
     }
 
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
-    /// kept); also returns the first step's logits `[V]`.
+    /// kept); also returns the first step's logits `[V]`. The KV cache is f16 (the default).
     pub fn greedy(
         &self,
         b: Arc<dyn Backend>,
         ids: &[u32],
         max_new: usize,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
-        self.generate(b, ids, max_new, crate::sampling::SamplingParams::default())
+        self.greedy_kv(b, ids, max_new, DType::F16)
+    }
+
+    /// [`GgufTextModel::greedy`] with a KV cache of `kv_dtype` (`F16` or `F32`).
+    pub fn greedy_kv(
+        &self,
+        b: Arc<dyn Backend>,
+        ids: &[u32],
+        max_new: usize,
+        kv_dtype: DType,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let greedy = crate::sampling::SamplingParams::default();
+        self.generate_timed_kv(b, ids, max_new, greedy, kv_dtype)
+            .map(|(t, l, _)| (t, l))
     }
 }
 

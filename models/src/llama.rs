@@ -37,9 +37,9 @@ pub struct Llama {
 
 /// One layer's KV cache: `[capacity, kv_heads*head_dim]` keys and values, `len` rows valid.
 pub struct LayerKv {
-    /// Keys `[capacity, kv_heads * head_dim]` f32.
+    /// Keys `[capacity, kv_heads * head_dim]` in the cache's dtype (f16 or f32).
     pub k: Tensor,
-    /// Values `[capacity, kv_heads * head_dim]` f32.
+    /// Values `[capacity, kv_heads * head_dim]` in the cache's dtype.
     pub v: Tensor,
     /// Rows filled.
     pub len: usize,
@@ -48,12 +48,13 @@ pub struct LayerKv {
 }
 
 impl LayerKv {
-    /// Zeroed keys and values for `capacity` rows of width `kv_dim`.
-    pub fn new(b: &dyn Backend, capacity: usize, kv_dim: usize) -> Result<Self> {
+    /// Zeroed keys and values for `capacity` rows of width `kv_dim`, stored as `dtype`
+    /// (`F16` or `F32`).
+    pub fn new(b: &dyn Backend, capacity: usize, kv_dim: usize, dtype: DType) -> Result<Self> {
         let shape = engine_core::Shape::from((capacity, kv_dim));
         Ok(LayerKv {
-            k: b.zeros(shape.clone(), DType::F32)?,
-            v: b.zeros(shape, DType::F32)?,
+            k: b.zeros(shape.clone(), dtype)?,
+            v: b.zeros(shape, dtype)?,
             len: 0,
             capacity,
         })
@@ -67,7 +68,7 @@ impl LayerKv {
         }
         let cap = rows.max(self.capacity.saturating_mul(2));
         let width = self.k.dims()[1];
-        let mut grown = LayerKv::new(b, cap, width)?;
+        let mut grown = LayerKv::new(b, cap, width, self.k.dtype())?;
         if self.len > 0 {
             b.write_rows(&grown.k, 0, &b.slice_rows(&self.k, 0, self.len)?)?;
             b.write_rows(&grown.v, 0, &b.slice_rows(&self.v, 0, self.len)?)?;
@@ -79,22 +80,37 @@ impl LayerKv {
 }
 
 /// Per-layer KV caches; each layer's length is what that layer processed.
-#[derive(Default)]
 pub struct KvCache {
     /// One entry per decoder layer.
     pub layers: Vec<LayerKv>,
+    /// Element type of the layers' K and V: `F16` (the default: half the bytes; the
+    /// backends' attention reads it and keeps scores and softmax in f32) or `F32`.
+    pub dtype: DType,
+}
+
+impl Default for KvCache {
+    fn default() -> Self {
+        KvCache::new(DType::F16)
+    }
 }
 
 impl KvCache {
+    /// An empty cache whose layers will hold K and V as `dtype` (`F16` or `F32`).
+    pub fn new(dtype: DType) -> Self {
+        KvCache {
+            layers: Vec::new(),
+            dtype,
+        }
+    }
     /// Rows held per layer.
     pub fn lens(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.len).collect()
     }
-    /// Bytes of keys and values actually held (valid rows, f32).
+    /// Bytes of keys and values actually held (valid rows, in the cache's dtype).
     pub fn bytes_used(&self, kv_dim: usize) -> u64 {
         self.layers
             .iter()
-            .map(|l| (2 * l.len * kv_dim * 4) as u64)
+            .map(|l| (2 * l.len * kv_dim * self.dtype.size_in_bytes()) as u64)
             .sum()
     }
 }
@@ -357,9 +373,14 @@ impl Llama {
         self.finish_layer(b, layer, h, &attn, Rows::Decode)
     }
 
-    /// An empty KV cache for one layer with room for `capacity` rows.
-    pub(crate) fn new_layer_kv(&self, b: &dyn Backend, capacity: usize) -> Result<LayerKv> {
-        LayerKv::new(b, capacity.max(1), self.kv_dim())
+    /// An empty KV cache for one layer with room for `capacity` rows of `dtype`.
+    pub(crate) fn new_layer_kv(
+        &self,
+        b: &dyn Backend,
+        capacity: usize,
+        dtype: DType,
+    ) -> Result<LayerKv> {
+        LayerKv::new(b, capacity.max(1), self.kv_dim(), dtype)
     }
 
     /// Decoder layers.
@@ -380,9 +401,9 @@ impl Llama {
         b.linear(&x, &self.lm_head, None)
     }
 
-    /// Bytes per cached row across K and V of one layer.
-    pub fn kv_row_bytes(&self) -> usize {
-        2 * self.kv_dim() * 4
+    /// Bytes per cached row across K and V of one layer, for a cache of `dtype`.
+    pub fn kv_row_bytes(&self, dtype: DType) -> usize {
+        2 * self.kv_dim() * dtype.size_in_bytes()
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use engine_core::weights::{open_safetensors, WeightSource, WeightView, Weights};
-use engine_core::{Backend, DeviceInfo, Error, HostData, Result, Tensor};
+use engine_core::{Backend, DType, DeviceInfo, Error, HostData, Result, Tensor};
 use image::{Rgb, RgbImage};
 use pruner::{FlopsReport, FlopsShape, LayerSchedule, PruneConfig, PruneReport};
 
@@ -160,6 +160,8 @@ pub struct GenerateOptions {
     pub prune: Option<PruneConfig>,
     /// Read back the first step's full logits into [`Generation::first_logits`].
     pub keep_first_logits: bool,
+    /// Element type of the KV cache: `F16` (default) or `F32`.
+    pub kv_dtype: DType,
 }
 
 impl Default for GenerateOptions {
@@ -171,6 +173,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             prune: None,
             keep_first_logits: false,
+            kv_dtype: DType::F16,
         }
     }
 }
@@ -228,7 +231,7 @@ pub struct Generation {
     pub recomputed_from_layer: Option<usize>,
     /// Rows actually computed per layer in prefill.
     pub computed_rows: Vec<usize>,
-    /// Bytes of K and V held at the end (f32).
+    /// Bytes of K and V held at the end (in the cache's dtype).
     pub kv_bytes: u64,
     /// Prefill FLOPs as scheduled (vision tower and projector included) and dense.
     pub flops: FlopsReport,
@@ -720,6 +723,7 @@ impl Llava {
             ids,
             image: image_input.as_ref(),
         };
+        session.set_kv_dtype(opts.kv_dtype);
         let pre = session.prefill_observed(
             input,
             pruner.as_mut(),

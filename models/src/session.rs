@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use engine_core::{Backend, Error, HostData, Result, Tensor};
+use engine_core::{Backend, DType, Error, HostData, Result, Tensor};
 use pruner::{Action, Capture, LayerView, PruneReport, Pruner, ShallowMask};
 
 use crate::llama::{Captured, ImageSpan, KvCache, LayerKv, Llama, PrefillStats};
@@ -189,9 +189,22 @@ impl Session {
         &self.backend
     }
 
-    /// Forgets everything (the next prefill starts from nothing).
+    /// The KV cache's element type (`F16` by default).
+    pub fn kv_dtype(&self) -> DType {
+        self.cache.dtype
+    }
+
+    /// Sets the KV cache's element type (`F16` or `F32`); a change forgets everything.
+    pub fn set_kv_dtype(&mut self, dtype: DType) {
+        if dtype != self.cache.dtype {
+            self.clear();
+            self.cache.dtype = dtype;
+        }
+    }
+
+    /// Forgets everything (the next prefill starts from nothing; the KV dtype stays).
     pub fn clear(&mut self) {
-        self.cache = KvCache::default();
+        self.cache = KvCache::new(self.cache.dtype);
         self.layers.clear();
         self.keys.clear();
         self.prune_key = None;
@@ -805,7 +818,9 @@ impl LayerScheduler<'_> {
             let cur = prefix_rows + act.len();
             if !reusing {
                 debug_assert_eq!(cache.layers.len(), l);
-                cache.layers.push(llama.new_layer_kv(b, cur + reserve)?);
+                cache
+                    .layers
+                    .push(llama.new_layer_kv(b, cur + reserve, cache.dtype)?);
             }
             let kv = &mut cache.layers[l];
             kv.reserve(b, cur + reserve)?;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use engine_core::{Backend, CpuBackend};
+use engine_core::{Backend, CpuBackend, DType};
 use models::gguf::GgufTextModel;
 use serde_json::Value;
 
@@ -127,10 +127,17 @@ fn greedy_matches(path: &Path, be: Arc<dyn Backend>) {
         let got_prompt = m.encode(prompt).expect("encode");
         assert_eq!(got_prompt, want_prompt, "case {ci} {prompt:?}: prompt ids");
         let want = ids_of(&c["greedy_ids"]);
-        let (got, first) = m
+        // The default f16 KV cache: the same greedy tokens; its logits move by the f16
+        // rounding of K and V (the largest top-5 move is printed below).
+        let (got16, first16) = m
             .greedy(be.clone(), &got_prompt, want.len())
             .expect("greedy");
-        // First-step logits: transformers' top-5 (rounded to 4 decimals); measured within 1e-4.
+        assert_eq!(got16, want, "case {ci} {prompt:?}: greedy tokens (f16 KV)");
+        let (got, first) = m
+            .greedy_kv(be.clone(), &got_prompt, want.len(), DType::F32)
+            .expect("greedy");
+        // First-step logits (f32 KV): transformers' top-5 (rounded to 4 decimals); measured
+        // within 1e-4.
         let top = ids_of(&c["first_top5_ids"]);
         let vals = c["first_top5_logits"].as_array().expect("logits");
         let mut worst = 0f32;
@@ -142,9 +149,18 @@ fn greedy_matches(path: &Path, be: Arc<dyn Backend>) {
                 "case {ci}: top-{r} token {id}: logit {g} want {w}"
             );
         }
+        let top = ids_of(&c["first_top5_ids"]);
+        let moved = top
+            .iter()
+            .map(|&id| (first16[id as usize] - first[id as usize]).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            moved < 0.05,
+            "case {ci}: f16 KV moved a top-5 logit by {moved}"
+        );
         let _ = writeln!(
             std::io::stderr(),
-            "gguf_smollm2 ({dev}) case {ci}: top-5 first-step logits within {worst:.4} of transformers"
+            "gguf_smollm2 ({dev}) case {ci}: top-5 first-step logits within {worst:.4} of transformers (f32 KV); f16 KV moves them by {moved:.4}"
         );
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let text = m.tokenizer.decode(&got, false).unwrap_or_default();

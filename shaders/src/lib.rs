@@ -41,18 +41,40 @@ macro_rules! kernel {
     };
 }
 
+/// Kernels that need an experimental wgpu feature (`gemm_coop`: cooperative matrices). The
+/// backend builds them only where the adapter has the feature; naga validates them in tests
+/// with that capability. Not in [`KERNELS`]: the translation tests cover the portable kernels.
+pub const EXPERIMENTAL_KERNELS: &[Kernel] = &[kernel!("gemm_coop", &["W16", "BIAS"], &[])];
+
 /// Every kernel family.
 pub const KERNELS: &[Kernel] = &[
     kernel!("elementwise", &["F16"], &[]),
     kernel!("norm", &["F16", "SUBGROUPS"], &[]),
     kernel!("rope", &["F16"], &[]),
     kernel!("gemm", &["F16", "W16", "VEC", "BIAS"], &[]),
-    kernel!("gemv", &["F16", "W16", "VEC", "BIAS"], &[("M", "8")]),
+    kernel!("gemv", &["F16", "W16", "VEC", "BIAS"], &[("M", "16")]),
     kernel!("gemm_sg8", &["BIAS"], &[]),
-    kernel!("gemv_sg8", &["BIAS"], &[("M", "8")]),
+    kernel!("gemv_sg8", &["BIAS"], &[("M", "16")]),
     kernel!("attention", &["F16"], &[("HEAD_DIM", "128"), ("TK", "16")]),
-    kernel!("attention_probs", &["F16", "SUBGROUPS"], &[]),
-    kernel!("contrib", &["F16", "SUBGROUPS"], &[]),
+    kernel!(
+        "flash_attn",
+        &["F16", "KV16"],
+        &[
+            ("HEAD_DIM", "128"),
+            ("BQ", "16"),
+            ("BK", "32"),
+            ("TPR", "8"),
+            ("WG", "128")
+        ]
+    ),
+    kernel!(
+        "flash_attn_k",
+        &["F16", "KV16"],
+        &[("HEAD_DIM", "128"), ("BQ", "16"), ("WG", "32"), ("NC", "1")]
+    ),
+    kernel!("flash_combine", &["F16", "KV16"], &[("HEAD_DIM", "128")]),
+    kernel!("attention_probs", &["F16", "SUBGROUPS", "KV16"], &[]),
+    kernel!("contrib", &["F16", "SUBGROUPS", "KV16"], &[]),
     kernel!("embedding", &["F16", "W16"], &[]),
     kernel!("copy", &["F16"], &[]),
     kernel!("argmax", &["F16"], &[]),
@@ -61,7 +83,7 @@ pub const KERNELS: &[Kernel] = &[
         "gemv_q",
         &["BIAS"],
         &[
-            ("M", "8"),
+            ("M", "16"),
             ("QT", "0"),
             ("QBS", "32"),
             ("QBB", "34"),
@@ -82,7 +104,7 @@ pub const KERNELS: &[Kernel] = &[
         "gemv_q_sg8",
         &["BIAS"],
         &[
-            ("M", "8"),
+            ("M", "16"),
             ("QT", "0"),
             ("QBS", "32"),
             ("QBB", "34"),
@@ -111,7 +133,10 @@ const SNIPPETS: &[(&str, &str)] = &[
 
 /// The kernel family `name`, if it exists.
 pub fn kernel(name: &str) -> Option<&'static Kernel> {
-    KERNELS.iter().find(|k| k.name == name)
+    KERNELS
+        .iter()
+        .chain(EXPERIMENTAL_KERNELS)
+        .find(|k| k.name == name)
 }
 
 /// The snippet `name` (for `#include`), if it exists.

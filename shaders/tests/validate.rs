@@ -65,6 +65,42 @@ fn attention_head_dims_validate() {
 }
 
 #[test]
+fn flash_attention_shapes_validate() {
+    // Head sizes of the models and fixtures with the tiles the backend picks (16 and 32 KiB
+    // of workgroup memory, f16 and f32 tiles), f16 and f32 caches, with and without f16.
+    for (d, bq, bk, tpr) in [
+        (8usize, 16usize, 32usize, 2usize),
+        (16, 16, 32, 4),
+        (64, 16, 32, 8),
+        (80, 16, 32, 4),
+        (128, 16, 32, 8),
+        (128, 8, 8, 8),
+        (128, 1, 32, 8),
+        (256, 4, 4, 8),
+    ] {
+        let subs = [
+            ("HEAD_DIM", d.to_string()),
+            ("BQ", bq.to_string()),
+            ("BK", bk.to_string()),
+            ("TPR", tpr.to_string()),
+            ("WG", (bq * tpr).to_string()),
+            ("NC", (d / 4).div_ceil(32).to_string()),
+        ];
+        for flags in [&[][..], &["KV16"], &["F16"], &["F16", "KV16"]] {
+            for name in ["flash_attn", "flash_attn_k", "flash_combine"] {
+                let src = shaders::build(name, flags, &subs).expect("preprocess");
+                let what = format!("{name} head_dim {d} {flags:?}");
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+                let mut v = Validator::new(ValidationFlags::all(), Capabilities::all());
+                v.validate(&module)
+                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+            }
+        }
+    }
+}
+
+#[test]
 fn quant_formats_validate() {
     // Every quantized kernel for every format (the defaults above only cover Q8_0).
     for name in [
@@ -95,4 +131,36 @@ fn quant_formats_validate() {
             }
         }
     }
+}
+
+#[test]
+fn cooperative_matrix_kernels_validate() {
+    // gemm_coop needs `enable wgpu_cooperative_matrix` (naga's COOPERATIVE_MATRIX capability);
+    // no adapter here has the feature, so validation is what checks it before a GPU runs it.
+    let mut checked = 0;
+    for k in shaders::EXPERIMENTAL_KERNELS {
+        for flags in shaders::all_variants(k) {
+            let src = shaders::build(k.name, &flags, &[]).expect("preprocess");
+            let what = format!("{} {flags:?}", k.name);
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+            let mut v = Validator::new(ValidationFlags::all(), Capabilities::all());
+            let info = v
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+            // Without the capability it must be refused (the gate is real).
+            let caps = Capabilities::all() - Capabilities::COOPERATIVE_MATRIX;
+            assert!(
+                Validator::new(ValidationFlags::all(), caps)
+                    .validate(&module)
+                    .is_err(),
+                "{what}: validates without the cooperative-matrix capability"
+            );
+            // And it translates to SPIR-V (the Vulkan path of VK_KHR_cooperative_matrix).
+            naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+                .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "{checked} variants");
 }

@@ -3,7 +3,8 @@ enable f16;
 #endif
 // attention_probs: softmax probabilities of the last query row for every head, with the causal
 // rule and the VisiPruner mask (zero past the visible keys). One workgroup (256) per head.
-// bindings: 0 uniform P, 1 q [Sq, H*D] f32, 2 k [L, KvH*D] f32, 3 out [H, kv_len] f32
+// bindings: 0 uniform P, 1 q [Sq, H*D] f32, 2 k [L, KvH*D] (f16 packed two per u32 with KV16,
+//           else f32), 3 out [H, kv_len] f32
 #include common
 const WG: u32 = 256u;
 #include reduce
@@ -16,7 +17,17 @@ struct P {
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;
+#if KV16
+@group(0) @binding(2) var<storage, read> kb: array<u32>;
+fn k_at(e: u32) -> f32 {
+    return half_at(kb[e >> 1u], (e & 1u) == 1u);
+}
+#else
 @group(0) @binding(2) var<storage, read> kb: array<f32>;
+fn k_at(e: u32) -> f32 {
+    return kb[e];
+}
+#endif
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 #include mask
@@ -38,7 +49,7 @@ fn main(iv: Inv) {
     for (var j = lid; j < visible; j += WG) {
         var s = 0.0;
         for (var d = 0u; d < p.d; d++) {
-            s += qb[qo + d] * kb[j * p.kw + koff + d];
+            s += qb[qo + d] * k_at(j * p.kw + koff + d);
         }
         s *= p.scale;
         out[ob + j] = s;

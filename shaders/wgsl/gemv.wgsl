@@ -1,7 +1,7 @@
 #if F16
 enable f16;
 #endif
-// gemv: y = x·Wᵀ (+ b) for few rows (M <= 8, substituted as {{M}} so the accumulators stay in
+// gemv: y = x·Wᵀ (+ b) for few rows (M <= 16, substituted as {{M}} so the accumulators stay in
 // registers). A workgroup (256) owns 32 weight rows, 8 invocations per row stream it once for
 // all M activation rows (128-byte runs per row per step), then the 8 partial sums meet in
 // workgroup memory (one barrier; few, large workgroups also suit software rasterisers).

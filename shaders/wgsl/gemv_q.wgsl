@@ -1,4 +1,4 @@
-// gemv_q: y = x·Wᵀ (+ b) for few rows (M <= 8, substituted as {{M}}) with block-quantized W
+// gemv_q: y = x·Wᵀ (+ b) for few rows (M <= 16, substituted as {{M}}) with block-quantized W
 // (see quant.wgsl; dequantised inside the loop, f32 activations and accumulation). Same grid
 // as gemv.wgsl: a workgroup (256) owns 32 weight rows, 8 invocations per row take its
 // 32-weight sub-blocks in turn (so each weight byte is read once for all M rows), and the 8

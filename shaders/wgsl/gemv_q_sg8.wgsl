@@ -1,4 +1,4 @@
-// gemv_q_sg8: y = x·Wᵀ (+ b) for few rows (M <= 8, substituted as {{M}}) with block-quantized
+// gemv_q_sg8: y = x·Wᵀ (+ b) for few rows (M <= 16, substituted as {{M}}) with block-quantized
 // W (see quant.wgsl) on software adapters (llvmpipe) with subgroups of exactly 8: the layout
 // of gemv_sg8.wgsl. Each invocation owns four weight rows (32g + lane + 8j, j < 4) and streams
 // their blocks alone; per 8 weights lane l loads activation k0 + l once and subgroupBroadcast

@@ -1,4 +1,4 @@
-// gemv_sg8: y = x·Wᵀ (+ b) for few rows (M <= 8, substituted as {{M}}) on software adapters
+// gemv_sg8: y = x·Wᵀ (+ b) for few rows (M <= 16, substituted as {{M}}) on software adapters
 // (llvmpipe), f16 weights packed in u32, K % 8 == 0, subgroups of exactly 8 invocations.
 // Why a separate kernel: llvmpipe runs a subgroup as one 8-lane SIMD vector and turns every
 // storage load into 8 scalar loads, so gemv.wgsl (8 lanes per weight row, each loading its
@@ -6,7 +6,8 @@
 // four weight rows and streams them alone (4 loads per 8 halves each); lane l loads activation
 // k0 + l once and subgroupBroadcast (a register shuffle for a constant lane) shares it, so x
 // costs one load per 32 weights per activation row. No workgroup memory, no barriers, no
-// reduction. A workgroup is one subgroup: invocation t owns rows 32g + t + 8j, j < 4.
+// reduction. Each output is one fma chain over K in order, as in gemm_sg8, so rows agree
+// bit for bit between the two kernels (a conversation's reused rows equal a fresh run's). A workgroup is one subgroup: invocation t owns rows 32g + t + 8j, j < 4.
 // Dispatch: ceil(rows / 32) workgroups of 8 (flattened 2-D grid).
 // bindings: 0 uniform P, 1 x [M, K] f32, 2 w [rows, K] f16 packed two per u32, 3 bias [N] f32
 //           (BIAS), 4 y [M, N] f32
@@ -23,14 +24,13 @@ struct P { m: u32, k: u32, rows: u32, n: u32, n_off: u32, p0: u32, p1: u32, p2: 
 #endif
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-// Eight products of b and the halves packed in q, summed as a tree (independent FMAs).
-fn dot8(b: array<f32, 8>, q: vec4<u32>) -> f32 {
+// The halves packed in q: weights 8i..8i+8 of one row, in K order.
+fn halves(q: vec4<u32>) -> array<f32, 8> {
     let w0 = unpack_pair(q.x);
     let w1 = unpack_pair(q.y);
     let w2 = unpack_pair(q.z);
     let w3 = unpack_pair(q.w);
-    return (fma(b[0], w0.x, b[1] * w0.y) + fma(b[2], w1.x, b[3] * w1.y))
-        + (fma(b[4], w2.x, b[5] * w2.y) + fma(b[6], w3.x, b[7] * w3.y));
+    return array<f32, 8>(w0.x, w0.y, w1.x, w1.y, w2.x, w2.y, w3.x, w3.y);
 }
 
 @compute @workgroup_size(8)
@@ -43,10 +43,10 @@ fn main(iv: Inv) {
     let wr = min(r, vec4<u32>(p.rows - 1u)) * kv;
     var acc: array<vec4<f32>, M>; // [activation row][weight row j]
     for (var i = 0u; i < kv; i++) {
-        let q0 = w[wr.x + i];
-        let q1 = w[wr.y + i];
-        let q2 = w[wr.z + i];
-        let q3 = w[wr.w + i];
+        let h0 = halves(w[wr.x + i]);
+        let h1 = halves(w[wr.y + i]);
+        let h2 = halves(w[wr.z + i]);
+        let h3 = halves(w[wr.w + i]);
         for (var m = 0u; m < M; m++) {
             let xl = x[m * p.k + i * 8u + lane];
             let b = array<f32, 8>(
@@ -55,7 +55,18 @@ fn main(iv: Inv) {
                 subgroupBroadcast(xl, 4u), subgroupBroadcast(xl, 5u),
                 subgroupBroadcast(xl, 6u), subgroupBroadcast(xl, 7u),
             );
-            acc[m] += vec4<f32>(dot8(b, q0), dot8(b, q1), dot8(b, q2), dot8(b, q3));
+            // One fma chain per output in K order, exactly gemm_sg8's (unrolled.rs): a row's
+            // result is the same whichever kernel and however many rows (batch invariance).
+            var a = acc[m];
+            a = fma(vec4<f32>(b[0]), vec4<f32>(h0[0], h1[0], h2[0], h3[0]), a);
+            a = fma(vec4<f32>(b[1]), vec4<f32>(h0[1], h1[1], h2[1], h3[1]), a);
+            a = fma(vec4<f32>(b[2]), vec4<f32>(h0[2], h1[2], h2[2], h3[2]), a);
+            a = fma(vec4<f32>(b[3]), vec4<f32>(h0[3], h1[3], h2[3], h3[3]), a);
+            a = fma(vec4<f32>(b[4]), vec4<f32>(h0[4], h1[4], h2[4], h3[4]), a);
+            a = fma(vec4<f32>(b[5]), vec4<f32>(h0[5], h1[5], h2[5], h3[5]), a);
+            a = fma(vec4<f32>(b[6]), vec4<f32>(h0[6], h1[6], h2[6], h3[6]), a);
+            a = fma(vec4<f32>(b[7]), vec4<f32>(h0[7], h1[7], h2[7], h3[7]), a);
+            acc[m] = a;
         }
     }
     for (var j = 0u; j < 4u; j++) {

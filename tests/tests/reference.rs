@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use engine_core::{Backend, CpuBackend};
+use engine_core::{Backend, CpuBackend, DType};
 use models::llava::{GenerateOptions, Llava};
 use models::preprocess::{load_image, PadMode};
 use models::prompt::Template;
@@ -21,8 +21,13 @@ const TOL_PIXELS: f32 = 1e-5;
 /// arithmetic where the adapter has it.
 const TOL_FEATURES_CPU: f32 = 1e-4;
 const TOL_FEATURES_GPU: f32 = 2e-3;
-/// First-step logits (the brief's bound).
+/// First-step logits with the f32 KV cache (the brief's bound).
 const TOL_LOGITS: f32 = 1e-3;
+/// First-step logits with the f16 KV cache (the default): K and V rounded to f16 (relative
+/// error 2^-11) before attention; scores, softmax and P·V stay f32. The greedy tokens must
+/// stay identical; the logits move by the error printed per case (measured on these fixtures,
+/// CPU and lavapipe: 0.005 to 0.039 max abs, on logits of magnitude up to ~12), bounded here.
+const TOL_LOGITS_KV16: f32 = 0.05;
 
 fn check_backend(backend: Arc<dyn Backend>, label: &str, tol_features: f32) -> Result<()> {
     let mut failures = Vec::new();
@@ -116,16 +121,40 @@ fn check_case(
         keep_first_logits: true,
         ..Default::default()
     };
+    let (want, _) = r.array(&c.name, "logits")?;
+    // The f32 KV cache against the f32 bound; the default f16 cache below.
+    let opts32 = GenerateOptions {
+        kv_dtype: DType::F32,
+        ..opts.clone()
+    };
+    let g32 = llava.generate_ids(&prompt, encoded.as_ref(), &opts32, &mut |_| {})?;
+    let got = g32.first_logits.as_deref().unwrap_or(&[]);
+    let e = compare(
+        "first-step logits (f32 KV)",
+        got,
+        &want,
+        want.len(),
+        TOL_LOGITS,
+    )?;
+    notes.push(format!("logits {e:.1e}"));
+    if let Some(d) = first_difference(&g32.tokens, &c.generated_ids) {
+        bail!("greedy tokens (f32 KV): {d}");
+    }
     let mut streamed = String::new();
     let gen = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |t| {
         streamed.push_str(t)
     })?;
-    let (want, _) = r.array(&c.name, "logits")?;
     let got = gen.first_logits.as_deref().unwrap_or(&[]);
-    let e = compare("first-step logits", got, &want, want.len(), TOL_LOGITS)?;
-    notes.push(format!("logits {e:.1e}"));
+    let e = compare(
+        "first-step logits (f16 KV)",
+        got,
+        &want,
+        want.len(),
+        TOL_LOGITS_KV16,
+    )?;
+    notes.push(format!("logits f16 KV {e:.1e}"));
     if let Some(d) = first_difference(&gen.tokens, &c.generated_ids) {
-        bail!("greedy tokens: {d}");
+        bail!("greedy tokens (f16 KV): {d}");
     }
     if gen.text != c.generated_text {
         bail!(

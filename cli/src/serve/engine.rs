@@ -84,6 +84,8 @@ pub struct EngineConfig {
     /// Chunked prefill: a decode step of the running answers after every this many
     /// decoder layers of a prefill (0: prefills run whole).
     pub prefill_chunk: usize,
+    /// Element type of the KV cache.
+    pub kv_dtype: engine_core::DType,
 }
 
 struct Waiting {
@@ -144,6 +146,7 @@ impl<'a> Engine<'a> {
     /// An idle engine over `llava`.
     pub fn new(llava: &'a Llava, cfg: EngineConfig, metrics: Arc<Metrics>) -> Self {
         let t = &llava.config().text;
+        let elem = cfg.kv_dtype.bytes_for(1).unwrap_or(4) as u64;
         Engine {
             llava,
             cfg,
@@ -151,7 +154,7 @@ impl<'a> Engine<'a> {
             waiting: VecDeque::new(),
             active: Vec::new(),
             ratio: HashMap::new(),
-            row_bytes: (2 * t.num_key_value_heads * t.head_dim * 4) as u64,
+            row_bytes: (2 * t.num_key_value_heads * t.head_dim) as u64 * elem,
             layers: t.num_hidden_layers as u64,
             draining: None,
         }
@@ -251,6 +254,7 @@ impl<'a> Engine<'a> {
             sampling: req.sampling,
             prune: req.prune.clone(),
             keep_first_logits: false,
+            kv_dtype: self.cfg.kv_dtype,
         };
         let key = format!("{}|{has_image}", cfg.to_json());
         Ok((prompt, opts, key))

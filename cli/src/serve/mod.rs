@@ -74,6 +74,9 @@ pub struct ServeArgs {
     /// decoder layers of a new request's prefill (0: prefills run whole).
     #[arg(long, default_value_t = 4)]
     prefill_chunk: usize,
+    /// Element type of the KV cache.
+    #[arg(long, value_enum, default_value = "f16")]
+    kv_dtype: crate::KvDtypeArg,
     /// KV cache budget (bytes, or with a unit: 512MiB, 2GiB, 1.5GB); requests wait in the
     /// queue while the active ones would not leave room. Default: no limit.
     #[arg(long)]
@@ -378,6 +381,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
         step_delay: crate::progress::token_delay(),
         panic_on: a.debug_panic_on.clone(),
         prefill_chunk: a.prefill_chunk,
+        kv_dtype: a.kv_dtype.dtype(),
     };
     // The engine's own sender copy lives in AppState; when the HTTP side ends, the last
     // copies go and the loop returns.

@@ -51,15 +51,15 @@ pub(crate) fn linear(
 }
 
 /// Few rows: every weight row is read (and decoded) once and dotted with all `m` rows,
-/// `DOTS_MAX_ROWS` at a time. Quantized rows with at most `DOTS_MAX_ROWS` inputs (decode) are
-/// decoded in registers inside the dot products; otherwise a row is decoded once into a
-/// per-task f32 buffer (L1-resident) and reused by every group of inputs.
+/// `DOTS_MAX_ROWS` at a time. Quantized rows are decoded in registers inside the dot
+/// products (per group of inputs); f16 rows with more than `DOTS_MAX_ROWS` inputs are
+/// converted once into a per-task f32 buffer (L1-resident) and reused by every group.
 fn gemv(x: &[f32], m: usize, k: usize, w: Floats<'_>, n: usize) -> Vec<f32> {
     let mut yt = vec![0f32; n * m]; // [n, m]: one chunk per weight row
     let few = m <= simd::DOTS_MAX_ROWS;
     // Per-32 activation sums for the quantized kernel's offsets, once per call.
     let xs = match w {
-        Floats::Quant(..) if few => simd::chunk_sums(&x[..m * k]),
+        Floats::Quant(..) => simd::chunk_sums(&x[..m * k]),
         _ => Vec::new(),
     };
     yt.par_chunks_mut(m)
@@ -69,10 +69,18 @@ fn gemv(x: &[f32], m: usize, k: usize, w: Floats<'_>, n: usize) -> Vec<f32> {
             let row = match w {
                 Floats::F32(v) => Row::F32(&v[j * k..(j + 1) * k]),
                 Floats::F16(v) if few => Row::F16(&v[j * k..(j + 1) * k]),
-                Floats::Quant(qt, b) if few => {
-                    // Rows are whole blocks (checked at upload).
+                Floats::Quant(qt, b) => {
+                    // Rows are whole blocks (checked at upload). Every group of inputs takes
+                    // the same in-register kernel, so a row's result does not depend on how
+                    // many rows the call has (batch invariance), at the cost of decoding each
+                    // block once per group of DOTS_MAX_ROWS inputs.
                     let rb = k / qt.block_size() * qt.block_bytes();
-                    simd::qdots(x, &xs, k, qt, &b[j * rb..(j + 1) * rb], out);
+                    let wr = &b[j * rb..(j + 1) * rb];
+                    let step = simd::DOTS_MAX_ROWS;
+                    for (g, o) in out.chunks_mut(step).enumerate() {
+                        let r0 = g * step;
+                        simd::qdots(&x[r0 * k..], &xs[r0 * k / 32..], k, qt, wr, o);
+                    }
                     return;
                 }
                 _ => {

@@ -176,6 +176,25 @@ fn take_rows(data: &CpuData, n: usize, idx: impl Iterator<Item = usize> + Clone)
     }
 }
 
+/// The first `rows` rows (`width` wide) of a KV cache as f32: borrowed when the cache is f32,
+/// converted when it is f16 (the cache stores f16; scores, softmax and `P·V` stay f32).
+fn kv_f32<'a>(
+    d: &'a CpuData,
+    rows: usize,
+    width: usize,
+    op: &'static str,
+) -> Result<std::borrow::Cow<'a, [f32]>> {
+    match d {
+        CpuData::F32(v) => Ok(std::borrow::Cow::Borrowed(&v[..rows * width])),
+        CpuData::F16(_) => {
+            let mut out = vec![0f32; rows * width];
+            d.floats(op)?.read_into(0, &mut out);
+            Ok(std::borrow::Cow::Owned(out))
+        }
+        other => Err(dtype_err(op, other.dtype())),
+    }
+}
+
 impl Backend for CpuBackend {
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -399,7 +418,12 @@ impl Backend for CpuBackend {
         const OP: &str = "attention";
         let sq = check_attention(OP, q.dims(), &[k.dims(), v.dims()], p)?;
         let (gq, gk, gv) = (read(q, OP)?, read(k, OP)?, read(v, OP)?);
-        let out = attention::attention(gq.f32s(OP)?, gk.f32s(OP)?, gv.f32s(OP)?, sq, p);
+        let kw = p.num_kv_heads * p.head_dim;
+        let (kf, vf) = (
+            kv_f32(&gk, p.kv_len, kw, OP)?,
+            kv_f32(&gv, p.kv_len, kw, OP)?,
+        );
+        let out = attention::attention(gq.f32s(OP)?, &kf, &vf, sq, p);
         Ok(tensor(CpuData::F32(out), [sq, p.num_heads * p.head_dim]))
     }
 
@@ -410,7 +434,8 @@ impl Backend for CpuBackend {
             return Err(Error::shape(OP, "q has no rows"));
         }
         let (gq, gk) = (read(q, OP)?, read(k, OP)?);
-        let out = attention::last_row(gq.f32s(OP)?, gk.f32s(OP)?, sq, p);
+        let kf = kv_f32(&gk, p.kv_len, p.num_kv_heads * p.head_dim, OP)?;
+        let out = attention::last_row(gq.f32s(OP)?, &kf, sq, p);
         Ok(tensor(CpuData::F32(out), [p.num_heads, p.kv_len]))
     }
 
@@ -425,7 +450,8 @@ impl Backend for CpuBackend {
         const OP: &str = "token_contributions";
         check_token_contributions(OP, probs, v, p, start, end)?;
         let (gp, gv) = (read(probs, OP)?, read(v, OP)?);
-        let out = attention::token_contributions(gp.f32s(OP)?, gv.f32s(OP)?, p, start, end);
+        let vf = kv_f32(&gv, p.kv_len, p.num_kv_heads * p.head_dim, OP)?;
+        let out = attention::token_contributions(gp.f32s(OP)?, &vf, p, start, end);
         Ok(tensor(CpuData::F32(out), [end - start, 2]))
     }
 
@@ -580,7 +606,9 @@ impl Backend for CpuBackend {
                 ),
             ));
         }
-        if src.dtype() != dst.dtype() {
+        // f32 rows may be written into an f16 tensor (an f16 KV cache): rounded to nearest.
+        let narrowing = src.dtype() == DType::F32 && dst.dtype() == DType::F16;
+        if src.dtype() != dst.dtype() && !narrowing {
             return Err(dtype_err(OP, src.dtype()));
         }
         let sd = storage(src, OP)?;
@@ -600,6 +628,10 @@ impl Backend for CpuBackend {
         match (&mut *dg, src_data) {
             (CpuData::F32(d), CpuData::F32(s)) => d[range].copy_from_slice(&s[..r * n]),
             (CpuData::F16(d), CpuData::F16(s)) => d[range].copy_from_slice(&s[..r * n]),
+            (CpuData::F16(d), CpuData::F32(s)) => {
+                use half::slice::HalfFloatSliceExt;
+                d[range].convert_from_f32_slice(&s[..r * n]);
+            }
             (CpuData::U32(d), CpuData::U32(s)) => d[range].copy_from_slice(&s[..r * n]),
             (_, s) => return Err(dtype_err(OP, s.dtype())),
         }
@@ -617,10 +649,11 @@ impl Backend for CpuBackend {
     }
 
     fn linear_batch_rows(&self) -> usize {
-        // The matrix-vector kernel dots each weight row with up to DOTS_MAX_ROWS inputs in
-        // one pass (quantized rows decoded in registers): the same operations per row for
-        // 1..=DOTS_MAX_ROWS rows. Beyond, quantized rows are decoded to f32 first.
-        simd::DOTS_MAX_ROWS
+        // The matrix-vector kernel takes inputs in groups of DOTS_MAX_ROWS with the same
+        // operations per row (quantized rows decoded in registers for every group), so
+        // any M up to its cutoff gives a row the same bits; engine-wgpu/tests/batch.rs
+        // checks 1..=16.
+        16.min(matmul::GEMV_MAX_ROWS)
     }
 
     fn linear_prefill_rows(&self) -> usize {
