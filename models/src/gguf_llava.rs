@@ -283,6 +283,8 @@ pub fn open_pair(text: &Path, mmproj: &Path) -> Result<PairParts> {
         }
     }
     let config = LlavaConfig {
+        arch: crate::config::Arch::Llava,
+        image_grid_pinpoints: Vec::new(),
         text: tc.clone(),
         vision: vc.clone(),
         image_token_index,
