@@ -331,7 +331,7 @@ fn run_once(
     let (logits, stats) = llama.prefill_observed(
         b,
         &embeds,
-        Some(inp.span),
+        std::slice::from_ref(&inp.span),
         pruner,
         &mut cache,
         inp.decode_tokens,

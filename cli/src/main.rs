@@ -19,7 +19,7 @@ mod quant_eval;
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use engine_core::{Backend, CpuBackend};
-use models::llava::{draw_kept_patches, GenerateOptions, Llava};
+use models::llava::{draw_kept_images, GenerateOptions, Llava};
 use models::preprocess::PadMode;
 use models::prompt::Template;
 use models::sampling::SamplingParams;
@@ -85,6 +85,9 @@ enum Cmd {
 enum TemplateArg {
     #[value(name = "vicuna_v1")]
     VicunaV1,
+    /// llava-v1.6-mistral's `[INST] <image>\n... [/INST]`.
+    #[value(name = "mistral_instruct")]
+    MistralInstruct,
     Raw,
 }
 
@@ -107,9 +110,10 @@ struct RunArgs {
     /// (`llava-hf/llava-1.5-7b-hf`) already in the local Hugging Face cache.
     #[arg(long)]
     model: String,
-    /// Image file; without it the prompt is text only.
+    /// Image file; without it the prompt is text only. Repeat it for several images: each
+    /// `<image>` of the prompt takes the next one, in order.
     #[arg(long)]
-    image: Option<PathBuf>,
+    image: Vec<PathBuf>,
     /// The question.
     #[arg(long)]
     prompt: String,
@@ -328,7 +332,7 @@ fn check_output_path(p: &Path) -> anyhow::Result<()> {
 /// Text-only generation from a llama.cpp GGUF file, on either backend (both dequantise
 /// GGUF blocks inside their matmul and embedding kernels).
 fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
-    if a.image.is_some() {
+    if !a.image.is_empty() {
         return Err(bad_input(anyhow!(
             "--image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
         )));
@@ -338,6 +342,7 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
     }
     let template = match a.template {
         TemplateArg::VicunaV1 => Template::VicunaV1,
+        TemplateArg::MistralInstruct => Template::MistralInstruct,
         TemplateArg::Raw => Template::Raw,
     };
     let text = template
@@ -423,22 +428,24 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?
     };
     if let Some(p) = &a.save_kept {
-        if a.image.is_none() {
+        if a.image.is_empty() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
         }
         check_output_path(p).map_err(bad_input)?;
     }
-    let image = match &a.image {
-        Some(p) => Some(models::preprocess::load_image(p).map_err(|e| bad_input(e.into()))?),
-        None => None,
-    };
+    let images = a
+        .image
+        .iter()
+        .map(|p| models::preprocess::load_image(p).map_err(|e| bad_input(e.into())))
+        .collect::<Result<Vec<_>, _>>()?;
     let template = match a.template {
         TemplateArg::VicunaV1 => Template::VicunaV1,
+        TemplateArg::MistralInstruct => Template::MistralInstruct,
         TemplateArg::Raw => Template::Raw,
     };
     // Template errors do not need the model: report them before loading it.
     template
-        .render(&a.prompt, image.is_some())
+        .render_images(&a.prompt, images.len())
         .map_err(|e| bad_input(e.into()))?;
     let image_mode = match a.image_mode {
         ImageModeArg::Crop => PadMode::Crop,
@@ -474,8 +481,13 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         b.finish_and_clear();
     }
     let llava = loaded.map_err(classify)?;
+    let counts = images
+        .iter()
+        .map(|i| llava.image_tokens_for(i.width(), i.height()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad_input(e.into()))?;
     let prompt = llava
-        .prompt(template, &a.prompt, image.is_some())
+        .prompt_images(template, &a.prompt, &counts)
         .map_err(|e| bad_input(e.into()))?;
     let (_, note) = llava
         .resolve_prune(prune.as_ref())
@@ -493,10 +505,10 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     };
 
     // ---- generation ----
-    let encoded = image
-        .as_ref()
+    let encoded = images
+        .iter()
         .map(|img| llava.encode_image(img, image_mode))
-        .transpose()
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| internal(e.into()))?;
     let mut stdout = std::io::stdout().lock();
     let stream = !a.json;
@@ -515,7 +527,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let gen = llava
         .generate_ids_until(
             &prompt,
-            encoded.as_ref(),
+            &encoded,
             &opts,
             &mut on_text,
             &progress::stop_requested,
@@ -523,8 +535,13 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         .map_err(classify)?;
     progress::set_generating(false);
 
-    if let (Some(path), Some(seen)) = (&a.save_kept, &gen.seen_image) {
-        let pic = draw_kept_patches(seen, llava.config(), gen.prune.kept_image_tokens.as_deref());
+    if let Some(path) = &a.save_kept {
+        let pic = draw_kept_images(
+            &images,
+            &encoded,
+            llava.config(),
+            gen.prune.kept_image_tokens.as_deref(),
+        );
         pic.save(path)
             .with_context(|| format!("--save-kept {}", path.display()))
             .map_err(internal)?;
@@ -539,6 +556,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
             "prompt_tokens": gen.prompt_tokens,
             "image_tokens": gen.image_tokens,
             "image_span": gen.image_span.map(|s| [s.start, s.end]),
+            "image_spans": gen.image_spans.iter().map(|s| [s.start, s.end]).collect::<Vec<_>>(),
             "stopped_by_eos": gen.stopped_by_eos,
             "interrupted": gen.interrupted,
             "timings_ms": {

@@ -238,7 +238,7 @@ fn step_rows(
             &m.llama,
             backend.as_ref(),
             embeds,
-            Some(*span),
+            std::slice::from_ref(span),
             prune,
             steps,
             forced,
@@ -254,7 +254,7 @@ fn step_rows(
                 .transpose()
                 .map_err(classify)?;
             llava
-                .step_logits(&ids, encoded.as_ref(), prune, steps, forced)
+                .step_logits(&ids, encoded.as_slice(), prune, steps, forced)
                 .map_err(classify)
         }
     }

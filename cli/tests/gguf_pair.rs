@@ -122,7 +122,7 @@ fn run_llava(llava: Llava) -> Result<Vec<CaseRun>> {
             keep_first_logits: true,
             ..Default::default()
         };
-        let g = llava.generate_ids(&prompt, enc.as_ref(), &opts, &mut |_| {})?;
+        let g = llava.generate_ids(&prompt, enc.as_slice(), &opts, &mut |_| {})?;
         out.push((c.name.clone(), g.tokens, g.first_logits.unwrap_or_default()));
     }
     Ok(out)
@@ -343,7 +343,7 @@ fn quantize_q4_k_pair_of_a_256_wide_model() -> Result<()> {
     };
     let run = |l: &Llava| -> Result<(Vec<u32>, Vec<f32>)> {
         let p = l.prompt(Template::VicunaV1, "What is the capital of France?", false)?;
-        let g = l.generate_ids(&p, None, &opts, &mut |_| {})?;
+        let g = l.generate_ids(&p, &[], &opts, &mut |_| {})?;
         Ok((g.tokens, g.first_logits.unwrap_or_default()))
     };
     let (ta, la) = run(&pair)?;

@@ -52,7 +52,7 @@ fn main() -> Result<()> {
         let (logits, _) = llama.prefill(
             b.as_ref(),
             &embeds,
-            None,
+            &[],
             &mut pruner::Dense,
             &mut cache,
             extra,

@@ -585,7 +585,7 @@ impl GgufTextModel {
         let mut cache = KvCache::default();
         let (logits, _) = self
             .llama
-            .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
+            .prefill(b, &embeds, &[], &mut Dense, &mut cache, max_new)?;
         let first = b.to_vec_f32(&logits)?;
         let mut host = first.clone();
         let mut out = Vec::with_capacity(max_new);
@@ -618,7 +618,7 @@ impl GgufTextModel {
         let mut cache = KvCache::default();
         let (logits, _) = self
             .llama
-            .prefill(b, &embeds, None, &mut Dense, &mut cache, max_new)?;
+            .prefill(b, &embeds, &[], &mut Dense, &mut cache, max_new)?;
         let first = b.to_vec_f32(&logits)?;
         let mut out = Vec::with_capacity(max_new);
         let mut logits = logits;

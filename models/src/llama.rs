@@ -158,22 +158,45 @@ impl Llama {
         span: ImageSpan,
         image: &Tensor,
     ) -> Result<Tensor> {
-        let n = image.dims()[0];
-        if span.end - span.start != n || span.end > ids.len() {
+        self.embed_with_images(b, ids, &[span], &[image])
+    }
+
+    /// Token embeddings of `ids` with `images[i] [N_i, H]` spliced over `spans[i]` (in
+    /// prompt order, not overlapping, each holding exactly its N_i positions): `[S, H]`.
+    pub fn embed_with_images(
+        &self,
+        b: &dyn Backend,
+        ids: &[u32],
+        spans: &[ImageSpan],
+        images: &[&Tensor],
+    ) -> Result<Tensor> {
+        if spans.len() != images.len() {
             return Err(Error::msg(format!(
-                "image span {}..{} does not hold the {n} image embeddings (prompt of {} tokens)",
-                span.start,
-                span.end,
-                ids.len()
+                "{} image spans but {} images",
+                spans.len(),
+                images.len()
             )));
         }
-        let mut parts = Vec::with_capacity(3);
-        if span.start > 0 {
-            parts.push(self.embed(b, &ids[..span.start])?); // [s, H]
+        let mut parts = Vec::with_capacity(2 * spans.len() + 1);
+        let mut at = 0;
+        for (span, image) in spans.iter().zip(images) {
+            let n = image.dims()[0];
+            if span.start < at || span.end - span.start != n || span.end > ids.len() {
+                return Err(Error::msg(format!(
+                    "image span {}..{} does not hold the {n} image embeddings (prompt of {} tokens)",
+                    span.start,
+                    span.end,
+                    ids.len()
+                )));
+            }
+            if span.start > at {
+                parts.push(self.embed(b, &ids[at..span.start])?); // [s, H]
+            }
+            parts.push((*image).clone()); // [N, H]
+            at = span.end;
         }
-        parts.push(image.clone()); // [N, H]
-        if span.end < ids.len() {
-            parts.push(self.embed(b, &ids[span.end..])?); // [S - e, H]
+        if at < ids.len() || parts.is_empty() {
+            parts.push(self.embed(b, &ids[at..])?); // [S - e, H]
         }
         let refs: Vec<&Tensor> = parts.iter().collect();
         b.concat_rows(&refs) // [S, H]
@@ -216,7 +239,7 @@ impl Llama {
         positions: &Tensor,
         kv: &mut LayerKv,
         mask: AttentionMask,
-        capture: Option<(Capture, usize, usize)>,
+        capture: Option<(Capture, &[(usize, usize)])>,
     ) -> Result<(Tensor, Captured)> {
         let s = h.dims()[0];
         let x = layer.input_layernorm.forward(b, h)?;
@@ -235,20 +258,28 @@ impl Llama {
         b.write_rows(&kv.v, kv.len, &v)?;
         let params = self.attn_params(kv.len, kv.len + s, mask);
         let attn = b.attention(&q, &kv.k, &kv.v, &params)?; // [S, heads*hd]
+                                                            // Image rows come in runs (one per image span still holding tokens); statistics are
+                                                            // taken per run and concatenated, in row order, which is the pruner's offset order.
         let captured = match capture {
-            None | Some((Capture::Nothing, _, _)) => Captured::None,
-            Some((Capture::Contributions, start, end)) => {
+            None | Some((Capture::Nothing, _)) => Captured::None,
+            Some((Capture::Contributions, runs)) => {
                 let probs = b.attention_last_row(&q, &kv.k, &params)?; // [heads, kv_len]
-                let stats = b.token_contributions(&probs, &kv.v, &params, start, end)?; // [n, 2]
-                let stats = b.to_vec_f32(&stats)?; // sync: small, per decision layer
-                Captured::Contributions(stats.chunks_exact(2).map(|c| (c[0], c[1])).collect())
+                let mut out = Vec::new();
+                for &(start, end) in runs {
+                    let stats = b.token_contributions(&probs, &kv.v, &params, start, end)?; // [n, 2]
+                    let stats = b.to_vec_f32(&stats)?; // sync: small, per decision layer
+                    out.extend(stats.chunks_exact(2).map(|c| (c[0], c[1])));
+                }
+                Captured::Contributions(out)
             }
-            Some((Capture::LastRowProbs, start, end)) => {
+            Some((Capture::LastRowProbs, runs)) => {
                 let probs = b.attention_last_row(&q, &kv.k, &params)?; // [heads, kv_len]
                 let probs = b.to_vec_f32(&probs)?; // sync: heads × kv_len floats, once
                 let heads = self.cfg.num_attention_heads;
                 let len = params.kv_len;
-                let avg = (start..end)
+                let avg = runs
+                    .iter()
+                    .flat_map(|&(start, end)| start..end)
                     .map(|j| (0..heads).map(|hh| probs[hh * len + j]).sum::<f32>() / heads as f32)
                     .collect();
                 Captured::LastRowImageAttention(avg)
@@ -277,17 +308,19 @@ impl Llama {
 
     /// Runs the prompt `embeds [S, H]` through every layer with `pruner` driving the
     /// schedule; fills `cache` (one entry per layer, `extra` free rows for decode) and
-    /// returns the logits of the last prompt position `[1, V]`.
+    /// returns the logits of the last prompt position `[1, V]`. `images` are the image
+    /// spans in prompt order: the pruner sees every position of every span as one list of
+    /// image tokens (offsets `0..Σ len` in prompt order).
     pub fn prefill(
         &self,
         b: &dyn Backend,
         embeds: &Tensor,
-        image: Option<ImageSpan>,
+        images: &[ImageSpan],
         pruner: &mut dyn Pruner,
         cache: &mut KvCache,
         extra: usize,
     ) -> Result<(Tensor, PrefillStats)> {
-        self.prefill_observed(b, embeds, image, pruner, cache, extra, &mut |_| Ok(()))
+        self.prefill_observed(b, embeds, images, pruner, cache, extra, &mut |_| Ok(()))
     }
 
     /// [`Llama::prefill`] calling `after_layer(l)` once layer `l` (and any gather the
@@ -298,7 +331,7 @@ impl Llama {
         &self,
         b: &dyn Backend,
         embeds: &Tensor,
-        image: Option<ImageSpan>,
+        images: &[ImageSpan],
         pruner: &mut dyn Pruner,
         cache: &mut KvCache,
         extra: usize,
@@ -308,20 +341,43 @@ impl Llama {
         let mut h = embeds.clone();
         let mut positions: Vec<u32> = (0..seq as u32).collect();
         let mut pos_t = b.upload(HostData::U32(&positions), seq.into())?;
-        let (s, e) = image.map(|i| (i.start, i.end)).unwrap_or((seq, seq));
-        // Original offsets (inside the image span) of the image rows still present.
-        let mut img: Vec<usize> = (0..e - s).collect();
+        let mut at = 0;
+        for sp in images {
+            if sp.start < at || sp.end < sp.start || sp.end > seq {
+                return Err(Error::msg(format!(
+                    "image span {}..{} is out of order or outside the prompt of {seq} tokens",
+                    sp.start, sp.end
+                )));
+            }
+            at = sp.end;
+        }
+        let has_image = !images.is_empty();
+        // Original offsets (over all spans, in prompt order) of the image rows still present,
+        // and the rows of the current sequence they sit at (both ascending).
+        let mut img_rows: Vec<usize> = images.iter().flat_map(|sp| sp.start..sp.end).collect();
+        let mut img: Vec<usize> = (0..img_rows.len()).collect();
         let mut stats = PrefillStats::default();
         cache.layers.clear();
         for (l, layer) in self.layers.iter().enumerate() {
             let cur = h.dims()[0];
             let n_img = img.len();
-            let (mask_kind, capture) = if image.is_some() && n_img > 0 {
+            let (mask_kind, capture) = if has_image && n_img > 0 {
                 (pruner.mask(l), pruner.capture(l))
             } else {
                 (ShallowMask::None, Capture::Nothing)
             };
-            let span = (s, s + n_img);
+            let runs = row_runs(&img_rows);
+            let span = match runs[..] {
+                [] => (cur, cur),
+                [one] => one,
+                _ if mask_kind == ShallowMask::None => (cur, cur),
+                _ => {
+                    return Err(Error::msg(format!(
+                        "layer {l}: shallow attention masks over {} separate image spans are not implemented (prune with a method without shallow masks, e.g. FastV, or one image)",
+                        runs.len()
+                    )))
+                }
+            };
             let mask = match mask_kind {
                 ShallowMask::None => AttentionMask::None,
                 ShallowMask::Layer0Sink => AttentionMask::Layer0Sink {
@@ -338,21 +394,14 @@ impl Llama {
                 },
             };
             let mut kv = self.new_layer_kv(b, cur + extra)?;
-            let (nh, captured) = self.layer_forward(
-                b,
-                layer,
-                &h,
-                &pos_t,
-                &mut kv,
-                mask,
-                Some((capture, span.0, span.1)),
-            )?;
+            let (nh, captured) =
+                self.layer_forward(b, layer, &h, &pos_t, &mut kv, mask, Some((capture, &runs)))?;
             cache.layers.push(kv);
             h = nh;
             stats.layer_seq_lens.push(cur);
             stats.layer_image_lens.push(n_img);
             stats.layer_masks.push(mask_kind);
-            if image.is_none() || n_img == 0 {
+            if !has_image || n_img == 0 {
                 after_layer(l)?;
                 continue;
             }
@@ -372,17 +421,33 @@ impl Llama {
                 .after_layer(&view)
                 .map_err(|e| Error::msg(e.to_string()))?;
             if let Action::Keep(keep) = action {
-                // Rows of the current sequence to keep: prefix, kept image rows, suffix.
-                let mut rows: Vec<u32> = (0..s as u32).collect();
+                // Rows of the current sequence to keep: every text row, the kept image rows.
+                let mut keep_row = vec![true; cur];
+                for &r in &img_rows {
+                    keep_row[r] = false;
+                }
                 for off in &keep {
                     let i = img.binary_search(off).map_err(|_| {
                         Error::msg(format!(
                             "pruner kept image token {off}, which layer {l} did not hold"
                         ))
                     })?;
-                    rows.push((s + i) as u32);
+                    keep_row[img_rows[i]] = true;
                 }
-                rows.extend((s + n_img) as u32..cur as u32);
+                let mut is_image = vec![false; cur];
+                for &r in &img_rows {
+                    is_image[r] = true;
+                }
+                let rows: Vec<u32> = (0..cur)
+                    .filter(|&r| keep_row[r])
+                    .map(|r| r as u32)
+                    .collect();
+                img_rows = rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &r)| is_image[r as usize])
+                    .map(|(i, _)| i)
+                    .collect();
                 let idx = b.upload(HostData::U32(&rows), rows.len().into())?;
                 h = b.gather_rows(&h, &idx)?; // [S', H]
                 positions = rows.iter().map(|&r| positions[r as usize]).collect();
@@ -421,6 +486,18 @@ impl Llama {
     pub fn kv_row_bytes(&self) -> usize {
         2 * self.kv_dim() * 4
     }
+}
+
+/// Maximal runs `[start, end)` of consecutive rows in an ascending row list.
+fn row_runs(rows: &[usize]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &r in rows {
+        match runs.last_mut() {
+            Some(last) if last.1 == r => last.1 = r + 1,
+            _ => runs.push((r, r + 1)),
+        }
+    }
+    runs
 }
 
 enum Captured {

@@ -20,7 +20,7 @@ pub fn step_logits(
     llama: &Llama,
     b: &dyn Backend,
     embeds: &Tensor,
-    span: Option<ImageSpan>,
+    spans: &[ImageSpan],
     prune: &PruneConfig,
     steps: usize,
     forced: Option<&[u32]>,
@@ -38,7 +38,7 @@ pub fn step_logits(
     let mut pruner = pruner::build(prune, llama.config().num_hidden_layers)
         .map_err(|e| engine_core::Error::msg(format!("pruning config: {e}")))?;
     let mut cache = KvCache::default();
-    let (logits, _) = llama.prefill(b, embeds, span, pruner.as_mut(), &mut cache, steps)?; // [1, V]
+    let (logits, _) = llama.prefill(b, embeds, spans, pruner.as_mut(), &mut cache, steps)?; // [1, V]
     let mut rows = Vec::with_capacity(steps);
     if steps == 0 {
         return Ok(rows);

@@ -136,7 +136,7 @@ fn run_case(llava: &Llava, c: &Case) -> (Vec<u32>, Vec<f32>) {
         ..Default::default()
     };
     let g = llava
-        .generate_ids(&prompt, enc.as_ref(), &opts, &mut |_| {})
+        .generate_ids(&prompt, enc.as_slice(), &opts, &mut |_| {})
         .expect("generate");
     (g.tokens, g.first_logits.expect("first logits"))
 }

@@ -85,7 +85,7 @@ fn run(m: &Llama, b: &dyn Backend, ids: &[u32], n: usize) -> (Vec<f32>, Vec<u32>
     let embeds = m.embed(b, ids).expect("embed");
     let mut cache = KvCache::default();
     let (logits, _) = m
-        .prefill(b, &embeds, None, &mut Dense, &mut cache, n)
+        .prefill(b, &embeds, &[], &mut Dense, &mut cache, n)
         .expect("prefill");
     let first = b.to_vec_f32(&logits).expect("read");
     let mut toks = Vec::new();

@@ -42,7 +42,7 @@ fn check_run(llava: &Llava, r: &Reference, run: &PruneRun, case: &RefCase) -> Re
         keep_first_logits: true,
         ..Default::default()
     };
-    let g = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |_| {})?;
+    let g = llava.generate_ids(&prompt, encoded.as_slice(), &opts, &mut |_| {})?;
     if g.prune.fusion_layer != run.fusion_layer {
         bail!(
             "fusion layer: got {:?} want {:?}",

@@ -72,7 +72,7 @@ fn check_case(
     if let Some(d) = first_difference(&prompt.ids, &c.input_ids_expanded) {
         bail!("input ids: {d}");
     }
-    let span = prompt.image_span.map(|s| (s.start, s.end));
+    let span = prompt.image_span().map(|s| (s.start, s.end));
     if span != c.image_span {
         bail!("image span: got {span:?} want {:?}", c.image_span);
     }
@@ -145,7 +145,7 @@ fn check_case(
         ..Default::default()
     };
     let mut streamed = String::new();
-    let gen = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |t| {
+    let gen = llava.generate_ids(&prompt, encoded.as_slice(), &opts, &mut |t| {
         streamed.push_str(t)
     })?;
     let (want, _) = r.array(&c.name, "logits")?;
@@ -170,7 +170,7 @@ fn check_case(
     }
     // And the whole path from the image file (our decoder) gives the same greedy tokens.
     if let Some(ff) = &from_file_image {
-        let g2 = llava.generate_ids(&prompt, Some(ff), &opts, &mut |_| {})?;
+        let g2 = llava.generate_ids(&prompt, std::slice::from_ref(ff), &opts, &mut |_| {})?;
         if let Some(d) = first_difference(&g2.tokens, &c.generated_ids) {
             bail!("greedy tokens from the image file: {d}");
         }

@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         let mut pr = pruner::build(&pc, nl)?;
         let mut cache = KvCache::default();
         let (mut logits, stats) =
-            llama.prefill(b.as_ref(), &emb, span, pr.as_mut(), &mut cache, 16)?;
+            llama.prefill(b.as_ref(), &emb, span.as_slice(), pr.as_mut(), &mut cache, 16)?;
         let mut ids = vec![];
         let mut margins = vec![];
         for step in 0..16 {
