@@ -118,10 +118,12 @@ class Lm:
         self.groups = self.heads // self.kv_heads
         self.min_f32 = torch.finfo(torch.float32).min
 
-    def rope(self, x, positions):
-        """transformers' rotary embedding (rope scaling included) at explicit position ids."""
+    def rope(self, x, positions, layer=None):
+        """transformers' rotary embedding (rope scaling included) at explicit position ids
+        (Llama keeps it on the model; transformers 4.46's Mistral on each attention)."""
         pos = torch.tensor([positions], dtype=torch.long)  # [1, S]
-        return self.model.rotary_emb(x, pos)
+        emb = getattr(self.model, "rotary_emb", None) or layer.self_attn.rotary_emb
+        return emb(x, pos)
 
     def qkv(self, layer, x, positions):
         """x [1, S, H] -> q [1, heads, S, d], k/v [1, kv_heads, S, d] (k, q rotated)."""
@@ -130,7 +132,7 @@ class Lm:
         q = a.q_proj(x).view(1, s, self.heads, self.head_dim).transpose(1, 2)
         k = a.k_proj(x).view(1, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = a.v_proj(x).view(1, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope(v, positions)
+        cos, sin = self.rope(v, positions, layer)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
@@ -173,7 +175,7 @@ def apply_shallow_mask(p, kind, s, e):
     return p
 
 
-def contributions(p_last, v_rep, attn_last, s, e):
+def contributions(p_last, v_rep, attn_last, rows):
     """Last prompt token's per-image-token contributions (visipruner.md 'Middle').
 
     p_last [heads, S] probabilities of the last row, v_rep [heads, S, d] (repeated) values,
@@ -181,7 +183,7 @@ def contributions(p_last, v_rep, attn_last, s, e):
     Returns (norm [n], cos [n]) with c_j = concat_h P_h[t,j] V_h[j], o = attn output,
     cos_j = cos(o - c_j, o), all in f32.
     """
-    c = (p_last[:, s:e, None] * v_rep[:, s:e, :]).permute(1, 0, 2).reshape(e - s, -1)  # [n, heads*d]
+    c = (p_last[:, rows, None] * v_rep[:, rows, :]).permute(1, 0, 2).reshape(len(rows), -1)  # [n, heads*d]
     o = attn_last.reshape(1, -1)                                                          # [1, heads*d]
     norm = torch.linalg.vector_norm(c, dim=-1)
     cos = torch.nn.functional.cosine_similarity(o - c, o, dim=-1)
@@ -201,15 +203,20 @@ class Run:
 def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=False):
     """Prefill `embeds [S, H]` with the pruning schedule `cfg`, then greedy-decode `steps` tokens.
 
-    span: (s, e) image rows or None. With trace=True also records per-layer min cos / norms
-    for the threshold search (the schedule itself does not depend on it).
+    span: (s, e) image rows, a list of such spans (several images; prompt order), or None.
+    Every row of every span is an image token; offsets run over all spans in prompt order.
+    Shallow masks over image rows that are not one contiguous run are not defined by the
+    reference semantics and raise (as the engine refuses them). With trace=True also records
+    per-layer min cos / norms for the threshold search (the schedule does not depend on it).
     """
     L = lm.num_layers
     seq = embeds.shape[0]
     h = embeds[None]                                  # [1, S, H]
     positions = list(range(seq))                      # original position ids of the rows present
-    s, e = span if span is not None else (seq, seq)
-    img = list(range(e - s))                          # original offsets of the image rows present
+    spans = [] if span is None else ([tuple(span)] if isinstance(span[0], int) else [tuple(x) for x in span])
+    img_rows = [i for a, b in spans for i in range(a, b)]  # current rows of the image tokens present
+    img = list(range(len(img_rows)))                  # original offsets of the image rows present
+    span = spans or None
     method = cfg["method"]
     r = Run()
     r.fusion_layer, r.kept, r.text_only_from = None, None, None
@@ -219,8 +226,16 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
     for l, layer in enumerate(lm.layers):
         cur, n_img = h.shape[1], len(img)
         r.layer_seq_lens.append(cur)
-        ie = s + n_img                                # current image rows [s, ie)
+        runs = []
+        for i in img_rows:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
         kind = shallow_mask_kind(cfg, l, n_img) if span is not None else "none"
+        if kind != "none" and len(runs) > 1:
+            raise NotImplementedError("shallow masks over several separate image spans")
+        s, ie = runs[0] if runs else (cur, cur)       # the one image run a mask acts on
         x = layer.input_layernorm(h)
         q, k, v = lm.qkv(layer, x, positions)
         caches.append((k, v))
@@ -240,7 +255,7 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
             want_deep = ("deep" in mode and "middle" in mode and r.fusion_layer is not None
                          and l > r.fusion_layer and l + 1 < L and silent < SILENT_LAYERS_TO_EXIT)
             if want_middle or want_deep:
-                norm, cos = contributions(p[0, :, -1], vr[0], attn[0, :, -1], s, ie)
+                norm, cos = contributions(p[0, :, -1], vr[0], attn[0, :, -1], img_rows)
                 if trace:
                     r.trace[l] = {"norm": norm.clone(), "cos": cos.clone()}
             if want_middle:
@@ -264,7 +279,7 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
             elif "deep" in mode and "middle" not in mode and l + 1 == cfg["mid_deep_layer"]:
                 action, r.text_only_from = [], l + 1
         elif span is not None and n_img > 0 and method == "fastv" and l + 1 == cfg["k"]:
-            a = p[0, :, -1, s:ie].mean(0)                                           # [n] mean over heads
+            a = p[0, :, -1, img_rows].mean(0)                                       # [n] mean over heads
             order = sorted(range(n_img), key=lambda i: (-float(a[i]), i))
             n_keep = fastv_keep_count(n_img, cfg["ratio"])
             chosen = sorted(order[:n_keep])
@@ -279,7 +294,14 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
 
         h = lm.finish_layer(layer, h, attn)
         if action is not None:
-            rows = list(range(s)) + [s + img.index(j) for j in action] + list(range(ie, cur))
+            keep_row = [True] * cur
+            for i in img_rows:
+                keep_row[i] = False
+            for j in action:
+                keep_row[img_rows[img.index(j)]] = True
+            rows = [i for i in range(cur) if keep_row[i]]
+            was_image = set(img_rows)
+            img_rows = [k for k, i in enumerate(rows) if i in was_image]
             idx = torch.tensor(rows, dtype=torch.long)
             h = h[:, idx]
             positions = [positions[i] for i in rows]
@@ -398,7 +420,7 @@ def summarize(r, cfg_json, case, name, span):
     dm = decision_margin(r)
     return {
         "case": case, "name": name, "prune": cfg_json,
-        "image_span": list(span) if span else None,
+        "image_span": (list(span) if isinstance(span[0], int) else [list(x) for x in span]) if span else None,
         "fusion_layer": r.fusion_layer,
         "kept_image_tokens": r.kept,
         "text_only_from_layer": r.text_only_from,
@@ -430,7 +452,7 @@ def visi_candidates(lm, emb, span, shallow, layer0, per_cell=6):
     between two neighbouring sorted norms on f.
     """
     L = lm.num_layers
-    n = span[1] - span[0]
+    n = n_image(span)
     mode = (["shallow"] if shallow else []) + ["middle", "deep"]
     out = []
     for smid in range(1, L - 2):
@@ -468,12 +490,20 @@ def visi_candidates(lm, emb, span, shallow, layer0, per_cell=6):
     return out
 
 
+def n_image(span):
+    """Image tokens of one span (s, e) or of a list of spans."""
+    return span[1] - span[0] if isinstance(span[0], int) else sum(e - s for s, e in span)
+
+
 def search_case(lm, emb, span, case):
     """Runs (a) exit, (b) no_exit, (c) split, (d) fastv for one image case."""
     L = lm.num_layers
-    n = span[1] - span[0]
+    n = n_image(span)
+    several = not isinstance(span[0], int)
     pools = {"exit": [], "no_exit": [], "split": []}
     for shallow, layer0 in ((True, "sink"), (True, "none"), (False, "sink"), (True, "split")):
+        if several and shallow:
+            continue  # shallow masks are defined for one contiguous image run only
         for cfg in visi_candidates(lm, emb, span, shallow, layer0):
             r = run(lm, emb, span, parse_config(cfg, L), steps=1)
             if r.fusion_layer is None or not r.kept or len(r.kept) >= n or r.fusion_layer + 1 >= L:
@@ -503,7 +533,7 @@ def search_case(lm, emb, span, case):
             runs.append(summarize(best[2], best[1], case, name, span))
     # Fixed schedules without thresholds (margins: greedy steps only): shallow masks alone,
     # and deep without middle (every image token leaves at mid_deep_layer).
-    for name, cfg in (("shallow_only", {"mode": ["shallow"], "shallow_mid_layer": L // 2}),
+    for name, cfg in () if several else (("shallow_only", {"mode": ["shallow"], "shallow_mid_layer": L // 2}),
                       ("deep_fixed", {"mode": ["shallow", "deep"], "shallow_mid_layer": 2,
                                       "mid_deep_layer": L // 2 + 1})):
         r = run(lm, emb, span, parse_config(cfg, L))
@@ -526,15 +556,71 @@ def search_case(lm, emb, span, case):
     return runs
 
 
+NEXT_MODELS = ("tiny-next-mistral", "tiny-next-llama")
+
+
+@torch.no_grad()
+def next_main():
+    """LLaVA-NeXT fixtures (tools/make_next_fixtures.py): every image-token position of every
+    span (base tile, unpadded tile rows, newline rows) is an image token. Writes
+    reference-next/<model>/pruning.json for the one-image cases (all schedules) and the
+    two-image case (methods without shallow masks: middle/deep VisiPruner and FastV)."""
+    import make_next_fixtures as mn
+    for name in NEXT_MODELS:
+        model_dir = os.path.join(mf.FIX, name)
+        ref_dir = os.path.join(mf.FIX, "reference-next", name)
+        with open(os.path.join(ref_dir, "expected.json")) as f:
+            exp = json.load(f)
+        arrays = load_file(os.path.join(ref_dir, "arrays.safetensors"))
+        model = mn.load_reference_model(model_dir)
+        lm = Lm(model)
+        runs, worst = [], 0.0
+        print(f"{name}: dense sanity")
+        for case, c in exp["cases"].items():
+            ids = torch.tensor([c["input_ids_expanded"]])
+            emb = model.get_input_embeddings()(ids)[0].clone()
+            sizes = torch.tensor(c["image_sizes_hw"])
+            per_image = model.get_image_features(arrays[f"{case}.pixel_values"], sizes, mn.FEATURE_LAYER, "default")
+            feats, _ = model.pack_image_features(per_image, sizes, "default", image_newline=model.image_newline)
+            assert torch.equal(feats, arrays[f"{case}.image_features"]), "packed features differ"
+            spans = [tuple(x) for x in c["image_spans"]]
+            emb[torch.tensor(c["input_ids_expanded"]) == mf.IMAGE_TOKEN_INDEX] = feats
+            r = run(lm, emb, spans, {"method": "dense"}, steps=len(c["generated_ids"]), all_rows=True)
+            diff = float((r.first_logits - arrays[f"{case}.logits"]).abs().max())
+            worst = max(worst, diff)
+            if r.generated != c["generated_ids"] or diff > 1e-4:
+                raise SystemExit(f"dense sanity: {name} {case}: {r.generated} vs {c['generated_ids']}, {diff}")
+            print(f"  dense {case}: ids match, max |logit diff| {diff:.3g}")
+            span = spans[0] if len(spans) == 1 else spans
+            runs += search_case(lm, emb, span, case)
+        for rr in runs:
+            print(f"  {rr['case']:10s} {rr['name']:12s} fusion {rr['fusion_layer']} "
+                  f"kept {None if rr['kept_image_tokens'] is None else len(rr['kept_image_tokens'])} "
+                  f"exit {rr['text_only_from_layer']} lens {rr['layer_seq_lens']} prune {json.dumps(rr['prune'])}")
+        out = {"generator": "tools/visipruner_ref.py --next",
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+               "model": name, "num_layers": lm.num_layers, "silent_cos": SILENT_COS,
+               "silent_layers_to_exit": SILENT_LAYERS_TO_EXIT, "min_decision_margin": MIN_DECISION_MARGIN,
+               "min_silent_margin": MIN_SILENT_MARGIN, "min_step_margin": MIN_STEP_MARGIN,
+               "dense_sanity_max_abs_logit_diff": worst, "runs": runs}
+        with open(os.path.join(ref_dir, "pruning.json"), "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=MODELS)
+    ap.add_argument("--next", action="store_true",
+                    help="the LLaVA-NeXT fixtures instead (reference-next/<model>/pruning.json)")
     ap.add_argument("--embeds-out", metavar="DIR",
                     help="also write DIR/emb-<model>.safetensors (the decoder input per case, f32 [S, H]) "
                          "for tools/xcheck_pruning")
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.next:
+        return next_main()
     for name in MODELS:
         if args.only and name != args.only:
             continue

@@ -48,9 +48,10 @@ pub struct BenchArgs {
     /// Decode steps timed after the first token.
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
-    /// Prompt length: 35 prefix tokens, the image tokens, then a suffix up to this.
-    #[arg(long, default_value_t = DEFAULT_PROMPT_LEN)]
-    prompt_len: usize,
+    /// Prompt length: 35 prefix tokens, the image tokens, then a suffix up to this
+    /// (default 640, or the image tokens plus 64 when they need more: LLaVA-NeXT shapes).
+    #[arg(long)]
+    prompt_len: Option<usize>,
     /// VisiPruner decisions: `fusion=F,keep=K[,exit=E]` forced onto its code path, or
     /// `real` for the paper policy's own decisions. Default: 12/10/18 scaled to the depth.
     #[arg(long)]
@@ -233,7 +234,14 @@ impl Model {
                     height: s,
                     width: s,
                 };
-                Ok(l.encode_pixels(RgbImage::new(1, 1), pv)?.embeds)
+                // LLaVA-NeXT: every tile of the benchmark layout takes the same pixels.
+                match models::synthetic::bench_next_layout(l.config())? {
+                    Some(layout) => {
+                        let tiles = vec![pv; 1 + layout.tiles.0 * layout.tiles.1];
+                        Ok(l.encode_tiles(RgbImage::new(1, 1), layout, tiles)?.embeds)
+                    }
+                    None => Ok(l.encode_pixels(RgbImage::new(1, 1), pv)?.embeds),
+                }
             }
             Model::Synth(m) => {
                 let px = b.upload(HostData::F32(pixels), vec![3, s, s].into())?; // [3, S, S]
@@ -376,10 +384,25 @@ fn stat(v: &[f64]) -> Value {
     json!({ "min": min, "median": med, "all": v })
 }
 
+/// Image tokens of the benchmark image: LLaVA-1.5's fixed count, or for LLaVA-NeXT a square
+/// image on the largest square pinpoint (llava-v1.6: 2x2 tiles, 2,880 patches + 48 newlines).
+pub(crate) fn bench_image_tokens(cfg: &LlavaConfig) -> usize {
+    match models::synthetic::bench_next_layout(cfg) {
+        Ok(Some(l)) => l.num_tokens(),
+        _ => cfg.image_tokens(),
+    }
+}
+
+/// `--prompt-len`, or 640 (the image tokens plus 64 when they need more).
+fn prompt_len(a: &BenchArgs, cfg: &LlavaConfig) -> usize {
+    a.prompt_len
+        .unwrap_or(DEFAULT_PROMPT_LEN.max(PREFIX_TOKENS + bench_image_tokens(cfg) + 64))
+}
+
 /// Seeded vicuna-shaped ids: BOS, prefix, image placeholders, suffix.
 pub(crate) fn synthetic_ids(cfg: &LlavaConfig, len: usize, seed: u64) -> Vec<u32> {
     let vocab = cfg.text.vocab_size.min(32000) as u64;
-    let n_img = cfg.image_tokens();
+    let n_img = bench_image_tokens(cfg);
     let mut s = seed ^ 0x1d5;
     (0..len)
         .map(|i| {
@@ -505,17 +528,18 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     let model = load(main_quant)?;
     let cfg = model.cfg().clone();
     let layers = cfg.text.num_hidden_layers;
-    let n_img = cfg.image_tokens();
-    if a.prompt_len < PREFIX_TOKENS + n_img + 1 {
+    let n_img = bench_image_tokens(&cfg);
+    let prompt_len = prompt_len(&a, &cfg);
+    if prompt_len < PREFIX_TOKENS + n_img + 1 {
         return Err(bad_input(anyhow!(
             "--prompt-len {} is too short: {PREFIX_TOKENS} prefix + {n_img} image tokens + at least 1",
-            a.prompt_len
+            prompt_len
         )));
     }
-    if a.prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
+    if prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
         return Err(bad_input(anyhow!(
             "--prompt-len {} + --decode-tokens {} exceed the model's context of {}",
-            a.prompt_len,
+            prompt_len,
             a.decode_tokens,
             cfg.text.max_position_embeddings
         )));
@@ -567,7 +591,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     .collect();
 
     // ---- runs: warm-up, interleaved reps, one profiled run each ----
-    let ids = synthetic_ids(&cfg, a.prompt_len, a.seed);
+    let ids = synthetic_ids(&cfg, prompt_len, a.seed);
     let pixels = synthetic_pixels(cfg.vision.image_size, a.seed);
     let inp = Input {
         ids: &ids,
@@ -637,7 +661,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
             }
             (p, d, model_load_ms(&m))
         };
-        formats.push(format_report(q, &prefill, &decode, load_ms, &a));
+        formats.push(format_report(q, &prefill, &decode, load_ms, &a, &cfg));
     }
 
     // ---- report ----
@@ -679,6 +703,7 @@ fn format_report(
     decode: &[f64],
     load_ms: f64,
     a: &BenchArgs,
+    cfg: &LlavaConfig,
 ) -> Value {
     let per_s = |n: usize, ms: f64| if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 };
     let (p_min, p_med) = min_median(prefill);
@@ -689,7 +714,7 @@ fn format_report(
         "prefill_ms": stat(prefill),
         "decode_ms": stat(decode),
         "prefill_tokens_per_s": {
-            "best": per_s(a.prompt_len, p_min), "median": per_s(a.prompt_len, p_med),
+            "best": per_s(prompt_len(a, cfg), p_min), "median": per_s(prompt_len(a, cfg), p_med),
         },
         "decode_tokens_per_s": {
             "best": per_s(a.decode_tokens, d_min), "median": per_s(a.decode_tokens, d_med),
@@ -706,7 +731,11 @@ fn build_report(
     kernels: Option<Value>,
     dev: engine_core::DeviceInfo,
 ) -> Result<Value, Failure> {
-    let shape = cfg.flops_shape();
+    let mut shape = cfg.flops_shape();
+    // LLaVA-NeXT: the tower runs on the base tile and every grid tile.
+    if let Ok(Some(l)) = models::synthetic::bench_next_layout(&cfg) {
+        shape.vision.passes = 1 + l.tiles.0 * l.tiles.1;
+    }
     let span_start = PREFIX_TOKENS;
     let mut out = serde_json::Map::new();
     let dense_prefill = min_median(&methods[0].prefill_ms);
@@ -811,8 +840,9 @@ fn build_report(
             "device_type": dev.device_type, "shader_f16": dev.shader_f16,
         },
         "prompt": {
-            "len": a.prompt_len, "prefix": PREFIX_TOKENS, "image_tokens": cfg.image_tokens(),
-            "suffix": a.prompt_len - PREFIX_TOKENS - cfg.image_tokens(),
+            "len": prompt_len(a, cfg), "prefix": PREFIX_TOKENS,
+            "image_tokens": bench_image_tokens(cfg),
+            "suffix": prompt_len(a, cfg) - PREFIX_TOKENS - bench_image_tokens(cfg),
         },
         "reps": a.reps, "warmup": a.warmup, "decode_tokens": a.decode_tokens, "seed": a.seed,
         "schedule": match schedule {

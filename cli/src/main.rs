@@ -490,7 +490,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         .prompt_images(template, &a.prompt, &counts)
         .map_err(|e| bad_input(e.into()))?;
     let (_, note) = llava
-        .resolve_prune(prune.as_ref())
+        .resolve_prune_for(prune.as_ref(), &prompt.image_spans)
         .map_err(|e| bad_input(e.into()))?;
     if let Some(n) = &note {
         eprintln!("note: {n}");

@@ -199,7 +199,7 @@ fn load(
                 .map_err(classify)?;
             let b = backend.as_ref();
             let cfg = &m.cfg;
-            let n_img = cfg.image_tokens();
+            let n_img = crate::bench::bench_image_tokens(cfg);
             let len = DEFAULT_PROMPT_LEN
                 .max(PREFIX_TOKENS + n_img + 1)
                 .min(cfg.text.max_position_embeddings - steps);

@@ -321,6 +321,7 @@ impl LlavaConfig {
                 hidden: v.hidden_size,
                 intermediate: v.intermediate_size,
                 tokens: v.num_patches() + 1,
+                passes: 1,
             },
             projector: pruner::ProjectorShape {
                 in_dim: v.hidden_size,

@@ -537,12 +537,7 @@ impl Llava {
                 projected[0].dims()[0]
             )));
         }
-        projected.push(newline.clone()); // [1, H]
-        let refs: Vec<&Tensor> = projected.iter().collect();
-        let stacked = b.concat_rows(&refs)?; // [tiles·g² + 1, H]
-        let rows = layout.feature_rows((tiles.len() * per_tile) as u32);
-        let idx = b.upload(HostData::U32(&rows), rows.len().into())?;
-        let embeds = b.gather_rows(&stacked, &idx)?; // [N, H]
+        let embeds = pack_next_features(b, &projected, newline, &layout)?; // [N, H]
         let frefs: Vec<&Tensor> = features.iter().collect();
         let features = b.concat_rows(&frefs)?; // [tiles·g², Dv]
         b.sync()?;
@@ -555,6 +550,31 @@ impl Llava {
             embeds,
             ms: t0.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    /// [`Llava::resolve_prune`] for a prompt with `spans`: with several images separated by
+    /// text, the default's shallow masks are not defined (see the pruner crate docs), so
+    /// the default runs VisiPruner's middle and deep stages only and says so.
+    pub fn resolve_prune_for(
+        &self,
+        req: Option<&PruneConfig>,
+        spans: &[ImageSpan],
+    ) -> Result<(PruneConfig, Option<String>)> {
+        let (cfg, note) = self.resolve_prune(req)?;
+        let separate = spans.windows(2).any(|w| w[0].end != w[1].start);
+        match cfg {
+            PruneConfig::VisiPruner(mut v) if req.is_none() && separate && v.mode.shallow => {
+                v.mode.shallow = false;
+                Ok((
+                    PruneConfig::VisiPruner(v),
+                    Some(format!(
+                        "the paper's shallow masks are not defined over {} separate images; running VisiPruner's middle and deep stages",
+                        spans.len()
+                    )),
+                ))
+            }
+            other => Ok((other, note)),
+        }
     }
 
     /// Resolves the pruning request against this model: the config to run and, when the
@@ -668,11 +688,11 @@ impl Llava {
         let b = self.backend.as_ref();
         let tc = &self.cfg.text;
         let mut sampler = Sampler::new(opts.sampling)?;
-        let (prune_config, prune_note) = self.resolve_prune(opts.prune.as_ref())?;
-        let mut pruner = pruner::build(&prune_config, tc.num_hidden_layers)
-            .map_err(|e| Error::msg(format!("pruning config: {e}")))?;
         let ids = &prompt.ids;
         let spans = Self::spans_for(prompt, images)?;
+        let (prune_config, prune_note) = self.resolve_prune_for(opts.prune.as_ref(), &spans)?;
+        let mut pruner = pruner::build(&prune_config, tc.num_hidden_layers)
+            .map_err(|e| Error::msg(format!("pruning config: {e}")))?;
         let ctx = tc.max_position_embeddings;
         if ids.is_empty() || ids.len() >= ctx {
             return Err(Error::msg(format!(
@@ -738,6 +758,7 @@ impl Llava {
             &stats.layer_image_lens,
             &stats.layer_masks,
             spans.first().copied(),
+            images.iter().map(|i| i.tiles.len().max(1)).sum(),
         )?;
         let kv_dim = tc.num_key_value_heads * tc.head_dim;
         Ok(Generation {
@@ -851,6 +872,7 @@ impl Llava {
         img: &[usize],
         masks: &[pruner::ShallowMask],
         span: Option<ImageSpan>,
+        passes: usize,
     ) -> Result<FlopsReport> {
         let schedule: Vec<LayerSchedule> = seq
             .iter()
@@ -865,7 +887,9 @@ impl Llava {
                 }
             })
             .collect();
-        pruner::prefill_flops(&self.flops_shape(), &schedule)
+        let mut shape = self.flops_shape();
+        shape.vision.passes = passes.max(1);
+        pruner::prefill_flops(&shape, &schedule)
             .map_err(|e| Error::msg(format!("FLOPs count: {e}")))
     }
 }
@@ -1006,4 +1030,21 @@ fn draw_next_tiles(orig: &RgbImage, layout: &NextLayout, keep_cell: &[bool]) -> 
         }
     }
     out
+}
+
+/// `pack_image_features` for one LLaVA-NeXT image: `projected` holds each tile's projector
+/// output `[g², H]` (base tile first), `newline` is `image_newline` `[1, H]`; returns the
+/// image's embeddings `[N, H]` in [`NextLayout::tokens`] order.
+pub fn pack_next_features(
+    b: &dyn Backend,
+    projected: &[Tensor],
+    newline: &Tensor,
+    layout: &NextLayout,
+) -> Result<Tensor> {
+    let mut refs: Vec<&Tensor> = projected.iter().collect();
+    refs.push(newline);
+    let stacked = b.concat_rows(&refs)?; // [tiles·g² + 1, H]
+    let rows = layout.feature_rows((projected.len() * layout.grid * layout.grid) as u32);
+    let idx = b.upload(HostData::U32(&rows), rows.len().into())?;
+    b.gather_rows(&stacked, &idx) // [N, H]
 }

@@ -41,6 +41,9 @@ pub struct VisionShape {
     pub intermediate: usize,
     /// Tokens per image including CLS (577 for ViT-L/14 at 336 px).
     pub tokens: usize,
+    /// Vision-tower passes per prompt: 1 per LLaVA-1.5 image, 1 + tiles per LLaVA-NeXT
+    /// image (its base tile and every grid tile go through the tower).
+    pub passes: usize,
 }
 
 /// Two-layer MLP projector shape (LLaVA-1.5 `mlp2x_gelu`).
@@ -251,7 +254,7 @@ fn vision_flops(shape: &FlopsShape, image_tokens: usize) -> Result<u64, FlopsErr
         mul(&[2, n, u(p.in_dim), u(p.hidden)])?,
         mul(&[2, n, u(p.hidden), u(p.out_dim)])?,
     ])?;
-    add(&[mul(&[u(v.layers), layer])?, projector])
+    add(&[mul(&[u(v.layers), u(v.passes), layer])?, projector])
 }
 
 fn check_schedule(schedule: &[LayerSchedule]) -> Result<(), FlopsError> {
@@ -334,6 +337,7 @@ mod tests {
                 hidden: 2,
                 intermediate: 3,
                 tokens: 3,
+                passes: 1,
             },
             projector: ProjectorShape {
                 in_dim: 2,
@@ -359,6 +363,7 @@ mod tests {
                 hidden: 1024,
                 intermediate: 4096,
                 tokens: 577,
+                passes: 1,
             },
             projector: ProjectorShape {
                 in_dim: 1024,

@@ -6,6 +6,29 @@
 //! capture ([`Pruner::capture`]), runs the layer, and hands back a [`LayerView`]; the
 //! pruner answers with an [`Action`]. This keeps every decision unit-testable on the CPU
 //! with synthetic data. The exact semantics follow `docs/visipruner.md`.
+//!
+//! # Several image spans (LLaVA-NeXT, several images per prompt)
+//!
+//! A prompt may hold several image spans (one per `<image>`, in prompt order), and a
+//! LLaVA-NeXT span holds more than patch tokens: the base tile's patches, the unpadded tile
+//! rows and one `image_newline` per row. The definition the engine implements, and
+//! `tools/visipruner_ref.py` reproduces:
+//!
+//! - **Image tokens** are every position of every span, newline rows and base tile
+//!   included. Their offsets ([`LayerView::image_tokens`], `kept_image_tokens` in reports)
+//!   run over all spans together in prompt order: offset `k` is the `k`-th image position
+//!   of the prompt. Text between spans is text.
+//! - **Middle and deep** statistics (contributions `c_j`, `cos_j`, norms) and **FastV**'s
+//!   last-row attention run over all image tokens still present, of every span; a pruning
+//!   decision keeps or drops tokens of any span, and the kept ones keep their original
+//!   position ids. Text rows are never dropped.
+//! - **Shallow masks** act on image keys and text queries. When the image tokens present
+//!   form one contiguous run of rows (one image, or images with no text between them) they
+//!   are `docs/visipruner.md`'s one-span masks over that run (text queries: the rows after
+//!   it). Over several separate runs (text between images) the reference semantics do not
+//!   define them: the scheduler refuses such a layer with an error naming the number of
+//!   runs instead of guessing. Use a method without shallow masks there (FastV, or
+//!   VisiPruner's `middle`/`deep` modes), or one image.
 
 mod config;
 mod fastv;

@@ -291,6 +291,139 @@ fn next_checkpoints_load_in_both_namings_and_refuse_unknown_architectures() -> R
     Ok(())
 }
 
+/// Every run of `reference-next/<model>/pruning.json` (`tools/visipruner_ref.py --next`):
+/// fusion layer, kept image tokens (offsets over all spans), text-only exit, per-layer
+/// sequence lengths, first-step top-5 logits and greedy tokens.
+fn check_pruning(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for (model, template) in [
+        ("tiny-next-mistral", Template::MistralInstruct),
+        ("tiny-next-llama", Template::VicunaV1),
+    ] {
+        let r = Ref::load(model)?;
+        let runs = visi_tests::load_prune_runs(
+            &fixtures()
+                .join("reference-next")
+                .join(model)
+                .join("pruning.json"),
+        )?;
+        ensure!(!runs.is_empty(), "{model}: no pruning runs");
+        let llava = Llava::load(&fixtures().join(model), backend.clone())?;
+        for run in &runs {
+            n += 1;
+            let tag = format!("[{label}] {model} {} {}", run.case, run.name);
+            match check_prune_run(&llava, &r, run, template) {
+                Ok(m) => println!("{tag}: ok ({m})"),
+                Err(e) => {
+                    println!("{tag}: FAIL {e:#}");
+                    failures.push(format!("{tag}: {e:#}"));
+                }
+            }
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {n} run(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+fn check_prune_run(
+    llava: &Llava,
+    r: &Ref,
+    run: &visi_tests::PruneRun,
+    template: Template,
+) -> Result<String> {
+    let c = &r.v["cases"][&run.case];
+    let images: Vec<RgbImage> = c["images"]
+        .as_array()
+        .ok_or_else(|| anyhow!("images missing"))?
+        .iter()
+        .map(|p| load_image(&fixtures().join(p.as_str().unwrap_or(""))))
+        .collect::<Result<_, _>>()?;
+    let question = if images.len() == 2 {
+        "What differs between these images?"
+    } else {
+        "What is shown in this image?"
+    };
+    let counts = images
+        .iter()
+        .map(|i| llava.image_tokens_for(i.width(), i.height()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids = llava.prompt_images(template, question, &counts)?;
+    let encoded = images
+        .iter()
+        .map(|i| llava.encode_image(i, PadMode::Crop))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cfg = PruneConfig::from_value(&run.prune).map_err(|e| anyhow!("prune config: {e}"))?;
+    let opts = GenerateOptions {
+        max_new_tokens: run.generated_ids.len(),
+        prune: Some(cfg),
+        keep_first_logits: true,
+        ..Default::default()
+    };
+    let g = llava.generate_ids(&ids, &encoded, &opts, &mut |_| {})?;
+    ensure!(
+        g.prune.fusion_layer == run.fusion_layer,
+        "fusion layer: got {:?} want {:?}",
+        g.prune.fusion_layer,
+        run.fusion_layer
+    );
+    ensure!(
+        g.prune.kept_image_tokens == run.kept_image_tokens,
+        "kept image tokens: got {:?} want {:?}",
+        g.prune.kept_image_tokens,
+        run.kept_image_tokens
+    );
+    ensure!(
+        g.prune.text_only_from_layer == run.text_only_from_layer,
+        "text-only from layer: got {:?} want {:?}",
+        g.prune.text_only_from_layer,
+        run.text_only_from_layer
+    );
+    ensure!(
+        g.layer_seq_lens == run.layer_seq_lens,
+        "layer seq lens: got {:?} want {:?}",
+        g.layer_seq_lens,
+        run.layer_seq_lens
+    );
+    let logits = g.first_logits.as_deref().unwrap_or(&[]);
+    for &(id, want) in &run.first_logits_top5 {
+        let got = *logits.get(id as usize).context("logits too short")?;
+        ensure!(
+            (got - want).abs() <= TOL_LOGITS,
+            "first-step token {id}: got {got} want {want}"
+        );
+    }
+    if let Some(d) = first_difference(&g.tokens, &run.generated_ids) {
+        bail!("greedy tokens: {d}");
+    }
+    Ok(format!(
+        "spans {}, fusion {:?}, kept {}, exit {:?}",
+        g.image_spans.len(),
+        g.prune.fusion_layer,
+        g.prune.kept_image_tokens.as_ref().map_or(0, Vec::len),
+        g.prune.text_only_from_layer
+    ))
+}
+
+#[test]
+fn next_pruning_matches_the_reference_on_cpu() -> Result<()> {
+    check_pruning(Arc::new(CpuBackend::new()), "cpu")
+}
+
+#[test]
+fn next_pruning_matches_the_reference_on_gpu() -> Result<()> {
+    let Some(b) = visi_tests::gpu_backend_or_skip("next_pruning_matches_the_reference_on_gpu")?
+    else {
+        return Ok(());
+    };
+    check_pruning(b, "gpu")
+}
+
 fn tempdir(tag: &str) -> Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("visi-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
