@@ -49,7 +49,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
     /// Prompt length: 35 prefix tokens, the image tokens, then a suffix up to this
-    /// (default 640, or the image tokens plus 64 when they need more: LLaVA-NeXT shapes).
+    /// (default 640, or prefix + image tokens + 64 when those need more: LLaVA-NeXT shapes).
     #[arg(long)]
     prompt_len: Option<usize>,
     /// VisiPruner decisions: `fusion=F,keep=K[,exit=E]` forced onto its code path, or
@@ -393,10 +393,14 @@ pub(crate) fn bench_image_tokens(cfg: &LlavaConfig) -> usize {
     }
 }
 
-/// `--prompt-len`, or 640 (the image tokens plus 64 when they need more).
+/// `--prompt-len`, or 640 when the image fits in it, else prefix + image tokens + 64.
 fn prompt_len(a: &BenchArgs, cfg: &LlavaConfig) -> usize {
-    a.prompt_len
-        .unwrap_or(DEFAULT_PROMPT_LEN.max(PREFIX_TOKENS + bench_image_tokens(cfg) + 64))
+    let n = PREFIX_TOKENS + bench_image_tokens(cfg);
+    a.prompt_len.unwrap_or(if n < DEFAULT_PROMPT_LEN {
+        DEFAULT_PROMPT_LEN
+    } else {
+        n + 64
+    })
 }
 
 /// Seeded vicuna-shaped ids: BOS, prefix, image placeholders, suffix.

@@ -195,6 +195,16 @@ pub fn mmproj_vision_config(f: &GgufFile) -> Result<VisionConfig> {
             "clip.has_llava_projector is not true: not a LLaVA mmproj file",
         ));
     }
+    // llama.cpp's LLaVA-1.6 mmproj carries the any-resolution grid and the newline vector;
+    // read as LLaVA-1.5 it would answer from the wrong tokens, so it is refused by name.
+    if f.get("clip.vision.image_grid_pinpoints").is_some()
+        || f.tensor_info("model.image_newline").is_some()
+    {
+        return Err(Error::file(
+            f.path(),
+            "a LLaVA-1.6 (LLaVA-NeXT) mmproj (image_grid_pinpoints / model.image_newline): GGUF pairs are supported for LLaVA-1.5 only; load the llava-hf LLaVA-NeXT checkpoint directory instead",
+        ));
+    }
     match f.get("clip.projector_type").and_then(GgufValue::as_str) {
         None | Some("mlp") => {}
         Some(other) => {
