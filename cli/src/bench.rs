@@ -737,7 +737,7 @@ fn build_report(
 ) -> Result<Value, Failure> {
     let mut shape = cfg.flops_shape();
     // LLaVA-NeXT: the tower runs on the base tile and every grid tile.
-    if let Ok(Some(l)) = models::synthetic::bench_next_layout(&cfg) {
+    if let Ok(Some(l)) = models::synthetic::bench_next_layout(cfg) {
         shape.vision.passes = 1 + l.tiles.0 * l.tiles.1;
     }
     let span_start = PREFIX_TOKENS;
