@@ -116,7 +116,7 @@ pub fn shape_report(
     report_from(
         format!("synthetic {} (f16)", shape.name()),
         &cfg,
-        "LlavaForConditionalGeneration".to_string(),
+        cfg.arch.class_name().to_string(),
         stored,
         on_disk,
         device,
@@ -165,7 +165,8 @@ fn report_from(
     let ctx = tc.max_position_embeddings as u64;
     // K and V, f32, every layer, the whole context.
     // One image, a 64-token question and 256 answer tokens, dense (pruning only shrinks it).
-    let typical_rows = (cfg.image_tokens() + 64 + 256).min(ctx as usize) as u64;
+    // LLaVA-NeXT: the largest square image's tokens (2,928 on llava-v1.6).
+    let typical_rows = (crate::bench::bench_image_tokens(cfg) + 64 + 256).min(ctx as usize) as u64;
     let kv_typical = 2
         * tc.num_hidden_layers as u64
         * typical_rows
@@ -187,7 +188,7 @@ fn report_from(
         "kv_heads": tc.num_key_value_heads,
         "vocab_size": tc.vocab_size,
         "context_length": ctx,
-        "image_tokens": cfg.image_tokens(),
+        "image_tokens": crate::bench::bench_image_tokens(cfg),
         "parameters": {
             "total": params.values().sum::<u64>(),
             "vision": params.get("vision").copied().unwrap_or(0),
