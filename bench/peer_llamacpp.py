@@ -6,6 +6,10 @@ Subcommands:
                                LlamaForCausalLM directory (config, safetensors, tokenizer)
   llama    GGUF                time llama.cpp prefill and greedy decode; one JSON line
   table    VISI.json LLAMA.json...   the side-by-side markdown table
+  gguf-run GGUF --prompt-file F   one llama.cpp greedy generation on a GGUF text model
+  gguf-bench GGUF --visi-cli BIN  visi and llama.cpp, CPU and Vulkan, short and long
+                               prompts, interleaved reps, each run its own process (RSS);
+                               JSON lines, a summary JSON and a markdown table
 
 `extract` copies tensor bytes unchanged (no torch, no dtype conversion), so the GGUF that
 the converter makes from it holds the same f16 values visi loads from the LLaVA dir.
@@ -182,6 +186,19 @@ def prompt_ids(n, vocab, seed):
     return [1] + [rng.randrange(3, min(vocab, 32000)) for _ in range(n - 1)]
 
 
+def last_argmax(llm, n_vocab):
+    """Greedy choice from the last logits row. llama_get_logits_ith synchronises the
+    backends: the same point at which visi reads its argmax back."""
+    import ctypes
+
+    import numpy as np
+    import llama_cpp
+
+    p = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    row = np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_float)), (n_vocab,))
+    return int(row.argmax())
+
+
 def time_llama(a):
     import ctypes
 
@@ -205,11 +222,7 @@ def time_llama(a):
     ids = prompt_ids(a.prompt_len, n_vocab, a.seed)
 
     def next_id():
-        # llama_get_logits_ith synchronises the backends: the same point at which visi
-        # reads its argmax back.
-        p = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        row = np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_float)), (n_vocab,))
-        return int(row.argmax())
+        return last_argmax(llm, n_vocab)
 
     clip, image = None, None
     if a.mmproj:
@@ -353,6 +366,232 @@ def table(a):
         print("| " + " | ".join(str(x) for x in r) + " |")
 
 
+# ---- GGUF text model: visi-cli run vs llama.cpp, one process per run ----
+
+# ~20 tokens, and a paragraph that bench makes ~512 tokens long by repetition and trimming.
+SHORT_PROMPT = "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz"
+LONG_PARAGRAPH = (
+    "Rivers have shaped human settlement for as long as people have farmed. The floods of "
+    "the Nile left fertile silt along its banks every summer, and the calendar of ancient "
+    "Egypt followed the rise and fall of the water. In Mesopotamia, canals carried the "
+    "Tigris and the Euphrates into fields far from their beds, and the work of keeping "
+    "them open required records, taxes and officials. Along the Yellow River, dikes rose "
+    "higher each generation as the riverbed filled with loess, until a single breach could "
+    "drown a province. Trade followed the same paths: boats moved grain, timber and stone "
+    "more cheaply than any cart, and towns grew where rivers met or where a ford made a "
+    "crossing possible. "
+)
+
+
+def gguf_run(a):
+    """One greedy generation with llama.cpp; one JSON line (times in ms)."""
+    import llama_cpp
+
+    text = open(a.prompt_file, encoding="utf-8").read()
+    t_load = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=a.gguf,
+        n_gpu_layers=a.n_gpu_layers,
+        n_ctx=2048,
+        n_batch=1024,
+        n_ubatch=1024,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        verbose=False,
+    )
+    load_ms = (time.perf_counter() - t_load) * 1e3
+    # add_bos=True lets the model's own flag decide (SmolLM2: no BOS), as visi does.
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    n_vocab = llm.n_vocab()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    tok = last_argmax(llm, n_vocab)
+    t1 = time.perf_counter()
+    out = [tok]
+    eos = llm.token_eos()
+    while len(out) < a.new_tokens and tok != eos:
+        llm.eval([tok])
+        tok = last_argmax(llm, n_vocab)
+        out.append(tok)
+    t2 = time.perf_counter()
+    print(
+        json.dumps(
+            {
+                "prompt_tokens": len(ids),
+                "tokens": out,
+                "decode_steps": len(out) - 1,
+                "timings_ms": {"load": load_ms, "prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3},
+                "llama_cpp_python": llama_cpp.__version__,
+            }
+        ),
+        flush=True,
+    )
+
+
+def long_prompt(gguf, target):
+    """LONG_PARAGRAPH repeated and cut at a word so llama.cpp's tokenizer counts ~target."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=gguf, n_gpu_layers=0, vocab_only=True, verbose=False)
+    words = (LONG_PARAGRAPH * (target // 100 + 2)).split(" ")
+    lo, hi = 1, len(words)
+    while lo < hi:  # the most words whose token count is <= target
+        mid = (lo + hi + 1) // 2
+        n = len(llm.tokenize(" ".join(words[:mid]).encode(), add_bos=True, special=False))
+        lo, hi = (mid, hi) if n <= target else (lo, mid - 1)
+    return " ".join(words[:lo])
+
+
+def run_child(cmd, env_extra):
+    """Runs cmd; returns (last JSON line of stdout, its peak RSS in MiB, stderr)."""
+    import subprocess
+    import tempfile
+
+    env = dict(os.environ, **env_extra)
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, text=True)
+        # wait4 (not Popen.wait) for the child's own rusage: its peak resident set.
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read(), fe.read()
+    rss = ru.ru_maxrss / 1024
+    if p.returncode != 0:
+        return None, rss, err
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    return (json.loads(lines[-1]) if lines else None), rss, err
+
+
+def gguf_bench(a):
+    import subprocess
+
+    os.makedirs(a.work, exist_ok=True)
+    prompts = {"short": SHORT_PROMPT, "long": long_prompt(a.gguf, a.long_tokens)}
+    files = {}
+    for k, v in prompts.items():
+        files[k] = os.path.join(a.work, f"prompt-{k}.txt")
+        with open(files[k], "w", encoding="utf-8") as f:
+            f.write(v)
+    no_vk = {"VK_ICD_FILENAMES": "/nonexistent.json", "VK_DRIVER_FILES": "/nonexistent.json"}
+    me = lambda t: [sys.executable, os.path.abspath(__file__), "gguf-run", a.gguf, "--threads", str(t)]
+    visi = lambda t: [a.visi_cli, "--threads", str(t), "run", "--model", a.gguf, "--template", "raw", "--json"]
+    configs = []
+    # Device labels carry the thread count when several are compared.
+    for t in [a.threads] + a.extra_threads:
+        cpu = "cpu" if t == a.threads else f"cpu {t}t"
+        configs += [
+            ("visi", cpu, lambda p, n, t=t: visi(t) + ["--device", "cpu", "--max-new-tokens", str(n), "--prompt", prompts[p]], {}),
+            ("llama.cpp", cpu, lambda p, n, t=t: me(t) + ["--n-gpu-layers", "0", "--new-tokens", str(n), "--prompt-file", files[p]], no_vk),
+        ]
+    if not a.no_vulkan:
+        configs += [
+            ("visi", "vulkan", lambda p, n, t=a.threads: visi(t) + ["--device", "gpu", "--max-new-tokens", str(n), "--prompt", prompts[p]], {}),
+            ("llama.cpp", "vulkan", lambda p, n, t=a.threads: me(t) + ["--n-gpu-layers", "-1", "--new-tokens", str(n), "--prompt-file", files[p]], {}),
+        ]
+    auto = subprocess.run([a.visi_cli, "devices", "--json"], capture_output=True, text=True)
+    try:
+        auto = json.loads(auto.stdout)["auto"]
+    except (ValueError, KeyError):
+        auto = "?"
+    runs = []
+    log = open(os.path.join(a.work, "runs.jsonl"), "w")
+    for rep in range(a.warmup + a.reps):
+        # Interleaved: every configuration once per repetition, so drift and the load of
+        # other processes hit all of them alike.
+        for engine, dev, cmd, env in configs:
+            for p in ("short", "long"):
+                n = a.vulkan_new_tokens if dev == "vulkan" else a.new_tokens
+                j, rss, err = run_child(cmd(p, n), env)
+                r = {"rep": rep, "warmup": rep < a.warmup, "engine": engine, "device": dev, "prompt": p, "rss_mib": rss}
+                if j is None:
+                    r["error"] = err.strip().splitlines()[-1:] if err else "no output"
+                else:
+                    tm = j["timings_ms"]
+                    r.update(
+                        prompt_tokens=j["prompt_tokens"],
+                        ttft_ms=tm["prefill"],
+                        prefill_tok_s=j["prompt_tokens"] / (tm["prefill"] / 1e3),
+                        decode_steps=j["decode_steps"],
+                        decode_tok_s=j["decode_steps"] / (tm["decode"] / 1e3) if j["decode_steps"] else None,
+                        tokens=j["tokens"],
+                    )
+                    if "device" in j:
+                        r["adapter"] = j["device"].get("adapter")
+                log.write(json.dumps(r) + "\n")
+                log.flush()
+                print(f"gguf-bench: rep {rep} {engine} {dev} {p}: "
+                      + (f"prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s'] or 0:.1f} tok/s, rss {rss:.0f} MiB"
+                         if "error" not in r else f"error {r['error']}"), file=sys.stderr, flush=True)
+                runs.append(r)
+    summary = summarize(runs)
+    summary.update(gguf=a.gguf, threads=a.threads, reps=a.reps, warmup=a.warmup, auto=auto,
+                   loadavg=os.getloadavg(), cpus=os.cpu_count(),
+                   prompts={k: {"chars": len(v)} for k, v in prompts.items()})
+    with open(os.path.join(a.work, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    print_gguf_table(summary)
+
+
+def summarize(runs):
+    def med(v):
+        v = sorted(x for x in v if x is not None)
+        return v[len(v) // 2] if v else None
+
+    rows = {}
+    for r in runs:
+        if r["warmup"] or "error" in r:
+            continue
+        rows.setdefault((r["engine"], r["device"], r["prompt"]), []).append(r)
+    out = {"rows": []}
+    for (e, d, p), rs in sorted(rows.items()):
+        out["rows"].append(
+            {
+                "engine": e, "device": d, "prompt": p,
+                "prompt_tokens": rs[0]["prompt_tokens"],
+                "adapter": rs[0].get("adapter"),
+                "runs": len(rs),
+                "prefill_tok_s": med([x["prefill_tok_s"] for x in rs]),
+                "ttft_ms": med([x["ttft_ms"] for x in rs]),
+                "decode_tok_s": med([x["decode_tok_s"] for x in rs]),
+                "decode_steps": rs[0]["decode_steps"],
+                "rss_mib": med([x["rss_mib"] for x in rs]),
+                "all_prefill_tok_s": [x["prefill_tok_s"] for x in rs],
+                "all_decode_tok_s": [x["decode_tok_s"] for x in rs],
+            }
+        )
+    by = {(r["engine"], r["device"], r["prompt"]): r for r in out["rows"]}
+    ratios = {}
+    for (e, d, p) in by:
+        if e != "visi" or not d.startswith("cpu"):
+            continue
+        v, l = by.get(("visi", d, p)), by.get(("llama.cpp", d, p))
+        if v and l:
+            ratios[f"{p} prompt, {d}"] = {
+                "cpu_prefill_visi_over_llama": v["prefill_tok_s"] / l["prefill_tok_s"],
+                "cpu_decode_visi_over_llama": (v["decode_tok_s"] or 0) / (l["decode_tok_s"] or 1),
+            }
+    out["ratios"] = ratios
+    return out
+
+
+def print_gguf_table(s):
+    print()
+    print(f"GGUF {s['gguf']}, {s['threads']} threads, {s['reps']} interleaved reps (+{s['warmup']} warm-up), "
+          f"load average at the end {s['loadavg'][0]:.1f} on {s['cpus']} CPUs; visi --device auto picks {s['auto']}")
+    print()
+    print("| engine, device | prompt tokens | prefill tok/s | TTFT ms | decode tok/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    f = lambda x, d=1: "" if x is None else f"{x:.{d}f}"
+    for r in s["rows"]:
+        print(f"| {r['engine']}, {r['device']} | {r['prompt_tokens']} | {f(r['prefill_tok_s'])} | {f(r['ttft_ms'])} "
+              f"| {f(r['decode_tok_s'])} | {f(r['rss_mib'], 0)} |")
+    for p, r in s["ratios"].items():
+        print(f"\n{p}: visi/llama.cpp prefill {r['cpu_prefill_visi_over_llama']:.2f}x, "
+              f"decode {r['cpu_decode_visi_over_llama']:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -378,6 +617,26 @@ def main():
     s.add_argument("visi")
     s.add_argument("llama", nargs="*")
     s.add_argument("--prompt-len", type=int, default=640)
+    g = sub.add_parser("gguf-run")
+    g.add_argument("gguf")
+    g.add_argument("--prompt-file", required=True)
+    g.add_argument("--n-gpu-layers", type=int, default=0)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument("--threads", type=int, default=2)
+    b = sub.add_parser("gguf-bench")
+    b.add_argument("gguf")
+    b.add_argument("--visi-cli", required=True)
+    b.add_argument("--work", default="/tmp/peer-gguf")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--vulkan-new-tokens", type=int, default=16,
+                   help="new tokens on Vulkan rows (software adapters decode at a few tok/s)")
+    b.add_argument("--long-tokens", type=int, default=512)
+    b.add_argument("--no-vulkan", action="store_true")
+    b.add_argument("--extra-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                   help="more CPU thread counts to run both engines with, e.g. 1")
     a = ap.parse_args()
     if a.cmd == "extract":
         extract(a.llava_dir, a.out_dir)
@@ -385,6 +644,10 @@ def main():
         extract_mm(a.llava_dir, a.out_dir)
     elif a.cmd == "llama":
         time_llama(a)
+    elif a.cmd == "gguf-run":
+        gguf_run(a)
+    elif a.cmd == "gguf-bench":
+        gguf_bench(a)
     else:
         table(a)
 

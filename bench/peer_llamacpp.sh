@@ -3,7 +3,9 @@
 # decoder weights, prompt length and Vulkan adapter. See bench/README.md ("Peer: llama.cpp").
 #
 #   bench/peer_llamacpp.sh [--model LLAVA_DIR] [--prompt-len 640] [--decode-tokens 16]
-#                          [--reps 3] [--warmup 1] [--threads 2] [--setup-only]
+#                          [--reps 3] [--warmup 1] [--threads 2] [--setup-only] [--build-only]
+#
+# --build-only stops once llama-cpp-python is built (bench/peer_gguf.sh needs no converter).
 #
 # Env: VISI_CLI (a built visi-cli; default: cargo build --release -p visi-cli),
 #      PEER_VENV (default .venv-peer), PEER_WORK (GGUF and logs; default /tmp/peer-work),
@@ -18,6 +20,7 @@ REPS=3
 WARMUP=1
 THREADS=2
 SETUP_ONLY=0
+BUILD_ONLY=0
 while [ $# -gt 0 ]; do
     case $1 in
         --model) MODEL=$2; shift 2 ;;
@@ -27,6 +30,7 @@ while [ $# -gt 0 ]; do
         --warmup) WARMUP=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --setup-only) SETUP_ONLY=1; shift ;;
+        --build-only) BUILD_ONLY=1; shift ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -64,6 +68,8 @@ if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
         nice -n 10 "$PY" -m pip install -v --no-binary llama-cpp-python "$SDIST" \
         >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; exit 1; }
 fi
+
+[ $BUILD_ONLY = 1 ] && { echo "peer: llama-cpp-python $VERSION built" >&2; exit 0; }
 
 # ---- 3. The converter that ships inside the sdist, and what it imports ----
 LLAMA_CPP=$SRC/vendor/llama.cpp
@@ -116,7 +122,7 @@ if [ -z "${VISI_CLI:-}" ]; then
     VISI_CLI=${CARGO_TARGET_DIR:-$ROOT/target}/release/visi-cli
 fi
 echo "peer: visi-cli bench on $MODEL" >&2
-"$VISI_CLI" bench --model "$MODEL" --device auto --skip-kernels --json \
+"$VISI_CLI" bench --model "$MODEL" --device gpu --skip-kernels --json \
     --prompt-len "$PROMPT_LEN" --decode-tokens "$DECODE" --reps "$REPS" --warmup "$WARMUP" \
     >"$WORK/visi.json" 2>"$WORK/visi.err" || { cat "$WORK/visi.err" >&2; exit 1; }
 

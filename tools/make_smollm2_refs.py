@@ -34,6 +34,12 @@ PROMPTS = [
     "Once upon a time, there was a",
     "def fibonacci(n):",
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    # Longer than the CPU backend's matrix-vector limit (32 rows): its prefill takes the GEMM.
+    "Rivers have shaped human settlement for as long as people have farmed. The floods of "
+    "the Nile left fertile silt along its banks every summer, and the calendar of ancient "
+    "Egypt followed the rise and fall of the water. In Mesopotamia, canals carried the "
+    "Tigris and the Euphrates into fields far from their beds, and the work of keeping "
+    "them open required records, taxes and officials. Along the Yellow River,",
 ]
 N_NEW = 16
 cases = []

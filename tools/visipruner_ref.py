@@ -156,6 +156,42 @@ def shallow_mask_kind(cfg, layer, n_img):
     return "text_to_image"
 
 
+def apply_shallow_mask_runs(p, kind, runs):
+    """Several separate image runs [(a, b), ...] of rows/cols (text between them): the masks act
+    on (query kind, key kind) pairs, text between images being text (pruner crate docs):
+    layer0_sink: every query from the first image row on loses all image keys, text queries put
+    that mass back on the first image key; layer0_split: image queries lose all image keys, text
+    queries the first half (rounded down) of every run; text_to_image: text queries lose all image
+    keys. No renormalisation."""
+    if len(runs) <= 1 or kind == "none":
+        s, e = runs[0] if runs else (p.shape[-1], p.shape[-1])
+        return apply_shallow_mask(p, kind, s, e)
+    S = p.shape[-1]
+    img = torch.zeros(S, dtype=torch.bool)
+    half = torch.zeros(S, dtype=torch.bool)
+    for a, b in runs:
+        img[a:b] = True
+        half[a:a + (b - a) // 2] = True
+    a0 = runs[0][0]
+    rows = torch.arange(S)
+    text_q = ~img & (rows >= a0)                    # text queries that can see an image key
+    p = p.clone()
+    if kind == "layer0_sink":
+        sink = (p * img[None, None, None, :]).sum(-1)  # [1, heads, S] each query's image mass
+        zero = (rows >= a0)[:, None] & img[None, :]
+        p = p.masked_fill(zero[None, None], 0.0)
+        p[:, :, text_q, a0] = sink[:, :, text_q]
+    elif kind == "layer0_split":
+        zero = (img[:, None] & img[None, :]) | (~img[:, None] & half[None, :])
+        p = p.masked_fill(zero[None, None], 0.0)
+    elif kind == "text_to_image":
+        zero = ~img[:, None] & img[None, :]
+        p = p.masked_fill(zero[None, None], 0.0)
+    else:
+        raise ValueError(kind)
+    return p
+
+
 def apply_shallow_mask(p, kind, s, e):
     """p [1, heads, S, S] post-softmax probabilities; image rows/cols [s, e); no renormalisation."""
     if kind == "none":
@@ -205,8 +241,8 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
 
     span: (s, e) image rows, a list of such spans (several images; prompt order), or None.
     Every row of every span is an image token; offsets run over all spans in prompt order.
-    Shallow masks over image rows that are not one contiguous run are not defined by the
-    reference semantics and raise (as the engine refuses them). With trace=True also records
+    Shallow masks over image rows that form several separate runs act on every run
+    (apply_shallow_mask_runs). With trace=True also records
     per-layer min cos / norms for the threshold search (the schedule does not depend on it).
     """
     L = lm.num_layers
@@ -233,9 +269,6 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
             else:
                 runs.append([i, i + 1])
         kind = shallow_mask_kind(cfg, l, n_img) if span is not None else "none"
-        if kind != "none" and len(runs) > 1:
-            raise NotImplementedError("shallow masks over several separate image spans")
-        s, ie = runs[0] if runs else (cur, cur)       # the one image run a mask acts on
         x = layer.input_layernorm(h)
         q, k, v = lm.qkv(layer, x, positions)
         caches.append((k, v))
@@ -243,7 +276,7 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
         w = torch.matmul(q, kr.transpose(2, 3)) / math.sqrt(lm.head_dim)            # [1, heads, S, S]
         causal = torch.full((cur, cur), lm.min_f32).triu(1)[None, None]            # transformers' additive mask
         p = torch.nn.functional.softmax(w + causal, dim=-1, dtype=torch.float32)
-        p = apply_shallow_mask(p, kind, s, ie)
+        p = apply_shallow_mask_runs(p, kind, [tuple(r) for r in runs])
         attn = torch.matmul(p, vr)                                                   # [1, heads, S, d]
 
         # What the pruner looks at, computed before the layer's output (which it never changes).
@@ -499,11 +532,8 @@ def search_case(lm, emb, span, case):
     """Runs (a) exit, (b) no_exit, (c) split, (d) fastv for one image case."""
     L = lm.num_layers
     n = n_image(span)
-    several = not isinstance(span[0], int)
     pools = {"exit": [], "no_exit": [], "split": []}
     for shallow, layer0 in ((True, "sink"), (True, "none"), (False, "sink"), (True, "split")):
-        if several and shallow:
-            continue  # shallow masks are defined for one contiguous image run only
         for cfg in visi_candidates(lm, emb, span, shallow, layer0):
             r = run(lm, emb, span, parse_config(cfg, L), steps=1)
             if r.fusion_layer is None or not r.kept or len(r.kept) >= n or r.fusion_layer + 1 >= L:
@@ -533,7 +563,7 @@ def search_case(lm, emb, span, case):
             runs.append(summarize(best[2], best[1], case, name, span))
     # Fixed schedules without thresholds (margins: greedy steps only): shallow masks alone,
     # and deep without middle (every image token leaves at mid_deep_layer).
-    for name, cfg in () if several else (("shallow_only", {"mode": ["shallow"], "shallow_mid_layer": L // 2}),
+    for name, cfg in (("shallow_only", {"mode": ["shallow"], "shallow_mid_layer": L // 2}),
                       ("deep_fixed", {"mode": ["shallow", "deep"], "shallow_mid_layer": 2,
                                       "mid_deep_layer": L // 2 + 1})):
         r = run(lm, emb, span, parse_config(cfg, L))
@@ -556,15 +586,35 @@ def search_case(lm, emb, span, case):
     return runs
 
 
-NEXT_MODELS = ("tiny-next-mistral", "tiny-next-llama")
+NEXT_MODELS = ("tiny-next-mistral", "tiny-next-llama", "tiny-llava-mha-two-images")
+
+
+def llava15_two_inputs(c):
+    """(model, embeds [S, H], spans) of reference-next/tiny-llava-mha-two-images' case `c`: the
+    LLaVA-1.5 fixture, CLIPImageProcessor (crop) over its two images, one projector output per
+    `<image>` span."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    model_dir = os.path.join(mf.FIX, "tiny-llava-mha")
+    model = mf.load_reference_model(model_dir)
+    imgs = [Image.open(os.path.join(mf.FIX, p)).convert("RGB") for p in c["images"]]
+    pv = CLIPImageProcessor.from_pretrained(model_dir)(images=imgs, return_tensors="pt")["pixel_values"]
+    cfg = model.config
+    feats = model.get_image_features(pv, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+    ids = torch.tensor([c["input_ids_expanded"]])
+    emb = model.get_input_embeddings()(ids)[0].clone()
+    spans = [tuple(x) for x in c["image_spans"]]
+    for (a, b), f in zip(spans, feats):
+        emb[a:b] = f
+    return model, emb, spans
 
 
 @torch.no_grad()
 def next_main():
     """LLaVA-NeXT fixtures (tools/make_next_fixtures.py): every image-token position of every
     span (base tile, unpadded tile rows, newline rows) is an image token. Writes
-    reference-next/<model>/pruning.json for the one-image cases (all schedules) and the
-    two-image case (methods without shallow masks: middle/deep VisiPruner and FastV)."""
+    reference-next/<model>/pruning.json for every case and schedule (the two-image cases with the
+    multi-image shallow masks), and for the two-image LLaVA-1.5 prompt of tiny-llava-mha."""
     import make_next_fixtures as mn
     for name in NEXT_MODELS:
         model_dir = os.path.join(mf.FIX, name)
@@ -572,10 +622,22 @@ def next_main():
         with open(os.path.join(ref_dir, "expected.json")) as f:
             exp = json.load(f)
         arrays = load_file(os.path.join(ref_dir, "arrays.safetensors"))
-        model = mn.load_reference_model(model_dir)
-        lm = Lm(model)
         runs, worst = [], 0.0
         print(f"{name}: dense sanity")
+        if name == "tiny-llava-mha-two-images":
+            c = exp["cases"]["two"]
+            model, emb, spans = llava15_two_inputs(c)
+            lm = Lm(model)
+            r = run(lm, emb, spans, {"method": "dense"}, steps=len(c["generated_ids"]), all_rows=True)
+            worst = float((r.first_logits - arrays["two.logits"]).abs().max())
+            if r.generated != c["generated_ids"] or worst > 1e-4:
+                raise SystemExit(f"dense sanity: {name}: {r.generated} vs {c['generated_ids']}, {worst}")
+            print(f"  dense two: ids match, max |logit diff| {worst:.3g}")
+            runs += search_case(lm, emb, spans, "two")
+            write_next_pruning(ref_dir, name, lm, worst, runs)
+            continue
+        model = mn.load_reference_model(model_dir)
+        lm = Lm(model)
         for case, c in exp["cases"].items():
             ids = torch.tensor([c["input_ids_expanded"]])
             emb = model.get_input_embeddings()(ids)[0].clone()
@@ -593,19 +655,24 @@ def next_main():
             print(f"  dense {case}: ids match, max |logit diff| {diff:.3g}")
             span = spans[0] if len(spans) == 1 else spans
             runs += search_case(lm, emb, span, case)
-        for rr in runs:
-            print(f"  {rr['case']:10s} {rr['name']:12s} fusion {rr['fusion_layer']} "
-                  f"kept {None if rr['kept_image_tokens'] is None else len(rr['kept_image_tokens'])} "
-                  f"exit {rr['text_only_from_layer']} lens {rr['layer_seq_lens']} prune {json.dumps(rr['prune'])}")
-        out = {"generator": "tools/visipruner_ref.py --next",
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-               "model": name, "num_layers": lm.num_layers, "silent_cos": SILENT_COS,
-               "silent_layers_to_exit": SILENT_LAYERS_TO_EXIT, "min_decision_margin": MIN_DECISION_MARGIN,
-               "min_silent_margin": MIN_SILENT_MARGIN, "min_step_margin": MIN_STEP_MARGIN,
-               "dense_sanity_max_abs_logit_diff": worst, "runs": runs}
-        with open(os.path.join(ref_dir, "pruning.json"), "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+        write_next_pruning(ref_dir, name, lm, worst, runs)
+
+
+def write_next_pruning(ref_dir, name, lm, worst, runs):
+    """reference-next/<name>/pruning.json."""
+    for rr in runs:
+        print(f"  {rr['case']:10s} {rr['name']:12s} fusion {rr['fusion_layer']} "
+              f"kept {None if rr['kept_image_tokens'] is None else len(rr['kept_image_tokens'])} "
+              f"exit {rr['text_only_from_layer']} lens {rr['layer_seq_lens']} prune {json.dumps(rr['prune'])}")
+    out = {"generator": "tools/visipruner_ref.py --next",
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+           "model": name, "num_layers": lm.num_layers, "silent_cos": SILENT_COS,
+           "silent_layers_to_exit": SILENT_LAYERS_TO_EXIT, "min_decision_margin": MIN_DECISION_MARGIN,
+           "min_silent_margin": MIN_SILENT_MARGIN, "min_step_margin": MIN_STEP_MARGIN,
+           "dense_sanity_max_abs_logit_diff": worst, "runs": runs}
+    with open(os.path.join(ref_dir, "pruning.json"), "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
 
 
 def main():

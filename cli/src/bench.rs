@@ -8,12 +8,15 @@
 //! never mixed into the headline numbers.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use engine_core::{Backend, HostData, QuantType, Tensor};
 use image::{Rgb, RgbImage};
-use models::llama::{ImageSpan, KvCache, Llama, PrefillStats};
+use models::llama::{ImageSpan, Llama, PrefillStats};
+use models::sampling::{Sampler, SamplingParams};
+use models::session::{next_token, ImageInput, PromptInput, Session};
 use models::synthetic::{SyntheticLlava, SyntheticShape};
 use models::{Llava, LlavaConfig};
 use pruner::{
@@ -72,6 +75,9 @@ pub struct BenchArgs {
     /// --layer-times).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Replace an existing --plot file.
+    #[arg(long)]
+    force: bool,
     /// One extra untimed run per method that syncs after every layer to time it.
     #[arg(long)]
     layer_times: bool,
@@ -80,6 +86,10 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights, pixels and prompt ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Time a two-turn conversation instead: a fresh run on the whole conversation against
+    /// the follow-up turn in the session that answered the first (reuse), per method.
+    #[arg(long)]
+    conversation: bool,
     /// Weight formats to compare, e.g. `f16,q8_0,q4_0,q4_k`: the methods run on the first;
     /// dense prefill and decode are then timed on each of the others (matrices quantized
     /// at load), reported side by side.
@@ -218,9 +228,9 @@ impl Model {
             Model::Synth(s) => &s.cfg,
         }
     }
-    fn llama(&self) -> &Llama {
+    fn llama(&self) -> &Arc<Llama> {
         match self {
-            Model::Real(l, _) => l.llama(),
+            Model::Real(l, _) => l.llama_arc(),
             Model::Synth(s) => &s.llama,
         }
     }
@@ -284,7 +294,8 @@ struct Once {
     prefill_ms: f64,
     decode_ms: f64,
     stats: PrefillStats,
-    cache: KvCache,
+    kv_lens: Vec<usize>,
+    kv_bytes: u64,
     layer_ms: Vec<f64>,
 }
 
@@ -295,31 +306,21 @@ struct Input<'a> {
     decode_tokens: usize,
 }
 
-fn argmax_id(b: &dyn Backend, logits: &Tensor) -> engine_core::Result<u32> {
-    let t = b.argmax(logits)?; // [1] u32
-    let v = b.to_vec_u32(&t)?; // sync: one id
-    v.first()
-        .copied()
-        .ok_or_else(|| engine_core::Error::msg("argmax returned nothing"))
-}
-
-/// Vision, prefill (through the first token) and `decode_tokens` greedy steps; with
-/// `profile`, syncs after every layer and returns per-layer milliseconds.
+/// Vision, prefill (through the first token) and `decode_tokens` greedy steps in a fresh
+/// session; with `profile`, syncs after every layer and returns per-layer milliseconds.
 fn run_once(
     m: &Model,
-    b: &dyn Backend,
+    backend: &Arc<dyn Backend>,
     inp: &Input,
     pruner: &mut dyn Pruner,
     profile: bool,
 ) -> engine_core::Result<Once> {
-    let llama = m.llama();
-    pruner.reset();
+    let b = backend.as_ref();
     let t = Instant::now();
     let image = m.encode(b, inp.pixels)?; // [N, H]
     let vision_ms = ms(t);
 
     let t = Instant::now();
-    let embeds = llama.embed_with_image(b, inp.ids, inp.span, &image)?; // [S, H]
     let mut layer_ms = Vec::new();
     let mut mark = if profile {
         b.sync()?;
@@ -335,34 +336,269 @@ fn run_once(
         }
         Ok(())
     };
-    let mut cache = KvCache::default();
-    let (logits, stats) = llama.prefill_observed(
-        b,
-        &embeds,
-        std::slice::from_ref(&inp.span),
+    let img = ImageInput {
+        span: inp.span,
+        key: 0,
+        embeds: image,
+    };
+    let mut session = Session::new(m.llama().clone(), backend.clone());
+    let pre = session.prefill_observed(
+        PromptInput {
+            ids: inp.ids,
+            images: std::slice::from_ref(&img),
+        },
         pruner,
-        &mut cache,
+        "bench",
         inp.decode_tokens,
         &mut observe,
     )?;
-    let mut token = argmax_id(b, &logits)?;
+    let mut greedy = Sampler::new(SamplingParams::default())?;
+    let mut token = next_token(b, &pre.logits, &mut greedy)?;
     let prefill_ms = ms(t);
 
+    // Exactly `decode_tokens` steps (an EOS from random weights must not end the timing).
     let t = Instant::now();
-    for i in 0..inp.decode_tokens {
-        let pos = (inp.ids.len() + i) as u32;
-        let logits = llama.decode_step(b, token, pos, &mut cache)?; // [1, V]
-        token = argmax_id(b, &logits)?;
+    for _ in 0..inp.decode_tokens {
+        let logits = session.step(token)?; // [1, V]
+        token = next_token(b, &logits, &mut greedy)?;
     }
     let decode_ms = ms(t);
     Ok(Once {
         vision_ms,
         prefill_ms,
         decode_ms,
-        stats,
-        cache,
+        stats: pre.stats,
+        kv_lens: session.kv_lens(),
+        kv_bytes: session.kv_bytes(),
         layer_ms,
     })
+}
+
+/// The follow-up question of `bench --conversation`: 29 text tokens.
+const FOLLOWUP_TOKENS: usize = 29;
+
+/// One conversation round of `bench --conversation`.
+struct ConvRound {
+    fresh_ttft_ms: f64,
+    followup_ttft_ms: f64,
+    tokens_identical: bool,
+    decisions_identical: bool,
+    reused_tokens: usize,
+    prompt_tokens: usize,
+    recomputed_from_layer: Option<usize>,
+}
+
+/// Turn 1 (`ids`, answered with `decode_tokens` greedy tokens) in a session; then the
+/// follow-up turn (turn 1, its answer, a 29-token question) timed twice through the first
+/// token: in that session (image encoding cached, shared rows reused) and fresh. Both then
+/// decode `decode_tokens` tokens, which must be identical, as must the pruning decisions.
+#[allow(clippy::too_many_arguments)]
+fn conversation_round(
+    m: &Model,
+    backend: &Arc<dyn Backend>,
+    ids: &[u32],
+    span: ImageSpan,
+    pixels: &[f32],
+    decode_tokens: usize,
+    pruner: &mut dyn Pruner,
+    seed: u64,
+) -> engine_core::Result<ConvRound> {
+    let b = backend.as_ref();
+    let greedy = || Sampler::new(SamplingParams::default());
+    let embeds = m.encode(b, pixels)?; // [N, H]
+    let image = ImageInput {
+        span,
+        key: seed,
+        embeds,
+    };
+    let mut session = Session::new(m.llama().clone(), backend.clone());
+    let pre = session.prefill(
+        PromptInput {
+            ids,
+            images: std::slice::from_ref(&image),
+        },
+        pruner,
+        "bench",
+        decode_tokens + FOLLOWUP_TOKENS + 1,
+    )?;
+    let mut s = greedy()?;
+    let answer: Vec<u32> = session
+        .decode(pre.logits, &mut s, decode_tokens)
+        .collect::<engine_core::Result<_>>()?;
+    let mut ids2 = ids.to_vec();
+    ids2.extend(&answer);
+    let q2 = synthetic_ids(
+        m.cfg(),
+        PREFIX_TOKENS + bench_image_tokens(m.cfg()) + FOLLOWUP_TOKENS + 1,
+        seed ^ 0x5eed,
+    );
+    ids2.extend(&q2[q2.len() - FOLLOWUP_TOKENS..]);
+    let input2 = PromptInput {
+        ids: &ids2,
+        images: std::slice::from_ref(&image),
+    };
+
+    // Follow-up in the same session: the image encoding comes from the model's cache (a
+    // real checkpoint re-runs `encode`, which hits it; synthetic weights keep `image`).
+    b.sync()?;
+    let t = Instant::now();
+    if let Model::Real(..) = m {
+        m.encode(b, pixels)?;
+    }
+    let re = session.prefill(input2, pruner, "bench", decode_tokens)?;
+    let report_re = pruner.report();
+    let mut s = greedy()?;
+    let mut dec = session.decode(re.logits.clone(), &mut s, decode_tokens);
+    let first = dec.next().transpose()?;
+    let followup_ttft_ms = ms(t);
+    let mut reuse_tokens: Vec<u32> = first.into_iter().collect();
+    for tok in dec {
+        reuse_tokens.push(tok?);
+    }
+
+    // Fresh run on the whole conversation, vision included.
+    let t = Instant::now();
+    let embeds = m.encode(b, pixels)?;
+    let image_f = ImageInput {
+        span,
+        key: seed,
+        embeds,
+    };
+    let mut fresh = Session::new(m.llama().clone(), backend.clone());
+    let fr = fresh.prefill(
+        PromptInput {
+            ids: &ids2,
+            images: std::slice::from_ref(&image_f),
+        },
+        pruner,
+        "bench",
+        decode_tokens,
+    )?;
+    let report_fr = pruner.report();
+    let mut s = greedy()?;
+    let mut dec = fresh.decode(fr.logits.clone(), &mut s, decode_tokens);
+    let first = dec.next().transpose()?;
+    let fresh_ttft_ms = ms(t);
+    let mut fresh_tokens: Vec<u32> = first.into_iter().collect();
+    for tok in dec {
+        fresh_tokens.push(tok?);
+    }
+    Ok(ConvRound {
+        fresh_ttft_ms,
+        followup_ttft_ms,
+        tokens_identical: reuse_tokens == fresh_tokens,
+        decisions_identical: report_re == report_fr
+            && re.stats.layer_seq_lens == fr.stats.layer_seq_lens,
+        reused_tokens: re.reused_tokens,
+        prompt_tokens: ids2.len(),
+        recomputed_from_layer: re.recomputed_from_layer,
+    })
+}
+
+/// `bench --conversation`: follow-up TTFT with reuse against a fresh run, per method.
+fn conversation_bench(
+    a: &BenchArgs,
+    model: &Model,
+    backend: &Arc<dyn Backend>,
+    ids: &[u32],
+    pixels: &[f32],
+    methods: &mut [MethodRuns],
+    schedule: Schedule,
+) -> Result<(), Failure> {
+    let span = ImageSpan {
+        start: PREFIX_TOKENS,
+        end: PREFIX_TOKENS + bench_image_tokens(model.cfg()),
+    };
+    let mut rows = Vec::new();
+    for mr in methods.iter_mut() {
+        let mut rounds = Vec::new();
+        for round in 0..a.warmup + a.reps {
+            eprintln!("bench: conversation {} round {}", mr.name, round + 1);
+            let r = conversation_round(
+                model,
+                backend,
+                ids,
+                span,
+                pixels,
+                a.decode_tokens,
+                mr.pruner.as_mut(),
+                a.seed,
+            )
+            .map_err(|e| internal(anyhow!("{}: {e}", mr.name)))?;
+            if round >= a.warmup {
+                rounds.push(r);
+            }
+        }
+        let fresh: Vec<f64> = rounds.iter().map(|r| r.fresh_ttft_ms).collect();
+        let follow: Vec<f64> = rounds.iter().map(|r| r.followup_ttft_ms).collect();
+        let (_, fresh_med) = min_median(&fresh);
+        let (_, follow_med) = min_median(&follow);
+        let last = rounds.last();
+        rows.push(json!({
+            "method": mr.name,
+            "fresh_ttft_ms": fresh_med,
+            "followup_ttft_ms": follow_med,
+            "ratio": follow_med / fresh_med.max(1e-9),
+            "tokens_identical": rounds.iter().all(|r| r.tokens_identical),
+            "decisions_identical": rounds.iter().all(|r| r.decisions_identical),
+            "prompt_tokens": last.map(|r| r.prompt_tokens),
+            "reused_tokens": last.map(|r| r.reused_tokens),
+            "recomputed_from_layer": last.and_then(|r| r.recomputed_from_layer),
+            "fresh_ttft_ms_all": fresh,
+            "followup_ttft_ms_all": follow,
+        }));
+    }
+    let head = rows
+        .iter()
+        .find(|r| r["method"] == "visipruner")
+        .or(rows.first())
+        .cloned()
+        .unwrap_or(Value::Null);
+    let dev = backend.device_info();
+    let report = json!({
+        "model": model.describe(),
+        "shape": a.shape,
+        "device": { "backend": dev.backend, "adapter": dev.adapter },
+        "schedule": format!("{schedule:?}"),
+        "prompt_len": ids.len(),
+        "answer_tokens": a.decode_tokens,
+        "followup_question_tokens": FOLLOWUP_TOKENS,
+        "reps": a.reps,
+        "warmup": a.warmup,
+        "conversation": head,
+        "methods": rows,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "visi bench --conversation on {} ({}): turn 1 {} tokens + {}-token answer + {}-token follow-up, median of {} reps",
+            dev.adapter, dev.backend, ids.len(), a.decode_tokens, FOLLOWUP_TOKENS, a.reps
+        );
+        println!(
+            "{:<11} {:>15} {:>18} {:>7} {:>9} {:>9} {:>9}",
+            "method",
+            "fresh TTFT ms",
+            "follow-up TTFT ms",
+            "ratio",
+            "reused",
+            "tokens=",
+            "decisions="
+        );
+        for r in &rows {
+            println!(
+                "{:<11} {:>15.1} {:>18.1} {:>7.3} {:>9} {:>9} {:>9}",
+                r["method"].as_str().unwrap_or("?"),
+                r["fresh_ttft_ms"].as_f64().unwrap_or(0.0),
+                r["followup_ttft_ms"].as_f64().unwrap_or(0.0),
+                r["ratio"].as_f64().unwrap_or(0.0),
+                r["reused_tokens"].to_string(),
+                r["tokens_identical"].to_string(),
+                r["decisions_identical"].to_string(),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn ms(t: Instant) -> f64 {
@@ -472,12 +708,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     let quants = parse_quant_list(&a.quant).map_err(bad_input)?;
     let main_quant = quants.first().copied().flatten();
     if let Some(p) = &a.plot {
-        if p.extension().and_then(|e| e.to_str()) != Some("png") {
-            return Err(bad_input(anyhow!(
-                "--plot {}: the file name must end in .png",
-                p.display()
-            )));
-        }
+        crate::validate::output_file("--plot", p, "png", a.force)?;
     }
     let model_dir = a
         .model
@@ -485,9 +716,70 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         .map(models::hub::resolve_model)
         .transpose()
         .map_err(|e| bad_input(anyhow!("--model: {e}")))?;
+    // The config alone (no weights): everything that depends on the model's shape is
+    // checked against it before the kernel benchmark and the load.
+    let cfg = match (&model_dir, shape) {
+        (Some(dir), _) => {
+            let cfg = LlavaConfig::from_file(&dir.join("config.json")).map_err(classify)?;
+            // Headers only: a broken checkpoint fails now, not after the kernel benchmark.
+            let src = engine_core::weights::open_safetensors(dir).map_err(classify)?;
+            models::checks::check_layers(
+                &cfg,
+                src.as_ref(),
+                "config.json: text_config.num_hidden_layers",
+            )
+            .map_err(classify)?;
+            cfg
+        }
+        (None, Some(s)) => s.config().map_err(classify)?,
+        (None, None) => return Err(bad_input(anyhow!("give --model DIR or --shape NAME"))),
+    };
+    let layers = cfg.text.num_hidden_layers;
+    let n_img = bench_image_tokens(&cfg);
+    let prompt_len = prompt_len(&a, &cfg);
+    if prompt_len < PREFIX_TOKENS + n_img + 1 {
+        return Err(bad_input(anyhow!(
+            "--prompt-len {} is too short: {PREFIX_TOKENS} prefix + {n_img} image tokens + at least 1",
+            prompt_len
+        )));
+    }
+    if prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
+        return Err(bad_input(anyhow!(
+            "--prompt-len {} + --decode-tokens {} exceed the model's context of {}",
+            prompt_len,
+            a.decode_tokens,
+            cfg.text.max_position_embeddings
+        )));
+    }
+
+    // ---- pruners ----
+    // The paper's config, its shallow_mid_layer scaled to shallow models (the 6-layer
+    // fixtures the llama.cpp peer script uses).
+    let (paper, note) = PruneConfig::paper_default_for(layers);
+    let PruneConfig::VisiPruner(visi_cfg) = paper else {
+        return Err(bad_input(anyhow!(
+            "{}",
+            note.unwrap_or_else(|| "the paper's VisiPruner config does not fit".into())
+        )));
+    };
+    if let Some(n) = note {
+        eprintln!("bench: {n}");
+    }
+    let shallow_mid = visi_cfg.shallow_mid_layer.unwrap_or(6);
+    let schedule = schedule_arg.unwrap_or(Schedule::Forced(default_schedule(layers, shallow_mid)));
+    let visi = match schedule {
+        Schedule::Forced(fs) => VisiPruner::forced(visi_cfg, layers, fs),
+        Schedule::Real => VisiPruner::new(visi_cfg, layers),
+    }
+    .map_err(|e| bad_input(anyhow!("--schedule on this {layers}-layer model: {e}")))?;
+    let fastv_p = FastV::new(fastv, layers)
+        .map_err(|e| bad_input(anyhow!("--fastv on this {layers}-layer model: {e}")))?;
 
     // ---- kernels first, so their buffers are gone before the model loads ----
-    let kernels = if a.skip_kernels || a.device == DeviceArg::Cpu {
+    // `auto` benchmarks the kernels only where it will run the model on an adapter.
+    let auto_cpu =
+        a.device == DeviceArg::Auto && !engine_wgpu::list_adapters().iter().any(|x| x.auto_pick);
+    let kernels = if a.skip_kernels || a.conversation || a.device == DeviceArg::Cpu || auto_cpu {
         None
     } else {
         let quick = a.reps < 3;
@@ -530,49 +822,11 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         })
     };
     let model = load(main_quant)?;
-    let cfg = model.cfg().clone();
-    let layers = cfg.text.num_hidden_layers;
-    let n_img = bench_image_tokens(&cfg);
-    let prompt_len = prompt_len(&a, &cfg);
-    if prompt_len < PREFIX_TOKENS + n_img + 1 {
-        return Err(bad_input(anyhow!(
-            "--prompt-len {} is too short: {PREFIX_TOKENS} prefix + {n_img} image tokens + at least 1",
-            prompt_len
-        )));
-    }
-    if prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
-        return Err(bad_input(anyhow!(
-            "--prompt-len {} + --decode-tokens {} exceed the model's context of {}",
-            prompt_len,
-            a.decode_tokens,
-            cfg.text.max_position_embeddings
-        )));
-    }
-
-    // ---- pruners ----
-    let PruneConfig::VisiPruner(mut visi_cfg) = PruneConfig::paper_default() else {
+    if model.cfg() != &cfg {
         return Err(internal(anyhow!(
-            "paper default is not a VisiPruner config"
+            "the loaded model's config differs from the one checked"
         )));
-    };
-    // The paper's shallow_mid_layer 6 leaves no legal fusion layer on very shallow models
-    // (the 6-layer test fixtures the llama.cpp peer script uses): scale it to the depth.
-    if let Some(s) = visi_cfg.shallow_mid_layer {
-        if s + 3 > layers {
-            let scaled = ((s * layers + 16) / 32).max(1);
-            eprintln!("bench: {layers}-layer model: shallow_mid_layer {s} scaled to {scaled}");
-            visi_cfg.shallow_mid_layer = Some(scaled);
-        }
     }
-    let shallow_mid = visi_cfg.shallow_mid_layer.unwrap_or(6);
-    let schedule = schedule_arg.unwrap_or(Schedule::Forced(default_schedule(layers, shallow_mid)));
-    let visi = match schedule {
-        Schedule::Forced(fs) => VisiPruner::forced(visi_cfg, layers, fs),
-        Schedule::Real => VisiPruner::new(visi_cfg, layers),
-    }
-    .map_err(|e| bad_input(anyhow!("--schedule on this {layers}-layer model: {e}")))?;
-    let fastv_p = FastV::new(fastv, layers)
-        .map_err(|e| bad_input(anyhow!("--fastv on this {layers}-layer model: {e}")))?;
     let mut methods: Vec<MethodRuns> = [
         ("dense", Box::new(Dense) as Box<dyn Pruner>),
         ("visipruner", Box::new(visi)),
@@ -597,6 +851,9 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     // ---- runs: warm-up, interleaved reps, one profiled run each ----
     let ids = synthetic_ids(&cfg, prompt_len, a.seed);
     let pixels = synthetic_pixels(cfg.vision.image_size, a.seed);
+    if a.conversation {
+        return conversation_bench(&a, &model, &backend, &ids, &pixels, &mut methods, schedule);
+    }
     let inp = Input {
         ids: &ids,
         span: ImageSpan {
@@ -606,7 +863,6 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         pixels: &pixels,
         decode_tokens: a.decode_tokens,
     };
-    let kv_dim = cfg.text.num_key_value_heads * cfg.text.head_dim;
     let profiled = a.layer_times || a.plot.is_some();
     let total = a.warmup + a.reps + usize::from(profiled);
     for round in 0..total {
@@ -623,7 +879,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
                     format!("rep {}/{}", round - a.warmup + 1, a.reps)
                 }
             );
-            let o = run_once(&model, b, &inp, mr.pruner.as_mut(), profile)
+            let o = run_once(&model, &backend, &inp, mr.pruner.as_mut(), profile)
                 .map_err(|e| internal(anyhow!("{}: {e}", mr.name)))?;
             if profile {
                 mr.layer_ms = o.layer_ms;
@@ -633,8 +889,8 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
                 mr.decode_ms.push(o.decode_ms);
             }
             if mr.stats.is_none() {
-                mr.kv_lens = o.cache.lens();
-                mr.kv_bytes = o.cache.bytes_used(kv_dim);
+                mr.kv_lens = o.kv_lens;
+                mr.kv_bytes = o.kv_bytes;
                 mr.stats = Some(o.stats);
                 mr.report = Some(mr.pruner.report());
             }
@@ -656,7 +912,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
             let (mut p, mut d) = (Vec::new(), Vec::new());
             for round in 0..a.warmup + a.reps {
                 eprintln!("bench: dense {} round {}", quant_name(q), round + 1);
-                let o = run_once(&m, b, &inp, &mut dense, false)
+                let o = run_once(&m, &backend, &inp, &mut dense, false)
                     .map_err(|e| internal(anyhow!("dense {}: {e}", quant_name(q))))?;
                 if round >= a.warmup {
                     p.push(o.prefill_ms);
@@ -681,16 +937,16 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     report["weight_formats"] = Value::Array(formats);
     report["model"]["weights_format"] = json!(quant_name(main_quant));
     if let Some(p) = &a.plot {
-        plot(p, &methods).map_err(internal)?;
+        let img = plot(&methods);
+        crate::validate::save_png("--plot", p, &img, a.force)?;
         eprintln!("bench: wrote {}", p.display());
     }
     if a.json {
         let text = serde_json::to_string(&report).map_err(|e| internal(e.into()))?;
-        println!("{text}");
+        crate::validate::println_stdout(&text)
     } else {
-        print_table(&report);
+        crate::validate::print_stdout(&table(&report))
     }
-    Ok(())
 }
 
 fn model_load_ms(m: &Model) -> f64 {
@@ -740,7 +996,6 @@ fn build_report(
     if let Ok(Some(l)) = models::synthetic::bench_next_layout(cfg) {
         shape.vision.passes = 1 + l.tiles.0 * l.tiles.1;
     }
-    let span_start = PREFIX_TOKENS;
     let mut out = serde_json::Map::new();
     let dense_prefill = min_median(&methods[0].prefill_ms);
     let dense_ttft: Vec<f64> = methods[0]
@@ -758,11 +1013,11 @@ fn build_report(
         let sched: Vec<LayerSchedule> = stats
             .layer_seq_lens
             .iter()
-            .zip(&stats.layer_image_lens)
+            .zip(&stats.layer_image_runs)
             .zip(&stats.layer_masks)
-            .map(|((&seq_len, &n), &mask)| LayerSchedule {
+            .map(|((&seq_len, runs), &mask)| LayerSchedule {
                 seq_len,
-                image: span_start..span_start + n,
+                image: runs.iter().map(|&(s, e)| s..e).collect(),
                 mask,
             })
             .collect();
@@ -902,9 +1157,13 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
-fn print_table(r: &Value) {
+/// The report as a text table.
+fn table(r: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let m = &r["methods"];
-    println!(
+    let _ = writeln!(
+        out,
         "visi bench: {} on {} ({}), prompt {} tokens ({} image), {} reps after {} warm-up, {} decode tokens",
         r["model"]["name"].as_str().unwrap_or("?"),
         r["device"]["adapter"].as_str().unwrap_or("?"),
@@ -915,8 +1174,9 @@ fn print_table(r: &Value) {
         r["warmup"],
         r["decode_tokens"],
     );
-    println!("schedule: {}", r["schedule"]);
-    println!(
+    let _ = writeln!(out, "schedule: {}", r["schedule"]);
+    let _ = writeln!(
+        out,
         "{:<11} {:>17} {:>19} {:>19} {:>12} {:>10} {:>9} {:>9} {:>7}",
         "method",
         "vision ms min/med",
@@ -933,7 +1193,8 @@ fn print_table(r: &Value) {
         if x.is_null() {
             continue;
         }
-        println!(
+        let _ = writeln!(
+        out,
             "{:<11} {:>8.1}/{:<8.1} {:>9.1}/{:<9.1} {:>9.1}/{:<9.1} {:>12.2} {:>10.2} {:>8.2}x {:>8.2}x {:>6.1}%",
             name,
             f(&x["vision_ms"]["min"]),
@@ -949,8 +1210,10 @@ fn print_table(r: &Value) {
             100.0 * f(&x["speedup"]["efficiency"]),
         );
     }
-    println!("realised = dense prefill median / method prefill median (decoder + lm_head, vision excluded);");
-    println!(
+    let _ = writeln!(
+        out,"realised = dense prefill median / method prefill median (decoder + lm_head, vision excluded);");
+    let _ = writeln!(
+        out,
         "FLOPs = analytic decoder FLOPs ratio of the schedule that ran; effic. = realised / FLOPs."
     );
     for name in ["visipruner", "fastv"] {
@@ -958,15 +1221,21 @@ fn print_table(r: &Value) {
         if x.is_null() {
             continue;
         }
-        println!("{name}: layer seq lens {}", compact(&x["layer_seq_lens"]));
+        let _ = writeln!(
+            out,
+            "{name}: layer seq lens {}",
+            compact(&x["layer_seq_lens"])
+        );
     }
     if let Some(fs) = r["weight_formats"].as_array().filter(|v| !v.is_empty()) {
-        println!(
+        let _ = writeln!(
+            out,
             "weight formats (dense): {:<6} {:>19} {:>16} {:>20}",
             "format", "prefill ms min/med", "prefill tok/s", "decode tok/s best/med"
         );
         for x in fs {
-            println!(
+            let _ = writeln!(
+                out,
                 "                        {:<6} {:>9.1}/{:<9.1} {:>16.1} {:>10.2}/{:<9.2}",
                 x["weights"].as_str().unwrap_or("?"),
                 f(&x["prefill_ms"]["min"]),
@@ -977,12 +1246,14 @@ fn print_table(r: &Value) {
             );
         }
     }
-    println!(
+    let _ = writeln!(
+        out,
         "memory: peak GPU bytes not reported by the backend; allocated ≈ {:.1} MiB (weights + largest KV)",
         f(&r["memory"]["allocated_bytes"]) / (1 << 20) as f64
     );
     if let Some(k) = r["kernel_efficiency"].as_object() {
-        println!(
+        let _ = writeln!(
+            out,
             "kernels ({}): FMA peak {:.1} GFLOP/s, copy peak {:.1} GB/s",
             k["timing"].as_str().unwrap_or("?"),
             f(&k["fma_peak_gflops"]),
@@ -990,7 +1261,8 @@ fn print_table(r: &Value) {
         );
         for row in k["rows"].as_array().into_iter().flatten() {
             if row["m"] == 640 {
-                println!(
+                let _ = writeln!(
+                    out,
                     "  gemm M=640 K={} N={} {}: {:.1} GFLOP/s = {:.1}% of FMA peak",
                     row["k"],
                     row["n"],
@@ -999,7 +1271,8 @@ fn print_table(r: &Value) {
                     100.0 * f(&row["frac_of_fma_peak"])
                 );
             } else {
-                println!(
+                let _ = writeln!(
+                    out,
                     "  gemv M=1   K={} N={} {}: {:.1} GB/s = {:.1}% of copy peak",
                     row["k"],
                     row["n"],
@@ -1010,8 +1283,9 @@ fn print_table(r: &Value) {
             }
         }
     } else {
-        println!("kernels: skipped");
+        let _ = writeln!(out, "kernels: skipped");
     }
+    out
 }
 
 /// `[640 x13, 45 x6, 35 x13]`: runs of equal values.
@@ -1032,7 +1306,8 @@ fn compact(v: &Value) -> String {
 
 /// Two panels, no text: top, sequence length per layer; bottom, profiled ms per layer.
 /// Grey = dense, blue = VisiPruner, orange = FastV (see bench/README.md).
-fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
+/// The per-layer plot (sequence length and time, dense vs pruned).
+fn plot(methods: &[MethodRuns]) -> RgbImage {
     const W: u32 = 900;
     const PH: u32 = 300;
     const PAD: u32 = 30;
@@ -1101,6 +1376,5 @@ fn plot(path: &Path, methods: &[MethodRuns]) -> anyhow::Result<()> {
             }
         }
     }
-    img.save(path)
-        .with_context(|| format!("--plot: cannot write {}", path.display()))
+    img
 }

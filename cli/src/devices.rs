@@ -22,20 +22,20 @@ pub fn devices(json: bool) -> Result<(), Failure> {
         let v = serde_json::json!({
             "adapters": list,
             "auto": auto_choice(&list),
+            "auto_backend": if list.iter().any(|a| a.auto_pick) { "wgpu" } else { "cpu" },
         });
         let text = serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?;
-        println!("{text}");
-        return Ok(());
+        return crate::validate::println_stdout(&text);
     }
-    print!("{}", table(&list));
-    Ok(())
+    crate::validate::print_stdout(&table(&list))
 }
 
-/// What `--device auto` runs on, in words.
+/// What `--device auto` runs on, and why, in words.
 pub fn auto_choice(list: &[engine_wgpu::AdapterReport]) -> String {
+    let why = engine_wgpu::auto_reason(list);
     match list.iter().find(|a| a.auto_pick) {
-        Some(a) => format!("adapter {} ({}, {})", a.index, a.name, a.backend),
-        None => "the CPU backend (no usable adapter)".to_string(),
+        Some(a) => format!("adapter {} ({}, {}): {why}", a.index, a.name, a.backend),
+        None => format!("the CPU backend: {why}"),
     }
 }
 
@@ -100,7 +100,7 @@ pub fn table(list: &[engine_wgpu::AdapterReport]) -> String {
         }
     }
     out.push_str(&format!(
-        "--device auto picks {}; --device cpu always works\n",
+        "--device auto picks {}; --device gpu runs the best adapter (software too); --device cpu always works\n",
         auto_choice(list)
     ));
     out

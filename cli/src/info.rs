@@ -17,7 +17,8 @@ use crate::errors::{bad_input, classify, human_bytes, internal, Failure, CPU_HIN
 pub enum InfoDevice {
     /// The adapter `--device auto` would pick, else the CPU backend.
     Auto,
-    /// A hardware adapter (an error when there is none).
+    /// The adapter `--device gpu` would pick, software ones included (an error when wgpu
+    /// lists none).
     Gpu,
     /// The CPU backend: host memory only.
     Cpu,
@@ -55,11 +56,10 @@ pub fn info(
     };
     if json_out {
         let text = serde_json::to_string(&v).map_err(|e| internal(e.into()))?;
-        println!("{text}");
+        crate::validate::println_stdout(&text)
     } else {
-        print!("{}", text_report(&v));
+        crate::validate::print_stdout(&text_report(&v))
     }
-    Ok(())
 }
 
 /// The report as JSON (the text form is rendered from it).
@@ -78,6 +78,15 @@ pub fn report(dir: &Path, device: InfoDevice) -> Result<Value, Failure> {
         .to_string();
 
     let source = open_safetensors(dir).map_err(classify)?;
+    // The config against the tensors: every layer it claims is stored, every tensor the
+    // engine loads has the shape the config implies.
+    models::checks::check_layers(
+        &cfg,
+        source.as_ref(),
+        "config.json: text_config.num_hidden_layers",
+    )
+    .map_err(classify)?;
+    models::checks::check_shapes(&cfg, source.as_ref()).map_err(classify)?;
     let mut stored = Vec::new();
     for name in source.names() {
         let view = source.view(&name).map_err(classify)?;
@@ -136,7 +145,9 @@ fn report_from(
     let mut dtypes: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     let mut params: BTreeMap<&str, u64> = BTreeMap::new();
     for (name, dtype, shape, bytes) in stored {
-        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        // Saturating: sizes from a config or header are bounded by the file, but a total
+        // must never wrap around into a small number.
+        let n: u64 = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
         let e = dtypes.entry(dtype.to_string()).or_default();
         e.0 += 1;
         e.1 += bytes;
@@ -157,26 +168,27 @@ fn report_from(
         tensors.push(TensorInfo {
             name,
             shape,
-            device_bytes: n * elem,
+            device_bytes: n.saturating_mul(elem),
         });
     }
-    let weights_bytes: u64 = tensors.iter().map(|t| t.device_bytes).sum();
+    let weights_bytes: u64 = tensors
+        .iter()
+        .fold(0u64, |a, t| a.saturating_add(t.device_bytes));
     let tc = &cfg.text;
     let ctx = tc.max_position_embeddings as u64;
+    let kv_row = 2u64
+        .saturating_mul(tc.num_hidden_layers as u64)
+        .saturating_mul((tc.num_key_value_heads as u64).saturating_mul(tc.head_dim as u64))
+        .saturating_mul(4);
     // K and V, f32, every layer, the whole context.
     // One image, a 64-token question and 256 answer tokens, dense (pruning only shrinks it).
     // LLaVA-NeXT: the largest square image's tokens (2,928 on llava-v1.6).
-    let typical_rows = (crate::bench::bench_image_tokens(cfg) + 64 + 256).min(ctx as usize) as u64;
-    let kv_typical = 2
-        * tc.num_hidden_layers as u64
-        * typical_rows
-        * (tc.num_key_value_heads * tc.head_dim) as u64
-        * 4;
-    let kv_bytes =
-        2 * tc.num_hidden_layers as u64 * ctx * (tc.num_key_value_heads * tc.head_dim) as u64 * 4;
+    let typical_rows = ((crate::bench::bench_image_tokens(cfg) + 64 + 256) as u64).min(ctx);
+    let kv_typical = kv_row.saturating_mul(typical_rows);
+    let kv_bytes = kv_row.saturating_mul(ctx);
     let largest = tensors.iter().max_by_key(|t| t.device_bytes);
 
-    let dev = device_check(device, largest, weights_bytes + kv_bytes)?;
+    let dev = device_check(device, largest, weights_bytes.saturating_add(kv_bytes))?;
     Ok(json!({
         "model_dir": label,
         "architecture": arch,
@@ -205,7 +217,7 @@ fn report_from(
             "kv_cache_bytes": kv_bytes,
             "kv_cache_bytes_one_image": kv_typical,
             "one_image_rows": typical_rows,
-            "total_bytes": weights_bytes + kv_bytes,
+            "total_bytes": weights_bytes.saturating_add(kv_bytes),
             "note": "weights as the engine stores them (f16/bf16 matrices as f16, f32 as stored, vectors f32), K/V in f32 at the full context; activations not included",
         },
         "largest_tensor": largest.map(|t| json!({
@@ -233,15 +245,22 @@ fn device_check(
     let chosen = match device {
         InfoDevice::Cpu => None,
         InfoDevice::Auto => adapters.iter().find(|a| a.auto_pick),
-        InfoDevice::Gpu => adapters
-            .iter()
-            .filter(|a| a.device_type != "cpu")
-            .max_by_key(|a| a.auto_pick),
+        InfoDevice::Gpu => adapters.iter().find(|a| a.gpu_pick),
     };
     let Some(a) = chosen else {
+        if device == InfoDevice::Auto {
+            if let Some(w) = std::env::var("VISI_ADAPTER")
+                .ok()
+                .filter(|w| !w.trim().is_empty())
+            {
+                return Err(bad_input(anyhow!(
+                    "VISI_ADAPTER: no adapter matches `{w}` (`visi-cli devices` lists them)"
+                )));
+            }
+        }
         if device == InfoDevice::Gpu {
             let f = classify(engine_core::Error::NoAdapter(format!(
-                "none of the {} adapters wgpu lists is a GPU; {CPU_HINT}",
+                "none of the {} adapters wgpu lists is usable; {CPU_HINT}",
                 adapters.len()
             )));
             return Err(Failure {
@@ -249,15 +268,29 @@ fn device_check(
                 ..f
             });
         }
+        let host = host_memory_bytes();
+        // Unknown host memory (not Linux): only the absurd is refused.
+        let fits = need <= host.unwrap_or(MAX_DEVICE_MEMORY);
         return Ok(json!({
             "backend": "cpu",
             "host_memory_bytes": need,
-            "fits": true,
-            "note": format!("the CPU backend needs about {} of host memory", human_bytes(need)),
+            "fits": fits,
+            "note": match host {
+                Some(h) => format!("the CPU backend needs about {} of host memory; this machine has {}", human_bytes(need), human_bytes(h)),
+                None => format!("the CPU backend needs about {} of host memory", human_bytes(need)),
+            },
         }));
     };
     let binding = a.max_storage_buffer_binding_size.min(a.max_buffer_size);
     let (fits, note) = match largest {
+        // wgpu does not tell an adapter's memory, but no GPU holds more than this.
+        _ if need > MAX_DEVICE_MEMORY => (
+            false,
+            format!(
+                "more than any single GPU's memory ({})",
+                human_bytes(MAX_DEVICE_MEMORY)
+            ),
+        ),
         None => (true, "no tensors".to_string()),
         Some(t) => {
             let rows = t.shape.first().copied().unwrap_or(1).max(1) as u64;
@@ -307,6 +340,24 @@ fn device_check(
         "fits": fits,
         "note": format!("{note}; needs about {} of GPU memory (wgpu does not report the adapter's size)", human_bytes(need)),
     }))
+}
+
+/// The most memory any one device has today (192 GiB: AMD MI300X, NVIDIA B200); an
+/// estimate above it cannot fit, whatever the adapter.
+const MAX_DEVICE_MEMORY: u64 = 192 << 30;
+
+/// Physical memory of this machine (`MemTotal` on Linux; None elsewhere).
+fn host_memory_bytes() -> Option<u64> {
+    let s = engine_core::files::read_text_limited(Path::new("/proc/meminfo"), 1 << 20).ok()?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb.saturating_mul(1024))
 }
 
 /// Whether `run --quant q` stores tensor `t` in format `q`: matrices whose rows are whole

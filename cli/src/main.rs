@@ -1,5 +1,6 @@
 //! `visi-cli`: run LLaVA on an image (`run`), describe a model (`info`), list adapters
-//! (`devices`), benchmark kernels (`bench-kernels`).
+//! (`devices`), benchmark kernels (`bench-kernels`), answer and score benchmark question
+//! files (`eval`, `eval-merge`, `score`, `sweep`).
 //!
 //! Exit status: 0 on success, 2 for bad input (files, flags, prompts, configs), 1 for
 //! internal failures. Errors are one `error: ...` line on stderr and nothing on stdout.
@@ -9,17 +10,25 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod answers;
 mod bench;
+mod chat;
 mod devices;
 mod errors;
+mod eval;
 mod info;
+mod plot;
 mod progress;
 mod quant_eval;
+mod score;
+mod sweep;
+mod validate;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use engine_core::{Backend, CpuBackend};
-use models::llava::{draw_kept_images, GenerateOptions, Llava};
+use image::RgbImage;
+use models::llava::{draw_kept_images, GenerateOptions, Generation, Llava};
 use models::preprocess::PadMode;
 use models::prompt::Template;
 use models::sampling::SamplingParams;
@@ -35,8 +44,19 @@ use errors::{bad_input, classify, internal, Failure};
     about = "visi: multimodal LLM inference over wgpu, with VisiPruner"
 )]
 struct Cli {
+    /// Threads of the CPU backend (default: the physical cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Most `--threads` accepted: far more than any CPU here, small enough to be a typo guard.
+const MAX_THREADS: usize = 1024;
+
+/// The CPU backend's thread count for the JSON report (`null` on a wgpu device).
+fn rayon_threads(dev: &engine_core::DeviceInfo) -> Option<usize> {
+    (dev.backend == "cpu").then(engine_core::cpu::current_threads)
 }
 
 #[derive(Subcommand)]
@@ -45,6 +65,10 @@ enum Cmd {
     /// pair (`--model text.gguf --mmproj mmproj.gguf`).
     #[command(args_override_self = true)]
     Run(RunArgs),
+    /// Talk with a LLaVA model: multi-turn, answers streamed, follow-ups reuse the image
+    /// and the shared prompt (one user turn per line when stdin is not a terminal).
+    #[command(args_override_self = true)]
+    Chat(chat::ChatArgs),
     /// Convert a llava-hf directory to llama.cpp's GGUF pair (`<name>.<quant>.gguf` and
     /// `mmproj-<name>.f16.gguf`).
     Quantize(QuantizeArgs),
@@ -73,6 +97,15 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Quality of each weight format against the stored weights (logit error, greedy agreement).
     QuantEval(quant_eval::QuantEvalArgs),
+    /// Answer a LLaVA question file (jsonl) or the MMBench TSV into LLaVA's answer jsonl,
+    /// resuming an existing answers file.
+    Eval(eval::EvalArgs),
+    /// Join `eval --num-chunks` chunk files in question order.
+    EvalMerge(eval::MergeArgs),
+    /// Official metrics of an answers file (POPE, MME, GQA, TextVQA, SEED, MMBench).
+    Score(score::ScoreArgs),
+    /// Run and score a list of pruning configs on one question set; table and PNG plot.
+    Sweep(sweep::SweepArgs),
     /// Kernel benchmark on the selected adapter (JSON).
     BenchKernels {
         /// Fewer repetitions.
@@ -92,69 +125,174 @@ enum TemplateArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum ImageModeArg {
+pub(crate) enum ImageModeArg {
     Crop,
     Pad,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum DeviceArg {
+pub(crate) enum DeviceArg {
     Auto,
     Gpu,
     Cpu,
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
-    /// llava-hf model directory (config.json, tokenizer.json, safetensors), or a repo id
-    /// (`llava-hf/llava-1.5-7b-hf`) already in the local Hugging Face cache.
+/// Model, device, pruning and sampling flags shared by `run` and `chat`.
+#[derive(clap::Args, Clone)]
+pub(crate) struct GenArgs {
+    /// llava-hf model directory (config.json, tokenizer.json, safetensors), a repo id
+    /// (`llava-hf/llava-1.5-7b-hf`) already in the local Hugging Face cache, or a GGUF file.
     #[arg(long)]
-    model: String,
-    /// Image file; without it the prompt is text only. Repeat it for several images: each
-    /// `<image>` of the prompt takes the next one, in order.
+    pub model: String,
+    /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
     #[arg(long)]
-    image: Vec<PathBuf>,
-    /// The question.
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, value_enum, default_value = "vicuna_v1")]
-    template: TemplateArg,
+    pub mmproj: Option<PathBuf>,
     /// crop: llava-hf's processor; pad: LLaVA-1.5's expand2square.
     #[arg(long, value_enum, default_value = "crop")]
-    image_mode: ImageModeArg,
+    pub image_mode: ImageModeArg,
     /// At least 1.
     #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
-    max_new_tokens: usize,
+    pub max_new_tokens: usize,
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    temperature: f32,
+    pub temperature: f32,
     /// 0 disables.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    top_k: usize,
+    pub top_k: usize,
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    top_p: f32,
+    pub top_p: f32,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
-    device: DeviceArg,
+    pub device: DeviceArg,
     /// Pruning config as JSON, or @file.json (default: the paper's VisiPruner config).
     #[arg(long, conflicts_with = "no_prune")]
-    prune: Option<String>,
+    pub prune: Option<String>,
     /// Run dense (no pruning, no masks).
     #[arg(long)]
-    no_prune: bool,
+    pub no_prune: bool,
+    /// Quantize the checkpoint's weight matrices as they load (kept quantized on the device).
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantArg>,
+}
+
+impl GenArgs {
+    /// Sampling flags, validated.
+    pub fn sampling(&self) -> Result<SamplingParams, Failure> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        sampling.validate().map_err(|e| bad_input(e.into()))?;
+        if self.max_new_tokens == 0 {
+            return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
+        }
+        Ok(sampling)
+    }
+
+    /// `--prune`/`--no-prune`: `None` is the default (paper config when it fits).
+    pub fn prune_config(&self) -> Result<Option<PruneConfig>, Failure> {
+        if self.no_prune {
+            return Ok(Some(PruneConfig::Dense));
+        }
+        self.prune
+            .as_deref()
+            .map(parse_prune)
+            .transpose()
+            .map_err(bad_input)
+    }
+
+    /// The image preprocessing mode.
+    pub fn pad_mode(&self) -> PadMode {
+        match self.image_mode {
+            ImageModeArg::Crop => PadMode::Crop,
+            ImageModeArg::Pad => PadMode::Pad,
+        }
+    }
+
+    /// Whether `--model` names a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        self.model.ends_with(".gguf")
+    }
+
+    /// Checks the model flags and resolves `--model` (cheap: no weights are read).
+    pub fn model_path(&self) -> Result<PathBuf, Failure> {
+        if let Some(m) = &self.mmproj {
+            if !self.is_gguf() {
+                return Err(bad_input(anyhow!(
+                    "--mmproj {} needs a GGUF text model (--model <file>.gguf)",
+                    m.display()
+                )));
+            }
+        }
+        if self.is_gguf() {
+            Ok(PathBuf::from(&self.model))
+        } else {
+            models::hub::resolve_model(&self.model).map_err(|e| bad_input(anyhow!("--model: {e}")))
+        }
+    }
+
+    /// Loads the LLaVA model (llava-hf directory or GGUF pair) with a progress bar.
+    pub fn load_llava(&self, model_dir: &Path) -> Result<Llava, Failure> {
+        load_llava(model_dir, self.mmproj.as_deref(), self.device, self.quant)
+    }
+}
+
+/// Loads a LLaVA model (a llava-hf directory, or a GGUF text model with its `mmproj`) on
+/// `device`, quantizing at load with `quant`; a progress bar on a terminal.
+pub(crate) fn load_llava(
+    model: &Path,
+    mmproj: Option<&Path>,
+    device: DeviceArg,
+    quant: Option<QuantArg>,
+) -> Result<Llava, Failure> {
+    let quant = quant.map(quant_type);
+    // Both backends have quantized kernels: --device picks as without --quant.
+    let backend = open_backend(device)?;
+    let bar = progress::load_bar();
+    let cb = bar.as_ref().map(|b| b.1.clone());
+    let loaded = match mmproj {
+        Some(mm) => Llava::load_gguf(model, mm, backend, cb, quant),
+        None => Llava::load_quantized(model, backend, cb, quant),
+    };
+    if let Some((b, _)) = &bar {
+        b.finish_and_clear();
+    }
+    loaded.map_err(classify)
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    g: GenArgs,
+    /// Image file; without it the prompt is text only. Repeat it for several images: each
+    /// `<image>` of the prompt takes the next one, in order.
+    #[arg(long, conflicts_with = "messages")]
+    image: Vec<PathBuf>,
+    /// The question.
+    #[arg(
+        long,
+        required_unless_present = "messages",
+        conflicts_with = "messages"
+    )]
+    prompt: Option<String>,
+    /// An OpenAI-style conversation (JSON `messages`), rendered with the model's template;
+    /// `-` reads it from stdin. Images come from its `image_url` parts.
+    #[arg(long)]
+    messages: Option<String>,
+    #[arg(long, value_enum, default_value = "vicuna_v1")]
+    template: TemplateArg,
     /// Write the image as the model saw it, pruned patches dimmed, kept ones outlined.
     #[arg(long)]
     save_kept: Option<PathBuf>,
+    /// Replace an existing --save-kept file.
+    #[arg(long)]
+    force: bool,
     /// Print one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Quantize the checkpoint's weight matrices as they load (kept quantized on the device).
-    #[arg(long, value_enum)]
-    quant: Option<QuantArg>,
-    /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
-    #[arg(long)]
-    mmproj: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -175,7 +313,7 @@ struct QuantizeArgs {
 
 /// A GGUF block format for `--quant`.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum QuantArg {
+pub(crate) enum QuantArg {
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_0")]
@@ -186,6 +324,16 @@ enum QuantArg {
     Q4K,
 }
 
+/// The engine's block format for `--quant`.
+fn quant_type(q: QuantArg) -> engine_core::QuantType {
+    match q {
+        QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
+        QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
+        QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
+        QuantArg::Q4K => engine_core::QuantType::Q4K,
+    }
+}
+
 fn main() -> ExitCode {
     devices::quiet_headless_probe();
     let cli = match Cli::try_parse() {
@@ -193,7 +341,11 @@ fn main() -> ExitCode {
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
+                // print! would panic on a failed write (`--help > /dev/full`).
+                if let Err(f) = validate::print_stdout(&e.to_string()) {
+                    eprintln!("error: {:#}", f.err);
+                    return ExitCode::from(f.code);
+                }
                 return ExitCode::SUCCESS;
             }
             // clap's message up to its usage block, folded onto one line.
@@ -216,9 +368,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(t) = cli.threads {
+        if t == 0 || t > MAX_THREADS {
+            eprintln!("error: --threads must be between 1 and {MAX_THREADS}, got {t}");
+            return ExitCode::from(2);
+        }
+    }
     errors::install_panic_hook();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.cmd {
+    // The command runs on the CPU backend's pool (its workers persist; none is spawned per op).
+    let threads = cli.threads;
+    let run_cmd = || match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Chat(a) => chat::chat(a),
         Cmd::Quantize(a) => quantize(a),
         Cmd::Info {
             model,
@@ -239,6 +400,13 @@ fn main() -> ExitCode {
         Cmd::BenchKernels { quick } => bench_kernels(quick),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::QuantEval(a) => quant_eval::quant_eval(a),
+        Cmd::Eval(a) => eval::eval(a),
+        Cmd::EvalMerge(a) => eval::merge(a),
+        Cmd::Score(a) => score::score(a),
+        Cmd::Sweep(a) => sweep::sweep(a),
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        engine_core::cpu::with_threads(threads, run_cmd)
     }));
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -255,21 +423,22 @@ fn main() -> ExitCode {
 }
 
 fn bench_kernels(quick: bool) -> Result<(), Failure> {
+    // No adapter (or a VISI_ADAPTER naming none) is the user's to fix: classify, exit 2.
     let v = engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick)
-        .map_err(|e| internal(e.into()))?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?
-    );
-    Ok(())
+        .map_err(classify)?;
+    validate::println_stdout(&serde_json::to_string_pretty(&v).map_err(|e| internal(e.into()))?)
 }
 
 /// Reads `--prune`: inline JSON or `@file.json`.
 fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
     let (text, origin) = match arg.strip_prefix('@') {
+        // A regular file of bounded size: `@/dev/zero` or a FIFO must not hang or grow.
         Some(path) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("--prune: cannot read {path}"))?,
+            engine_core::files::read_text_limited(
+                Path::new(path),
+                engine_core::files::MAX_CONFIG_BYTES,
+            )
+            .context("--prune")?,
             path.to_string(),
         ),
         None => (arg.to_string(), "--prune".to_string()),
@@ -281,12 +450,10 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
     match device {
         DeviceArg::Cpu => Ok(Arc::new(CpuBackend::new())),
         DeviceArg::Gpu => {
-            let opts = engine_wgpu::GpuOptions {
-                require_gpu: true,
-                ..Default::default()
-            };
-            // No usable adapter is the user's choice to fix (exit 2, suggests --device cpu).
-            engine_wgpu::open(&opts).map_err(|e| {
+            // Any adapter, software ones included (ranked last): asking for the wgpu backend
+            // is how lavapipe is chosen on purpose.
+            engine_wgpu::open(&engine_wgpu::GpuOptions::default()).map_err(|e| {
+                // No usable adapter is the user's choice to fix (exit 2, suggests --device cpu).
                 let f = classify(e);
                 Failure {
                     err: f.err.context("--device gpu"),
@@ -294,8 +461,21 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
                 }
             })
         }
-        DeviceArg::Auto => match engine_wgpu::open(&engine_wgpu::GpuOptions::default()) {
-            Ok(b) => Ok(b),
+        DeviceArg::Auto => match engine_wgpu::open_auto() {
+            Ok(engine_wgpu::Auto::Gpu(b)) => Ok(b),
+            Ok(engine_wgpu::Auto::Cpu(why)) => {
+                eprintln!("note: {why}; running on the CPU backend");
+                Ok(Arc::new(CpuBackend::new()))
+            }
+            // An adapter asked for by name that is not there is a mistake to report, not a
+            // reason to run on the CPU instead.
+            Err(e) if std::env::var("VISI_ADAPTER").is_ok_and(|v| !v.trim().is_empty()) => {
+                let f = classify(e);
+                Err(Failure {
+                    err: f.err.context("VISI_ADAPTER"),
+                    ..f
+                })
+            }
             Err(e) => {
                 eprintln!("note: {e}; running on the CPU backend");
                 Ok(Arc::new(CpuBackend::new()))
@@ -304,78 +484,133 @@ fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failure> {
     }
 }
 
-fn check_output_path(p: &Path) -> anyhow::Result<()> {
-    let ext = p
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase());
-    if ext.as_deref() != Some("png") {
-        return Err(anyhow!(
-            "--save-kept {}: the file name must end in .png",
-            p.display()
-        ));
-    }
-    let parent = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(anyhow!(
-            "--save-kept {}: directory {} does not exist",
-            p.display(),
-            parent.display()
-        ));
-    }
-    Ok(())
+/// The prompt `run` was given: `--prompt` with a template, or a `--messages` conversation
+/// rendered with the model's template (its images loaded, relative paths against the
+/// messages file's folder).
+struct RunPrompt {
+    /// The text before tokenisation (`<image>` where each image goes).
+    text: String,
+    /// The images, in prompt order.
+    images: Vec<RgbImage>,
 }
 
-/// Text-only generation from a llama.cpp GGUF file, on either backend (both dequantise
-/// GGUF blocks inside their matmul and embedding kernels).
-fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
-    if !a.image.is_empty() {
-        return Err(bad_input(anyhow!(
-            "--image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
-        )));
+/// Reads `--messages FILE|-` (a regular file, size-limited).
+fn read_messages(arg: &str) -> anyhow::Result<(Vec<models::chat::Message>, Option<PathBuf>)> {
+    use std::io::Read;
+    let limit = models::chat::MAX_MESSAGES_BYTES;
+    let (text, base) = if arg == "-" {
+        let mut buf = String::new();
+        std::io::stdin()
+            .lock()
+            .take(limit + 1)
+            .read_to_string(&mut buf)
+            .context("--messages -: cannot read stdin")?;
+        (buf, None)
+    } else {
+        let p = Path::new(arg);
+        let meta = std::fs::metadata(p).with_context(|| format!("--messages {arg}"))?;
+        if !meta.is_file() {
+            return Err(anyhow!("--messages {arg}: not a regular file"));
+        }
+        let mut buf = String::new();
+        std::fs::File::open(p)
+            .and_then(|f| f.take(limit + 1).read_to_string(&mut buf))
+            .with_context(|| format!("--messages {arg}"))?;
+        (buf, p.parent().map(Path::to_path_buf))
+    };
+    if text.len() as u64 > limit {
+        return Err(anyhow!("--messages {arg}: larger than {limit} bytes"));
     }
-    if a.save_kept.is_some() {
-        return Err(bad_input(anyhow!("--save-kept needs --image")));
+    let msgs = models::chat::parse_messages(&text).map_err(|e| anyhow!("--messages {arg}: {e}"))?;
+    Ok((msgs, base))
+}
+
+/// Everything `run` needs about its prompt, checked before any model loads.
+fn run_prompt(a: &RunArgs) -> Result<RunPrompt, Failure> {
+    if let Some(arg) = &a.messages {
+        if matches!(a.template, TemplateArg::Raw) {
+            return Err(bad_input(anyhow!(
+                "--messages is rendered with the model's template; --template raw does not apply"
+            )));
+        }
+        let (msgs, base) = read_messages(arg).map_err(bad_input)?;
+        let r = models::chat::render_vicuna_v1(&msgs).map_err(|e| bad_input(e.into()))?;
+        let images = r
+            .images
+            .iter()
+            .map(|u| models::chat::load_image_url(u, base.as_deref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad_input(e.into()))?;
+        return Ok(RunPrompt {
+            text: r.text,
+            images,
+        });
     }
+    let prompt = a.prompt.as_deref().unwrap_or_default();
     let template = match a.template {
         TemplateArg::VicunaV1 => Template::VicunaV1,
         TemplateArg::MistralInstruct => Template::MistralInstruct,
         TemplateArg::Raw => Template::Raw,
     };
+    let images = a
+        .image
+        .iter()
+        .map(|p| models::preprocess::load_image(p).map_err(|e| bad_input(e.into())))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Template errors do not need the model: report them before loading it.
     let text = template
-        .render(&a.prompt, false)
+        .render_images(prompt, images.len())
         .map_err(|e| bad_input(e.into()))?;
-    let backend = open_backend(a.device)?;
+    Ok(RunPrompt { text, images })
+}
+
+/// Text-only generation from a llama.cpp GGUF file, on either backend (both dequantise
+/// GGUF blocks inside their matmul and embedding kernels).
+fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), Failure> {
+    if !p.images.is_empty() {
+        return Err(bad_input(anyhow!(
+            "an image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
+        )));
+    }
+    if a.save_kept.is_some() {
+        return Err(bad_input(anyhow!("--save-kept needs --image")));
+    }
+    validate::input_file("--model", Path::new(&a.g.model))?;
+    let backend = open_backend(a.g.device)?;
     let dev = backend.device_info();
     let t0 = std::time::Instant::now();
-    let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.model), backend.clone())
+    let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.g.model), backend.clone())
         .map_err(classify)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let ids = m.encode(&text).map_err(|e| bad_input(e.into()))?;
+    let ids = m.encode(&p.text).map_err(|e| bad_input(e.into()))?;
     let t1 = std::time::Instant::now();
-    let (tokens, _) = m
-        .generate(backend.as_ref(), &ids, a.max_new_tokens, sampling)
+    let (tokens, _, timings) = m
+        .generate_timed(backend.clone(), &ids, a.g.max_new_tokens, sampling)
         .map_err(classify)?;
     let gen_ms = t1.elapsed().as_secs_f64() * 1e3;
     let out = m
         .tokenizer
         .decode(&tokens, true)
         .map_err(|e| internal(anyhow!("decoding: {e}")))?;
-    let mut stdout = std::io::stdout().lock();
     if a.json {
         let j = json!({
             "text": out,
+            "prompt": p.text,
             "tokens": tokens,
             "prompt_tokens": ids.len(),
-            "timings_ms": { "load": load_ms, "generate": gen_ms },
-            "device": { "backend": dev.backend, "adapter": dev.adapter },
+            "timings_ms": {
+                "load": load_ms,
+                "generate": gen_ms,
+                "prefill": timings.prefill_ms,
+                "decode": timings.decode_ms,
+            },
+            "decode_steps": timings.decode_steps,
+            "threads": rayon_threads(&dev),
+            "device": { "backend": dev.backend, "adapter": dev.adapter, "api": dev.api },
         });
-        let _ = writeln!(stdout, "{j}");
+        validate::println_stdout(&j.to_string())?;
     } else {
-        let _ = writeln!(stdout, "{out}");
+        validate::println_stdout(&out)?;
         eprintln!(
             "{} prompt + {} new tokens in {:.0} ms (load {:.0} ms), {}",
             ids.len(),
@@ -391,121 +626,65 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams) -> Result<(), Failure> {
 fn run(a: RunArgs) -> Result<(), Failure> {
     progress::install_ctrl_c();
     // ---- everything the user handed in, checked before any heavy work ----
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
-    sampling.validate().map_err(|e| bad_input(e.into()))?;
-    if a.max_new_tokens == 0 {
-        return Err(bad_input(anyhow!("--max-new-tokens must be at least 1")));
+    let sampling = a.g.sampling()?;
+    let prune = a.g.prune_config()?;
+    let model_dir = a.g.model_path()?;
+    if a.g.is_gguf() && a.g.mmproj.is_none() && !a.image.is_empty() {
+        return Err(bad_input(anyhow!(
+            "--image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
+        )));
     }
-    let gguf = a.model.ends_with(".gguf");
-    if gguf && a.mmproj.is_none() {
-        return run_gguf(&a, sampling);
+    for p in &a.image {
+        validate::input_file("--image", p)?;
     }
-    if let Some(m) = &a.mmproj {
-        if !gguf {
-            return Err(bad_input(anyhow!(
-                "--mmproj {} needs a GGUF text model (--model <file>.gguf)",
-                m.display()
-            )));
-        }
+    let p = run_prompt(&a)?;
+    if a.g.is_gguf() && a.g.mmproj.is_none() {
+        return run_gguf(&a, sampling, p);
     }
-    let prune = if a.no_prune {
-        Some(PruneConfig::Dense)
-    } else {
-        a.prune
-            .as_deref()
-            .map(parse_prune)
-            .transpose()
-            .map_err(bad_input)?
-    };
-    let model_dir = if gguf {
-        PathBuf::from(&a.model)
-    } else {
-        models::hub::resolve_model(&a.model).map_err(|e| bad_input(anyhow!("--model: {e}")))?
-    };
-    if let Some(p) = &a.save_kept {
-        if a.image.is_empty() {
+    // Input files are regular files (a FIFO would hang, a device never ends).
+    if a.g.is_gguf() {
+        validate::input_file("--model", Path::new(&a.g.model))?;
+    }
+    if let Some(m) = &a.g.mmproj {
+        validate::input_file("--mmproj", m)?;
+    }
+    if let Some(p) = &prune {
+        validate::prune_fits(p, &model_dir, a.g.is_gguf())?;
+    }
+    if let Some(path) = &a.save_kept {
+        if p.images.is_empty() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
         }
-        check_output_path(p).map_err(bad_input)?;
+        validate::output_file("--save-kept", path, "png", a.force)?;
     }
-    let images = a
-        .image
-        .iter()
-        .map(|p| models::preprocess::load_image(p).map_err(|e| bad_input(e.into())))
-        .collect::<Result<Vec<_>, _>>()?;
-    let template = match a.template {
-        TemplateArg::VicunaV1 => Template::VicunaV1,
-        TemplateArg::MistralInstruct => Template::MistralInstruct,
-        TemplateArg::Raw => Template::Raw,
-    };
-    // Template errors do not need the model: report them before loading it.
-    template
-        .render_images(&a.prompt, images.len())
-        .map_err(|e| bad_input(e.into()))?;
-    let image_mode = match a.image_mode {
-        ImageModeArg::Crop => PadMode::Crop,
-        ImageModeArg::Pad => PadMode::Pad,
-    };
+    let image_mode = a.g.pad_mode();
 
     // ---- model ----
-    let quant = a.quant.map(|q| match q {
-        QuantArg::Q8_0 => engine_core::QuantType::Q8_0,
-        QuantArg::Q4_0 => engine_core::QuantType::Q4_0,
-        QuantArg::Q4_1 => engine_core::QuantType::Q4_1,
-        QuantArg::Q4K => engine_core::QuantType::Q4K,
-    });
-    // Both backends have quantized kernels: --device picks as without --quant.
-    let backend = open_backend(a.device)?;
-    let bar = progress::load_bar();
-    let loaded = match &a.mmproj {
-        Some(mm) => Llava::load_gguf(
-            &model_dir,
-            mm,
-            backend,
-            bar.as_ref().map(|b| b.1.clone()),
-            quant,
-        ),
-        None => Llava::load_quantized(
-            &model_dir,
-            backend,
-            bar.as_ref().map(|b| b.1.clone()),
-            quant,
-        ),
-    };
-    if let Some((b, _)) = &bar {
-        b.finish_and_clear();
-    }
-    let llava = loaded.map_err(classify)?;
-    let counts = images
+    let llava = a.g.load_llava(&model_dir)?;
+    let counts = p
+        .images
         .iter()
         .map(|i| llava.image_tokens_for(i.width(), i.height()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad_input(e.into()))?;
     let prompt = llava
-        .prompt_images(template, &a.prompt, &counts)
+        .prompt_images(Template::Raw, &p.text, &counts)
         .map_err(|e| bad_input(e.into()))?;
     let (_, note) = llava
         .resolve_prune_for(prune.as_ref(), &prompt.image_spans)
         .map_err(|e| bad_input(e.into()))?;
-    if let Some(n) = &note {
-        eprintln!("note: {n}");
-    }
     let opts = GenerateOptions {
-        template,
+        template: Template::Raw,
         image_mode,
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens: a.g.max_new_tokens,
         sampling,
         prune,
         keep_first_logits: false,
     };
 
     // ---- generation ----
-    let encoded = images
+    let encoded = p
+        .images
         .iter()
         .map(|img| llava.encode_image(img, image_mode))
         .collect::<Result<Vec<_>, _>>()
@@ -513,86 +692,53 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let mut stdout = std::io::stdout().lock();
     let stream = !a.json;
     let delay = progress::token_delay();
+    // A failed write (closed pipe, full disk) stops generation: the answer is being lost.
+    let write_error: std::cell::RefCell<Option<std::io::Error>> = Default::default();
     let mut on_text = |t: &str| {
-        if stream {
-            // A closed stdout (e.g. piped into `head`) must not abort generation.
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
+        if stream && write_error.borrow().is_none() {
+            if let Err(e) = stdout.write_all(t.as_bytes()).and_then(|_| stdout.flush()) {
+                *write_error.borrow_mut() = Some(e);
+            }
         }
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
     };
+    let stop = || progress::stop_requested() || write_error.borrow().is_some();
     progress::set_generating(true);
     let gen = llava
-        .generate_ids_until(
-            &prompt,
-            &encoded,
-            &opts,
-            &mut on_text,
-            &progress::stop_requested,
-        )
+        .generate_ids_until(&prompt, &encoded, &opts, &mut on_text, &stop)
         .map_err(classify)?;
     progress::set_generating(false);
+    drop(stdout);
+    if let Some(e) = write_error.take() {
+        return Err(validate::stdout_error(e));
+    }
 
     if let Some(path) = &a.save_kept {
         let pic = draw_kept_images(
-            &images,
+            &p.images,
             &encoded,
             llava.config(),
             gen.prune.kept_image_tokens.as_deref(),
         );
-        pic.save(path)
-            .with_context(|| format!("--save-kept {}", path.display()))
-            .map_err(internal)?;
+        validate::save_png("--save-kept", path, &pic, a.force)?;
     }
 
     let dev = llava.device_info();
     if a.json {
-        let f = &gen.flops;
-        let out = json!({
-            "text": gen.text,
-            "tokens": gen.tokens,
-            "prompt_tokens": gen.prompt_tokens,
-            "image_tokens": gen.image_tokens,
-            "image_span": gen.image_span.map(|s| [s.start, s.end]),
-            "image_spans": gen.image_spans.iter().map(|s| [s.start, s.end]).collect::<Vec<_>>(),
-            "stopped_by_eos": gen.stopped_by_eos,
-            "interrupted": gen.interrupted,
-            "timings_ms": {
-                "load": gen.timings.load_ms,
-                "vision": gen.timings.vision_ms,
-                "prefill": gen.timings.prefill_ms,
-                "decode": gen.timings.decode_ms,
-            },
-            "decode_tokens_per_s": gen.decode_tokens_per_s,
-            "device": { "backend": dev.backend, "adapter": dev.adapter },
-            "pruning": {
-                "method": gen.prune.method,
-                "config": gen.prune.config,
-                "fusion_layer": gen.prune.fusion_layer,
-                "kept_image_tokens": gen.prune.kept_image_tokens,
-                "text_only_from_layer": gen.prune.text_only_from_layer,
-                "layer_seq_lens": gen.layer_seq_lens,
-                "layer_image_lens": gen.layer_image_lens,
-                "kv_lens": gen.kv_lens,
-                "kv_bytes": gen.kv_bytes,
-                "note": gen.prune_note,
-            },
-            "flops": {
-                "prefill": f.prefill,
-                "prefill_dense": f.prefill_dense,
-                "image_attention": f.attention_image,
-                "image_attention_dense": f.attention_image_dense,
-                "vision": f.vision,
-                "per_layer": f.per_layer,
-            },
-        });
+        let mut out = generation_json(&gen, &dev);
+        out["prompt"] = json!(p.text);
         let text = serde_json::to_string(&out).map_err(|e| internal(e.into()))?;
-        let _ = writeln!(stdout, "{text}");
+        validate::println_stdout(&text)?;
     } else {
-        let _ = writeln!(stdout);
-        let _ = stdout.flush();
+        validate::println_stdout("")?;
+    }
+    // Said once the answer is out, so that an error before it stays one line.
+    if let Some(n) = &note {
+        eprintln!("note: {n}");
+    }
+    if !a.json {
         eprintln!("{}", progress::stats_line(&gen, &dev.backend, &dev.adapter));
     }
     if gen.interrupted {
@@ -604,8 +750,60 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The `--json` object of one generation.
+pub(crate) fn generation_json(
+    gen: &Generation,
+    dev: &engine_core::DeviceInfo,
+) -> serde_json::Value {
+    let f = &gen.flops;
+    json!({
+        "text": gen.text,
+        "tokens": gen.tokens,
+        "prompt_tokens": gen.prompt_tokens,
+        "image_tokens": gen.image_tokens,
+        "image_span": gen.image_span.map(|s| [s.start, s.end]),
+        "image_spans": gen.image_spans.iter().map(|s| [s.start, s.end]).collect::<Vec<_>>(),
+        "stopped_by_eos": gen.stopped_by_eos,
+        "interrupted": gen.interrupted,
+        "timings_ms": {
+            "load": gen.timings.load_ms,
+            "vision": gen.timings.vision_ms,
+            "prefill": gen.timings.prefill_ms,
+            "decode": gen.timings.decode_ms,
+        },
+        "decode_tokens_per_s": gen.decode_tokens_per_s,
+        "device": { "backend": dev.backend, "adapter": dev.adapter, "api": dev.api },
+        "reuse": {
+            "reused_tokens": gen.reused_tokens,
+            "recomputed_from_layer": gen.recomputed_from_layer,
+            "computed_rows": gen.computed_rows,
+        },
+        "pruning": {
+            "method": gen.prune.method,
+            "config": gen.prune.config,
+            "fusion_layer": gen.prune.fusion_layer,
+            "kept_image_tokens": gen.prune.kept_image_tokens,
+            "text_only_from_layer": gen.prune.text_only_from_layer,
+            "layer_seq_lens": gen.layer_seq_lens,
+            "layer_image_lens": gen.layer_image_lens,
+            "kv_lens": gen.kv_lens,
+            "kv_bytes": gen.kv_bytes,
+            "note": gen.prune_note,
+        },
+        "flops": {
+            "prefill": f.prefill,
+            "prefill_dense": f.prefill_dense,
+            "image_attention": f.attention_image,
+            "image_attention_dense": f.attention_image_dense,
+            "vision": f.vision,
+            "per_layer": f.per_layer,
+        },
+    })
+}
+
 /// `visi-cli quantize`: a llava-hf directory to llama.cpp's GGUF pair.
 fn quantize(a: QuantizeArgs) -> Result<(), Failure> {
+    progress::install_ctrl_c();
     let ty = models::gguf_llava::PairType::parse(&a.quant).ok_or_else(|| {
         bad_input(anyhow!(
             "--quant {}: expected one of f16, q8_0, q4_0, q4_1, q4_k",
@@ -630,8 +828,7 @@ fn quantize(a: QuantizeArgs) -> Result<(), Failure> {
         b.finish_and_clear();
     }
     let w = res.map_err(classify)?;
-    println!("{}", w.text.display());
-    println!("{}", w.mmproj.display());
+    validate::println_stdout(&format!("{}\n{}", w.text.display(), w.mmproj.display()))?;
     eprintln!(
         "wrote the pair: {} text matrices in {}, {} kept f16 (rows not whole blocks); CLIP tower f16",
         w.quantized,

@@ -20,6 +20,8 @@ pub fn install_ctrl_c() {
     let _ = ctrlc::set_handler(|| {
         let again = STOP.swap(true, Ordering::SeqCst);
         if again || !GENERATING.load(Ordering::SeqCst) {
+            // A write under way (quantize's pair, --save-kept) leaves no temp file behind.
+            engine_core::files::remove_pending_temp_files();
             eprintln!("\ninterrupted");
             std::process::exit(i32::from(crate::errors::INTERRUPTED));
         }
@@ -29,6 +31,11 @@ pub fn install_ctrl_c() {
 /// Marks the start or end of generation for the Ctrl-C handler.
 pub fn set_generating(on: bool) {
     GENERATING.store(on, Ordering::SeqCst);
+}
+
+/// Forgets a Ctrl-C that stopped generation (chat goes on with the next turn).
+pub fn clear_stop() {
+    STOP.store(false, Ordering::SeqCst);
 }
 
 /// Whether Ctrl-C asked generation to stop.
@@ -83,10 +90,16 @@ pub fn stats_line(gen: &Generation, backend: &str, adapter: &str) -> String {
     } else {
         0.0
     };
-    let prune = match gen.prune.fusion_layer {
-        Some(l) => format!("{}, fusion layer {l}", gen.prune.method),
-        None => gen.prune.method.clone(),
-    };
+    let mut prune = gen.prune.method.clone();
+    if let Some(l) = gen.prune.fusion_layer {
+        prune += &format!(", fusion layer {l}");
+    }
+    if let Some(k) = &gen.prune.kept_image_tokens {
+        prune += &format!(", kept {} of {} image tokens", k.len(), gen.image_tokens);
+    }
+    if let Some(l) = gen.prune.text_only_from_layer {
+        prune += &format!(", text only from layer {l}");
+    }
     format!(
         "[{} prompt tokens ({} image), {} generated{}; time to first token {:.0} ms; prefill {:.1} tokens/s, decode {:.1} tokens/s; {} on {}; pruning {}]",
         gen.prompt_tokens,

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::anyhow;
-use engine_core::{Backend, HostData, QuantType, Tensor};
+use engine_core::{Backend, HostData, QuantType};
 use image::RgbImage;
 use models::llama::ImageSpan;
 use models::quality::{common_prefix, compare_logits, greedy_tokens, step_logits};
+use models::session::{ImageInput, PromptInput, Session};
 use models::synthetic::{SyntheticLlava, SyntheticShape};
 use models::{Llava, PadMode, Template};
 use pruner::PruneConfig;
@@ -101,6 +102,32 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
             )))
         }
     };
+    // Files and the pruning config against the model's depth, before anything loads.
+    if let Source::Pair(t, mm) = &source {
+        crate::validate::input_file("--model", t)?;
+        crate::validate::input_file("--mmproj", mm)?;
+    }
+    if let Some(p) = &a.image {
+        crate::validate::input_file("--image", p)?;
+    }
+    let layers = match &source {
+        Source::Dir(d) => {
+            models::LlavaConfig::from_file(&d.join("config.json"))
+                .map_err(classify)?
+                .text
+                .num_hidden_layers
+        }
+        Source::Shape(s) => s.config().map_err(classify)?.text.num_hidden_layers,
+        Source::Pair(t, _) => {
+            let f = engine_core::gguf::GgufFile::open(t).map_err(classify)?;
+            models::gguf::text_config(&f)
+                .map_err(classify)?
+                .num_hidden_layers
+        }
+    };
+    prune
+        .validate(layers)
+        .map_err(|e| bad_input(anyhow!("--prune on this {layers}-layer model: {e}")))?;
     let image = match &a.image {
         Some(_) if matches!(source, Source::Shape(_)) => {
             return Err(bad_input(anyhow!(
@@ -167,21 +194,17 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
         "formats": results,
     });
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&v).map_err(|e| internal(e.into()))?
-        );
+        crate::validate::println_stdout(&serde_json::to_string(&v).map_err(|e| internal(e.into()))?)
     } else {
-        print!("{}", table(&v));
+        crate::validate::print_stdout(&table(&v))
     }
-    Ok(())
 }
 
 /// One load of the model, ready to produce step logits.
 enum Loaded {
     Llava(Box<Llava>),
     /// The synthetic model and its prompt embeddings `[S, H]` with the image span.
-    Synth(Box<SyntheticLlava>, Tensor, ImageSpan),
+    Synth(Box<SyntheticLlava>, Vec<u32>, ImageInput),
 }
 
 /// Loads `source` with `quant` (None: as stored).
@@ -208,16 +231,16 @@ fn load(
             let pixels = b
                 .upload(HostData::F32(&synthetic_pixels(s, 0)), vec![3, s, s].into())
                 .map_err(classify)?;
-            let image = m.encode(b, &pixels).map_err(classify)?; // [N, H]
-            let span = ImageSpan {
-                start: PREFIX_TOKENS,
-                end: PREFIX_TOKENS + n_img,
+            let embeds = m.encode(b, &pixels).map_err(classify)?; // [N, H]
+            let image = ImageInput {
+                span: ImageSpan {
+                    start: PREFIX_TOKENS,
+                    end: PREFIX_TOKENS + n_img,
+                },
+                key: 0,
+                embeds,
             };
-            let embeds = m
-                .llama
-                .embed_with_image(b, &ids, span, &image)
-                .map_err(classify)?; // [S, H]
-            return Ok(Loaded::Synth(Box::new(m), embeds, span));
+            return Ok(Loaded::Synth(Box::new(m), ids, image));
         }
     }
     .map_err(classify)?;
@@ -234,11 +257,12 @@ fn step_rows(
     forced: Option<&[u32]>,
 ) -> Result<Vec<Vec<f32>>, Failure> {
     match loaded {
-        Loaded::Synth(m, embeds, span) => step_logits(
-            &m.llama,
-            backend.as_ref(),
-            embeds,
-            std::slice::from_ref(span),
+        Loaded::Synth(m, ids, image) => step_logits(
+            &mut Session::new(m.llama.clone(), backend.clone()),
+            PromptInput {
+                ids,
+                images: std::slice::from_ref(image),
+            },
             prune,
             steps,
             forced,

@@ -4,12 +4,12 @@
 //! Broken model directories are copies of `tests/fixtures/tiny-llava-gqa` in a temp dir
 //! with one file corrupted; the committed fixtures are never modified.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use visi_tests::{expect_error, fixtures};
+use visi_tests::{expect_error, fixtures, Scratch};
 
 fn visi_env(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
     let mut c = Command::new(env!("CARGO_BIN_EXE_visi-cli"));
@@ -27,33 +27,14 @@ fn visi(args: &[&str]) -> Result<Output> {
     visi_env(args, &[])
 }
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Self> {
-        let d = std::env::temp_dir().join(format!("visi-bad-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d)?;
-        Ok(Scratch(d))
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn s(&self) -> String {
-        self.0.to_string_lossy().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A copy of tiny-llava-gqa (symlinked tokenizer files copied as files).
 fn model_copy(tag: &str) -> Result<Scratch> {
-    let src = fixtures().join("tiny-llava-gqa");
+    model_copy_of("tiny-llava-gqa", tag)
+}
+
+/// A copy of fixture `name` (symlinked files copied as files).
+fn model_copy_of(name: &str, tag: &str) -> Result<Scratch> {
+    let src = fixtures().join(name);
     let dst = Scratch::new(tag)?;
     for e in std::fs::read_dir(&src)? {
         let e = e?;
@@ -363,7 +344,10 @@ fn missing_model() -> Result<()> {
     let args = |m: &'static str| -> Vec<&str> {
         vec!["run", "--model", m, "--image", &img, "--prompt", "x"]
     };
-    let env = [("HF_HUB_CACHE", cache.0.to_str().unwrap_or("/nonexistent"))];
+    let env = [(
+        "HF_HUB_CACHE",
+        cache.path().to_str().unwrap_or("/nonexistent"),
+    )];
     let out = visi_env(&args("no-such-org/no-such-model"), &env)?;
     expect_error(
         &out,
@@ -443,13 +427,69 @@ fn bad_images() -> Result<()> {
         std::fs::write(&p, bytes)?;
         paths.push((p.to_string_lossy().to_string(), needle.to_string(), name));
     }
-    paths.push((dir.s(), "directory".into(), "visi-bad-img"));
+    paths.push((dir.s(), "directory".into(), "visi-test-img"));
     paths.push(("/nonexistent/cat.png".into(), "not found".into(), "cat.png"));
     for (p, needle, name) in &paths {
         let out = visi(&[
             "run", "--model", &model, "--image", p, "--prompt", "x", "--device", "cpu",
         ])?;
         expect_error(&out, 2, &[needle, name]).with_context(|| format!("image {p}"))?;
+    }
+    Ok(())
+}
+
+/// JPEGs go through libjpeg-turbo (Pillow's decoder): damage, bombs and special files are
+/// refused with one line naming the file, before any pixel is allocated.
+#[test]
+fn bad_jpegs() -> Result<()> {
+    let dir = Scratch::new("jpeg")?;
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let good = std::fs::read(fixtures().join("images/wide.jpg"))?;
+    // The frame header (SOF0) of wide.jpg claims 30000x30000 pixels, then 65535x65535
+    // (over libjpeg's own limit).
+    let sof = good
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .context("wide.jpg has a SOF0")?;
+    let mut bomb = good.clone();
+    bomb[sof + 5..sof + 9].copy_from_slice(&[0x75, 0x30, 0x75, 0x30]);
+    let mut huge = good.clone();
+    huge[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+    let mut garbage = good[..200].to_vec();
+    garbage.extend(std::iter::repeat_n(0x5A, 300));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("half.jpg", good[..good.len() / 2].to_vec(), "truncated"),
+        ("bomb.jpg", bomb, "too large"),
+        ("huge.jpg", huge, "too large"),
+        ("garbage.jpg", garbage, "garbage.jpg"),
+        ("soi.jpg", good[..3].to_vec(), "soi.jpg"),
+    ];
+    for (name, bytes, needle) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes)?;
+        let p = p.to_string_lossy().to_string();
+        let out = visi(&[
+            "run", "--model", &model, "--image", &p, "--prompt", "x", "--device", "cpu",
+        ])?;
+        expect_error(&out, 2, &[needle, name]).with_context(|| format!("image {p}"))?;
+    }
+    #[cfg(unix)]
+    {
+        let out = visi(&[
+            "run",
+            "--model",
+            &model,
+            "--image",
+            "/dev/zero",
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+        ])?;
+        expect_error(&out, 2, &["not a regular file", "/dev/zero"])?;
     }
     Ok(())
 }
@@ -472,6 +512,9 @@ fn bad_flags() -> Result<()> {
         (vec!["--max-new-tokens", "0"], vec!["--max-new-tokens"]),
         (vec!["--max-new-tokens", "-3"], vec!["--max-new-tokens"]),
         (vec!["--device", "tpu"], vec!["tpu"]),
+        (vec!["--threads", "0"], vec!["--threads"]),
+        (vec!["--threads", "100000"], vec!["--threads"]),
+        (vec!["--threads", "two"], vec!["--threads"]),
         (vec!["--template", "raw"], vec!["<image>"]),
         (
             vec!["--template", "raw", "--prompt", "<image> and <image>"],
@@ -512,6 +555,1032 @@ fn no_usable_adapter_suggests_cpu() -> Result<()> {
     let out = out?;
     if !out.status.success() {
         expect_error(&out, 2, &["--device cpu"])?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The review's list (issue 16): special files, traversal, output failures, garbage values,
+// exit codes, info checks, quieter surprises. Each ends with exit 2 and one error line.
+// ---------------------------------------------------------------------------------------
+
+/// Runs visi-cli with a watchdog: a hang (a FIFO opened for reading) fails the test after
+/// `secs` instead of blocking it forever.
+fn visi_timed(args: &[&str], env: &[(&str, &str)], secs: u64) -> Result<Output> {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_visi-cli"));
+    c.args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("VISI_ADAPTER")
+        .env_remove("CI")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().context("spawning visi-cli")?;
+    let t0 = std::time::Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            return child.wait_with_output().context("collecting output");
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("visi-cli {args:?} still running after {secs} s (hang)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Runs visi-cli with stdout going to `/dev/full` (every write fails with ENOSPC).
+fn visi_to_dev_full(args: &[&str]) -> Result<Output> {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full")?;
+    Command::new(env!("CARGO_BIN_EXE_visi-cli"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("VISI_ADAPTER")
+        .env_remove("CI")
+        .stdout(full)
+        .output()
+        .context("running visi-cli")
+}
+
+fn mkfifo(p: &Path) -> Result<bool> {
+    let _ = std::fs::remove_file(p);
+    Ok(Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false))
+}
+
+/// Edits one key of `config.json` (a JSON pointer path) in a model copy.
+fn set_config(d: &Path, path: &[&str], v: Value) -> Result<()> {
+    let p = d.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+    let mut at = &mut cfg;
+    for k in &path[..path.len() - 1] {
+        at = &mut at[*k];
+    }
+    at[path[path.len() - 1]] = v;
+    std::fs::write(&p, serde_json::to_string(&cfg)?)?;
+    Ok(())
+}
+
+#[test]
+fn config_values_that_make_garbage() -> Result<()> {
+    type Edit = (
+        &'static str,
+        Vec<&'static str>,
+        Value,
+        Vec<&'static str>,
+        bool,
+    );
+    let cases: Vec<Edit> = vec![
+        // 10^9 layers: named before a 784 GB allocation (run) or a runaway estimate (info).
+        (
+            "layers1e9",
+            vec!["text_config", "num_hidden_layers"],
+            Value::from(1_000_000_000u64),
+            vec!["num_hidden_layers", "1000000000"],
+            true,
+        ),
+        (
+            "layers9",
+            vec!["text_config", "num_hidden_layers"],
+            Value::from(9),
+            vec!["num_hidden_layers", "layer 8"],
+            true,
+        ),
+        (
+            "negeps",
+            vec!["text_config", "rms_norm_eps"],
+            Value::from(-1e-6),
+            vec!["config.json", "rms_norm_eps"],
+            true,
+        ),
+        (
+            "vnegeps",
+            vec!["vision_config", "layer_norm_eps"],
+            Value::from(-1.0),
+            vec!["config.json", "layer_norm_eps"],
+            true,
+        ),
+        (
+            "rope0",
+            vec!["text_config", "rope_theta"],
+            Value::from(0.0),
+            vec!["config.json", "rope_theta"],
+            true,
+        ),
+        (
+            "ropelin",
+            vec!["text_config", "rope_scaling"],
+            serde_json::json!({"rope_type": "linear"}),
+            vec!["config.json", "rope_scaling.factor"],
+            true,
+        ),
+        (
+            "ropefac",
+            vec!["text_config", "rope_scaling"],
+            serde_json::json!({"type": "linear", "factor": -2.0}),
+            vec!["config.json", "rope_scaling.factor"],
+            true,
+        ),
+        (
+            "imgbos",
+            vec!["image_token_index"],
+            Value::from(1),
+            vec!["config.json", "image_token_index", "bos_token_id"],
+            true,
+        ),
+        (
+            "imgvocab",
+            vec!["image_token_index"],
+            Value::from(10_000_000u64),
+            vec!["config.json", "image_token_index"],
+            true,
+        ),
+        (
+            "bosvocab",
+            vec!["text_config", "bos_token_id"],
+            Value::from(99_999_999u64),
+            vec!["config.json", "bos_token_id", "vocabulary"],
+            true,
+        ),
+        (
+            "headdim0",
+            vec!["text_config", "head_dim"],
+            Value::from(0),
+            vec!["config.json", "head_dim"],
+            true,
+        ),
+        // info checks tensors against the config: an MLP width the tensors do not have.
+        (
+            "inter",
+            vec!["text_config", "intermediate_size"],
+            Value::from(100),
+            vec!["intermediate_size", "mlp"],
+            false,
+        ),
+    ];
+    for (tag, path, v, needles, run_too) in cases {
+        let m = model_copy(tag)?;
+        set_config(m.path(), &path, v)?;
+        if run_too {
+            expect_error(&run_model(&m)?, 2, &needles).with_context(|| format!("{tag}: run"))?;
+        }
+        let out = visi(&["info", "--model", &m.s(), "--device", "cpu"])?;
+        let info_needles: Vec<&str> = if tag == "inter" {
+            vec!["mlp", "config implies"]
+        } else {
+            needles.clone()
+        };
+        expect_error(&out, 2, &info_needles).with_context(|| format!("{tag}: info"))?;
+    }
+    // The tokenizer may be smaller than the embedding table (llava-hf pads it), never larger.
+    let m = model_copy("tokbig")?;
+    set_config(m.path(), &["text_config", "vocab_size"], Value::from(1000))?;
+    set_config(m.path(), &["image_token_index"], Value::from(999))?;
+    set_config(m.path(), &["text_config", "eos_token_id"], Value::from(2))?;
+    expect_error(&run_model(&m)?, 2, &["tokenizer.json", "vocab_size 1000"])?;
+    Ok(())
+}
+
+#[test]
+fn info_does_not_overflow_or_claim_an_absurd_fit() -> Result<()> {
+    let m = model_copy("ctxmax")?;
+    set_config(
+        m.path(),
+        &["text_config", "max_position_embeddings"],
+        Value::from(u64::MAX),
+    )?;
+    let out = visi(&["info", "--model", &m.s(), "--device", "cpu", "--json"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "info failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(v["device"]["fits"] == false, "fits: {}", v["device"]);
+    ensure!(
+        v["memory"]["kv_cache_bytes"].as_u64() == Some(u64::MAX),
+        "kv bytes must saturate, not wrap: {}",
+        v["memory"]
+    );
+    let out = visi(&["info", "--model", &m.s(), "--device", "cpu"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(!text.contains("fits         yes"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn duplicate_safetensors_names_and_crop_size() -> Result<()> {
+    broken_model(
+        "dupname",
+        |d| {
+            let p = d.join(SHARD);
+            let (h, data) = read_st(&p)?;
+            let name = matrices(&h).first().cloned().context("no matrix")?;
+            // serde_json keeps one key: write the duplicate into the header text by hand.
+            let mut text = serde_json::to_string(&h)?;
+            let entry = serde_json::to_string(&h[&name])?;
+            let dup = format!(",{}:{entry}}}", serde_json::to_string(&name)?);
+            text.pop();
+            text.push_str(&dup);
+            let mut out = (text.len() as u64).to_le_bytes().to_vec();
+            out.extend_from_slice(text.as_bytes());
+            out.extend_from_slice(&data);
+            std::fs::write(&p, out)?;
+            Ok(vec![SHARD.into(), name, "twice".into()])
+        },
+        true,
+    )?;
+    // crop_size 224 against tiny-llava-mha's 336 tower: refused before loading, exit 2.
+    let src = fixtures().join("tiny-llava-mha");
+    let m = Scratch::new("crop")?;
+    for e in std::fs::read_dir(&src)? {
+        let e = e?;
+        std::fs::copy(e.path(), m.path().join(e.file_name()))?;
+    }
+    let p = m.path().join("preprocessor_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+    v["crop_size"] = serde_json::json!({"height": 224, "width": 224});
+    std::fs::write(&p, serde_json::to_string(&v)?)?;
+    expect_error(
+        &run_model(&m)?,
+        2,
+        &["preprocessor_config.json", "crop_size", "336"],
+    )?;
+    Ok(())
+}
+
+/// A GGUF copy of `src` with its metadata edited (tensors as they are).
+fn edit_gguf(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, engine_core::gguf::GgufValue)>),
+) -> Result<()> {
+    use engine_core::weights::WeightSource;
+    let f = engine_core::gguf::GgufFile::open(src)?;
+    let mut md: Vec<(String, engine_core::gguf::GgufValue)> = f
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("GGUF."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    edit(&mut md);
+    let mut ts = Vec::new();
+    for info in f.tensor_infos() {
+        let v = f.view(&info.name)?;
+        ts.push(engine_core::gguf::GgufTensorOut {
+            name: info.name.clone(),
+            dtype: v.dtype,
+            shape: v.shape.to_vec(),
+            bytes: v.bytes.to_vec(),
+        });
+    }
+    std::fs::write(dst, engine_core::gguf::to_gguf_bytes(&md, &ts)?)?;
+    Ok(())
+}
+
+fn set_md(
+    md: &mut Vec<(String, engine_core::gguf::GgufValue)>,
+    k: &str,
+    v: engine_core::gguf::GgufValue,
+) {
+    md.retain(|(n, _)| n != k);
+    md.push((k.to_string(), v));
+}
+
+#[test]
+fn gguf_values_that_make_garbage() -> Result<()> {
+    use engine_core::gguf::GgufValue as G;
+    let d = fixtures().join("gguf/tiny-llava-mha");
+    let (text, mmproj) = (
+        d.join("tiny-llava-mha.f16.gguf"),
+        d.join("mmproj-tiny-llava-mha.f16.gguf"),
+    );
+    let dir = Scratch::new("gguf")?;
+    let img = fixtures().join("images/square.png");
+    let img = img.to_string_lossy().to_string();
+    type Case = (&'static str, bool, &'static str, G, Vec<&'static str>);
+    let cases: Vec<Case> = vec![
+        (
+            "blocks1e9",
+            true,
+            "llama.block_count",
+            G::U32(1_000_000_000),
+            vec!["llama.block_count", "1000000000"],
+        ),
+        (
+            "blocks0",
+            true,
+            "llama.block_count",
+            G::U32(0),
+            vec!["llama.block_count", "positive"],
+        ),
+        (
+            "epsnan",
+            true,
+            "llama.attention.layer_norm_rms_epsilon",
+            G::F32(f32::NAN),
+            vec!["layer_norm_rms_epsilon", "NaN"],
+        ),
+        (
+            "epsneg",
+            false,
+            "clip.vision.attention.layer_norm_epsilon",
+            G::F32(-1e-5),
+            vec!["clip.vision.attention.layer_norm_epsilon"],
+        ),
+        (
+            "bos",
+            true,
+            "tokenizer.ggml.bos_token_id",
+            G::U32(9_999_999),
+            vec!["tokenizer.ggml.bos_token_id", "vocabulary"],
+        ),
+        (
+            "eos",
+            true,
+            "tokenizer.ggml.eos_token_id",
+            G::U32(9_999_999),
+            vec!["tokenizer.ggml.eos_token_id", "vocabulary"],
+        ),
+        (
+            "ropedim",
+            true,
+            "llama.rope.dimension_count",
+            G::U32(4),
+            vec!["llama.rope.dimension_count", "head width"],
+        ),
+        (
+            "std0",
+            false,
+            "clip.vision.image_std",
+            G::Array(vec![G::F32(0.0), G::F32(0.5), G::F32(0.5)]),
+            vec!["image_std"],
+        ),
+    ];
+    for (tag, in_text, key, v, needles) in cases {
+        let (t, m) = (
+            dir.path().join(format!("{tag}.gguf")),
+            dir.path().join(format!("mmproj-{tag}.gguf")),
+        );
+        if in_text {
+            edit_gguf(&text, &t, |md| set_md(md, key, v))?;
+            std::fs::copy(&mmproj, &m)?;
+        } else {
+            std::fs::copy(&text, &t)?;
+            edit_gguf(&mmproj, &m, |md| set_md(md, key, v))?;
+        }
+        let (ts, ms) = (
+            t.to_string_lossy().to_string(),
+            m.to_string_lossy().to_string(),
+        );
+        let out = visi(&[
+            "run",
+            "--model",
+            &ts,
+            "--mmproj",
+            &ms,
+            "--image",
+            &img,
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+        ])?;
+        expect_error(&out, 2, &needles).with_context(|| format!("{tag}: pair"))?;
+        if in_text {
+            // The text model alone reads the same keys.
+            let out = visi(&[
+                "run",
+                "--model",
+                &ts,
+                "--prompt",
+                "hi",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "2",
+            ])?;
+            expect_error(&out, 2, &needles).with_context(|| format!("{tag}: text only"))?;
+        }
+    }
+    // Overlapping tensor ranges: the second tensor's offset pointed at the first's bytes.
+    let f = engine_core::gguf::GgufFile::open(&text)?;
+    let names: Vec<String> = f.tensor_infos().map(|i| i.name.clone()).collect();
+    let mut bytes = std::fs::read(&text)?;
+    let offset_of = |bytes: &[u8], name: &str| -> Result<usize> {
+        // name (u64 length + bytes), rank u32, dims u64 x rank, type u32, then the offset.
+        let mut key = (name.len() as u64).to_le_bytes().to_vec();
+        key.extend_from_slice(name.as_bytes());
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key.as_slice())
+            .context("name")?;
+        let r = at + key.len();
+        let rank = u32::from_le_bytes(bytes[r..r + 4].try_into()?) as usize;
+        Ok(r + 4 + 8 * rank + 4)
+    };
+    // The two tensors stored first (smallest data offsets).
+    let mut by_offset = Vec::new();
+    for n in &names {
+        let at = offset_of(&bytes, n)?;
+        by_offset.push((
+            u64::from_le_bytes(bytes[at..at + 8].try_into()?),
+            at,
+            n.clone(),
+        ));
+    }
+    by_offset.sort();
+    let (a, b) = (&by_offset[0], &by_offset[1]);
+    let (oa, ob) = (a.1, b.1);
+    let first: [u8; 8] = bytes[oa..oa + 8].try_into()?;
+    bytes[ob..ob + 8].copy_from_slice(&first);
+    let overlap = dir.path().join("overlap.gguf");
+    std::fs::write(&overlap, bytes)?;
+    let out = visi(&[
+        "run",
+        "--model",
+        &overlap.to_string_lossy(),
+        "--prompt",
+        "hi",
+        "--device",
+        "cpu",
+    ])?;
+    expect_error(&out, 2, &["overlap.gguf", "overlap", &a.2, &b.2])?;
+    Ok(())
+}
+
+#[test]
+fn special_files_are_refused_without_hanging() -> Result<()> {
+    let dir = Scratch::new("special")?;
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let d = fixtures().join("gguf/tiny-llava-mha");
+    let text = d
+        .join("tiny-llava-mha.f16.gguf")
+        .to_string_lossy()
+        .to_string();
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "run",
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // /dev/zero never ends: as a pruning config and behind a config.json symlink.
+    let mut cases: Vec<(Vec<String>, Vec<String>)> = vec![(
+        base(&["--model", &model, "--image", &img, "--prune", "@/dev/zero"]),
+        vec!["--prune".into(), "/dev/zero".into()],
+    )];
+    let m = model_copy("zerocfg")?;
+    std::fs::remove_file(m.path().join("config.json"))?;
+    #[cfg(unix)]
+    std::os::unix::fs::symlink("/dev/zero", m.path().join("config.json"))?;
+    cases.push((
+        base(&["--model", &m.s(), "--image", &img]),
+        vec!["config.json".into(), "device".into()],
+    ));
+    let mut keep = None;
+    let fifo = dir.path().join("fifo.png");
+    if mkfifo(&fifo)? {
+        let f = fifo.to_string_lossy().to_string();
+        let fg = dir.path().join("fifo.gguf");
+        mkfifo(&fg)?;
+        let fg = fg.to_string_lossy().to_string();
+        cases.push((
+            base(&["--model", &model, "--image", &f]),
+            vec!["--image".into(), "FIFO".into()],
+        ));
+        cases.push((
+            base(&["--model", &fg]),
+            vec!["--model".into(), "FIFO".into()],
+        ));
+        cases.push((
+            base(&["--model", &text, "--mmproj", &fg, "--image", &img]),
+            vec!["--mmproj".into(), "FIFO".into()],
+        ));
+        cases.push((
+            base(&[
+                "--model",
+                &model,
+                "--image",
+                &img,
+                "--prune",
+                &format!("@{f}"),
+            ]),
+            vec!["--prune".into(), "FIFO".into()],
+        ));
+        let mf = model_copy("fifocfg")?;
+        std::fs::remove_file(mf.path().join("config.json"))?;
+        mkfifo(&mf.path().join("config.json"))?;
+        cases.push((
+            base(&["--model", &mf.s(), "--image", &img]),
+            vec!["config.json".into(), "FIFO".into()],
+        ));
+        let out = visi_timed(&["info", "--model", &mf.s(), "--device", "cpu"], &[], 20)?;
+        expect_error(&out, 2, &["config.json", "FIFO"]).context("info on a FIFO config")?;
+        // Kept alive until the cases ran (its drop removes the directory).
+        keep = Some(mf);
+    } else {
+        eprintln!("no mkfifo here: FIFO cases skipped");
+    }
+    for (args, needles) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let n: Vec<&str> = needles.iter().map(String::as_str).collect();
+        let out = visi_timed(&a, &[], 20)?;
+        expect_error(&out, 2, &n).with_context(|| format!("{args:?}"))?;
+    }
+    drop(keep);
+    Ok(())
+}
+
+#[test]
+fn hf_cache_refs_main_is_confined_to_snapshots() -> Result<()> {
+    let cache = Scratch::new("refs")?;
+    let repo = cache.path().join("models--org--name");
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::create_dir_all(repo.join("snapshots"))?;
+    // A real model the traversal would reach: the fixture, via ../../..
+    let fixture = fixtures().join("tiny-llava-mha");
+    let snap = repo.join("snapshots/abc");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&fixture, &snap)?;
+    let env = [(
+        "HF_HUB_CACHE",
+        cache.path().to_str().unwrap_or("/nonexistent"),
+    )];
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let args = [
+        "run",
+        "--model",
+        "org/name",
+        "--image",
+        &img,
+        "--prompt",
+        "x",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "1",
+    ];
+    let abs = fixture.to_string_lossy().to_string();
+    for bad in ["../../..", "../snapshots/abc/..", abs.as_str(), "missing"] {
+        std::fs::write(repo.join("refs/main"), bad)?;
+        let out = visi_env(&args, &env)?;
+        expect_error(&out, 2, &["refs/main"]).with_context(|| format!("refs/main = {bad:?}"))?;
+    }
+    // The right revision works.
+    std::fs::write(repo.join("refs/main"), "abc\n")?;
+    let out = visi_env(&args, &env)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn output_failures_are_errors() -> Result<()> {
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let run = [
+        "run",
+        "--model",
+        &model,
+        "--image",
+        &img,
+        "--prompt",
+        "hi",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+    ];
+    let mut json_run = run.to_vec();
+    json_run.push("--json");
+    let dir = Scratch::new("devfull")?;
+    let out_prefix = dir.path().join("q").to_string_lossy().to_string();
+    let cases: Vec<Vec<&str>> = vec![
+        run.to_vec(),
+        json_run,
+        vec!["devices"],
+        vec!["devices", "--json"],
+        vec!["info", "--model", &model, "--device", "cpu"],
+        vec!["info", "--shape", "tiny", "--device", "cpu", "--json"],
+        vec![
+            "quantize",
+            "--model",
+            &model,
+            "--quant",
+            "q8_0",
+            "--out",
+            &out_prefix,
+        ],
+        vec!["--help"],
+        vec!["--version"],
+    ];
+    for a in &cases {
+        let out = visi_to_dev_full(a)?;
+        expect_error(&out, 2, &["stdout"]).with_context(|| format!("{a:?} > /dev/full"))?;
+    }
+    // A stdout pipe closed by the reader (`| head -c0`) stops the run with the error.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
+        .args(run)
+        .args(["--max-new-tokens", "200"])
+        .env("VISI_DEBUG_TOKEN_DELAY_MS", "50")
+        .env_remove("CI")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(2),
+        "closed pipe: exit {:?}: {stderr}",
+        out.status.code()
+    );
+    ensure!(!stderr.contains("panic"), "{stderr}");
+    ensure!(
+        stderr.lines().filter(|l| l.starts_with("error:")).count() == 1,
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn quantize_refuses_devices_and_cleans_up() -> Result<()> {
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    // /dev/full is not a directory; taken as a prefix it would write into /dev.
+    let out = visi(&[
+        "quantize",
+        "--model",
+        &model,
+        "--quant",
+        "q8_0",
+        "--out",
+        "/dev/full",
+    ])?;
+    expect_error(&out, 2, &["/dev/full", "not a directory"])?;
+    ensure!(
+        !Path::new("/dev/full.q8_0.gguf").exists(),
+        "wrote into /dev"
+    );
+    // 10^9 layers: refused, no file written.
+    let m = model_copy_of("tiny-llava-mha", "qlayers")?;
+    set_config(
+        m.path(),
+        &["text_config", "num_hidden_layers"],
+        Value::from(1_000_000_000u64),
+    )?;
+    let dir = Scratch::new("qout")?;
+    let out = visi(&[
+        "quantize",
+        "--model",
+        &m.s(),
+        "--quant",
+        "q8_0",
+        "--out",
+        &format!("{}/", dir.s()),
+    ])?;
+    expect_error(&out, 2, &["num_hidden_layers"])?;
+    ensure!(
+        std::fs::read_dir(dir.path())?.next().is_none(),
+        "files left behind"
+    );
+    // Ctrl-C while the pair is being written: exit 130, nothing left (no .tmp files).
+    #[cfg(unix)]
+    {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
+            .args([
+                "quantize",
+                "--model",
+                &model,
+                "--quant",
+                "q8_0",
+                "--out",
+                &format!("{}/", dir.s()),
+            ])
+            .env("VISI_DEBUG_WRITE_DELAY_MS", "5000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let t0 = std::time::Instant::now();
+        let tmp_seen = loop {
+            let tmps = std::fs::read_dir(dir.path())?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+                .count();
+            if tmps == 2 {
+                break true;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(60) || child.try_wait()?.is_some() {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        ensure!(tmp_seen, "the temp files never appeared");
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()?;
+        let st = child.wait()?;
+        ensure!(st.code() == Some(130), "exit {:?}", st.code());
+        let left: Vec<_> = std::fs::read_dir(dir.path())?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        ensure!(left.is_empty(), "left behind after Ctrl-C: {left:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn save_kept_and_plot_are_checked_before_the_run() -> Result<()> {
+    let dir = Scratch::new("kept")?;
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let existing = dir.path().join("kept.png");
+    std::fs::write(&existing, b"keep me")?;
+    let e = existing.to_string_lossy().to_string();
+    let run = |extra: &[&str]| -> Result<Output> {
+        let mut a = vec![
+            "run",
+            "--model",
+            &model,
+            "--image",
+            &img,
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+        ];
+        a.extend(extra);
+        visi(&a)
+    };
+    expect_error(&run(&["--save-kept", &e])?, 2, &["--save-kept", "--force"])?;
+    ensure!(
+        std::fs::read(&existing)? == b"keep me",
+        "overwritten without --force"
+    );
+    let out = run(&["--save-kept", &e, "--force"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        std::fs::read(&existing)?.starts_with(b"\x89PNG"),
+        "not replaced by a PNG"
+    );
+    expect_error(
+        &run(&["--save-kept", "/nonexistent/dir/k.png"])?,
+        2,
+        &["--save-kept", "/nonexistent/dir"],
+    )?;
+    expect_error(
+        &run(&["--save-kept", "/dev/null.png"])?,
+        2,
+        &["--save-kept"],
+    )
+    .or_else(|_| -> Result<()> { Ok(()) })?; // root may write in /dev: not asserted
+    expect_error(
+        &visi(&["bench", "--shape", "tiny", "--device", "cpu", "--plot", &e])?,
+        2,
+        &["--plot", "--force"],
+    )?;
+    Ok(())
+}
+
+#[test]
+fn visi_adapter_naming_no_adapter_is_an_error() -> Result<()> {
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let out = visi_env(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--image",
+            &img,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "1",
+        ],
+        &[("VISI_ADAPTER", "no-such-adapter")],
+    )?;
+    expect_error(&out, 2, &["VISI_ADAPTER", "no-such-adapter"])?;
+    let env = [("VISI_ADAPTER", "no-such-adapter")];
+    let out = visi_env(&["info", "--model", &model], &env)?;
+    expect_error(&out, 2, &["VISI_ADAPTER", "no-such-adapter"])?;
+    let out = visi_env(&["bench-kernels", "--quick"], &env)?;
+    expect_error(&out, 2, &["no-such-adapter"])?;
+    Ok(())
+}
+
+#[test]
+fn an_error_after_the_pruning_note_is_one_line() -> Result<()> {
+    // tiny-llava-mha (6 layers) gets a note about the scaled pruning config; a prompt past
+    // the context fails after the model loaded: stderr must be the error line alone.
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let long = "word ".repeat(5000);
+    let out = visi(&[
+        "run", "--model", &model, "--image", &img, "--prompt", &long, "--device", "cpu",
+    ])?;
+    expect_error(&out, 2, &["context"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.lines().count() == 1,
+        "more than the error line: {stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn failing_arguments_fail_fast_on_every_subcommand() -> Result<()> {
+    // Each is refused before any weights load, benchmark starts or generation runs. The
+    // bound is loose (2 s on a loaded machine); the point is that none of them does the
+    // minutes of work the run would.
+    let dir = Scratch::new("fast")?;
+    let model = fixtures()
+        .join("tiny-llava-gqa")
+        .to_string_lossy()
+        .to_string();
+    let mha = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let img = fixtures()
+        .join("images/square.png")
+        .to_string_lossy()
+        .to_string();
+    let existing = dir.path().join("x.png");
+    std::fs::write(&existing, b"x")?;
+    let e = existing.to_string_lossy().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "bench",
+                "--shape",
+                "tiny",
+                "--schedule",
+                "fusion=2,keep=10,exit=99",
+            ],
+            "--schedule",
+        ),
+        (
+            vec![
+                "bench",
+                "--shape",
+                "llava-7b",
+                "--schedule",
+                "fusion=40,keep=10",
+            ],
+            "--schedule",
+        ),
+        (
+            vec!["bench", "--shape", "tiny", "--plot", "/nonexistent/p.png"],
+            "--plot",
+        ),
+        (vec!["bench", "--shape", "tiny", "--plot", &e], "--plot"),
+        (
+            vec!["bench", "--model", &model, "--prompt-len", "5"],
+            "--prompt-len",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                &model,
+                "--image",
+                &img,
+                "--prompt",
+                "x",
+                "--save-kept",
+                "/nonexistent/k.png",
+            ],
+            "--save-kept",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                &model,
+                "--image",
+                &img,
+                "--prompt",
+                "x",
+                "--prune",
+                "{\"method\":\"fastv\",\"k\":99,\"ratio\":0.5}",
+            ],
+            "99",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                &model,
+                "--image",
+                "/nonexistent.png",
+                "--prompt",
+                "x",
+            ],
+            "nonexistent.png",
+        ),
+        (
+            vec![
+                "quantize",
+                "--model",
+                &mha,
+                "--quant",
+                "q8_0",
+                "--out",
+                "/dev/full",
+            ],
+            "/dev/full",
+        ),
+        (
+            vec![
+                "quant-eval",
+                "--model",
+                &model,
+                "--prune",
+                "{\"method\":\"fastv\",\"k\":99,\"ratio\":0.5}",
+            ],
+            "--prune",
+        ),
+        (
+            vec![
+                "quant-eval",
+                "--model",
+                &model,
+                "--image",
+                "/nonexistent.png",
+            ],
+            "--image",
+        ),
+        (vec!["info", "--shape", "huge"], "--shape"),
+        (vec!["bench-kernels", "--reps", "0"], "--reps"),
+    ];
+    for (args, needle) in cases {
+        let t0 = std::time::Instant::now();
+        let out = visi_timed(&args, &[], 60)?;
+        let secs = t0.elapsed().as_secs_f64();
+        expect_error(&out, 2, &[needle]).with_context(|| format!("{args:?}"))?;
+        ensure!(secs < 2.0, "{args:?} took {secs:.1} s to fail");
     }
     Ok(())
 }

@@ -43,24 +43,12 @@ fn ids(v: &Value) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// The devices binary tests run on: the CPU backend, and `auto` when it reaches a wgpu
-/// adapter (lavapipe in CI, where a missing adapter is a failure, never a silent skip).
+/// The devices binary tests run on: the CPU backend, and `gpu` when wgpu lists an adapter
+/// (lavapipe in CI, where a missing adapter is a failure, never a silent skip). `gpu`, not
+/// `auto`: auto takes the CPU backend over software adapters, and every wgpu path must stay
+/// tested on lavapipe.
 fn devices() -> Result<Vec<&'static str>> {
-    let probe = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-        .args(["devices", "--json"])
-        .output()
-        .context("running visi-cli devices")?;
-    let v: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
-    let has_adapter = v["adapters"].as_array().is_some_and(|a| !a.is_empty());
-    if has_adapter {
-        return Ok(vec!["cpu", "auto"]);
-    }
-    ensure!(
-        std::env::var_os("CI").is_none(),
-        "CI is set but visi-cli devices lists no adapter"
-    );
-    eprintln!("SKIP the wgpu half of the binary tests: no adapter");
-    Ok(vec!["cpu"])
+    visi_tests::binary_devices(Path::new(env!("CARGO_BIN_EXE_visi-cli")))
 }
 
 /// `run` arguments for one reference case (greedy, its image and image mode).
@@ -260,7 +248,8 @@ fn default_pruning_and_save_kept() -> Result<()> {
     ensure!(meta.len() > 100, "tiny png");
     let _ = std::fs::remove_file(&png);
 
-    // 6 layers: the default falls back to dense with a note; an explicit config errors.
+    // 6 layers: the default is the paper's config scaled to the depth (as bench does),
+    // said in a note; an explicit config that does not fit errors.
     let mha = fixtures()
         .join("tiny-llava-mha")
         .to_string_lossy()
@@ -280,10 +269,16 @@ fn default_pruning_and_save_kept() -> Result<()> {
         "2",
     ])?;
     let v = json_of(&out)?;
-    ensure!(v["pruning"]["method"] == "dense");
+    ensure!(v["pruning"]["method"] == "visipruner", "{}", v["pruning"]);
     ensure!(
-        String::from_utf8_lossy(&out.stderr).contains("dense"),
-        "no note on stderr"
+        v["pruning"]["config"]["shallow_mid_layer"] == 1,
+        "6 * 6 / 32 rounds to 1: {}",
+        v["pruning"]["config"]
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("scaled to 1"),
+        "no note on stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let out = visi(&[
         "run",
@@ -494,8 +489,9 @@ fn text_streams_without_json() -> Result<()> {
 
 #[test]
 fn auto_device_gives_the_reference_tokens() -> Result<()> {
-    // `auto` runs on the GPU backend when an adapter exists (lavapipe in CI), else on the
-    // CPU with a note; either way the greedy tokens are the reference's.
+    // `auto` runs on a hardware adapter when there is one, else on the CPU backend with one
+    // note on stderr saying why (lavapipe alone, as in CI, is a software adapter); either way
+    // the greedy tokens are the reference's.
     let r = references()?
         .into_iter()
         .find(|r| r.name == "tiny-llava-mha")
@@ -533,6 +529,28 @@ fn auto_device_gives_the_reference_tokens() -> Result<()> {
         "auto picked {} ({})",
         v["device"]["backend"], v["device"]["adapter"]
     );
+    let probe: Value = serde_json::from_slice(&visi(&["devices", "--json"])?.stdout)?;
+    let adapters = probe["adapters"].as_array().context("adapters")?;
+    let hardware = adapters.iter().any(|a| a["device_type"] != "cpu");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !adapters.is_empty() && !hardware {
+        ensure!(
+            v["device"]["backend"] == "cpu",
+            "only software adapters, yet auto ran on {}",
+            v["device"]
+        );
+        let notes: Vec<&str> = stderr.lines().filter(|l| l.starts_with("note:")).collect();
+        ensure!(
+            notes.len() == 1 && notes[0].contains("software adapters"),
+            "auto on software adapters must say why in one note line: {stderr}"
+        );
+    }
+    if hardware {
+        ensure!(
+            v["device"]["backend"] == "wgpu",
+            "a GPU is listed, yet auto ran on the CPU"
+        );
+    }
     if let Some(d) = first_difference(&ids(&v["tokens"]), &c.generated_ids) {
         bail!("--device auto on {}: {d}", v["device"]["adapter"]);
     }

@@ -161,6 +161,39 @@ fn devices_table_and_json() -> Result<()> {
     ensure!(v["auto"].is_string(), "auto missing: {v}");
     let picked = adapters.iter().filter(|a| a["auto_pick"] == true).count();
     ensure!(picked <= 1, "{picked} adapters marked auto_pick");
+    // auto never takes a software adapter on its own (no VISI_ADAPTER here): the CPU backend
+    // is faster there, and it says so.
+    let hardware = adapters.iter().any(|a| a["device_type"] != "cpu");
+    ensure!(
+        picked == usize::from(hardware),
+        "auto_pick on {picked} adapters, hardware present: {hardware}"
+    );
+    if let Some(a) = adapters.iter().find(|a| a["auto_pick"] == true) {
+        ensure!(
+            a["device_type"] != "cpu",
+            "auto picked a software adapter: {a}"
+        );
+    }
+    ensure!(
+        v["auto_backend"] == if hardware { "wgpu" } else { "cpu" },
+        "auto_backend: {v}"
+    );
+    if !adapters.is_empty() && !hardware {
+        ensure!(
+            v["auto"]
+                .as_str()
+                .is_some_and(|s| s.contains("software adapters")),
+            "auto must say why it takes the CPU backend: {}",
+            v["auto"]
+        );
+    }
+    // `--device gpu` takes the best adapter, software ones included.
+    let gpu = adapters.iter().filter(|a| a["gpu_pick"] == true).count();
+    ensure!(
+        gpu == usize::from(!adapters.is_empty()),
+        "gpu_pick on {gpu} of {} adapters",
+        adapters.len()
+    );
     for (i, a) in adapters.iter().enumerate() {
         for k in ["name", "backend", "device_type", "driver"] {
             ensure!(a[k].is_string(), "adapter {i}: {k} missing");

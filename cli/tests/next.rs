@@ -121,3 +121,56 @@ fn two_images_on_next_answer_as_transformers_and_draw_kept_tiles() -> Result<()>
     expect_error(&bad, 2, &["2 image(s)", "found 1"])?;
     Ok(())
 }
+
+#[test]
+fn messages_with_two_images_on_next_answer_as_transformers() -> Result<()> {
+    // The vicuna-template NeXT fixture: `run --messages` renders one `<image>\n` per image part
+    // before the text, which is the reference's two-image prompt.
+    let f = fixtures();
+    let dir = std::env::temp_dir().join(format!("visi-next-msgs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let msgs = dir.join("two.json");
+    let url = |n: &str| f.join("images").join(n).display().to_string();
+    let conv = serde_json::json!([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url("landscape.png")}},
+        {"type": "image_url", "image_url": {"url": url("portrait.png")}},
+        {"type": "text", "text": "What differs between these images?"},
+    ]}]);
+    std::fs::write(&msgs, conv.to_string())?;
+    let out = visi(&[
+        "run",
+        "--model",
+        &f.join("tiny-next-llama").display().to_string(),
+        "--messages",
+        msgs.to_str().context("temp path")?,
+        "--max-new-tokens",
+        "12",
+        "--no-prune",
+        "--device",
+        "cpu",
+        "--json",
+    ])?;
+    std::fs::remove_dir_all(&dir)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(
+        f.join("reference-next/tiny-next-llama/expected.json"),
+    )?)?;
+    let two = &r["cases"]["two"];
+    ensure!(v["prompt"] == two["prompt"], "prompt {}", v["prompt"]);
+    ensure!(
+        v["tokens"] == two["generated_ids"],
+        "tokens {}",
+        v["tokens"]
+    );
+    ensure!(
+        v["image_spans"] == two["image_spans"],
+        "spans {}",
+        v["image_spans"]
+    );
+    Ok(())
+}

@@ -86,11 +86,137 @@ pub struct RopeParams {
     pub scaling_factor: f32,
 }
 
-/// Post-softmax masks of VisiPruner's shallow stage (see shared/docs/visipruner.md).
+/// What a mask rule does to the probabilities it covers (after the softmax, no
+/// renormalisation; the zeroed `P·V` products are not computed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MaskAction {
+    /// Zero them.
+    #[default]
+    Zero,
+    /// Zero them and put their sum back on key `to` (VisiPruner's layer-0 sink).
+    Sink {
+        /// The key (cache row) that receives the sum; inside the rule's keys.
+        to: usize,
+    },
+    /// Leave them as they are: a rule placed before broader ones carves keys or queries out
+    /// of them (e.g. the text between two images out of a rule over both images' keys).
+    Keep,
+}
+
+/// One attention-mask rule: queries at cache rows `queries` lose keys `keys` (half-open
+/// ranges, ends clipped to what each query sees). For each (query, key) pair the first rule
+/// covering it decides. This one definition is what the CPU backend, the WGSL kernels and
+/// the FLOPs counter all read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MaskRule {
+    /// Query cache rows `[start, end)`.
+    pub queries: (usize, usize),
+    /// Key cache rows `[start, end)`.
+    pub keys: (usize, usize),
+    /// Zero, or zero and redirect to a sink key.
+    pub action: MaskAction,
+}
+
+impl MaskRule {
+    /// Whether the rule covers query `row` and key `j`.
+    pub fn covers(&self, row: usize, j: usize) -> bool {
+        row >= self.queries.0 && row < self.queries.1 && j >= self.keys.0 && j < self.keys.1
+    }
+}
+
+/// Most rules one attention call takes (the WGSL kernels test them without a loop).
+/// Sixteen hold VisiPruner's shallow masks over five separate images (see
+/// `pruner::ShallowMask::attention_mask_runs`).
+pub const MAX_MASK_RULES: usize = 16;
+
+/// Query rows "to the end of the sequence".
+pub const OPEN_END: usize = u32::MAX as usize;
+
+/// A list of mask rules (at most [`MAX_MASK_RULES`]; `Copy`, so parameters stay cheap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MaskRules {
+    rules: [MaskRule; MAX_MASK_RULES],
+    len: usize,
+}
+
+impl MaskRules {
+    /// Rules from a slice; errors past [`MAX_MASK_RULES`], on reversed ranges, on a sink
+    /// outside its keys, or on two sinks with different targets for one query row (a
+    /// query redirects to one key at most).
+    pub fn new(rules: &[MaskRule]) -> std::result::Result<Self, String> {
+        if rules.len() > MAX_MASK_RULES {
+            return Err(format!(
+                "{} mask rules, at most {MAX_MASK_RULES}",
+                rules.len()
+            ));
+        }
+        for (i, r) in rules.iter().enumerate() {
+            if r.queries.0 > r.queries.1 || r.keys.0 > r.keys.1 {
+                return Err(format!("mask rule {i} has a reversed range"));
+            }
+            if let MaskAction::Sink { to } = r.action {
+                if r.keys.0 < r.keys.1 && (to < r.keys.0 || to >= r.keys.1) {
+                    return Err(format!("mask rule {i} sinks to key {to} outside its keys"));
+                }
+                for (k, o) in rules.iter().enumerate().take(i) {
+                    if let MaskAction::Sink { to: t2 } = o.action {
+                        let overlap = r.queries.0.max(o.queries.0) < r.queries.1.min(o.queries.1);
+                        if overlap && t2 != to {
+                            return Err(format!(
+                                "mask rules {k} and {i} sink one query to two keys"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = MaskRules::default();
+        out.rules[..rules.len()].copy_from_slice(rules);
+        out.len = rules.len();
+        Ok(out)
+    }
+
+    /// The rules, in order.
+    pub fn as_slice(&self) -> &[MaskRule] {
+        &self.rules[..self.len]
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// What happens to key `j` of the query at `row`: `None` keeps it.
+    pub fn action(&self, row: usize, j: usize) -> Option<MaskAction> {
+        self.as_slice()
+            .iter()
+            .find(|r| r.covers(row, j))
+            .map(|r| r.action)
+    }
+
+    /// The key the query at `row` redirects its sunk probabilities to, if any.
+    pub fn sink_target(&self, row: usize) -> Option<usize> {
+        self.as_slice().iter().find_map(|r| match r.action {
+            MaskAction::Sink { to }
+                if row >= r.queries.0 && row < r.queries.1 && r.keys.0 < r.keys.1 =>
+            {
+                Some(to)
+            }
+            _ => None,
+        })
+    }
+}
+
+/// Post-softmax masks of VisiPruner's shallow stage (see shared/docs/visipruner.md), named;
+/// [`AttentionMask::rules`] is their one definition as data, and `Rules` carries any other
+/// method's rules.
 ///
 /// `image_start..image_end` is the image span `[s, e)` in *cache row* coordinates (the same
 /// coordinates as query rows `q_offset + i`). Probabilities are zeroed after the softmax
 /// with no renormalisation; the zeroed value products are not computed.
+// `Copy` keeps `AttentionParams` cheap to pass around; the rules variant is a few hundred
+// bytes on the stack, once per attention call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum AttentionMask {
     /// Plain causal (or full) attention.
@@ -113,13 +239,15 @@ pub enum AttentionMask {
         image_start: usize,
         image_end: usize,
     },
+    /// Explicit rules (another pruning method's masks).
+    Rules(MaskRules),
 }
 
 impl AttentionMask {
-    /// The image span `[s, e)` the mask acts on, if any.
+    /// The image span `[s, e)` a named mask acts on, if any.
     pub fn image_span(&self) -> Option<(usize, usize)> {
         match *self {
-            AttentionMask::None => None,
+            AttentionMask::None | AttentionMask::Rules(_) => None,
             AttentionMask::Layer0Sink {
                 image_start,
                 image_end,
@@ -134,8 +262,55 @@ impl AttentionMask {
             } => Some((image_start, image_end)),
         }
     }
-}
 
+    /// The mask as rules: the single definition every backend and the FLOPs counter use.
+    pub fn rules(&self) -> MaskRules {
+        let zero = |queries, keys| MaskRule {
+            queries,
+            keys,
+            action: MaskAction::Zero,
+        };
+        let none = MaskRule::default();
+        let (list, n) = match *self {
+            AttentionMask::None => ([none; 2], 0),
+            AttentionMask::Rules(r) => return r,
+            // An empty span has no image probabilities to move.
+            AttentionMask::Layer0Sink {
+                image_start: s,
+                image_end: e,
+            } if s < e => (
+                [
+                    zero((s, e), (s, e)),
+                    MaskRule {
+                        queries: (e, OPEN_END),
+                        keys: (s, e),
+                        action: MaskAction::Sink { to: s },
+                    },
+                ],
+                2,
+            ),
+            AttentionMask::Layer0Split {
+                image_start: s,
+                image_end: e,
+            } => (
+                [
+                    zero((s, e), (s, e)),
+                    zero((e, OPEN_END), (s, s + (e - s) / 2)),
+                ],
+                2,
+            ),
+            AttentionMask::TextToImage {
+                image_start: s,
+                image_end: e,
+            } => ([zero((e, OPEN_END), (s, e)), none], 1),
+            AttentionMask::Layer0Sink { .. } => ([none; 2], 0),
+        };
+        let mut out = MaskRules::default();
+        out.rules[..n].copy_from_slice(&list[..n]);
+        out.len = n;
+        out
+    }
+}
 /// Parameters of [`Backend::attention`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionParams {

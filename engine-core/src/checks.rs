@@ -5,6 +5,33 @@ use crate::backend::AttentionParams;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// Tensor byte ranges `(name, begin, end)` of one file must not overlap: overlapping ranges
+/// alias two tensors onto the same bytes (a corrupt or hostile file). `what` names the
+/// offsets in the message (`data_offsets`, `data offsets`).
+pub fn check_disjoint<'a>(
+    ranges: impl Iterator<Item = (&'a str, u64, u64)>,
+    what: &str,
+) -> std::result::Result<(), String> {
+    // Empty tensors occupy no bytes.
+    let mut ranges: Vec<(&str, u64, u64)> = ranges.filter(|r| r.1 < r.2).collect();
+    ranges.sort_unstable_by(|a, b| (a.1, a.2, a.0).cmp(&(b.1, b.2, b.0)));
+    // The range reaching furthest so far: a later range starting before its end overlaps it.
+    let mut reach: Option<(&str, u64, u64)> = None;
+    for &(nb, sb, eb) in &ranges {
+        if let Some((na, sa, ea)) = reach {
+            if sb < ea {
+                return Err(format!(
+                    "tensors `{na}` and `{nb}` overlap ({what} [{sa}, {ea}] and [{sb}, {eb}])"
+                ));
+            }
+        }
+        if reach.is_none_or(|(_, _, ea)| eb > ea) {
+            reach = Some((nb, sb, eb));
+        }
+    }
+    Ok(())
+}
+
 /// `b` must have `a`'s shape, or be a row `[N]` with `N` = `a`'s last dim.
 pub fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     let row = b.dims().len() == 1 && b.dims()[0] == a.shape().last_dim();

@@ -48,9 +48,14 @@ pub enum Error {
     #[error("{path}: {msg}")]
     File { path: String, msg: String },
 
-    /// Anything else, with a message that says what.
+    /// Anything else about the input, with a message that says what.
     #[error("{0}")]
     Msg(String),
+
+    /// An inconsistency inside the engine (a scheduler or pruner contract broken, a cache
+    /// in a state it should never reach): a bug, not the user's input.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -74,6 +79,10 @@ impl Error {
             path: path.as_ref().display().to_string(),
             msg: msg.into(),
         }
+    }
+    /// An [`Error::Internal`].
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
     }
     /// An [`Error::Msg`].
     pub fn msg(msg: impl Into<String>) -> Self {

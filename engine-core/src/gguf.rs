@@ -15,7 +15,6 @@
 // is_multiple_of is newer than the MSRV (1.85).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -430,6 +429,17 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
             return Err(format!("tensor `{name}` appears twice"));
         }
     }
+    let data_start = data_start as usize;
+    crate::checks::check_disjoint(
+        tensors.values().map(|t| {
+            (
+                t.name.as_str(),
+                (t.start - data_start) as u64,
+                (t.end - data_start) as u64,
+            )
+        }),
+        "data offsets",
+    )?;
     Ok((version, metadata, tensors))
 }
 
@@ -439,11 +449,8 @@ impl GgufFile {
         if path.is_dir() {
             return Err(Error::file(path, "is a directory, expected a .gguf file"));
         }
-        let file = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::file(path, format!("cannot stat: {e}")))?
-            .len();
+        // Only regular files: a FIFO would block the open, a device has no end.
+        let (file, len) = crate::files::open_regular(path)?;
         if len < 24 {
             return Err(Error::file(
                 path,

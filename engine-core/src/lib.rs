@@ -9,13 +9,17 @@ pub mod checks;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod files;
 pub mod gguf;
 pub mod quant;
 pub mod shape;
 pub mod tensor;
 pub mod weights;
 
-pub use backend::{AttentionMask, AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
+pub use backend::{
+    AttentionMask, AttentionParams, Backend, DeviceInfo, HostData, MaskAction, MaskRule, MaskRules,
+    RopeParams, MAX_MASK_RULES, OPEN_END,
+};
 pub use cpu::CpuBackend;
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -137,7 +137,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// Six-bit scale and min of sub-block `j` of a Q4_K block (`get_scale_min_k4`).
 #[inline]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -7,7 +7,6 @@
 //! lazily, so a checkpoint that carries an unused `I64` buffer still loads.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -116,11 +115,8 @@ impl SafetensorsFile {
                 "is a directory, expected a .safetensors file",
             ));
         }
-        let file = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::file(path, format!("cannot stat: {e}")))?
-            .len();
+        // Only regular files: a FIFO would block the open, a device has no end.
+        let (file, len) = crate::files::open_regular(path)?;
         // Mapping an empty file fails on some platforms; check the length first.
         if len < 8 {
             return Err(Error::file(
@@ -172,6 +168,11 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, Entry>> {
     let Value::Object(map) = header else {
         return Err(err("invalid header: expected a JSON object".to_string()));
     };
+    // serde_json keeps only the last of repeated keys: two entries for one name would load
+    // whichever came last without a word.
+    if let Some(dup) = first_duplicate_key(&buf[8..data_start]) {
+        return Err(err(format!("tensor `{dup}` appears twice in the header")));
+    }
 
     let mut entries = HashMap::with_capacity(map.len());
     for (name, value) in map {
@@ -221,32 +222,50 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, Entry>> {
         );
     }
 
-    // Overlapping ranges would alias two tensors onto the same bytes: a corrupt or hostile file.
-    let mut ranges: Vec<(&str, usize, usize)> = entries
-        .iter()
-        .filter(|(_, e)| e.start < e.end) // empty tensors occupy no bytes
-        .map(|(n, e)| (n.as_str(), e.start, e.end))
-        .collect();
-    ranges.sort_unstable_by(|a, b| (a.1, a.2, a.0).cmp(&(b.1, b.2, b.0)));
-    // The range reaching furthest so far: a later range starting before its end overlaps it.
-    let mut reach: Option<(&str, usize, usize)> = None;
-    for &(nb, sb, eb) in &ranges {
-        if let Some((na, sa, ea)) = reach {
-            if sb < ea {
-                return Err(err(format!(
-                    "tensors `{na}` and `{nb}` overlap (data_offsets [{}, {}] and [{}, {}])",
-                    sa - data_start,
-                    ea - data_start,
-                    sb - data_start,
-                    eb - data_start
-                )));
+    crate::checks::check_disjoint(
+        entries.iter().map(|(n, e)| {
+            (
+                n.as_str(),
+                (e.start - data_start) as u64,
+                (e.end - data_start) as u64,
+            )
+        }),
+        "data_offsets",
+    )
+    .map_err(err)?;
+    Ok(entries)
+}
+
+/// The first top-level key of a JSON object that appears twice (None if none or not an object).
+fn first_duplicate_key(json: &[u8]) -> Option<String> {
+    struct Dup(Option<String>);
+    impl<'de> serde::Deserialize<'de> for Dup {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Dup;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> std::result::Result<Dup, A::Error> {
+                    let mut seen = std::collections::HashSet::new();
+                    let mut dup = None;
+                    while let Some(k) = m.next_key::<String>()? {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                        if dup.is_none() && !seen.insert(k.clone()) {
+                            dup = Some(k);
+                        }
+                    }
+                    Ok(Dup(dup))
+                }
             }
-        }
-        if reach.is_none_or(|(_, _, ea)| eb > ea) {
-            reach = Some((nb, sb, eb));
+            d.deserialize_map(V)
         }
     }
-    Ok(entries)
+    serde_json::from_slice::<Dup>(json).ok().and_then(|d| d.0)
 }
 
 /// Parses one header entry into (dtype, shape, begin, end) or a message saying what is wrong.
@@ -301,8 +320,7 @@ impl SafetensorsSource {
     }
 
     fn sharded(index_path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index_path)
-            .map_err(|e| Error::file(index_path, format!("cannot read: {e}")))?;
+        let text = crate::files::read_text_limited(index_path, crate::files::MAX_CONFIG_BYTES)?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::file(index_path, format!("invalid JSON: {e}")))?;
         let weight_map = json

@@ -142,8 +142,10 @@ fn linear_and_embedding_with_quantized_weights() {
         let b = be
             .upload(HostData::F32(&bias), Shape::new([n]))
             .expect("upload");
-        // One row takes the matrix-vector path, 40 rows the packed GEMM.
-        for m in [1usize, 40] {
+        // Up to 4 rows take the fused quantized dot products (decode), up to 32 the
+        // matrix-vector path over decoded rows, 40 the packed GEMM: each against the f32
+        // path on the dequantized weights.
+        for m in [1usize, 2, 3, 4, 5, 19, 40] {
             let xv: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let x = be
                 .upload(HostData::F32(&xv), Shape::new([m, k]))

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use engine_core::{
-    AttentionMask, AttentionParams, Backend, DType, DeviceInfo, Error, HostData, QuantType, Result,
+    AttentionParams, Backend, DType, DeviceInfo, Error, HostData, MaskAction, QuantType, Result,
     RopeParams, Shape, Storage, Tensor,
 };
 use half::f16;
@@ -195,38 +195,47 @@ fn params(words: &[u32]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
-/// Uniform words shared by the attention kernels (see attention.wgsl's `P`).
+/// Uniform words shared by the attention kernels (see attention.wgsl's `P`); the mask
+/// rules follow in [`mask_words`].
 fn attention_params(sq: usize, p: &AttentionParams, last: u32) -> Vec<u8> {
-    let (mask, s, e) = match p.mask {
-        AttentionMask::None => (0, 0, 0),
-        AttentionMask::Layer0Sink {
-            image_start,
-            image_end,
-        } => (1, image_start, image_end),
-        AttentionMask::Layer0Split {
-            image_start,
-            image_end,
-        } => (2, image_start, image_end),
-        AttentionMask::TextToImage {
-            image_start,
-            image_end,
-        } => (3, image_start, image_end),
-    };
     let c = |v: usize| v.min(u32::MAX as usize) as u32;
     params(&[
         c(sq),
         c(p.kv_len),
         c(p.q_offset),
         u32::from(p.causal),
-        mask,
-        c(s),
-        c(e),
+        p.mask.rules().as_slice().len() as u32,
+        0,
+        0,
         c(p.num_heads / p.num_kv_heads),
         c(p.num_heads * p.head_dim),
         c(p.num_kv_heads * p.head_dim),
         p.scale.to_bits(),
         last,
     ])
+}
+
+/// The mask rules as mask.wgsl reads them: 16 × (query range, key range), (kind, target)
+/// with kind 0 keep, 1 zero, 2 sink.
+fn mask_words(p: &AttentionParams) -> Vec<u8> {
+    let c = |v: usize| v.min(u32::MAX as usize) as u32;
+    let mut w = [0u32; 4 * 2 * engine_core::MAX_MASK_RULES];
+    for (r, rule) in p.mask.rules().as_slice().iter().enumerate() {
+        let (kind, to) = match rule.action {
+            MaskAction::Keep => (0, 0),
+            MaskAction::Zero => (1, 0),
+            MaskAction::Sink { to } => (2, c(to)),
+        };
+        w[8 * r..8 * r + 6].copy_from_slice(&[
+            c(rule.queries.0),
+            c(rule.queries.1),
+            c(rule.keys.0),
+            c(rule.keys.1),
+            kind,
+            to,
+        ]);
+    }
+    params(&w)
 }
 
 impl GpuBackend {
@@ -605,7 +614,8 @@ impl GpuBackend {
         let pipe = self
             .ctx
             .pipeline(PipelineKey::new("attention_probs", "main"))?;
-        let prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
+        let mut prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
+        prm.extend(mask_words(p));
         let g = self.grid(OP, p.num_heads)?;
         if g[1] > 1 {
             return Err(Error::shape(
@@ -1122,6 +1132,7 @@ impl Backend for GpuBackend {
                 u32::from(pass == 0),
                 u32::from(pass + 1 == passes),
             ]));
+            prm.extend(mask_words(p));
             self.ctx.dispatch(
                 &pipe,
                 &prm,

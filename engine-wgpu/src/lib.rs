@@ -47,7 +47,8 @@ pub use backend::{GpuBackend, GpuStorage};
 /// How to choose an adapter, plus test knobs that force the portable fallbacks.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
-    /// `--device gpu`: refuse software (CPU-type) adapters such as lavapipe.
+    /// Refuse software (CPU-type) adapters such as lavapipe. (`--device gpu` accepts
+    /// them: it is how a user, and the test suite, runs the wgpu backend on one.)
     pub require_gpu: bool,
     /// Adapter name substring or index (as listed by [`list_adapters`]); `None` reads the
     /// `VISI_ADAPTER` environment variable, and without it picks the best adapter
@@ -86,8 +87,65 @@ pub struct AdapterReport {
     pub shader_f16: bool,
     /// Whether the adapter has subgroup operations (used in row reductions).
     pub subgroups: bool,
-    /// Whether `--device auto` (with the current `VISI_ADAPTER`) picks this adapter.
+    /// Whether `--device auto` (with the current `VISI_ADAPTER`) picks this adapter. It
+    /// never picks a software adapter unless `VISI_ADAPTER` names it: the CPU backend is
+    /// faster than a software rasterizer.
     pub auto_pick: bool,
+    /// Whether `--device gpu` (the best adapter, software ones last) picks this adapter.
+    pub gpu_pick: bool,
+}
+
+/// What `--device auto` runs on.
+pub enum Auto {
+    /// The wgpu backend on a hardware adapter (or the one `VISI_ADAPTER` names).
+    Gpu(Arc<dyn Backend>),
+    /// The CPU backend; the reason, in words, for one stderr line.
+    Cpu(String),
+}
+
+/// `--device auto`: a hardware adapter when there is one (or whichever `VISI_ADAPTER`
+/// names, software included), else the CPU backend with the reason. Errors only when the
+/// chosen adapter cannot be opened or `VISI_ADAPTER` matches nothing.
+pub fn open_auto() -> Result<Auto> {
+    let instance = instance();
+    let adapters = pollster::block_on(instance.enumerate_adapters(backends()));
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    match auto_pick(&infos)? {
+        Some(i) => Ok(Auto::Gpu(open_adapter(
+            &adapters[i],
+            &infos[i],
+            &GpuOptions::default(),
+        )?)),
+        None => Ok(Auto::Cpu(cpu_reason(&infos))),
+    }
+}
+
+/// `--device auto`'s adapter: `VISI_ADAPTER`'s when set, else the best hardware adapter;
+/// `None` when there is no hardware adapter (software rasterizers such as llvmpipe/lavapipe,
+/// SwiftShader or WARP report `DeviceType::Cpu` and lose to the CPU backend).
+fn auto_pick(infos: &[wgpu::AdapterInfo]) -> Result<Option<usize>> {
+    if std::env::var("VISI_ADAPTER").is_ok_and(|w| !w.trim().is_empty()) {
+        return pick(infos, &GpuOptions::default()).map(Some);
+    }
+    Ok((0..infos.len())
+        .filter(|&i| infos[i].device_type != wgpu::DeviceType::Cpu)
+        .min_by_key(|&i| rank(infos[i].device_type)))
+}
+
+/// Why `--device auto` runs on the CPU backend, given the adapters wgpu lists.
+fn cpu_reason(infos: &[wgpu::AdapterInfo]) -> String {
+    if infos.is_empty() {
+        return "wgpu sees no adapter".into();
+    }
+    software_only(infos.iter().map(|a| a.name.as_str()))
+}
+
+fn software_only<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    format!(
+        "only software adapters ({}), which the CPU backend outruns (--device gpu or \
+         VISI_ADAPTER selects one)",
+        names.collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// Opens the GPU backend on the adapter `opts` selects.
@@ -101,8 +159,15 @@ pub fn open_gpu(opts: &GpuOptions) -> Result<Arc<GpuBackend>> {
     let adapters = pollster::block_on(instance.enumerate_adapters(backends()));
     let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
     let i = pick(&infos, opts)?;
-    let adapter = &adapters[i];
-    let ai = &infos[i];
+    open_adapter(&adapters[i], &infos[i], opts)
+}
+
+/// Opens the GPU backend on `adapter` (whose info is `ai`).
+fn open_adapter(
+    adapter: &wgpu::Adapter,
+    ai: &wgpu::AdapterInfo,
+    opts: &GpuOptions,
+) -> Result<Arc<GpuBackend>> {
     let feats = adapter.features();
     let f16 = feats.contains(wgpu::Features::SHADER_F16) && !opts.no_f16;
     let subgroups = feats.contains(wgpu::Features::SUBGROUP) && !opts.no_subgroups;
@@ -238,12 +303,28 @@ fn pick(infos: &[wgpu::AdapterInfo], opts: &GpuOptions) -> Result<usize> {
         })
 }
 
+/// Why `--device auto` runs where it does, from [`list_adapters`]'s reports: one line.
+pub fn auto_reason(list: &[AdapterReport]) -> String {
+    match list.iter().find(|a| a.auto_pick) {
+        Some(a) if std::env::var("VISI_ADAPTER").is_ok_and(|w| !w.trim().is_empty()) => {
+            format!("VISI_ADAPTER selects adapter {} ({})", a.index, a.name)
+        }
+        Some(a) => format!(
+            "adapter {} ({}) is a {} GPU",
+            a.index, a.name, a.device_type
+        ),
+        None if list.is_empty() => "wgpu sees no adapter".into(),
+        None => software_only(list.iter().map(|a| a.name.as_str())),
+    }
+}
+
 /// Every adapter wgpu sees.
 pub fn list_adapters() -> Vec<AdapterReport> {
     let instance = instance();
     let adapters = pollster::block_on(instance.enumerate_adapters(backends()));
     let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
-    let auto = pick(&infos, &GpuOptions::default()).ok();
+    let auto = auto_pick(&infos).ok().flatten();
+    let gpu = pick(&infos, &GpuOptions::default()).ok();
     adapters
         .iter()
         .zip(&infos)
@@ -263,6 +344,7 @@ pub fn list_adapters() -> Vec<AdapterReport> {
                 shader_f16: f.contains(wgpu::Features::SHADER_F16),
                 subgroups: f.contains(wgpu::Features::SUBGROUP),
                 auto_pick: auto == Some(index),
+                gpu_pick: gpu == Some(index),
             }
         })
         .collect()

@@ -15,6 +15,7 @@ use engine_wgpu::{GpuBackend, GpuOptions};
 mod common;
 use common::{backend, gpu, gpu_small_binding, Rng};
 use half::f16;
+use pruner::ShallowMask;
 
 /// `|got - want| <= abs + rel * |want|`.
 #[derive(Clone, Copy, Debug)]
@@ -498,6 +499,52 @@ fn attn_cases() -> Vec<AttnCase> {
                 image_end: 581,
             },
         ),
+        // VisiPruner's shallow masks over several separate images: `Keep` rules carve the
+        // text between images out (8 images: 16 rules for the sink, 14 for the split).
+        mk(
+            60,
+            64,
+            60,
+            0,
+            true,
+            4,
+            2,
+            64,
+            multi(ShallowMask::Layer0Sink, 8),
+        ),
+        mk(
+            60,
+            64,
+            60,
+            0,
+            true,
+            4,
+            4,
+            64,
+            multi(ShallowMask::TextToImage, 8),
+        ),
+        mk(
+            60,
+            64,
+            60,
+            0,
+            true,
+            2,
+            2,
+            64,
+            multi(ShallowMask::Layer0Split, 5),
+        ),
+        mk(
+            1,
+            64,
+            61,
+            60,
+            true,
+            4,
+            2,
+            64,
+            multi(ShallowMask::Layer0Sink, 3),
+        ),
         // Non-causal with a mask (every query sees every key).
         mk(
             45,
@@ -514,6 +561,14 @@ fn attn_cases() -> Vec<AttnCase> {
             },
         ),
     ]
+}
+
+/// The engine mask of `mask` over `images` separate image runs of 4 rows with 2 text rows
+/// between them, from row 3.
+fn multi(mask: ShallowMask, images: usize) -> AttentionMask {
+    let runs: Vec<(usize, usize)> = (0..images).map(|i| (3 + 6 * i, 7 + 6 * i)).collect();
+    mask.attention_mask_runs(&runs)
+        .expect("fits the rule budget")
 }
 
 fn attention_suite(g: &dyn Backend, seed: u64) {
@@ -922,10 +977,18 @@ fn adapters_listed() {
     for a in &list {
         println!("{}", serde_json::to_string(a).expect("json"));
     }
+    // `--device gpu` picks exactly one adapter; `auto` picks at most one, never a
+    // software one (it runs the CPU backend instead).
     assert_eq!(
-        list.iter().filter(|a| a.auto_pick).count(),
+        list.iter().filter(|a| a.gpu_pick).count(),
         1,
-        "exactly one auto pick"
+        "exactly one gpu pick"
+    );
+    let auto: Vec<_> = list.iter().filter(|a| a.auto_pick).collect();
+    assert!(auto.len() <= 1, "at most one auto pick");
+    assert!(
+        auto.iter().all(|a| a.device_type != "cpu"),
+        "auto picked a software adapter"
     );
     // Selecting by index and by name substring reaches the same adapter.
     let name = list[0].name.to_uppercase();

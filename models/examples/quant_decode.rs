@@ -11,7 +11,9 @@ use std::time::Instant;
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 use engine_core::weights::Weights;
 use engine_core::{Backend, QuantType};
-use models::llama::{KvCache, Llama};
+use models::llama::Llama;
+use models::sampling::{Sampler, SamplingParams};
+use models::session::{next_token, PromptInput, Session};
 use models::synthetic::{SyntheticShape, SyntheticSource};
 
 fn main() -> Result<()> {
@@ -38,40 +40,33 @@ fn main() -> Result<()> {
         };
         let w = Weights::new(source.clone(), b.clone()).with_quant(q);
         let t0 = Instant::now();
-        let llama = Llama::load(
+        let llama = Arc::new(Llama::load(
             &w.pp("language_model.model"),
             &w.pp("language_model.lm_head"),
             &cfg.text,
-        )?;
+        )?);
         b.sync()?;
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let ids: Vec<u32> = (1..=16).collect();
-        let embeds = llama.embed(b.as_ref(), &ids)?; // [16, H]
-        let mut cache = KvCache::default();
-        let extra = steps + 4;
-        let (logits, _) = llama.prefill(
-            b.as_ref(),
-            &embeds,
-            &[],
+        let mut session = Session::new(llama, b.clone());
+        let pre = session.prefill(
+            PromptInput {
+                ids: &ids,
+                images: &[],
+            },
             &mut pruner::Dense,
-            &mut cache,
-            extra,
+            "dense",
+            steps + 4,
         )?;
-        let next = |l: &engine_core::Tensor| -> Result<u32> {
-            let t = b.argmax(l)?; // [1] u32
-            Ok(b.to_vec_u32(&t)?[0])
-        };
-        let mut tok = next(&logits)?;
-        let mut pos = ids.len() as u32;
+        let mut greedy = Sampler::new(SamplingParams::default())?;
+        let mut tok = next_token(b.as_ref(), &pre.logits, &mut greedy)?;
         // Warm-up steps compile the decode pipelines.
         for _ in 0..4 {
-            tok = next(&llama.decode_step(b.as_ref(), tok, pos, &mut cache)?)?;
-            pos += 1;
+            tok = next_token(b.as_ref(), &session.step(tok)?, &mut greedy)?;
         }
         let t = Instant::now();
         for _ in 0..steps {
-            tok = next(&llama.decode_step(b.as_ref(), tok, pos, &mut cache)?)?;
-            pos += 1;
+            tok = next_token(b.as_ref(), &session.step(tok)?, &mut greedy)?;
         }
         let s = t.elapsed().as_secs_f64();
         println!(

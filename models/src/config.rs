@@ -214,8 +214,8 @@ pub struct LlavaConfig {
 impl LlavaConfig {
     /// Reads and validates `config.json`; errors name the file and key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let text =
+            engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text).map_err(|e| match e {
             Error::Msg(m) => Error::file(path, m),
             other => other,
@@ -278,7 +278,8 @@ impl LlavaConfig {
             image_grid_pinpoints,
             text,
             vision,
-            image_token_index: usize_or(root, "image_token_index", "", 32000)? as u32,
+            image_token_index: u32::try_from(usize_or(root, "image_token_index", "", 32000)?)
+                .map_err(|_| Error::msg("key `image_token_index`: too large"))?,
             projector_hidden_act: act(root, "projector_hidden_act", "", "gelu")?,
             vision_feature_layer: feature_layer,
             vision_feature_select_strategy: strategy,
@@ -287,6 +288,14 @@ impl LlavaConfig {
             return Err(Error::msg(format!(
                 "key `image_token_index`: {} is not below text_config.vocab_size {}",
                 cfg.image_token_index, cfg.text.vocab_size
+            )));
+        }
+        // The image span is found by this id: were it BOS, the prompt's first token would
+        // be taken for the image.
+        if Some(cfg.image_token_index) == cfg.text.bos_token_id {
+            return Err(Error::msg(format!(
+                "key `image_token_index`: {} is text_config.bos_token_id",
+                cfg.image_token_index
             )));
         }
         Ok(cfg)
@@ -390,7 +399,16 @@ impl TextConfig {
                     .and_then(|v| v.as_str())
                     .unwrap_or("default");
                 match ty {
-                    "linear" => f32_or(rs, "factor", &format!("{pre}rope_scaling."), 1.0)?,
+                    // transformers refuses linear scaling without a factor; 1.0 would
+                    // silently run unscaled.
+                    "linear" => match rs.get("factor") {
+                        None | Some(Value::Null) => {
+                            return Err(Error::msg(format!(
+                                "key `{pre}rope_scaling.factor`: missing (linear rope scaling needs a factor)"
+                            )))
+                        }
+                        Some(_) => f32_or(rs, "factor", &format!("{pre}rope_scaling."), 1.0)?,
+                    },
                     "default" => 1.0,
                     other => {
                         return Err(Error::msg(format!(
@@ -409,12 +427,15 @@ impl TextConfig {
             None | Some(Value::Null) => vec![2],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_u64().map(|x| x as u32))
+                .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| Error::msg(format!("key `{pre}eos_token_id`: expected integers")))?,
-            Some(v) => vec![v.as_u64().ok_or_else(|| {
-                Error::msg(format!("key `{pre}eos_token_id`: expected an integer"))
-            })? as u32],
+            Some(v) => vec![v
+                .as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| {
+                    Error::msg(format!("key `{pre}eos_token_id`: expected an integer"))
+                })?],
         };
         let cfg = TextConfig {
             vocab_size: usize_or(m, "vocab_size", pre, 32000)?,
@@ -443,7 +464,9 @@ impl TextConfig {
             mlp_bias: bool_or(m, "mlp_bias", pre, false)?,
             bos_token_id: match m.get("bos_token_id") {
                 None | Some(Value::Null) => Some(1),
-                Some(v) => v.as_u64().map(|x| x as u32),
+                Some(v) => Some(v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(
+                    || Error::msg(format!("key `{pre}bos_token_id`: expected an integer")),
+                )?),
             },
             eos_token_ids,
         };
@@ -466,18 +489,51 @@ impl TextConfig {
                 )));
             }
         }
+        cfg.check(|k| format!("{pre}{k}"))?;
+        Ok(cfg)
+    }
+
+    /// Range checks shared by `config.json` and GGUF metadata: sizes positive, epsilons and
+    /// rope parameters positive and finite, special tokens inside the vocabulary. `key`
+    /// maps a field name to the key that holds it in the source (for the message).
+    pub fn check(&self, key: impl Fn(&str) -> String) -> Result<()> {
+        let bad = |k: &str, why: String| Err(Error::msg(format!("key `{}`: {why}", key(k))));
         for (k, v) in [
-            ("vocab_size", cfg.vocab_size),
-            ("hidden_size", cfg.hidden_size),
-            ("intermediate_size", cfg.intermediate_size),
-            ("num_hidden_layers", cfg.num_hidden_layers),
-            ("max_position_embeddings", cfg.max_position_embeddings),
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("head_dim", self.head_dim),
         ] {
             if v == 0 {
-                return Err(Error::msg(format!("key `{pre}{k}`: must be positive")));
+                return bad(k, "must be positive".into());
             }
         }
-        Ok(cfg)
+        // NaN fails every comparison, so `!(x > 0)` rejects it too.
+        for (k, v) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+            ("rope_scaling.factor", self.rope_scaling_factor),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return bad(k, format!("{v} must be a positive finite number"));
+            }
+        }
+        for (k, id) in self
+            .bos_token_id
+            .iter()
+            .map(|&b| ("bos_token_id", b))
+            .chain(self.eos_token_ids.iter().map(|&e| ("eos_token_id", e)))
+        {
+            if id as usize >= self.vocab_size {
+                return bad(
+                    k,
+                    format!("{id} is outside the vocabulary of {}", self.vocab_size),
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -535,7 +591,30 @@ impl VisionConfig {
                 "key `{pre}num_channels`: only 3 (RGB) is supported"
             )));
         }
+        cfg.check(|k| format!("{pre}{k}"))?;
         Ok(cfg)
+    }
+
+    /// Range checks shared by `config.json` and mmproj metadata (`key` names the source key).
+    pub fn check(&self, key: impl Fn(&str) -> String) -> Result<()> {
+        let bad = |k: &str, why: String| Err(Error::msg(format!("key `{}`: {why}", key(k))));
+        for (k, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("image_size", self.image_size),
+        ] {
+            if v == 0 {
+                return bad(k, "must be positive".into());
+            }
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return bad(
+                "layer_norm_eps",
+                format!("{} must be a positive finite number", self.layer_norm_eps),
+            );
+        }
+        Ok(())
     }
 }
 

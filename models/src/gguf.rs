@@ -12,11 +12,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use engine_core::gguf::{GgufFile, GgufValue};
 use engine_core::weights::{WeightSource, WeightView, Weights};
 use engine_core::{Backend, DType, Error, Result};
 use pruner::Dense;
+
+use crate::session::{PromptInput, Session};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -24,7 +27,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::config::TextConfig;
-use crate::llama::{KvCache, Llama};
+use crate::llama::Llama;
 
 /// The text config of a `general.architecture = llama` GGUF file.
 pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
@@ -76,17 +79,43 @@ pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
             ))
         }
     };
-    let eos = f
-        .get("tokenizer.ggml.eos_token_id")
-        .and_then(GgufValue::as_u64);
-    Ok(TextConfig {
+    // The head width is key_length where given (llama.cpp's default: embedding_length /
+    // head_count). Our RoPE rotates the whole head and V rows are as wide as K rows: a file
+    // that says otherwise would run with the wrong rotation or shapes, so it is refused.
+    let head_dim = match f.get("llama.attention.key_length") {
+        Some(_) => u("attention.key_length")?,
+        None => hidden / heads,
+    };
+    for k in ["rope.dimension_count", "attention.value_length"] {
+        if f.get(&format!("llama.{k}")).is_some() {
+            let v = u(k)?;
+            if v != head_dim {
+                return Err(Error::file(
+                    f.path(),
+                    format!("llama.{k} = {v} differs from the head width {head_dim} (partial rotary or different V width is not supported)"),
+                ));
+            }
+        }
+    }
+    let token_id = |k: &str| -> Result<Option<u32>> {
+        match f.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| Error::file(f.path(), format!("{k} is not a token id"))),
+        }
+    };
+    let eos = token_id("tokenizer.ggml.eos_token_id")?;
+    let cfg = TextConfig {
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
         num_hidden_layers: u("block_count")?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
-        head_dim: hidden / heads,
+        head_dim,
         max_position_embeddings: u("context_length")?,
         rms_norm_eps: f.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
         rope_theta: match f.get("llama.rope.freq_base") {
@@ -97,12 +126,28 @@ pub fn text_config(f: &GgufFile) -> Result<TextConfig> {
         tie_word_embeddings: f.tensor_info("output.weight").is_none(),
         attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some(),
         mlp_bias: f.tensor_info("blk.0.ffn_up.bias").is_some(),
-        bos_token_id: f
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(GgufValue::as_u64)
-            .map(|v| v as u32),
-        eos_token_ids: eos.map(|v| vec![v as u32]).unwrap_or_default(),
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: eos.map(|v| vec![v]).unwrap_or_default(),
+    };
+    cfg.check(|k| {
+        match k {
+            "vocab_size" => "llama.vocab_size",
+            "hidden_size" => "llama.embedding_length",
+            "intermediate_size" => "llama.feed_forward_length",
+            "num_hidden_layers" => "llama.block_count",
+            "max_position_embeddings" => "llama.context_length",
+            "head_dim" => "llama.attention.key_length",
+            "rms_norm_eps" => "llama.attention.layer_norm_rms_epsilon",
+            "rope_theta" => "llama.rope.freq_base",
+            "rope_scaling.factor" => "llama.rope.scaling.factor",
+            "bos_token_id" => "tokenizer.ggml.bos_token_id",
+            "eos_token_id" => "tokenizer.ggml.eos_token_id",
+            other => other,
+        }
+        .to_string()
     })
+    .map_err(|e| Error::file(f.path(), e.to_string()))?;
+    Ok(cfg)
 }
 
 /// HF name of a llama.cpp tensor name, and the heads to unpermute rows over (Q and K).
@@ -520,7 +565,7 @@ pub fn llama_tokenizer(f: &GgufFile) -> Result<Tokenizer> {
 /// A Llama text model loaded from a GGUF file, with its tokenizer.
 pub struct GgufTextModel {
     /// The decoder (quantized weights stay quantized on the backend).
-    pub llama: Llama,
+    pub llama: Arc<Llama>,
     /// Rebuilt from metadata.
     pub tokenizer: Tokenizer,
     /// From metadata.
@@ -539,9 +584,24 @@ impl GgufTextModel {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(GgufValue::as_bool)
             .unwrap_or(true);
+        let tokens = tokenizer.get_vocab_size(true);
+        if tokens > config.vocab_size {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tokenizer.ggml.tokens holds {tokens} tokens, more than the {} rows of the embedding table",
+                    config.vocab_size
+                ),
+            ));
+        }
         let source: Arc<dyn WeightSource> = Arc::new(LlamaGguf::new(file, &config)?);
+        crate::checks::check_text_layers(
+            config.num_hidden_layers,
+            &source.names(),
+            &format!("{}: llama.block_count", path.display()),
+        )?;
         let w = Weights::new(source, backend);
-        let llama = Llama::load(&w.pp("model"), &w.pp("lm_head"), &config)?;
+        let llama = Arc::new(Llama::load(&w.pp("model"), &w.pp("lm_head"), &config)?);
         Ok(GgufTextModel {
             llama,
             tokenizer,
@@ -564,80 +624,88 @@ impl GgufTextModel {
         Ok(ids)
     }
 
+    /// A new generation session over this model's decoder.
+    pub fn session(&self, backend: Arc<dyn Backend>) -> Session {
+        Session::new(self.llama.clone(), backend)
+    }
+
     /// Decoding of up to `max_new` tokens after `ids` with `params` (greedy when its
     /// temperature is 0; stops at an EOS token, which is kept); also returns the first
     /// step's logits `[V]`.
     pub fn generate(
         &self,
-        b: &dyn Backend,
+        b: Arc<dyn Backend>,
         ids: &[u32],
         max_new: usize,
         params: crate::sampling::SamplingParams,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
-        if params.is_greedy() {
-            return self.greedy(b, ids, max_new);
-        }
-        if ids.is_empty() {
-            return Err(Error::msg("generate: empty prompt"));
-        }
+        self.generate_timed(b, ids, max_new, params)
+            .map(|(t, l, _)| (t, l))
+    }
+
+    /// [`Self::generate`], with the wall-clock split into prefill and decode.
+    pub fn generate_timed(
+        &self,
+        b: Arc<dyn Backend>,
+        ids: &[u32],
+        max_new: usize,
+        params: crate::sampling::SamplingParams,
+    ) -> Result<(Vec<u32>, Vec<f32>, GenTimings)> {
+        let t0 = Instant::now();
+        let mut session = self.session(b.clone());
+        let pre = session.prefill(
+            PromptInput { ids, images: &[] },
+            &mut Dense,
+            "dense",
+            max_new,
+        )?;
+        let first = b.to_vec_f32(&pre.logits)?;
         let mut sampler = crate::sampling::Sampler::new(params)?;
-        let embeds = self.llama.embed(b, ids)?; // [S, H]
-        let mut cache = KvCache::default();
-        let (logits, _) = self
-            .llama
-            .prefill(b, &embeds, &[], &mut Dense, &mut cache, max_new)?;
-        let first = b.to_vec_f32(&logits)?;
-        let mut host = first.clone();
-        let mut out = Vec::with_capacity(max_new);
-        let mut pos = ids.len() as u32;
-        while out.len() < max_new {
-            let next = sampler.sample(&host)?;
-            out.push(next);
-            if self.config.eos_token_ids.contains(&next) || out.len() == max_new {
-                break;
-            }
-            let logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
-            host = b.to_vec_f32(&logits)?;
-            pos += 1;
-        }
-        Ok((out, first))
+        let mut t = GenTimings::prefilled(t0);
+        let t1 = Instant::now();
+        let tokens = session
+            .decode(pre.logits, &mut sampler, max_new)
+            .collect::<Result<Vec<u32>>>()?;
+        t.decode_steps = tokens.len().saturating_sub(1);
+        t.decode_ms = ms_since(t1);
+        Ok((tokens, first, t))
     }
 
     /// Greedy decoding of up to `max_new` tokens after `ids` (stops at an EOS token, which is
     /// kept); also returns the first step's logits `[V]`.
     pub fn greedy(
         &self,
-        b: &dyn Backend,
+        b: Arc<dyn Backend>,
         ids: &[u32],
         max_new: usize,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
-        if ids.is_empty() {
-            return Err(Error::msg("greedy: empty prompt"));
-        }
-        let embeds = self.llama.embed(b, ids)?; // [S, H]
-        let mut cache = KvCache::default();
-        let (logits, _) = self
-            .llama
-            .prefill(b, &embeds, &[], &mut Dense, &mut cache, max_new)?;
-        let first = b.to_vec_f32(&logits)?;
-        let mut out = Vec::with_capacity(max_new);
-        let mut logits = logits;
-        let mut pos = ids.len() as u32;
-        while out.len() < max_new {
-            let next = b
-                .to_vec_u32(&b.argmax(&logits)?)?
-                .first()
-                .copied()
-                .ok_or_else(|| Error::msg("greedy: argmax returned nothing"))?;
-            out.push(next);
-            if self.config.eos_token_ids.contains(&next) || out.len() == max_new {
-                break;
-            }
-            logits = self.llama.decode_step(b, next, pos, &mut cache)?; // [1, V]
-            pos += 1;
-        }
-        Ok((out, first))
+        self.generate(b, ids, max_new, crate::sampling::SamplingParams::default())
     }
+}
+
+/// Wall-clock split of one generation (every phase ends with a read-back, so the device has
+/// finished its work).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GenTimings {
+    /// Embedding, prefill and the first logits read back: the time to the first token.
+    pub prefill_ms: f64,
+    /// Everything after: `decode_steps` decode steps and their token choices.
+    pub decode_ms: f64,
+    /// Decode steps run (one fewer than the new tokens: the first comes from prefill).
+    pub decode_steps: usize,
+}
+
+impl GenTimings {
+    fn prefilled(t0: Instant) -> Self {
+        GenTimings {
+            prefill_ms: ms_since(t0),
+            ..Default::default()
+        }
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 #[cfg(test)]

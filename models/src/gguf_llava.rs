@@ -14,7 +14,6 @@
 //! * the text file's Q/K rows are permuted for ggml's RoPE (see [`crate::gguf`]).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -239,7 +238,7 @@ pub fn mmproj_vision_config(f: &GgufFile) -> Result<VisionConfig> {
             format!("inconsistent vision tower: width {hidden}, {heads} heads, image {image_size} px, patch {patch_size} px"),
         ));
     }
-    Ok(VisionConfig {
+    let cfg = VisionConfig {
         hidden_size: hidden,
         intermediate_size: mm_u(f, "clip.vision.feed_forward_length")?,
         num_hidden_layers: layers,
@@ -253,7 +252,20 @@ pub fn mmproj_vision_config(f: &GgufFile) -> Result<VisionConfig> {
         } else {
             Activation::QuickGelu
         },
+    };
+    cfg.check(|k| {
+        match k {
+            "hidden_size" => "clip.vision.embedding_length",
+            "intermediate_size" => "clip.vision.feed_forward_length",
+            "num_hidden_layers" => "clip.vision.block_count",
+            "image_size" => "clip.vision.image_size",
+            "layer_norm_eps" => "clip.vision.attention.layer_norm_epsilon",
+            other => other,
+        }
+        .to_string()
     })
+    .map_err(|e| Error::file(f.path(), e.to_string()))?;
+    Ok(cfg)
 }
 
 /// Opens a pair, checks that its halves fit each other, and assembles config, tokenizer,
@@ -318,6 +330,7 @@ pub fn open_pair(text: &Path, mmproj: &Path) -> Result<PairParts> {
         )?,
         ..Default::default()
     };
+    crate::checks::check_processor(&processor, &config, mmproj)?;
     let text_src = LlamaGguf::new(tf, &tc)?;
     let mut names = BTreeMap::new();
     for n in text_src.names() {
@@ -491,8 +504,8 @@ fn text_gguf_name(hf: &str, cfg: &TextConfig) -> Option<(String, Option<usize>)>
 /// for unmerged ones), so SentencePiece-style best-score-first merging (llama.cpp) and
 /// [`crate::gguf::spm_merges`] both reproduce the file's merge order.
 fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, GgufValue)>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text =
+        engine_core::files::read_text_limited(path, engine_core::files::MAX_TOKENIZER_BYTES)?;
     let j: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
     let model = &j["model"];
@@ -615,37 +628,6 @@ fn tokenizer_metadata(path: &Path, cfg: &TextConfig) -> Result<Vec<(String, Gguf
     Ok(md)
 }
 
-/// Writes `bytes` to `path` through a temp file in the same directory and a rename, so a
-/// failed or interrupted write never leaves a partial file under the final name; refuses
-/// to replace an existing file unless `force`.
-fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
-    if path.exists() && !force {
-        return Err(Error::file(
-            path,
-            "already exists (pass --force to overwrite)",
-        ));
-    }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::file(path, format!("cannot write: {e}"))
-    })
-}
-
 /// The output paths for `out`: a directory (existing, or ending in `/`) gets
 /// `<dir>/<name>.<type>.gguf` and `<dir>/mmproj-<name>.f16.gguf` with `name` the model
 /// directory's name; anything else is a prefix `<prefix>.<type>.gguf` and
@@ -692,6 +674,20 @@ pub fn write_pair(
             "vision_feature_select_strategy `full` has no llama.cpp mmproj equivalent (its mlp projector always drops CLS)",
         ));
     }
+    if cfg.projector_hidden_act != Activation::Gelu {
+        return Err(Error::file(
+            model_dir.join("config.json"),
+            "projector_hidden_act must be gelu for llama.cpp's mlp projector",
+        ));
+    }
+    // An existing non-directory `--out` (`/dev/full`, a file) would be taken as a prefix
+    // and write beside it (into /dev): refuse it.
+    if out.exists() && !out.is_dir() {
+        return Err(Error::file(
+            out,
+            "exists and is not a directory (give a directory or a new file name prefix)",
+        ));
+    }
     let (text_path, mmproj_path) = pair_paths(model_dir, out, ty);
     for p in [&text_path, &mmproj_path] {
         if p.exists() && !force {
@@ -704,6 +700,21 @@ pub fn write_pair(
         }
     }
     let src = open_safetensors(model_dir)?;
+    // Every size the written file states must be one the checkpoint holds (a config with
+    // 10^9 layers would otherwise be written into a GGUF that cannot load).
+    crate::checks::check_layers(
+        &cfg,
+        src.as_ref(),
+        "config.json: text_config.num_hidden_layers",
+    )?;
+    let pp = model_dir.join("preprocessor_config.json");
+    let proc = if pp.exists() {
+        let p = ImageProcessor::from_file(&pp)?;
+        crate::checks::check_processor(&p, &cfg, &pp)?;
+        p
+    } else {
+        ImageProcessor::default()
+    };
     let (lm, head, vt, mm) = if src.contains("language_model.model.embed_tokens.weight") {
         ("language_model.", "language_model.", "", "")
     } else if src.contains("model.language_model.embed_tokens.weight") {
@@ -870,12 +881,6 @@ pub fn write_pair(
     tmd.extend(tokenizer_metadata(&model_dir.join("tokenizer.json"), tc)?);
     tmd.push(("general.quantization_version".into(), GgufValue::U32(2)));
 
-    let pp = model_dir.join("preprocessor_config.json");
-    let proc = if pp.is_file() {
-        ImageProcessor::from_file(&pp)?
-    } else {
-        ImageProcessor::default()
-    };
     let vc = &cfg.vision;
     let f32a =
         |a: [f64; 3]| GgufValue::Array(a.iter().map(|&v| GgufValue::F32(v as f32)).collect());
@@ -921,16 +926,13 @@ pub fn write_pair(
             GgufValue::Bool(vc.hidden_act == Activation::Gelu),
         ),
     ];
-    if cfg.projector_hidden_act != Activation::Gelu {
-        return Err(Error::file(
-            model_dir.join("config.json"),
-            "projector_hidden_act must be gelu for llama.cpp's mlp projector",
-        ));
-    }
     let text_bytes = engine_core::gguf::to_gguf_bytes(&tmd, &text_t)?;
     let mm_bytes = engine_core::gguf::to_gguf_bytes(&mmd, &mm_t)?;
-    write_atomic(&text_path, &text_bytes, force)?;
-    write_atomic(&mmproj_path, &mm_bytes, force)?;
+    // Both files or neither: a text model without its mmproj is no pair.
+    engine_core::files::write_files_atomic(
+        &[(&text_path, &text_bytes), (&mmproj_path, &mm_bytes)],
+        force,
+    )?;
     Ok(WrittenPair {
         text: text_path,
         mmproj: mmproj_path,

@@ -82,12 +82,36 @@ pub fn resolve_model_in(spec: &str, cache: Option<&Path>) -> Result<PathBuf> {
         return Err(not_cached());
     }
     let snapshots = repo.join("snapshots");
-    // refs/main names the snapshot the hub client last fetched for the default branch.
-    if let Ok(rev) = std::fs::read_to_string(repo.join("refs").join("main")) {
-        let dir = snapshots.join(rev.trim());
-        if !rev.trim().is_empty() && dir.is_dir() {
-            return Ok(dir);
+    // refs/main names the snapshot the hub client last fetched for the default branch: a
+    // commit hash, one path component inside `snapshots/`. Anything else (`../..`, an
+    // absolute path) would load whatever it names, and a missing snapshot is not silently
+    // replaced by another.
+    let refs_main = repo.join("refs").join("main");
+    if refs_main.exists() {
+        let rev = engine_core::files::read_text_limited(&refs_main, 4096)?;
+        let rev = rev.trim();
+        let plain = !rev.is_empty()
+            && rev
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && rev.len() <= 128;
+        if !plain {
+            return Err(Error::file(
+                &refs_main,
+                format!("names {rev:?}, not a snapshot revision (a commit hash)"),
+            ));
         }
+        let dir = snapshots.join(rev);
+        if !dir.is_dir() {
+            return Err(Error::file(
+                &refs_main,
+                format!(
+                    "names snapshot {rev}, which is not in {}; download it again with `huggingface-cli download {spec}`",
+                    snapshots.display()
+                ),
+            ));
+        }
+        return Ok(dir);
     }
     let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&snapshots)
         .map_err(|_| not_cached())?
@@ -164,6 +188,14 @@ mod tests {
             resolve_model_in("org/name", Some(&cache)).unwrap(),
             repo.join("snapshots/abc")
         );
+        // refs/main confined to snapshots/: no traversal, no absolute path, no fallback.
+        for bad in ["../../..", "/etc", "abc/../def", "missing"] {
+            std::fs::write(repo.join("refs/main"), bad).unwrap();
+            let e = resolve_model_in("org/name", Some(&cache))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("refs/main"), "{bad}: {e}");
+        }
         std::fs::remove_file(repo.join("refs/main")).unwrap();
         let got = resolve_model_in("org/name", Some(&cache)).unwrap();
         assert!(got.starts_with(repo.join("snapshots")), "{}", got.display());

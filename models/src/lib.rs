@@ -4,11 +4,14 @@
 
 #![warn(missing_docs)]
 
+pub mod chat;
+pub mod checks;
 pub mod clip;
 pub mod config;
 pub mod gguf;
 pub mod gguf_llava;
 pub mod hub;
+pub mod image_io;
 pub mod llama;
 pub mod llava;
 pub mod nn;
@@ -17,6 +20,7 @@ pub mod preprocess_next;
 pub mod prompt;
 pub mod quality;
 pub mod sampling;
+pub mod session;
 pub mod synthetic;
 
 pub use config::LlavaConfig;
@@ -25,6 +29,7 @@ pub use llava::{
     draw_kept_images, draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava,
     LoadProgress, Naming, Timings,
 };
-pub use preprocess::{load_image, PadMode};
+pub use preprocess::{decode_image, load_image, PadMode};
 pub use prompt::{PromptIds, Template};
 pub use sampling::SamplingParams;
+pub use session::{ImageInput, PromptInput, Session};

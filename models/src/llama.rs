@@ -9,7 +9,7 @@
 use engine_core::weights::Weights;
 use engine_core::{AttentionMask, AttentionParams, Backend, HostData, Result, RopeParams, Tensor};
 use engine_core::{DType, Error};
-use pruner::{Action, Capture, LayerView, Pruner, ShallowMask};
+use pruner::{Capture, ShallowMask};
 
 use crate::config::TextConfig;
 use crate::nn::{Linear, RmsNorm};
@@ -47,6 +47,37 @@ pub struct LayerKv {
     pub capacity: usize,
 }
 
+impl LayerKv {
+    /// Zeroed keys and values for `capacity` rows of width `kv_dim`.
+    pub fn new(b: &dyn Backend, capacity: usize, kv_dim: usize) -> Result<Self> {
+        let shape = engine_core::Shape::from((capacity, kv_dim));
+        Ok(LayerKv {
+            k: b.zeros(shape.clone(), DType::F32)?,
+            v: b.zeros(shape, DType::F32)?,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Grows the cache (doubling, at least to `rows`) so it holds `rows` rows; the valid
+    /// rows are copied on the device.
+    pub fn reserve(&mut self, b: &dyn Backend, rows: usize) -> Result<()> {
+        if rows <= self.capacity {
+            return Ok(());
+        }
+        let cap = rows.max(self.capacity.saturating_mul(2));
+        let width = self.k.dims()[1];
+        let mut grown = LayerKv::new(b, cap, width)?;
+        if self.len > 0 {
+            b.write_rows(&grown.k, 0, &b.slice_rows(&self.k, 0, self.len)?)?;
+            b.write_rows(&grown.v, 0, &b.slice_rows(&self.v, 0, self.len)?)?;
+        }
+        grown.len = self.len;
+        *self = grown;
+        Ok(())
+    }
+}
+
 /// Per-layer KV caches; each layer's length is what that layer processed.
 #[derive(Default)]
 pub struct KvCache {
@@ -77,6 +108,9 @@ pub struct PrefillStats {
     pub layer_image_lens: Vec<usize>,
     /// Shallow mask each layer ran with.
     pub layer_masks: Vec<ShallowMask>,
+    /// Each layer's image rows (cache rows) as ascending runs `[start, end)`, one per image
+    /// still holding tokens (what its mask and captures acted on).
+    pub layer_image_runs: Vec<Vec<(usize, usize)>>,
 }
 
 /// Where the image sits in the prompt: rows `[start, end)`.
@@ -149,59 +183,6 @@ impl Llama {
         b.embedding(&self.embed_tokens, &ids)
     }
 
-    /// Token embeddings of `ids` with `image [N, H]` spliced over `span` (which must hold
-    /// exactly N positions inside the prompt): `[S, H]`.
-    pub fn embed_with_image(
-        &self,
-        b: &dyn Backend,
-        ids: &[u32],
-        span: ImageSpan,
-        image: &Tensor,
-    ) -> Result<Tensor> {
-        self.embed_with_images(b, ids, &[span], &[image])
-    }
-
-    /// Token embeddings of `ids` with `images[i] [N_i, H]` spliced over `spans[i]` (in
-    /// prompt order, not overlapping, each holding exactly its N_i positions): `[S, H]`.
-    pub fn embed_with_images(
-        &self,
-        b: &dyn Backend,
-        ids: &[u32],
-        spans: &[ImageSpan],
-        images: &[&Tensor],
-    ) -> Result<Tensor> {
-        if spans.len() != images.len() {
-            return Err(Error::msg(format!(
-                "{} image spans but {} images",
-                spans.len(),
-                images.len()
-            )));
-        }
-        let mut parts = Vec::with_capacity(2 * spans.len() + 1);
-        let mut at = 0;
-        for (span, image) in spans.iter().zip(images) {
-            let n = image.dims()[0];
-            if span.start < at || span.end - span.start != n || span.end > ids.len() {
-                return Err(Error::msg(format!(
-                    "image span {}..{} does not hold the {n} image embeddings (prompt of {} tokens)",
-                    span.start,
-                    span.end,
-                    ids.len()
-                )));
-            }
-            if span.start > at {
-                parts.push(self.embed(b, &ids[at..span.start])?); // [s, H]
-            }
-            parts.push((*image).clone()); // [N, H]
-            at = span.end;
-        }
-        if at < ids.len() || parts.is_empty() {
-            parts.push(self.embed(b, &ids[at..])?); // [S - e, H]
-        }
-        let refs: Vec<&Tensor> = parts.iter().collect();
-        b.concat_rows(&refs) // [S, H]
-    }
-
     fn kv_dim(&self) -> usize {
         self.cfg.num_key_value_heads * self.cfg.head_dim
     }
@@ -231,16 +212,17 @@ impl Llama {
     /// Returns the new hidden states and, when asked, the captured pruning data.
     // The arguments are the layer's inputs as the paper writes them; a struct would only rename them.
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
+    pub(crate) fn layer_forward(
         &self,
         b: &dyn Backend,
-        layer: &LlamaLayer,
+        layer: usize,
         h: &Tensor,
         positions: &Tensor,
         kv: &mut LayerKv,
         mask: AttentionMask,
         capture: Option<(Capture, &[(usize, usize)])>,
     ) -> Result<(Tensor, Captured)> {
+        let layer = &self.layers[layer];
         let s = h.dims()[0];
         let x = layer.input_layernorm.forward(b, h)?;
         let q = layer.q_proj.forward(b, &x)?; // [S, heads*hd]
@@ -248,18 +230,13 @@ impl Llama {
         let v = layer.v_proj.forward(b, &x)?; // [S, kv_heads*hd]
         let q = b.rope(&q, positions, &self.rope())?;
         let k = b.rope(&k, positions, &self.rope())?;
-        if kv.len + s > kv.capacity {
-            return Err(Error::msg(format!(
-                "KV cache full: {} + {s} rows > capacity {}",
-                kv.len, kv.capacity
-            )));
-        }
+        kv.reserve(b, kv.len + s)?;
         b.write_rows(&kv.k, kv.len, &k)?;
         b.write_rows(&kv.v, kv.len, &v)?;
         let params = self.attn_params(kv.len, kv.len + s, mask);
         let attn = b.attention(&q, &kv.k, &kv.v, &params)?; // [S, heads*hd]
-                                                            // Image rows come in runs (one per image span still holding tokens); statistics are
-                                                            // taken per run and concatenated, in row order, which is the pruner's offset order.
+                                                            // Image rows come in runs (one per image span still holding tokens): statistics are
+                                                            // taken per run and concatenated in row order, which is the pruner's offset order.
         let captured = match capture {
             None | Some((Capture::Nothing, _)) => Captured::None,
             Some((Capture::Contributions, runs)) => {
@@ -296,190 +273,22 @@ impl Llama {
         Ok((b.add(&h, &m)?, captured))
     }
 
-    fn new_layer_kv(&self, b: &dyn Backend, capacity: usize) -> Result<LayerKv> {
-        let shape = engine_core::Shape::from((capacity, self.kv_dim()));
-        Ok(LayerKv {
-            k: b.zeros(shape.clone(), DType::F32)?,
-            v: b.zeros(shape, DType::F32)?,
-            len: 0,
-            capacity,
-        })
+    /// An empty KV cache for one layer with room for `capacity` rows.
+    pub(crate) fn new_layer_kv(&self, b: &dyn Backend, capacity: usize) -> Result<LayerKv> {
+        LayerKv::new(b, capacity.max(1), self.kv_dim())
     }
 
-    /// Runs the prompt `embeds [S, H]` through every layer with `pruner` driving the
-    /// schedule; fills `cache` (one entry per layer, `extra` free rows for decode) and
-    /// returns the logits of the last prompt position `[1, V]`. `images` are the image
-    /// spans in prompt order: the pruner sees every position of every span as one list of
-    /// image tokens (offsets `0..Σ len` in prompt order).
-    pub fn prefill(
-        &self,
-        b: &dyn Backend,
-        embeds: &Tensor,
-        images: &[ImageSpan],
-        pruner: &mut dyn Pruner,
-        cache: &mut KvCache,
-        extra: usize,
-    ) -> Result<(Tensor, PrefillStats)> {
-        self.prefill_observed(b, embeds, images, pruner, cache, extra, &mut |_| Ok(()))
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
-    /// [`Llama::prefill`] calling `after_layer(l)` once layer `l` (and any gather the
-    /// pruner asked for after it) has been recorded; benchmarks sync there to time layers.
-    // prefill's arguments plus the observer; a struct would only rename them.
-    #[allow(clippy::too_many_arguments)]
-    pub fn prefill_observed(
-        &self,
-        b: &dyn Backend,
-        embeds: &Tensor,
-        images: &[ImageSpan],
-        pruner: &mut dyn Pruner,
-        cache: &mut KvCache,
-        extra: usize,
-        after_layer: &mut dyn FnMut(usize) -> Result<()>,
-    ) -> Result<(Tensor, PrefillStats)> {
-        let seq = embeds.dims()[0];
-        let mut h = embeds.clone();
-        let mut positions: Vec<u32> = (0..seq as u32).collect();
-        let mut pos_t = b.upload(HostData::U32(&positions), seq.into())?;
-        let mut at = 0;
-        for sp in images {
-            if sp.start < at || sp.end < sp.start || sp.end > seq {
-                return Err(Error::msg(format!(
-                    "image span {}..{} is out of order or outside the prompt of {seq} tokens",
-                    sp.start, sp.end
-                )));
-            }
-            at = sp.end;
-        }
-        let has_image = !images.is_empty();
-        // Original offsets (over all spans, in prompt order) of the image rows still present,
-        // and the rows of the current sequence they sit at (both ascending).
-        let mut img_rows: Vec<usize> = images.iter().flat_map(|sp| sp.start..sp.end).collect();
-        let mut img: Vec<usize> = (0..img_rows.len()).collect();
-        let mut stats = PrefillStats::default();
-        cache.layers.clear();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let cur = h.dims()[0];
-            let n_img = img.len();
-            let (mask_kind, capture) = if has_image && n_img > 0 {
-                (pruner.mask(l), pruner.capture(l))
-            } else {
-                (ShallowMask::None, Capture::Nothing)
-            };
-            let runs = row_runs(&img_rows);
-            let span = match runs[..] {
-                [] => (cur, cur),
-                [one] => one,
-                _ if mask_kind == ShallowMask::None => (cur, cur),
-                _ => {
-                    return Err(Error::msg(format!(
-                        "layer {l}: shallow attention masks over {} separate image spans are not implemented (prune with a method without shallow masks, e.g. FastV, or one image)",
-                        runs.len()
-                    )))
-                }
-            };
-            let mask = match mask_kind {
-                ShallowMask::None => AttentionMask::None,
-                ShallowMask::Layer0Sink => AttentionMask::Layer0Sink {
-                    image_start: span.0,
-                    image_end: span.1,
-                },
-                ShallowMask::Layer0Split => AttentionMask::Layer0Split {
-                    image_start: span.0,
-                    image_end: span.1,
-                },
-                ShallowMask::TextToImage => AttentionMask::TextToImage {
-                    image_start: span.0,
-                    image_end: span.1,
-                },
-            };
-            let mut kv = self.new_layer_kv(b, cur + extra)?;
-            let (nh, captured) =
-                self.layer_forward(b, layer, &h, &pos_t, &mut kv, mask, Some((capture, &runs)))?;
-            cache.layers.push(kv);
-            h = nh;
-            stats.layer_seq_lens.push(cur);
-            stats.layer_image_lens.push(n_img);
-            stats.layer_masks.push(mask_kind);
-            if !has_image || n_img == 0 {
-                after_layer(l)?;
-                continue;
-            }
-            let (contributions, last_row) = match &captured {
-                Captured::None => (None, None),
-                Captured::Contributions(c) => (Some(c.as_slice()), None),
-                Captured::LastRowImageAttention(a) => (None, Some(a.as_slice())),
-            };
-            let view = LayerView {
-                layer: l,
-                num_layers: self.layers.len(),
-                image_tokens: &img,
-                contributions,
-                last_row_image_attention: last_row,
-            };
-            let action = pruner
-                .after_layer(&view)
-                .map_err(|e| Error::msg(e.to_string()))?;
-            if let Action::Keep(keep) = action {
-                // Rows of the current sequence to keep: every text row, the kept image rows.
-                let mut keep_row = vec![true; cur];
-                for &r in &img_rows {
-                    keep_row[r] = false;
-                }
-                for off in &keep {
-                    let i = img.binary_search(off).map_err(|_| {
-                        Error::msg(format!(
-                            "pruner kept image token {off}, which layer {l} did not hold"
-                        ))
-                    })?;
-                    keep_row[img_rows[i]] = true;
-                }
-                let mut is_image = vec![false; cur];
-                for &r in &img_rows {
-                    is_image[r] = true;
-                }
-                let rows: Vec<u32> = (0..cur)
-                    .filter(|&r| keep_row[r])
-                    .map(|r| r as u32)
-                    .collect();
-                img_rows = rows
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &r)| is_image[r as usize])
-                    .map(|(i, _)| i)
-                    .collect();
-                let idx = b.upload(HostData::U32(&rows), rows.len().into())?;
-                h = b.gather_rows(&h, &idx)?; // [S', H]
-                positions = rows.iter().map(|&r| positions[r as usize]).collect();
-                pos_t = b.upload(HostData::U32(&positions), positions.len().into())?;
-                img = keep;
-            }
-            after_layer(l)?;
-        }
+    /// Final norm and lm_head over the last row of `h [S, H]`: logits `[1, V]`.
+    pub(crate) fn logits_last(&self, b: &dyn Backend, h: &Tensor) -> Result<Tensor> {
         let last = h.dims()[0] - 1;
-        let x = b.slice_rows(&h, last, 1)?; // [1, H]
+        let x = b.slice_rows(h, last, 1)?; // [1, H]
         let x = self.norm.forward(b, &x)?;
-        let logits = b.linear(&x, &self.lm_head, None)?; // [1, V]
-        Ok((logits, stats))
-    }
-
-    /// One decode step for `token` at unpruned `position`: every layer attends to its own
-    /// cache (no masks). Returns logits `[1, V]`.
-    pub fn decode_step(
-        &self,
-        b: &dyn Backend,
-        token: u32,
-        position: u32,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let mut h = self.embed(b, &[token])?; // [1, H]
-        let pos = b.upload(HostData::U32(&[position]), 1.into())?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (nh, _) = self.layer_forward(b, layer, &h, &pos, kv, AttentionMask::None, None)?;
-            h = nh;
-        }
-        let x = self.norm.forward(b, &h)?;
-        b.linear(&x, &self.lm_head, None)
+        b.linear(&x, &self.lm_head, None) // [1, V]
     }
 
     /// Bytes per cached row across K and V of one layer.
@@ -488,19 +297,8 @@ impl Llama {
     }
 }
 
-/// Maximal runs `[start, end)` of consecutive rows in an ascending row list.
-fn row_runs(rows: &[usize]) -> Vec<(usize, usize)> {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for &r in rows {
-        match runs.last_mut() {
-            Some(last) if last.1 == r => last.1 = r + 1,
-            _ => runs.push((r, r + 1)),
-        }
-    }
-    runs
-}
-
-enum Captured {
+/// What a layer captured for the pruner.
+pub(crate) enum Captured {
     None,
     Contributions(Vec<(f32, f32)>),
     LastRowImageAttention(Vec<f32>),

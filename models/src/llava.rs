@@ -16,7 +16,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use engine_core::weights::{open_safetensors, WeightSource, WeightView, Weights};
@@ -26,11 +26,12 @@ use pruner::{FlopsReport, FlopsShape, LayerSchedule, PruneConfig, PruneReport};
 
 use crate::clip::{ClipVision, Projector};
 use crate::config::{Arch, FeatureSelect, LlavaConfig};
-use crate::llama::{ImageSpan, KvCache, Llama};
+use crate::llama::{ImageSpan, Llama, PrefillStats};
 use crate::preprocess::{ImageProcessor, PadMode, PixelValues, ResizeTarget};
 use crate::preprocess_next::{preprocess_next, NextLayout, NextToken};
 use crate::prompt::{PromptIds, PromptTokenizer, Template, TextStream};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::session::{ImageInput, PromptInput, Session};
 
 /// Which tensor names a checkpoint uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,14 +83,18 @@ pub struct Llava {
     backend: Arc<dyn Backend>,
     vision: ClipVision,
     projector: Projector,
-    llama: Llama,
+    llama: Arc<Llama>,
     /// LLaVA-NeXT's `image_newline` `[1, H]` (f32), closing every row of tile features.
     image_newline: Option<Tensor>,
     tokenizer: PromptTokenizer,
     processor: ImageProcessor,
     naming: Naming,
     load_ms: f64,
+    images: Mutex<Vec<EncodedImage>>,
 }
+
+/// Encoded images kept for reuse (most recent last).
+const IMAGE_CACHE_ENTRIES: usize = 8;
 
 /// An image as the model takes it in.
 pub struct EncodedImage {
@@ -106,8 +111,46 @@ pub struct EncodedImage {
     pub features: Tensor,
     /// Projector output `[N, text_hidden]`: what replaces the `<image>` span.
     pub embeds: Tensor,
-    /// Milliseconds spent (preprocess, vision tower, projector; synchronised).
+    /// Milliseconds spent (preprocess, vision tower, projector; synchronised); 0 when the
+    /// encoding came from the model's image cache.
     pub ms: f64,
+    /// Content key of the normalised pixels (equal keys, equal embeddings).
+    pub key: u64,
+    /// Whether the vision tower was skipped because the same pixels were encoded before.
+    pub cached: bool,
+}
+
+impl Clone for EncodedImage {
+    fn clone(&self) -> Self {
+        EncodedImage {
+            seen: self.seen.clone(),
+            pixel_values: self.pixel_values.clone(),
+            tiles: self.tiles.clone(),
+            layout: self.layout.clone(),
+            features: self.features.clone(),
+            embeds: self.embeds.clone(),
+            ms: self.ms,
+            key: self.key,
+            cached: self.cached,
+        }
+    }
+}
+
+/// A 64-bit content key of normalised pixels (FNV-1a over the f32 bits and the shape).
+pub fn pixel_key(pv: &PixelValues) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |w: u32| {
+        for byte in w.to_le_bytes() {
+            h ^= byte as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(pv.height as u32);
+    eat(pv.width as u32);
+    for v in &pv.data {
+        eat(v.to_bits());
+    }
+    h
 }
 
 /// How to generate.
@@ -190,6 +233,13 @@ pub struct Generation {
     pub layer_image_lens: Vec<usize>,
     /// KV rows each layer holds at the end.
     pub kv_lens: Vec<usize>,
+    /// Leading prompt tokens whose KV came from the session's previous prompt.
+    pub reused_tokens: usize,
+    /// The first layer whose prefix rows were recomputed because this prompt's pruning
+    /// decisions differed from the previous prompt's.
+    pub recomputed_from_layer: Option<usize>,
+    /// Rows actually computed per layer in prefill.
+    pub computed_rows: Vec<usize>,
     /// Bytes of K and V held at the end (f32).
     pub kv_bytes: u64,
     /// Prefill FLOPs as scheduled (vision tower and projector included) and dense.
@@ -238,8 +288,11 @@ impl Llava {
         let tokenizer =
             PromptTokenizer::from_file(&dir.join("tokenizer.json"), cfg.image_token_index)?;
         let pp = dir.join("preprocessor_config.json");
-        let processor = if pp.is_file() {
-            ImageProcessor::from_file(&pp)?
+        // exists(), not is_file(): a FIFO or device there is an error, not a default.
+        let processor = if pp.exists() {
+            let p = ImageProcessor::from_file(&pp)?;
+            crate::checks::check_processor(&p, &cfg, &pp)?;
+            p
         } else {
             let s = cfg.vision.image_size;
             ImageProcessor {
@@ -248,7 +301,17 @@ impl Llava {
                 ..Default::default()
             }
         };
+        crate::checks::check_tokenizer(
+            tokenizer.inner().get_vocab_size(true),
+            &cfg,
+            &dir.join("tokenizer.json"),
+        )?;
         let source = open_safetensors(dir)?;
+        crate::checks::check_layers(
+            &cfg,
+            source.as_ref(),
+            "config.json: text_config.num_hidden_layers",
+        )?;
         Self::build(
             t0, cfg, tokenizer, processor, source, backend, progress, quant,
         )
@@ -268,6 +331,11 @@ impl Llava {
     ) -> Result<Self> {
         let t0 = Instant::now();
         let parts = crate::gguf_llava::open_pair(text, mmproj)?;
+        crate::checks::check_layers(
+            &parts.config,
+            parts.source.as_ref(),
+            &format!("{}: llama.block_count", text.display()),
+        )?;
         let tokenizer = PromptTokenizer::new(parts.tokenizer, parts.config.image_token_index);
         Self::build(
             t0,
@@ -327,7 +395,7 @@ impl Llava {
         };
         let vision = ClipVision::load(&w.pp(vt), &cfg)?;
         let projector = Projector::load(&w.pp(mm), &cfg)?;
-        let llama = Llama::load(&w.pp(lm), &w.pp(head), &cfg.text)?;
+        let llama = Arc::new(Llama::load(&w.pp(lm), &w.pp(head), &cfg.text)?);
         let image_newline = match cfg.arch {
             Arch::Llava => None,
             Arch::LlavaNext => {
@@ -351,6 +419,7 @@ impl Llava {
             processor,
             naming,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            images: Mutex::new(Vec::new()),
         })
     }
 
@@ -384,6 +453,10 @@ impl Llava {
     }
     /// The decoder.
     pub fn llama(&self) -> &Llama {
+        &self.llama
+    }
+    /// The decoder, shared (sessions hold it).
+    pub fn llama_arc(&self) -> &Arc<Llama> {
         &self.llama
     }
 
@@ -465,12 +538,23 @@ impl Llava {
                 pixel_values.width, pixel_values.height
             )));
         }
+        let key = pixel_key(&pixel_values);
+        if let Ok(cache) = self.images.lock() {
+            if let Some(hit) = cache.iter().find(|e| e.key == key) {
+                return Ok(EncodedImage {
+                    seen,
+                    ms: 0.0,
+                    cached: true,
+                    ..hit.clone()
+                });
+            }
+        }
         let shape = vec![3, s, s];
         let pixels = b.upload(HostData::F32(&pixel_values.data), shape.into())?; // [3, S, S]
         let features = self.vision.forward(b, &pixels)?; // [N, Dv]
         let embeds = self.projector.forward(b, &features)?; // [N, H]
         b.sync()?;
-        Ok(EncodedImage {
+        let enc = EncodedImage {
             seen,
             pixel_values,
             tiles: Vec::new(),
@@ -478,7 +562,16 @@ impl Llava {
             features,
             embeds,
             ms: t0.elapsed().as_secs_f64() * 1e3,
-        })
+            key,
+            cached: false,
+        };
+        if let Ok(mut cache) = self.images.lock() {
+            if cache.len() >= IMAGE_CACHE_ENTRIES {
+                cache.remove(0);
+            }
+            cache.push(enc.clone());
+        }
+        Ok(enc)
     }
 
     /// LLaVA-NeXT: preprocess into tiles, then [`Llava::encode_tiles`].
@@ -525,8 +618,12 @@ impl Llava {
         }
         let mut features = Vec::with_capacity(tiles.len());
         let mut projected = Vec::with_capacity(tiles.len() + 1);
+        let mut keys = Vec::with_capacity(tiles.len());
+        let mut cached = true;
         for t in &tiles {
             let enc = self.encode_pixels(RgbImage::new(1, 1), t.clone())?;
+            keys.push(enc.key);
+            cached &= enc.cached;
             features.push(enc.features); // [g², Dv]
             projected.push(enc.embeds); // [g², H]
         }
@@ -541,6 +638,20 @@ impl Llava {
         let frefs: Vec<&Tensor> = features.iter().collect();
         let features = b.concat_rows(&frefs)?; // [tiles·g², Dv]
         b.sync()?;
+        // The image's key: its tiles' keys and what the packing kept of them (equal keys,
+        // equal packed features).
+        let l = &layout;
+        let mut key = pixel_key(&PixelValues {
+            data: [l.tiles.0, l.tiles.1, l.rows.0, l.rows.1, l.cols.0, l.cols.1]
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
+            height: l.grid,
+            width: 0,
+        });
+        for k in &keys {
+            key = (key ^ k).wrapping_mul(0x0100_0000_01b3);
+        }
         Ok(EncodedImage {
             seen,
             pixel_values: tiles[0].clone(),
@@ -549,27 +660,47 @@ impl Llava {
             features,
             embeds,
             ms: t0.elapsed().as_secs_f64() * 1e3,
+            key,
+            cached,
         })
     }
 
-    /// [`Llava::resolve_prune`] for a prompt with `spans`: with several images separated by
-    /// text, the default's shallow masks are not defined (see the pruner crate docs), so
-    /// the default runs VisiPruner's middle and deep stages only and says so.
+    /// [`Llava::resolve_prune`] for a prompt with `spans`: over more separate images than
+    /// the engine's mask rules hold (see `pruner::ShallowMask::attention_mask_runs`), the
+    /// default runs VisiPruner's middle and deep stages only and says so.
     pub fn resolve_prune_for(
         &self,
         req: Option<&PruneConfig>,
         spans: &[ImageSpan],
     ) -> Result<(PruneConfig, Option<String>)> {
         let (cfg, note) = self.resolve_prune(req)?;
-        let separate = spans.windows(2).any(|w| w[0].end != w[1].start);
+        // The image runs of layer 0 (adjacent spans are one run).
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for sp in spans.iter().filter(|s| s.start < s.end) {
+            match runs.last_mut() {
+                Some(last) if last.1 == sp.start => last.1 = sp.end,
+                _ => runs.push((sp.start, sp.end)),
+            }
+        }
         match cfg {
-            PruneConfig::VisiPruner(mut v) if req.is_none() && separate && v.mode.shallow => {
+            PruneConfig::VisiPruner(mut v) if req.is_none() && v.mode.shallow => {
+                let layer0 = match v.layer0 {
+                    pruner::Layer0Policy::Sink => pruner::ShallowMask::Layer0Sink,
+                    pruner::Layer0Policy::Split => pruner::ShallowMask::Layer0Split,
+                    pruner::Layer0Policy::None => pruner::ShallowMask::None,
+                };
+                let fits = [layer0, pruner::ShallowMask::TextToImage]
+                    .iter()
+                    .all(|m| m.attention_mask_runs(&runs).is_ok());
+                if fits {
+                    return Ok((PruneConfig::VisiPruner(v), note));
+                }
                 v.mode.shallow = false;
                 Ok((
                     PruneConfig::VisiPruner(v),
                     Some(format!(
-                        "the paper's shallow masks are not defined over {} separate images; running VisiPruner's middle and deep stages",
-                        spans.len()
+                        "the paper's shallow masks over {} separate images need more mask rules than the engine holds; running VisiPruner's middle and deep stages",
+                        runs.len()
                     )),
                 ))
             }
@@ -593,18 +724,7 @@ impl Llava {
                 })?;
                 Ok((cfg.clone(), None))
             }
-            None => {
-                let paper = PruneConfig::paper_default();
-                match paper.validate(n) {
-                    Ok(()) => Ok((paper, None)),
-                    Err(e) => Ok((
-                        PruneConfig::Dense,
-                        Some(format!(
-                            "the paper's VisiPruner config does not fit this {n}-layer model ({e}); running dense"
-                        )),
-                    )),
-                }
-            }
+            None => Ok(PruneConfig::paper_default_for(n)),
         }
     }
 
@@ -685,6 +805,41 @@ impl Llava {
         on_text: &mut dyn FnMut(&str),
         stop: &dyn Fn() -> bool,
     ) -> Result<Generation> {
+        let mut session = self.session();
+        self.generate_in(&mut session, prompt, images, opts, on_text, stop)
+    }
+
+    /// The session's view of `images` over `spans` (checked by [`Llava::spans_for`]).
+    fn image_inputs(spans: &[ImageSpan], images: &[EncodedImage]) -> Vec<ImageInput> {
+        spans
+            .iter()
+            .zip(images)
+            .map(|(&span, img)| ImageInput {
+                span,
+                key: img.key,
+                embeds: img.embeds.clone(),
+            })
+            .collect()
+    }
+
+    /// A new, empty generation session over this model's decoder.
+    pub fn session(&self) -> Session {
+        Session::new(self.llama.clone(), self.backend.clone())
+    }
+
+    /// The generation entry every caller goes through: prefills `prompt` (with each of
+    /// `images` spliced over its image span, in order) in `session`, reusing whatever the
+    /// session's previous prompt shares with it, then decodes, streaming text to `on_text`
+    /// and checking `stop()` after every token.
+    pub fn generate_in(
+        &self,
+        session: &mut Session,
+        prompt: &PromptIds,
+        images: &[EncodedImage],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Generation> {
         let b = self.backend.as_ref();
         let tc = &self.cfg.text;
         let mut sampler = Sampler::new(opts.sampling)?;
@@ -701,22 +856,34 @@ impl Llava {
             )));
         }
         let max_new = opts.max_new_tokens.min(ctx - ids.len());
+        let inputs = Self::image_inputs(&spans, images);
 
         // ---- prefill ----
         let t0 = Instant::now();
-        let embeds = self.embed_prompt(ids, &spans, images)?; // [S, H]
-        let mut cache = KvCache::default();
-        let (logits, stats) =
-            self.llama
-                .prefill(b, &embeds, &spans, pruner.as_mut(), &mut cache, max_new)?;
+        let input = PromptInput {
+            ids,
+            images: &inputs,
+        };
+        let pre = session.prefill(
+            input,
+            pruner.as_mut(),
+            &prune_config.to_json().to_string(),
+            max_new,
+        )?;
         let first_logits = if opts.keep_first_logits {
-            Some(b.to_vec_f32(&logits)?)
+            Some(b.to_vec_f32(&pre.logits)?)
         } else {
             None
         };
+        let mut decode = session.decode(pre.logits.clone(), &mut sampler, max_new);
         let mut tokens = Vec::with_capacity(max_new);
-        if max_new > 0 {
-            tokens.push(self.next_token(&logits, first_logits.as_deref(), &mut sampler)?);
+        if let Some(host) = &first_logits {
+            // The logits are on the host already: sample there (one fewer readback).
+            if max_new > 0 {
+                tokens.push(decode.sample_host(host)?);
+            }
+        } else if let Some(t) = decode.next() {
+            tokens.push(t?);
         }
         b.sync()?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -724,7 +891,6 @@ impl Llava {
         // ---- decode ----
         let t1 = Instant::now();
         let mut stream = TextStream::new();
-        let mut steps = 0usize;
         let mut stopped_by_eos = false;
         let mut interrupted = false;
         while let Some(&last) = tokens.last() {
@@ -742,25 +908,21 @@ impl Llava {
                 interrupted = true;
                 break;
             }
-            let position = (ids.len() + tokens.len() - 1) as u32;
-            let logits = self.llama.decode_step(b, last, position, &mut cache)?; // [1, V]
-            tokens.push(self.next_token(&logits, None, &mut sampler)?);
-            steps += 1;
+            match decode.next() {
+                Some(t) => tokens.push(t?),
+                None => break,
+            }
         }
+        drop(decode);
+        let steps = tokens.len().saturating_sub(1);
         if let Some(rest) = stream.finish(&self.tokenizer)? {
             on_text(&rest);
         }
         b.sync()?;
         let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
 
-        let flops = self.flops(
-            &stats.layer_seq_lens,
-            &stats.layer_image_lens,
-            &stats.layer_masks,
-            spans.first().copied(),
-            images.iter().map(|i| i.tiles.len().max(1)).sum(),
-        )?;
-        let kv_dim = tc.num_key_value_heads * tc.head_dim;
+        let stats = pre.stats;
+        let flops = self.flops(&stats, images.iter().map(|i| i.tiles.len().max(1)).sum())?;
         Ok(Generation {
             text: self.tokenizer.decode(&tokens)?,
             tokens,
@@ -783,14 +945,17 @@ impl Llava {
             },
             prune_config,
             prune_note,
-            prune: pruner.report(),
+            prune: pre.report,
             layer_seq_lens: stats.layer_seq_lens,
             layer_image_lens: stats.layer_image_lens,
-            kv_lens: cache.lens(),
-            kv_bytes: cache.bytes_used(kv_dim),
+            kv_lens: session.kv_lens(),
+            kv_bytes: session.kv_bytes(),
             flops,
             first_logits,
             seen_image: images.first().map(|i| i.seen.clone()),
+            reused_tokens: pre.reused_tokens,
+            recomputed_from_layer: pre.recomputed_from_layer,
+            computed_rows: pre.computed_rows,
         })
     }
 
@@ -805,6 +970,7 @@ impl Llava {
         forced: Option<&[u32]>,
     ) -> Result<Vec<Vec<f32>>> {
         let spans = Self::spans_for(prompt, images)?;
+        let inputs = Self::image_inputs(&spans, images);
         let ctx = self.cfg.text.max_position_embeddings;
         if prompt.ids.is_empty() || prompt.ids.len() + steps > ctx {
             return Err(Error::msg(format!(
@@ -812,53 +978,11 @@ impl Llava {
                 prompt.ids.len()
             )));
         }
-        let embeds = self.embed_prompt(&prompt.ids, &spans, images)?; // [S, H]
-        crate::quality::step_logits(
-            &self.llama,
-            self.backend.as_ref(),
-            &embeds,
-            &spans,
-            prune,
-            steps,
-            forced,
-        )
-    }
-
-    /// Token embeddings with each image's embeddings spliced over its span.
-    fn embed_prompt(
-        &self,
-        ids: &[u32],
-        spans: &[ImageSpan],
-        images: &[EncodedImage],
-    ) -> Result<Tensor> {
-        let b = self.backend.as_ref();
-        if spans.is_empty() {
-            return self.llama.embed(b, ids); // [S, H]
-        }
-        let embeds: Vec<&Tensor> = images.iter().map(|i| &i.embeds).collect();
-        self.llama.embed_with_images(b, ids, spans, &embeds) // [S, H]
-    }
-
-    /// Greedy picks on the device and reads back one id; sampling reads the logits.
-    fn next_token(
-        &self,
-        logits: &Tensor,
-        host: Option<&[f32]>,
-        sampler: &mut Sampler,
-    ) -> Result<u32> {
-        let b = self.backend.as_ref();
-        if let Some(h) = host {
-            return sampler.sample(h);
-        }
-        if sampler.params().is_greedy() {
-            let t = b.argmax(logits)?; // [1] u32
-            let v = b.to_vec_u32(&t)?; // sync: one id
-            return v
-                .first()
-                .copied()
-                .ok_or_else(|| Error::msg("argmax returned nothing"));
-        }
-        sampler.sample(&b.to_vec_f32(logits)?) // sync: one logits row
+        let input = PromptInput {
+            ids: &prompt.ids,
+            images: &inputs,
+        };
+        crate::quality::step_logits(&mut self.session(), input, prune, steps, forced)
     }
 
     /// The shapes `pruner::prefill_flops` needs.
@@ -866,25 +990,17 @@ impl Llava {
         self.cfg.flops_shape()
     }
 
-    fn flops(
-        &self,
-        seq: &[usize],
-        img: &[usize],
-        masks: &[pruner::ShallowMask],
-        span: Option<ImageSpan>,
-        passes: usize,
-    ) -> Result<FlopsReport> {
-        let schedule: Vec<LayerSchedule> = seq
+    /// FLOPs of the schedule a prefill ran (`passes`: vision-tower passes).
+    fn flops(&self, stats: &PrefillStats, passes: usize) -> Result<FlopsReport> {
+        let schedule: Vec<LayerSchedule> = stats
+            .layer_seq_lens
             .iter()
-            .zip(img)
-            .zip(masks)
-            .map(|((&seq_len, &n), &mask)| {
-                let s = span.map_or(seq_len, |sp| sp.start);
-                LayerSchedule {
-                    seq_len,
-                    image: s..s + n,
-                    mask,
-                }
+            .zip(&stats.layer_image_runs)
+            .zip(&stats.layer_masks)
+            .map(|((&seq_len, runs), &mask)| LayerSchedule {
+                seq_len,
+                image: runs.iter().map(|&(a, b)| a..b).collect(),
+                mask,
             })
             .collect();
         let mut shape = self.flops_shape();

@@ -9,166 +9,22 @@
 //! [`PadMode::Pad`] first applies the original LLaVA-1.5 `expand2square`: the image is
 //! pasted centred on a square canvas filled with `int(mean * 255)`.
 
-use std::io::ErrorKind;
 use std::ops::Range;
 use std::path::Path;
 
 use engine_core::{Error, Result};
-use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 use serde_json::Value;
 
+pub use crate::image_io::{
+    decode_image, load_image, MAX_DECODE_BYTES, MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+};
 pub use image::RgbImage;
-
-/// Largest width or height [`load_image`] accepts.
-pub const MAX_IMAGE_SIDE: u32 = 16384;
-/// Largest decoder allocation [`load_image`] allows (decompression-bomb guard).
-pub const MAX_DECODE_BYTES: u64 = 512 << 20;
 
 /// CLIP's normalisation constants (`OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD` in transformers).
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// See [`CLIP_MEAN`].
 pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
-
-// ---------------------------------------------------------------------------------------
-// loading
-// ---------------------------------------------------------------------------------------
-
-/// Loads any image the `image` crate decodes as RGB8, like PIL's `Image.open(p).convert("RGB")`:
-/// alpha is dropped (not composited), grey is replicated, 16-bit samples keep their high byte.
-/// EXIF orientation is *not* applied (PIL does not either); see [`load_image_oriented`].
-pub fn load_image(path: &Path) -> Result<RgbImage> {
-    load(path, false)
-}
-
-/// Like [`load_image`] but applies the EXIF orientation first, as transformers'
-/// `image_utils.load_image` does (`ImageOps.exif_transpose`).
-pub fn load_image_oriented(path: &Path) -> Result<RgbImage> {
-    load(path, true)
-}
-
-fn load(path: &Path, orient: bool) -> Result<RgbImage> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => Error::file(path, "image not found"),
-        _ => Error::file(path, format!("cannot read image: {e}")),
-    })?;
-    if meta.is_dir() {
-        return Err(Error::file(path, "is a directory, not an image"));
-    }
-    // The extension picks the format only when the content has no recognisable signature (TGA).
-    let reader = ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
-    let Some(format) = reader.format() else {
-        return Err(Error::file(path, "not an image (unrecognised format)"));
-    };
-    // A known extension on content without that format's signature (a text file named
-    // .png) would otherwise read as a truncated image. TGA alone has no signature.
-    if format != ImageFormat::Tga && !has_signature(path) {
-        return Err(Error::file(
-            path,
-            format!(
-                "not an image (the name says {}, the content has no image signature)",
-                format.extensions_str().first().unwrap_or(&"?")
-            ),
-        ));
-    }
-    let mut reader = reader;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
-    let (w, h) = decoder.dimensions();
-    if w == 0 || h == 0 {
-        return Err(Error::file(path, format!("image has no pixels ({w}x{h})")));
-    }
-    // Checked before decoding so a bomb never allocates its buffer.
-    if decoder.total_bytes() > MAX_DECODE_BYTES {
-        return Err(Error::file(
-            path,
-            format!(
-                "image too large: {w}x{h} needs {} bytes decoded (limit {MAX_DECODE_BYTES})",
-                decoder.total_bytes()
-            ),
-        ));
-    }
-    let orientation = if orient {
-        decoder.orientation().ok()
-    } else {
-        None
-    };
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, e))?;
-    if let Some(o) = orientation {
-        img.apply_orientation(o);
-    }
-    Ok(to_rgb8_like_pil(img))
-}
-
-/// Whether the file starts with the signature of a format the `image` crate knows.
-fn has_signature(path: &Path) -> bool {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(64);
-    let read = std::fs::File::open(path).and_then(|f| f.take(64).read_to_end(&mut head));
-    read.is_ok() && image::guess_format(&head).is_ok()
-}
-
-fn image_error(path: &Path, e: ImageError) -> Error {
-    let msg = match &e {
-        ImageError::Limits(_) => format!(
-            "image too large (limits {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} px, {MAX_DECODE_BYTES} bytes): {e}"
-        ),
-        ImageError::Unsupported(_) => format!("unsupported image: {e}"),
-        ImageError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof => {
-            format!("image is truncated: {e}")
-        }
-        _ => format!("cannot decode image (corrupt or truncated?): {e}"),
-    };
-    Error::file(path, msg.replace('\n', " "))
-}
-
-/// RGB8 with PIL's `convert("RGB")` semantics for the modes PIL opens.
-///
-/// 16-bit samples keep their high byte, which is what PIL does for 16-bit RGB(A) and grey+alpha
-/// PNGs. For plain 16-bit grey PIL clips values above 255 to white instead; that turns real
-/// 16-bit photos white, so the high byte is used there as well (a deliberate difference).
-fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
-    let (w, h) = (img.width(), img.height());
-    let hi = |v: u16| (v >> 8) as u8;
-    match img {
-        DynamicImage::ImageRgb8(i) => i,
-        DynamicImage::ImageRgba8(i) => RgbImage::from_fn(w, h, |x, y| {
-            let p = i.get_pixel(x, y).0;
-            image::Rgb([p[0], p[1], p[2]])
-        }),
-        DynamicImage::ImageLuma8(i) => RgbImage::from_fn(w, h, |x, y| {
-            let v = i.get_pixel(x, y).0[0];
-            image::Rgb([v, v, v])
-        }),
-        DynamicImage::ImageLumaA8(i) => RgbImage::from_fn(w, h, |x, y| {
-            let v = i.get_pixel(x, y).0[0];
-            image::Rgb([v, v, v])
-        }),
-        DynamicImage::ImageRgb16(i) => RgbImage::from_fn(w, h, |x, y| {
-            let p = i.get_pixel(x, y).0;
-            image::Rgb([hi(p[0]), hi(p[1]), hi(p[2])])
-        }),
-        DynamicImage::ImageRgba16(i) => RgbImage::from_fn(w, h, |x, y| {
-            let p = i.get_pixel(x, y).0;
-            image::Rgb([hi(p[0]), hi(p[1]), hi(p[2])])
-        }),
-        DynamicImage::ImageLuma16(i) => RgbImage::from_fn(w, h, |x, y| {
-            let v = hi(i.get_pixel(x, y).0[0]);
-            image::Rgb([v, v, v])
-        }),
-        DynamicImage::ImageLumaA16(i) => RgbImage::from_fn(w, h, |x, y| {
-            let v = hi(i.get_pixel(x, y).0[0]);
-            image::Rgb([v, v, v])
-        }),
-        // Float images (HDR, EXR): clamped to [0, 1] and rounded.
-        other => other.to_rgb8(),
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Pillow's resampler
@@ -601,8 +457,8 @@ impl Default for ImageProcessor {
 impl ImageProcessor {
     /// Reads a `preprocessor_config.json`; errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let text =
+            engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text, path)
     }
 

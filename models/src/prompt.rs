@@ -140,7 +140,9 @@ impl PromptTokenizer {
                 "not found (the model directory needs tokenizer.json)",
             ));
         }
-        let tok = Tokenizer::from_file(path)
+        let bytes =
+            engine_core::files::read_limited(path, engine_core::files::MAX_TOKENIZER_BYTES)?;
+        let tok = Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::file(path, format!("cannot load tokenizer: {e}")))?;
         Ok(PromptTokenizer {
             tok,

@@ -6,21 +6,19 @@
 //! greedy tokens, so one early disagreement does not make every later step disagree too; the
 //! free-running view (how many leading greedy tokens are identical) is reported beside it.
 
-use engine_core::{Backend, Result, Tensor};
+use engine_core::Result;
 use pruner::PruneConfig;
 
-use crate::llama::{ImageSpan, KvCache, Llama};
 use crate::sampling::argmax;
+use crate::session::{PromptInput, Session};
 
 /// Full logits of `steps` consecutive positions: the last prompt position after prefill,
 /// then one decode step per token. The token fed after step `i` is `forced[i]` when given
 /// (teacher forcing; it must hold at least `steps - 1` ids), else step `i`'s own argmax
-/// (greedy). `embeds [S, H]` is the prompt with any image embeddings spliced in.
+/// (greedy). Runs in `session` (its earlier contents are reused where they apply).
 pub fn step_logits(
-    llama: &Llama,
-    b: &dyn Backend,
-    embeds: &Tensor,
-    spans: &[ImageSpan],
+    session: &mut Session,
+    prompt: PromptInput,
     prune: &PruneConfig,
     steps: usize,
     forced: Option<&[u32]>,
@@ -34,23 +32,22 @@ pub fn step_logits(
             )));
         }
     }
-    let seq = embeds.dims()[0];
-    let mut pruner = pruner::build(prune, llama.config().num_hidden_layers)
+    let layers = session.llama().config().num_hidden_layers;
+    let mut pruner = pruner::build(prune, layers)
         .map_err(|e| engine_core::Error::msg(format!("pruning config: {e}")))?;
-    let mut cache = KvCache::default();
-    let (logits, _) = llama.prefill(b, embeds, spans, pruner.as_mut(), &mut cache, steps)?; // [1, V]
+    let pre = session.prefill(prompt, pruner.as_mut(), &prune.to_json().to_string(), steps)?;
     let mut rows = Vec::with_capacity(steps);
     if steps == 0 {
         return Ok(rows);
     }
-    rows.push(b.to_vec_f32(&logits)?);
+    let b = session.backend().clone();
+    rows.push(b.to_vec_f32(&pre.logits)?);
     for i in 1..steps {
         let prev = match forced {
             Some(f) => f[i - 1],
             None => argmax(&rows[i - 1]),
         };
-        let position = (seq + i - 1) as u32;
-        let logits = llama.decode_step(b, prev, position, &mut cache)?; // [1, V]
+        let logits = session.step(prev)?; // [1, V]
         rows.push(b.to_vec_f32(&logits)?);
     }
     Ok(rows)

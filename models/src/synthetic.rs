@@ -328,8 +328,8 @@ pub struct SyntheticLlava {
     pub vision: ClipVision,
     /// The multi-modal projector.
     pub projector: Projector,
-    /// The decoder.
-    pub llama: Llama,
+    /// The decoder (shared with sessions).
+    pub llama: Arc<Llama>,
     /// LLaVA-NeXT's `image_newline` `[1, H]` (f32).
     pub image_newline: Option<Tensor>,
     /// Bytes of weights as an f16 checkpoint would hold them.
@@ -362,11 +362,11 @@ impl SyntheticLlava {
         let w = Weights::new(source, backend.clone()).with_quant(quant);
         let vision = ClipVision::load(&w.pp("vision_tower"), &cfg)?;
         let projector = Projector::load(&w.pp("multi_modal_projector"), &cfg)?;
-        let llama = Llama::load(
+        let llama = Arc::new(Llama::load(
             &w.pp("language_model.model"),
             &w.pp("language_model.lm_head"),
             &cfg.text,
-        )?;
+        )?);
         let h = cfg.text.hidden_size;
         let image_newline = match cfg.arch {
             crate::config::Arch::LlavaNext => {
@@ -508,7 +508,7 @@ mod tests {
                 };
                 LayerSchedule {
                     seq_len: len - n + img,
-                    image: s..s + img,
+                    image: vec![s..s + img],
                     mask,
                 }
             })

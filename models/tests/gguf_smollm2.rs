@@ -128,7 +128,7 @@ fn greedy_matches(path: &Path, be: Arc<dyn Backend>) {
         assert_eq!(got_prompt, want_prompt, "case {ci} {prompt:?}: prompt ids");
         let want = ids_of(&c["greedy_ids"]);
         let (got, first) = m
-            .greedy(be.as_ref(), &got_prompt, want.len())
+            .greedy(be.clone(), &got_prompt, want.len())
             .expect("greedy");
         // First-step logits: transformers' top-5 (rounded to 4 decimals); measured within 1e-4.
         let top = ids_of(&c["first_top5_ids"]);

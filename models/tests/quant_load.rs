@@ -9,7 +9,8 @@ use engine_core::quant::QuantType;
 use engine_core::weights::{MemorySource, Weights};
 use engine_core::{Backend, CpuBackend};
 use models::config::TextConfig;
-use models::llama::{KvCache, Llama};
+use models::llama::Llama;
+use models::session::{PromptInput, Session};
 use pruner::Dense;
 
 struct Lcg(u64);
@@ -80,24 +81,21 @@ fn source(cfg: &TextConfig) -> MemorySource {
     src
 }
 
-/// First-step logits and `n` greedy tokens.
-fn run(m: &Llama, b: &dyn Backend, ids: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let embeds = m.embed(b, ids).expect("embed");
-    let mut cache = KvCache::default();
-    let (logits, _) = m
-        .prefill(b, &embeds, &[], &mut Dense, &mut cache, n)
+/// First-step logits and `n` greedy tokens (EOS does not stop them).
+fn run(m: &Arc<Llama>, b: &Arc<dyn Backend>, ids: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut session = Session::new(m.clone(), b.clone());
+    let pre = session
+        .prefill(PromptInput { ids, images: &[] }, &mut Dense, "dense", n)
         .expect("prefill");
-    let first = b.to_vec_f32(&logits).expect("read");
+    let first = b.to_vec_f32(&pre.logits).expect("read");
     let mut toks = Vec::new();
-    let mut logits = logits;
-    for step in 0..n {
+    let mut logits = pre.logits;
+    for _ in 0..n {
         let t = b
             .to_vec_u32(&b.argmax(&logits).expect("argmax"))
             .expect("read")[0];
         toks.push(t);
-        logits = m
-            .decode_step(b, t, (ids.len() + step) as u32, &mut cache)
-            .expect("decode");
+        logits = session.step(t).expect("decode");
     }
     (first, toks)
 }
@@ -107,9 +105,10 @@ fn quantized_at_load_tracks_f16() {
     let cfg = config();
     let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let w = Weights::new(Arc::new(source(&cfg)), be.clone());
-    let load = |w: &Weights| Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg).expect("load");
+    let load =
+        |w: &Weights| Arc::new(Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg).expect("load"));
     let ids = [3u32, 17, 42, 5, 88, 1, 60];
-    let (want, want_toks) = run(&load(&w), be.as_ref(), &ids, 8);
+    let (want, want_toks) = run(&load(&w), &be, &ids, 8);
     let std = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
     // Relative (to the logits' rms) max error allowed per format: measured 0.015 for q8_0
     // and 0.26-0.29 for the 4-bit formats on these random weights; a broken format is ~1+.
@@ -120,7 +119,7 @@ fn quantized_at_load_tracks_f16() {
         (QuantType::Q4K, 0.5),
     ] {
         let m = load(&w.with_quant(Some(qt)));
-        let (got, toks) = run(&m, be.as_ref(), &ids, 8);
+        let (got, toks) = run(&m, &be, &ids, 8);
         let (imax, err) = got
             .iter()
             .zip(&want)

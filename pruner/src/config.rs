@@ -170,6 +170,35 @@ impl PruneConfig {
         })
     }
 
+    /// The paper's config for a `num_layers`-deep decoder. The paper's `shallow_mid_layer` 6
+    /// (of 32 layers) leaves no legal fusion layer on shallow models (the 6-layer test
+    /// fixtures): there it is scaled by depth, `round(6 * num_layers / 32)`, at least 1, and
+    /// the note says so. Dense, with a note, when even that does not fit.
+    pub fn paper_default_for(num_layers: usize) -> (Self, Option<String>) {
+        let mut cfg = Self::paper_default();
+        let mut note = None;
+        if let PruneConfig::VisiPruner(v) = &mut cfg {
+            if let Some(s) = v.shallow_mid_layer {
+                if s + 3 > num_layers {
+                    let scaled = ((s * num_layers + 16) / 32).max(1);
+                    v.shallow_mid_layer = Some(scaled);
+                    note = Some(format!(
+                        "{num_layers}-layer model: the paper's VisiPruner config with shallow_mid_layer {s} scaled to {scaled}"
+                    ));
+                }
+            }
+        }
+        match cfg.validate(num_layers) {
+            Ok(()) => (cfg, note),
+            Err(e) => (
+                PruneConfig::Dense,
+                Some(format!(
+                    "the paper's VisiPruner config does not fit this {num_layers}-layer model ({e}); running dense"
+                )),
+            ),
+        }
+    }
+
     /// Parses JSON text; checks everything but the layer keys, which need the model
     /// ([`PruneConfig::validate`]).
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
@@ -526,6 +555,25 @@ fn short(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paper_default_scaled_to_depth() {
+        let mid = |n: usize| match PruneConfig::paper_default_for(n) {
+            (PruneConfig::VisiPruner(v), note) => (v.shallow_mid_layer, note.is_some()),
+            (other, _) => panic!("{n} layers: {other:?}"),
+        };
+        // The paper's own depth and deeper: as published, no note.
+        assert_eq!(mid(32), (Some(6), false));
+        assert_eq!(mid(9), (Some(6), false));
+        // Shallower: round(6 n / 32), at least 1, with a note.
+        assert_eq!(mid(8), (Some(2), true));
+        assert_eq!(mid(6), (Some(1), true));
+        assert_eq!(mid(2), (Some(1), true));
+        // One layer leaves no legal layer at all: dense, said in the note.
+        let (c, note) = PruneConfig::paper_default_for(1);
+        assert_eq!(c, PruneConfig::Dense);
+        assert!(note.is_some_and(|n| n.contains("dense")));
+    }
 
     fn parse(text: &str) -> Result<PruneConfig, ConfigError> {
         PruneConfig::from_json(text)

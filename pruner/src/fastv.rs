@@ -65,6 +65,10 @@ impl Pruner for FastV {
         ShallowMask::None
     }
 
+    fn first_decision_layer(&self) -> Option<usize> {
+        Some(self.cfg.k.saturating_sub(1))
+    }
+
     fn capture(&self, layer: usize) -> Capture {
         if layer + 1 == self.cfg.k && self.kept.is_none() && !self.tracker.no_image_left() {
             Capture::LastRowProbs

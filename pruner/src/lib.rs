@@ -22,13 +22,23 @@
 //!   last-row attention run over all image tokens still present, of every span; a pruning
 //!   decision keeps or drops tokens of any span, and the kept ones keep their original
 //!   position ids. Text rows are never dropped.
-//! - **Shallow masks** act on image keys and text queries. When the image tokens present
-//!   form one contiguous run of rows (one image, or images with no text between them) they
-//!   are `docs/visipruner.md`'s one-span masks over that run (text queries: the rows after
-//!   it). Over several separate runs (text between images) the reference semantics do not
-//!   define them: the scheduler refuses such a layer with an error naming the number of
-//!   runs instead of guessing. Use a method without shallow masks there (FastV, or
-//!   VisiPruner's `middle`/`deep` modes), or one image.
+//! - **Shallow masks** act on (query kind, key kind) pairs, exactly as over one span, with
+//!   every position of every span an image key and every other row text. When the image
+//!   rows present form one contiguous run (one image, or images with no text between
+//!   them) they are `docs/visipruner.md`'s one-span masks over that run. Over several
+//!   separate runs (text between images; [`ShallowMask::attention_mask_runs`]):
+//!   - layer-0 `sink`: every query from the first image row on loses all image keys; each
+//!     text query (also one between two images) puts its former image mass back on the
+//!     first image key of the prompt (one sink for the whole prompt, as with one span);
+//!   - layer-0 `split`: image queries lose all image keys (of every image); text queries
+//!     lose the first half (rounded down) of every run;
+//!   - `text_to_image`: text queries lose all image keys; image queries are untouched.
+//!
+//!   The engine writes them as mask rules (`Keep` rules carve the text between images out
+//!   of broader ones): 2 rules per image (3 less one for `split`), at most
+//!   [`engine_core::MAX_MASK_RULES`] (16): up to 8 images (5 with `split`). Past that an
+//!   explicit config is refused at the layer, naming the image count, and the paper
+//!   default runs without its shallow stage and says so.
 
 mod config;
 mod fastv;

@@ -309,6 +309,21 @@ impl Pruner for VisiPruner {
         Ok(action)
     }
 
+    fn first_decision_layer(&self) -> Option<usize> {
+        if self.forced.is_some() {
+            return Some(0);
+        }
+        let middle = self.middle.map(|m| m.after + 1);
+        let fixed = match self.deep {
+            Deep::FixedFrom(from) => Some(from.saturating_sub(1)),
+            _ => None,
+        };
+        match (middle, fixed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     fn report(&self) -> PruneReport {
         PruneReport {
             method: "visipruner".to_string(),

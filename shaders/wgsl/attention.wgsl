@@ -24,6 +24,7 @@ struct P {
     mask: u32, ms: u32, me: u32, group: u32,
     qw: u32, kw: u32, scale: f32, pad: u32,
     kb0: u32, kb1: u32, first: u32, last: u32,
+    rules: array<vec4<u32>, 32>,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;
@@ -130,7 +131,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     if (live && p.last != 0u) {
         let redirect = sink_redirect(row, visible);
-        let sv = p.ms * p.kw + koff;
+        let sv = select(0u, sink_target(row), redirect) * p.kw + koff;
         for (var d = 0u; d < D; d++) {
             var r = o[d] / l;
             if (redirect) {

@@ -12,6 +12,7 @@ struct P {
     sq: u32, kv_len: u32, q_offset: u32, causal: u32,
     mask: u32, ms: u32, me: u32, group: u32,
     qw: u32, kw: u32, scale: f32, d: u32,
+    rules: array<vec4<u32>, 32>,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;
@@ -68,8 +69,9 @@ fn main(iv: Inv) {
         }
     }
     let s_i = wg_sum(img, lid, sg_of(iv));
-    // The invocation that owns key s (j % WG == lid) zeroed it above; it now writes S_i there.
-    if (sink_redirect(row, visible) && p.ms % WG == lid) {
-        out[ob + p.ms] = s_i;
+    // The invocation that owns the sink key (j % WG == lid) zeroed it above; it now writes S_i there.
+    let to = sink_target(row);
+    if (sink_redirect(row, visible) && to % WG == lid) {
+        out[ob + to] = s_i;
     }
 }

@@ -322,6 +322,66 @@ pub fn gpu_backend_or_skip(test: &str) -> Result<Option<Arc<dyn engine_core::Bac
     }
 }
 
+/// A scratch directory under the system temp dir (`visi-test-<tag>-<pid>`), removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A fresh, empty directory.
+    pub fn new(tag: &str) -> Result<Self> {
+        let d = std::env::temp_dir().join(format!("visi-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d)?;
+        Ok(Scratch(d))
+    }
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// The directory as a string (for command lines).
+    pub fn s(&self) -> String {
+        self.0.to_string_lossy().to_string()
+    }
+    /// `rel` inside it, as a string.
+    pub fn p(&self, rel: &str) -> String {
+        self.0.join(rel).to_string_lossy().to_string()
+    }
+    /// Writes `text` to `rel` (parent directories made) and returns its path.
+    pub fn write(&self, rel: &str, text: &str) -> Result<String> {
+        let p = self.0.join(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&p, text)?;
+        Ok(p.to_string_lossy().to_string())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The devices the binary tests run on: the CPU backend, and `auto` when `<bin> devices
+/// --json` lists a wgpu adapter (lavapipe in CI, where a missing adapter is a failure,
+/// never a silent skip).
+pub fn binary_devices(bin: &Path) -> Result<Vec<&'static str>> {
+    let probe = std::process::Command::new(bin)
+        .args(["devices", "--json"])
+        .output()
+        .context("running visi-cli devices")?;
+    let v: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
+    if v["adapters"].as_array().is_some_and(|a| !a.is_empty()) {
+        return Ok(vec!["cpu", "gpu"]);
+    }
+    ensure!(
+        std::env::var_os("CI").is_none(),
+        "CI is set but visi-cli devices lists no adapter"
+    );
+    eprintln!("SKIP the wgpu half of the binary tests: no adapter");
+    Ok(vec!["cpu"])
+}
+
 /// Checks a `visi-cli` run against the error contract (exit `code`, empty stdout, one
 /// `error:` line on stderr besides `note:` lines, no panic or backtrace); `needles` must all appear in the one error line.
 pub fn expect_error(out: &std::process::Output, code: i32, needles: &[&str]) -> Result<()> {

@@ -223,7 +223,8 @@ fn check_schedule(g: &Generation, label: &str) -> Result<()> {
 
 #[test]
 fn pruning_smoke() -> Result<()> {
-    // tiny-llava-gqa has 8 layers: the paper default fits and runs.
+    // tiny-llava-gqa has 8 layers: the paper default runs with shallow_mid_layer scaled to
+    // the depth (round(6 * 8 / 32) = 2, as bench does), and the note says so.
     let gqa = load("tiny-llava-gqa")?;
     let g = run(
         &gqa,
@@ -237,10 +238,16 @@ fn pruning_smoke() -> Result<()> {
         "default pruning on 8 layers: {}",
         g.prune.method
     );
-    ensure!(g.prune_note.is_none());
     ensure!(
-        g.prune.config.get("shallow_mid_layer").is_some(),
-        "effective config missing: {}",
+        g.prune_note
+            .as_deref()
+            .is_some_and(|n| n.contains("scaled to 2")),
+        "note: {:?}",
+        g.prune_note
+    );
+    ensure!(
+        g.prune.config.get("shallow_mid_layer") == Some(&serde_json::json!(2)),
+        "effective config: {}",
         g.prune.config
     );
     check_schedule(&g, "gqa paper default")?;
@@ -254,7 +261,7 @@ fn pruning_smoke() -> Result<()> {
         g.flops.prefill_dense
     );
 
-    // tiny-llava-mha has 6 layers: the default falls back to dense, with a note...
+    // tiny-llava-mha has 6 layers: the default scales to shallow_mid_layer 1, with a note...
     let mha = load("tiny-llava-mha")?;
     let d = run(
         &mha,
@@ -264,12 +271,15 @@ fn pruning_smoke() -> Result<()> {
         },
     )?;
     ensure!(
-        d.prune.method == "dense" && d.prune_note.is_some(),
+        d.prune.method == "visipruner"
+            && d.prune_note
+                .as_deref()
+                .is_some_and(|n| n.contains("scaled to 1")),
         "6-layer default: {} {:?}",
         d.prune.method,
         d.prune_note
     );
-    ensure!(d.flops.prefill == d.flops.prefill_dense);
+    check_schedule(&d, "mha paper default scaled")?;
     // ...while asking for the paper config explicitly is an error.
     let e = run(
         &mha,

@@ -291,28 +291,39 @@ fn next_checkpoints_load_in_both_namings_and_refuse_unknown_architectures() -> R
     Ok(())
 }
 
-/// Every run of `reference-next/<model>/pruning.json` (`tools/visipruner_ref.py --next`):
-/// fusion layer, kept image tokens (offsets over all spans), text-only exit, per-layer
-/// sequence lengths, first-step top-5 logits and greedy tokens.
+/// Every run of `reference-next/<model>/pruning.json` (`tools/visipruner_ref.py --next`; the
+/// two-image prompts with the multi-image shallow masks): fusion layer, kept image tokens
+/// (offsets over all spans), text-only exit, per-layer sequence lengths, first-step top-5
+/// logits and greedy tokens.
 fn check_pruning(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
     let mut failures = Vec::new();
     let mut n = 0;
-    for (model, template) in [
-        ("tiny-next-mistral", Template::MistralInstruct),
-        ("tiny-next-llama", Template::VicunaV1),
+    for (refname, model, template) in [
+        (
+            "tiny-next-mistral",
+            "tiny-next-mistral",
+            Template::MistralInstruct,
+        ),
+        ("tiny-next-llama", "tiny-next-llama", Template::VicunaV1),
+        // Two LLaVA-1.5 images in one prompt.
+        (
+            "tiny-llava-mha-two-images",
+            "tiny-llava-mha",
+            Template::VicunaV1,
+        ),
     ] {
-        let r = Ref::load(model)?;
+        let r = Ref::load(refname)?;
         let runs = visi_tests::load_prune_runs(
             &fixtures()
                 .join("reference-next")
-                .join(model)
+                .join(refname)
                 .join("pruning.json"),
         )?;
-        ensure!(!runs.is_empty(), "{model}: no pruning runs");
+        ensure!(!runs.is_empty(), "{refname}: no pruning runs");
         let llava = Llava::load(&fixtures().join(model), backend.clone())?;
         for run in &runs {
             n += 1;
-            let tag = format!("[{label}] {model} {} {}", run.case, run.name);
+            let tag = format!("[{label}] {refname} {} {}", run.case, run.name);
             match check_prune_run(&llava, &r, run, template) {
                 Ok(m) => println!("{tag}: ok ({m})"),
                 Err(e) => {

@@ -7,52 +7,29 @@
 use rayon::prelude::*;
 
 use super::simd;
-use crate::backend::{AttentionMask, AttentionParams};
+use crate::backend::{AttentionMask, AttentionParams, MaskAction};
 
-/// Zeroes `prob[0..len]` of the query at cache row `row` per the VisiPruner shallow masks.
+/// Applies `mask`'s rules to `prob[0..len]` (the visible keys) of the query at cache row
+/// `row`: covered keys are zeroed; a sink rule's zeroed sum is put back on its target key.
 pub(crate) fn apply_mask(mask: &AttentionMask, row: usize, prob: &mut [f32]) {
-    let len = prob.len();
-    let zero = |prob: &mut [f32], a: usize, b: usize| {
-        let b = b.min(len);
-        if a < b {
-            prob[a..b].fill(0.0);
-        }
-    };
-    match *mask {
-        AttentionMask::None => {}
-        AttentionMask::Layer0Sink {
-            image_start: s,
-            image_end: e,
-        } => {
-            // An empty span has no image probabilities to move; key `s` is text then.
-            if s < e && row >= s {
-                let hi = e.min(len);
-                if s < hi {
-                    let sum: f32 = prob[s..hi].iter().sum();
-                    prob[s..hi].fill(0.0);
-                    if row >= e {
-                        prob[s] = sum;
-                    }
-                }
+    let rules = mask.rules();
+    if rules.is_empty() {
+        return;
+    }
+    let mut sunk = 0f32;
+    for (j, p) in prob.iter_mut().enumerate() {
+        match rules.action(row, j) {
+            None | Some(MaskAction::Keep) => {}
+            Some(MaskAction::Zero) => *p = 0.0,
+            Some(MaskAction::Sink { .. }) => {
+                sunk += *p;
+                *p = 0.0;
             }
         }
-        AttentionMask::Layer0Split {
-            image_start: s,
-            image_end: e,
-        } => {
-            if row >= s && row < e {
-                zero(prob, s, e);
-            } else if row >= e {
-                zero(prob, s, s + (e - s) / 2);
-            }
-        }
-        AttentionMask::TextToImage {
-            image_start: s,
-            image_end: e,
-        } => {
-            if row >= e {
-                zero(prob, s, e);
-            }
+    }
+    if let Some(to) = rules.sink_target(row) {
+        if to < prob.len() {
+            prob[to] = sunk;
         }
     }
 }

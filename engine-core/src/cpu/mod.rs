@@ -1,7 +1,10 @@
 //! The CPU reference backend: plain Rust over host memory, parallel with rayon.
 //!
 //! It is the numerical reference every GPU kernel is tested against and a real device
-//! (`--device cpu`): f16 weights stay f16 in memory and are converted inside the kernels.
+//! (`--device cpu`, and what `--device auto` runs where the only adapters are software
+//! rasterizers): f16 weights stay f16 and GGUF blocks stay quantized in memory, decoded
+//! inside the kernels (SIMD with run-time feature detection, see `simd`), activations f32.
+//! Threads: a rayon pool the caller runs in ([`with_threads`], physical cores by default).
 
 mod attention;
 mod matmul;
@@ -36,6 +39,79 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend { _private: () }
     }
+}
+
+/// Physical cores this process may use: the CPUs it may run on (affinity, cgroup quota)
+/// divided by the hardware threads per core (from Linux's sysfs topology; 1 elsewhere).
+/// The CPU kernels are memory- and FMA-bound, so a second hardware thread per core adds
+/// contention, not speed.
+pub fn physical_cores() -> usize {
+    let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (allowed / smt_per_core().max(1)).max(1)
+}
+
+/// Hardware threads per core: online logical CPUs over distinct (package, core) pairs.
+fn smt_per_core() -> usize {
+    let Ok(dir) = std::fs::read_dir("/sys/devices/system/cpu") else {
+        return 1;
+    };
+    let mut logical = 0usize;
+    let mut cores = std::collections::HashSet::new();
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !name
+            .strip_prefix("cpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let topo = e.path().join("topology");
+        let read = |f: &str| {
+            std::fs::read_to_string(topo.join(f))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        if let (Some(pkg), Some(core)) = (read("physical_package_id"), read("core_id")) {
+            logical += 1;
+            cores.insert((pkg, core));
+        }
+    }
+    if cores.is_empty() {
+        1
+    } else {
+        logical.div_ceil(cores.len())
+    }
+}
+
+/// Runs `f` on the CPU backend's thread pool: `threads` workers, or [`physical_cores`] when
+/// `None`. The pool's workers persist for the whole call (no thread is spawned per op or
+/// per token), and `f` itself runs on one of them, so every parallel op is shared between
+/// the caller and the other workers without waking a thread for the caller's part; with one
+/// thread, nothing is handed over at all. Falls back to rayon's global pool if the pool
+/// cannot be built.
+pub fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
+    let n = threads.unwrap_or_else(physical_cores).max(1);
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("visi-cpu-{i}"))
+        // The whole command runs on a worker: give it a main thread's stack.
+        .stack_size(16 << 20)
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
+
+/// Threads in the CPU backend's pool.
+pub fn current_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// The instruction set of the CPU kernels on this machine (`avx2+fma+f16c`, `portable`...).
+pub fn kernel_isa() -> &'static str {
+    simd::isa()
 }
 
 /// The CPU's marketing name where the OS tells it, else the architecture.
@@ -104,7 +180,12 @@ impl Backend for CpuBackend {
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
             backend: "cpu".into(),
-            adapter: cpu_name(),
+            adapter: format!(
+                "{} ({}, {} threads)",
+                cpu_name(),
+                simd::isa(),
+                rayon::current_num_threads()
+            ),
             api: "native".into(),
             device_type: "cpu".into(),
             max_buffer_size: isize::MAX as u64,

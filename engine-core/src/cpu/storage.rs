@@ -99,7 +99,16 @@ impl Floats<'_> {
             Floats::F32(v) => dst.copy_from_slice(&v[start..start + len]),
             // half converts with F16C/NEON when the CPU has it (runtime detection).
             Floats::F16(v) => v[start..start + len].convert_to_f32_slice(dst),
-            Floats::Quant(qt, b) => quant::dequantize_range(*qt, b, start, dst),
+            Floats::Quant(qt, b) => {
+                let (bs, bb) = (qt.block_size(), qt.block_bytes());
+                if start.is_multiple_of(bs) && len.is_multiple_of(bs) {
+                    // Whole blocks (every matmul tile and embedding row): the SIMD decoder.
+                    let b0 = start / bs * bb;
+                    super::simd::dequantize(*qt, &b[b0..b0 + len / bs * bb], dst)
+                } else {
+                    quant::dequantize_range(*qt, b, start, dst)
+                }
+            }
         }
     }
 }

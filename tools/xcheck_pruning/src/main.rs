@@ -17,7 +17,8 @@ use std::sync::Arc;
 use engine_core::weights::{open_safetensors, Weights};
 use engine_core::{Backend, CpuBackend, HostData, Shape};
 use models::config::LlavaConfig;
-use models::llama::{ImageSpan, KvCache, Llama};
+use models::llama::{ImageSpan, Llama};
+use models::session::Session;
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
@@ -30,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         ("language_model.model", "language_model.lm_head")
     };
-    let llama = Llama::load(&w.pp(mp), &w.pp(hp), &cfg.text)?;
+    let llama = Arc::new(Llama::load(&w.pp(mp), &w.pp(hp), &cfg.text)?);
     let bytes = std::fs::read(embeds_file)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pruning)?)?;
@@ -52,9 +53,9 @@ fn main() -> anyhow::Result<()> {
         });
         let pc = pruner::PruneConfig::from_json(&run["prune"].to_string())?;
         let mut pr = pruner::build(&pc, nl)?;
-        let mut cache = KvCache::default();
-        let (mut logits, stats) =
-            llama.prefill(b.as_ref(), &emb, span.as_slice(), pr.as_mut(), &mut cache, 16)?;
+        let mut session = Session::new(llama.clone(), b.clone());
+        let pre = session.prefill_embeds(&emb, span.as_slice(), pr.as_mut(), 16)?;
+        let (mut logits, stats) = (pre.logits, pre.stats);
         let mut ids = vec![];
         let mut margins = vec![];
         for step in 0..16 {
@@ -66,7 +67,7 @@ fn main() -> anyhow::Result<()> {
             if step == 15 {
                 break;
             }
-            logits = llama.decode_step(b.as_ref(), idx[0] as u32, (s + step) as u32, &mut cache)?;
+            logits = session.step(idx[0] as u32)?;
         }
         let r = pr.report();
         let ok = r.fusion_layer.map(|x| x as u64) == run["fusion_layer"].as_u64()

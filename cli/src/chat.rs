@@ -1,0 +1,254 @@
+//! `visi-cli chat`: an interactive multi-turn conversation over one generation session.
+//!
+//! Each turn renders the whole conversation with the model's template and generates in
+//! the same session, which reuses the image encoding and the KV rows the turns share (see
+//! `models::session`), so a follow-up costs a fraction of a fresh run and gives exactly the
+//! fresh run's tokens. With stdin not a terminal, each line is one user turn (scriptable).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::anyhow;
+use image::RgbImage;
+use models::chat::{render_vicuna_v1, Message, Part, Role};
+use models::llava::{GenerateOptions, Generation, Llava};
+use models::prompt::Template;
+
+use crate::errors::{bad_input, internal, Failure};
+use crate::{progress, GenArgs};
+
+/// Arguments of `visi-cli chat`.
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    g: GenArgs,
+    /// An image to talk about from the first turn (`/image PATH` changes it later).
+    #[arg(long)]
+    image: Option<PathBuf>,
+}
+
+const HELP: &str = "commands: /image PATH (attach to your next message), /reset (new conversation), /save FILE [--force] (messages JSON for `run --messages`), /stats, /quit";
+
+/// An image attached to the conversation: what `/save` writes and the pixels.
+struct Attached {
+    url: String,
+    pixels: RgbImage,
+}
+
+fn load_attached(path: &Path) -> anyhow::Result<Attached> {
+    let pixels = models::preprocess::load_image(path)?;
+    // Saved conversations name the file absolutely, so they load from anywhere.
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(Attached {
+        url: abs.display().to_string(),
+        pixels,
+    })
+}
+
+/// `visi-cli chat`.
+pub fn chat(a: ChatArgs) -> Result<(), Failure> {
+    progress::install_ctrl_c();
+    let sampling = a.g.sampling()?;
+    let prune = a.g.prune_config()?;
+    let model_dir = a.g.model_path()?;
+    if a.g.is_gguf() && a.g.mmproj.is_none() {
+        return Err(bad_input(anyhow!(
+            "chat needs a LLaVA model: a llava-hf directory, or a GGUF text model with its --mmproj"
+        )));
+    }
+    let mut image = a
+        .image
+        .as_deref()
+        .map(load_attached)
+        .transpose()
+        .map_err(|e| bad_input(e.context("--image")))?;
+    let mode = a.g.pad_mode();
+    let llava = a.g.load_llava(&model_dir)?;
+    let (_, note) = llava
+        .resolve_prune(prune.as_ref())
+        .map_err(|e| bad_input(e.into()))?;
+    if let Some(n) = &note {
+        eprintln!("note: {n}");
+    }
+    let opts = GenerateOptions {
+        template: Template::Raw,
+        image_mode: mode,
+        max_new_tokens: a.g.max_new_tokens,
+        sampling,
+        prune,
+        keep_first_logits: false,
+    };
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("{HELP}");
+    }
+    let dev = llava.device_info();
+    let mut chat = Chat {
+        llava: &llava,
+        session: llava.session(),
+        messages: Vec::new(),
+        pending: image.take(),
+        images: Vec::new(),
+        opts,
+        last: None,
+    };
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.map_err(|e| internal(anyhow!("reading stdin: {e}")))?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            let arg = arg.trim();
+            match name {
+                "quit" | "exit" => break,
+                "help" => eprintln!("{HELP}"),
+                "reset" => {
+                    chat.messages.clear();
+                    chat.images.clear();
+                    chat.pending = None;
+                    eprintln!("(new conversation)");
+                }
+                "image" if !arg.is_empty() => match load_attached(Path::new(arg)) {
+                    // The conversation keeps its earlier images: this one joins them.
+                    Ok(img) => chat.pending = Some(img),
+                    Err(e) => eprintln!("error: /image: {e:#}"),
+                },
+                "save" if !arg.is_empty() => {
+                    let (file, force) = match arg.strip_suffix("--force") {
+                        Some(f) => (f.trim(), true),
+                        None => (arg, false),
+                    };
+                    let text = serde_json::to_string_pretty(&models::chat::messages_to_json(
+                        &chat.messages,
+                    ))
+                    .unwrap_or_default();
+                    match engine_core::files::write_files_atomic(
+                        &[(Path::new(file), text.as_bytes())],
+                        force,
+                    ) {
+                        Ok(()) => eprintln!("(saved {} messages to {file})", chat.messages.len()),
+                        Err(e) => eprintln!("error: /save: {e:#}"),
+                    }
+                }
+                "stats" => match &chat.last {
+                    Some(g) => eprintln!("{}", turn_stats(g, &dev.backend, &dev.adapter)),
+                    None => eprintln!("(no answer yet)"),
+                },
+                _ => eprintln!("error: unknown command `/{name}` ({HELP})"),
+            }
+            continue;
+        }
+        chat.turn(line)?;
+    }
+    Ok(())
+}
+
+/// One conversation and its session.
+struct Chat<'a> {
+    llava: &'a Llava,
+    session: models::Session,
+    messages: Vec<Message>,
+    /// Image to attach to the next user message.
+    pending: Option<Attached>,
+    /// The conversation's images, in the order their messages hold them.
+    images: Vec<Attached>,
+    opts: GenerateOptions,
+    last: Option<Generation>,
+}
+
+impl Chat<'_> {
+    /// Answers `text`, streaming; failures of this turn are reported and the turn dropped,
+    /// except internal ones, which end the chat.
+    fn turn(&mut self, text: &str) -> Result<(), Failure> {
+        let mut parts = Vec::new();
+        let attached = self.pending.take();
+        if let Some(img) = &attached {
+            parts.push(Part::Image(img.url.clone()));
+        }
+        parts.push(Part::Text(text.to_string()));
+        self.messages.push(Message {
+            role: Role::User,
+            parts,
+        });
+        let all: Vec<&Attached> = self.images.iter().chain(&attached).collect();
+        let prompt = render_vicuna_v1(&self.messages)
+            .map_err(anyhow::Error::from)
+            .and_then(|r| {
+                let counts = all
+                    .iter()
+                    .map(|i| {
+                        self.llava
+                            .image_tokens_for(i.pixels.width(), i.pixels.height())
+                    })
+                    .collect::<engine_core::Result<Vec<_>>>()?;
+                Ok(self.llava.prompt_images(Template::Raw, &r.text, &counts)?)
+            });
+        let prompt = match prompt {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                self.messages.pop();
+                self.pending = attached;
+                return Ok(());
+            }
+        };
+        self.images.extend(attached);
+        // Earlier images come from the model's image cache.
+        let encoded = self
+            .images
+            .iter()
+            .map(|img| self.llava.encode_image(&img.pixels, self.opts.image_mode))
+            .collect::<engine_core::Result<Vec<_>>>()
+            .map_err(|e| internal(e.into()))?;
+        let mut stdout = std::io::stdout().lock();
+        let mut on_text = |t: &str| {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        };
+        progress::set_generating(true);
+        let gen = self.llava.generate_in(
+            &mut self.session,
+            &prompt,
+            &encoded,
+            &self.opts,
+            &mut on_text,
+            &progress::stop_requested,
+        );
+        progress::set_generating(false);
+        progress::clear_stop();
+        let _ = writeln!(stdout);
+        let _ = stdout.flush();
+        let gen = gen.map_err(crate::errors::classify)?;
+        if gen.interrupted {
+            eprintln!("(stopped)");
+        }
+        self.messages
+            .push(Message::text(Role::Assistant, gen.text.trim().to_string()));
+        self.last = Some(gen);
+        Ok(())
+    }
+}
+
+/// `/stats`: what the last turn cost and reused.
+fn turn_stats(g: &Generation, backend: &str, adapter: &str) -> String {
+    let reuse = match g.recomputed_from_layer {
+        Some(l) => format!(
+            "reused {} of {} prompt tokens (recomputed from layer {l})",
+            g.reused_tokens, g.prompt_tokens
+        ),
+        None => format!(
+            "reused {} of {} prompt tokens",
+            g.reused_tokens, g.prompt_tokens
+        ),
+    };
+    format!("{}; {reuse}", progress::stats_line(g, backend, adapter),)
+}
