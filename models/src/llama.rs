@@ -222,14 +222,8 @@ impl Llama {
         mask: AttentionMask,
         capture: Option<(Capture, &[(usize, usize)])>,
     ) -> Result<(Tensor, Captured)> {
-        let layer = &self.layers[layer];
         let s = h.dims()[0];
-        let x = layer.input_layernorm.forward(b, h)?;
-        let q = layer.q_proj.forward(b, &x)?; // [S, heads*hd]
-        let k = layer.k_proj.forward(b, &x)?; // [S, kv_heads*hd]
-        let v = layer.v_proj.forward(b, &x)?; // [S, kv_heads*hd]
-        let q = b.rope(&q, positions, &self.rope())?;
-        let k = b.rope(&k, positions, &self.rope())?;
+        let (q, k, v) = self.qkv(b, layer, h, positions)?;
         kv.reserve(b, kv.len + s)?;
         b.write_rows(&kv.k, kv.len, &k)?;
         b.write_rows(&kv.v, kv.len, &v)?;
@@ -263,14 +257,95 @@ impl Llama {
             }
         };
         kv.len += s;
-        let o = layer.o_proj.forward(b, &attn)?; // [S, H]
+        Ok((self.finish_layer(b, layer, h, &attn)?, captured))
+    }
+
+    /// The input norm, Q/K/V projections and RoPE of one layer over `h [S, H]`, every row
+    /// at its own position: `(q [S, heads*hd], k, v [S, kv_heads*hd])`.
+    fn qkv(
+        &self,
+        b: &dyn Backend,
+        layer: usize,
+        h: &Tensor,
+        positions: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let layer = &self.layers[layer];
+        let x = layer.input_layernorm.forward(b, h)?;
+        let q = layer.q_proj.forward(b, &x)?; // [S, heads*hd]
+        let k = layer.k_proj.forward(b, &x)?; // [S, kv_heads*hd]
+        let v = layer.v_proj.forward(b, &x)?; // [S, kv_heads*hd]
+        let q = b.rope(&q, positions, &self.rope())?;
+        let k = b.rope(&k, positions, &self.rope())?;
+        Ok((q, k, v))
+    }
+
+    /// The rest of one layer after attention: output projection, residual, MLP, residual.
+    fn finish_layer(
+        &self,
+        b: &dyn Backend,
+        layer: usize,
+        h: &Tensor,
+        attn: &Tensor,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[layer];
+        let o = layer.o_proj.forward(b, attn)?; // [S, H]
         let h = b.add(h, &o)?;
         let x = layer.post_attention_layernorm.forward(b, &h)?;
         let g = layer.gate_proj.forward(b, &x)?; // [S, I]
         let u = layer.up_proj.forward(b, &x)?; // [S, I]
         let m = b.silu_mul(&g, &u)?;
         let m = layer.down_proj.forward(b, &m)?; // [S, H]
-        Ok((b.add(&h, &m)?, captured))
+        b.add(&h, &m)
+    }
+
+    /// One decode step of one layer for `B` independent sequences: row `i` of `h [B, H]` is
+    /// sequence `i`'s next token at `positions[i]`, appended to `kvs[i]`. The projections
+    /// and the MLP run as one `M = B` matmul (the weights are read once); each row attends
+    /// only to its own cache, unmasked. Row `i`'s result equals a step of sequence `i` alone
+    /// as long as the backend's `linear` gives a row the same result whatever M is (the
+    /// batch-invariance contract, tested per backend).
+    pub(crate) fn layer_step_rows(
+        &self,
+        b: &dyn Backend,
+        layer: usize,
+        h: &Tensor,
+        positions: &Tensor,
+        kvs: &mut [&mut LayerKv],
+    ) -> Result<Tensor> {
+        let n = h.dims()[0];
+        if n != kvs.len() || n == 0 {
+            return Err(Error::internal(format!(
+                "batched step: {n} rows for {} caches",
+                kvs.len()
+            )));
+        }
+        let (q, k, v) = self.qkv(b, layer, h, positions)?;
+        let mut parts = Vec::with_capacity(n);
+        for (i, kv) in kvs.iter_mut().enumerate() {
+            let row = |t: &Tensor| {
+                if n == 1 {
+                    Ok(t.clone())
+                } else {
+                    b.slice_rows(t, i, 1)
+                }
+            };
+            let (qi, ki, vi) = (row(&q)?, row(&k)?, row(&v)?);
+            kv.reserve(b, kv.len + 1)?;
+            b.write_rows(&kv.k, kv.len, &ki)?;
+            b.write_rows(&kv.v, kv.len, &vi)?;
+            let params = self.attn_params(kv.len, kv.len + 1, AttentionMask::None);
+            parts.push(b.attention(&qi, &kv.k, &kv.v, &params)?); // [1, heads*hd]
+            kv.len += 1;
+        }
+        let attn = if n == 1 {
+            parts
+                .pop()
+                .ok_or_else(|| Error::internal("batched step: no rows"))?
+        } else {
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            b.concat_rows(&refs)? // [B, heads*hd]
+        };
+        self.finish_layer(b, layer, h, &attn)
     }
 
     /// An empty KV cache for one layer with room for `capacity` rows.
@@ -287,8 +362,13 @@ impl Llama {
     pub(crate) fn logits_last(&self, b: &dyn Backend, h: &Tensor) -> Result<Tensor> {
         let last = h.dims()[0] - 1;
         let x = b.slice_rows(h, last, 1)?; // [1, H]
-        let x = self.norm.forward(b, &x)?;
-        b.linear(&x, &self.lm_head, None) // [1, V]
+        self.logits_rows(b, &x)
+    }
+
+    /// Final norm and lm_head over every row of `h [B, H]`: logits `[B, V]`.
+    pub(crate) fn logits_rows(&self, b: &dyn Backend, h: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(b, h)?;
+        b.linear(&x, &self.lm_head, None)
     }
 
     /// Bytes per cached row across K and V of one layer.

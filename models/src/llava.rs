@@ -31,7 +31,7 @@ use crate::preprocess::{ImageProcessor, PadMode, PixelValues, ResizeTarget};
 use crate::preprocess_next::{preprocess_next, NextLayout, NextToken};
 use crate::prompt::{PromptIds, PromptTokenizer, Template, TextStream};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::session::{ImageInput, PromptInput, Session};
+use crate::session::{DecodeState, ImageInput, Prefill, PromptInput, Session};
 
 /// Which tensor names a checkpoint uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,6 +248,50 @@ pub struct Generation {
     pub first_logits: Option<Vec<f32>>,
     /// The picture the vision tower saw.
     pub seen_image: Option<RgbImage>,
+}
+
+/// One answer being generated (see [`Llava::begin`]): its decoding state, sampler,
+/// detokenizer, tokens so far and prefill results. Owned, so a server can hold many.
+pub struct Answer {
+    /// Where decoding stands (for [`crate::session::decode_batch`]).
+    pub decode: DecodeState,
+    /// This answer's sampler (its own seed).
+    pub sampler: Sampler,
+    stream: TextStream,
+    /// Tokens taken so far (EOS included when it ended the answer).
+    pub tokens: Vec<u32>,
+    /// Upper bound on tokens (the request's, capped by the context).
+    pub max_new: usize,
+    /// Prompt length after `<image>` expansion.
+    pub prompt_tokens: usize,
+    spans: Vec<ImageSpan>,
+    /// Vision-tower passes its images took (LLaVA-NeXT: one per tile).
+    vision_passes: usize,
+    vision_ms: f64,
+    seen_image: Option<RgbImage>,
+    /// The pruning config that runs.
+    pub prune_config: PruneConfig,
+    prune_note: Option<String>,
+    /// The prefill's results (schedule, report, reuse).
+    pub prefill: Prefill,
+    first_logits: Option<Vec<f32>>,
+    t0: Instant,
+    prefill_ms: Option<f64>,
+    t1: Option<Instant>,
+    stopped_by_eos: bool,
+}
+
+impl Answer {
+    /// Records `tok`, just taken by this answer (batched callers call this for each token
+    /// [`crate::session::decode_batch`] gives it). The first token closes the prefill
+    /// timing.
+    pub fn push_token(&mut self, tok: u32) {
+        if self.tokens.is_empty() {
+            self.prefill_ms = Some(self.t0.elapsed().as_secs_f64() * 1e3);
+            self.t1 = Some(Instant::now());
+        }
+        self.tokens.push(tok);
+    }
 }
 
 impl Llava {
@@ -827,22 +871,20 @@ impl Llava {
         Session::new(self.llama.clone(), self.backend.clone())
     }
 
-    /// The generation entry every caller goes through: prefills `prompt` (with each of
-    /// `images` spliced over its image span, in order) in `session`, reusing whatever the
-    /// session's previous prompt shares with it, then decodes, streaming text to `on_text`
-    /// and checking `stop()` after every token.
-    pub fn generate_in(
+    /// Starts one answer in `session`: checks the prompt against the images and the
+    /// context, resolves the pruning config, prefills `prompt` (each of `images` spliced
+    /// over its span, in order, reusing whatever the session's previous prompt shares with
+    /// it) and returns the answer's state, ready for [`Llava::next_token`] or for batched
+    /// steps with [`crate::session::decode_batch`] beside other answers.
+    pub fn begin(
         &self,
         session: &mut Session,
         prompt: &PromptIds,
         images: &[EncodedImage],
         opts: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str),
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Generation> {
-        let b = self.backend.as_ref();
+    ) -> Result<Answer> {
         let tc = &self.cfg.text;
-        let mut sampler = Sampler::new(opts.sampling)?;
+        let sampler = Sampler::new(opts.sampling)?;
         let ids = &prompt.ids;
         let spans = Self::spans_for(prompt, images)?;
         let (prune_config, prune_note) = self.resolve_prune_for(opts.prune.as_ref(), &spans)?;
@@ -857,8 +899,6 @@ impl Llava {
         }
         let max_new = opts.max_new_tokens.min(ctx - ids.len());
         let inputs = Self::image_inputs(&spans, images);
-
-        // ---- prefill ----
         let t0 = Instant::now();
         let input = PromptInput {
             ids,
@@ -871,70 +911,102 @@ impl Llava {
             max_new,
         )?;
         let first_logits = if opts.keep_first_logits {
-            Some(b.to_vec_f32(&pre.logits)?)
+            Some(self.backend.to_vec_f32(&pre.logits)?)
         } else {
             None
         };
-        let mut decode = session.decode(pre.logits.clone(), &mut sampler, max_new);
-        let mut tokens = Vec::with_capacity(max_new);
-        if let Some(host) = &first_logits {
-            // The logits are on the host already: sample there (one fewer readback).
-            if max_new > 0 {
-                tokens.push(decode.sample_host(host)?);
-            }
-        } else if let Some(t) = decode.next() {
-            tokens.push(t?);
-        }
-        b.sync()?;
-        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-        // ---- decode ----
-        let t1 = Instant::now();
-        let mut stream = TextStream::new();
-        let mut stopped_by_eos = false;
-        let mut interrupted = false;
-        while let Some(&last) = tokens.last() {
-            if tc.eos_token_ids.contains(&last) {
-                stopped_by_eos = true;
-                break;
-            }
-            if let Some(piece) = stream.push(&self.tokenizer, last)? {
-                on_text(&piece);
-            }
-            if tokens.len() >= max_new {
-                break;
-            }
-            if stop() {
-                interrupted = true;
-                break;
-            }
-            match decode.next() {
-                Some(t) => tokens.push(t?),
-                None => break,
-            }
-        }
-        drop(decode);
-        let steps = tokens.len().saturating_sub(1);
-        if let Some(rest) = stream.finish(&self.tokenizer)? {
-            on_text(&rest);
-        }
-        b.sync()?;
-        let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-
-        let stats = pre.stats;
-        let flops = self.flops(&stats, images.iter().map(|i| i.tiles.len().max(1)).sum())?;
-        Ok(Generation {
-            text: self.tokenizer.decode(&tokens)?,
-            tokens,
+        let decode = DecodeState::new(session, pre.logits.clone(), max_new);
+        Ok(Answer {
+            decode,
+            sampler,
+            stream: TextStream::new(),
+            tokens: Vec::with_capacity(max_new),
+            max_new,
             prompt_tokens: ids.len(),
+            spans,
+            vision_passes: images.iter().map(|i| i.tiles.len().max(1)).sum(),
+            vision_ms: images.iter().map(|i| i.ms).sum(),
+            seen_image: images.first().map(|i| i.seen.clone()),
+            prune_config,
+            prune_note,
+            prefill: pre,
+            first_logits,
+            t0,
+            prefill_ms: None,
+            t1: None,
+            stopped_by_eos: false,
+        })
+    }
+
+    /// The answer's next token, decoded alone (the one-sequence form of a batched step).
+    /// `None` once it has ended.
+    pub fn next_token(&self, session: &mut Session, answer: &mut Answer) -> Option<Result<u32>> {
+        if answer.decode.is_done() {
+            return None;
+        }
+        let r = match answer.first_logits.as_deref() {
+            // The first logits are on the host already: sample there (one fewer readback).
+            Some(host) if answer.tokens.is_empty() => {
+                Some(answer.decode.sample_host(&mut answer.sampler, host))
+            }
+            _ => answer.decode.next(session, &mut answer.sampler),
+        };
+        if let Some(Ok(t)) = &r {
+            answer.push_token(*t);
+        }
+        r
+    }
+
+    /// Text for `tok`, a token just taken by `answer` (from [`Llava::next_token`] or a
+    /// batched step, which calls [`Answer::push_token`]): the next complete piece of the
+    /// answer, if any (EOS gives none).
+    pub fn piece(&self, answer: &mut Answer, tok: u32) -> Result<Option<String>> {
+        if self.cfg.text.eos_token_ids.contains(&tok) {
+            answer.stopped_by_eos = true;
+            return Ok(None);
+        }
+        answer.stream.push(&self.tokenizer, tok)
+    }
+
+    /// Ends `answer` (whatever stopped it) and builds its [`Generation`]; `rest` receives
+    /// the text the detokenizer still held.
+    pub fn finish(
+        &self,
+        session: &Session,
+        mut answer: Answer,
+        interrupted: bool,
+        rest: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let b = self.backend.as_ref();
+        answer.decode.stop();
+        if let Some(tail) = answer.stream.finish(&self.tokenizer)? {
+            rest(&tail);
+        }
+        b.sync()?;
+        let prefill_ms = answer
+            .prefill_ms
+            .unwrap_or_else(|| answer.t0.elapsed().as_secs_f64() * 1e3);
+        let decode_ms = answer.t1.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        let steps = answer.tokens.len().saturating_sub(1);
+        let pre = answer.prefill;
+        let stats = pre.stats;
+        let spans = answer.spans;
+        let flops = self.flops(&stats, answer.vision_passes)?;
+        Ok(Generation {
+            text: self.tokenizer.decode(&answer.tokens)?,
+            tokens: answer.tokens,
+            prompt_tokens: answer.prompt_tokens,
             image_tokens: spans.iter().map(|s| s.end - s.start).sum(),
-            image_span: prompt.image_span(),
+            image_span: match spans[..] {
+                [one] => Some(one),
+                _ => None,
+            },
             image_spans: spans,
-            stopped_by_eos,
+            stopped_by_eos: answer.stopped_by_eos,
             interrupted,
             timings: Timings {
                 load_ms: self.load_ms,
-                vision_ms: images.iter().map(|i| i.ms).sum(),
+                vision_ms: answer.vision_ms,
                 prefill_ms,
                 decode_ms,
             },
@@ -943,20 +1015,47 @@ impl Llava {
             } else {
                 0.0
             },
-            prune_config,
-            prune_note,
+            prune_config: answer.prune_config,
+            prune_note: answer.prune_note,
             prune: pre.report,
             layer_seq_lens: stats.layer_seq_lens,
             layer_image_lens: stats.layer_image_lens,
             kv_lens: session.kv_lens(),
             kv_bytes: session.kv_bytes(),
             flops,
-            first_logits,
-            seen_image: images.first().map(|i| i.seen.clone()),
+            first_logits: answer.first_logits,
+            seen_image: answer.seen_image,
             reused_tokens: pre.reused_tokens,
             recomputed_from_layer: pre.recomputed_from_layer,
             computed_rows: pre.computed_rows,
         })
+    }
+
+    /// The generation entry every caller goes through: [`Llava::begin`], then one token at
+    /// a time ([`Llava::next_token`]), streaming text to `on_text` and checking `stop()`
+    /// after every token, then [`Llava::finish`].
+    pub fn generate_in(
+        &self,
+        session: &mut Session,
+        prompt: &PromptIds,
+        images: &[EncodedImage],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Generation> {
+        let mut answer = self.begin(session, prompt, images, opts)?;
+        let mut interrupted = false;
+        while let Some(tok) = self.next_token(session, &mut answer) {
+            let tok = tok?;
+            if let Some(piece) = self.piece(&mut answer, tok)? {
+                on_text(&piece);
+            }
+            if !answer.decode.is_done() && stop() {
+                interrupted = true;
+                break;
+            }
+        }
+        self.finish(session, answer, interrupted, on_text)
     }
 
     /// Step logits for quality accounting (see [`crate::quality::step_logits`]): the prompt

@@ -19,10 +19,10 @@
 
 use std::sync::Arc;
 
-use engine_core::{AttentionMask, Backend, Error, HostData, Result, Tensor};
+use engine_core::{Backend, Error, HostData, Result, Tensor};
 use pruner::{Action, Capture, LayerView, PruneReport, Pruner, ShallowMask};
 
-use crate::llama::{Captured, ImageSpan, KvCache, Llama, PrefillStats};
+use crate::llama::{Captured, ImageSpan, KvCache, LayerKv, Llama, PrefillStats};
 use crate::sampling::Sampler;
 
 /// What sits at one prompt position, for finding the common prefix of two prompts: a text
@@ -440,8 +440,14 @@ impl Session {
     }
 
     /// Feeds `token` at the next position through every layer (each attends to its own
-    /// cache, no masks) and returns the logits `[1, V]`.
+    /// cache, no masks) and returns the logits `[1, V]`. The same code as a batched step
+    /// ([`step_batch`]) of one sequence.
     pub fn step(&mut self, token: u32) -> Result<Tensor> {
+        step_batch(&mut [self], &[token])
+    }
+
+    /// Checks that a decode step may run: a prefill happened and the context has room.
+    fn check_step(&self) -> Result<()> {
         if self.cache.layers.len() != self.llama.num_layers() {
             return Err(Error::msg("decode step before any prefill"));
         }
@@ -452,13 +458,7 @@ impl Session {
                 self.next_pos
             )));
         }
-        let logits = LayerScheduler {
-            llama: &self.llama,
-            b: self.backend.as_ref(),
-        }
-        .decode(token, self.next_pos as u32, &mut self.cache)?;
-        self.next_pos += 1;
-        Ok(logits)
+        Ok(())
     }
 
     /// Decoding after a prefill whose logits are `first`: yields up to `max_new` tokens,
@@ -471,23 +471,57 @@ impl Session {
         sampler: &'s mut Sampler,
         max_new: usize,
     ) -> Decode<'s> {
-        let eos = self.llama.config().eos_token_ids.clone();
+        let state = DecodeState::new(self, first, max_new);
         Decode {
             session: self,
             sampler,
-            logits: Some(first),
-            feed: None,
-            left: max_new,
-            eos,
-            done: false,
+            state,
         }
     }
 }
 
-/// Decode steps as an iterator of sampled token ids (see [`Session::decode`]).
-pub struct Decode<'s> {
-    session: &'s mut Session,
-    sampler: &'s mut Sampler,
+/// One decode step for several sessions at once: `tokens[i]` is fed to `sessions[i]` at
+/// its next position. The linear layers run as one `M = B` matmul over the `B` rows (each
+/// weight read once per step, not once per sequence); each row attends to its own
+/// session's per-layer (pruned) cache. Returns logits `[B, V]`, row `i` for session `i`,
+/// equal to what `sessions[i].step(tokens[i])` alone would give (batch invariance; the
+/// sessions must share one model and backend).
+pub fn step_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<Tensor> {
+    let n = sessions.len();
+    if n == 0 || tokens.len() != n {
+        return Err(Error::internal(format!(
+            "batched step: {} tokens for {n} sessions",
+            tokens.len()
+        )));
+    }
+    let llama = sessions[0].llama.clone();
+    let backend = sessions[0].backend.clone();
+    for s in sessions.iter() {
+        if !Arc::ptr_eq(&s.llama, &llama) {
+            return Err(Error::internal(
+                "batched step over sessions of different models",
+            ));
+        }
+        s.check_step()?;
+    }
+    let positions: Vec<u32> = sessions.iter().map(|s| s.next_pos as u32).collect();
+    let mut caches: Vec<&mut KvCache> = sessions.iter_mut().map(|s| &mut s.cache).collect();
+    let logits = LayerScheduler {
+        llama: &llama,
+        b: backend.as_ref(),
+    }
+    .decode(tokens, &positions, &mut caches)?;
+    for s in sessions.iter_mut() {
+        s.next_pos += 1;
+    }
+    Ok(logits)
+}
+
+/// Where one answer's decoding stands, owned (it borrows neither its session nor its
+/// sampler), so a server can hold many and advance them together with
+/// [`decode_batch`]; [`Decode`] is the one-sequence iterator over it.
+#[derive(Clone)]
+pub struct DecodeState {
     logits: Option<Tensor>,
     feed: Option<u32>,
     left: usize,
@@ -495,15 +529,38 @@ pub struct Decode<'s> {
     done: bool,
 }
 
-impl Decode<'_> {
+impl DecodeState {
+    /// Decoding in `session` after a prefill whose logits are `first`, for up to
+    /// `max_new` tokens (stopping after EOS).
+    pub fn new(session: &Session, first: Tensor, max_new: usize) -> Self {
+        DecodeState {
+            logits: Some(first),
+            feed: None,
+            left: max_new,
+            eos: session.llama.config().eos_token_ids.clone(),
+            done: false,
+        }
+    }
+
+    /// Whether no more tokens will come (EOS, `max_new` reached, an error, or [`Self::stop`]).
+    pub fn is_done(&self) -> bool {
+        self.done || self.left == 0
+    }
+
+    /// Ends decoding here: the last token is never fed to the session.
+    pub fn stop(&mut self) {
+        self.done = true;
+        self.feed = None;
+    }
+
     /// Takes the next token by sampling `host`, the pending logits already read back
-    /// (what [`Iterator::next`] would sample on the device).
-    pub fn sample_host(&mut self, host: &[f32]) -> Result<u32> {
-        if self.done || self.left == 0 || self.feed.is_some() || self.logits.is_none() {
+    /// (what the device-side pick would sample).
+    pub fn sample_host(&mut self, sampler: &mut Sampler, host: &[f32]) -> Result<u32> {
+        if self.is_done() || self.feed.is_some() || self.logits.is_none() {
             return Err(Error::internal("decode: host logits given out of turn"));
         }
         self.logits = None;
-        let tok = self.sampler.sample(host)?;
+        let tok = sampler.sample(host)?;
         self.accept(tok);
         Ok(tok)
     }
@@ -517,34 +574,113 @@ impl Decode<'_> {
         }
     }
 
-    fn advance(&mut self) -> Result<u32> {
-        if let Some(t) = self.feed.take() {
-            self.logits = Some(self.session.step(t)?);
+    /// The next token of one sequence (feeding the previous one first).
+    pub fn next(&mut self, session: &mut Session, sampler: &mut Sampler) -> Option<Result<u32>> {
+        let mut one = [(session, self, sampler)];
+        decode_batch(&mut one).pop().flatten()
+    }
+}
+
+/// One sequence in [`decode_batch`]: its session, decoding state and sampler.
+pub type DecodeItem<'a> = (&'a mut Session, &'a mut DecodeState, &'a mut Sampler);
+
+/// Advances every unfinished item by one token: the tokens waiting to be fed go through
+/// one [`step_batch`] together, then each row is sampled by its own sampler (greedy picks
+/// on the device). Returns, per item, `None` when it was already done, else its next
+/// token or its error (an error in the shared step is given to every item that took
+/// part, and ends them).
+pub fn decode_batch(items: &mut [DecodeItem]) -> Vec<Option<Result<u32>>> {
+    let mut out: Vec<Option<Result<u32>>> = (0..items.len()).map(|_| None).collect();
+    let live: Vec<usize> = (0..items.len())
+        .filter(|&i| !items[i].1.is_done())
+        .collect();
+    let fed: Vec<usize> = live
+        .iter()
+        .copied()
+        .filter(|&i| items[i].1.feed.is_some())
+        .collect();
+    if !fed.is_empty() {
+        let tokens: Vec<u32> = fed.iter().map(|&i| items[i].1.feed.unwrap_or(0)).collect();
+        let stepped = {
+            let mut sessions: Vec<&mut Session> = items
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, it)| fed.contains(i) && it.1.feed.is_some())
+                .map(|(_, it)| &mut *it.0)
+                .collect();
+            step_batch(&mut sessions, &tokens)
+        };
+        match stepped {
+            Ok(logits) => {
+                let b = items[fed[0]].0.backend.clone();
+                for (r, &i) in fed.iter().enumerate() {
+                    items[i].1.feed = None;
+                    let row = if fed.len() == 1 {
+                        Ok(logits.clone())
+                    } else {
+                        b.slice_rows(&logits, r, 1)
+                    };
+                    match row {
+                        Ok(t) => items[i].1.logits = Some(t),
+                        Err(e) => {
+                            items[i].1.done = true;
+                            out[i] = Some(Err(e));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for &i in &fed {
+                    items[i].1.stop();
+                    out[i] = Some(Err(Error::internal(format!("batched decode step: {msg}"))));
+                }
+            }
         }
-        let logits = self
-            .logits
-            .take()
-            .ok_or_else(|| Error::msg("decode: no logits to sample"))?;
-        next_token(self.session.backend.as_ref(), &logits, self.sampler)
+    }
+    for &i in &live {
+        if out[i].is_some() {
+            continue;
+        }
+        let (session, state, sampler) = &mut items[i];
+        let r = match state.logits.take() {
+            Some(l) => next_token(session.backend.as_ref(), &l, sampler),
+            None => Err(Error::internal("decode: no logits to sample")),
+        };
+        out[i] = Some(match r {
+            Ok(tok) => {
+                state.accept(tok);
+                Ok(tok)
+            }
+            Err(e) => {
+                state.done = true;
+                Err(e)
+            }
+        });
+    }
+    out
+}
+
+/// Decode steps of one sequence as an iterator of sampled token ids (see
+/// [`Session::decode`]).
+pub struct Decode<'s> {
+    session: &'s mut Session,
+    sampler: &'s mut Sampler,
+    state: DecodeState,
+}
+
+impl Decode<'_> {
+    /// Takes the next token by sampling `host`, the pending logits already read back
+    /// (what [`Iterator::next`] would sample on the device).
+    pub fn sample_host(&mut self, host: &[f32]) -> Result<u32> {
+        self.state.sample_host(self.sampler, host)
     }
 }
 
 impl Iterator for Decode<'_> {
     type Item = Result<u32>;
     fn next(&mut self) -> Option<Result<u32>> {
-        if self.done || self.left == 0 {
-            return None;
-        }
-        match self.advance() {
-            Ok(tok) => {
-                self.accept(tok);
-                Some(Ok(tok))
-            }
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
-        }
+        self.state.next(self.session, self.sampler)
     }
 }
 
@@ -578,19 +714,30 @@ pub struct LayerScheduler<'a> {
 }
 
 impl LayerScheduler<'_> {
-    /// One decode step for `token` at unpruned `position`: every layer attends to its own
-    /// cache (no masks). Returns logits `[1, V]`.
-    pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Tensor> {
+    /// One decode step of `B` sequences: `tokens[i]` at unpruned `positions[i]` into
+    /// `caches[i]`; every layer attends to each sequence's own cache (no masks). Returns
+    /// logits `[B, V]`.
+    pub fn decode(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
         let b = self.b;
-        let mut h = self.llama.embed(b, &[token])?; // [1, H]
-        let pos = b.upload(HostData::U32(&[position]), 1.into())?;
-        for (l, kv) in cache.layers.iter_mut().enumerate() {
-            let (nh, _) =
-                self.llama
-                    .layer_forward(b, l, &h, &pos, kv, AttentionMask::None, None)?;
-            h = nh;
+        let mut h = self.llama.embed(b, tokens)?; // [B, H]
+        let pos = b.upload(HostData::U32(positions), positions.len().into())?;
+        for l in 0..self.llama.num_layers() {
+            let mut kvs: Vec<&mut LayerKv> = Vec::with_capacity(caches.len());
+            for c in caches.iter_mut() {
+                kvs.push(
+                    c.layers
+                        .get_mut(l)
+                        .ok_or_else(|| Error::internal("decode step: cache without layer"))?,
+                );
+            }
+            h = self.llama.layer_step_rows(b, l, &h, &pos, &mut kvs)?;
         }
-        self.llama.logits_last(b, &h)
+        self.llama.logits_rows(b, &h)
     }
 
     /// Embeddings of prompt positions `from..` (text rows looked up, image rows sliced
