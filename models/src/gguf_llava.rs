@@ -299,7 +299,7 @@ pub fn mmproj_pinpoints(f: &GgufFile, vc: &VisionConfig) -> Result<Vec<(usize, u
         .and_then(GgufValue::as_array)
         .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0)).collect())
         .unwrap_or_default();
-    if flat.is_empty() || flat.len() % 2 != 0 || flat.len() > 512 {
+    if flat.is_empty() || !flat.len().is_multiple_of(2) || flat.len() > 512 {
         return Err(Error::file(
             f.path(),
             format!(

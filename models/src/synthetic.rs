@@ -508,7 +508,7 @@ mod tests {
                 };
                 LayerSchedule {
                     seq_len: len - n + img,
-                    image: vec![s..s + img],
+                    image: std::iter::once(s..s + img).collect(),
                     mask,
                 }
             })

@@ -513,7 +513,9 @@ fn incomplete_or_other_llava_16_mmprojs_are_refused() {
     let f = GgufFile::open(&mmproj).expect("open");
     let dir = std::env::temp_dir().join(format!("visi-gguf-next-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let variants: [(&str, &str, Option<(&str, GgufValue)>, &str); 3] = [
+    // (tag, metadata key or tensor to drop, metadata to set, what the error names)
+    type Variant<'a> = (&'a str, &'a str, Option<(&'a str, GgufValue)>, &'a str);
+    let variants: [Variant; 3] = [
         (
             "no-newline",
             "model.image_newline",

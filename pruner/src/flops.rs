@@ -572,7 +572,7 @@ mod tests {
                 let z = match mask {
                     ShallowMask::None => false,
                     ShallowMask::TextToImage => !iq && ik,
-                    ShallowMask::Layer0Sink => ik && i >= s0 && !(!iq && j == s0),
+                    ShallowMask::Layer0Sink => ik && i >= s0 && (iq || j != s0),
                     ShallowMask::Layer0Split => (iq && ik) || (!iq && first_half(j)),
                 };
                 zeroed += u64::from(z);
