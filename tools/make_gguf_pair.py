@@ -35,6 +35,15 @@ Environment: /tmp/venv-fix (torch 2.5.1, transformers 4.46.3) plus `sentencepiec
         --llama-cpp /tmp/ggufpair-dl/llama_cpp_python-0.3.8/vendor/llama.cpp
 
 Writes tests/fixtures/gguf/tiny-llava-mha/{tiny-llava-mha.f16.gguf,mmproj-tiny-llava-mha.f16.gguf}.
+
+With `--next` the same steps make the LLaVA-1.6 pair of tests/fixtures/tiny-next-mistral
+(LlavaNextForConditionalGeneration, Mistral decoder), following the README's "LLaVA 1.6 gguf
+conversion" and its llava-hf note: the LLM exported with transformers and converted by
+`convert_hf_to_gguf.py`; `llava_surgery_v2.py` puts `image_newline` into llava.projector
+beside the projector; vit/config.json is the checkpoint's vision_config plus what the README's
+LLaVA-1.6 `config_vit.json` adds (defaults filled in by `CLIPVisionConfig`, `image_grid_pinpoints` from the checkpoint,
+`image_aspect_ratio: anyres`, `mm_patch_merge_type: spatial_unpad`), which the converter
+writes as `clip.vision.*` keys. Writes tests/fixtures/gguf/tiny-next-mistral/.
 """
 
 import argparse
@@ -47,9 +56,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SRC = ROOT / "tests/fixtures/tiny-llava-mha"
-OUT = ROOT / "tests/fixtures/gguf/tiny-llava-mha"
-NAME = "tiny-llava-mha"
 
 
 def run(cmd, env):
@@ -60,8 +66,12 @@ def run(cmd, env):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp", required=True, type=Path, help="vendor/llama.cpp of the sdist")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--next", action="store_true", help="the LLaVA-1.6 pair of tiny-next-mistral")
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    name = "tiny-next-mistral" if args.next else "tiny-llava-mha"
+    src = ROOT / "tests/fixtures" / name
+    args.out = args.out or ROOT / "tests/fixtures/gguf" / name
     lc = args.llama_cpp.resolve()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(lc / "gguf-py") + os.pathsep + env.get("PYTHONPATH", "")
@@ -71,17 +81,18 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt = tmp / NAME
+        ckpt = tmp / name
         ckpt.mkdir()
-        for f in SRC.iterdir():
+        for f in src.iterdir():
             shutil.copyfile(f.resolve(), ckpt / f.name)
 
         # 1. text model
         import torch
-        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import AutoTokenizer, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
         llm = tmp / "llm"
-        model = LlavaForConditionalGeneration.from_pretrained(ckpt, torch_dtype=torch.float16)
+        cls = LlavaNextForConditionalGeneration if args.next else LlavaForConditionalGeneration
+        model = cls.from_pretrained(ckpt, torch_dtype=torch.float16)
         model.language_model.save_pretrained(llm)
         AutoTokenizer.from_pretrained(ckpt).save_pretrained(llm)
         # transformers writes `"add_prefix_space": null` (= unset: the Llama default, a
@@ -94,7 +105,7 @@ def main():
             del tc["add_prefix_space"]
             tc_path.write_text(json.dumps(tc, indent=2))
         del model
-        text_out = args.out / f"{NAME}.f16.gguf"
+        text_out = args.out / f"{name}.f16.gguf"
         run([py, lc / "convert_hf_to_gguf.py", llm, "--outtype", "f16", "--outfile", text_out], env)
 
         # 2. vision tower and projector
@@ -104,7 +115,17 @@ def main():
         shutil.copyfile(ckpt / "llava.clip", vit / "pytorch_model.bin")
         shutil.copyfile(ckpt / "llava.projector", vit / "llava.projector")
         cfg = json.loads((ckpt / "config.json").read_text())
-        (vit / "config.json").write_text(json.dumps(cfg["vision_config"], indent=2))
+        vcfg = dict(cfg["vision_config"])
+        if args.next:
+            # The checkpoint's vision_config leaves defaults out (transformers writes only
+            # what differs); config_vit.json is a complete CLIP vision config.
+            from transformers import CLIPVisionConfig
+            vcfg = CLIPVisionConfig(**vcfg).to_dict()
+            # What the README's LLaVA-1.6 config_vit.json adds to a CLIP vision config.
+            vcfg["image_grid_pinpoints"] = cfg["image_grid_pinpoints"]
+            vcfg["image_aspect_ratio"] = "anyres"
+            vcfg["mm_patch_merge_type"] = "spatial_unpad"
+        (vit / "config.json").write_text(json.dumps(vcfg, indent=2))
         run(
             [
                 py,
@@ -119,7 +140,7 @@ def main():
             ],
             env,
         )
-        shutil.copyfile(vit / "mmproj-model-f16.gguf", args.out / f"mmproj-{NAME}.f16.gguf")
+        shutil.copyfile(vit / "mmproj-model-f16.gguf", args.out / f"mmproj-{name}.f16.gguf")
 
     for f in sorted(args.out.iterdir()):
         print(f"{f}: {f.stat().st_size} bytes")

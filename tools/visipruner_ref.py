@@ -118,10 +118,12 @@ class Lm:
         self.groups = self.heads // self.kv_heads
         self.min_f32 = torch.finfo(torch.float32).min
 
-    def rope(self, x, positions):
-        """transformers' rotary embedding (rope scaling included) at explicit position ids."""
+    def rope(self, x, positions, layer=None):
+        """transformers' rotary embedding (rope scaling included) at explicit position ids
+        (Llama keeps it on the model; transformers 4.46's Mistral on each attention)."""
         pos = torch.tensor([positions], dtype=torch.long)  # [1, S]
-        return self.model.rotary_emb(x, pos)
+        emb = getattr(self.model, "rotary_emb", None) or layer.self_attn.rotary_emb
+        return emb(x, pos)
 
     def qkv(self, layer, x, positions):
         """x [1, S, H] -> q [1, heads, S, d], k/v [1, kv_heads, S, d] (k, q rotated)."""
@@ -130,7 +132,7 @@ class Lm:
         q = a.q_proj(x).view(1, s, self.heads, self.head_dim).transpose(1, 2)
         k = a.k_proj(x).view(1, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = a.v_proj(x).view(1, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope(v, positions)
+        cos, sin = self.rope(v, positions, layer)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
@@ -154,6 +156,42 @@ def shallow_mask_kind(cfg, layer, n_img):
     return "text_to_image"
 
 
+def apply_shallow_mask_runs(p, kind, runs):
+    """Several separate image runs [(a, b), ...] of rows/cols (text between them): the masks act
+    on (query kind, key kind) pairs, text between images being text (pruner crate docs):
+    layer0_sink: every query from the first image row on loses all image keys, text queries put
+    that mass back on the first image key; layer0_split: image queries lose all image keys, text
+    queries the first half (rounded down) of every run; text_to_image: text queries lose all image
+    keys. No renormalisation."""
+    if len(runs) <= 1 or kind == "none":
+        s, e = runs[0] if runs else (p.shape[-1], p.shape[-1])
+        return apply_shallow_mask(p, kind, s, e)
+    S = p.shape[-1]
+    img = torch.zeros(S, dtype=torch.bool)
+    half = torch.zeros(S, dtype=torch.bool)
+    for a, b in runs:
+        img[a:b] = True
+        half[a:a + (b - a) // 2] = True
+    a0 = runs[0][0]
+    rows = torch.arange(S)
+    text_q = ~img & (rows >= a0)                    # text queries that can see an image key
+    p = p.clone()
+    if kind == "layer0_sink":
+        sink = (p * img[None, None, None, :]).sum(-1)  # [1, heads, S] each query's image mass
+        zero = (rows >= a0)[:, None] & img[None, :]
+        p = p.masked_fill(zero[None, None], 0.0)
+        p[:, :, text_q, a0] = sink[:, :, text_q]
+    elif kind == "layer0_split":
+        zero = (img[:, None] & img[None, :]) | (~img[:, None] & half[None, :])
+        p = p.masked_fill(zero[None, None], 0.0)
+    elif kind == "text_to_image":
+        zero = ~img[:, None] & img[None, :]
+        p = p.masked_fill(zero[None, None], 0.0)
+    else:
+        raise ValueError(kind)
+    return p
+
+
 def apply_shallow_mask(p, kind, s, e):
     """p [1, heads, S, S] post-softmax probabilities; image rows/cols [s, e); no renormalisation."""
     if kind == "none":
@@ -173,7 +211,7 @@ def apply_shallow_mask(p, kind, s, e):
     return p
 
 
-def contributions(p_last, v_rep, attn_last, s, e):
+def contributions(p_last, v_rep, attn_last, rows):
     """Last prompt token's per-image-token contributions (visipruner.md 'Middle').
 
     p_last [heads, S] probabilities of the last row, v_rep [heads, S, d] (repeated) values,
@@ -181,7 +219,7 @@ def contributions(p_last, v_rep, attn_last, s, e):
     Returns (norm [n], cos [n]) with c_j = concat_h P_h[t,j] V_h[j], o = attn output,
     cos_j = cos(o - c_j, o), all in f32.
     """
-    c = (p_last[:, s:e, None] * v_rep[:, s:e, :]).permute(1, 0, 2).reshape(e - s, -1)  # [n, heads*d]
+    c = (p_last[:, rows, None] * v_rep[:, rows, :]).permute(1, 0, 2).reshape(len(rows), -1)  # [n, heads*d]
     o = attn_last.reshape(1, -1)                                                          # [1, heads*d]
     norm = torch.linalg.vector_norm(c, dim=-1)
     cos = torch.nn.functional.cosine_similarity(o - c, o, dim=-1)
@@ -201,15 +239,20 @@ class Run:
 def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=False):
     """Prefill `embeds [S, H]` with the pruning schedule `cfg`, then greedy-decode `steps` tokens.
 
-    span: (s, e) image rows or None. With trace=True also records per-layer min cos / norms
-    for the threshold search (the schedule itself does not depend on it).
+    span: (s, e) image rows, a list of such spans (several images; prompt order), or None.
+    Every row of every span is an image token; offsets run over all spans in prompt order.
+    Shallow masks over image rows that form several separate runs act on every run
+    (apply_shallow_mask_runs). With trace=True also records
+    per-layer min cos / norms for the threshold search (the schedule does not depend on it).
     """
     L = lm.num_layers
     seq = embeds.shape[0]
     h = embeds[None]                                  # [1, S, H]
     positions = list(range(seq))                      # original position ids of the rows present
-    s, e = span if span is not None else (seq, seq)
-    img = list(range(e - s))                          # original offsets of the image rows present
+    spans = [] if span is None else ([tuple(span)] if isinstance(span[0], int) else [tuple(x) for x in span])
+    img_rows = [i for a, b in spans for i in range(a, b)]  # current rows of the image tokens present
+    img = list(range(len(img_rows)))                  # original offsets of the image rows present
+    span = spans or None
     method = cfg["method"]
     r = Run()
     r.fusion_layer, r.kept, r.text_only_from = None, None, None
@@ -219,7 +262,12 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
     for l, layer in enumerate(lm.layers):
         cur, n_img = h.shape[1], len(img)
         r.layer_seq_lens.append(cur)
-        ie = s + n_img                                # current image rows [s, ie)
+        runs = []
+        for i in img_rows:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
         kind = shallow_mask_kind(cfg, l, n_img) if span is not None else "none"
         x = layer.input_layernorm(h)
         q, k, v = lm.qkv(layer, x, positions)
@@ -228,7 +276,7 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
         w = torch.matmul(q, kr.transpose(2, 3)) / math.sqrt(lm.head_dim)            # [1, heads, S, S]
         causal = torch.full((cur, cur), lm.min_f32).triu(1)[None, None]            # transformers' additive mask
         p = torch.nn.functional.softmax(w + causal, dim=-1, dtype=torch.float32)
-        p = apply_shallow_mask(p, kind, s, ie)
+        p = apply_shallow_mask_runs(p, kind, [tuple(r) for r in runs])
         attn = torch.matmul(p, vr)                                                   # [1, heads, S, d]
 
         # What the pruner looks at, computed before the layer's output (which it never changes).
@@ -240,7 +288,7 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
             want_deep = ("deep" in mode and "middle" in mode and r.fusion_layer is not None
                          and l > r.fusion_layer and l + 1 < L and silent < SILENT_LAYERS_TO_EXIT)
             if want_middle or want_deep:
-                norm, cos = contributions(p[0, :, -1], vr[0], attn[0, :, -1], s, ie)
+                norm, cos = contributions(p[0, :, -1], vr[0], attn[0, :, -1], img_rows)
                 if trace:
                     r.trace[l] = {"norm": norm.clone(), "cos": cos.clone()}
             if want_middle:
@@ -264,7 +312,7 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
             elif "deep" in mode and "middle" not in mode and l + 1 == cfg["mid_deep_layer"]:
                 action, r.text_only_from = [], l + 1
         elif span is not None and n_img > 0 and method == "fastv" and l + 1 == cfg["k"]:
-            a = p[0, :, -1, s:ie].mean(0)                                           # [n] mean over heads
+            a = p[0, :, -1, img_rows].mean(0)                                       # [n] mean over heads
             order = sorted(range(n_img), key=lambda i: (-float(a[i]), i))
             n_keep = fastv_keep_count(n_img, cfg["ratio"])
             chosen = sorted(order[:n_keep])
@@ -279,7 +327,14 @@ def run(lm, embeds, span, cfg, steps=mf.MAX_NEW_TOKENS, trace=False, all_rows=Fa
 
         h = lm.finish_layer(layer, h, attn)
         if action is not None:
-            rows = list(range(s)) + [s + img.index(j) for j in action] + list(range(ie, cur))
+            keep_row = [True] * cur
+            for i in img_rows:
+                keep_row[i] = False
+            for j in action:
+                keep_row[img_rows[img.index(j)]] = True
+            rows = [i for i in range(cur) if keep_row[i]]
+            was_image = set(img_rows)
+            img_rows = [k for k, i in enumerate(rows) if i in was_image]
             idx = torch.tensor(rows, dtype=torch.long)
             h = h[:, idx]
             positions = [positions[i] for i in rows]
@@ -398,7 +453,7 @@ def summarize(r, cfg_json, case, name, span):
     dm = decision_margin(r)
     return {
         "case": case, "name": name, "prune": cfg_json,
-        "image_span": list(span) if span else None,
+        "image_span": (list(span) if isinstance(span[0], int) else [list(x) for x in span]) if span else None,
         "fusion_layer": r.fusion_layer,
         "kept_image_tokens": r.kept,
         "text_only_from_layer": r.text_only_from,
@@ -430,7 +485,7 @@ def visi_candidates(lm, emb, span, shallow, layer0, per_cell=6):
     between two neighbouring sorted norms on f.
     """
     L = lm.num_layers
-    n = span[1] - span[0]
+    n = n_image(span)
     mode = (["shallow"] if shallow else []) + ["middle", "deep"]
     out = []
     for smid in range(1, L - 2):
@@ -468,10 +523,15 @@ def visi_candidates(lm, emb, span, shallow, layer0, per_cell=6):
     return out
 
 
+def n_image(span):
+    """Image tokens of one span (s, e) or of a list of spans."""
+    return span[1] - span[0] if isinstance(span[0], int) else sum(e - s for s, e in span)
+
+
 def search_case(lm, emb, span, case):
     """Runs (a) exit, (b) no_exit, (c) split, (d) fastv for one image case."""
     L = lm.num_layers
-    n = span[1] - span[0]
+    n = n_image(span)
     pools = {"exit": [], "no_exit": [], "split": []}
     for shallow, layer0 in ((True, "sink"), (True, "none"), (False, "sink"), (True, "split")):
         for cfg in visi_candidates(lm, emb, span, shallow, layer0):
@@ -526,15 +586,108 @@ def search_case(lm, emb, span, case):
     return runs
 
 
+NEXT_MODELS = ("tiny-next-mistral", "tiny-next-llama", "tiny-llava-mha-two-images")
+
+
+def llava15_two_inputs(c):
+    """(model, embeds [S, H], spans) of reference-next/tiny-llava-mha-two-images' case `c`: the
+    LLaVA-1.5 fixture, CLIPImageProcessor (crop) over its two images, one projector output per
+    `<image>` span."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    model_dir = os.path.join(mf.FIX, "tiny-llava-mha")
+    model = mf.load_reference_model(model_dir)
+    imgs = [Image.open(os.path.join(mf.FIX, p)).convert("RGB") for p in c["images"]]
+    pv = CLIPImageProcessor.from_pretrained(model_dir)(images=imgs, return_tensors="pt")["pixel_values"]
+    cfg = model.config
+    feats = model.get_image_features(pv, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+    ids = torch.tensor([c["input_ids_expanded"]])
+    emb = model.get_input_embeddings()(ids)[0].clone()
+    spans = [tuple(x) for x in c["image_spans"]]
+    for (a, b), f in zip(spans, feats):
+        emb[a:b] = f
+    return model, emb, spans
+
+
+@torch.no_grad()
+def next_main():
+    """LLaVA-NeXT fixtures (tools/make_next_fixtures.py): every image-token position of every
+    span (base tile, unpadded tile rows, newline rows) is an image token. Writes
+    reference-next/<model>/pruning.json for every case and schedule (the two-image cases with the
+    multi-image shallow masks), and for the two-image LLaVA-1.5 prompt of tiny-llava-mha."""
+    import make_next_fixtures as mn
+    for name in NEXT_MODELS:
+        model_dir = os.path.join(mf.FIX, name)
+        ref_dir = os.path.join(mf.FIX, "reference-next", name)
+        with open(os.path.join(ref_dir, "expected.json")) as f:
+            exp = json.load(f)
+        arrays = load_file(os.path.join(ref_dir, "arrays.safetensors"))
+        runs, worst = [], 0.0
+        print(f"{name}: dense sanity")
+        if name == "tiny-llava-mha-two-images":
+            c = exp["cases"]["two"]
+            model, emb, spans = llava15_two_inputs(c)
+            lm = Lm(model)
+            r = run(lm, emb, spans, {"method": "dense"}, steps=len(c["generated_ids"]), all_rows=True)
+            worst = float((r.first_logits - arrays["two.logits"]).abs().max())
+            if r.generated != c["generated_ids"] or worst > 1e-4:
+                raise SystemExit(f"dense sanity: {name}: {r.generated} vs {c['generated_ids']}, {worst}")
+            print(f"  dense two: ids match, max |logit diff| {worst:.3g}")
+            runs += search_case(lm, emb, spans, "two")
+            write_next_pruning(ref_dir, name, lm, worst, runs)
+            continue
+        model = mn.load_reference_model(model_dir)
+        lm = Lm(model)
+        for case, c in exp["cases"].items():
+            ids = torch.tensor([c["input_ids_expanded"]])
+            emb = model.get_input_embeddings()(ids)[0].clone()
+            sizes = torch.tensor(c["image_sizes_hw"])
+            per_image = model.get_image_features(arrays[f"{case}.pixel_values"], sizes, mn.FEATURE_LAYER, "default")
+            feats, _ = model.pack_image_features(per_image, sizes, "default", image_newline=model.image_newline)
+            assert torch.equal(feats, arrays[f"{case}.image_features"]), "packed features differ"
+            spans = [tuple(x) for x in c["image_spans"]]
+            emb[torch.tensor(c["input_ids_expanded"]) == mf.IMAGE_TOKEN_INDEX] = feats
+            r = run(lm, emb, spans, {"method": "dense"}, steps=len(c["generated_ids"]), all_rows=True)
+            diff = float((r.first_logits - arrays[f"{case}.logits"]).abs().max())
+            worst = max(worst, diff)
+            if r.generated != c["generated_ids"] or diff > 1e-4:
+                raise SystemExit(f"dense sanity: {name} {case}: {r.generated} vs {c['generated_ids']}, {diff}")
+            print(f"  dense {case}: ids match, max |logit diff| {diff:.3g}")
+            span = spans[0] if len(spans) == 1 else spans
+            runs += search_case(lm, emb, span, case)
+        write_next_pruning(ref_dir, name, lm, worst, runs)
+
+
+def write_next_pruning(ref_dir, name, lm, worst, runs):
+    """reference-next/<name>/pruning.json."""
+    for rr in runs:
+        print(f"  {rr['case']:10s} {rr['name']:12s} fusion {rr['fusion_layer']} "
+              f"kept {None if rr['kept_image_tokens'] is None else len(rr['kept_image_tokens'])} "
+              f"exit {rr['text_only_from_layer']} lens {rr['layer_seq_lens']} prune {json.dumps(rr['prune'])}")
+    out = {"generator": "tools/visipruner_ref.py --next",
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+           "model": name, "num_layers": lm.num_layers, "silent_cos": SILENT_COS,
+           "silent_layers_to_exit": SILENT_LAYERS_TO_EXIT, "min_decision_margin": MIN_DECISION_MARGIN,
+           "min_silent_margin": MIN_SILENT_MARGIN, "min_step_margin": MIN_STEP_MARGIN,
+           "dense_sanity_max_abs_logit_diff": worst, "runs": runs}
+    with open(os.path.join(ref_dir, "pruning.json"), "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=MODELS)
+    ap.add_argument("--next", action="store_true",
+                    help="the LLaVA-NeXT fixtures instead (reference-next/<model>/pruning.json)")
     ap.add_argument("--embeds-out", metavar="DIR",
                     help="also write DIR/emb-<model>.safetensors (the decoder input per case, f32 [S, H]) "
                          "for tools/xcheck_pruning")
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.next:
+        return next_main()
     for name in MODELS:
         if args.only and name != args.only:
             continue

@@ -51,9 +51,10 @@ pub struct BenchArgs {
     /// Decode steps timed after the first token.
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
-    /// Prompt length: 35 prefix tokens, the image tokens, then a suffix up to this.
-    #[arg(long, default_value_t = DEFAULT_PROMPT_LEN)]
-    prompt_len: usize,
+    /// Prompt length: 35 prefix tokens, the image tokens, then a suffix up to this
+    /// (default 640, or prefix + image tokens + 64 when those need more: LLaVA-NeXT shapes).
+    #[arg(long)]
+    prompt_len: Option<usize>,
     /// VisiPruner decisions: `fusion=F,keep=K[,exit=E]` forced onto its code path, or
     /// `real` for the paper policy's own decisions. Default: 12/10/18 scaled to the depth.
     #[arg(long)]
@@ -246,7 +247,14 @@ impl Model {
                     height: s,
                     width: s,
                 };
-                Ok(l.encode_pixels(RgbImage::new(1, 1), pv)?.embeds)
+                // LLaVA-NeXT: every tile of the benchmark layout takes the same pixels.
+                match models::synthetic::bench_next_layout(l.config())? {
+                    Some(layout) => {
+                        let tiles = vec![pv; 1 + layout.tiles.0 * layout.tiles.1];
+                        Ok(l.encode_tiles(RgbImage::new(1, 1), layout, tiles)?.embeds)
+                    }
+                    None => Ok(l.encode_pixels(RgbImage::new(1, 1), pv)?.embeds),
+                }
             }
             Model::Synth(m) => {
                 let px = b.upload(HostData::F32(pixels), vec![3, s, s].into())?; // [3, S, S]
@@ -342,7 +350,7 @@ fn run_once(
     let pre = session.prefill_observed(
         PromptInput {
             ids: inp.ids,
-            image: Some(&img),
+            images: std::slice::from_ref(&img),
         },
         pruner,
         "bench",
@@ -415,7 +423,7 @@ fn conversation_round(
     let pre = session.prefill(
         PromptInput {
             ids,
-            image: Some(&image),
+            images: std::slice::from_ref(&image),
         },
         pruner,
         "bench",
@@ -429,13 +437,13 @@ fn conversation_round(
     ids2.extend(&answer);
     let q2 = synthetic_ids(
         m.cfg(),
-        PREFIX_TOKENS + m.cfg().image_tokens() + FOLLOWUP_TOKENS + 1,
+        PREFIX_TOKENS + bench_image_tokens(m.cfg()) + FOLLOWUP_TOKENS + 1,
         seed ^ 0x5eed,
     );
     ids2.extend(&q2[q2.len() - FOLLOWUP_TOKENS..]);
     let input2 = PromptInput {
         ids: &ids2,
-        image: Some(&image),
+        images: std::slice::from_ref(&image),
     };
 
     // Follow-up in the same session: the image encoding comes from the model's cache (a
@@ -469,7 +477,7 @@ fn conversation_round(
     let fr = fresh.prefill(
         PromptInput {
             ids: &ids2,
-            image: Some(&image_f),
+            images: std::slice::from_ref(&image_f),
         },
         pruner,
         "bench",
@@ -512,7 +520,7 @@ fn conversation_bench(
 ) -> Result<(), Failure> {
     let span = ImageSpan {
         start: PREFIX_TOKENS,
-        end: PREFIX_TOKENS + model.cfg().image_tokens(),
+        end: PREFIX_TOKENS + bench_image_tokens(model.cfg()),
     };
     let mut rows = Vec::new();
     for mr in methods.iter_mut() {
@@ -627,10 +635,29 @@ fn stat(v: &[f64]) -> Value {
     json!({ "min": min, "median": med, "all": v })
 }
 
+/// Image tokens of the benchmark image: LLaVA-1.5's fixed count, or for LLaVA-NeXT a square
+/// image on the largest square pinpoint (llava-v1.6: 2x2 tiles, 2,880 patches + 48 newlines).
+pub(crate) fn bench_image_tokens(cfg: &LlavaConfig) -> usize {
+    match models::synthetic::bench_next_layout(cfg) {
+        Ok(Some(l)) => l.num_tokens(),
+        _ => cfg.image_tokens(),
+    }
+}
+
+/// `--prompt-len`, or 640 when the image fits in it, else prefix + image tokens + 64.
+fn prompt_len(a: &BenchArgs, cfg: &LlavaConfig) -> usize {
+    let n = PREFIX_TOKENS + bench_image_tokens(cfg);
+    a.prompt_len.unwrap_or(if n < DEFAULT_PROMPT_LEN {
+        DEFAULT_PROMPT_LEN
+    } else {
+        n + 64
+    })
+}
+
 /// Seeded vicuna-shaped ids: BOS, prefix, image placeholders, suffix.
 pub(crate) fn synthetic_ids(cfg: &LlavaConfig, len: usize, seed: u64) -> Vec<u32> {
     let vocab = cfg.text.vocab_size.min(32000) as u64;
-    let n_img = cfg.image_tokens();
+    let n_img = bench_image_tokens(cfg);
     let mut s = seed ^ 0x1d5;
     (0..len)
         .map(|i| {
@@ -723,17 +750,18 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         (None, None) => return Err(bad_input(anyhow!("give --model DIR or --shape NAME"))),
     };
     let layers = cfg.text.num_hidden_layers;
-    let n_img = cfg.image_tokens();
-    if a.prompt_len < PREFIX_TOKENS + n_img + 1 {
+    let n_img = bench_image_tokens(&cfg);
+    let prompt_len = prompt_len(&a, &cfg);
+    if prompt_len < PREFIX_TOKENS + n_img + 1 {
         return Err(bad_input(anyhow!(
             "--prompt-len {} is too short: {PREFIX_TOKENS} prefix + {n_img} image tokens + at least 1",
-            a.prompt_len
+            prompt_len
         )));
     }
-    if a.prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
+    if prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
         return Err(bad_input(anyhow!(
             "--prompt-len {} + --decode-tokens {} exceed the model's context of {}",
-            a.prompt_len,
+            prompt_len,
             a.decode_tokens,
             cfg.text.max_position_embeddings
         )));
@@ -836,7 +864,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     .collect();
 
     // ---- runs: warm-up, interleaved reps, one profiled run each ----
-    let ids = synthetic_ids(&cfg, a.prompt_len, a.seed);
+    let ids = synthetic_ids(&cfg, prompt_len, a.seed);
     let pixels = synthetic_pixels(cfg.vision.image_size, a.seed);
     if a.conversation {
         return conversation_bench(&a, &model, &backend, &ids, &pixels, &mut methods, schedule);
@@ -909,7 +937,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
             }
             (p, d, model_load_ms(&m))
         };
-        formats.push(format_report(q, &prefill, &decode, load_ms, &a));
+        formats.push(format_report(q, &prefill, &decode, load_ms, &a, &cfg));
     }
 
     // ---- report ----
@@ -951,6 +979,7 @@ fn format_report(
     decode: &[f64],
     load_ms: f64,
     a: &BenchArgs,
+    cfg: &LlavaConfig,
 ) -> Value {
     let per_s = |n: usize, ms: f64| if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 };
     let (p_min, p_med) = min_median(prefill);
@@ -961,7 +990,7 @@ fn format_report(
         "prefill_ms": stat(prefill),
         "decode_ms": stat(decode),
         "prefill_tokens_per_s": {
-            "best": per_s(a.prompt_len, p_min), "median": per_s(a.prompt_len, p_med),
+            "best": per_s(prompt_len(a, cfg), p_min), "median": per_s(prompt_len(a, cfg), p_med),
         },
         "decode_tokens_per_s": {
             "best": per_s(a.decode_tokens, d_min), "median": per_s(a.decode_tokens, d_med),
@@ -978,8 +1007,11 @@ fn build_report(
     kernels: Option<Value>,
     dev: engine_core::DeviceInfo,
 ) -> Result<Value, Failure> {
-    let shape = cfg.flops_shape();
-    let span_start = PREFIX_TOKENS;
+    let mut shape = cfg.flops_shape();
+    // LLaVA-NeXT: the tower runs on the base tile and every grid tile.
+    if let Ok(Some(l)) = models::synthetic::bench_next_layout(cfg) {
+        shape.vision.passes = 1 + l.tiles.0 * l.tiles.1;
+    }
     let mut out = serde_json::Map::new();
     let dense_prefill = min_median(&methods[0].prefill_ms);
     let dense_ttft: Vec<f64> = methods[0]
@@ -997,11 +1029,11 @@ fn build_report(
         let sched: Vec<LayerSchedule> = stats
             .layer_seq_lens
             .iter()
-            .zip(&stats.layer_image_lens)
+            .zip(&stats.layer_image_runs)
             .zip(&stats.layer_masks)
-            .map(|((&seq_len, &n), &mask)| LayerSchedule {
+            .map(|((&seq_len, runs), &mask)| LayerSchedule {
                 seq_len,
-                image: span_start..span_start + n,
+                image: runs.iter().map(|&(s, e)| s..e).collect(),
                 mask,
             })
             .collect();
@@ -1083,8 +1115,9 @@ fn build_report(
             "device_type": dev.device_type, "shader_f16": dev.shader_f16,
         },
         "prompt": {
-            "len": a.prompt_len, "prefix": PREFIX_TOKENS, "image_tokens": cfg.image_tokens(),
-            "suffix": a.prompt_len - PREFIX_TOKENS - cfg.image_tokens(),
+            "len": prompt_len(a, cfg), "prefix": PREFIX_TOKENS,
+            "image_tokens": bench_image_tokens(cfg),
+            "suffix": prompt_len(a, cfg) - PREFIX_TOKENS - bench_image_tokens(cfg),
         },
         "reps": a.reps, "warmup": a.warmup, "decode_tokens": a.decode_tokens, "seed": a.seed,
         "schedule": match schedule {

@@ -89,8 +89,7 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
         session: llava.session(),
         messages: Vec::new(),
         pending: image.take(),
-        has_image: false,
-        image: None,
+        images: Vec::new(),
         opts,
         last: None,
     };
@@ -115,22 +114,13 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
                 "help" => eprintln!("{HELP}"),
                 "reset" => {
                     chat.messages.clear();
-                    chat.has_image = false;
-                    chat.image = None;
+                    chat.images.clear();
                     chat.pending = None;
                     eprintln!("(new conversation)");
                 }
                 "image" if !arg.is_empty() => match load_attached(Path::new(arg)) {
-                    Ok(img) => {
-                        if chat.has_image {
-                            // One image per conversation: a new image starts a new one.
-                            chat.messages.clear();
-                            chat.has_image = false;
-                            chat.image = None;
-                            eprintln!("(new conversation with {arg}: this model takes one image per conversation)");
-                        }
-                        chat.pending = Some(img);
-                    }
+                    // The conversation keeps its earlier images: this one joins them.
+                    Ok(img) => chat.pending = Some(img),
                     Err(e) => eprintln!("error: /image: {e:#}"),
                 },
                 "save" if !arg.is_empty() => {
@@ -170,10 +160,8 @@ struct Chat<'a> {
     messages: Vec<Message>,
     /// Image to attach to the next user message.
     pending: Option<Attached>,
-    /// Whether the conversation already holds an image.
-    has_image: bool,
-    /// The conversation's image.
-    image: Option<Attached>,
+    /// The conversation's images, in the order their messages hold them.
+    images: Vec<Attached>,
     opts: GenerateOptions,
     last: Option<Generation>,
 }
@@ -192,12 +180,18 @@ impl Chat<'_> {
             role: Role::User,
             parts,
         });
+        let all: Vec<&Attached> = self.images.iter().chain(&attached).collect();
         let prompt = render_vicuna_v1(&self.messages)
             .map_err(anyhow::Error::from)
             .and_then(|r| {
-                Ok(self
-                    .llava
-                    .prompt(Template::Raw, &r.text, !r.images.is_empty())?)
+                let counts = all
+                    .iter()
+                    .map(|i| {
+                        self.llava
+                            .image_tokens_for(i.pixels.width(), i.pixels.height())
+                    })
+                    .collect::<engine_core::Result<Vec<_>>>()?;
+                Ok(self.llava.prompt_images(Template::Raw, &r.text, &counts)?)
             });
         let prompt = match prompt {
             Ok(p) => p,
@@ -208,18 +202,14 @@ impl Chat<'_> {
                 return Ok(());
             }
         };
-        if attached.is_some() {
-            self.has_image = true;
-            self.image = attached;
-        }
-        let encoded = match (&self.image, prompt.image_span) {
-            (Some(img), Some(_)) => Some(
-                self.llava
-                    .encode_image(&img.pixels, self.opts.image_mode)
-                    .map_err(|e| internal(e.into()))?,
-            ),
-            _ => None,
-        };
+        self.images.extend(attached);
+        // Earlier images come from the model's image cache.
+        let encoded = self
+            .images
+            .iter()
+            .map(|img| self.llava.encode_image(&img.pixels, self.opts.image_mode))
+            .collect::<engine_core::Result<Vec<_>>>()
+            .map_err(|e| internal(e.into()))?;
         let mut stdout = std::io::stdout().lock();
         let mut on_text = |t: &str| {
             let _ = stdout.write_all(t.as_bytes());
@@ -229,7 +219,7 @@ impl Chat<'_> {
         let gen = self.llava.generate_in(
             &mut self.session,
             &prompt,
-            encoded.as_ref(),
+            &encoded,
             &self.opts,
             &mut on_text,
             &progress::stop_requested,

@@ -137,6 +137,7 @@ impl GenArgs {
             GenSettings {
                 template: match self.template {
                     TemplateArg::VicunaV1 => Template::VicunaV1,
+                    TemplateArg::MistralInstruct => Template::MistralInstruct,
                     TemplateArg::Raw => Template::Raw,
                 },
                 image_mode: match self.image_mode {
@@ -177,10 +178,11 @@ pub fn generate_answer(
 ) -> engine_core::Result<Generation> {
     // vicuna_v1 places `<image>\n` itself; a raw prompt gets it here.
     let user = match s.template {
-        Template::VicunaV1 => text.to_string(),
+        Template::VicunaV1 | Template::MistralInstruct => text.to_string(),
         Template::Raw => format!("{IMAGE_PLACEHOLDER}\n{text}"),
     };
-    let prompt = llava.prompt(s.template, &user, true)?;
+    let n = llava.image_tokens_for(image.width(), image.height())?;
+    let prompt = llava.prompt_images(s.template, &user, &[n])?;
     let encoded = llava.encode_image(image, s.image_mode)?;
     let opts = GenerateOptions {
         template: s.template,
@@ -197,7 +199,7 @@ pub fn generate_answer(
     let delay = progress::token_delay();
     llava.generate_ids_until(
         &prompt,
-        Some(&encoded),
+        std::slice::from_ref(&encoded),
         &opts,
         &mut |_| {
             if let Some(d) = delay {

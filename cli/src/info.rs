@@ -128,7 +128,7 @@ pub fn shape_report(
     report_from(
         format!("synthetic {} (f16)", shape.name()),
         &cfg,
-        "LlavaForConditionalGeneration".to_string(),
+        cfg.arch.class_name().to_string(),
         stored,
         on_disk,
         device,
@@ -187,7 +187,8 @@ fn report_from(
         .saturating_mul((tc.num_key_value_heads as u64).saturating_mul(tc.head_dim as u64))
         .saturating_mul(kv_dtype.size_in_bytes() as u64);
     // One image, a 64-token question and 256 answer tokens, dense (pruning only shrinks it).
-    let typical_rows = ((cfg.image_tokens() + 64 + 256) as u64).min(ctx);
+    // LLaVA-NeXT: the largest square image's tokens (2,928 on llava-v1.6).
+    let typical_rows = ((crate::bench::bench_image_tokens(cfg) + 64 + 256) as u64).min(ctx);
     let kv_typical = kv_row.saturating_mul(typical_rows);
     let kv_bytes = kv_row.saturating_mul(ctx);
     // The same prompt under bench's VisiPruner schedule (fusion 12 keeping 10 image tokens,
@@ -243,7 +244,7 @@ fn report_from(
         "kv_heads": tc.num_key_value_heads,
         "vocab_size": tc.vocab_size,
         "context_length": ctx,
-        "image_tokens": cfg.image_tokens(),
+        "image_tokens": crate::bench::bench_image_tokens(cfg),
         "parameters": {
             "total": params.values().sum::<u64>(),
             "vision": params.get("vision").copied().unwrap_or(0),

@@ -29,7 +29,7 @@ use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use engine_core::{Backend, CpuBackend};
 use image::RgbImage;
-use models::llava::{draw_kept_patches, GenerateOptions, Generation, Llava};
+use models::llava::{draw_kept_images, GenerateOptions, Generation, Llava};
 use models::preprocess::PadMode;
 use models::prompt::Template;
 use models::sampling::SamplingParams;
@@ -136,6 +136,9 @@ enum Cmd {
 enum TemplateArg {
     #[value(name = "vicuna_v1")]
     VicunaV1,
+    /// llava-v1.6-mistral's `[INST] <image>\n... [/INST]`.
+    #[value(name = "mistral_instruct")]
+    MistralInstruct,
     Raw,
 }
 
@@ -302,9 +305,10 @@ pub(crate) fn load_llava(
 struct RunArgs {
     #[command(flatten)]
     g: GenArgs,
-    /// Image file; without it the prompt is text only.
+    /// Image file; without it the prompt is text only. Repeat it for several images: each
+    /// `<image>` of the prompt takes the next one, in order.
     #[arg(long, conflicts_with = "messages")]
-    image: Option<PathBuf>,
+    image: Vec<PathBuf>,
     /// The question.
     #[arg(
         long,
@@ -561,10 +565,10 @@ pub(crate) fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failur
 /// rendered with the model's template (its images loaded, relative paths against the
 /// messages file's folder).
 struct RunPrompt {
-    /// The text before tokenisation (`<image>` where the image goes).
+    /// The text before tokenisation (`<image>` where each image goes).
     text: String,
-    /// The image, if any.
-    image: Option<RgbImage>,
+    /// The images, in prompt order.
+    images: Vec<RgbImage>,
 }
 
 /// Reads `--messages FILE|-` (a regular file, size-limited).
@@ -608,43 +612,39 @@ fn run_prompt(a: &RunArgs) -> Result<RunPrompt, Failure> {
         }
         let (msgs, base) = read_messages(arg).map_err(bad_input)?;
         let r = models::chat::render_vicuna_v1(&msgs).map_err(|e| bad_input(e.into()))?;
-        if r.images.len() > 1 {
-            return Err(bad_input(anyhow!(
-                "--messages holds {} images; this model takes one image per conversation",
-                r.images.len()
-            )));
-        }
-        let image = r
+        let images = r
             .images
-            .first()
+            .iter()
             .map(|u| models::chat::load_image_url(u, base.as_deref()))
-            .transpose()
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad_input(e.into()))?;
         return Ok(RunPrompt {
             text: r.text,
-            image,
+            images,
         });
     }
     let prompt = a.prompt.as_deref().unwrap_or_default();
     let template = match a.template {
         TemplateArg::VicunaV1 => Template::VicunaV1,
+        TemplateArg::MistralInstruct => Template::MistralInstruct,
         TemplateArg::Raw => Template::Raw,
     };
-    let image = match &a.image {
-        Some(p) => Some(models::preprocess::load_image(p).map_err(|e| bad_input(e.into()))?),
-        None => None,
-    };
+    let images = a
+        .image
+        .iter()
+        .map(|p| models::preprocess::load_image(p).map_err(|e| bad_input(e.into())))
+        .collect::<Result<Vec<_>, _>>()?;
     // Template errors do not need the model: report them before loading it.
     let text = template
-        .render(prompt, image.is_some())
+        .render_images(prompt, images.len())
         .map_err(|e| bad_input(e.into()))?;
-    Ok(RunPrompt { text, image })
+    Ok(RunPrompt { text, images })
 }
 
 /// Text-only generation from a llama.cpp GGUF file, on either backend (both dequantise
 /// GGUF blocks inside their matmul and embedding kernels).
 fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), Failure> {
-    if p.image.is_some() {
+    if !p.images.is_empty() {
         return Err(bad_input(anyhow!(
             "an image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
         )));
@@ -712,12 +712,12 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let sampling = a.g.sampling()?;
     let prune = a.g.prune_config()?;
     let model_dir = a.g.model_path()?;
-    if a.g.is_gguf() && a.g.mmproj.is_none() && a.image.is_some() {
+    if a.g.is_gguf() && a.g.mmproj.is_none() && !a.image.is_empty() {
         return Err(bad_input(anyhow!(
             "--image with a GGUF text model needs its --mmproj file (llama.cpp's mmproj-*.gguf)"
         )));
     }
-    if let Some(p) = &a.image {
+    for p in &a.image {
         validate::input_file("--image", p)?;
     }
     let p = run_prompt(&a)?;
@@ -735,7 +735,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         validate::prune_fits(p, &model_dir, a.g.is_gguf())?;
     }
     if let Some(path) = &a.save_kept {
-        if p.image.is_none() {
+        if p.images.is_empty() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
         }
         validate::output_file("--save-kept", path, "png", a.force)?;
@@ -744,11 +744,17 @@ fn run(a: RunArgs) -> Result<(), Failure> {
 
     // ---- model ----
     let llava = a.g.load_llava(&model_dir)?;
+    let counts = p
+        .images
+        .iter()
+        .map(|i| llava.image_tokens_for(i.width(), i.height()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad_input(e.into()))?;
     let prompt = llava
-        .prompt(Template::Raw, &p.text, p.image.is_some())
+        .prompt_images(Template::Raw, &p.text, &counts)
         .map_err(|e| bad_input(e.into()))?;
     let (_, note) = llava
-        .resolve_prune(prune.as_ref())
+        .resolve_prune_for(prune.as_ref(), &prompt.image_spans)
         .map_err(|e| bad_input(e.into()))?;
     let opts = GenerateOptions {
         template: Template::Raw,
@@ -762,10 +768,10 @@ fn run(a: RunArgs) -> Result<(), Failure> {
 
     // ---- generation ----
     let encoded = p
-        .image
-        .as_ref()
+        .images
+        .iter()
         .map(|img| llava.encode_image(img, image_mode))
-        .transpose()
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| internal(e.into()))?;
     let mut stdout = std::io::stdout().lock();
     let stream = !a.json;
@@ -785,7 +791,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let stop = || progress::stop_requested() || write_error.borrow().is_some();
     progress::set_generating(true);
     let gen = llava
-        .generate_ids_until(&prompt, encoded.as_ref(), &opts, &mut on_text, &stop)
+        .generate_ids_until(&prompt, &encoded, &opts, &mut on_text, &stop)
         .map_err(classify)?;
     progress::set_generating(false);
     drop(stdout);
@@ -793,8 +799,13 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         return Err(validate::stdout_error(e));
     }
 
-    if let (Some(path), Some(seen)) = (&a.save_kept, &gen.seen_image) {
-        let pic = draw_kept_patches(seen, llava.config(), gen.prune.kept_image_tokens.as_deref());
+    if let Some(path) = &a.save_kept {
+        let pic = draw_kept_images(
+            &p.images,
+            &encoded,
+            llava.config(),
+            gen.prune.kept_image_tokens.as_deref(),
+        );
         validate::save_png("--save-kept", path, &pic, a.force)?;
     }
 
@@ -835,6 +846,7 @@ pub(crate) fn generation_json(
         "prompt_tokens": gen.prompt_tokens,
         "image_tokens": gen.image_tokens,
         "image_span": gen.image_span.map(|s| [s.start, s.end]),
+        "image_spans": gen.image_spans.iter().map(|s| [s.start, s.end]).collect::<Vec<_>>(),
         "stopped_by_eos": gen.stopped_by_eos,
         "interrupted": gen.interrupted,
         "timings_ms": {

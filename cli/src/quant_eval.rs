@@ -230,7 +230,7 @@ fn load(
                 .map_err(classify)?;
             let b = backend.as_ref();
             let cfg = &m.cfg;
-            let n_img = cfg.image_tokens();
+            let n_img = crate::bench::bench_image_tokens(cfg);
             let len = DEFAULT_PROMPT_LEN
                 .max(PREFIX_TOKENS + n_img + 1)
                 .min(cfg.text.max_position_embeddings - steps);
@@ -269,7 +269,7 @@ fn step_rows(
             &mut Session::new(m.llama.clone(), backend.clone()),
             PromptInput {
                 ids,
-                image: Some(image),
+                images: std::slice::from_ref(image),
             },
             prune,
             steps,
@@ -286,7 +286,7 @@ fn step_rows(
                 .transpose()
                 .map_err(classify)?;
             llava
-                .step_logits(&ids, encoded.as_ref(), prune, steps, forced)
+                .step_logits(&ids, encoded.as_slice(), prune, steps, forced)
                 .map_err(classify)
         }
     }

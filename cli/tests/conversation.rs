@@ -273,7 +273,7 @@ fn bad_conversations_are_one_error_line() -> Result<()> {
         (json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]).to_string(), "not an image"),
         (json!([{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": img}},
-            {"type": "image_url", "image_url": {"url": img}}]}]).to_string(), "2 images"),
+            {"type": "image_url", "image_url": {"url": "/nonexistent/second.png"}}]}]).to_string(), "second.png"),
         (json!([]).to_string(), "empty"),
     ];
     for (text, needle) in &cases {

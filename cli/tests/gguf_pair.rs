@@ -49,7 +49,12 @@ fn scratch(name: &str) -> Result<PathBuf> {
 }
 
 fn quantize(quant: &str, out: &Path) -> Result<(PathBuf, PathBuf)> {
-    let model = fixtures().join("tiny-llava-mha");
+    quantize_model("tiny-llava-mha", quant, out)
+}
+
+/// `visi-cli quantize` of the fixture `name`; the two paths it printed.
+fn quantize_model(name: &str, quant: &str, out: &Path) -> Result<(PathBuf, PathBuf)> {
+    let model = fixtures().join(name);
     let o = visi(&[
         "quantize",
         "--model",
@@ -71,13 +76,12 @@ fn quantize(quant: &str, out: &Path) -> Result<(PathBuf, PathBuf)> {
         .collect();
     ensure!(lines.len() == 2, "quantize printed {lines:?}");
     ensure!(
-        lines[0].file_name().and_then(|n| n.to_str())
-            == Some(&format!("tiny-llava-mha.{quant}.gguf")),
+        lines[0].file_name().and_then(|n| n.to_str()) == Some(&format!("{name}.{quant}.gguf")),
         "text file name {:?}",
         lines[0]
     );
     ensure!(
-        lines[1].file_name().and_then(|n| n.to_str()) == Some("mmproj-tiny-llava-mha.f16.gguf"),
+        lines[1].file_name().and_then(|n| n.to_str()) == Some(&format!("mmproj-{name}.f16.gguf")),
         "mmproj file name {:?}",
         lines[1]
     );
@@ -125,7 +129,7 @@ fn run_llava(llava: Llava) -> Result<Vec<CaseRun>> {
             kv_dtype: engine_core::DType::F32,
             ..Default::default()
         };
-        let g = llava.generate_ids(&prompt, enc.as_ref(), &opts, &mut |_| {})?;
+        let g = llava.generate_ids(&prompt, enc.as_slice(), &opts, &mut |_| {})?;
         out.push((c.name.clone(), g.tokens, g.first_logits.unwrap_or_default()));
     }
     Ok(out)
@@ -346,7 +350,7 @@ fn quantize_q4_k_pair_of_a_256_wide_model() -> Result<()> {
     };
     let run = |l: &Llava| -> Result<(Vec<u32>, Vec<f32>)> {
         let p = l.prompt(Template::VicunaV1, "What is the capital of France?", false)?;
-        let g = l.generate_ids(&p, None, &opts, &mut |_| {})?;
+        let g = l.generate_ids(&p, &[], &opts, &mut |_| {})?;
         Ok((g.tokens, g.first_logits.unwrap_or_default()))
     };
     let (ta, la) = run(&pair)?;
@@ -387,6 +391,59 @@ fn quantize_f16_writes_what_the_llama_cpp_converters_write() -> Result<()> {
     let dir = scratch("compare")?;
     let (ours_t, ours_m) = quantize("f16", &dir)?;
     let (conv_t, conv_m) = converter_pair();
+    same_as_converter([(&ours_t, &conv_t), (&ours_m, &conv_m)])
+}
+
+/// LLaVA-1.6: `quantize` of tiny-next-mistral writes the pair llama.cpp's converters write
+/// (`tools/make_gguf_pair.py --next`: grid pinpoints, anyres/spatial_unpad, the newline
+/// tensor), and it loads as the checkpoint does.
+#[test]
+fn quantize_f16_writes_a_llava_16_pair_as_the_converters_do() -> Result<()> {
+    let dir = scratch("compare-next")?;
+    let (ours_t, ours_m) = quantize_model("tiny-next-mistral", "f16", &dir)?;
+    let conv = fixtures().join("gguf/tiny-next-mistral");
+    let (conv_t, conv_m) = (
+        conv.join("tiny-next-mistral.f16.gguf"),
+        conv.join("mmproj-tiny-next-mistral.f16.gguf"),
+    );
+    same_as_converter([(&ours_t, &conv_t), (&ours_m, &conv_m)])?;
+    let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let pair = Llava::load_gguf(&ours_t, &ours_m, be.clone(), None, None)?;
+    let st = Llava::load(&fixtures().join("tiny-next-mistral"), be)?;
+    ensure!(
+        pair.config().image_grid_pinpoints == st.config().image_grid_pinpoints,
+        "pinpoints"
+    );
+    let img = models::load_image(&fixtures().join("images/landscape.png"))?;
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        prune: Some(PruneConfig::Dense),
+        keep_first_logits: true,
+        ..Default::default()
+    };
+    let mut runs = Vec::new();
+    for m in [&pair, &st] {
+        let n = m.image_tokens_for(img.width(), img.height())?;
+        let prompt = m.prompt_images(Template::MistralInstruct, "What is shown?", &[n])?;
+        let enc = m.encode_image(&img, models::PadMode::Crop)?;
+        runs.push(m.generate_ids(&prompt, &[enc], &opts, &mut |_| {})?);
+    }
+    ensure!(runs[0].tokens == runs[1].tokens, "tokens differ");
+    let (a, b) = (
+        runs[0].first_logits.as_deref().unwrap_or_default(),
+        runs[1].first_logits.as_deref().unwrap_or_default(),
+    );
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    ensure!(!a.is_empty() && max <= 1e-5, "logits differ by {max}");
+    Ok(())
+}
+
+/// Every metadata key and tensor the converter wrote is in ours, equal (tensors byte for byte).
+fn same_as_converter(pairs: [(&PathBuf, &PathBuf); 2]) -> Result<()> {
     // Keys whose values legitimately differ: names/descriptions, our merge-rank scores
     // (the converter writes -1000 placeholders), token types of added tokens (`<image>` is
     // special in tokenizer.json; the converter types it user-defined), and the converter's
@@ -398,7 +455,7 @@ fn quantize_f16_writes_what_the_llama_cpp_converters_write() -> Result<()> {
         "tokenizer.ggml.token_type",
         "tokenizer.ggml.padding_token_id",
     ];
-    for (ours, conv) in [(&ours_t, &conv_t), (&ours_m, &conv_m)] {
+    for (ours, conv) in pairs {
         let a = GgufFile::open(ours)?;
         let b = GgufFile::open(conv)?;
         for (k, v) in md_map(&b) {

@@ -98,6 +98,9 @@ pub enum MaskAction {
         /// The key (cache row) that receives the sum; inside the rule's keys.
         to: usize,
     },
+    /// Leave them as they are: a rule placed before broader ones carves keys or queries out
+    /// of them (e.g. the text between two images out of a rule over both images' keys).
+    Keep,
 }
 
 /// One attention-mask rule: queries at cache rows `queries` lose keys `keys` (half-open
@@ -122,7 +125,9 @@ impl MaskRule {
 }
 
 /// Most rules one attention call takes (the WGSL kernels test them without a loop).
-pub const MAX_MASK_RULES: usize = 8;
+/// Sixteen hold VisiPruner's shallow masks over five separate images (see
+/// `pruner::ShallowMask::attention_mask_runs`).
+pub const MAX_MASK_RULES: usize = 16;
 
 /// Query rows "to the end of the sequence".
 pub const OPEN_END: usize = u32::MAX as usize;

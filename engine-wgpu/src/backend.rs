@@ -268,12 +268,14 @@ fn attention_params(sq: usize, p: &AttentionParams, last: u32) -> Vec<u8> {
     ])
 }
 
-/// The mask rules as mask.wgsl reads them: 8 × (query range, key range), (kind, target).
+/// The mask rules as mask.wgsl reads them: 16 × (query range, key range), (kind, target)
+/// with kind 0 keep, 1 zero, 2 sink.
 fn mask_words(p: &AttentionParams) -> Vec<u8> {
     let c = |v: usize| v.min(u32::MAX as usize) as u32;
     let mut w = [0u32; 4 * 2 * engine_core::MAX_MASK_RULES];
     for (r, rule) in p.mask.rules().as_slice().iter().enumerate() {
         let (kind, to) = match rule.action {
+            MaskAction::Keep => (0, 0),
             MaskAction::Zero => (1, 0),
             MaskAction::Sink { to } => (2, c(to)),
         };

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use engine_core::{DeviceInfo, Error, Result};
 
-/// Bytes per uniform slot: op parameters are at most this large, and it is a multiple of every
-/// adapter's `min_uniform_buffer_offset_alignment` (WebGPU caps it at 256).
-pub(crate) const SLOT: u64 = 256;
+/// Bytes per uniform slot: op parameters are at most this large (attention's: 64 bytes and
+/// 16 mask rules of 32), and it is a multiple of every adapter's
+/// `min_uniform_buffer_offset_alignment` (WebGPU caps it at 256).
+pub(crate) const SLOT: u64 = 768;
 /// Uniform slots per batch; a batch is submitted when they run out.
 const SLOTS: u64 = 1024;
 /// Compute passes per batch before it is submitted (keeps command buffers bounded).
@@ -358,7 +359,13 @@ impl Ctx {
         binds: &[Bind<'_>],
         groups: [u32; 3],
     ) -> Result<()> {
-        debug_assert!(params.len() as u64 <= SLOT);
+        // A longer uniform would be cut short by the next slot (wrong parameters, no error).
+        if params.len() as u64 > SLOT {
+            return Err(Error::internal(format!(
+                "{} bytes of kernel parameters, a uniform slot holds {SLOT}",
+                params.len()
+            )));
+        }
         if groups.contains(&0) {
             return Ok(());
         }

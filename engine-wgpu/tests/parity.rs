@@ -15,6 +15,7 @@ use engine_wgpu::{GpuBackend, GpuOptions};
 mod common;
 use common::{backend, gpu, gpu_small_binding, Rng};
 use half::f16;
+use pruner::ShallowMask;
 
 /// `|got - want| <= abs + rel * |want|`.
 #[derive(Clone, Copy, Debug)]
@@ -548,6 +549,52 @@ fn attn_cases() -> Vec<AttnCase> {
         mk(1, 24, 20, 19, true, 4, 2, 8, none),
         mk(9, 12, 9, 0, true, 2, 1, 6, none),
         mk(1, 12, 10, 9, true, 2, 1, 6, none),
+        // VisiPruner's shallow masks over several separate images: `Keep` rules carve the
+        // text between images out (8 images: 16 rules for the sink, 14 for the split).
+        mk(
+            60,
+            64,
+            60,
+            0,
+            true,
+            4,
+            2,
+            64,
+            multi(ShallowMask::Layer0Sink, 8),
+        ),
+        mk(
+            60,
+            64,
+            60,
+            0,
+            true,
+            4,
+            4,
+            64,
+            multi(ShallowMask::TextToImage, 8),
+        ),
+        mk(
+            60,
+            64,
+            60,
+            0,
+            true,
+            2,
+            2,
+            64,
+            multi(ShallowMask::Layer0Split, 5),
+        ),
+        mk(
+            1,
+            64,
+            61,
+            60,
+            true,
+            4,
+            2,
+            64,
+            multi(ShallowMask::Layer0Sink, 3),
+        ),
         // Non-causal with a mask (every query sees every key).
         mk(
             45,
@@ -570,6 +617,14 @@ fn attn_cases() -> Vec<AttnCase> {
         mk(1, 64, 61, 60, true, 4, 2, 64, rules),
         mk(70, 80, 70, 0, true, 2, 1, 128, rules),
     ]
+}
+
+/// The engine mask of `mask` over `images` separate image runs of 4 rows with 2 text rows
+/// between them, from row 3.
+fn multi(mask: ShallowMask, images: usize) -> AttentionMask {
+    let runs: Vec<(usize, usize)> = (0..images).map(|i| (3 + 6 * i, 7 + 6 * i)).collect();
+    mask.attention_mask_runs(&runs)
+        .expect("fits the rule budget")
 }
 
 /// Every attention case with K and V of `kv` (`F32`, or `F16` as an f16 KV cache holds them:

@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let answer = llava.generate_in(
             &mut session,
             &prompt,
-            Some(&picture),
+            std::slice::from_ref(&picture),
             &opts,
             &mut |t| {
                 print!("{t}");

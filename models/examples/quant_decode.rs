@@ -52,7 +52,7 @@ fn main() -> Result<()> {
         let pre = session.prefill(
             PromptInput {
                 ids: &ids,
-                image: None,
+                images: &[],
             },
             &mut pruner::Dense,
             "dense",

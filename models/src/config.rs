@@ -95,9 +95,108 @@ pub enum FeatureSelect {
     Full,
 }
 
-/// A llava-hf `LlavaForConditionalGeneration` config.
+/// The multimodal architectures visi implements (`architectures[0]`, `model_type`).
+pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
+    ("LlavaForConditionalGeneration", "llava"),
+    ("LlavaNextForConditionalGeneration", "llava_next"),
+];
+
+/// The decoder `model_type`s visi implements.
+pub const SUPPORTED_TEXT_MODEL_TYPES: &[&str] = &["llama", "mistral"];
+
+/// One line listing [`SUPPORTED_ARCHITECTURES`] for refusals.
+pub fn supported_list() -> String {
+    SUPPORTED_ARCHITECTURES
+        .iter()
+        .map(|(a, m)| format!("{a} (model_type {m})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Which of the supported multimodal architectures a config describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Arch {
+    /// LLaVA-1.5 (`LlavaForConditionalGeneration`): one 336 crop per image.
+    #[default]
+    Llava,
+    /// LLaVA-NeXT / llava-v1.6 (`LlavaNextForConditionalGeneration`): any-resolution tiles.
+    LlavaNext,
+}
+
+impl Arch {
+    /// The transformers class name.
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            Arch::Llava => "LlavaForConditionalGeneration",
+            Arch::LlavaNext => "LlavaNextForConditionalGeneration",
+        }
+    }
+
+    /// Reads `architectures[0]` and `model_type` of a config's top level and refuses,
+    /// naming it, any architecture visi does not implement. A config with neither key
+    /// is taken as LLaVA-1.5 (older hand-written configs).
+    pub fn detect(root: &Map<String, Value>) -> Result<Self> {
+        let arch = match root.get("architectures") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => match a.first() {
+                None => None,
+                Some(Value::String(s)) => Some(s.as_str()),
+                Some(v) => {
+                    return Err(Error::msg(format!(
+                        "key `architectures`: expected a list of strings, got {v}"
+                    )))
+                }
+            },
+            Some(v) => {
+                return Err(Error::msg(format!(
+                    "key `architectures`: expected a list of strings, got {v}"
+                )))
+            }
+        };
+        let model_type = match root.get("model_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(v) => {
+                return Err(Error::msg(format!(
+                    "key `model_type`: expected a string, got {v}"
+                )))
+            }
+        };
+        let by_arch = arch.map(|a| SUPPORTED_ARCHITECTURES.iter().position(|(n, _)| *n == a));
+        let by_type = model_type.map(|m| SUPPORTED_ARCHITECTURES.iter().position(|(_, t)| *t == m));
+        let refuse = || {
+            let what = match (arch, model_type) {
+                (Some(a), Some(m)) => format!("{a} (model_type {m})"),
+                (Some(a), None) => a.to_string(),
+                (None, Some(m)) => format!("model_type {m}"),
+                (None, None) => "this model".to_string(),
+            };
+            Err(Error::msg(format!(
+                "architecture {what} is not supported; visi implements {}",
+                supported_list()
+            )))
+        };
+        let idx = match (by_arch, by_type) {
+            (Some(None), _) | (_, Some(None)) => return refuse(),
+            (Some(Some(a)), Some(Some(t))) if a != t => return refuse(),
+            (Some(Some(i)), _) | (None, Some(Some(i))) => i,
+            (None, None) => 0,
+        };
+        Ok(if idx == 0 {
+            Arch::Llava
+        } else {
+            Arch::LlavaNext
+        })
+    }
+}
+
+/// A llava-hf `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlavaConfig {
+    /// Which architecture (LLaVA-1.5 or LLaVA-NeXT).
+    pub arch: Arch,
+    /// LLaVA-NeXT's `image_grid_pinpoints` as `(height, width)` pairs (empty for LLaVA-1.5).
+    pub image_grid_pinpoints: Vec<(usize, usize)>,
     /// The Llama decoder's config (`text_config`).
     pub text: TextConfig,
     /// The CLIP vision tower's config (`vision_config`).
@@ -130,6 +229,7 @@ impl LlavaConfig {
         let root = root
             .as_object()
             .ok_or_else(|| Error::msg("expected a JSON object"))?;
+        let arch = Arch::detect(root)?;
         let empty = Map::new();
         let tc = obj(root, "text_config")?.unwrap_or(&empty);
         let vc = obj(root, "vision_config")?;
@@ -161,7 +261,21 @@ impl LlavaConfig {
                 "key `vision_feature_layer`: {feature_layer} is outside the vision tower's {n} layers"
             )));
         }
+        let image_grid_pinpoints = match arch {
+            Arch::Llava => Vec::new(),
+            Arch::LlavaNext => {
+                if strategy == FeatureSelect::Full {
+                    // transformers' pack_image_features cannot view grid² + 1 rows as a grid.
+                    return Err(Error::msg(
+                        "key `vision_feature_select_strategy`: \"full\" does not work with LLaVA-NeXT's tiles (transformers refuses it too)",
+                    ));
+                }
+                pinpoints(root.get("image_grid_pinpoints"), vision.image_size)?
+            }
+        };
         let cfg = LlavaConfig {
+            arch,
+            image_grid_pinpoints,
             text,
             vision,
             image_token_index: u32::try_from(usize_or(root, "image_token_index", "", 32000)?)
@@ -216,6 +330,7 @@ impl LlavaConfig {
                 hidden: v.hidden_size,
                 intermediate: v.intermediate_size,
                 tokens: v.num_patches() + 1,
+                passes: 1,
             },
             projector: pruner::ProjectorShape {
                 in_dim: v.hidden_size,
@@ -237,16 +352,28 @@ impl LlavaConfig {
 impl TextConfig {
     /// Parses a (possibly partial) Llama config; `pre` prefixes key names in errors.
     pub fn from_map(m: &Map<String, Value>, pre: &str) -> Result<Self> {
-        if let Some(mt) = m.get("model_type").and_then(|v| v.as_str()) {
-            if !matches!(mt, "llama" | "mistral") {
-                return Err(Error::msg(format!(
-                    "key `{pre}model_type`: {mt:?} is not supported (llama only)"
-                )));
-            }
+        let model_type = match m.get("model_type") {
+            None | Some(Value::Null) => "llama",
+            Some(v) => v.as_str().ok_or_else(|| {
+                Error::msg(format!("key `{pre}model_type`: expected a string, got {v}"))
+            })?,
+        };
+        if !SUPPORTED_TEXT_MODEL_TYPES.contains(&model_type) {
+            return Err(Error::msg(format!(
+                "key `{pre}model_type`: decoder {model_type:?} is not supported; visi implements {}",
+                SUPPORTED_TEXT_MODEL_TYPES.join(", ")
+            )));
         }
+        // MistralConfig's defaults differ from LlamaConfig's where a checkpoint omits keys.
+        let mistral = model_type == "mistral";
         let hidden = usize_or(m, "hidden_size", pre, 4096)?;
         let heads = usize_or(m, "num_attention_heads", pre, 32)?;
-        let kv_heads = usize_or(m, "num_key_value_heads", pre, heads)?;
+        let kv_heads = usize_or(
+            m,
+            "num_key_value_heads",
+            pre,
+            if mistral { 8 } else { heads },
+        )?;
         if heads == 0 || hidden % heads != 0 && !m.contains_key("head_dim") {
             return Err(Error::msg(format!(
                 "key `{pre}num_attention_heads`: {heads} does not divide hidden_size {hidden}"
@@ -313,12 +440,22 @@ impl TextConfig {
         let cfg = TextConfig {
             vocab_size: usize_or(m, "vocab_size", pre, 32000)?,
             hidden_size: hidden,
-            intermediate_size: usize_or(m, "intermediate_size", pre, 11008)?,
+            intermediate_size: usize_or(
+                m,
+                "intermediate_size",
+                pre,
+                if mistral { 14336 } else { 11008 },
+            )?,
             num_hidden_layers: usize_or(m, "num_hidden_layers", pre, 32)?,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            max_position_embeddings: usize_or(m, "max_position_embeddings", pre, 2048)?,
+            max_position_embeddings: usize_or(
+                m,
+                "max_position_embeddings",
+                pre,
+                if mistral { 4096 * 32 } else { 2048 },
+            )?,
             rms_norm_eps: f32_or(m, "rms_norm_eps", pre, 1e-6)?,
             rope_theta: f32_or(m, "rope_theta", pre, 10000.0)?,
             rope_scaling_factor,
@@ -333,6 +470,25 @@ impl TextConfig {
             },
             eos_token_ids,
         };
+        if mistral {
+            // A window narrower than the context changes attention; visi has no sliding
+            // window, so such a checkpoint is refused rather than answered wrongly.
+            let window = match m.get("sliding_window") {
+                None => Some(4096),
+                Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    Error::msg(format!(
+                        "key `{pre}sliding_window`: expected an integer or null, got {v}"
+                    ))
+                })? as usize),
+            };
+            if let Some(w) = window.filter(|&w| w < cfg.max_position_embeddings) {
+                return Err(Error::msg(format!(
+                    "key `{pre}sliding_window`: a sliding window of {w} narrower than the context of {} is not supported (null or at least max_position_embeddings)",
+                    cfg.max_position_embeddings
+                )));
+            }
+        }
         cfg.check(|k| format!("{pre}{k}"))?;
         Ok(cfg)
     }
@@ -462,6 +618,58 @@ impl VisionConfig {
     }
 }
 
+/// LlavaNextConfig's default `image_grid_pinpoints`.
+pub const DEFAULT_PINPOINTS: [(usize, usize); 5] =
+    [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
+
+/// Most tiles one pinpoint may cut (llava-v1.6 uses at most 4; this bounds work per image).
+pub const MAX_TILES: usize = 64;
+
+/// Parses `image_grid_pinpoints` (`[[height, width], ...]`); every side must be a positive
+/// multiple of the tower's `image_size`.
+pub fn pinpoints(v: Option<&Value>, image_size: usize) -> Result<Vec<(usize, usize)>> {
+    let key = "image_grid_pinpoints";
+    let list = match v {
+        None | Some(Value::Null) => return Ok(DEFAULT_PINPOINTS.to_vec()),
+        Some(Value::Array(a)) => a,
+        Some(v) => {
+            return Err(Error::msg(format!(
+                "key `{key}`: expected a list of [height, width] pairs, got {v}"
+            )))
+        }
+    };
+    if list.is_empty() || list.len() > 256 {
+        return Err(Error::msg(format!(
+            "key `{key}`: expected 1 to 256 [height, width] pairs, got {}",
+            list.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for p in list {
+        let pair = p
+            .as_array()
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize)));
+        let Some((h, w)) = pair else {
+            return Err(Error::msg(format!(
+                "key `{key}`: expected [height, width] pairs of integers, got {p}"
+            )));
+        };
+        if h == 0
+            || w == 0
+            || !h.is_multiple_of(image_size)
+            || !w.is_multiple_of(image_size)
+            || (h / image_size) * (w / image_size) > MAX_TILES
+        {
+            return Err(Error::msg(format!(
+                "key `{key}`: [{h}, {w}] must be positive multiples of the vision tower's image_size {image_size}, at most {MAX_TILES} tiles"
+            )));
+        }
+        out.push((h, w));
+    }
+    Ok(out)
+}
+
 fn obj<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -584,5 +792,66 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.text.rope_scaling_factor, 2.0);
         assert_eq!(cfg.text.num_key_value_heads, 8);
+    }
+
+    #[test]
+    fn unknown_architectures_are_refused_by_name() {
+        for (json, name) in [
+            (
+                r#"{"architectures":["Qwen2VLForConditionalGeneration"],"model_type":"qwen2_vl"}"#,
+                "Qwen2VLForConditionalGeneration (model_type qwen2_vl)",
+            ),
+            (r#"{"model_type":"idefics3"}"#, "model_type idefics3"),
+            (
+                r#"{"architectures":["PaliGemmaForConditionalGeneration"]}"#,
+                "PaliGemmaForConditionalGeneration",
+            ),
+        ] {
+            let e = LlavaConfig::from_json_str(json).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+            assert!(e.contains("LlavaNextForConditionalGeneration"), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = LlavaConfig::from_json_str(r#"{"text_config":{"model_type":"qwen2"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("text_config.model_type") && e.contains("qwen2"),
+            "{e}"
+        );
+        // Mistral with a window narrower than its context would attend differently.
+        let e = LlavaConfig::from_json_str(
+            r#"{"text_config":{"model_type":"mistral","max_position_embeddings":32768}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sliding_window"), "{e}");
+    }
+
+    #[test]
+    fn llava_v16_mistral_config_is_read() {
+        // llava-hf/llava-v1.6-mistral-7b-hf's config.json (keys as published).
+        let cfg = LlavaConfig::from_json_str(
+            r#"{"architectures":["LlavaNextForConditionalGeneration"],"ignore_index":-100,
+            "image_grid_pinpoints":[[336,672],[672,336],[672,672],[1008,336],[336,1008]],
+            "image_token_index":32000,"model_type":"llava_next","projector_hidden_act":"gelu",
+            "text_config":{"_name_or_path":"mistralai/Mistral-7B-Instruct-v0.2",
+              "architectures":["MistralForCausalLM"],"intermediate_size":14336,
+              "max_position_embeddings":32768,"model_type":"mistral","num_key_value_heads":8,
+              "rms_norm_eps":1e-05,"rope_theta":1000000.0,"sliding_window":null,
+              "torch_dtype":"bfloat16","vocab_size":32064},
+            "torch_dtype":"float16","use_image_newline_parameter":true,
+            "vision_config":{"hidden_size":1024,"image_size":336,"intermediate_size":4096,
+              "model_type":"clip_vision_model","num_attention_heads":16,"num_hidden_layers":24,
+              "patch_size":14,"projection_dim":768,"vocab_size":32000},
+            "vision_feature_layer":-2,"vision_feature_select_strategy":"default","vocab_size":32064}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.arch, Arch::LlavaNext);
+        assert_eq!(cfg.image_grid_pinpoints.len(), 5);
+        assert_eq!(cfg.image_grid_pinpoints[3], (1008, 336));
+        assert_eq!(cfg.text.rope_theta, 1e6);
+        assert_eq!(cfg.text.num_key_value_heads, 8);
+        assert_eq!(cfg.text.max_position_embeddings, 32768);
     }
 }

@@ -667,7 +667,7 @@ impl GgufTextModel {
         let mut session = self.session(b.clone());
         session.set_kv_dtype(kv_dtype);
         let pre = session.prefill(
-            PromptInput { ids, image: None },
+            PromptInput { ids, images: &[] },
             &mut Dense,
             "dense",
             max_new,

@@ -11,7 +11,11 @@
 //!   post-LayerNorm (llava-hf's `vision_feature_layer = -2` drops the last layer);
 //! * llama.cpp's mmproj names CLIP's `mlp.fc1` `ffn_down` and `mlp.fc2` `ffn_up`;
 //! * the `mlp` projector drops CLS (llava-hf's `default` feature strategy) and uses GELU;
-//! * the text file's Q/K rows are permuted for ggml's RoPE (see [`crate::gguf`]).
+//! * the text file's Q/K rows are permuted for ggml's RoPE (see [`crate::gguf`]);
+//! * a LLaVA-1.6 (LLaVA-NeXT) mmproj also holds `clip.vision.image_grid_pinpoints` (the
+//!   `(height, width)` pairs flattened), usually `clip.vision.image_aspect_ratio = anyres`
+//!   and `clip.vision.mm_patch_merge_type = spatial_unpad`, and the `model.image_newline`
+//!   vector; the pair then loads as `LlavaNextForConditionalGeneration`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +49,8 @@ pub fn mmproj_hf_name(gguf: &str) -> Option<String> {
         "mm.0.bias" => Some("multi_modal_projector.linear_1.bias"),
         "mm.2.weight" => Some("multi_modal_projector.linear_2.weight"),
         "mm.2.bias" => Some("multi_modal_projector.linear_2.bias"),
+        // LLaVA-1.6: the row separator (llama.cpp keeps haotian-liu's `model.` prefix).
+        "model.image_newline" => Some("image_newline"),
         _ => None,
     };
     if let Some(f) = fixed {
@@ -88,6 +94,7 @@ pub fn mmproj_gguf_name(hf: &str) -> Option<String> {
         "mm.0.bias",
         "mm.2.weight",
         "mm.2.bias",
+        "model.image_newline",
     ];
     if let Some(g) = fixed
         .iter()
@@ -258,6 +265,58 @@ pub fn mmproj_vision_config(f: &GgufFile) -> Result<VisionConfig> {
     Ok(cfg)
 }
 
+/// LLaVA-1.6's any-resolution grid of an mmproj (`(height, width)` pinpoints; empty for a
+/// LLaVA-1.5 mmproj): llama.cpp's converter flattens `image_grid_pinpoints` into
+/// `clip.vision.image_grid_pinpoints` and stores `model.image_newline`. The pair must have
+/// both, and the anyres/spatial_unpad packing LLaVA-NeXT uses when it names one.
+pub fn mmproj_pinpoints(f: &GgufFile, vc: &VisionConfig) -> Result<Vec<(usize, usize)>> {
+    let grid = f.get("clip.vision.image_grid_pinpoints");
+    let newline = f.tensor_info("model.image_newline");
+    match (grid, newline) {
+        (None, None) => return Ok(Vec::new()),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(Error::file(
+                f.path(),
+                "a LLaVA-1.6 mmproj needs both clip.vision.image_grid_pinpoints and model.image_newline (one is missing)",
+            ))
+        }
+        _ => {}
+    }
+    for (key, want) in [
+        ("clip.vision.image_aspect_ratio", "anyres"),
+        ("clip.vision.mm_patch_merge_type", "spatial_unpad"),
+    ] {
+        if let Some(v) = f.get(key) {
+            if v.as_str() != Some(want) {
+                return Err(Error::file(
+                    f.path(),
+                    format!("{key} is {v:?}; visi implements LLaVA-NeXT's `{want}` only"),
+                ));
+            }
+        }
+    }
+    let flat: Vec<u64> = grid
+        .and_then(GgufValue::as_array)
+        .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    if flat.is_empty() || !flat.len().is_multiple_of(2) || flat.len() > 512 {
+        return Err(Error::file(
+            f.path(),
+            format!(
+                "clip.vision.image_grid_pinpoints holds {} values, not (height, width) pairs of positive integers",
+                flat.len()
+            ),
+        ));
+    }
+    let pairs = serde_json::Value::from(
+        flat.chunks_exact(2)
+            .map(|p| serde_json::json!([p[0], p[1]]))
+            .collect::<Vec<_>>(),
+    );
+    crate::config::pinpoints(Some(&pairs), vc.image_size)
+        .map_err(|e| Error::file(f.path(), format!("clip.vision.image_grid_pinpoints: {e}")))
+}
+
 /// Opens a pair, checks that its halves fit each other, and assembles config, tokenizer,
 /// processor and a weight source.
 pub fn open_pair(text: &Path, mmproj: &Path) -> Result<PairParts> {
@@ -294,7 +353,25 @@ pub fn open_pair(text: &Path, mmproj: &Path) -> Result<PairParts> {
             None => return Err(Error::file(mmproj, format!("{name} is missing"))),
         }
     }
+    let image_grid_pinpoints = mmproj_pinpoints(&mf, &vc)?;
+    if let Some(t) = mf.tensor_info("model.image_newline") {
+        if t.shape != [tc.hidden_size] {
+            return Err(Error::file(
+                mmproj,
+                format!(
+                    "model.image_newline is {:?} but the text model's hidden size is {}",
+                    t.shape, tc.hidden_size
+                ),
+            ));
+        }
+    }
     let config = LlavaConfig {
+        arch: if image_grid_pinpoints.is_empty() {
+            crate::config::Arch::Llava
+        } else {
+            crate::config::Arch::LlavaNext
+        },
+        image_grid_pinpoints,
         text: tc.clone(),
         vision: vc.clone(),
         image_token_index,
@@ -727,6 +804,9 @@ pub fn write_pair(
         if head.is_empty() && n == "lm_head.weight" {
             return Some("language_model.lm_head.weight".into());
         }
+        if n == "image_newline" || n == "model.image_newline" {
+            return Some("image_newline".into());
+        }
         n.strip_prefix(vt)
             .filter(|r| r.starts_with("vision_tower."))
             .or_else(|| {
@@ -872,7 +952,7 @@ pub fn write_pair(
     let vc = &cfg.vision;
     let f32a =
         |a: [f64; 3]| GgufValue::Array(a.iter().map(|&v| GgufValue::F32(v as f32)).collect());
-    let mmd: Vec<(String, GgufValue)> = vec![
+    let mut mmd: Vec<(String, GgufValue)> = vec![
         (
             "general.architecture".into(),
             GgufValue::String("clip".into()),
@@ -914,6 +994,33 @@ pub fn write_pair(
             GgufValue::Bool(vc.hidden_act == Activation::Gelu),
         ),
     ];
+    if cfg.arch == crate::config::Arch::LlavaNext {
+        // What llama.cpp's converter writes from LLaVA-1.6's vision config (config_vit.json):
+        // the pinpoints flattened, anyres tiling, spatial_unpad packing.
+        let flat = cfg
+            .image_grid_pinpoints
+            .iter()
+            .flat_map(|&(h, w)| [GgufValue::I32(h as i32), GgufValue::I32(w as i32)])
+            .collect();
+        mmd.push((
+            "clip.vision.image_grid_pinpoints".into(),
+            GgufValue::Array(flat),
+        ));
+        mmd.push((
+            "clip.vision.image_aspect_ratio".into(),
+            GgufValue::String("anyres".into()),
+        ));
+        mmd.push((
+            "clip.vision.mm_patch_merge_type".into(),
+            GgufValue::String("spatial_unpad".into()),
+        ));
+        if !mm_t.iter().any(|t| t.name == "model.image_newline") {
+            return Err(Error::weight(
+                "image_newline",
+                "missing: not a LLaVA-NeXT checkpoint",
+            ));
+        }
+    }
     let text_bytes = engine_core::gguf::to_gguf_bytes(&tmd, &text_t)?;
     let mm_bytes = engine_core::gguf::to_gguf_bytes(&mmd, &mm_t)?;
     // Both files or neither: a text model without its mmproj is no pair.

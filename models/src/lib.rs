@@ -16,6 +16,7 @@ pub mod llama;
 pub mod llava;
 pub mod nn;
 pub mod preprocess;
+pub mod preprocess_next;
 pub mod prompt;
 pub mod quality;
 pub mod sampling;
@@ -25,8 +26,8 @@ pub mod synthetic;
 pub use config::LlavaConfig;
 pub use llama::ImageSpan;
 pub use llava::{
-    draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava, LoadProgress, Naming,
-    Timings,
+    draw_kept_images, draw_kept_patches, EncodedImage, GenerateOptions, Generation, Llava,
+    LoadProgress, Naming, Timings,
 };
 pub use preprocess::{decode_image, load_image, PadMode};
 pub use prompt::{PromptIds, Template};

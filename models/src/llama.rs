@@ -124,6 +124,9 @@ pub struct PrefillStats {
     pub layer_image_lens: Vec<usize>,
     /// Shallow mask each layer ran with.
     pub layer_masks: Vec<ShallowMask>,
+    /// Each layer's image rows (cache rows) as ascending runs `[start, end)`, one per image
+    /// still holding tokens (what its mask and captures acted on).
+    pub layer_image_runs: Vec<Vec<(usize, usize)>>,
 }
 
 /// Where the image sits in the prompt: rows `[start, end)`.
@@ -233,7 +236,7 @@ impl Llama {
         positions: &Tensor,
         kv: &mut LayerKv,
         mask: AttentionMask,
-        capture: Option<(Capture, usize, usize)>,
+        capture: Option<(Capture, &[(usize, usize)])>,
     ) -> Result<(Tensor, Captured)> {
         let s = h.dims()[0];
         // Prefill rows always take the backend's many-rows kernels (see `Rows::Prefill`).
@@ -255,20 +258,28 @@ impl Llama {
         } else {
             b.attention(&q, &kv.k, &kv.v, &params)? // [S, heads*hd]
         };
+        // Image rows come in runs (one per image span still holding tokens): statistics are
+        // taken per run and concatenated in row order, which is the pruner's offset order.
         let captured = match capture {
-            None | Some((Capture::Nothing, _, _)) => Captured::None,
-            Some((Capture::Contributions, start, end)) => {
+            None | Some((Capture::Nothing, _)) => Captured::None,
+            Some((Capture::Contributions, runs)) => {
                 let probs = b.attention_last_row(&q, &kv.k, &params)?; // [heads, kv_len]
-                let stats = b.token_contributions(&probs, &kv.v, &params, start, end)?; // [n, 2]
-                let stats = b.to_vec_f32(&stats)?; // sync: small, per decision layer
-                Captured::Contributions(stats.chunks_exact(2).map(|c| (c[0], c[1])).collect())
+                let mut out = Vec::new();
+                for &(start, end) in runs {
+                    let stats = b.token_contributions(&probs, &kv.v, &params, start, end)?; // [n, 2]
+                    let stats = b.to_vec_f32(&stats)?; // sync: small, per decision layer
+                    out.extend(stats.chunks_exact(2).map(|c| (c[0], c[1])));
+                }
+                Captured::Contributions(out)
             }
-            Some((Capture::LastRowProbs, start, end)) => {
+            Some((Capture::LastRowProbs, runs)) => {
                 let probs = b.attention_last_row(&q, &kv.k, &params)?; // [heads, kv_len]
                 let probs = b.to_vec_f32(&probs)?; // sync: heads × kv_len floats, once
                 let heads = self.cfg.num_attention_heads;
                 let len = params.kv_len;
-                let avg = (start..end)
+                let avg = runs
+                    .iter()
+                    .flat_map(|&(start, end)| start..end)
                     .map(|j| (0..heads).map(|hh| probs[hh * len + j]).sum::<f32>() / heads as f32)
                     .collect();
                 Captured::LastRowImageAttention(avg)

@@ -25,9 +25,10 @@ use image::{Rgb, RgbImage};
 use pruner::{FlopsReport, FlopsShape, LayerSchedule, PruneConfig, PruneReport};
 
 use crate::clip::{ClipVision, Projector};
-use crate::config::{FeatureSelect, LlavaConfig};
-use crate::llama::{ImageSpan, Llama};
+use crate::config::{Arch, FeatureSelect, LlavaConfig};
+use crate::llama::{ImageSpan, Llama, PrefillStats};
 use crate::preprocess::{ImageProcessor, PadMode, PixelValues, ResizeTarget};
+use crate::preprocess_next::{preprocess_next, NextLayout, NextToken};
 use crate::prompt::{PromptIds, PromptTokenizer, Template, TextStream};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::session::{DecodeState, ImageInput, Prefill, PromptInput, Session};
@@ -83,6 +84,8 @@ pub struct Llava {
     vision: ClipVision,
     projector: Projector,
     llama: Arc<Llama>,
+    /// LLaVA-NeXT's `image_newline` `[1, H]` (f32), closing every row of tile features.
+    image_newline: Option<Tensor>,
     tokenizer: PromptTokenizer,
     processor: ImageProcessor,
     naming: Naming,
@@ -95,10 +98,15 @@ const IMAGE_CACHE_ENTRIES: usize = 8;
 
 /// An image as the model takes it in.
 pub struct EncodedImage {
-    /// The uint8 picture the vision tower saw (after crop/pad and resize).
+    /// The uint8 picture the vision tower saw (after crop/pad and resize; LLaVA-NeXT: the
+    /// base tile, the whole image squashed to the tower's size).
     pub seen: RgbImage,
-    /// Normalised pixels `[3, H, W]`.
+    /// Normalised pixels `[3, H, W]` (LLaVA-NeXT: the base tile's).
     pub pixel_values: PixelValues,
+    /// LLaVA-NeXT: every tile's normalised pixels, base tile first (empty for LLaVA-1.5).
+    pub tiles: Vec<PixelValues>,
+    /// LLaVA-NeXT: where each image token comes from (`None` for LLaVA-1.5).
+    pub layout: Option<NextLayout>,
     /// Selected vision-tower hidden states `[N, vision_hidden]`.
     pub features: Tensor,
     /// Projector output `[N, text_hidden]`: what replaces the `<image>` span.
@@ -117,6 +125,8 @@ impl Clone for EncodedImage {
         EncodedImage {
             seen: self.seen.clone(),
             pixel_values: self.pixel_values.clone(),
+            tiles: self.tiles.clone(),
+            layout: self.layout.clone(),
             features: self.features.clone(),
             embeds: self.embeds.clone(),
             ms: self.ms,
@@ -200,10 +210,12 @@ pub struct Generation {
     pub text: String,
     /// Prompt length after `<image>` expansion.
     pub prompt_tokens: usize,
-    /// Image tokens in the prompt (0 without an image).
+    /// Image tokens in the prompt, all images together (0 without an image).
     pub image_tokens: usize,
-    /// Where the image sits in the prompt.
+    /// Where the image sits in the prompt (one-image prompts; see `image_spans`).
     pub image_span: Option<ImageSpan>,
+    /// Where every image sits in the prompt, in order.
+    pub image_spans: Vec<ImageSpan>,
     /// Whether EOS ended generation.
     pub stopped_by_eos: bool,
     /// Whether the caller's stop signal (Ctrl-C) ended generation early.
@@ -255,7 +267,9 @@ pub struct Answer {
     pub max_new: usize,
     /// Prompt length after `<image>` expansion.
     pub prompt_tokens: usize,
-    span: Option<ImageSpan>,
+    spans: Vec<ImageSpan>,
+    /// Vision-tower passes its images took (LLaVA-NeXT: one per tile).
+    vision_passes: usize,
     vision_ms: f64,
     seen_image: Option<RgbImage>,
     /// The pruning config that runs.
@@ -463,6 +477,17 @@ impl Llava {
         let vision = ClipVision::load(&w.pp(vt), &cfg)?;
         let projector = Projector::load(&w.pp(mm), &cfg)?;
         let llama = Arc::new(Llama::load(&w.pp(lm), &w.pp(head), &cfg.text)?);
+        let image_newline = match cfg.arch {
+            Arch::Llava => None,
+            Arch::LlavaNext => {
+                let name = match naming {
+                    Naming::Old => "image_newline",
+                    Naming::New => "model.image_newline",
+                };
+                let h = cfg.text.hidden_size;
+                Some(w.get_f32(name, &[h])?.reshape([1, h])?)
+            }
+        };
         backend.sync()?;
         Ok(Llava {
             cfg,
@@ -470,6 +495,7 @@ impl Llava {
             vision,
             projector,
             llama,
+            image_newline,
             tokenizer,
             processor,
             naming,
@@ -516,10 +542,45 @@ impl Llava {
     }
 
     /// Tokenises a prompt for this model (`<image>` expanded when `with_image`) and checks
-    /// that it fits the context.
+    /// that it fits the context. LLaVA-NeXT's image-token count depends on the image's
+    /// size: use [`Llava::prompt_images`] there.
     pub fn prompt(&self, template: Template, text: &str, with_image: bool) -> Result<PromptIds> {
+        if with_image && self.cfg.arch == Arch::LlavaNext {
+            return Err(Error::msg(
+                "a LLaVA-NeXT prompt needs the image's size (Llava::prompt_images)",
+            ));
+        }
         let n = with_image.then(|| self.cfg.image_tokens());
-        let p = self.tokenizer.build(template, text, n)?;
+        self.prompt_images(template, text, n.as_slice())
+    }
+
+    /// Image tokens an image of `width`×`height` pixels takes in the prompt (LLaVA-1.5: the
+    /// same for every image; LLaVA-NeXT: as transformers' `LlavaNextProcessor` counts).
+    pub fn image_tokens_for(&self, width: u32, height: u32) -> Result<usize> {
+        match self.cfg.arch {
+            Arch::Llava => Ok(self.cfg.image_tokens()),
+            Arch::LlavaNext => Ok(self.next_layout(width, height)?.num_tokens()),
+        }
+    }
+
+    fn next_layout(&self, width: u32, height: u32) -> Result<NextLayout> {
+        NextLayout::new(
+            (height as usize, width as usize),
+            &self.cfg.image_grid_pinpoints,
+            self.cfg.vision.image_size,
+            self.cfg.vision.patch_size,
+        )
+    }
+
+    /// Tokenises a prompt whose i-th `<image>` takes `image_tokens[i]` positions (see
+    /// [`Llava::image_tokens_for`]) and checks that it fits the context.
+    pub fn prompt_images(
+        &self,
+        template: Template,
+        text: &str,
+        image_tokens: &[usize],
+    ) -> Result<PromptIds> {
+        let p = self.tokenizer.build_images(template, text, image_tokens)?;
         let ctx = self.cfg.text.max_position_embeddings;
         if p.ids.len() >= ctx {
             return Err(Error::msg(format!(
@@ -530,8 +591,12 @@ impl Llava {
         Ok(p)
     }
 
-    /// Preprocess, vision tower and projector.
+    /// Preprocess, vision tower and projector (LLaVA-NeXT: tiles, features packed with
+    /// newlines; `mode` does not apply there).
     pub fn encode_image(&self, img: &RgbImage, mode: PadMode) -> Result<EncodedImage> {
+        if self.cfg.arch == Arch::LlavaNext {
+            return self.encode_next(img);
+        }
         let t0 = Instant::now();
         let seen = self.processor.prepare(img, mode)?;
         let pixel_values = self.processor.normalize(&seen);
@@ -573,6 +638,8 @@ impl Llava {
         let enc = EncodedImage {
             seen,
             pixel_values,
+            tiles: Vec::new(),
+            layout: None,
             features,
             embeds,
             ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -586,6 +653,140 @@ impl Llava {
             cache.push(enc.clone());
         }
         Ok(enc)
+    }
+
+    /// LLaVA-NeXT: preprocess into tiles, then [`Llava::encode_tiles`].
+    fn encode_next(&self, img: &RgbImage) -> Result<EncodedImage> {
+        let t0 = Instant::now();
+        let v = &self.cfg.vision;
+        let px = preprocess_next(
+            &self.processor,
+            img,
+            &self.cfg.image_grid_pinpoints,
+            v.image_size,
+            v.patch_size,
+        )?;
+        let seen =
+            crate::preprocess::resize(img, v.image_size, v.image_size, self.processor.resample)?;
+        let mut enc = self.encode_tiles(seen, px.layout, px.tiles)?;
+        enc.ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(enc)
+    }
+
+    /// LLaVA-NeXT's features for already normalised tiles (base tile first), exactly as
+    /// `LlavaNextForConditionalGeneration.pack_image_features`: every tile through the
+    /// vision tower and projector, the grid tiles laid out on one canvas, unpadded, an
+    /// `image_newline` after every row, the base tile's features first.
+    pub fn encode_tiles(
+        &self,
+        seen: RgbImage,
+        layout: NextLayout,
+        tiles: Vec<PixelValues>,
+    ) -> Result<EncodedImage> {
+        let t0 = Instant::now();
+        let b = self.backend.as_ref();
+        let newline = self.image_newline.as_ref().ok_or_else(|| {
+            Error::msg("this checkpoint has no image_newline (not a LLaVA-NeXT model)")
+        })?;
+        let want = 1 + layout.tiles.0 * layout.tiles.1;
+        if tiles.len() != want {
+            return Err(Error::msg(format!(
+                "{} tiles given but the image's {}x{} grid needs {want} (base tile included)",
+                tiles.len(),
+                layout.tiles.1,
+                layout.tiles.0
+            )));
+        }
+        let mut features = Vec::with_capacity(tiles.len());
+        let mut projected = Vec::with_capacity(tiles.len() + 1);
+        let mut keys = Vec::with_capacity(tiles.len());
+        let mut cached = true;
+        for t in &tiles {
+            let enc = self.encode_pixels(RgbImage::new(1, 1), t.clone())?;
+            keys.push(enc.key);
+            cached &= enc.cached;
+            features.push(enc.features); // [g², Dv]
+            projected.push(enc.embeds); // [g², H]
+        }
+        let per_tile = layout.grid * layout.grid;
+        if projected[0].dims()[0] != per_tile {
+            return Err(Error::msg(format!(
+                "the vision tower gives {} features per tile, the layout expects {per_tile}",
+                projected[0].dims()[0]
+            )));
+        }
+        let embeds = pack_next_features(b, &projected, newline, &layout)?; // [N, H]
+        let frefs: Vec<&Tensor> = features.iter().collect();
+        let features = b.concat_rows(&frefs)?; // [tiles·g², Dv]
+        b.sync()?;
+        // The image's key: its tiles' keys and what the packing kept of them (equal keys,
+        // equal packed features).
+        let l = &layout;
+        let mut key = pixel_key(&PixelValues {
+            data: [l.tiles.0, l.tiles.1, l.rows.0, l.rows.1, l.cols.0, l.cols.1]
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
+            height: l.grid,
+            width: 0,
+        });
+        for k in &keys {
+            key = (key ^ k).wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(EncodedImage {
+            seen,
+            pixel_values: tiles[0].clone(),
+            tiles,
+            layout: Some(layout),
+            features,
+            embeds,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+            key,
+            cached,
+        })
+    }
+
+    /// [`Llava::resolve_prune`] for a prompt with `spans`: over more separate images than
+    /// the engine's mask rules hold (see `pruner::ShallowMask::attention_mask_runs`), the
+    /// default runs VisiPruner's middle and deep stages only and says so.
+    pub fn resolve_prune_for(
+        &self,
+        req: Option<&PruneConfig>,
+        spans: &[ImageSpan],
+    ) -> Result<(PruneConfig, Option<String>)> {
+        let (cfg, note) = self.resolve_prune(req)?;
+        // The image runs of layer 0 (adjacent spans are one run).
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for sp in spans.iter().filter(|s| s.start < s.end) {
+            match runs.last_mut() {
+                Some(last) if last.1 == sp.start => last.1 = sp.end,
+                _ => runs.push((sp.start, sp.end)),
+            }
+        }
+        match cfg {
+            PruneConfig::VisiPruner(mut v) if req.is_none() && v.mode.shallow => {
+                let layer0 = match v.layer0 {
+                    pruner::Layer0Policy::Sink => pruner::ShallowMask::Layer0Sink,
+                    pruner::Layer0Policy::Split => pruner::ShallowMask::Layer0Split,
+                    pruner::Layer0Policy::None => pruner::ShallowMask::None,
+                };
+                let fits = [layer0, pruner::ShallowMask::TextToImage]
+                    .iter()
+                    .all(|m| m.attention_mask_runs(&runs).is_ok());
+                if fits {
+                    return Ok((PruneConfig::VisiPruner(v), note));
+                }
+                v.mode.shallow = false;
+                Ok((
+                    PruneConfig::VisiPruner(v),
+                    Some(format!(
+                        "the paper's shallow masks over {} separate images need more mask rules than the engine holds; running VisiPruner's middle and deep stages",
+                        runs.len()
+                    )),
+                ))
+            }
+            other => Ok((other, note)),
+        }
     }
 
     /// Resolves the pruning request against this model: the config to run and, when the
@@ -616,23 +817,62 @@ impl Llava {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let ids = self.prompt(opts.template, prompt, image.is_some())?;
-        let encoded = image
-            .map(|img| self.encode_image(img, opts.image_mode))
-            .transpose()?;
-        self.generate_ids(&ids, encoded.as_ref(), opts, on_text)
+        self.generate_images(prompt, image.as_slice(), opts, on_text)
     }
 
-    /// [`Llava::generate`] from an already built prompt and encoded image
-    /// (`opts.template` and `opts.image_mode` are not used here).
-    pub fn generate_ids(
+    /// Answers `prompt` about `images` (each `<image>` takes the next one), streaming text.
+    pub fn generate_images(
         &self,
-        prompt: &PromptIds,
-        image: Option<&EncodedImage>,
+        prompt: &str,
+        images: &[&RgbImage],
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.generate_ids_until(prompt, image, opts, on_text, &|| false)
+        let counts = images
+            .iter()
+            .map(|i| self.image_tokens_for(i.width(), i.height()))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = self.prompt_images(opts.template, prompt, &counts)?;
+        let encoded = images
+            .iter()
+            .map(|img| self.encode_image(img, opts.image_mode))
+            .collect::<Result<Vec<_>>>()?;
+        self.generate_ids(&ids, &encoded, opts, on_text)
+    }
+
+    /// [`Llava::generate`] from an already built prompt and encoded images, one per image
+    /// span in order (`opts.template` and `opts.image_mode` are not used here).
+    pub fn generate_ids(
+        &self,
+        prompt: &PromptIds,
+        images: &[EncodedImage],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        self.generate_ids_until(prompt, images, opts, on_text, &|| false)
+    }
+
+    /// Checks that `images` fill the prompt's image spans one to one.
+    fn spans_for(prompt: &PromptIds, images: &[EncodedImage]) -> Result<Vec<ImageSpan>> {
+        if prompt.image_spans.len() != images.len() {
+            return Err(Error::msg(format!(
+                "the prompt has {} image span(s) but {} image(s) were given",
+                prompt.image_spans.len(),
+                images.len()
+            )));
+        }
+        for (sp, img) in prompt.image_spans.iter().zip(images) {
+            let n = img.embeds.dims()[0];
+            if sp.end - sp.start != n {
+                return Err(Error::msg(format!(
+                    "image span {}..{} holds {} tokens but its image has {n} embeddings",
+                    sp.start,
+                    sp.end,
+                    sp.end - sp.start
+                )));
+            }
+        }
+        Ok(prompt.image_spans.clone())
     }
 
     /// [`Llava::generate_ids`] that also stops after any token when `stop()` says so
@@ -641,13 +881,26 @@ impl Llava {
     pub fn generate_ids_until(
         &self,
         prompt: &PromptIds,
-        image: Option<&EncodedImage>,
+        images: &[EncodedImage],
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
         stop: &dyn Fn() -> bool,
     ) -> Result<Generation> {
         let mut session = self.session();
-        self.generate_in(&mut session, prompt, image, opts, on_text, stop)
+        self.generate_in(&mut session, prompt, images, opts, on_text, stop)
+    }
+
+    /// The session's view of `images` over `spans` (checked by [`Llava::spans_for`]).
+    fn image_inputs(spans: &[ImageSpan], images: &[EncodedImage]) -> Vec<ImageInput> {
+        spans
+            .iter()
+            .zip(images)
+            .map(|(&span, img)| ImageInput {
+                span,
+                key: img.key,
+                embeds: img.embeds.clone(),
+            })
+            .collect()
     }
 
     /// A new, empty generation session over this model's decoder.
@@ -655,19 +908,19 @@ impl Llava {
         Session::new(self.llama.clone(), self.backend.clone())
     }
 
-    /// Starts one answer in `session`: checks the prompt against the image and the
-    /// context, resolves the pruning config, prefills `prompt` (with `image` spliced over
-    /// its span, reusing whatever the session's previous prompt shares with it) and
-    /// returns the answer's state, ready for [`Llava::next_token`] or for batched steps
-    /// with [`crate::session::decode_batch`] beside other answers.
+    /// Starts one answer in `session`: checks the prompt against the images and the
+    /// context, resolves the pruning config, prefills `prompt` (each of `images` spliced
+    /// over its span, in order, reusing whatever the session's previous prompt shares with
+    /// it) and returns the answer's state, ready for [`Llava::next_token`] or for batched
+    /// steps with [`crate::session::decode_batch`] beside other answers.
     pub fn begin(
         &self,
         session: &mut Session,
         prompt: &PromptIds,
-        image: Option<&EncodedImage>,
+        images: &[EncodedImage],
         opts: &GenerateOptions,
     ) -> Result<Answer> {
-        self.begin_observed(session, prompt, image, opts, &mut |_| Ok(()))
+        self.begin_observed(session, prompt, images, opts, &mut |_| Ok(()))
     }
 
     /// [`Llava::begin`], calling `after_layer(l)` after each decoder layer of the prefill:
@@ -678,30 +931,17 @@ impl Llava {
         &self,
         session: &mut Session,
         prompt: &PromptIds,
-        image: Option<&EncodedImage>,
+        images: &[EncodedImage],
         opts: &GenerateOptions,
         after_layer: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<Answer> {
         let tc = &self.cfg.text;
         let sampler = Sampler::new(opts.sampling)?;
-        let (prune_config, prune_note) = self.resolve_prune(opts.prune.as_ref())?;
+        let ids = &prompt.ids;
+        let spans = Self::spans_for(prompt, images)?;
+        let (prune_config, prune_note) = self.resolve_prune_for(opts.prune.as_ref(), &spans)?;
         let mut pruner = pruner::build(&prune_config, tc.num_hidden_layers)
             .map_err(|e| Error::msg(format!("pruning config: {e}")))?;
-        let ids = &prompt.ids;
-        let span = match (prompt.image_span, image) {
-            (Some(sp), Some(_)) => Some(sp),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(Error::msg(
-                    "the prompt has an image span but no image was given",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(Error::msg(
-                    "an image was given but the prompt has no image span",
-                ))
-            }
-        };
         let ctx = tc.max_position_embeddings;
         if ids.is_empty() || ids.len() >= ctx {
             return Err(Error::msg(format!(
@@ -710,18 +950,11 @@ impl Llava {
             )));
         }
         let max_new = opts.max_new_tokens.min(ctx - ids.len());
-        let image_input = match (span, image) {
-            (Some(sp), Some(img)) => Some(ImageInput {
-                span: sp,
-                key: img.key,
-                embeds: img.embeds.clone(),
-            }),
-            _ => None,
-        };
+        let inputs = Self::image_inputs(&spans, images);
         let t0 = Instant::now();
         let input = PromptInput {
             ids,
-            image: image_input.as_ref(),
+            images: &inputs,
         };
         session.set_kv_dtype(opts.kv_dtype);
         let pre = session.prefill_observed(
@@ -744,9 +977,10 @@ impl Llava {
             tokens: Vec::with_capacity(max_new),
             max_new,
             prompt_tokens: ids.len(),
-            span,
-            vision_ms: image.map_or(0.0, |i| i.ms),
-            seen_image: image.map(|i| i.seen.clone()),
+            spans,
+            vision_passes: images.iter().map(|i| i.tiles.len().max(1)).sum(),
+            vision_ms: images.iter().map(|i| i.ms).sum(),
+            seen_image: images.first().map(|i| i.seen.clone()),
             prune_config,
             prune_note,
             prefill: pre,
@@ -810,19 +1044,18 @@ impl Llava {
         let steps = answer.tokens.len().saturating_sub(1);
         let pre = answer.prefill;
         let stats = pre.stats;
-        let span = answer.span;
-        let flops = self.flops(
-            &stats.layer_seq_lens,
-            &stats.layer_image_lens,
-            &stats.layer_masks,
-            span,
-        )?;
+        let spans = answer.spans;
+        let flops = self.flops(&stats, answer.vision_passes)?;
         Ok(Generation {
             text: self.tokenizer.decode(&answer.tokens)?,
             tokens: answer.tokens,
             prompt_tokens: answer.prompt_tokens,
-            image_tokens: span.map_or(0, |s| s.end - s.start),
-            image_span: span,
+            image_tokens: spans.iter().map(|s| s.end - s.start).sum(),
+            image_span: match spans[..] {
+                [one] => Some(one),
+                _ => None,
+            },
+            image_spans: spans,
             stopped_by_eos: answer.stopped_by_eos,
             interrupted,
             timings: Timings {
@@ -859,12 +1092,12 @@ impl Llava {
         &self,
         session: &mut Session,
         prompt: &PromptIds,
-        image: Option<&EncodedImage>,
+        images: &[EncodedImage],
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
         stop: &dyn Fn() -> bool,
     ) -> Result<Generation> {
-        let mut answer = self.begin(session, prompt, image, opts)?;
+        let mut answer = self.begin(session, prompt, images, opts)?;
         let mut interrupted = false;
         while let Some(tok) = self.next_token(session, &mut answer) {
             let tok = tok?;
@@ -884,24 +1117,13 @@ impl Llava {
     pub fn step_logits(
         &self,
         prompt: &PromptIds,
-        image: Option<&EncodedImage>,
+        images: &[EncodedImage],
         prune: &PruneConfig,
         steps: usize,
         forced: Option<&[u32]>,
     ) -> Result<Vec<Vec<f32>>> {
-        let image_input = match (prompt.image_span, image) {
-            (Some(sp), Some(img)) => Some(ImageInput {
-                span: sp,
-                key: img.key,
-                embeds: img.embeds.clone(),
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(Error::msg(
-                    "the prompt's image span and the image must come together",
-                ))
-            }
-        };
+        let spans = Self::spans_for(prompt, images)?;
+        let inputs = Self::image_inputs(&spans, images);
         let ctx = self.cfg.text.max_position_embeddings;
         if prompt.ids.is_empty() || prompt.ids.len() + steps > ctx {
             return Err(Error::msg(format!(
@@ -911,7 +1133,7 @@ impl Llava {
         }
         let input = PromptInput {
             ids: &prompt.ids,
-            image: image_input.as_ref(),
+            images: &inputs,
         };
         crate::quality::step_logits(&mut self.session(), input, prune, steps, forced)
     }
@@ -921,27 +1143,22 @@ impl Llava {
         self.cfg.flops_shape()
     }
 
-    fn flops(
-        &self,
-        seq: &[usize],
-        img: &[usize],
-        masks: &[pruner::ShallowMask],
-        span: Option<ImageSpan>,
-    ) -> Result<FlopsReport> {
-        let schedule: Vec<LayerSchedule> = seq
+    /// FLOPs of the schedule a prefill ran (`passes`: vision-tower passes).
+    fn flops(&self, stats: &PrefillStats, passes: usize) -> Result<FlopsReport> {
+        let schedule: Vec<LayerSchedule> = stats
+            .layer_seq_lens
             .iter()
-            .zip(img)
-            .zip(masks)
-            .map(|((&seq_len, &n), &mask)| {
-                let s = span.map_or(seq_len, |sp| sp.start);
-                LayerSchedule {
-                    seq_len,
-                    image: s..s + n,
-                    mask,
-                }
+            .zip(&stats.layer_image_runs)
+            .zip(&stats.layer_masks)
+            .map(|((&seq_len, runs), &mask)| LayerSchedule {
+                seq_len,
+                image: runs.iter().map(|&(a, b)| a..b).collect(),
+                mask,
             })
             .collect();
-        pruner::prefill_flops(&self.flops_shape(), &schedule)
+        let mut shape = self.flops_shape();
+        shape.vision.passes = passes.max(1);
+        pruner::prefill_flops(&shape, &schedule)
             .map_err(|e| Error::msg(format!("FLOPs count: {e}")))
     }
 }
@@ -982,4 +1199,121 @@ pub fn draw_kept_patches(seen: &RgbImage, cfg: &LlavaConfig, kept: Option<&[usiz
         }
     }
     out
+}
+
+/// Draws which image tokens survived over several images: `kept` are offsets over all image
+/// spans together, in prompt order (`None`: all kept). Each image becomes one panel, side
+/// by side: LLaVA-1.5 images as [`draw_kept_patches`] draws them; LLaVA-NeXT images as the
+/// original picture with its tile tokens' cells dimmed or outlined, followed by the base
+/// tile (the whole image at the tower's size) drawn like a LLaVA-1.5 image.
+pub fn draw_kept_images(
+    originals: &[RgbImage],
+    encoded: &[EncodedImage],
+    cfg: &LlavaConfig,
+    kept: Option<&[usize]>,
+) -> RgbImage {
+    let mut panels = Vec::new();
+    let mut first = 0;
+    for (orig, enc) in originals.iter().zip(encoded) {
+        let n = enc.embeds.dims()[0];
+        let own: Option<Vec<usize>> = kept.map(|k| {
+            let mut v: Vec<usize> = k
+                .iter()
+                .filter(|&&o| o >= first && o < first + n)
+                .map(|&o| o - first)
+                .collect();
+            v.sort_unstable();
+            v
+        });
+        first += n;
+        match &enc.layout {
+            None => panels.push(draw_kept_patches(&enc.seen, cfg, own.as_deref())),
+            Some(layout) => {
+                let tokens = layout.tokens();
+                let g = layout.grid;
+                let (rows, cols) = (layout.tiles.0 * g, layout.tiles.1 * g);
+                let mut keep_cell = vec![false; rows * cols];
+                let mut base_kept = Vec::new();
+                for (k, t) in tokens.iter().enumerate() {
+                    let on = own.as_ref().is_none_or(|o| o.binary_search(&k).is_ok());
+                    match *t {
+                        NextToken::Tile(y, x) => keep_cell[y * cols + x] = on,
+                        NextToken::Base(..) if on => base_kept.push(k),
+                        _ => {}
+                    }
+                }
+                panels.push(draw_next_tiles(orig, layout, &keep_cell));
+                // The base tile's offsets are 0..g², as a LLaVA-1.5 image's patches are.
+                let base_cfg = LlavaConfig {
+                    vision_feature_select_strategy: FeatureSelect::Default,
+                    ..cfg.clone()
+                };
+                panels.push(draw_kept_patches(&enc.seen, &base_cfg, Some(&base_kept)));
+            }
+        }
+    }
+    let w: u32 =
+        panels.iter().map(|p| p.width()).sum::<u32>() + 8 * panels.len().saturating_sub(1) as u32;
+    let h = panels.iter().map(|p| p.height()).max().unwrap_or(1);
+    let mut out = RgbImage::from_pixel(w.max(1), h, Rgb([255, 255, 255]));
+    let mut x = 0i64;
+    for p in &panels {
+        image::imageops::replace(&mut out, p, x, 0);
+        x += p.width() as i64 + 8;
+    }
+    out
+}
+
+/// The original image with each LLaVA-NeXT tile cell dimmed (pruned) or outlined (kept).
+fn draw_next_tiles(orig: &RgbImage, layout: &NextLayout, keep_cell: &[bool]) -> RgbImage {
+    let (w, h) = orig.dimensions();
+    let cols = layout.tiles.1 * layout.grid;
+    let (rh, rw) = crate::preprocess_next::patch_output_size(layout.original, layout.best);
+    let (py, px) = ((layout.best.0 - rh) / 2, (layout.best.1 - rw) / 2);
+    let cell = (layout.best.0 / (layout.tiles.0 * layout.grid)) as f64;
+    // Canvas cell of an original pixel's centre.
+    let cell_of = |x: u32, y: u32| -> (usize, usize) {
+        let cx = (x as f64 + 0.5) * rw as f64 / w as f64 + px as f64;
+        let cy = (y as f64 + 0.5) * rh as f64 / h as f64 + py as f64;
+        ((cy / cell) as usize, (cx / cell) as usize)
+    };
+    let mut out = orig.clone();
+    for y in 0..h {
+        for x in 0..w {
+            let (r, c) = cell_of(x, y);
+            let on = keep_cell.get(r * cols + c).copied().unwrap_or(false);
+            let p = out.get_pixel_mut(x, y);
+            if !on {
+                *p = Rgb(p.0.map(|v| (v as u16 * 3 / 10) as u8));
+                continue;
+            }
+            let edge = x == 0
+                || y == 0
+                || x + 1 == w
+                || y + 1 == h
+                || cell_of(x - 1, y) != (r, c)
+                || cell_of(x, y - 1) != (r, c);
+            if edge {
+                *p = Rgb([255, 210, 0]);
+            }
+        }
+    }
+    out
+}
+
+/// `pack_image_features` for one LLaVA-NeXT image: `projected` holds each tile's projector
+/// output `[g², H]` (base tile first), `newline` is `image_newline` `[1, H]`; returns the
+/// image's embeddings `[N, H]` in [`NextLayout::tokens`] order.
+pub fn pack_next_features(
+    b: &dyn Backend,
+    projected: &[Tensor],
+    newline: &Tensor,
+    layout: &NextLayout,
+) -> Result<Tensor> {
+    let mut refs: Vec<&Tensor> = projected.iter().collect();
+    refs.push(newline);
+    let stacked = b.concat_rows(&refs)?; // [tiles·g² + 1, H]
+    let rows = layout.feature_rows((projected.len() * layout.grid * layout.grid) as u32);
+    let idx = b.upload(HostData::U32(&rows), rows.len().into())?;
+    b.gather_rows(&stacked, &idx) // [N, H]
 }

@@ -17,21 +17,26 @@ pub const VICUNA_SYSTEM: &str = "A chat between a curious human and an artificia
 /// How the user's text becomes the model's prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Template {
-    /// LLaVA-1.5's conversation format: system sentence, ` USER: <image>\n{prompt} ASSISTANT:`.
+    /// LLaVA-1.5's conversation format: system sentence, ` USER: <image>\n{prompt} ASSISTANT:`
+    /// (one `<image>\n` per image).
     #[default]
     VicunaV1,
-    /// The prompt verbatim; with an image it must contain `<image>` exactly once.
+    /// llava-v1.6-mistral's format: `[INST] <image>\n{prompt} [/INST]` (one `<image>\n` per image).
+    MistralInstruct,
+    /// The prompt verbatim; with images it must contain one `<image>` per image, which take
+    /// the images in order.
     Raw,
 }
 
 impl Template {
-    /// `"vicuna_v1"` or `"raw"`.
+    /// `"vicuna_v1"`, `"mistral_instruct"` or `"raw"`.
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "vicuna_v1" => Ok(Template::VicunaV1),
+            "mistral_instruct" => Ok(Template::MistralInstruct),
             "raw" => Ok(Template::Raw),
             other => Err(Error::msg(format!(
-                "unknown template `{other}` (expected `vicuna_v1` or `raw`)"
+                "unknown template `{other}` (expected `vicuna_v1`, `mistral_instruct` or `raw`)"
             ))),
         }
     }
@@ -40,36 +45,51 @@ impl Template {
     pub fn name(&self) -> &'static str {
         match self {
             Template::VicunaV1 => "vicuna_v1",
+            Template::MistralInstruct => "mistral_instruct",
             Template::Raw => "raw",
         }
     }
 
     /// The prompt text before tokenisation; `with_image` places (or requires) `<image>`.
     pub fn render(&self, prompt: &str, with_image: bool) -> Result<String> {
+        self.render_images(prompt, usize::from(with_image))
+    }
+
+    /// The prompt text before tokenisation for `images` images: the chat templates place one
+    /// `<image>\n` per image before the question; a raw prompt must hold exactly `images`.
+    pub fn render_images(&self, prompt: &str, images: usize) -> Result<String> {
         let count = prompt.matches(IMAGE_PLACEHOLDER).count();
+        let placed = format!("{IMAGE_PLACEHOLDER}\n").repeat(images);
         match self {
-            Template::VicunaV1 => {
+            Template::VicunaV1 | Template::MistralInstruct => {
                 if count > 0 {
                     return Err(Error::msg(format!(
-                        "the prompt contains `{IMAGE_PLACEHOLDER}`, but the vicuna_v1 template places the image itself (use --template raw to place it)"
+                        "the prompt contains `{IMAGE_PLACEHOLDER}`, but the {} template places the images itself (use --template raw to place them)",
+                        self.name()
                     )));
                 }
-                Ok(if with_image {
-                    format!("{VICUNA_SYSTEM} USER: {IMAGE_PLACEHOLDER}\n{prompt} ASSISTANT:")
-                } else {
-                    format!("{VICUNA_SYSTEM} USER: {prompt} ASSISTANT:")
+                Ok(match self {
+                    Template::VicunaV1 => {
+                        format!("{VICUNA_SYSTEM} USER: {placed}{prompt} ASSISTANT:")
+                    }
+                    _ => format!("[INST] {placed}{prompt} [/INST]"),
                 })
             }
             Template::Raw => {
-                if with_image && count != 1 {
-                    return Err(Error::msg(format!(
-                        "a raw prompt with an image must contain `{IMAGE_PLACEHOLDER}` exactly once, found {count}"
-                    )));
-                }
-                if !with_image && count != 0 {
-                    return Err(Error::msg(format!(
-                        "the raw prompt contains `{IMAGE_PLACEHOLDER}` but no image was given"
-                    )));
+                if count != images {
+                    return Err(Error::msg(if images == 0 {
+                        format!(
+                            "the raw prompt contains `{IMAGE_PLACEHOLDER}` but no image was given"
+                        )
+                    } else if images == 1 {
+                        format!(
+                            "a raw prompt with an image must contain `{IMAGE_PLACEHOLDER}` exactly once, found {count}"
+                        )
+                    } else {
+                        format!(
+                            "a raw prompt with {images} image(s) must contain `{IMAGE_PLACEHOLDER}` {images} time(s), found {count}"
+                        )
+                    }));
                 }
                 Ok(prompt.to_string())
             }
@@ -80,10 +100,21 @@ impl Template {
 /// A tokenised prompt with the image placeholder expanded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PromptIds {
-    /// Token ids, BOS first; the image span holds `image_token_index` repeated.
+    /// Token ids, BOS first; each image span holds `image_token_index` repeated.
     pub ids: Vec<u32>,
-    /// Where the image embeddings go, `[start, end)`; `None` for a text-only prompt.
-    pub image_span: Option<ImageSpan>,
+    /// Where each image's embeddings go, `[start, end)`, in prompt (and image) order;
+    /// empty for a text-only prompt.
+    pub image_spans: Vec<ImageSpan>,
+}
+
+impl PromptIds {
+    /// The image span of a one-image prompt (`None` without images or with several).
+    pub fn image_span(&self) -> Option<ImageSpan> {
+        match self.image_spans[..] {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
 }
 
 /// The model's tokenizer and its special ids.
@@ -151,7 +182,18 @@ impl PromptTokenizer {
         prompt: &str,
         image_tokens: Option<usize>,
     ) -> Result<PromptIds> {
-        let text = template.render(prompt, image_tokens.is_some())?;
+        self.build_images(template, prompt, image_tokens.as_slice())
+    }
+
+    /// Renders `prompt` for `image_tokens.len()` images, tokenises it and expands the i-th
+    /// `<image>` to `image_tokens[i]` copies.
+    pub fn build_images(
+        &self,
+        template: Template,
+        prompt: &str,
+        image_tokens: &[usize],
+    ) -> Result<PromptIds> {
+        let text = template.render_images(prompt, image_tokens.len())?;
         let ids = self.encode(&text)?;
         let img = self.image_token_index;
         let at: Vec<usize> = ids
@@ -160,38 +202,35 @@ impl PromptTokenizer {
             .filter(|(_, &t)| t == img)
             .map(|(i, _)| i)
             .collect();
-        match image_tokens {
-            None => {
-                if !at.is_empty() {
-                    return Err(Error::msg(format!(
-                        "the prompt tokenises to the image token id {img} but no image was given"
-                    )));
-                }
-                Ok(PromptIds {
-                    ids,
-                    image_span: None,
-                })
-            }
-            Some(n) => {
-                let [s] = at[..] else {
-                    return Err(Error::msg(format!(
-                        "the prompt must hold one image token (id {img}) after tokenisation, found {} (does tokenizer.json define `{IMAGE_PLACEHOLDER}`?)",
-                        at.len()
-                    )));
-                };
-                let mut out = Vec::with_capacity(ids.len() + n);
-                out.extend_from_slice(&ids[..s]);
-                out.extend(std::iter::repeat_n(img, n));
-                out.extend_from_slice(&ids[s + 1..]);
-                Ok(PromptIds {
-                    ids: out,
-                    image_span: Some(ImageSpan {
-                        start: s,
-                        end: s + n,
-                    }),
-                })
-            }
+        if at.len() != image_tokens.len() {
+            return Err(Error::msg(if image_tokens.is_empty() {
+                format!("the prompt tokenises to the image token id {img} but no image was given")
+            } else {
+                format!(
+                    "the prompt must hold {} image token(s) (id {img}) after tokenisation, found {} (does tokenizer.json define `{IMAGE_PLACEHOLDER}`?)",
+                    image_tokens.len(),
+                    at.len()
+                )
+            }));
         }
+        let total: usize = image_tokens.iter().sum();
+        let mut out = Vec::with_capacity(ids.len() + total);
+        let mut spans = Vec::with_capacity(at.len());
+        let mut prev = 0;
+        for (&s, &n) in at.iter().zip(image_tokens) {
+            out.extend_from_slice(&ids[prev..s]);
+            spans.push(ImageSpan {
+                start: out.len(),
+                end: out.len() + n,
+            });
+            out.extend(std::iter::repeat_n(img, n));
+            prev = s + 1;
+        }
+        out.extend_from_slice(&ids[prev..]);
+        Ok(PromptIds {
+            ids: out,
+            image_spans: spans,
+        })
     }
 
     /// The underlying `tokenizers` tokenizer.
@@ -268,6 +307,18 @@ mod tests {
         assert!(Template::VicunaV1.render("<image> hi", true).is_err());
         assert!(Template::Raw.render("no image", true).is_err());
         assert!(Template::Raw.render("<image><image>", true).is_err());
+        assert_eq!(
+            Template::Raw.render_images("<image><image>", 2).unwrap(),
+            "<image><image>"
+        );
+        assert_eq!(
+            Template::VicunaV1.render_images("Hi", 2).unwrap(),
+            format!("{VICUNA_SYSTEM} USER: <image>\n<image>\nHi ASSISTANT:")
+        );
+        assert_eq!(
+            Template::MistralInstruct.render_images("Hi", 1).unwrap(),
+            "[INST] <image>\nHi [/INST]"
+        );
         assert!(Template::Raw.render("<image>", false).is_err());
         assert_eq!(
             Template::Raw.render("x <image> y", true).unwrap(),

@@ -51,20 +51,21 @@ pub struct ImageInput {
     pub embeds: Tensor,
 }
 
-/// A prompt to prefill: token ids (the image span holds placeholder ids) and the image.
+/// A prompt to prefill: token ids (image spans hold placeholder ids) and its images, in
+/// prompt order.
 #[derive(Clone, Copy)]
 pub struct PromptInput<'a> {
     /// Token ids, BOS first.
     pub ids: &'a [u32],
-    /// The image, if any.
-    pub image: Option<&'a ImageInput>,
+    /// The images, one per image span, in prompt order (empty: text only).
+    pub images: &'a [ImageInput],
 }
 
 impl PromptInput<'_> {
     /// The position keys of the prompt.
     pub fn keys(&self) -> Vec<TokenKey> {
         let mut keys: Vec<TokenKey> = self.ids.iter().map(|&t| TokenKey::Text(t)).collect();
-        if let Some(img) = self.image {
+        for img in self.images {
             for (o, k) in keys[img.span.start..img.span.end].iter_mut().enumerate() {
                 *k = TokenKey::Image {
                     image: img.key,
@@ -74,6 +75,71 @@ impl PromptInput<'_> {
         }
         keys
     }
+
+    /// The image spans, in prompt order.
+    pub fn spans(&self) -> Vec<ImageSpan> {
+        self.images.iter().map(|i| i.span).collect()
+    }
+}
+
+/// Image spans of a prompt (ascending, disjoint), mapping prompt positions to image-token
+/// offsets: the pruner numbers the tokens of every span together, in prompt order.
+struct SpanMap {
+    spans: Vec<ImageSpan>,
+    /// Offset of each span's first token.
+    base: Vec<usize>,
+}
+
+impl SpanMap {
+    /// Checks that `spans` are in order, disjoint and inside a prompt of `n` positions.
+    fn new(spans: &[ImageSpan], n: usize) -> Result<Self> {
+        let mut at = 0;
+        let mut base = Vec::with_capacity(spans.len());
+        let mut total = 0;
+        for sp in spans {
+            if sp.start < at || sp.end < sp.start || sp.end > n {
+                return Err(Error::msg(format!(
+                    "image span {}..{} is out of order or outside the prompt of {n} tokens",
+                    sp.start, sp.end
+                )));
+            }
+            at = sp.end;
+            base.push(total);
+            total += sp.end - sp.start;
+        }
+        Ok(SpanMap {
+            spans: spans.to_vec(),
+            base,
+        })
+    }
+
+    /// Image tokens over every span.
+    fn total(&self) -> usize {
+        self.spans.iter().map(|s| s.end - s.start).sum()
+    }
+
+    /// The image-token offset at prompt position `p`, if `p` is an image position.
+    fn offset(&self, p: usize) -> Option<usize> {
+        let i = self.spans.partition_point(|s| s.end <= p);
+        let sp = self.spans.get(i)?;
+        (p >= sp.start).then(|| self.base[i] + p - sp.start)
+    }
+}
+
+/// Maximal runs `[start, end)` of consecutive cache rows holding image tokens, for a layer
+/// whose rows hold prompt positions `rows`.
+fn image_runs(spans: &SpanMap, rows: &[u32]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (r, &p) in rows.iter().enumerate() {
+        if spans.offset(p as usize).is_none() {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(last) if last.1 == r => last.1 = r + 1,
+            _ => runs.push((r, r + 1)),
+        }
+    }
+    runs
 }
 
 /// What a prefill did.
@@ -266,9 +332,11 @@ impl Session {
         if n == 0 {
             return Err(Error::msg("cannot prefill an empty prompt"));
         }
-        if let Some(img) = prompt.image {
+        let spans = prompt.spans();
+        SpanMap::new(&spans, n)?;
+        for img in prompt.images {
             let sp = img.span;
-            if sp.start > sp.end || sp.end > n || img.embeds.dims()[0] != sp.end - sp.start {
+            if img.embeds.dims()[0] != sp.end - sp.start {
                 return Err(Error::msg(format!(
                     "image span {}..{} does not hold the {} image embeddings (prompt of {n} tokens)",
                     sp.start,
@@ -292,9 +360,9 @@ impl Session {
         // At least the last prompt token is computed (its logits and the pruner's
         // decisions come from it); never cut an image in two.
         common = common.min(n - 1);
-        if let Some(img) = prompt.image {
-            if common > img.span.start && common < img.span.end {
-                common = img.span.start;
+        for sp in &spans {
+            if common > sp.start && common < sp.end {
+                common = sp.start;
             }
         }
         let sched = LayerScheduler {
@@ -305,7 +373,7 @@ impl Session {
             sched.prefill(
                 h,
                 n,
-                prompt.image.map(|i| i.span),
+                &spans,
                 pruner,
                 common,
                 reserve,
@@ -338,21 +406,21 @@ impl Session {
         Ok(prefill)
     }
 
-    /// Prefills embeddings given directly (`embeds [S, H]`, the image already spliced over
-    /// `span`), e.g. a reference's inputs; nothing is reused before or after it.
+    /// Prefills embeddings given directly (`embeds [S, H]`, the images already spliced
+    /// over `spans`, in prompt order), e.g. a reference's inputs; nothing is reused before
+    /// or after it.
     pub fn prefill_embeds(
         &mut self,
         embeds: &Tensor,
-        span: Option<ImageSpan>,
+        spans: &[ImageSpan],
         pruner: &mut dyn Pruner,
         reserve: usize,
     ) -> Result<Prefill> {
         let n = embeds.dims()[0];
-        if n == 0 || span.is_some_and(|sp| sp.start > sp.end || sp.end > n) {
-            return Err(Error::msg(format!(
-                "prefill of {n} embeddings with image span {span:?}"
-            )));
+        if n == 0 {
+            return Err(Error::msg("cannot prefill an empty prompt"));
         }
+        SpanMap::new(spans, n)?;
         self.clear();
         let sched = LayerScheduler {
             llama: &self.llama,
@@ -361,7 +429,7 @@ impl Session {
         let out = sched.prefill(
             embeds.clone(),
             n,
-            span,
+            spans,
             pruner,
             0,
             reserve,
@@ -699,28 +767,30 @@ impl LayerScheduler<'_> {
     }
 
     /// Embeddings of prompt positions `from..` (text rows looked up, image rows sliced
-    /// from the image's embeddings): `[S - from, H]`.
+    /// from each image's embeddings): `[S - from, H]`.
     fn embed_from(&self, prompt: &PromptInput, from: usize) -> Result<Tensor> {
         let b = self.b;
         let ids = prompt.ids;
-        let Some(img) = prompt.image else {
-            return self.llama.embed(b, &ids[from..]);
-        };
-        let (s, e) = (img.span.start, img.span.end);
-        let mut parts = Vec::with_capacity(3);
-        if from < s {
-            parts.push(self.llama.embed(b, &ids[from..s])?); // [s - from, H]
-        }
-        if from < e && s < e {
-            let a = from.max(s);
+        let mut parts = Vec::with_capacity(2 * prompt.images.len() + 1);
+        let mut at = from;
+        for img in prompt.images {
+            let (s, e) = (img.span.start, img.span.end);
+            if e <= at || s == e {
+                continue;
+            }
+            if at < s {
+                parts.push(self.llama.embed(b, &ids[at..s])?); // [s - at, H]
+            }
+            let a = at.max(s);
             parts.push(if a == s {
                 img.embeds.clone()
             } else {
                 b.slice_rows(&img.embeds, a - s, e - a)?
             }); // [e - a, H]
+            at = e;
         }
-        if e < ids.len() {
-            parts.push(self.llama.embed(b, &ids[from.max(e)..])?); // [S - e, H]
+        if at < ids.len() {
+            parts.push(self.llama.embed(b, &ids[at..])?); // [S - at, H]
         }
         let refs: Vec<&Tensor> = parts.iter().collect();
         if refs.len() == 1 {
@@ -737,7 +807,7 @@ impl LayerScheduler<'_> {
         &self,
         embeds: Tensor,
         n: usize,
-        span: Option<ImageSpan>,
+        spans: &[ImageSpan],
         pruner: &mut dyn Pruner,
         common: usize,
         reserve: usize,
@@ -748,10 +818,16 @@ impl LayerScheduler<'_> {
         let b = self.b;
         let llama = self.llama;
         let num_layers = llama.num_layers();
-        let (s, e) = span.map(|i| (i.start, i.end)).unwrap_or((n, n));
+        let map = SpanMap::new(spans, n)?;
+        let has_image = !spans.is_empty();
         pruner.reset();
-        // Original offsets (inside the image span) of the image rows still present.
-        let mut img: Vec<usize> = (0..e - s).collect();
+        // Original offsets (over every span, in prompt order) of the image rows still present.
+        let mut img: Vec<usize> = (0..map.total()).collect();
+        // Whether prompt position `p` stays under the current schedule.
+        let present = |img: &[usize], p: usize| match map.offset(p) {
+            None => true,
+            Some(o) => img.binary_search(&o).is_ok(),
+        };
         // The rows this call computes ("active"), by prompt position.
         let mut act: Vec<u32> = (common as u32..n as u32).collect();
         let mut h = embeds; // [S - common, H]
@@ -767,22 +843,19 @@ impl LayerScheduler<'_> {
         }
         for l in 0..num_layers {
             let n_img = img.len();
-            let (mask_kind, capture) = if span.is_some() && n_img > 0 {
+            let (mask_kind, capture) = if has_image && n_img > 0 {
                 (pruner.mask(l), pruner.capture(l))
             } else {
                 (ShallowMask::None, Capture::Nothing)
             };
             // A decision may follow this layer: from here on keep each layer's output,
             // the state a later prompt needs when its decisions differ.
-            let keep_hidden = span.is_some() && keep_from.is_some_and(|f| l >= f);
+            let keep_hidden = has_image && keep_from.is_some_and(|f| l >= f);
             // Prefix rows this layer keeps under the new schedule (whole spans only).
             let mut prefix_rows = 0;
             if reusing {
                 let want: Vec<u32> = (0..common as u32)
-                    .filter(|&p| {
-                        let p = p as usize;
-                        p < s || p >= e || img.binary_search(&(p - s)).is_ok()
-                    })
+                    .filter(|&p| present(&img, p as usize))
                     .collect();
                 let o = &old[l].rows;
                 let m = o.partition_point(|&p| (p as usize) < common);
@@ -824,22 +897,32 @@ impl LayerScheduler<'_> {
             }
             let kv = &mut cache.layers[l];
             kv.reserve(b, cur + reserve)?;
-            // The image rows sit at cache rows [s, s + n_img) whether cached or computed.
-            let mask = mask_kind.attention_mask(s, s + n_img);
-            let (nh, captured) =
-                llama.layer_forward(b, l, &h, &pos_t, kv, mask, Some((capture, s, s + n_img)))?;
-            h = nh;
+            // The layer's rows by prompt position, cached or computed: its image rows (the
+            // same cache rows either way) are where its mask and captures act.
             let mut rows: Vec<u32> = Vec::with_capacity(cur);
-            let mut hidden = None;
             if reusing {
                 rows.extend_from_slice(&old[l].rows[..prefix_rows]);
+            }
+            rows.extend_from_slice(&act);
+            let runs = if has_image {
+                image_runs(&map, &rows)
+            } else {
+                Vec::new()
+            };
+            let mask = mask_kind
+                .attention_mask_runs(&runs)
+                .map_err(|e| Error::msg(format!("layer {l}: {e}")))?;
+            let (nh, captured) =
+                llama.layer_forward(b, l, &h, &pos_t, kv, mask, Some((capture, &runs)))?;
+            h = nh;
+            let mut hidden = None;
+            if reusing {
                 if keep_hidden {
                     hidden = old[l].hidden.as_ref().map(|o| o.truncated(prefix_rows));
                 }
             } else if keep_hidden {
                 hidden = Some(Hidden::default());
             }
-            rows.extend_from_slice(&act);
             if let Some(hd) = hidden.as_mut() {
                 hd.parts.push((h.clone(), 0, act.len()));
             }
@@ -847,8 +930,9 @@ impl LayerScheduler<'_> {
             stats.layer_seq_lens.push(cur);
             stats.layer_image_lens.push(n_img);
             stats.layer_masks.push(mask_kind);
+            stats.layer_image_runs.push(runs);
             computed.push(act.len());
-            if span.is_none() || n_img == 0 {
+            if !has_image || n_img == 0 {
                 after_layer(l)?;
                 continue;
             }
@@ -879,8 +963,7 @@ impl LayerScheduler<'_> {
                 let mut idx = Vec::with_capacity(act.len());
                 let mut kept_pos = Vec::with_capacity(act.len());
                 for (i, &p) in act.iter().enumerate() {
-                    let pu = p as usize;
-                    if pu < s || pu >= e || keep.binary_search(&(pu - s)).is_ok() {
+                    if present(&keep, p as usize) {
                         idx.push(i as u32);
                         kept_pos.push(p);
                     }

@@ -28,6 +28,11 @@ pub enum SyntheticShape {
     Llava1b,
     /// LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B.
     Llava7b,
+    /// LLaVA-NeXT with the tiny decoder and a small CLIP at 336 px (llava-v1.6's pinpoints:
+    /// a square image takes the 2x2 grid, 2,928 image tokens).
+    NextTiny,
+    /// llava-v1.6-mistral-7b: CLIP ViT-L/14-336 + Mistral-7B (GQA 32/8, rope_theta 1e6).
+    LlavaNext7b,
 }
 
 const CLIP_L_336: &str = r#"{"hidden_size":1024,"intermediate_size":4096,"num_hidden_layers":24,
@@ -35,14 +40,16 @@ const CLIP_L_336: &str = r#"{"hidden_size":1024,"intermediate_size":4096,"num_hi
  "layer_norm_eps":1e-5,"hidden_act":"quick_gelu"}"#;
 
 impl SyntheticShape {
-    /// Parses `tiny`, `llava-1b` or `llava-7b`.
+    /// Parses `tiny`, `llava-1b`, `llava-7b`, `next-tiny` or `llava-next-7b`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "tiny" => Ok(Self::Tiny),
             "llava-1b" => Ok(Self::Llava1b),
             "llava-7b" => Ok(Self::Llava7b),
+            "next-tiny" => Ok(Self::NextTiny),
+            "llava-next-7b" => Ok(Self::LlavaNext7b),
             other => Err(Error::msg(format!(
-                "unknown shape {other:?} (expected tiny, llava-1b or llava-7b)"
+                "unknown shape {other:?} (expected tiny, llava-1b, llava-7b, next-tiny or llava-next-7b)"
             ))),
         }
     }
@@ -53,12 +60,16 @@ impl SyntheticShape {
             Self::Tiny => "tiny",
             Self::Llava1b => "llava-1b",
             Self::Llava7b => "llava-7b",
+            Self::NextTiny => "next-tiny",
+            Self::LlavaNext7b => "llava-next-7b",
         }
     }
 
     /// The llava-hf `config.json` of this shape.
     pub fn config_json(&self) -> String {
-        let (text, vision, image_token) = match self {
+        let next =
+            r#""architectures":["LlavaNextForConditionalGeneration"],"model_type":"llava_next","#;
+        let (text, vision, image_token, head) = match self {
             Self::Tiny => (
                 r#"{"vocab_size":1024,"hidden_size":64,"intermediate_size":176,
                  "num_hidden_layers":12,"num_attention_heads":4,"num_key_value_heads":2,
@@ -67,6 +78,27 @@ impl SyntheticShape {
                  "num_attention_heads":2,"image_size":336,"patch_size":14,"num_channels":3,
                  "layer_norm_eps":1e-5,"hidden_act":"quick_gelu"}"#,
                 1000,
+                "",
+            ),
+            Self::NextTiny => (
+                r#"{"model_type":"mistral","vocab_size":1024,"hidden_size":64,
+                 "intermediate_size":176,"num_hidden_layers":12,"num_attention_heads":4,
+                 "num_key_value_heads":2,"head_dim":16,"max_position_embeddings":4096,
+                 "rms_norm_eps":1e-5,"rope_theta":1000000.0,"sliding_window":null}"#,
+                r#"{"hidden_size":32,"intermediate_size":64,"num_hidden_layers":3,
+                 "num_attention_heads":2,"image_size":336,"patch_size":14,"num_channels":3,
+                 "layer_norm_eps":1e-5,"hidden_act":"quick_gelu"}"#,
+                1000,
+                next,
+            ),
+            Self::LlavaNext7b => (
+                r#"{"model_type":"mistral","vocab_size":32064,"hidden_size":4096,
+                 "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,
+                 "num_key_value_heads":8,"max_position_embeddings":32768,"rms_norm_eps":1e-5,
+                 "rope_theta":1000000.0,"sliding_window":null}"#,
+                CLIP_L_336,
+                32000,
+                next,
             ),
             Self::Llava1b => (
                 r#"{"vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
@@ -74,6 +106,7 @@ impl SyntheticShape {
                  "max_position_embeddings":2048,"rms_norm_eps":1e-5}"#,
                 CLIP_L_336,
                 31999,
+                "",
             ),
             Self::Llava7b => (
                 r#"{"vocab_size":32064,"hidden_size":4096,"intermediate_size":11008,
@@ -81,10 +114,11 @@ impl SyntheticShape {
                  "max_position_embeddings":4096,"rms_norm_eps":1e-5}"#,
                 CLIP_L_336,
                 32000,
+                "",
             ),
         };
         format!(
-            r#"{{"text_config":{text},"vision_config":{vision},"image_token_index":{image_token},
+            r#"{{{head}"text_config":{text},"vision_config":{vision},"image_token_index":{image_token},
              "projector_hidden_act":"gelu","vision_feature_layer":-2,
              "vision_feature_select_strategy":"default"}}"#
         )
@@ -180,6 +214,9 @@ fn entries(cfg: &LlavaConfig) -> BTreeMap<String, (Vec<usize>, Fill)> {
         put(format!("{p}.mlp.down_proj.weight"), &[h, i]);
     }
     put(format!("{lm}.norm.weight"), &[h]);
+    if cfg.arch == crate::config::Arch::LlavaNext {
+        put("image_newline".to_string(), &[h]);
+    }
     put(
         "language_model.lm_head.weight".to_string(),
         &[t.vocab_size, h],
@@ -293,6 +330,8 @@ pub struct SyntheticLlava {
     pub projector: Projector,
     /// The decoder (shared with sessions).
     pub llama: Arc<Llama>,
+    /// LLaVA-NeXT's `image_newline` `[1, H]` (f32).
+    pub image_newline: Option<Tensor>,
     /// Bytes of weights as an f16 checkpoint would hold them.
     pub weight_bytes: u64,
     /// Peak bytes of generated weights on the host while loading.
@@ -328,23 +367,69 @@ impl SyntheticLlava {
             &w.pp("language_model.lm_head"),
             &cfg.text,
         )?);
+        let h = cfg.text.hidden_size;
+        let image_newline = match cfg.arch {
+            crate::config::Arch::LlavaNext => {
+                Some(w.get_f32("image_newline", &[h])?.reshape([1, h])?)
+            }
+            crate::config::Arch::Llava => None,
+        };
         backend.sync()?;
         Ok(SyntheticLlava {
             cfg,
             vision,
             projector,
             llama,
+            image_newline,
             weight_bytes,
             host_bytes,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
     }
 
-    /// Vision tower and projector: `pixels [3, S, S]` → image embeddings `[N, H]`.
+    /// Vision tower and projector: `pixels [3, S, S]` → image embeddings `[N, H]`. For
+    /// LLaVA-NeXT shapes the image is [`SyntheticLlava::next_layout`]'s, every tile taking
+    /// `pixels`: the tower runs once per tile and the features are packed with newlines.
     pub fn encode(&self, b: &dyn Backend, pixels: &Tensor) -> Result<Tensor> {
-        let features = self.vision.forward(b, pixels)?; // [N, Dv]
-        self.projector.forward(b, &features) // [N, H]
+        let one = |b: &dyn Backend| -> Result<Tensor> {
+            let features = self.vision.forward(b, pixels)?; // [g², Dv]
+            self.projector.forward(b, &features) // [g², H]
+        };
+        let (Some(layout), Some(newline)) = (self.next_layout()?, &self.image_newline) else {
+            return one(b);
+        };
+        let projected = (0..1 + layout.tiles.0 * layout.tiles.1)
+            .map(|_| one(b))
+            .collect::<Result<Vec<_>>>()?;
+        crate::llava::pack_next_features(b, &projected, newline, &layout)
     }
+
+    /// LLaVA-NeXT shapes: the layout benchmarks use, a square image on the largest square
+    /// pinpoint (672x672 on llava-v1.6: 2x2 tiles, 2,928 image tokens); `None` otherwise.
+    pub fn next_layout(&self) -> Result<Option<crate::preprocess_next::NextLayout>> {
+        bench_next_layout(&self.cfg)
+    }
+}
+
+/// The LLaVA-NeXT layout of a benchmark image for `cfg` (see [`SyntheticLlava::next_layout`]).
+pub fn bench_next_layout(cfg: &LlavaConfig) -> Result<Option<crate::preprocess_next::NextLayout>> {
+    if cfg.arch != crate::config::Arch::LlavaNext {
+        return Ok(None);
+    }
+    let side = cfg
+        .image_grid_pinpoints
+        .iter()
+        .filter(|(h, w)| h == w)
+        .map(|&(h, _)| h)
+        .max()
+        .unwrap_or(cfg.vision.image_size);
+    crate::preprocess_next::NextLayout::new(
+        (side, side),
+        &cfg.image_grid_pinpoints,
+        cfg.vision.image_size,
+        cfg.vision.patch_size,
+    )
+    .map(Some)
 }
 
 #[cfg(test)]
@@ -423,7 +508,7 @@ mod tests {
                 };
                 LayerSchedule {
                     seq_len: len - n + img,
-                    image: s..s + img,
+                    image: std::iter::once(s..s + img).collect(),
                     mask,
                 }
             })

@@ -144,7 +144,7 @@ fn run_case_kv(llava: &Llava, c: &Case, kv_dtype: DType) -> (Vec<u32>, Vec<f32>)
         ..Default::default()
     };
     let g = llava
-        .generate_ids(&prompt, enc.as_ref(), &opts, &mut |_| {})
+        .generate_ids(&prompt, enc.as_slice(), &opts, &mut |_| {})
         .expect("generate");
     (g.tokens, g.first_logits.expect("first logits"))
 }
@@ -374,4 +374,219 @@ fn pair_without_an_image_token_still_matches() {
         .expect("case");
     let (toks, _) = run_case(&llava, &c);
     assert_eq!(toks, c.generated, "greedy tokens without an <image> token");
+}
+
+/// The LLaVA-1.6 pair llama.cpp's converters make from tiny-next-mistral
+/// (`tools/make_gguf_pair.py --next`): an mmproj with `clip.vision.image_grid_pinpoints` and
+/// `model.image_newline`, a Mistral decoder as `llama`.
+fn next_pair() -> (PathBuf, PathBuf) {
+    let d = fixtures().join("gguf/tiny-next-mistral");
+    (
+        d.join("tiny-next-mistral.f16.gguf"),
+        d.join("mmproj-tiny-next-mistral.f16.gguf"),
+    )
+}
+
+/// One NeXT reference case through `llava`: prompt ids, packed image features, greedy
+/// tokens, first-step logits, and the pruning decisions under `prune`.
+fn run_next_case(
+    llava: &Llava,
+    c: &Value,
+    prune: Option<PruneConfig>,
+) -> (Vec<u32>, Vec<f32>, Vec<f32>, Option<Vec<usize>>) {
+    let images: Vec<image::RgbImage> = c["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .map(|p| models::load_image(&fixtures().join(p.as_str().expect("path"))).expect("image"))
+        .collect();
+    let q = if images.len() == 2 {
+        "What differs between these images?"
+    } else {
+        "What is shown in this image?"
+    };
+    let counts: Vec<usize> = images
+        .iter()
+        .map(|i| {
+            llava
+                .image_tokens_for(i.width(), i.height())
+                .expect("count")
+        })
+        .collect();
+    let prompt = llava
+        .prompt_images(Template::MistralInstruct, q, &counts)
+        .expect("prompt");
+    let want_ids: Vec<u32> = serde_json::from_value(c["input_ids_expanded"].clone()).expect("ids");
+    assert_eq!(prompt.ids, want_ids, "prompt ids");
+    let enc: Vec<_> = images
+        .iter()
+        .map(|i| {
+            llava
+                .encode_image(i, models::PadMode::Crop)
+                .expect("encode")
+        })
+        .collect();
+    let mut features = Vec::new();
+    for e in &enc {
+        features.extend(llava.backend().to_vec_f32(&e.embeds).expect("features"));
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: c["generated_ids"].as_array().expect("ids").len(),
+        prune,
+        keep_first_logits: true,
+        ..Default::default()
+    };
+    let g = llava
+        .generate_ids(&prompt, &enc, &opts, &mut |_| {})
+        .expect("generate");
+    (
+        g.tokens,
+        g.first_logits.expect("logits"),
+        features,
+        g.prune.kept_image_tokens,
+    )
+}
+
+#[test]
+fn next_converter_pair_equals_the_safetensors_load_and_transformers() {
+    let (text, mmproj) = next_pair();
+    let cpu = || -> Arc<dyn Backend> { Arc::new(CpuBackend::new()) };
+    let pair = Llava::load_gguf(&text, &mmproj, cpu(), None, None).expect("load 1.6 pair");
+    let st = Llava::load(&fixtures().join("tiny-next-mistral"), cpu()).expect("load safetensors");
+    let (pc, sc) = (pair.config(), st.config());
+    assert_eq!(pc.arch, sc.arch, "architecture");
+    assert_eq!(
+        pc.image_grid_pinpoints, sc.image_grid_pinpoints,
+        "pinpoints"
+    );
+    assert_eq!(pc.vision.image_size, sc.vision.image_size);
+    let dir = fixtures().join("reference-next/tiny-next-mistral");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("read"))
+            .expect("parse");
+    let arrays = open_safetensors(&dir.join("arrays.safetensors")).expect("arrays");
+    let runs: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("pruning.json")).expect("read pruning.json"),
+    )
+    .expect("parse pruning.json");
+    for (name, c) in v["cases"].as_object().expect("cases") {
+        let (tp, lp, fp, _) = run_next_case(&pair, c, Some(PruneConfig::Dense));
+        let (ts, ls, fs, _) = run_next_case(&st, c, Some(PruneConfig::Dense));
+        let ef = compare(
+            &format!("{name}: packed features, pair vs safetensors"),
+            &fp,
+            &fs,
+            TOL_SAME,
+        );
+        let el = compare(
+            &format!("{name}: logits, pair vs safetensors"),
+            &lp,
+            &ls,
+            TOL_SAME,
+        );
+        assert_eq!(tp, ts, "{name}: tokens, pair vs safetensors");
+        let want: Vec<u32> = serde_json::from_value(c["generated_ids"].clone()).expect("ids");
+        assert_eq!(tp, want, "{name}: tokens vs transformers");
+        let w = arrays.view(&format!("{name}.logits")).expect("logits");
+        let w: Vec<f32> = w
+            .bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let et = compare(
+            &format!("{name}: logits vs transformers"),
+            &lp,
+            &w,
+            TOL_LOGITS,
+        );
+        note(&format!(
+            "1.6 pair {name}: features {ef:.1e}, logits {el:.1e} from the safetensors load, {et:.1e} from transformers; tokens match"
+        ));
+    }
+    // Pruning decides the same on both loads (every reference run of the two-image case).
+    for run in runs["runs"].as_array().expect("runs") {
+        if run["case"] != "two" {
+            continue;
+        }
+        let cfg = PruneConfig::from_value(&run["prune"]).expect("prune config");
+        let c = &v["cases"]["two"];
+        let (tp, _, _, kp) = run_next_case(&pair, c, Some(cfg.clone()));
+        let (ts, _, _, ks) = run_next_case(&st, c, Some(cfg));
+        assert_eq!(
+            (tp, kp),
+            (ts, ks),
+            "two {}: pair vs safetensors",
+            run["name"]
+        );
+    }
+}
+
+/// A LLaVA-1.6 mmproj with half of what makes it one (the grid without the newline vector,
+/// the newline without the grid) or another packing is refused, never read as LLaVA-1.5.
+#[test]
+fn incomplete_or_other_llava_16_mmprojs_are_refused() {
+    use engine_core::gguf::{to_gguf_bytes, GgufTensorOut, GgufValue};
+    use engine_core::weights::WeightSource;
+    let (text, mmproj) = next_pair();
+    let f = GgufFile::open(&mmproj).expect("open");
+    let dir = std::env::temp_dir().join(format!("visi-gguf-next-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    // (tag, metadata key or tensor to drop, metadata to set, what the error names)
+    type Variant<'a> = (&'a str, &'a str, Option<(&'a str, GgufValue)>, &'a str);
+    let variants: [Variant; 3] = [
+        (
+            "no-newline",
+            "model.image_newline",
+            None,
+            "model.image_newline",
+        ),
+        (
+            "no-grid",
+            "clip.vision.image_grid_pinpoints",
+            None,
+            "image_grid_pinpoints",
+        ),
+        (
+            "flat",
+            "",
+            Some((
+                "clip.vision.mm_patch_merge_type",
+                GgufValue::String("flat".into()),
+            )),
+            "spatial_unpad",
+        ),
+    ];
+    for (tag, drop, set, needle) in variants {
+        let md: Vec<(String, GgufValue)> = f
+            .metadata
+            .iter()
+            .filter(|(k, _)| !k.starts_with("GGUF.") && k.as_str() != drop)
+            .map(|(k, v)| match &set {
+                Some((sk, sv)) if k == sk => (k.clone(), sv.clone()),
+                _ => (k.clone(), v.clone()),
+            })
+            .collect();
+        let ts: Vec<GgufTensorOut> = f
+            .tensor_infos()
+            .filter(|i| i.name != drop)
+            .map(|i| {
+                let v = f.view(&i.name).expect("view");
+                GgufTensorOut {
+                    name: i.name.clone(),
+                    dtype: v.dtype,
+                    shape: v.shape.to_vec(),
+                    bytes: v.bytes.to_vec(),
+                }
+            })
+            .collect();
+        let path = dir.join(format!("mmproj-{tag}.gguf"));
+        std::fs::write(&path, to_gguf_bytes(&md, &ts).expect("write")).expect("write");
+        let be: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+        let err = Llava::load_gguf(&text, &path, be, None, None)
+            .err()
+            .unwrap_or_else(|| panic!("{tag}: loaded"))
+            .to_string();
+        assert!(err.contains(needle), "{tag}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

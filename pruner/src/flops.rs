@@ -41,6 +41,9 @@ pub struct VisionShape {
     pub intermediate: usize,
     /// Tokens per image including CLS (577 for ViT-L/14 at 336 px).
     pub tokens: usize,
+    /// Vision-tower passes per prompt: 1 per LLaVA-1.5 image, 1 + tiles per LLaVA-NeXT
+    /// image (its base tile and every grid tile go through the tower).
+    pub passes: usize,
 }
 
 /// Two-layer MLP projector shape (LLaVA-1.5 `mlp2x_gelu`).
@@ -70,10 +73,26 @@ pub struct FlopsShape {
 pub struct LayerSchedule {
     /// Tokens in the layer's sequence.
     pub seq_len: usize,
-    /// Image tokens' positions `[s, e)` inside this layer's sequence.
-    pub image: Range<usize>,
+    /// Image tokens' rows inside this layer's sequence: ascending, disjoint runs `[s, e)`
+    /// (one per image still holding tokens; empty or an empty run when there are none).
+    pub image: Vec<Range<usize>>,
     /// The mask applied.
     pub mask: ShallowMask,
+}
+
+impl LayerSchedule {
+    /// Image tokens the layer processes (over every run).
+    pub fn image_tokens(&self) -> usize {
+        self.image.iter().map(|r| r.len()).sum()
+    }
+
+    fn runs(&self) -> Vec<(usize, usize)> {
+        self.image
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| (r.start, r.end))
+            .collect()
+    }
 }
 
 /// Prefill FLOPs as run and for the same prompt run dense.
@@ -116,6 +135,9 @@ pub enum FlopsError {
     /// A count beyond u64.
     #[error("FLOPs count overflows u64")]
     Overflow,
+    /// A shallow mask the engine cannot express either (too many separate images).
+    #[error("layer {layer}: {reason}")]
+    Mask { layer: usize, reason: String },
 }
 
 /// Counts prefill FLOPs for `schedule` (one entry per decoder layer; layer 0 holds the full
@@ -152,8 +174,11 @@ pub fn prefill_flops(
 
     let mut per_layer = Vec::with_capacity(schedule.len());
     let (mut decoder, mut attention_image) = (0u64, 0u64);
-    for l in schedule {
-        let c = decoder_layer(t, l)?;
+    for (layer, l) in schedule.iter().enumerate() {
+        let c = decoder_layer(t, l).map_err(|e| match e {
+            FlopsError::Mask { reason, .. } => FlopsError::Mask { layer, reason },
+            other => other,
+        })?;
         per_layer.push(c.total);
         decoder = add(&[decoder, c.total])?;
         attention_image = add(&[attention_image, c.attention_image])?;
@@ -162,7 +187,7 @@ pub fn prefill_flops(
     let decoder_dense = mul(&[n_layers, dense.total])?;
     let attention_image_dense = mul(&[n_layers, dense.attention_image])?;
 
-    let vision = vision_flops(shape, first.image.len())?;
+    let vision = vision_flops(shape, first.image_tokens())?;
     // lm_head: only the last prompt row produces the first token's logits.
     let lm_head = mul(&[2, u(t.hidden), u(t.vocab)])?;
     Ok(FlopsReport {
@@ -176,12 +201,19 @@ pub fn prefill_flops(
 }
 
 /// Attention (query, key) pairs over image keys whose P·V product `mask` zeroes, for a
-/// causal layer of `seq_len` tokens with the image at `image`: counted from the mask's
-/// rules (the definition the backends run), a sink's target key staying live (it carries
-/// the folded image mass).
-fn masked_pairs(seq_len: u64, image: &Range<usize>, mask: ShallowMask) -> Result<u64, FlopsError> {
-    let rules = mask.attention_mask(image.start, image.end).rules();
-    let rules = rules.as_slice();
+/// causal layer of `seq_len` tokens with the image rows in `runs`: counted from the mask's
+/// rules (the definition the backends run; the first rule covering a pair decides), a
+/// sink's target key staying live (it carries the folded image mass).
+fn masked_pairs(
+    seq_len: u64,
+    runs: &[(usize, usize)],
+    mask: ShallowMask,
+) -> Result<u64, FlopsError> {
+    let all = mask
+        .attention_mask_runs(runs)
+        .map_err(|reason| FlopsError::Mask { layer: 0, reason })?
+        .rules();
+    let rules = all.as_slice();
     if rules.is_empty() {
         return Ok(0);
     }
@@ -207,25 +239,25 @@ fn masked_pairs(seq_len: u64, image: &Range<usize>, mask: ShallowMask) -> Result
             continue;
         }
         for i in lo..hi {
+            // Keys decided by an earlier rule (kept or zeroed), as sorted disjoint intervals.
             iv.clear();
-            iv.extend(
-                active
-                    .iter()
-                    .map(|r| (r.keys.0, r.keys.1.min(i + 1)))
-                    .filter(|(a, b)| a < b),
-            );
-            iv.sort_unstable();
-            let (mut covered, mut end) = (0usize, 0usize);
-            for &(a, b) in &iv {
-                let a = a.max(end);
-                if b > a {
-                    covered += b - a;
-                    end = b;
+            let mut covered = 0usize;
+            for r in &active {
+                let (a, b) = (r.keys.0, r.keys.1.min(i + 1));
+                if a >= b {
+                    continue;
                 }
+                if !matches!(r.action, engine_core::MaskAction::Keep) {
+                    covered += b - a - overlap(&iv, a, b);
+                }
+                insert_interval(&mut iv, a, b);
             }
-            let live_sink = active.iter().any(|r| match r.action {
-                engine_core::MaskAction::Sink { to } => to <= i && r.keys.0 < r.keys.1,
-                engine_core::MaskAction::Zero => false,
+            let live_sink = all.sink_target(i).is_some_and(|to| {
+                to <= i
+                    && matches!(
+                        all.action(i, to),
+                        Some(engine_core::MaskAction::Sink { .. })
+                    )
             });
             total = total
                 .checked_add(u(covered - usize::from(live_sink && covered > 0)))
@@ -233,6 +265,29 @@ fn masked_pairs(seq_len: u64, image: &Range<usize>, mask: ShallowMask) -> Result
         }
     }
     Ok(total)
+}
+
+/// Length of `[a, b)` already inside the sorted disjoint intervals `iv`.
+fn overlap(iv: &[(usize, usize)], a: usize, b: usize) -> usize {
+    iv.iter()
+        .map(|&(x, y)| y.min(b).saturating_sub(x.max(a)))
+        .sum()
+}
+
+/// Adds `[a, b)` to the sorted disjoint intervals `iv`, merging what touches it.
+fn insert_interval(iv: &mut Vec<(usize, usize)>, a: usize, b: usize) {
+    let (mut lo, mut hi) = (a, b);
+    iv.retain(|&(x, y)| {
+        if y < lo || x > hi {
+            true
+        } else {
+            lo = lo.min(x);
+            hi = hi.max(y);
+            false
+        }
+    });
+    let at = iv.partition_point(|&(x, _)| x < lo);
+    iv.insert(at, (lo, hi));
 }
 
 struct LayerCost {
@@ -254,11 +309,19 @@ fn decoder_layer(t: &TextShape, l: &LayerSchedule) -> Result<LayerCost, FlopsErr
     // Per head, QKᵀ and P·V each cost 2*head_dim per (query, key) pair.
     let per_pair = mul(&[2, u(t.head_dim), u(t.heads)])?;
     let pairs = mul(&[s, s + 1])? / 2;
-    let n = u(l.image.len());
-    let text_queries = s - u(l.image.end);
-    let image_pairs = add(&[mul(&[n, n + 1])? / 2, mul(&[text_queries, n])?])?;
+    // Every query from an image row on sees it: a run [a, a + n) has n(s - a) - n(n - 1)/2
+    // (query, key) pairs on its keys.
+    let runs = l.runs();
+    let mut image_pairs = 0u64;
+    for &(a, e) in &runs {
+        let n = u(e - a);
+        let pairs = mul(&[n, s - u(a)])?
+            .checked_sub(mul(&[n, n.saturating_sub(1)])? / 2)
+            .ok_or(FlopsError::Overflow)?;
+        image_pairs = add(&[image_pairs, pairs])?;
+    }
     let live_image_pairs = image_pairs
-        .checked_sub(masked_pairs(s, &l.image, l.mask)?)
+        .checked_sub(masked_pairs(s, &runs, l.mask)?)
         .ok_or(FlopsError::Overflow)?;
     let qk = mul(&[per_pair, pairs])?;
     let pv = mul(&[per_pair, pairs - image_pairs + live_image_pairs])?;
@@ -289,45 +352,46 @@ fn vision_flops(shape: &FlopsShape, image_tokens: usize) -> Result<u64, FlopsErr
         mul(&[2, n, u(p.in_dim), u(p.hidden)])?,
         mul(&[2, n, u(p.hidden), u(p.out_dim)])?,
     ])?;
-    add(&[mul(&[u(v.layers), layer])?, projector])
+    add(&[mul(&[u(v.layers), u(v.passes), layer])?, projector])
 }
 
 fn check_schedule(schedule: &[LayerSchedule]) -> Result<(), FlopsError> {
     let Some(first) = schedule.first() else {
         return Ok(());
     };
-    let text = first.seq_len.saturating_sub(first.image.len());
+    let n0 = first.image_tokens();
+    let text = first.seq_len.saturating_sub(n0);
     for (layer, l) in schedule.iter().enumerate() {
         if l.seq_len == 0 {
             return Err(FlopsError::EmptySequence { layer });
         }
-        if l.image.start > l.image.end || l.image.end > l.seq_len {
-            return Err(FlopsError::ImageSpan {
-                layer,
-                start: l.image.start,
-                end: l.image.end,
-                seq_len: l.seq_len,
-            });
+        let mut at = 0;
+        for r in &l.image {
+            if r.start > r.end || r.end > l.seq_len || (r.start < at && !r.is_empty()) {
+                return Err(FlopsError::ImageSpan {
+                    layer,
+                    start: r.start,
+                    end: r.end,
+                    seq_len: l.seq_len,
+                });
+            }
+            at = at.max(r.end);
         }
+        let n = l.image_tokens();
         let not_pruning = |what: String| Err(FlopsError::NotAPruning { layer, what });
-        if l.seq_len - l.image.len() != text {
-            return not_pruning(format!(
-                "{} text tokens, layer 0 has {text}",
-                l.seq_len - l.image.len()
-            ));
+        if l.seq_len - n != text {
+            return not_pruning(format!("{} text tokens, layer 0 has {text}", l.seq_len - n));
         }
-        if l.image.len() > first.image.len() {
-            return not_pruning(format!(
-                "{} image tokens, layer 0 has {}",
-                l.image.len(),
-                first.image.len()
-            ));
+        if n > n0 {
+            return not_pruning(format!("{n} image tokens, layer 0 has {n0}"));
         }
-        if !l.image.is_empty() && l.image.start != first.image.start {
-            return not_pruning(format!(
-                "image starts at {}, layer 0's at {}",
-                l.image.start, first.image.start
-            ));
+        // With one image the text before it never moves (with several, a first image
+        // pruned away leaves the next one first).
+        let start = |s: &LayerSchedule| s.image.iter().find(|r| !r.is_empty()).map(|r| r.start);
+        if let (Some(a), Some(b), 1) = (start(l), start(first), first.image.len()) {
+            if a != b {
+                return not_pruning(format!("image starts at {a}, layer 0's at {b}"));
+            }
         }
     }
     Ok(())
@@ -372,6 +436,7 @@ mod tests {
                 hidden: 2,
                 intermediate: 3,
                 tokens: 3,
+                passes: 1,
             },
             projector: ProjectorShape {
                 in_dim: 2,
@@ -397,6 +462,7 @@ mod tests {
                 hidden: 1024,
                 intermediate: 4096,
                 tokens: 577,
+                passes: 1,
             },
             projector: ProjectorShape {
                 in_dim: 1024,
@@ -409,7 +475,7 @@ mod tests {
     fn layer(seq_len: usize, image: Range<usize>, mask: ShallowMask) -> LayerSchedule {
         LayerSchedule {
             seq_len,
-            image,
+            image: vec![image],
             mask,
         }
     }
@@ -480,7 +546,7 @@ mod tests {
                 ShallowMask::Layer0Sink,
                 ShallowMask::Layer0Split,
             ] {
-                let got = masked_pairs(u(seq), &img, mask).unwrap();
+                let got = masked_pairs(u(seq), &[(img.start, img.end)], mask).unwrap();
                 let want = brute_masked(seq, img.clone(), mask);
                 assert_eq!(
                     got, want,
@@ -490,19 +556,73 @@ mod tests {
         }
     }
 
+    /// Pairs zeroed over several image runs, from the multi-image definition (crate docs):
+    /// masks act on (query kind, key kind), text between images is text.
+    fn brute_masked_runs(seq: usize, runs: &[(usize, usize)], mask: ShallowMask) -> u64 {
+        let image = |x: usize| runs.iter().any(|&(a, b)| (a..b).contains(&x));
+        let first_half = |x: usize| {
+            runs.iter()
+                .any(|&(a, b)| (a..a + ShallowMask::split_hidden(b - a)).contains(&x))
+        };
+        let s0 = runs[0].0;
+        let mut zeroed = 0;
+        for i in 0..seq {
+            for j in 0..=i {
+                let (ik, iq) = (image(j), image(i));
+                let z = match mask {
+                    ShallowMask::None => false,
+                    ShallowMask::TextToImage => !iq && ik,
+                    ShallowMask::Layer0Sink => ik && i >= s0 && (iq || j != s0),
+                    ShallowMask::Layer0Split => (iq && ik) || (!iq && first_half(j)),
+                };
+                zeroed += u64::from(z);
+            }
+        }
+        zeroed
+    }
+
+    #[test]
+    fn seeded_masked_pairs_over_several_images_match_the_definition() {
+        let mut rng = Rng::new(11);
+        for case in 0..200 {
+            let k = 2 + rng.below(4); // 2..=5 images
+            let mut runs = Vec::new();
+            let mut at = rng.below(4);
+            for _ in 0..k {
+                let n = 1 + rng.below(6);
+                runs.push((at, at + n));
+                at += n + 1 + rng.below(3); // text between images
+            }
+            let seq = runs[k - 1].1 + rng.below(5);
+            for mask in [
+                ShallowMask::TextToImage,
+                ShallowMask::Layer0Sink,
+                ShallowMask::Layer0Split,
+            ] {
+                let got = masked_pairs(u(seq), &runs, mask).unwrap();
+                let want = brute_masked_runs(seq, &runs, mask);
+                assert_eq!(got, want, "case {case}: {mask:?} runs {runs:?} seq {seq}");
+            }
+        }
+        // Six separate images need 17 rules for the split mask: refused by name.
+        let six: Vec<_> = (0..6).map(|i| (3 * i, 3 * i + 2)).collect();
+        let err = masked_pairs(20, &six, ShallowMask::Layer0Split).unwrap_err();
+        assert!(err.to_string().contains("6 separate images"), "{err}");
+    }
+
     #[test]
     fn split_and_sink_hand_counts() {
         // n = 4 image tokens at 1..5, 3 suffix tokens: 10 image->image pairs.
         assert_eq!(
-            masked_pairs(8, &(1..5), ShallowMask::Layer0Sink).unwrap(),
+            masked_pairs(8, &[(1, 5)], ShallowMask::Layer0Sink).unwrap(),
             10 + 3 * 3
         );
         assert_eq!(
-            masked_pairs(8, &(1..5), ShallowMask::Layer0Split).unwrap(),
+            masked_pairs(8, &[(1, 5)], ShallowMask::Layer0Split).unwrap(),
             10 + 3 * 2
         );
         assert_eq!(
-            masked_pairs(8, &(1..5), ShallowMask::TextToImage).unwrap(),
+            masked_pairs(8, &[(1, 5)], ShallowMask::TextToImage).unwrap(),
             3 * 4
         );
     }

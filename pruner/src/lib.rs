@@ -6,6 +6,39 @@
 //! capture ([`Pruner::capture`]), runs the layer, and hands back a [`LayerView`]; the
 //! pruner answers with an [`Action`]. This keeps every decision unit-testable on the CPU
 //! with synthetic data. The exact semantics follow `docs/visipruner.md`.
+//!
+//! # Several image spans (LLaVA-NeXT, several images per prompt)
+//!
+//! A prompt may hold several image spans (one per `<image>`, in prompt order), and a
+//! LLaVA-NeXT span holds more than patch tokens: the base tile's patches, the unpadded tile
+//! rows and one `image_newline` per row. The definition the engine implements, and
+//! `tools/visipruner_ref.py` reproduces:
+//!
+//! - **Image tokens** are every position of every span, newline rows and base tile
+//!   included. Their offsets ([`LayerView::image_tokens`], `kept_image_tokens` in reports)
+//!   run over all spans together in prompt order: offset `k` is the `k`-th image position
+//!   of the prompt. Text between spans is text.
+//! - **Middle and deep** statistics (contributions `c_j`, `cos_j`, norms) and **FastV**'s
+//!   last-row attention run over all image tokens still present, of every span; a pruning
+//!   decision keeps or drops tokens of any span, and the kept ones keep their original
+//!   position ids. Text rows are never dropped.
+//! - **Shallow masks** act on (query kind, key kind) pairs, exactly as over one span, with
+//!   every position of every span an image key and every other row text. When the image
+//!   rows present form one contiguous run (one image, or images with no text between
+//!   them) they are `docs/visipruner.md`'s one-span masks over that run. Over several
+//!   separate runs (text between images; [`ShallowMask::attention_mask_runs`]):
+//!   - layer-0 `sink`: every query from the first image row on loses all image keys; each
+//!     text query (also one between two images) puts its former image mass back on the
+//!     first image key of the prompt (one sink for the whole prompt, as with one span);
+//!   - layer-0 `split`: image queries lose all image keys (of every image); text queries
+//!     lose the first half (rounded down) of every run;
+//!   - `text_to_image`: text queries lose all image keys; image queries are untouched.
+//!
+//!   The engine writes them as mask rules (`Keep` rules carve the text between images out
+//!   of broader ones): 2 rules per image (3 less one for `split`), at most
+//!   [`engine_core::MAX_MASK_RULES`] (16): up to 8 images (5 with `split`). Past that an
+//!   explicit config is refused at the layer, naming the image count, and the paper
+//!   default runs without its shallow stage and says so.
 
 mod config;
 mod fastv;

@@ -49,6 +49,81 @@ impl ShallowMask {
     }
 }
 
+impl ShallowMask {
+    /// The engine mask this stage means over image rows that form the ascending, disjoint
+    /// `runs` `[start, end)` of cache rows (one run per image span still holding tokens,
+    /// runs of adjacent spans merged). One run is [`ShallowMask::attention_mask`]; over
+    /// several the stage acts on every image key of every run (see the crate docs):
+    /// - `Layer0Sink`: every query from the first image row on loses all image keys; text
+    ///   queries put that mass back on the first image key of the prompt;
+    /// - `Layer0Split`: image queries lose all image keys; text queries lose the first
+    ///   [`ShallowMask::split_hidden`] keys of every run;
+    /// - `TextToImage`: text queries lose all image keys.
+    ///
+    /// Written as rules in which `Keep` rules first carve the text between runs out of the
+    /// broader ones. Errors when they need more than [`engine_core::MAX_MASK_RULES`] rules
+    /// (2 per run, 3 per run less one for `Layer0Split`).
+    pub fn attention_mask_runs(
+        self,
+        runs: &[(usize, usize)],
+    ) -> Result<engine_core::AttentionMask, String> {
+        use engine_core::{AttentionMask as M, MaskAction, MaskRule, MaskRules, OPEN_END};
+        let (first, last) = match (runs.first(), runs.last()) {
+            (Some(f), Some(l)) if runs.len() > 1 && self != ShallowMask::None => (*f, *l),
+            (Some(&(s, e)), _) => return Ok(self.attention_mask(s, e)),
+            _ => return Ok(M::None),
+        };
+        let rule = |queries, keys, action| MaskRule {
+            queries,
+            keys,
+            action,
+        };
+        let all_keys = (first.0, last.1);
+        // Text keys between runs stay visible to every query.
+        let mut rules: Vec<MaskRule> = runs
+            .windows(2)
+            .map(|w| rule((first.0, OPEN_END), (w[0].1, w[1].0), MaskAction::Keep))
+            .collect();
+        // Text query rows: after each run up to the next one (the last: to the end).
+        let text_rows = |i: usize| (runs[i].1, runs.get(i + 1).map_or(OPEN_END, |r| r.0));
+        match self {
+            ShallowMask::None => {}
+            ShallowMask::Layer0Sink => {
+                let sink = MaskAction::Sink { to: first.0 };
+                rules.extend((0..runs.len()).map(|i| rule(text_rows(i), all_keys, sink)));
+                rules.push(rule(all_keys, all_keys, MaskAction::Zero));
+            }
+            ShallowMask::Layer0Split => {
+                rules.extend(
+                    runs.iter()
+                        .map(|&(s, e)| rule((s, e), (first.0, e), MaskAction::Zero)),
+                );
+                rules.extend(runs.iter().map(|&(s, e)| {
+                    rule(
+                        (first.1, OPEN_END),
+                        (s, s + ShallowMask::split_hidden(e - s)),
+                        MaskAction::Zero,
+                    )
+                }));
+            }
+            ShallowMask::TextToImage => {
+                rules.extend(
+                    runs.iter()
+                        .map(|&(s, e)| rule((s, e), (0, OPEN_END), MaskAction::Keep)),
+                );
+                rules.push(rule((first.1, OPEN_END), all_keys, MaskAction::Zero));
+            }
+        }
+        let rules = MaskRules::new(&rules).map_err(|e| {
+            format!(
+                "the shallow mask over {} separate images: {e} (prune with a method without shallow masks, e.g. FastV, or fewer images)",
+                runs.len()
+            )
+        })?;
+        Ok(M::Rules(rules))
+    }
+}
+
 /// What the scheduler must compute while running a layer, for [`Pruner::after_layer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Capture {

@@ -13,7 +13,7 @@ struct P {
     sq: u32, kv_len: u32, q_offset: u32, causal: u32,
     mask: u32, ms: u32, me: u32, group: u32,
     qw: u32, kw: u32, scale: f32, d: u32,
-    rules: array<vec4<u32>, 16>,
+    rules: array<vec4<u32>, 32>,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;

@@ -235,7 +235,8 @@ pub fn first_difference(got: &[u32], want: &[u32]) -> Option<String> {
     ))
 }
 
-fn load_prune_runs(path: &Path) -> Result<Vec<PruneRun>> {
+/// The runs of a `pruning.json` written by `tools/visipruner_ref.py` (empty when absent).
+pub fn load_prune_runs(path: &Path) -> Result<Vec<PruneRun>> {
     if !path.is_file() {
         return Ok(Vec::new());
     }

@@ -82,7 +82,7 @@ fn start(llava: &Llava, i: usize, steps: usize) -> Result<(Session, Answer)> {
         ..Default::default()
     };
     let mut session = llava.session();
-    let answer = llava.begin(&mut session, &prompt, Some(&enc), &opts)?;
+    let answer = llava.begin(&mut session, &prompt, std::slice::from_ref(&enc), &opts)?;
     Ok((session, answer))
 }
 
@@ -243,16 +243,27 @@ fn short_extensions_equal_fresh_prefills_bit_for_bit() -> Result<()> {
                 ..Default::default()
             };
             let mut session = llava.session();
-            llava.generate_in(&mut session, &base, Some(&enc), &opts, &mut |_| {}, &|| {
-                false
-            })?;
+            llava.generate_in(
+                &mut session,
+                &base,
+                std::slice::from_ref(&enc),
+                &opts,
+                &mut |_| {},
+                &|| false,
+            )?;
             for extra in 1..=3usize {
                 let mut p = base.clone();
                 p.ids.extend((0..extra).map(|i| 400 + i as u32));
-                let turn =
-                    llava
-                        .generate_in(&mut session, &p, Some(&enc), &opts, &mut |_| {}, &|| false)?;
-                let fresh = llava.generate_ids(&p, Some(&enc), &opts, &mut |_| {})?;
+                let turn = llava.generate_in(
+                    &mut session,
+                    &p,
+                    std::slice::from_ref(&enc),
+                    &opts,
+                    &mut |_| {},
+                    &|| false,
+                )?;
+                let fresh =
+                    llava.generate_ids(&p, std::slice::from_ref(&enc), &opts, &mut |_| {})?;
                 ensure!(
                     turn.reused_tokens == p.ids.len() - 1,
                     "{dev}: reused {} of {} tokens, want all but the last",

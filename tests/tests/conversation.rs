@@ -5,7 +5,9 @@
 //!   (tokens, fusion layer, kept tokens, text-only layer, per-layer lengths) for every
 //!   pruning config of the reference runs, dense included, on the CPU and the GPU backend;
 //! - when a follow-up's pruning decisions differ from the previous turn's, the prefix rows
-//!   are recomputed from the diverging layer and the result still equals a fresh run.
+//!   are recomputed from the diverging layer and the result still equals a fresh run;
+//! - conversations over two images (the second attached on turn 2), LLaVA-1.5 and
+//!   LLaVA-NeXT, equal fresh runs turn by turn, multi-image shallow masks included.
 
 use std::sync::Arc;
 
@@ -103,7 +105,8 @@ fn three_message_conversation_matches_transformers() -> Result<()> {
                 ..Default::default()
             };
             // Fresh.
-            let fresh = llava.generate_ids(&prompt, Some(&enc), &opts, &mut |_| {})?;
+            let fresh =
+                llava.generate_ids(&prompt, std::slice::from_ref(&enc), &opts, &mut |_| {})?;
             if let Some(d) = first_difference(&fresh.tokens, &want_tokens) {
                 bail!("{} {dev}: fresh tokens vs transformers: {d}", r.name);
             }
@@ -120,11 +123,18 @@ fn three_message_conversation_matches_transformers() -> Result<()> {
             let mut session = llava.session();
             let first = render_vicuna_v1(&msgs[..1])?;
             let p1 = llava.prompt(Template::Raw, &first.text, true)?;
-            llava.generate_in(&mut session, &p1, Some(&enc), &opts, &mut |_| {}, &|| false)?;
+            llava.generate_in(
+                &mut session,
+                &p1,
+                std::slice::from_ref(&enc),
+                &opts,
+                &mut |_| {},
+                &|| false,
+            )?;
             let turn = llava.generate_in(
                 &mut session,
                 &prompt,
-                Some(&enc),
+                std::slice::from_ref(&enc),
                 &opts,
                 &mut |_| {},
                 &|| false,
@@ -181,12 +191,12 @@ fn conversation_against_fresh(
         let got = llava.generate_in(
             &mut session,
             &prompt,
-            Some(&enc),
+            std::slice::from_ref(&enc),
             &opts,
             &mut |_| {},
             &|| false,
         )?;
-        let fresh = llava.generate_ids(&prompt, Some(&enc), &opts, &mut |_| {})?;
+        let fresh = llava.generate_ids(&prompt, std::slice::from_ref(&enc), &opts, &mut |_| {})?;
         same_decisions(&format!("{what} turn {}", t + 1), &got, &fresh)?;
         if t > 0 {
             ensure!(
@@ -218,6 +228,109 @@ fn follow_up_turns_equal_fresh_runs_for_every_pruning_config() -> Result<()> {
                 let what = format!("{} {dev} {name}", r.name);
                 let (reused, recomputed) = conversation_against_fresh(&llava, cfg, &what)?;
                 println!("{what}: 3 turns equal fresh runs; reused {reused} tokens; recomputed after a changed decision: {recomputed}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Three turns in one session, a second image attached on turn 2, against fresh runs.
+fn two_image_conversation_against_fresh(
+    llava: &Llava,
+    cfg: Option<PruneConfig>,
+    what: &str,
+    files: [&str; 2],
+) -> Result<usize> {
+    let pics = files
+        .iter()
+        .map(|f| models::load_image(&fixtures().join(f)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = GenerateOptions {
+        template: Template::Raw,
+        max_new_tokens: 6,
+        prune: cfg,
+        ..Default::default()
+    };
+    let turns = [
+        (Some(0), "What is shown in this image?"),
+        (Some(1), "What differs between these images?"),
+        (None, "Is there a circle?"),
+    ];
+    let mut session = llava.session();
+    let mut msgs: Vec<Message> = Vec::new();
+    let mut reused = 0;
+    for (t, (image, q)) in turns.iter().enumerate() {
+        let mut parts = vec![Part::Text(q.to_string())];
+        if let Some(i) = image {
+            parts.insert(0, Part::Image(files[*i].to_string()));
+        }
+        msgs.push(Message {
+            role: Role::User,
+            parts,
+        });
+        let r = render_vicuna_v1(&msgs)?;
+        let n = r.images.len();
+        let counts = pics[..n]
+            .iter()
+            .map(|p| llava.image_tokens_for(p.width(), p.height()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt = llava.prompt_images(Template::Raw, &r.text, &counts)?;
+        let enc = pics[..n]
+            .iter()
+            .map(|p| llava.encode_image(p, models::PadMode::Crop))
+            .collect::<Result<Vec<_>, _>>()?;
+        let got = llava.generate_in(&mut session, &prompt, &enc, &opts, &mut |_| {}, &|| false)?;
+        let fresh = llava.generate_ids(&prompt, &enc, &opts, &mut |_| {})?;
+        same_decisions(&format!("{what} turn {}", t + 1), &got, &fresh)?;
+        if t > 0 {
+            // Turn 2 shares the first image's span and everything before it.
+            ensure!(
+                got.reused_tokens > prompt.image_spans[0].end,
+                "{what} turn {}: reused only {}",
+                t + 1,
+                got.reused_tokens
+            );
+            reused += got.reused_tokens;
+        }
+        msgs.push(Message::text(Role::Assistant, got.text.trim()));
+    }
+    Ok(reused)
+}
+
+#[test]
+fn two_image_conversations_equal_fresh_runs() -> Result<()> {
+    // LLaVA-1.5 and LLaVA-NeXT, with the two-image reference runs' pruning configs (the
+    // multi-image shallow masks among them) and dense.
+    let plan = [
+        ("tiny-llava-mha", "tiny-llava-mha-two-images"),
+        ("tiny-next-llama", "tiny-next-llama"),
+    ];
+    for b in backends("two_image_conversations_equal_fresh_runs")? {
+        let dev = b.device_info().backend;
+        for (model, refname) in plan {
+            let llava = Llava::load(&fixtures().join(model), b.clone())?;
+            let runs = visi_tests::load_prune_runs(
+                &fixtures()
+                    .join("reference-next")
+                    .join(refname)
+                    .join("pruning.json"),
+            )?;
+            let mut configs = vec![("dense".to_string(), Some(PruneConfig::Dense))];
+            for run in runs.iter().filter(|p| p.case == "two") {
+                let c = PruneConfig::from_value(&run.prune)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", run.name))?;
+                configs.push((run.name.clone(), Some(c)));
+            }
+            ensure!(configs.len() > 3, "{refname}: too few two-image runs");
+            for (name, cfg) in configs {
+                let what = format!("{model} {dev} {name}");
+                let reused = two_image_conversation_against_fresh(
+                    &llava,
+                    cfg,
+                    &what,
+                    ["images/landscape.png", "images/portrait.png"],
+                )?;
+                println!("{what}: 3 turns over 2 images equal fresh runs; reused {reused} tokens");
             }
         }
     }
@@ -311,7 +424,7 @@ fn changed_decisions_recompute_from_the_diverging_layer() -> Result<()> {
             s.prefill(
                 PromptInput {
                     ids: &ids,
-                    image: Some(&img),
+                    images: std::slice::from_ref(&img),
                 },
                 &mut pr,
                 "scripted",
@@ -320,7 +433,7 @@ fn changed_decisions_recompute_from_the_diverging_layer() -> Result<()> {
             let got = s.prefill(
                 PromptInput {
                     ids: &ids2,
-                    image: Some(&img),
+                    images: std::slice::from_ref(&img),
                 },
                 &mut pr,
                 "scripted",
@@ -335,7 +448,7 @@ fn changed_decisions_recompute_from_the_diverging_layer() -> Result<()> {
             let want = fresh.prefill(
                 PromptInput {
                     ids: &ids2,
-                    image: Some(&img),
+                    images: std::slice::from_ref(&img),
                 },
                 &mut pr2,
                 "scripted",

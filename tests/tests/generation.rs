@@ -141,7 +141,7 @@ fn template_and_prompt_errors() -> Result<()> {
     }
     // A raw prompt places the image where it says and keeps BOS.
     let p = llava.prompt(Template::Raw, "Look: <image> now describe.", true)?;
-    let span = p.image_span.expect("image span");
+    let span = p.image_span().expect("image span");
     ensure!(p.ids[0] == 1, "BOS missing: {:?}", &p.ids[..4]);
     ensure!(span.end - span.start == 576, "span {span:?}");
     ensure!(
@@ -150,7 +150,7 @@ fn template_and_prompt_errors() -> Result<()> {
     );
     // Text only: no image tokens at all.
     let t = llava.prompt(Template::VicunaV1, "Hi", false)?;
-    ensure!(t.image_span.is_none() && !t.ids.contains(&32000));
+    ensure!(t.image_span().is_none() && !t.ids.contains(&32000));
     Ok(())
 }
 

@@ -61,7 +61,7 @@ fn check_run_kv(
         kv_dtype,
         ..Default::default()
     };
-    let g = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |_| {})?;
+    let g = llava.generate_ids(&prompt, encoded.as_slice(), &opts, &mut |_| {})?;
     if g.prune.fusion_layer != run.fusion_layer {
         bail!(
             "fusion layer: got {:?} want {:?}",

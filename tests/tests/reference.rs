@@ -73,7 +73,7 @@ fn check_case(
     if let Some(d) = first_difference(&prompt.ids, &c.input_ids_expanded) {
         bail!("input ids: {d}");
     }
-    let span = prompt.image_span.map(|s| (s.start, s.end));
+    let span = prompt.image_span().map(|s| (s.start, s.end));
     if span != c.image_span {
         bail!("image span: got {span:?} want {:?}", c.image_span);
     }
@@ -127,7 +127,7 @@ fn check_case(
         kv_dtype: DType::F32,
         ..opts.clone()
     };
-    let g32 = llava.generate_ids(&prompt, encoded.as_ref(), &opts32, &mut |_| {})?;
+    let g32 = llava.generate_ids(&prompt, encoded.as_slice(), &opts32, &mut |_| {})?;
     let got = g32.first_logits.as_deref().unwrap_or(&[]);
     let e = compare(
         "first-step logits (f32 KV)",
@@ -141,7 +141,7 @@ fn check_case(
         bail!("greedy tokens (f32 KV): {d}");
     }
     let mut streamed = String::new();
-    let gen = llava.generate_ids(&prompt, encoded.as_ref(), &opts, &mut |t| {
+    let gen = llava.generate_ids(&prompt, encoded.as_slice(), &opts, &mut |t| {
         streamed.push_str(t)
     })?;
     let got = gen.first_logits.as_deref().unwrap_or(&[]);
@@ -171,7 +171,7 @@ fn check_case(
     }
     // And the whole path from the image file (our decoder) gives the same greedy tokens.
     if let Some(ff) = &from_file_image {
-        let g2 = llava.generate_ids(&prompt, Some(ff), &opts, &mut |_| {})?;
+        let g2 = llava.generate_ids(&prompt, std::slice::from_ref(ff), &opts, &mut |_| {})?;
         if let Some(d) = first_difference(&g2.tokens, &c.generated_ids) {
             bail!("greedy tokens from the image file: {d}");
         }

@@ -312,7 +312,13 @@ impl<'a> Engine<'a> {
             .map_err(engine_error)?;
         let mut session = llava.session();
         let answer = llava
-            .begin_observed(&mut session, &w.prompt, enc.as_ref(), &w.opts, after_layer)
+            .begin_observed(
+                &mut session,
+                &w.prompt,
+                enc.as_slice(),
+                &w.opts,
+                after_layer,
+            )
             .map_err(engine_error)?;
         // GPU work is queued, not done: wait for it here so that the prefill's time is
         // counted as prefill, not as the next decode step's.
@@ -350,7 +356,7 @@ impl<'a> Engine<'a> {
         let mut stepped_us = 0u64;
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut after_layer = |l: usize| {
-                if chunk > 0 && (l + 1) % chunk == 0 && !self.active.is_empty() {
+                if chunk > 0 && (l + 1).is_multiple_of(chunk) && !self.active.is_empty() {
                     let t = Instant::now();
                     self.drop_disconnected();
                     self.step();

@@ -19,7 +19,7 @@ pub(crate) fn apply_mask(mask: &AttentionMask, row: usize, prob: &mut [f32]) {
     let mut sunk = 0f32;
     for (j, p) in prob.iter_mut().enumerate() {
         match rules.action(row, j) {
-            None => {}
+            None | Some(MaskAction::Keep) => {}
             Some(MaskAction::Zero) => *p = 0.0,
             Some(MaskAction::Sink { .. }) => {
                 sunk += *p;

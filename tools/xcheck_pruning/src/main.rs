@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         let pc = pruner::PruneConfig::from_json(&run["prune"].to_string())?;
         let mut pr = pruner::build(&pc, nl)?;
         let mut session = Session::new(llama.clone(), b.clone());
-        let pre = session.prefill_embeds(&emb, span, pr.as_mut(), 16)?;
+        let pre = session.prefill_embeds(&emb, span.as_slice(), pr.as_mut(), 16)?;
         let (mut logits, stats) = (pre.logits, pre.stats);
         let mut ids = vec![];
         let mut margins = vec![];
