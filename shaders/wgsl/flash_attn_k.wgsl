@@ -26,7 +26,7 @@ struct P {
     mask: u32, split: u32, nsplit: u32, group: u32,
     qw: u32, kw: u32, scale: f32, pad: u32,
     kb0: u32, kb1: u32, first: u32, last: u32,
-    rules: array<vec4<u32>, 16>,
+    rules: array<vec4<u32>, 32>,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> qb: array<f32>;
