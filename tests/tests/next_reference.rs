@@ -171,6 +171,8 @@ fn check_case(
         max_new_tokens: r.v["max_new_tokens"].as_u64().unwrap_or(12) as usize,
         prune: Some(PruneConfig::Dense),
         keep_first_logits: true,
+        // Logits are held to transformers' within 1e-3: the f32 KV cache, as reference.rs.
+        kv_dtype: engine_core::DType::F32,
         ..Default::default()
     };
     let g = llava.generate_ids(&ids, &encoded, &opts, &mut |_| {})?;
@@ -374,6 +376,7 @@ fn check_prune_run(
         max_new_tokens: run.generated_ids.len(),
         prune: Some(cfg),
         keep_first_logits: true,
+        kv_dtype: engine_core::DType::F32,
         ..Default::default()
     };
     let g = llava.generate_ids(&ids, &encoded, &opts, &mut |_| {})?;
