@@ -399,7 +399,9 @@ pub trait Backend: Send + Sync {
     /// cache; scores, softmax and `P·V` accumulate in f32 either way) with `L >= kv_len`;
     /// query head `h` uses kv head `h / (num_heads / num_kv_heads)`.
     /// Returns `[Sq, num_heads*head_dim]`. The mask is applied as documented on
-    /// [`AttentionMask`]; the full score matrix is never required to exist.
+    /// [`AttentionMask`]; the full score matrix is never required to exist. A query's row
+    /// must not depend on how many queries the call holds (one query in decode gives the
+    /// bits it gets inside a prefill), which prefix reuse and batched decode rely on.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor>;
     /// Attention probabilities of the *last* query row only: `[num_heads, kv_len]`, f32, with
     /// `p`'s causal rule and mask (used by pruning policies; small).

@@ -246,20 +246,12 @@ impl Llama {
         b.write_rows(&kv.k, kv.len, &k)?;
         b.write_rows(&kv.v, kv.len, &v)?;
         let params = self.attn_params(kv.len, kv.len + s, mask);
-        let attn = if s == 1 && kv.len > 0 {
-            // One prefill query would take the backend's one-query (decode) attention, which
-            // reduces in another order than the many-queries kernel a fresh prefill of the
-            // whole prompt runs: ask for two, a dummy one row earlier first, and keep the
-            // second (a query's result does not depend on the others in that kernel).
-            let q2 = b.concat_rows(&[&q, &q])?;
-            let p2 = self.attn_params(kv.len - 1, kv.len + 1, mask);
-            let out = b.attention(&q2, &kv.k, &kv.v, &p2)?; // [2, heads*hd]
-            b.slice_rows(&out, 1, 1)?
-        } else {
-            b.attention(&q, &kv.k, &kv.v, &params)? // [S, heads*hd]
-        };
-        // Image rows come in runs (one per image span still holding tokens): statistics are
-        // taken per run and concatenated in row order, which is the pruner's offset order.
+        // A query's result does not depend on how many queries the call holds (the
+        // backends' attention contract, engine-wgpu/tests/batch.rs), so a follow-up's one
+        // new row equals the same row of a fresh prefill.
+        let attn = b.attention(&q, &kv.k, &kv.v, &params)?; // [S, heads*hd]
+                                                            // Image rows come in runs (one per image span still holding tokens): statistics are
+                                                            // taken per run and concatenated in row order, which is the pruner's offset order.
         let captured = match capture {
             None | Some((Capture::Nothing, _)) => Captured::None,
             Some((Capture::Contributions, runs)) => {

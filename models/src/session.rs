@@ -631,7 +631,7 @@ pub fn decode_batch(items: &mut [DecodeItem]) -> Vec<Option<Result<u32>>> {
             let mut sessions: Vec<&mut Session> = items
                 .iter_mut()
                 .enumerate()
-                .filter(|(i, it)| fed.contains(i) && it.1.feed.is_some())
+                .filter(|(i, _)| fed.contains(i))
                 .map(|(_, it)| &mut *it.0)
                 .collect();
             step_batch(&mut sessions, &tokens)
