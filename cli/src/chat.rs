@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::anyhow;
 use image::RgbImage;
-use models::chat::{render_vicuna_v1, Message, Part, Role};
+use models::chat::{Message, Part, Role};
 use models::llava::{GenerateOptions, Generation, Llava};
 use models::prompt::Template;
 
 use crate::errors::{bad_input, internal, Failure};
-use crate::{progress, GenArgs};
+use crate::{progress, ChatTemplateArg, GenArgs};
 
 /// Arguments of `visi-cli chat`.
 #[derive(clap::Args)]
@@ -25,6 +25,10 @@ pub struct ChatArgs {
     /// An image to talk about from the first turn (`/image PATH` changes it later).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// The conversation format: `vicuna_v1` (LLaVA-1.5, llava-v1.6-vicuna) or
+    /// `mistral_instruct` (llava-v1.6-mistral).
+    #[arg(long, value_enum, default_value = "vicuna_v1")]
+    template: ChatTemplateArg,
 }
 
 const HELP: &str = "commands: /image PATH (attach to your next message), /reset (new conversation), /save FILE [--force] (messages JSON for `run --messages`), /stats, /quit";
@@ -91,6 +95,7 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
         pending: image.take(),
         images: Vec::new(),
         opts,
+        template: a.template.template(),
         last: None,
     };
     let stdin = std::io::stdin();
@@ -163,6 +168,8 @@ struct Chat<'a> {
     /// The conversation's images, in the order their messages hold them.
     images: Vec<Attached>,
     opts: GenerateOptions,
+    /// How the conversation is rendered.
+    template: Template,
     last: Option<Generation>,
 }
 
@@ -181,7 +188,7 @@ impl Chat<'_> {
             parts,
         });
         let all: Vec<&Attached> = self.images.iter().chain(&attached).collect();
-        let prompt = render_vicuna_v1(&self.messages)
+        let prompt = models::chat::render(self.template, &self.messages)
             .map_err(anyhow::Error::from)
             .and_then(|r| {
                 let counts = all

@@ -142,6 +142,27 @@ enum TemplateArg {
     Raw,
 }
 
+/// A conversation format (`chat`, `serve`): the model's chat template.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum ChatTemplateArg {
+    /// LLaVA-1.5's `conv_vicuna_v1` (llava-1.5 and llava-v1.6-vicuna).
+    #[value(name = "vicuna_v1")]
+    VicunaV1,
+    /// llava-hf's llava-v1.6-mistral chat template (`[INST] ... [/INST]`).
+    #[value(name = "mistral_instruct")]
+    MistralInstruct,
+}
+
+impl ChatTemplateArg {
+    /// The template it names.
+    pub(crate) fn template(self) -> Template {
+        match self {
+            ChatTemplateArg::VicunaV1 => Template::VicunaV1,
+            ChatTemplateArg::MistralInstruct => Template::MistralInstruct,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum ImageModeArg {
     Crop,
@@ -320,6 +341,9 @@ struct RunArgs {
     /// `-` reads it from stdin. Images come from its `image_url` parts.
     #[arg(long)]
     messages: Option<String>,
+    /// The prompt format: `vicuna_v1` (LLaVA-1.5, llava-v1.6-vicuna), `mistral_instruct`
+    /// (llava-v1.6-mistral) or `raw` (the prompt verbatim). A --messages conversation is
+    /// rendered in vicuna_v1 or mistral_instruct.
     #[arg(long, value_enum, default_value = "vicuna_v1")]
     template: TemplateArg,
     /// Write the image as the model saw it, pruned patches dimmed, kept ones outlined.
@@ -611,7 +635,11 @@ fn run_prompt(a: &RunArgs) -> Result<RunPrompt, Failure> {
             )));
         }
         let (msgs, base) = read_messages(arg).map_err(bad_input)?;
-        let r = models::chat::render_vicuna_v1(&msgs).map_err(|e| bad_input(e.into()))?;
+        let template = match a.template {
+            TemplateArg::MistralInstruct => Template::MistralInstruct,
+            _ => Template::VicunaV1,
+        };
+        let r = models::chat::render(template, &msgs).map_err(|e| bad_input(e.into()))?;
         let images = r
             .images
             .iter()

@@ -174,3 +174,56 @@ fn messages_with_two_images_on_next_answer_as_transformers() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn messages_in_the_mistral_template_answer_as_transformers() -> Result<()> {
+    // `run --messages --template mistral_instruct` over the conversation that transformers
+    // rendered with llava-hf's llava-v1.6-mistral chat template (system message, an answer,
+    // a second question): the same prompt and the same greedy answer.
+    let f = fixtures();
+    let refdir = f.join("reference-next/tiny-next-mistral");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(refdir.join("conversation.json"))?)?;
+    let mut conv = r["messages"].clone();
+    // The reference's image URLs are relative to its own directory: make them absolute.
+    for m in conv.as_array_mut().context("messages")? {
+        if let Some(parts) = m["content"].as_array_mut() {
+            for p in parts {
+                if let Some(u) = p["image_url"]["url"].as_str() {
+                    p["image_url"]["url"] = Value::from(refdir.join(u).display().to_string());
+                }
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("visi-next-mistral-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let msgs = dir.join("conv.json");
+    std::fs::write(&msgs, conv.to_string())?;
+    let out = visi(&[
+        "run",
+        "--model",
+        &f.join("tiny-next-mistral").display().to_string(),
+        "--messages",
+        msgs.to_str().context("temp path")?,
+        "--template",
+        "mistral_instruct",
+        "--max-new-tokens",
+        "12",
+        "--no-prune",
+        "--kv-dtype",
+        "f32",
+        "--device",
+        "cpu",
+        "--json",
+    ])?;
+    std::fs::remove_dir_all(&dir)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(v["prompt"] == r["prompt"], "prompt {}", v["prompt"]);
+    ensure!(v["tokens"] == r["generated_ids"], "tokens {}", v["tokens"]);
+    Ok(())
+}

@@ -12,7 +12,7 @@ use engine_core::{Error, Result};
 use image::RgbImage;
 use serde_json::{json, Value};
 
-use crate::prompt::{IMAGE_PLACEHOLDER, VICUNA_SYSTEM};
+use crate::prompt::{Template, IMAGE_PLACEHOLDER, VICUNA_SYSTEM};
 
 /// Largest messages document accepted.
 pub const MAX_MESSAGES_BYTES: u64 = 64 << 20;
@@ -204,20 +204,17 @@ pub struct Rendered {
     pub images: Vec<String>,
 }
 
-/// Renders `messages` with LLaVA's `conv_vicuna_v1`: an optional system message first,
-/// then user and assistant turns alternating, ending with a user turn; `<image>\n` goes
-/// before the text of the user turn that holds the image.
-pub fn render_vicuna_v1(messages: &[Message]) -> Result<Rendered> {
+/// Checks the shape every chat template expects: an optional system message first, then
+/// user and assistant turns alternating, ending with a user turn, and no `<image>` typed
+/// into text. Returns the system text (if any) and the turns.
+fn checked_turns(messages: &[Message]) -> Result<(Option<String>, &[Message])> {
     let (system, turns) = match messages.first() {
-        Some(m) if m.role == Role::System => (m.joined_text(), &messages[1..]),
-        _ => (VICUNA_SYSTEM.to_string(), messages),
+        Some(m) if m.role == Role::System => (Some(m.joined_text()), &messages[1..]),
+        _ => (None, messages),
     };
     if turns.is_empty() {
         return Err(Error::msg("messages: no user message"));
     }
-    let mut text = system;
-    text.push(' ');
-    let mut images = Vec::new();
     for (i, m) in turns.iter().enumerate() {
         let want = if i % 2 == 0 {
             Role::User
@@ -231,23 +228,61 @@ pub fn render_vicuna_v1(messages: &[Message]) -> Result<Rendered> {
                 i + usize::from(turns.len() != messages.len())
             )));
         }
-        let body = m.joined_text();
-        if body.contains(IMAGE_PLACEHOLDER) {
+        if m.parts
+            .iter()
+            .any(|p| matches!(p, Part::Text(t) if t.contains(IMAGE_PLACEHOLDER)))
+        {
             return Err(Error::msg(format!(
                 "messages: text may not contain `{IMAGE_PLACEHOLDER}`; send images as image_url parts"
             )));
         }
+    }
+    if turns.last().map(|m| m.role) != Some(Role::User) {
+        return Err(Error::msg(
+            "messages: the last message must be from the user",
+        ));
+    }
+    Ok((system, turns))
+}
+
+/// One `<image>\n` per image of `m`, collecting their URLs into `images` in order.
+fn image_lines(m: &Message, images: &mut Vec<String>) -> String {
+    let mut out = String::new();
+    for url in m.images() {
+        out.push_str(IMAGE_PLACEHOLDER);
+        out.push('\n');
+        images.push(url.to_string());
+    }
+    out
+}
+
+/// Renders `messages` in `template`'s conversation format: [`render_vicuna_v1`] or
+/// [`render_mistral_instruct`]; `raw` has no conversation format and is an error.
+pub fn render(template: Template, messages: &[Message]) -> Result<Rendered> {
+    match template {
+        Template::VicunaV1 => render_vicuna_v1(messages),
+        Template::MistralInstruct => render_mistral_instruct(messages),
+        Template::Raw => Err(Error::msg(
+            "a conversation is rendered with the model's template (vicuna_v1 or mistral_instruct); raw does not apply",
+        )),
+    }
+}
+
+/// Renders `messages` with LLaVA's `conv_vicuna_v1`: an optional system message first,
+/// then user and assistant turns alternating, ending with a user turn; `<image>\n` goes
+/// before the text of the user turn that holds the image.
+pub fn render_vicuna_v1(messages: &[Message]) -> Result<Rendered> {
+    let (system, turns) = checked_turns(messages)?;
+    let mut text = system.unwrap_or_else(|| VICUNA_SYSTEM.to_string());
+    text.push(' ');
+    let mut images = Vec::new();
+    for m in turns {
+        let body = m.joined_text();
         match m.role {
             Role::User => {
-                let mut msg = String::new();
-                for url in m.images() {
-                    msg.push_str(IMAGE_PLACEHOLDER);
-                    msg.push('\n');
-                    images.push(url.to_string());
-                }
-                msg.push_str(&body);
                 text.push_str("USER: ");
-                text.push_str(&msg);
+                text.push_str(&image_lines(m, &mut images));
+                text.push_str(&body);
                 text.push(' ');
             }
             _ => {
@@ -257,12 +292,45 @@ pub fn render_vicuna_v1(messages: &[Message]) -> Result<Rendered> {
             }
         }
     }
-    if turns.last().map(|m| m.role) != Some(Role::User) {
-        return Err(Error::msg(
-            "messages: the last message must be from the user",
-        ));
-    }
     text.push_str("ASSISTANT:");
+    Ok(Rendered { text, images })
+}
+
+/// Renders `messages` with the chat template of llava-hf's `llava-v1.6-mistral-7b-hf`: a
+/// system message as `<<SYS>>\n{system}\n<</SYS>>\n\n`, each user turn as
+/// `[INST] ` + one `<image>\n` per image + its text parts joined without a separator +
+/// ` [/INST]`, each assistant turn as ` {answer}</s> `. One user turn renders exactly as
+/// `Template::MistralInstruct` renders a prompt.
+pub fn render_mistral_instruct(messages: &[Message]) -> Result<Rendered> {
+    let (system, turns) = checked_turns(messages)?;
+    let mut text = match system {
+        Some(s) => format!("<<SYS>>\n{s}\n<</SYS>>\n\n"),
+        None => String::new(),
+    };
+    let mut images = Vec::new();
+    for m in turns {
+        let body: String = m
+            .parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Text(t) => Some(t.as_str()),
+                Part::Image(_) => None,
+            })
+            .collect();
+        match m.role {
+            Role::User => {
+                text.push_str("[INST] ");
+                text.push_str(&image_lines(m, &mut images));
+                text.push_str(&body);
+                text.push_str(" [/INST]");
+            }
+            _ => {
+                text.push(' ');
+                text.push_str(&body);
+                text.push_str("</s> ");
+            }
+        }
+    }
     Ok(Rendered { text, images })
 }
 
@@ -372,6 +440,33 @@ mod tests {
     }
 
     #[test]
+    fn renders_llava_hf_mistral_template() {
+        // Expected text written from llava-hf's llava-v1.6-mistral chat template by hand;
+        // tests/conversation.rs checks a conversation against transformers' rendering.
+        let m = msgs(json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is it?"},
+                {"type": "image_url", "image_url": {"url": "a.png"}},
+                {"type": "image_url", "image_url": {"url": "b.png"}}]},
+            {"role": "assistant", "content": "Two cats."},
+            {"role": "user", "content": [{"type": "text", "text": "Colours?"}, {"type": "text", "text": " Short."}]}
+        ]));
+        let r = render(Template::MistralInstruct, &m).unwrap();
+        assert_eq!(
+            r.text,
+            "<<SYS>>\nBe brief.\n<</SYS>>\n\n[INST] <image>\n<image>\nWhat is it? [/INST] Two cats.</s> [INST] Colours? Short. [/INST]"
+        );
+        assert_eq!(r.images, vec!["a.png".to_string(), "b.png".to_string()]);
+        let one = msgs(json!([{"role": "user", "content": "Hi"}]));
+        assert_eq!(
+            render_mistral_instruct(&one).unwrap().text,
+            Template::MistralInstruct.render("Hi", false).unwrap()
+        );
+        assert!(render(Template::Raw, &one).is_err());
+    }
+
+    #[test]
     fn rejects_malformed_conversations() {
         for bad in [
             json!([]),
@@ -392,6 +487,10 @@ mod tests {
             json!([{"role": "user", "content": "<image> x"}]),
         ] {
             assert!(render_vicuna_v1(&msgs(bad.clone())).is_err(), "{bad}");
+            assert!(
+                render_mistral_instruct(&msgs(bad.clone())).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use engine_core::{Backend, CpuBackend, DType, HostData};
-use models::chat::{load_image_url, messages_from_json, render_vicuna_v1, Message, Part, Role};
+use models::chat::{
+    load_image_url, messages_from_json, render_mistral_instruct, render_vicuna_v1, Message, Part,
+    Role,
+};
 use models::llava::{GenerateOptions, Generation, Llava};
 use models::prompt::Template;
 use models::session::{ImageInput, PromptInput, Session};
@@ -230,6 +233,77 @@ fn follow_up_turns_equal_fresh_runs_for_every_pruning_config() -> Result<()> {
                 println!("{what}: 3 turns equal fresh runs; reused {reused} tokens; recomputed after a changed decision: {recomputed}");
             }
         }
+    }
+    Ok(())
+}
+
+/// A system message, two user turns and an answer on the LLaVA-NeXT Mistral fixture,
+/// rendered by transformers' `apply_chat_template` with llava-hf's llava-v1.6-mistral
+/// template (`reference-next/tiny-next-mistral/conversation.json`, made by
+/// tools/make_next_conversation_refs.py): our `mistral_instruct` rendering gives the same
+/// text, and the answer equals transformers' (ids, first logits within 1e-3, greedy tokens).
+#[test]
+fn next_mistral_conversation_matches_transformers() -> Result<()> {
+    let dir = fixtures().join("reference-next").join("tiny-next-mistral");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("conversation.json"))?)?;
+    let msgs = messages_from_json(&v["messages"])?;
+    let rendered = models::chat::render(Template::MistralInstruct, &msgs)?;
+    let want_prompt = v["prompt"].as_str().unwrap_or_default();
+    ensure!(
+        rendered.text == want_prompt,
+        "rendered {:?}\nwant {:?}",
+        rendered.text,
+        want_prompt
+    );
+    // One user turn renders exactly as the single-prompt template does.
+    let one = render_mistral_instruct(&msgs[1..2])?;
+    ensure!(
+        one.text == Template::MistralInstruct.render_images("What is shown in this image?", 1)?,
+        "one turn: {:?}",
+        one.text
+    );
+    let want_ids: Vec<u32> = serde_json::from_value(v["input_ids_expanded"].clone())?;
+    let want_tokens: Vec<u32> = serde_json::from_value(v["generated_ids"].clone())?;
+    let top5: Vec<(u32, f32)> = serde_json::from_value(v["first_logits_top5"].clone())?;
+    for b in backends("next_mistral_conversation_matches_transformers")? {
+        let dev = b.device_info().backend;
+        let llava = Llava::load(&fixtures().join("tiny-next-mistral"), b)?;
+        let pics = rendered
+            .images
+            .iter()
+            .map(|u| load_image_url(u, Some(&dir)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let counts = pics
+            .iter()
+            .map(|p| llava.image_tokens_for(p.width(), p.height()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt = llava.prompt_images(Template::Raw, &rendered.text, &counts)?;
+        ensure!(prompt.ids == want_ids, "{dev}: prompt ids differ");
+        let enc = pics
+            .iter()
+            .map(|p| llava.encode_image(p, models::PadMode::Crop))
+            .collect::<Result<Vec<_>, _>>()?;
+        let opts = GenerateOptions {
+            template: Template::Raw,
+            max_new_tokens: want_tokens.len(),
+            prune: Some(PruneConfig::Dense),
+            keep_first_logits: true,
+            kv_dtype: DType::F32,
+            ..Default::default()
+        };
+        let got = llava.generate_ids(&prompt, &enc, &opts, &mut |_| {})?;
+        if let Some(d) = first_difference(&got.tokens, &want_tokens) {
+            bail!("{dev}: tokens vs transformers: {d}");
+        }
+        let logits = got.first_logits.as_deref().context("logits")?;
+        for &(id, want) in &top5 {
+            let g = logits[id as usize];
+            ensure!(
+                (g - want).abs() <= TOL_LOGITS,
+                "{dev}: logit {id}: got {g} want {want}"
+            );
+        }
+        println!("tiny-next-mistral {dev}: the mistral_instruct conversation equals transformers");
     }
     Ok(())
 }

@@ -104,6 +104,8 @@ pub struct Defaults {
     /// The model's context in tokens: a rendered prompt of more than 64 bytes per token of
     /// it cannot fit and is refused before the engine spends time tokenising it.
     pub context: usize,
+    /// The conversation format requests are rendered in.
+    pub template: models::prompt::Template,
 }
 
 /// A checked chat-completion request.
@@ -187,7 +189,7 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
     };
     let messages = models::chat::messages_from_json(msgs)
         .map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
-    let rendered = models::chat::render_vicuna_v1(&messages)
+    let rendered = models::chat::render(d.template, &messages)
         .map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
     if rendered.text.len() > d.context.saturating_mul(64) {
         return Err(ApiError::bad(

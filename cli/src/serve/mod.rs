@@ -64,6 +64,10 @@ pub struct ServeArgs {
     port: u16,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
+    /// The conversation format requests are rendered in: `vicuna_v1` (LLaVA-1.5,
+    /// llava-v1.6-vicuna) or `mistral_instruct` (llava-v1.6-mistral).
+    #[arg(long, value_enum, default_value = "vicuna_v1")]
+    template: crate::ChatTemplateArg,
     /// Quantize weight matrices as they load.
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
@@ -339,6 +343,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
             prune,
             layers,
             context: llava.config().text.max_position_embeddings,
+            template: a.template.template(),
         },
         api_key,
         allow_files,
