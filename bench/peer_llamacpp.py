@@ -232,7 +232,7 @@ def time_llama(a):
         if not clip:
             sys.exit(f"llava: clip_model_load({a.mmproj}) failed")
         image = noise_ppm(a.image_size, a.seed)
-    prefill, decode, vision, tokens = [], [], [], None
+    prefill, decode, vision, tokens, n_img = [], [], [], None, None
     for rep in range(a.warmup + a.reps):
         llm.reset()
         if clip:
@@ -267,10 +267,10 @@ def time_llama(a):
             decode.append((t2 - t1) * 1e3)
         tokens = out
 
-    finish(a, prefill, decode, tokens, vision)
+    finish(a, prefill, decode, tokens, vision, n_img)
 
 
-def finish(a, prefill, decode, tokens, vision):
+def finish(a, prefill, decode, tokens, vision, n_img=None):
     import llama_cpp
 
     def stat(v):
@@ -292,6 +292,7 @@ def finish(a, prefill, decode, tokens, vision):
                 "reps": a.reps,
                 "warmup": a.warmup,
                 "vision_ms": stat(vision) if vision else None,
+                "image_tokens": n_img,
                 "prefill_ms": pm,
                 "decode_ms": dm,
                 "prefill_tokens_per_s": a.prompt_len / (pm["median"] / 1e3),
@@ -323,6 +324,7 @@ def table(a):
     dev = v.get("device", {})
     adapter = dev.get("adapter", dev) if isinstance(dev, dict) else dev
     plen = v["prompt"]["len"] if isinstance(v.get("prompt"), dict) and "len" in v["prompt"] else None
+    vimg = v["prompt"].get("image_tokens", 576) if isinstance(v.get("prompt"), dict) else 576
     for name in ("dense", "visipruner"):
         m = v["methods"][name]
         pre = m["prefill_ms"]["median"]
@@ -331,7 +333,7 @@ def table(a):
             (
                 f"visi {name}" + ("" if name == "dense" else f" ({seq_lens(m)})"),
                 f"wgpu: {adapter}",
-                f"LLaVA: {n} (576 image)",
+                f"LLaVA: {n} ({vimg} image)",
                 f"{m['vision_ms']['median']:.1f}",
                 f"{pre:.1f}",
                 f"{n / (pre / 1e3):.1f}",
@@ -349,7 +351,7 @@ def table(a):
             (
                 f"llama.cpp f16, n_gpu_layers={r['n_gpu_layers']}",
                 r["label"],
-                f"LLaVA: {r['prompt_len']} (576 image)" if r.get("vision_ms") else
+                f"LLaVA: {r['prompt_len']} ({r.get('image_tokens') or 576} image)" if r.get("vision_ms") else
                 f"text: {r['prompt_len']}",
                 f"{r['vision_ms']['median']:.1f}" if r.get("vision_ms") else "",
                 f"{r['prefill_ms']['median']:.1f}",
