@@ -66,17 +66,17 @@ impl Message {
         }
     }
 
+    /// The text parts, in order.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Text(t) => Some(t.as_str()),
+            Part::Image(_) => None,
+        })
+    }
+
     /// The text parts joined by newlines.
     pub fn joined_text(&self) -> String {
-        let texts: Vec<&str> = self
-            .parts
-            .iter()
-            .filter_map(|p| match p {
-                Part::Text(t) => Some(t.as_str()),
-                Part::Image(_) => None,
-            })
-            .collect();
-        texts.join("\n")
+        self.texts().collect::<Vec<_>>().join("\n")
     }
 
     /// The image URLs, in order.
@@ -245,17 +245,6 @@ fn checked_turns(messages: &[Message]) -> Result<(Option<String>, &[Message])> {
     Ok((system, turns))
 }
 
-/// One `<image>\n` per image of `m`, collecting their URLs into `images` in order.
-fn image_lines(m: &Message, images: &mut Vec<String>) -> String {
-    let mut out = String::new();
-    for url in m.images() {
-        out.push_str(IMAGE_PLACEHOLDER);
-        out.push('\n');
-        images.push(url.to_string());
-    }
-    out
-}
-
 /// Renders `messages` in `template`'s conversation format: [`render_vicuna_v1`] or
 /// [`render_mistral_instruct`]; `raw` has no conversation format and is an error.
 pub fn render(template: Template, messages: &[Message]) -> Result<Rendered> {
@@ -268,32 +257,55 @@ pub fn render(template: Template, messages: &[Message]) -> Result<Rendered> {
     }
 }
 
+/// How a chat template lays out a conversation's turns.
+struct TurnFormat {
+    /// Before and after a user turn (its `<image>\n` lines and text go between).
+    user: (&'static str, &'static str),
+    /// Before and after an assistant turn.
+    assistant: (&'static str, &'static str),
+    /// Between the text parts of one message.
+    text_sep: &'static str,
+    /// After the last user turn (the cue for the answer).
+    cue: &'static str,
+}
+
+/// Lays out `turns` after `text` (the rendered system part) in `f`'s format.
+fn render_turns(mut text: String, turns: &[Message], f: &TurnFormat) -> Rendered {
+    let mut images = Vec::new();
+    for m in turns {
+        let body = m.texts().collect::<Vec<_>>().join(f.text_sep);
+        let (open, close) = match m.role {
+            Role::User => f.user,
+            _ => f.assistant,
+        };
+        text.push_str(open);
+        if m.role == Role::User {
+            for url in m.images() {
+                text.push_str(IMAGE_PLACEHOLDER);
+                text.push('\n');
+                images.push(url.to_string());
+            }
+        }
+        text.push_str(&body);
+        text.push_str(close);
+    }
+    text.push_str(f.cue);
+    Rendered { text, images }
+}
+
 /// Renders `messages` with LLaVA's `conv_vicuna_v1`: an optional system message first,
 /// then user and assistant turns alternating, ending with a user turn; `<image>\n` goes
 /// before the text of the user turn that holds the image.
 pub fn render_vicuna_v1(messages: &[Message]) -> Result<Rendered> {
     let (system, turns) = checked_turns(messages)?;
-    let mut text = system.unwrap_or_else(|| VICUNA_SYSTEM.to_string());
-    text.push(' ');
-    let mut images = Vec::new();
-    for m in turns {
-        let body = m.joined_text();
-        match m.role {
-            Role::User => {
-                text.push_str("USER: ");
-                text.push_str(&image_lines(m, &mut images));
-                text.push_str(&body);
-                text.push(' ');
-            }
-            _ => {
-                text.push_str("ASSISTANT: ");
-                text.push_str(&body);
-                text.push_str("</s>");
-            }
-        }
-    }
-    text.push_str("ASSISTANT:");
-    Ok(Rendered { text, images })
+    let system = system.unwrap_or_else(|| VICUNA_SYSTEM.to_string());
+    let format = TurnFormat {
+        user: ("USER: ", " "),
+        assistant: ("ASSISTANT: ", "</s>"),
+        text_sep: "\n",
+        cue: "ASSISTANT:",
+    };
+    Ok(render_turns(format!("{system} "), turns, &format))
 }
 
 /// Renders `messages` with the chat template of llava-hf's `llava-v1.6-mistral-7b-hf`: a
@@ -303,35 +315,17 @@ pub fn render_vicuna_v1(messages: &[Message]) -> Result<Rendered> {
 /// `Template::MistralInstruct` renders a prompt.
 pub fn render_mistral_instruct(messages: &[Message]) -> Result<Rendered> {
     let (system, turns) = checked_turns(messages)?;
-    let mut text = match system {
+    let system = match system {
         Some(s) => format!("<<SYS>>\n{s}\n<</SYS>>\n\n"),
         None => String::new(),
     };
-    let mut images = Vec::new();
-    for m in turns {
-        let body: String = m
-            .parts
-            .iter()
-            .filter_map(|p| match p {
-                Part::Text(t) => Some(t.as_str()),
-                Part::Image(_) => None,
-            })
-            .collect();
-        match m.role {
-            Role::User => {
-                text.push_str("[INST] ");
-                text.push_str(&image_lines(m, &mut images));
-                text.push_str(&body);
-                text.push_str(" [/INST]");
-            }
-            _ => {
-                text.push(' ');
-                text.push_str(&body);
-                text.push_str("</s> ");
-            }
-        }
-    }
-    Ok(Rendered { text, images })
+    let format = TurnFormat {
+        user: ("[INST] ", " [/INST]"),
+        assistant: (" ", "</s> "),
+        text_sep: "",
+        cue: "",
+    };
+    Ok(render_turns(system, turns, &format))
 }
 
 /// Where an image URL points.

@@ -64,6 +64,41 @@ fn same_decisions(what: &str, got: &Generation, want: &Generation) -> Result<()>
     Ok(())
 }
 
+/// Dense greedy options against a transformers reference of `tokens` tokens: the f32 KV
+/// cache (the default f16 one moves logits by its rounding; bound and reason in
+/// tests/reference.rs), first logits kept.
+fn reference_opts(tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        template: Template::Raw,
+        max_new_tokens: tokens,
+        prune: Some(PruneConfig::Dense),
+        keep_first_logits: true,
+        kv_dtype: DType::F32,
+        ..Default::default()
+    }
+}
+
+/// `got` has transformers' greedy tokens and its top-5 first logits within [`TOL_LOGITS`].
+fn equals_transformers(
+    what: &str,
+    got: &Generation,
+    tokens: &[u32],
+    top5: &[(u32, f32)],
+) -> Result<()> {
+    if let Some(d) = first_difference(&got.tokens, tokens) {
+        bail!("{what}: tokens vs transformers: {d}");
+    }
+    let logits = got.first_logits.as_deref().context("logits")?;
+    for &(id, want) in top5 {
+        let g = logits[id as usize];
+        ensure!(
+            (g - want).abs() <= TOL_LOGITS,
+            "{what}: logit {id}: got {g} want {want}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn three_message_conversation_matches_transformers() -> Result<()> {
     let mut checked = 0;
@@ -97,31 +132,16 @@ fn three_message_conversation_matches_transformers() -> Result<()> {
                 r.name
             );
             let enc = llava.encode_image(&img, models::PadMode::Crop)?;
-            let opts = GenerateOptions {
-                template: Template::Raw,
-                max_new_tokens: want_tokens.len(),
-                prune: Some(PruneConfig::Dense),
-                keep_first_logits: true,
-                // Against transformers' 1e-3 bound: the f32 KV cache (the default f16 one
-                // moves logits by its rounding; bound and reason in tests/reference.rs).
-                kv_dtype: DType::F32,
-                ..Default::default()
-            };
+            let opts = reference_opts(want_tokens.len());
             // Fresh.
             let fresh =
                 llava.generate_ids(&prompt, std::slice::from_ref(&enc), &opts, &mut |_| {})?;
-            if let Some(d) = first_difference(&fresh.tokens, &want_tokens) {
-                bail!("{} {dev}: fresh tokens vs transformers: {d}", r.name);
-            }
-            let logits = fresh.first_logits.as_deref().context("logits")?;
-            for &(id, want) in &top5 {
-                let got = logits[id as usize];
-                ensure!(
-                    (got - want).abs() <= TOL_LOGITS,
-                    "{} {dev}: logit {id}: got {got} want {want}",
-                    r.name
-                );
-            }
+            equals_transformers(
+                &format!("{} {dev} fresh", r.name),
+                &fresh,
+                &want_tokens,
+                &top5,
+            )?;
             // As the follow-up turn of a session that answered the first question.
             let mut session = llava.session();
             let first = render_vicuna_v1(&msgs[..1])?;
@@ -283,25 +303,27 @@ fn next_mistral_conversation_matches_transformers() -> Result<()> {
             .iter()
             .map(|p| llava.encode_image(p, models::PadMode::Crop))
             .collect::<Result<Vec<_>, _>>()?;
-        let opts = GenerateOptions {
-            template: Template::Raw,
-            max_new_tokens: want_tokens.len(),
-            prune: Some(PruneConfig::Dense),
-            keep_first_logits: true,
-            kv_dtype: DType::F32,
-            ..Default::default()
-        };
+        let opts = reference_opts(want_tokens.len());
         let got = llava.generate_ids(&prompt, &enc, &opts, &mut |_| {})?;
-        if let Some(d) = first_difference(&got.tokens, &want_tokens) {
-            bail!("{dev}: tokens vs transformers: {d}");
-        }
-        let logits = got.first_logits.as_deref().context("logits")?;
-        for &(id, want) in &top5 {
-            let g = logits[id as usize];
-            ensure!(
-                (g - want).abs() <= TOL_LOGITS,
-                "{dev}: logit {id}: got {g} want {want}"
-            );
+        equals_transformers(
+            &format!("tiny-next-mistral {dev}"),
+            &got,
+            &want_tokens,
+            &top5,
+        )?;
+        // As the follow-up turn of a session that answered the first question.
+        let mut session = llava.session();
+        let first = render_mistral_instruct(&msgs[..2])?;
+        let p1 = llava.prompt_images(Template::Raw, &first.text, &counts)?;
+        llava.generate_in(&mut session, &p1, &enc, &opts, &mut |_| {}, &|| false)?;
+        let turn = llava.generate_in(&mut session, &prompt, &enc, &opts, &mut |_| {}, &|| false)?;
+        ensure!(
+            turn.reused_tokens > p1.image_spans[0].end,
+            "{dev}: reused only {}",
+            turn.reused_tokens
+        );
+        if let Some(d) = first_difference(&turn.tokens, &want_tokens) {
+            bail!("tiny-next-mistral {dev}: follow-up turn vs transformers: {d}");
         }
         println!("tiny-next-mistral {dev}: the mistral_instruct conversation equals transformers");
     }
