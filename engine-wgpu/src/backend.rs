@@ -801,6 +801,17 @@ impl GpuBackend {
     /// and head shape only, so a query's result does not depend on how many queries the
     /// call holds (batch invariance).
     #[allow(clippy::too_many_arguments)]
+    /// Most queries one `flash` call takes: its split partials
+    /// (`[queries, heads, splits, D + 3]` f32, splits counted over the whole cache) must fit
+    /// one storage binding.
+    fn flash_query_rows(&self, p: &AttentionParams, kv16: bool) -> usize {
+        let d = p.head_dim;
+        let split = self.kv_split(d, kv16, self.prefill_variant(d, kv16)).max(1);
+        let nsplit = p.kv_len.div_ceil(split).max(1);
+        let per_query = (p.num_heads * nsplit * (d + 3) * 4).max(1) as u64;
+        (self.ctx.max_binding / per_query).max(1) as usize
+    }
+
     fn flash(
         &self,
         q: &Tensor,
@@ -1401,7 +1412,26 @@ impl Backend for GpuBackend {
             return Ok(out);
         }
         if d.is_multiple_of(4) {
-            return self.flash(q, k, v, p, sq, kv16, out);
+            // The flash kernels keep [queries, heads, splits, D + 3] f32 partials, which
+            // must fit one binding: a long prompt (LLaVA-NeXT-7B's 3,027 queries over 32
+            // heads, 152 MB) runs in query chunks. A query's result does not depend on the
+            // other queries of the call, so the chunks give the same bits.
+            let rows = self.flash_query_rows(p, kv16);
+            if sq <= rows {
+                return self.flash(q, k, v, p, sq, kv16, out);
+            }
+            for q0 in (0..sq).step_by(rows) {
+                let n = rows.min(sq - q0);
+                let qc = self.slice_rows(q, q0, n)?;
+                let pc = AttentionParams {
+                    q_offset: p.q_offset + q0,
+                    ..*p
+                };
+                let oc = self.empty([n, p.num_heads * d], DType::F32, OP)?;
+                let oc = self.flash(&qc, k, v, &pc, n, kv16, oc)?;
+                self.write_rows(&out, q0, &oc)?;
+            }
+            return Ok(out);
         }
         // Head sizes that are not a multiple of 4 (no model here has them): the per-query
         // kernel over an f32 copy of the keys and values.

@@ -225,3 +225,79 @@ fn attention_queries_do_not_depend_on_the_call() {
         }
     }
 }
+
+/// A binding limit of 1 MiB, with and without subgroups: q, k, v and the output of
+/// `long_prompts_run_in_query_chunks` fit one binding, the flash kernels' split partials do not.
+fn gpu_1mib(no_subgroups: bool) -> Option<Arc<GpuBackend>> {
+    static A: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    static B: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
+    backend(
+        GpuOptions {
+            max_binding_override: Some(1 << 20),
+            no_subgroups,
+            ..Default::default()
+        },
+        if no_subgroups { &B } else { &A },
+    )
+}
+
+#[test]
+fn long_prompts_run_in_query_chunks() {
+    // 400 queries over a 1,400-key cache, 4 heads of 128: the attention partials (queries ×
+    // heads × key splits × 131 floats) pass a 1 MiB binding limit, as LLaVA-NeXT-7B's 3,027
+    // queries pass lavapipe's 128 MiB. The chunked call must give every query the bits of the
+    // unlimited one (and must not fail).
+    let mut r = Rng::new(47);
+    let (h, kvh, d, kv_len, sq) = (4usize, 2usize, 128usize, 1400usize, 400usize);
+    let (qw, kw) = (h * d, kvh * d);
+    let q = r.vec(sq * qw, -2.0, 2.0);
+    let kh: Vec<f16> = r
+        .vec(kv_len * kw, -2.0, 2.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let vh: Vec<f16> = r
+        .vec(kv_len * kw, -1.0, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let p = AttentionParams {
+        num_heads: h,
+        num_kv_heads: kvh,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        causal: true,
+        q_offset: kv_len - sq,
+        kv_len,
+        mask: AttentionMask::Layer0Sink {
+            image_start: 4,
+            image_end: 900,
+        },
+    };
+    let run = |b: &dyn Backend| {
+        let qt = b.upload(HostData::F32(&q), Shape::from([sq, qw])).unwrap();
+        let kt = b
+            .upload(HostData::F16(&kh), Shape::from([kv_len, kw]))
+            .unwrap();
+        let vt = b
+            .upload(HostData::F16(&vh), Shape::from([kv_len, kw]))
+            .unwrap();
+        f32s(b, &b.attention(&qt, &kt, &vt, &p).unwrap())
+    };
+    for (name, full, small) in [
+        ("wgpu", gpu(), gpu_1mib(false)),
+        ("wgpu no-subgroups", gpu_no_subgroups(), gpu_1mib(true)),
+    ] {
+        let (Some(full), Some(small)) = (full, small) else {
+            continue;
+        };
+        let want = run(full.as_ref());
+        let got = run(small.as_ref());
+        same_bits(
+            &format!("{name}: attention under a 1 MiB binding limit"),
+            &got,
+            &want,
+        );
+        println!("{name}: {sq} queries x {kv_len} keys under a 1 MiB binding: same bits");
+    }
+}
