@@ -794,13 +794,6 @@ impl GpuBackend {
         Ok(prm)
     }
 
-    /// Split-KV flash attention over `sq` queries (prefill and decode alike): the adapter's
-    /// variant (`flash_attn` tiles or the keys-split `flash_attn_k`; one query per workgroup
-    /// for decode) runs every (query, head) over fixed splits of the keys, then
-    /// `flash_combine` reduces the splits. The splits and the variant depend on the adapter
-    /// and head shape only, so a query's result does not depend on how many queries the
-    /// call holds (batch invariance).
-    #[allow(clippy::too_many_arguments)]
     /// Most queries one `flash` call takes: its split partials
     /// (`[queries, heads, splits, D + 3]` f32, splits counted over the whole cache) must fit
     /// one storage binding.
@@ -812,6 +805,13 @@ impl GpuBackend {
         (self.ctx.max_binding / per_query).max(1) as usize
     }
 
+    /// Split-KV flash attention over `sq` queries (prefill and decode alike): the adapter's
+    /// variant (`flash_attn` tiles or the keys-split `flash_attn_k`; one query per workgroup
+    /// for decode) runs every (query, head) over fixed splits of the keys, then
+    /// `flash_combine` reduces the splits. The splits and the variant depend on the adapter
+    /// and head shape only, so a query's result does not depend on how many queries the
+    /// call holds (batch invariance).
+    #[allow(clippy::too_many_arguments)]
     fn flash(
         &self,
         q: &Tensor,
