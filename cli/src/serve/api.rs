@@ -104,6 +104,8 @@ pub struct Defaults {
     /// The model's context in tokens: a rendered prompt of more than 64 bytes per token of
     /// it cannot fit and is refused before the engine spends time tokenising it.
     pub context: usize,
+    /// Most images one request may hold (`--max-images`); more are a 400.
+    pub max_images: usize,
 }
 
 /// A checked chat-completion request.
@@ -200,12 +202,13 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
         )
         .code("context_length_exceeded"));
     }
-    if rendered.images.len() > 1 {
+    if rendered.images.len() > d.max_images {
         return Err(ApiError::bad(
             Some("messages"),
             format!(
-                "too many images: the conversation holds {}; this model takes one image per conversation",
-                rendered.images.len()
+                "too many images: the conversation holds {}; this server takes at most {} per request (--max-images)",
+                rendered.images.len(),
+                d.max_images
             ),
         ));
     }
