@@ -12,6 +12,7 @@ server held at the same time (polling visi's /metrics), for KV-budget admission:
 with `--prune none` and once with VisiPruner against the same `serve --kv-budget`.
 
     python3 bench/serve_load.py --url http://127.0.0.1:8080 --max-tokens 32
+    python3 bench/serve_load.py --max-tokens 48 --requests 1 --server-pid "$(pgrep -f 'visi-cli serve')"
     python3 bench/serve_load.py --url http://127.0.0.1:8080 --fit 24 --image img.png --prune none
 """
 
@@ -19,6 +20,7 @@ import argparse
 import base64
 import http.client
 import json
+import os
 import sys
 import threading
 import time
@@ -95,6 +97,21 @@ def metrics(url, api_key):
     return out
 
 
+def cpu_seconds(pid):
+    """CPU time (user + system, all threads) process `pid` has used, from /proc (Linux);
+    None without a pid or where /proc cannot say. On a software adapter (lavapipe) the
+    server's threads do the device work too, so this is its whole cost, and unlike wall
+    time it barely moves when other jobs share the cores."""
+    if not pid:
+        return None
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def make_body(a, i):
     content = [{"type": "text", "text": a.prompt}]
     if a.image:
@@ -138,12 +155,16 @@ def run_level(a, clients):
         m0 = metrics(a.url, a.api_key)
     except Exception:  # noqa: BLE001 - a server without visi's /metrics
         m0 = {}
+    load0 = os.getloadavg()[0]
+    c0 = cpu_seconds(a.server_pid)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    c1 = cpu_seconds(a.server_pid)
+    load1 = os.getloadavg()[0]
     try:
         m1 = metrics(a.url, a.api_key)
     except Exception:  # noqa: BLE001
@@ -155,7 +176,14 @@ def run_level(a, clients):
     ttfts = [r[0] for r in results]
     decode_tokens = sum(max(r[2] - 1, 0) for r in results)
     out_tokens = sum(r[2] for r in results)
+    cpu = c1 - c0 if c0 is not None and c1 is not None else None
     return {
+        # The machine's 1-minute load average when the level started and ended.
+        "load_avg_1m": [load0, load1],
+        # The server's CPU seconds over the level (--server-pid), and its decode tokens
+        # per CPU second: throughput that other jobs on the machine disturb little.
+        "server_cpu_s": cpu,
+        "decode_tok_per_cpu_s": decode_tokens / cpu if cpu else None,
         "clients": clients,
         "requests": len(results),
         "errors": errors,
@@ -226,6 +254,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="requests sent alone first")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--server-pid", type=int, help="the server's process id (Linux): also report its CPU time per level")
     a = ap.parse_args()
 
     for i in range(a.warmup):
@@ -240,6 +269,13 @@ def main():
             levels.append(lvl)
             base = levels[0]["decode_tok_s"] or float("nan")
             sbase = levels[0]["server_decode_tok_s"]
+            cbase = levels[0]["decode_tok_per_cpu_s"]
+            if lvl["decode_tok_per_cpu_s"] and cbase:
+                print(
+                    "            server CPU: %.1f s, %.3f decode tokens per CPU second (%.2fx one client), load %.1f -> %.1f"
+                    % (lvl["server_cpu_s"], lvl["decode_tok_per_cpu_s"], lvl["decode_tok_per_cpu_s"] / cbase, *lvl["load_avg_1m"]),
+                    flush=True,
+                )
             if lvl["server_decode_tok_s"] and sbase:
                 print(
                     "            server side: decode steps %8.2f tok/s (%.2fx one client), mean batch %.2f, prefill %.1f s"
@@ -268,6 +304,8 @@ def main():
             lvl["ratio_to_one_client"] = lvl["decode_tok_s"] / levels[0]["decode_tok_s"] if levels[0]["decode_tok_s"] else None
             s0 = levels[0]["server_decode_tok_s"]
             lvl["server_ratio_to_one_client"] = lvl["server_decode_tok_s"] / s0 if s0 and lvl["server_decode_tok_s"] else None
+            c0 = levels[0]["decode_tok_per_cpu_s"]
+            lvl["cpu_ratio_to_one_client"] = lvl["decode_tok_per_cpu_s"] / c0 if c0 and lvl["decode_tok_per_cpu_s"] else None
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

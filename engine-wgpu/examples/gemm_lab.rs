@@ -4,9 +4,12 @@
 //! (m, k, rows, n, n_off, 0, 0, 0), 1 x f32 [M, K], 2 w f16 packed [N, K], 4 y f32 [M, N].
 //! - `gemm_lab M K N REPS FILE:TM:TN[:n] ...`: grid (ceil(M / TM), ceil(N / TN)), or N along x
 //!   with `:n`; prints the best of REPS per kernel. `PEAKS=file:entry:flop,...` adds peak
-//!   kernels (FLOP per invocation per loop step; 256 groups of 256, 1024 steps).
-//! - `gemm_lab --dump KERNEL [FLAGS...]`: prints a kernel of the shaders crate preprocessed,
-//!   e.g. `--dump gemm_sg8 > /tmp/g.wgsl` to start from the shipped one.
+//!   kernels (FLOP per invocation per loop step; 256 groups of 256, 1024 steps). Also
+//!   prints each kernel's CPU time per run (all threads; on llvmpipe the work itself),
+//!   which a busy machine disturbs far less than the wall time.
+//! - `gemm_lab --dump KERNEL [FLAGS...] [NAME=VALUE...]`: prints a kernel of the shaders crate
+//!   preprocessed, e.g. `--dump gemm_sg8 > /tmp/g.wgsl` to start from the shipped one, or
+//!   `--dump gemv_sg8 W16 M=4`.
 
 use std::time::Instant;
 
@@ -25,11 +28,36 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// This process's CPU time (all threads, user + system) in clock ticks, from /proc (0
+/// elsewhere): summed over many runs it times a kernel on a machine busy with other work,
+/// where the best wall time of a few runs is noise.
+fn cpu_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--dump") {
-        let flags: Vec<&str> = args[3..].iter().map(String::as_str).collect();
-        println!("{}", shaders::build(&args[2], &flags, &[]).expect("kernel"));
+        // FLAGS are names; NAME=VALUE substitutes {{NAME}} (e.g. M=4 for gemv_sg8).
+        let (subs, flags): (Vec<&String>, Vec<&String>) =
+            args[3..].iter().partition(|a| a.contains('='));
+        let flags: Vec<&str> = flags.iter().map(|s| s.as_str()).collect();
+        let subs: Vec<(&str, String)> = subs
+            .iter()
+            .filter_map(|s| s.split_once('='))
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
+        println!(
+            "{}",
+            shaders::build(&args[2], &flags, &subs).expect("kernel")
+        );
         return;
     }
     let instance = {
@@ -213,13 +241,16 @@ fn main() {
         .collect();
     drop(pbg);
     let mut tp = f64::INFINITY;
+    let mut cpu = vec![0u64; ks.len()];
     for _ in 0..reps {
         for q in pks.iter_mut() {
             q.4 = q.4.min(run(&q.1, &q.2, [256, 1, 1]));
         }
         tp = pks[0].4;
-        for kk in ks.iter_mut() {
+        for (i, kk) in ks.iter_mut().enumerate() {
+            let c0 = cpu_ticks();
             kk.4 = kk.4.min(run(&kk.1, &kk.2, kk.3));
+            cpu[i] += cpu_ticks() - c0;
         }
     }
     let pk = 256.0 * 256.0 * 1024.0 * 64.0 / tp * 1e-9;
@@ -231,14 +262,16 @@ fn main() {
             256.0 * 256.0 * 1024.0 * q.3 / q.4 * 1e-9
         );
     }
-    for kk in &ks {
+    for (kk, c) in ks.iter().zip(&cpu) {
         let g = 2.0 * (m * n * k) as f64 / kk.4 * 1e-9;
+        // Clock ticks are 10 ms on Linux.
         println!(
-            "{:<28} {:.3}s {g:6.2} GFLOP/s {:5.1}% of peak  bad {}",
+            "{:<28} {:.3}s {g:6.2} GFLOP/s {:5.1}% of peak  bad {}  cpu {:.2} ms/run",
             kk.0,
             kk.4,
             100.0 * g / pk,
-            kk.5
+            kk.5,
+            *c as f64 * 10.0 / reps.max(1) as f64
         );
     }
 }

@@ -106,6 +106,8 @@ pub struct Defaults {
     pub context: usize,
     /// The conversation format requests are rendered in.
     pub template: models::prompt::Template,
+    /// Most images one request may hold (`--max-images`); more are a 400.
+    pub max_images: usize,
 }
 
 /// A checked chat-completion request.
@@ -202,12 +204,13 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
         )
         .code("context_length_exceeded"));
     }
-    if rendered.images.len() > 1 {
+    if rendered.images.len() > d.max_images {
         return Err(ApiError::bad(
             Some("messages"),
             format!(
-                "too many images: the conversation holds {}; this model takes one image per conversation",
-                rendered.images.len()
+                "too many images: the conversation holds {}; this server takes at most {} per request (--max-images)",
+                rendered.images.len(),
+                d.max_images
             ),
         ));
     }

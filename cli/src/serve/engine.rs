@@ -2,9 +2,9 @@
 //!
 //! Requests arrive over a channel. Each turn of the loop takes in what arrived (checks the
 //! prompt against the model, queues it), drops requests whose client went away (their
-//! session, and so their KV, is freed), admits at most one queued request (one unit of
-//! prefill work, [`Engine::prefill_unit`]) when the batch and the KV budget have room,
-//! then runs one decode step for every active sequence together
+//! session, and so their KV, is freed), admits queued requests one after another (each one
+//! unit of prefill work, [`Engine::prefill_unit`]) while the batch and the KV budget have
+//! room, then runs one decode step for every active sequence together
 //! ([`models::session::decode_batch`]: the linear layers as one M = B matmul, attention per
 //! sequence over its own per-layer, possibly pruned, KV). A sequence's tokens do not depend
 //! on what runs beside it (the core's batch invariance), so seeded answers are reproducible
@@ -50,8 +50,8 @@ pub enum Event {
 pub struct Job {
     /// The checked request.
     pub req: ChatRequest,
-    /// Its image, decoded.
-    pub image: Option<RgbImage>,
+    /// Its images in prompt order, decoded.
+    pub images: Vec<RgbImage>,
     /// Where its events go; closed when the client went away.
     pub events: UnboundedSender<Event>,
     /// When the request arrived (TTFT counts from here).
@@ -92,7 +92,7 @@ struct Waiting {
     job: Job,
     prompt: PromptIds,
     opts: GenerateOptions,
-    /// Pruning config and whether there is an image: what the KV ratio depends on.
+    /// Pruning config and the number of images: what the KV ratio depends on.
     key: String,
 }
 
@@ -174,23 +174,35 @@ impl<'a> Engine<'a> {
                     Err(_) => connected = false,
                 }
             }
+            // Admission: every queued request that fits is prefilled in this turn, one
+            // after another, taking in what arrives meanwhile, so a burst of requests
+            // fills the batch before the answers' decode steps (which would otherwise run
+            // at a small batch while the rest wait). Answers already streaming still step
+            // every `--prefill-chunk` layers of each of these prefills.
+            let streaming = self.active.iter().any(|a| !a.answer.tokens.is_empty());
             loop {
-                match rx.try_recv() {
-                    Ok(m) => self.on_message(m),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        connected = false;
-                        break;
-                    }
+                connected &= self.take_in(&rx);
+                self.drop_disconnected();
+                self.check_deadline();
+                if !self.admit_one(streaming) {
+                    break;
                 }
             }
-            self.drop_disconnected();
-            self.check_deadline();
-            self.admit_one();
             self.step();
             self.update_gauges();
         }
         self.update_gauges();
+    }
+
+    /// Takes in every message waiting on `rx`; false once every sender is gone.
+    fn take_in(&mut self, rx: &Receiver<ToEngine>) -> bool {
+        loop {
+            match rx.try_recv() {
+                Ok(m) => self.on_message(m),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
     }
 
     fn on_message(&mut self, m: ToEngine) {
@@ -231,10 +243,16 @@ impl<'a> Engine<'a> {
     /// The request against the model (cheap: tokenising, the pruning config's fit).
     fn check(&self, job: &Job) -> Result<(PromptIds, GenerateOptions, String), ApiError> {
         let req = &job.req;
-        let has_image = job.image.is_some();
+        // Each `<image>` takes the next image (LLaVA-NeXT: as many tokens as its size asks).
+        let counts = job
+            .images
+            .iter()
+            .map(|i| self.llava.image_tokens_for(i.width(), i.height()))
+            .collect::<engine_core::Result<Vec<_>>>()
+            .map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
         let prompt = self
             .llava
-            .prompt(Template::Raw, &req.rendered.text, has_image)
+            .prompt_images(Template::Raw, &req.rendered.text, &counts)
             .map_err(|e| {
                 let e = ApiError::bad(Some("messages"), e.to_string());
                 if e.message.contains("context") {
@@ -256,7 +274,7 @@ impl<'a> Engine<'a> {
             keep_first_logits: false,
             kv_dtype: self.cfg.kv_dtype,
         };
-        let key = format!("{}|{has_image}", cfg.to_json());
+        let key = format!("{}|{}", cfg.to_json(), job.images.len());
         Ok((prompt, opts, key))
     }
 
@@ -287,7 +305,7 @@ impl<'a> Engine<'a> {
         (held, reserved)
     }
 
-    /// One request's prefill: its image encoding (cached across requests) and its
+    /// One request's prefill: its images' encoding (cached across requests) and its
     /// prompt's prefill in a fresh session, calling `after_layer` after each decoder layer
     /// (where the engine runs decode steps of the other answers: chunked prefill).
     fn prefill_unit(
@@ -303,12 +321,10 @@ impl<'a> Engine<'a> {
                 panic!("debug panic requested for this prompt");
             }
         }
-        let enc = w
-            .job
-            .image
-            .take()
-            .map(|img| llava.encode_image(&img, image_mode))
-            .transpose()
+        let enc = std::mem::take(&mut w.job.images)
+            .iter()
+            .map(|img| llava.encode_image(img, image_mode))
+            .collect::<engine_core::Result<Vec<_>>>()
             .map_err(engine_error)?;
         let mut session = llava.session();
         let answer = llava
@@ -326,21 +342,27 @@ impl<'a> Engine<'a> {
         Ok((session, answer))
     }
 
-    fn admit_one(&mut self) {
+    /// Prefills the first queued request when the batch and the KV budget have room for
+    /// it (it leaves the queue, answered with its error if the prefill fails); false when
+    /// nothing was taken (the request, if any, keeps waiting). With
+    /// `interleave`, the active answers take a decode step every `--prefill-chunk` layers
+    /// of this prefill (chunked prefill); without, the prefill runs whole (nothing is
+    /// streaming yet: a burst of new requests is prefilled before their first step).
+    fn admit_one(&mut self, interleave: bool) -> bool {
         if self.draining.is_some() || self.active.len() >= self.cfg.max_batch {
-            return;
+            return false;
         }
         let Some(front) = self.waiting.front() else {
-            return;
+            return false;
         };
         if !self.active.is_empty() {
             let (_, reserved) = self.reserved();
             if reserved.saturating_add(self.estimate(front)) > self.cfg.kv_budget {
-                return;
+                return false;
             }
         }
         let Some(mut w) = self.waiting.pop_front() else {
-            return;
+            return false;
         };
         self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
         let queue_ms = w.job.arrived.elapsed().as_secs_f64() * 1e3;
@@ -349,7 +371,11 @@ impl<'a> Engine<'a> {
         let (mode, panic_on, chunk) = (
             self.cfg.image_mode,
             self.cfg.panic_on.clone(),
-            self.cfg.prefill_chunk,
+            if interleave {
+                self.cfg.prefill_chunk
+            } else {
+                0
+            },
         );
         // Chunked prefill: the running answers take a decode step every `chunk` layers, so
         // their streams never wait for a whole prefill (decode time counted as decode).
@@ -407,6 +433,7 @@ impl<'a> Engine<'a> {
                 let _ = w.job.events.send(Event::Error(e));
             }
         }
+        true
     }
 
     /// Frees the sessions of requests whose client went away.

@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// Let requests name local image files, only those inside DIR.
     #[arg(long)]
     allow_files: Option<PathBuf>,
+    /// Most images one request may hold (each `<image>` takes the next one, as in `run
+    /// --messages`); more are a 400. VisiPruner's shallow masks hold up to 8 separate images
+    /// (5 with the `split` layer-0 policy); past that its middle and deep stages run alone.
+    #[arg(long, default_value_t = 8)]
+    max_images: usize,
     /// crop: llava-hf's processor; pad: LLaVA-1.5's expand2square.
     #[arg(long, value_enum, default_value = "crop")]
     image_mode: ImageModeArg,
@@ -175,6 +180,10 @@ struct AppState {
     accepting: AtomicBool,
 }
 
+/// Upper bound of `--max-images` (each image is up to 576 tokens with LLaVA-1.5, thousands
+/// with NeXT: far more than this cannot fit any context we load).
+const MAX_IMAGES: usize = 64;
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -190,6 +199,12 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
     }
     if a.max_tokens == 0 {
         return Err(bad_input(anyhow!("--max-tokens must be at least 1")));
+    }
+    if a.max_images > MAX_IMAGES {
+        return Err(bad_input(anyhow!(
+            "--max-images {} is over {MAX_IMAGES}",
+            a.max_images
+        )));
     }
     let sampling = models::sampling::SamplingParams {
         temperature: a.temperature,
@@ -344,6 +359,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
             layers,
             context: llava.config().text.max_position_embeddings,
             template: a.template.template(),
+            max_images: a.max_images,
         },
         api_key,
         allow_files,
@@ -676,35 +692,65 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
     }
 }
 
-/// The request's image, decoded (bounded: size, pixels, decoder memory), off the runtime's
-/// worker threads.
-async fn load_image(st: &AppState, req: &ChatRequest) -> Result<Option<RgbImage>, ApiError> {
-    let Some(url) = req.rendered.images.first() else {
-        return Ok(None);
-    };
+/// The request's images in order, decoded (each bounded: size, pixels, decoder memory),
+/// off the runtime's worker threads. A bad one is a 400 naming its place.
+async fn load_images(st: &AppState, req: &ChatRequest) -> Result<Vec<RgbImage>, ApiError> {
     let bad = |m: String| ApiError::bad(Some("messages"), m).code("invalid_image");
-    let src = models::chat::image_source(url).map_err(|e| bad(e.to_string()))?;
+    let many = req.rendered.images.len() > 1;
+    let mut srcs = Vec::with_capacity(req.rendered.images.len());
+    for (i, url) in req.rendered.images.iter().enumerate() {
+        let src = models::chat::image_source(url).map_err(|e| {
+            bad(if many {
+                format!("image {}: {e}", i + 1)
+            } else {
+                e.to_string()
+            })
+        })?;
+        srcs.push(src);
+    }
+    if srcs.is_empty() {
+        return Ok(Vec::new());
+    }
     let allow = st.allow_files.clone();
-    let job = tokio::task::spawn_blocking(move || -> Result<RgbImage, String> {
-        match src {
-            ImageSource::Data(bytes) => models::preprocess::decode_image(&bytes, "image data URL")
-                .map_err(|e| e.to_string()),
-            ImageSource::File(p) => {
-                let Some(dir) = allow else {
-                    return Err("local image paths are refused (the server was started without --allow-files); send a data: URL".into());
-                };
-                let p = if p.is_relative() { dir.join(p) } else { p };
-                let canon = std::fs::canonicalize(&p)
-                    .map_err(|_| "image file not found inside the allowed directory".to_string())?;
-                if !canon.starts_with(&dir) {
-                    return Err("image path is outside the server's --allow-files directory".into());
+    let job = tokio::task::spawn_blocking(move || -> Result<Vec<RgbImage>, String> {
+        let one = |src: ImageSource| -> Result<RgbImage, String> {
+            match src {
+                ImageSource::Data(bytes) => {
+                    models::preprocess::decode_image(&bytes, "image data URL")
+                        .map_err(|e| e.to_string())
                 }
-                models::preprocess::load_image(&canon).map_err(|e| e.to_string())
+                ImageSource::File(p) => {
+                    let Some(dir) = &allow else {
+                        return Err("local image paths are refused (the server was started without --allow-files); send a data: URL".into());
+                    };
+                    let p = if p.is_relative() { dir.join(p) } else { p };
+                    let canon = std::fs::canonicalize(&p).map_err(|_| {
+                        "image file not found inside the allowed directory".to_string()
+                    })?;
+                    if !canon.starts_with(dir) {
+                        return Err(
+                            "image path is outside the server's --allow-files directory".into()
+                        );
+                    }
+                    models::preprocess::load_image(&canon).map_err(|e| e.to_string())
+                }
             }
-        }
+        };
+        srcs.into_iter()
+            .enumerate()
+            .map(|(i, src)| {
+                one(src).map_err(|e| {
+                    if many {
+                        format!("image {}: {e}", i + 1)
+                    } else {
+                        e
+                    }
+                })
+            })
+            .collect()
     });
     match job.await {
-        Ok(Ok(img)) => Ok(Some(img)),
+        Ok(Ok(imgs)) => Ok(imgs),
         Ok(Err(m)) => Err(bad(m)),
         Err(_) => Err(ApiError::internal(
             "internal panic while decoding the image",
@@ -721,7 +767,7 @@ async fn chat_inner(
     let bytes = read_body(&st, &headers, body).await?;
     let req = api::parse_chat(&bytes, &st.defaults)?;
     drop(bytes);
-    let image = load_image(&st, &req).await?;
+    let images = load_images(&st, &req).await?;
     if !st.accepting.load(Ordering::SeqCst) {
         let mut e = ApiError::status(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -753,7 +799,7 @@ async fn chat_inner(
     let model = req.model.clone().unwrap_or_else(|| st.model_id.clone());
     let job = Job {
         req,
-        image,
+        images,
         events: etx,
         arrived,
     };
