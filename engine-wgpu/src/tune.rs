@@ -355,13 +355,16 @@ pub fn tune(opts: &GpuOptions, quick: bool) -> Result<Value> {
                 best = Some((t, cand.name()));
             }
         }
+        let mut split_kv = true;
         if let Some((t, name)) = best {
             gpu.ctx.tuning.set(&class, name.clone());
+            // The sg8 passes walk every key of a query block in one subgroup: no key splits.
+            split_kv = name != Prefill::Sg8.name();
             winners.insert(class.clone(), name.clone());
             classes
                 .push(json!({ "class": class, "winner": name, "seconds": t, "candidates": rows }));
         }
-        if causal {
+        if causal && split_kv {
             // Keys per split: prefill of `sq` queries plus decode of the last query over the
             // whole cache (both run the same splits).
             let q1 = gpu.upload(HostData::F32(&values(w)), Shape::from([1, w]))?;
