@@ -130,14 +130,29 @@ fn qk_main(rs: u32, d: u32) -> String {
         let _ = writeln!(w, "    if (m0 + {r}u < p.sq) {{");
         let _ = writeln!(w, "        let i = m0 + {r}u;");
         let _ = writeln!(w, "        let vr = visible(i);");
-        let _ = writeln!(w, "        let sr = (wid.z * p.sq + i) * p.kpad + n0;");
+        let _ = writeln!(
+            w,
+            "        let sr = ((wid.z * p.sq + i) * p.kpad + n0) / 4u;"
+        );
         let _ = writeln!(w, "        var mx = -3.402823e38;");
         for c in 0..cl {
             let _ = writeln!(w, "        let s{c} = a{r}_{c} * p.scale;");
-            let _ = writeln!(w, "        if (n0 + {c}u < vl) {{ s[sr + {c}u] = s{c}; }}");
             let _ = writeln!(
                 w,
                 "        mx = max(mx, select(-3.402823e38, s{c}, n0 + {c}u < vr));"
+            );
+        }
+        // Whole vec4s (a quarter of the per-lane stores) up to the row's end: scores past
+        // what the block sees are never read.
+        for t in 0..cl / 4 {
+            let _ = writeln!(
+                w,
+                "        if (n0 + {}u < p.kpad) {{ s[sr + {t}u] = vec4<f32>(s{}, s{}, s{}, s{}); }}",
+                4 * t,
+                4 * t,
+                4 * t + 1,
+                4 * t + 2,
+                4 * t + 3
             );
         }
         let _ = writeln!(w, "        mx = subgroupMax(mx);");

@@ -11,7 +11,8 @@
 // Dispatch: (ceil(sq / RS), ceil(keys / 128), heads of the chunk); key blocks past what a
 // query block sees (causal) return at once.
 // bindings: 0 uniform P, 1 q [Sq, H*D] f32, 2 k [L, KvH*D] (f16 packed as vec4<u32> with
-//           KV16, else vec4<f32>), 3 s [heads, sq, kpad] f32, 4 bm [heads, sq, nkb] f32.
+//           KV16, else vec4<f32>), 3 s [heads, sq, kpad] f32 (written as vec4s), 4 bm [heads,
+//           sq, nkb] f32.
 //           RS queries per subgroup, HEAD_DIM = D (a multiple of 64).
 
 const D: u32 = {{HEAD_DIM}}u;
@@ -33,7 +34,7 @@ struct P {
 #else
 @group(0) @binding(2) var<storage, read> kb: array<vec4<f32>>;
 #endif
-@group(0) @binding(3) var<storage, read_write> s: array<f32>;
+@group(0) @binding(3) var<storage, read_write> s: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> bm: array<f32>;
 
 // Keys query i of the chunk sees.
