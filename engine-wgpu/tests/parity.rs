@@ -984,14 +984,15 @@ fn fallbacks_no_f16_no_subgroups() {
 
 #[test]
 fn attention_long_calls() {
-    // Calls whose scores do not fit one score buffer of the sg8 attention (16 MiB on
-    // software adapters with 8-wide subgroups): heads in chunks (1100 queries x 1104 keys, 4
-    // heads: 3 + 1) and queries in chunks (2100 x 2104, 1984 + 116 queries), with masks.
+    // Calls whose scores do not fit one score buffer of the sg8 attention (64 MiB on
+    // software adapters with 8-wide subgroups): heads in chunks (2100 queries x 2104 keys, 4
+    // heads: 3 + 1) and queries in chunks (4100 x 4104, one head: 4064 + 36 queries), with
+    // masks.
     let Some(g) = gpu() else { return };
     let mut r = Rng::new(31);
     for (sq, h, kvh, mask) in [
         (
-            1100usize,
+            2100usize,
             4usize,
             2usize,
             AttentionMask::Layer0Sink {
@@ -1000,8 +1001,8 @@ fn attention_long_calls() {
             },
         ),
         (
-            2100,
-            2,
+            4100,
+            1,
             1,
             AttentionMask::TextToImage {
                 image_start: 35,
