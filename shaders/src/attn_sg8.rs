@@ -23,7 +23,8 @@ pub(crate) fn generate(name: &str) -> Option<String> {
     let kind = it.next()?;
     let rs: u32 = it.next()?.parse().ok()?;
     let d: u32 = it.next()?.parse().ok()?;
-    if it.next().is_some() || !(1..=64).contains(&rs) || d == 0 || d % 64 != 0 || d > 256 {
+    if it.next().is_some() || !(1..=64).contains(&rs) || d == 0 || !d.is_multiple_of(64) || d > 256
+    {
         return None;
     }
     match kind {
