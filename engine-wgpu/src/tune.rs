@@ -8,8 +8,8 @@
 //! - `attn_prefill/d{D}/{f16|f32}`: `tiled:BQ,BK,TPR` (flash_attn: K/V tiles in workgroup
 //!   memory, TPR lanes per query) or `keys:BQ,WG` (flash_attn_k: lanes split the keys, then
 //!   the output columns; uniform Q and P reads), or `sg8` (software adapters with 8-wide
-//!   subgroups, head sizes that are multiples of 64: scores, a row softmax and P·V as
-//!   gemm_sg8-style passes over a score buffer; no key splits).
+//!   subgroups, head sizes that are multiples of 64: the scores, then the probabilities and
+//!   P·V, as gemm_sg8-style passes over a score buffer; no key splits).
 //! - `attn_split/d{D}/{f16|f32}`: `split:CH`, the keys per split of split-KV attention (prefill
 //!   and decode: the same splits, so one query's result does not depend on the call).
 //!
@@ -38,7 +38,7 @@ pub(crate) enum Prefill {
     Tiled(usize, usize, usize),
     /// flash_attn_k with (BQ, WG).
     Keys(usize, usize),
-    /// attn_qk_sg8 + attn_softmax + attn_pv_sg8 (subgroup broadcasts, 8-wide subgroups).
+    /// attn_qk_sg8 + attn_pv_sg8 (subgroup broadcasts, 8-wide subgroups).
     Sg8,
 }
 
@@ -206,16 +206,15 @@ impl GpuBackend {
             return "attention (per query)".into();
         }
         let v = self.prefill_variant(d, kv16);
-        if v == Prefill::Sg8 {
-            let rs = crate::backend::sg8_queries(if prefill { 640 } else { 1 });
-            return format!("attn_qk_sg8+attn_pv_sg8 sg8 RS={rs}");
-        }
-        let split = self.kv_split(d, kv16, v);
         let kernel = match v {
             Prefill::Tiled(..) => "flash_attn",
             Prefill::Keys(..) => "flash_attn_k",
-            Prefill::Sg8 => unreachable!("handled above"),
+            Prefill::Sg8 => {
+                let rs = crate::backend::sg8_queries(if prefill { 640 } else { 1 });
+                return format!("attn_qk_sg8+attn_pv_sg8 sg8 RS={rs}");
+            }
         };
+        let split = self.kv_split(d, kv16, v);
         let bq1 = if prefill { "" } else { " BQ=1" };
         format!("{kernel} {}{bq1} split:{split}", v.name())
     }

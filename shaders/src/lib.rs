@@ -5,12 +5,14 @@
 //! - `#if NAME` / `#else` / `#endif` (nestable): keep lines when flag `NAME` is set;
 //! - `#include NAME`: paste the snippet `NAME` (see [`snippet`]), preprocessed with the same flags;
 //! - `#gen NAME`: paste generated text (see `unrolled.rs` and `attn_sg8.rs`: unrolled kernel
-//!   bodies), preprocessed alike; `{{..}}` in NAME is substituted first (`attn_sg8:{{RS}}:..`);
+//!   bodies), preprocessed alike; `{{..}}` in NAME is substituted first
+//!   (`#gen attn_qk_sg8:{{RS}}:{{HEAD_DIM}}`);
 //! - `{{NAME}}` anywhere in a line: replaced by the substitution's value.
 //!
 //! Flags used by the kernels: `F16` (the adapter has `shader-f16`; emits `enable f16;`),
 //! `SUBGROUPS` (subgroup reductions), `W16` (weights are f16 packed two per u32), `VEC`
-//! (vectorised weight loads), `BIAS`.
+//! (vectorised weight loads), `BIAS`, `KV16` (attention K/V are an f16 cache), `MASK`
+//! (`attn_pv_sg8`: apply mask rules).
 
 use std::fmt;
 
