@@ -213,6 +213,28 @@ fn kv16(op: &'static str, kv: &[&Tensor]) -> Result<bool> {
     Ok(first == DType::F16)
 }
 
+/// Bytes of the score buffer of one `attn_sg8` chunk (heads × queries × keys f32; a 640-token
+/// prefill of 32 heads is one chunk, 52 MB). Smaller chunks (16 MiB, 4 MiB) that stay in the
+/// last-level cache measured no faster on lavapipe, and each chunk is two more passes.
+const SG8_SCORES: u64 = 64 << 20;
+
+/// Longest cache `attn_sg8` takes: attn_pv_sg8 walks 8 keys per iteration plus its 128-key
+/// block maxes per query, and llvmpipe stops an invocation after 65535 loop iterations; longer
+/// caches run the keys-split flash kernel.
+pub(crate) const SG8_MAX_KEYS: usize = 1 << 17;
+
+/// Queries per subgroup of the `attn_sg8` passes for a call of `sq` queries: 32 (the register
+/// block that makes the products compute-bound) once a call has that many, fewer for short
+/// calls (decode: 1). Only speed depends on it, never a query's bits.
+pub(crate) fn sg8_queries(sq: usize) -> usize {
+    match sq {
+        0..=1 => 1,
+        2..=4 => 4,
+        5..=8 => 8,
+        _ => 32,
+    }
+}
+
 /// Default tile sizes of `flash_attn` for head size `d`: (BQ queries, BK keys, TPR lanes per query),
 /// the largest of the preferred sizes whose workgroup memory fits `wg_storage` bytes with K/V
 /// tiles of `kv_bytes` per element; `None` when `d` is not a multiple of 4 or nothing fits.
@@ -826,7 +848,14 @@ impl GpuBackend {
         let d = p.head_dim;
         let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
         let c = |v: usize| u32_of(OP, "size", v);
-        let variant = self.prefill_variant(d, kv16);
+        let mut variant = self.prefill_variant(d, kv16);
+        if variant == Prefill::Sg8 {
+            if p.kv_len <= SG8_MAX_KEYS {
+                return self.attn_sg8(q, k, v, p, sq, kv16, out);
+            }
+            // Longer caches: the keys-split kernel (its default tiles).
+            variant = Prefill::Keys(16, 32);
+        }
         let split = self.kv_split(d, kv16, variant);
         // Decode (and short calls): one query per workgroup; the per-query arithmetic is the
         // same for every BQ.
@@ -852,6 +881,7 @@ impl GpuBackend {
                     bq,
                 )
             }
+            Prefill::Sg8 => return Err(Error::internal("sg8 attention took the flash path")),
         };
         let pipe = self
             .ctx
@@ -909,6 +939,116 @@ impl GpuBackend {
         Ok(out)
     }
 
+    /// Attention on software adapters with 8-wide subgroups (`Prefill::Sg8`, head sizes a
+    /// multiple of 64): per chunk of heads (and queries, for long caches) whose scores fit
+    /// [`SG8_SCORES`] bytes, `attn_qk_sg8` writes the scores and per-block row maxes, and
+    /// `attn_pv_sg8` turns them into probabilities (masks included), multiplies by V and
+    /// normalises. Every score, row sum and output is a chain in a fixed order whatever the
+    /// number of queries per subgroup ([`sg8_queries`]), and chunks only group queries, so a
+    /// query's result does not depend on the call (batch invariance).
+    #[allow(clippy::too_many_arguments)]
+    fn attn_sg8(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &AttentionParams,
+        sq: usize,
+        kv16: bool,
+        out: Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention";
+        let d = p.head_dim;
+        let (cq, ck, cv, co) = (one(q, OP)?, one(k, OP)?, one(v, OP)?, one(&out, OP)?);
+        let c = |v: usize| u32_of(OP, "size", v);
+        let h = p.num_heads;
+        let rs = sg8_queries(sq);
+        let key = |name: &'static str| {
+            PipelineKey::new(name, "main")
+                .flag(kv16, "KV16")
+                .sub("RS", rs as u32)
+                .sub("HEAD_DIM", d as u32)
+        };
+        let qk = self.ctx.pipeline(key("attn_qk_sg8"))?;
+        // Mask rules or not: the same bits for keys no rule covers, so only speed depends on it.
+        let masked = !p.mask.rules().as_slice().is_empty();
+        let pv = self.ctx.pipeline(key("attn_pv_sg8").flag(masked, "MASK"))?;
+        // Score rows: the keys the call's last query sees, rounded up to whole 8-key steps of
+        // attn_pv_sg8. Chunks: whole heads while the scores of all queries fit, else one head
+        // and whole query blocks.
+        let kv_end = if p.causal {
+            (p.q_offset + sq).min(p.kv_len)
+        } else {
+            p.kv_len
+        };
+        let kpad = kv_end.div_ceil(8).max(1) * 8;
+        let kblock = shaders::ATTN_QK_KEYS as usize;
+        let nkb = kpad.div_ceil(kblock);
+        let budget = (SG8_SCORES.min(self.ctx.max_binding) / 4) as usize;
+        let (hc, qc) = if sq * kpad <= budget {
+            ((budget / (sq * kpad)).clamp(1, h), sq)
+        } else {
+            (1, (budget / kpad / rs).max(1) * rs)
+        };
+        let scores = self.empty([hc * qc * kpad], DType::F32, OP)?;
+        let maxes = self.empty([hc * qc * nkb], DType::F32, OP)?;
+        let (cs, cm) = (one(&scores, OP)?, one(&maxes, OP)?);
+        let mut base = attention_params(sq, p, 0);
+        base.extend(params(&[0, c(nkb)?, 0, 0]));
+        base.extend(mask_words(p));
+        let set = |prm: &mut [u8], word: usize, v: u32| {
+            prm[4 * word..4 * word + 4].copy_from_slice(&v.to_le_bytes());
+        };
+        set(&mut base, 5, c(kpad)?);
+        for q0 in (0..sq).step_by(qc) {
+            let nq = qc.min(sq - q0);
+            for h0 in (0..h).step_by(hc) {
+                let nh = hc.min(h - h0);
+                let mut prm = base.clone();
+                set(&mut prm, 0, c(nq)?);
+                set(&mut prm, 2, c(p.q_offset + q0)?);
+                set(&mut prm, 6, c(nh)?);
+                set(&mut prm, 11, c(q0)?);
+                set(&mut prm, 12, c(h0)?);
+                let chunk_end = if p.causal {
+                    (p.q_offset + q0 + nq).min(p.kv_len)
+                } else {
+                    p.kv_len
+                };
+                let blocks = [c(nq.div_ceil(rs))?, c(chunk_end.div_ceil(kblock))?, c(nh)?];
+                if blocks.iter().any(|&x| x > self.ctx.max_groups) {
+                    return Err(Error::shape(
+                        OP,
+                        format!("{sq} queries x {h} heads x {} keys is too many", p.kv_len),
+                    ));
+                }
+                self.ctx.dispatch(
+                    &qk,
+                    &prm,
+                    &[
+                        Bind(1, &cq.buf, cq.bytes),
+                        Bind(2, &ck.buf, ck.bytes),
+                        Bind(3, &cs.buf, cs.bytes),
+                        Bind(4, &cm.buf, cm.bytes),
+                    ],
+                    blocks,
+                )?;
+                self.ctx.dispatch(
+                    &pv,
+                    &prm,
+                    &[
+                        Bind(1, &cs.buf, cs.bytes),
+                        Bind(2, &cv.buf, cv.bytes),
+                        Bind(3, &co.buf, co.bytes),
+                        Bind(4, &cm.buf, cm.bytes),
+                    ],
+                    [blocks[0], blocks[2], 1],
+                )?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Keys one invocation of `variant` may walk in one dispatch on a software adapter
     /// (llvmpipe stops a loop nest after 65535 iterations: the iterations one invocation
     /// runs per key tile, counted from the kernel's loops); unbounded elsewhere.
@@ -932,6 +1072,8 @@ impl GpuBackend {
                 let per_tile = d4 * (bq + 1) + 3 * bq + 2 * wg + wg * nc * (bq + 1) + bq * nc;
                 (60_000 / per_tile).max(1) * wg
             }
+            // One loop iteration per 8 keys (attn_pv_sg8).
+            Prefill::Sg8 => SG8_MAX_KEYS,
         }
     }
 

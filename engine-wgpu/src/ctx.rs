@@ -30,6 +30,8 @@ const UNCHECKED_KERNELS: &[&str] = &[
     "embedding_q",
     "gemm_q_sg8",
     "gemv_q_sg8",
+    "attn_qk_sg8",
+    "attn_pv_sg8",
 ];
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the data stays
@@ -247,7 +249,9 @@ impl Ctx {
             // (rows < M, k < K, n < rows; workgroup arrays by construction), and the backend
             // binds buffers at least as large as the sizes in their uniforms. The `*_q`
             // kernels read whole blocks of rows < `rows` of their chunk (a 2-byte-aligned
-            // field's second word starts inside the data, and chunks are padded to words). Dropping naga's
+            // field's second word starts inside the data, and chunks are padded to words).
+            // The `attn_*_sg8` passes clamp K/V rows below kv_len and bound score indices by
+            // the keys a query block sees (<= the score row stride). Dropping naga's
             // per-access clamps makes the matmuls ~1.7x faster on lavapipe.
             unsafe {
                 self.device

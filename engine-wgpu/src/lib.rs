@@ -26,7 +26,10 @@
 //! shared by `subgroupBroadcast` (3-4x faster there than the tiled kernels, which GPUs keep);
 //! quantized weights likewise take `gemm_q_sg8`/`gemv_q_sg8` there. As each loaded element
 //! costs more than the FMAs it feeds, `gemm_sg8` keeps a 32 × 16 block of accumulators per
-//! lane (64 × 128 per workgroup; generated, see shaders::GEMM_SG8_TILE).
+//! lane (64 × 128 per workgroup; generated, see shaders::GEMM_SG8_TILE). Attention there (head
+//! sizes a multiple of 64) is the same design twice: `attn_qk_sg8` writes the scores of 32
+//! queries × 128 keys per subgroup into a score buffer, `attn_pv_sg8` makes them probabilities
+//! (masks included) and multiplies by V, 32 queries × the head's columns per subgroup.
 //!
 //! Environment: `VISI_ADAPTER` (name substring or index), `WGPU_BACKEND` (e.g. `vulkan`),
 //! `VISI_CHECKED_SHADERS=1` (keep naga's bounds checks in the matmul kernels too),

@@ -7,7 +7,9 @@
 //! Shape classes and their variants (strings, so the cache file stays readable):
 //! - `attn_prefill/d{D}/{f16|f32}`: `tiled:BQ,BK,TPR` (flash_attn: K/V tiles in workgroup
 //!   memory, TPR lanes per query) or `keys:BQ,WG` (flash_attn_k: lanes split the keys, then
-//!   the output columns; uniform Q and P reads).
+//!   the output columns; uniform Q and P reads), or `sg8` (software adapters with 8-wide
+//!   subgroups, head sizes that are multiples of 64: the scores, then the probabilities and
+//!   P·V, as gemm_sg8-style passes over a score buffer; no key splits).
 //! - `attn_split/d{D}/{f16|f32}`: `split:CH`, the keys per split of split-KV attention (prefill
 //!   and decode: the same splits, so one query's result does not depend on the call).
 //!
@@ -36,10 +38,15 @@ pub(crate) enum Prefill {
     Tiled(usize, usize, usize),
     /// flash_attn_k with (BQ, WG).
     Keys(usize, usize),
+    /// attn_qk_sg8 + attn_pv_sg8 (subgroup broadcasts, 8-wide subgroups).
+    Sg8,
 }
 
 impl Prefill {
     fn parse(s: &str) -> Option<Prefill> {
+        if s == "sg8" {
+            return Some(Prefill::Sg8);
+        }
         let (kind, rest) = s.split_once(':')?;
         let n: Vec<usize> = rest
             .split(',')
@@ -55,6 +62,7 @@ impl Prefill {
         match self {
             Prefill::Tiled(a, b, c) => format!("tiled:{a},{b},{c}"),
             Prefill::Keys(a, b) => format!("keys:{a},{b}"),
+            Prefill::Sg8 => "sg8".into(),
         }
     }
 }
@@ -198,11 +206,15 @@ impl GpuBackend {
             return "attention (per query)".into();
         }
         let v = self.prefill_variant(d, kv16);
-        let split = self.kv_split(d, kv16, v);
         let kernel = match v {
             Prefill::Tiled(..) => "flash_attn",
             Prefill::Keys(..) => "flash_attn_k",
+            Prefill::Sg8 => {
+                let rs = crate::backend::sg8_queries(if prefill { 640 } else { 1 });
+                return format!("attn_qk_sg8+attn_pv_sg8 sg8 RS={rs}");
+            }
         };
+        let split = self.kv_split(d, kv16, v);
         let bq1 = if prefill { "" } else { " BQ=1" };
         format!("{kernel} {}{bq1} split:{split}", v.name())
     }
@@ -214,6 +226,7 @@ impl GpuBackend {
         let tile = match variant {
             Prefill::Tiled(_, bk, _) => bk,
             Prefill::Keys(_, wg) => wg,
+            Prefill::Sg8 => 8,
         }
         .max(1);
         let default = if self.ctx.info.device_type == "cpu" {
@@ -251,6 +264,8 @@ impl GpuBackend {
                 let mem = bq * d * 4 + bq * wg * 4 + 20 * bq;
                 bq > 0 && (1..=256).contains(&wg) && mem <= wgs
             }
+            // Lanes own 8-column chunks of the head: D / 64 per lane.
+            Prefill::Sg8 => self.ctx.sg8_cpu && d.is_multiple_of(64) && d <= 256,
         }
     }
 }
@@ -259,6 +274,9 @@ impl GpuBackend {
 /// keys-split kernel: uniform loads suit llvmpipe) and from the usual GPU design (K/V tiles in
 /// workgroup memory) elsewhere.
 pub(crate) fn default_variant(g: &GpuBackend, d: usize, kv16: bool) -> Prefill {
+    if g.prefill_fits(Prefill::Sg8, d, kv16) {
+        return Prefill::Sg8;
+    }
     let keys = Prefill::Keys(16, 32);
     if g.ctx.info.device_type == "cpu" && g.prefill_fits(keys, d, kv16) {
         return keys;
@@ -281,6 +299,7 @@ fn prefill_candidates() -> Vec<Prefill> {
     for (bq, wg) in [(16, 32), (8, 32), (16, 64), (32, 32)] {
         v.push(Prefill::Keys(bq, wg));
     }
+    v.push(Prefill::Sg8);
     v
 }
 
@@ -335,13 +354,16 @@ pub fn tune(opts: &GpuOptions, quick: bool) -> Result<Value> {
                 best = Some((t, cand.name()));
             }
         }
+        let mut split_kv = true;
         if let Some((t, name)) = best {
             gpu.ctx.tuning.set(&class, name.clone());
+            // The sg8 passes walk every key of a query block in one subgroup: no key splits.
+            split_kv = name != Prefill::Sg8.name();
             winners.insert(class.clone(), name.clone());
             classes
                 .push(json!({ "class": class, "winner": name, "seconds": t, "candidates": rows }));
         }
-        if causal {
+        if causal && split_kv {
             // Keys per split: prefill of `sq` queries plus decode of the last query over the
             // whole cache (both run the same splits).
             let q1 = gpu.upload(HostData::F32(&values(w)), Shape::from([1, w]))?;

@@ -982,6 +982,74 @@ fn fallbacks_no_f16_no_subgroups() {
     data_suite(&*g, 16);
 }
 
+#[test]
+fn attention_long_calls() {
+    // Calls whose scores do not fit one score buffer of the sg8 attention (64 MiB on
+    // software adapters with 8-wide subgroups): heads in chunks (2100 queries x 2104 keys, 4
+    // heads: 3 + 1) and queries in chunks (4100 x 4104, one head: 4064 + 36 queries), with
+    // masks.
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::new(31);
+    for (sq, h, kvh, mask) in [
+        (
+            2100usize,
+            4usize,
+            2usize,
+            AttentionMask::Layer0Sink {
+                image_start: 5,
+                image_end: 581,
+            },
+        ),
+        (
+            4100,
+            1,
+            1,
+            AttentionMask::TextToImage {
+                image_start: 35,
+                image_end: 611,
+            },
+        ),
+    ] {
+        let d = 64;
+        let p = AttentionParams {
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            causal: true,
+            q_offset: 0,
+            kv_len: sq,
+            mask,
+        };
+        let q = r.vec(sq * h * d, -2.0, 2.0);
+        let kh: Vec<f16> = r
+            .vec(sq * kvh * d, -2.0, 2.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let vh: Vec<f16> = r
+            .vec(sq * kvh * d, -1.0, 1.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let (cq, gq) = both(&*g, HostData::F32(&q), &[sq, h * d]);
+        let (ck, gk) = both(&*g, HostData::F16(&kh), &[sq, kvh * d]);
+        let (cv, gv) = both(&*g, HostData::F16(&vh), &[sq, kvh * d]);
+        same(
+            &format!("attention {sq} queries, {h} heads, {mask:?}"),
+            &*g,
+            ATTN,
+            |be, gpu| {
+                if gpu {
+                    be.attention(&gq, &gk, &gv, &p)
+                } else {
+                    be.attention(&cq, &ck, &cv, &p)
+                }
+            },
+        );
+    }
+}
+
 /// A backend forced onto one prefill attention variant.
 fn gpu_variant(
     v: &str,
@@ -998,9 +1066,10 @@ fn gpu_variant(
 
 #[test]
 fn attention_variants() {
-    // Both prefill kernels (whichever the adapter tunes to), with tiles other than the
+    // Both flash prefill kernels (whichever the adapter tunes to), with tiles other than the
     // defaults, on f32 and f16 caches: flash_attn (K/V tiles in workgroup memory, 8 and 4
-    // lanes per query) and flash_attn_k (lanes split the keys, then the columns).
+    // lanes per query) and flash_attn_k (lanes split the keys, then the columns). The sg8
+    // passes are the default on software adapters with 8-wide subgroups (`attention` above).
     static A: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
     static B: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();
     static C: OnceLock<Option<Arc<GpuBackend>>> = OnceLock::new();

@@ -4,16 +4,21 @@
 //! preprocessor understands, line by line:
 //! - `#if NAME` / `#else` / `#endif` (nestable): keep lines when flag `NAME` is set;
 //! - `#include NAME`: paste the snippet `NAME` (see [`snippet`]), preprocessed with the same flags;
-//! - `#gen NAME`: paste generated text (see `unrolled.rs`: unrolled kernel bodies), preprocessed alike;
+//! - `#gen NAME`: paste generated text (see `unrolled.rs` and `attn_sg8.rs`: unrolled kernel
+//!   bodies), preprocessed alike; `{{..}}` in NAME is substituted first
+//!   (`#gen attn_qk_sg8:{{RS}}:{{HEAD_DIM}}`);
 //! - `{{NAME}}` anywhere in a line: replaced by the substitution's value.
 //!
 //! Flags used by the kernels: `F16` (the adapter has `shader-f16`; emits `enable f16;`),
 //! `SUBGROUPS` (subgroup reductions), `W16` (weights are f16 packed two per u32), `VEC`
-//! (vectorised weight loads), `BIAS`.
+//! (vectorised weight loads), `BIAS`, `KV16` (attention K/V are an f16 cache), `MASK`
+//! (`attn_pv_sg8`: apply mask rules).
 
 use std::fmt;
 
+mod attn_sg8;
 mod unrolled;
+pub use attn_sg8::ATTN_QK_KEYS;
 pub use unrolled::GEMM_SG8_TILE;
 
 /// One kernel source: its name, WGSL text, the flags it reacts to, and the substitutions it needs
@@ -73,6 +78,16 @@ pub const KERNELS: &[Kernel] = &[
         &[("HEAD_DIM", "128"), ("BQ", "16"), ("WG", "32"), ("NC", "1")]
     ),
     kernel!("flash_combine", &["F16", "KV16"], &[("HEAD_DIM", "128")]),
+    kernel!(
+        "attn_qk_sg8",
+        &["KV16"],
+        &[("RS", "32"), ("HEAD_DIM", "128")]
+    ),
+    kernel!(
+        "attn_pv_sg8",
+        &["KV16", "MASK"],
+        &[("RS", "32"), ("HEAD_DIM", "128")]
+    ),
     kernel!("attention_probs", &["F16", "SUBGROUPS", "KV16"], &[]),
     kernel!("contrib", &["F16", "SUBGROUPS", "KV16"], &[]),
     kernel!("embedding", &["F16", "W16"], &[]),
@@ -213,24 +228,16 @@ fn expand(
             }
         } else if let Some(name) = t.strip_prefix("#gen ") {
             if active(&stack) {
-                let s = unrolled::generate(name.trim())
-                    .ok_or_else(|| err(format!("unknown generator `{}`", name.trim())))?;
+                let name = substitute(name.trim(), subs).map_err(err)?;
+                let s = unrolled::generate(&name)
+                    .or_else(|| attn_sg8::generate(&name))
+                    .ok_or_else(|| err(format!("unknown generator `{name}`")))?;
                 expand(&s, flags, subs, out, depth + 1)?;
             }
         } else if t.starts_with('#') {
             return Err(err(format!("unknown directive `{t}`")));
         } else if active(&stack) {
-            let mut l = line.to_string();
-            while let Some(a) = l.find("{{") {
-                let b = l[a..].find("}}").ok_or_else(|| err("unclosed {{".into()))? + a;
-                let name = &l[a + 2..b];
-                let v = subs
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .ok_or_else(|| err(format!("no value for {{{{{name}}}}}")))?;
-                l.replace_range(a..b + 2, &v.1);
-            }
-            out.push_str(&l);
+            out.push_str(&substitute(line, subs).map_err(err)?);
             out.push('\n');
         }
     }
@@ -241,6 +248,21 @@ fn expand(
         });
     }
     Ok(())
+}
+
+/// `line` with every `{{NAME}}` replaced by its value in `subs`.
+fn substitute(line: &str, subs: &[(&str, String)]) -> Result<String, String> {
+    let mut l = line.to_string();
+    while let Some(a) = l.find("{{") {
+        let b = l[a..].find("}}").ok_or("unclosed {{")? + a;
+        let name = &l[a + 2..b];
+        let v = subs
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| format!("no value for {{{{{name}}}}}"))?;
+        l.replace_range(a..b + 2, &v.1);
+    }
+    Ok(l)
 }
 
 /// Preprocessed source of kernel `name` with `flags` and `subs`.

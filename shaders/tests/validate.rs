@@ -101,6 +101,33 @@ fn flash_attention_shapes_validate() {
 }
 
 #[test]
+fn attn_sg8_variants_validate() {
+    // The subgroup-broadcast attention passes at every queries-per-subgroup count the backend
+    // picks (engine-wgpu's sg8_queries: 1, 4, 8, 32) and the head sizes they take (multiples
+    // of 64), with and without an f16 cache and mask rules; the generator refuses others.
+    for rs in [1, 4, 8, 32] {
+        for d in [64, 128, 256] {
+            let subs = [("RS", rs.to_string()), ("HEAD_DIM", d.to_string())];
+            for flags in [&[][..], &["KV16"], &["MASK"], &["KV16", "MASK"]] {
+                for name in ["attn_qk_sg8", "attn_pv_sg8"] {
+                    let src = shaders::build(name, flags, &subs).expect("preprocess");
+                    let what = format!("{name} RS {rs} head_dim {d} {flags:?}");
+                    let module = naga::front::wgsl::parse_str(&src)
+                        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+                    let mut v = Validator::new(ValidationFlags::all(), Capabilities::all());
+                    v.subgroup_stages(ShaderStages::COMPUTE);
+                    v.subgroup_operations(SubgroupOperationSet::all());
+                    v.validate(&module)
+                        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+                }
+            }
+        }
+    }
+    let subs = [("RS", "32".to_string()), ("HEAD_DIM", "80".to_string())];
+    assert!(shaders::build("attn_pv_sg8", &[], &subs).is_err());
+}
+
+#[test]
 fn quant_formats_validate() {
     // Every quantized kernel for every format (the defaults above only cover Q8_0).
     for name in [
