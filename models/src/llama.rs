@@ -319,11 +319,37 @@ impl Llama {
         let x = layer.post_attention_layernorm.forward(b, &h)?;
         // Padded once for gate and up; the padded rows of `m` are dropped after down.
         let xp = rows.pad(b, &x)?;
-        let g = layer.gate_proj.forward(b, &xp)?; // [S', I]
-        let u = layer.up_proj.forward(b, &xp)?; // [S', I]
-        let m = b.silu_mul(&g, &u)?;
-        let m = rows.unpad(b, layer.down_proj.forward(b, &m)?, s)?; // [S, H]
+        let sp = xp.dims()[0];
+        // The [S', I] f32 intermediates must fit one binding of the backend (lavapipe's
+        // 128 MiB holds 2,340 rows of Mistral-7B's 14,336: LLaVA-NeXT prompts run longer).
+        // Rows of the MLP are independent and every block keeps at least the prefill class's
+        // rows, so the blocks give each row the bits of one call.
+        let width = (self.cfg.intermediate_size * 4).max(1) as u64;
+        let block = ((b.device_info().max_binding_size / width) as usize)
+            .max(rows.min_rows())
+            .max(1);
+        let m = if sp <= block {
+            self.mlp(b, layer, &xp)?
+        } else {
+            let mut parts = Vec::with_capacity(sp.div_ceil(block));
+            for r0 in (0..sp).step_by(block) {
+                let n = block.min(sp - r0);
+                // A short last block is padded back into the prefill class.
+                let xb = rows.pad(b, &b.slice_rows(&xp, r0, n)?)?;
+                parts.push(rows.unpad(b, self.mlp(b, layer, &xb)?, n)?);
+            }
+            b.concat_rows(&parts.iter().collect::<Vec<_>>())?
+        };
+        let m = rows.unpad(b, m, s)?; // [S, H]
         b.add(&h, &m)
+    }
+
+    /// `down(silu(gate(x)) * up(x))` of one layer over `x [S, H]`.
+    fn mlp(&self, b: &dyn Backend, layer: &LlamaLayer, x: &Tensor) -> Result<Tensor> {
+        let g = layer.gate_proj.forward(b, x)?; // [S, I]
+        let u = layer.up_proj.forward(b, x)?; // [S, I]
+        let m = b.silu_mul(&g, &u)?;
+        layer.down_proj.forward(b, &m)
     }
 
     /// One decode step of one layer for `B` independent sequences: row `i` of `h [B, H]` is
@@ -426,6 +452,14 @@ enum Rows {
 }
 
 impl Rows {
+    /// The fewest rows a `linear` call of the class takes (1 for decode).
+    fn min_rows(self) -> usize {
+        match self {
+            Rows::Prefill(min) => min,
+            Rows::Decode => 1,
+        }
+    }
+
     /// `x [S, C]` with zero rows appended up to the class's minimum.
     fn pad(self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
         let s = x.dims()[0];

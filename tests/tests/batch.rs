@@ -291,3 +291,56 @@ fn short_extensions_equal_fresh_prefills_bit_for_bit() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn prefill_under_a_small_binding_limit_equals_the_default() -> Result<()> {
+    // A 256 KiB binding limit on the wgpu backend: the tiny model's [S, 128] MLP
+    // intermediates of a ~700-token text prompt (over 350 KB) no longer fit one binding and
+    // run in row blocks, as LLaVA-NeXT-7B's [3027, 14336] do under lavapipe's 128 MiB.
+    // (Text only: the fixture's 336-pixel image rows alone pass 256 KiB.) Logits and tokens
+    // must equal the unlimited backend's bit for bit.
+    let Some(full) = gpu_backend_or_skip("prefill_under_a_small_binding_limit_equals_the_default")?
+    else {
+        return Ok(());
+    };
+    let small = engine_wgpu::open(&engine_wgpu::GpuOptions {
+        max_binding_override: Some(256 << 10),
+        ..Default::default()
+    })?;
+    let r = references()?
+        .into_iter()
+        .find(|r| r.name == "tiny-llava-mha")
+        .context("no tiny-llava-mha fixture")?;
+    let text = "Describe the red square and the blue circle in detail. ".repeat(60);
+    let mut got = Vec::new();
+    for b in [full, small] {
+        let llava = Llava::load(&r.model_dir, b)?;
+        let p = llava.prompt(Template::VicunaV1, &text, false)?;
+        let opts = GenerateOptions {
+            template: Template::VicunaV1,
+            max_new_tokens: 4,
+            prune: Some(PruneConfig::Dense),
+            keep_first_logits: true,
+            ..Default::default()
+        };
+        let g = llava.generate_ids(&p, &[], &opts, &mut |_| {})?;
+        got.push((p.ids.len(), g.tokens, g.first_logits.context("logits")?));
+    }
+    let (rows, wt, wl) = &got[0];
+    ensure!(
+        *rows * 128 * 4 > 256 << 10,
+        "the prompt ({rows} rows) no longer exceeds the limit"
+    );
+    let (_, t, l) = &got[1];
+    let diff = l
+        .iter()
+        .zip(wl)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    ensure!(
+        diff == 0 && t == wt,
+        "{diff} logits differ, tokens {t:?} vs {wt:?}"
+    );
+    println!("{rows}-row prefill under a 256 KiB binding limit equals the default bit for bit");
+    Ok(())
+}
