@@ -36,6 +36,15 @@ const SG8_MAX_K: usize = 32_768;
 /// Largest K for the `gemv*_sg8` kernels at M = 16: gemv_sg8 runs (K / 8)·(M + 1) loop
 /// iterations, gemv_q_sg8 about (K / 32)·(5M + 5); both under the cap.
 const GEMV_SG8_MAX_K: usize = 24_576;
+/// Row counts at which `gemv_sg8` takes its TILE variant (gemm_sg8's generated body with
+/// RS = M x rows and [`GEMV_SG8_TILE_CL`] weight rows per lane, one subgroup per
+/// workgroup): more FMAs per x broadcast than 4 weight rows per lane, measured ~10% less
+/// CPU time at M = 8 on llava-1b's MLP shapes (gemm_lab, llvmpipe), about even at M = 5
+/// and slower at M = 2 and 4. The FMA chain of each output is the same in both variants
+/// (and in gemm_sg8), so a row's bits do not depend on M.
+const GEMV_SG8_TILE_ROWS: std::ops::RangeInclusive<usize> = 6..=8;
+/// Weight rows per lane in `gemv_sg8`'s TILE variant (a workgroup covers 8 × CL rows).
+const GEMV_SG8_TILE_CL: usize = 16;
 
 /// One buffer of a tensor: elements `elem0..elem0 + elems` of the tensor.
 pub(crate) struct Chunk {
@@ -563,6 +572,7 @@ impl GpuBackend {
         let sg8_max = if gemv { GEMV_SG8_MAX_K } else { SG8_MAX_K };
         let sg8 = self.ctx.sg8_cpu && w16 && k > 0 && k.is_multiple_of(8) && k <= sg8_max;
         let coop = !gemv && !quant && k > 0 && self.ctx.coop.load(Ordering::Relaxed);
+        let sg8_tile = sg8 && gemv && !quant && GEMV_SG8_TILE_ROWS.contains(&m);
         let key = if let DType::Quant(qt) = w.dtype() {
             // upload_quant guarantees whole blocks per row (so K % 32 == 0 and K > 0).
             if k == 0 || !k.is_multiple_of(qt.block_size()) {
@@ -591,7 +601,12 @@ impl GpuBackend {
         } else if coop {
             PipelineKey::new("gemm_coop", "main")
         } else if sg8 && gemv {
-            PipelineKey::new("gemv_sg8", "main").sub("M", m as u32)
+            let key = PipelineKey::new("gemv_sg8", "main").sub("M", m as u32);
+            if sg8_tile {
+                key.flag(true, "TILE").sub("CL", GEMV_SG8_TILE_CL as u32)
+            } else {
+                key
+            }
         } else if sg8 {
             PipelineKey::new("gemm_sg8", "main")
         } else if gemv {
@@ -636,7 +651,18 @@ impl GpuBackend {
                 binds.push(Bind(3, &b.buf, b.bytes));
             }
             binds.push(Bind(4, &out.buf, out.bytes));
-            let g = if gemv {
+            let g = if sg8_tile {
+                // One workgroup (one subgroup) per 8 × CL weight rows, all M rows in it.
+                let gy = u32_of(OP, "groups", rows.div_ceil(8 * GEMV_SG8_TILE_CL))?;
+                if gy > self.ctx.max_groups {
+                    return Err(Error::TooLarge {
+                        what: format!("linear: [{m}, {k}] x [{rows}, {k}]"),
+                        bytes: (m * rows) as u64,
+                        limit: u64::from(self.ctx.max_groups) * 8 * GEMV_SG8_TILE_CL as u64,
+                    });
+                }
+                [1, gy.max(1), 1]
+            } else if gemv {
                 self.grid(OP, rows.div_ceil(32))?
             } else if coop {
                 // 32×32 blocks of y: weight rows along x, activation rows along y.

@@ -59,7 +59,7 @@ pub const KERNELS: &[Kernel] = &[
     kernel!("gemm", &["F16", "W16", "VEC", "BIAS"], &[]),
     kernel!("gemv", &["F16", "W16", "VEC", "BIAS"], &[("M", "16")]),
     kernel!("gemm_sg8", &["BIAS"], &[]),
-    kernel!("gemv_sg8", &["BIAS"], &[("M", "16")]),
+    kernel!("gemv_sg8", &["BIAS", "TILE"], &[("M", "16"), ("CL", "16")]),
     kernel!("attention", &["F16"], &[("HEAD_DIM", "128"), ("TK", "16")]),
     kernel!(
         "flash_attn",

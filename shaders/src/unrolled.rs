@@ -8,7 +8,24 @@ use std::fmt::Write;
 pub(crate) fn generate(name: &str) -> Option<String> {
     match name {
         "gemm_sg8_main" => Some(gemm_sg8_main(GEMM_SG8_RS, GEMM_SG8_CL, GEMM_SG8_SG)),
-        _ => None,
+        _ => {
+            // `gemm_sg8_main:RS:CL:SG`: the same body with another register block (gemv_sg8's
+            // tile variant for a few x rows).
+            let mut it = name.split(':');
+            if it.next()? != "gemm_sg8_main" {
+                return None;
+            }
+            let mut arg = || it.next()?.parse::<u32>().ok();
+            let (rs, cl, sg) = (arg()?, arg()?, arg()?);
+            if it.next().is_some()
+                || !(1..=64).contains(&rs)
+                || !(1..=32).contains(&cl)
+                || !(1..=8).contains(&sg)
+            {
+                return None;
+            }
+            Some(gemm_sg8_main(rs, cl, sg))
+        }
     }
 }
 

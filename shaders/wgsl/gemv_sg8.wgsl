@@ -9,6 +9,10 @@
 // reduction. Each output is one fma chain over K in order, as in gemm_sg8, so rows agree
 // bit for bit between the two kernels (a conversation's reused rows equal a fresh run's). A workgroup is one subgroup: invocation t owns rows 32g + t + 8j, j < 4.
 // Dispatch: ceil(rows / 32) workgroups of 8 (flattened 2-D grid).
+// TILE: instead gemm_sg8's generated body with RS = M x rows and CL weight rows per
+// lane, one subgroup per workgroup (dispatch (1, ceil(rows / (8·CL)))): CL / 4 times the FMAs
+// per x broadcast, which pays from about M = 6 on llvmpipe. Its outputs take the same fma
+// chains (so the same bits) as the default body and gemm_sg8.
 // bindings: 0 uniform P, 1 x [M, K] f32, 2 w [rows, K] f16 packed two per u32, 3 bias [N] f32
 //           (BIAS), 4 y [M, N] f32
 #include common
@@ -33,6 +37,9 @@ fn halves(q: vec4<u32>) -> array<f32, 8> {
     return array<f32, 8>(w0.x, w0.y, w1.x, w1.y, w2.x, w2.y, w3.x, w3.y);
 }
 
+#if TILE
+#gen gemm_sg8_main:{{M}}:{{CL}}:1
+#else
 @compute @workgroup_size(8)
 fn main(iv: Inv) {
     let lane = iv.lid;
@@ -81,3 +88,4 @@ fn main(iv: Inv) {
         }
     }
 }
+#endif
