@@ -28,7 +28,8 @@ import urllib.parse
 
 
 def stream_request(url, body, api_key, timeout):
-    """One streaming chat completion: (ttft seconds, total seconds, completion tokens, text)."""
+    """One streaming chat completion: (ttft seconds, total seconds, completion tokens, text,
+    seconds to the last token's chunk)."""
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
     headers = {"Content-Type": "application/json"}
@@ -40,6 +41,7 @@ def stream_request(url, body, api_key, timeout):
     if resp.status != 200:
         raise RuntimeError("status %d: %s" % (resp.status, resp.read()[:300]))
     ttft = None
+    last = None
     tokens = None
     text = []
     for raw in resp:
@@ -59,6 +61,8 @@ def stream_request(url, body, api_key, timeout):
             # The first chunk after the role announcement carries the first token.
             if ttft is None and ("content" in delta and "role" not in delta or ch.get("finish_reason")):
                 ttft = time.perf_counter() - t0
+            if delta.get("content") or ch.get("finish_reason"):
+                last = time.perf_counter() - t0
             if delta.get("content"):
                 text.append(delta["content"])
     total = time.perf_counter() - t0
@@ -66,7 +70,8 @@ def stream_request(url, body, api_key, timeout):
     if tokens is None:
         # A server without `stream_options.include_usage`: one chunk per token.
         tokens = len(text)
-    return ttft if ttft is not None else total, total, tokens, "".join(text)
+    ttft = ttft if ttft is not None else total
+    return ttft, total, tokens, "".join(text), last if last is not None else total
 
 
 def percentile(xs, p):
@@ -176,6 +181,12 @@ def run_level(a, clients):
     ttfts = [r[0] for r in results]
     decode_tokens = sum(max(r[2] - 1, 0) for r in results)
     out_tokens = sum(r[2] for r in results)
+    # Each stream's own decode rate once its first token is out (tokens after the first over
+    # the time from the first token to the last), summed over the streams: the decode steps'
+    # throughput as the clients see it, without the prefills before the first tokens.
+    after_first = sum(
+        (r[2] - 1) / (r[4] - r[0]) for r in results if r[2] > 1 and r[4] > r[0]
+    )
     cpu = c1 - c0 if c0 is not None and c1 is not None else None
     return {
         # The machine's 1-minute load average when the level started and ended.
@@ -191,6 +202,7 @@ def run_level(a, clients):
         "completion_tokens": out_tokens,
         "decode_tok_s": decode_tokens / wall if wall > 0 else 0.0,
         "output_tok_s": out_tokens / wall if wall > 0 else 0.0,
+        "after_first_tok_s": after_first,
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
         # visi's own counters: tokens out of batched decode steps over the time spent in
@@ -282,6 +294,13 @@ def main():
                     % (lvl["server_decode_tok_s"], lvl["server_decode_tok_s"] / sbase, lvl["mean_batch"] or 0, lvl["server_prefill_s"] or 0),
                     flush=True,
                 )
+            abase = levels[0]["after_first_tok_s"]
+            if lvl["after_first_tok_s"] and abase:
+                print(
+                    "            after first token: %8.2f tok/s summed over streams (%.2fx one client)"
+                    % (lvl["after_first_tok_s"], lvl["after_first_tok_s"] / abase),
+                    flush=True,
+                )
             print(
                 "clients %2d: %3d requests, %5d tokens in %7.1f s | decode %8.2f tok/s (%.2fx one client) | "
                 "output %8.2f tok/s | TTFT p50 %6.2f s p99 %6.2f s%s"
@@ -306,6 +325,8 @@ def main():
             lvl["server_ratio_to_one_client"] = lvl["server_decode_tok_s"] / s0 if s0 and lvl["server_decode_tok_s"] else None
             c0 = levels[0]["decode_tok_per_cpu_s"]
             lvl["cpu_ratio_to_one_client"] = lvl["decode_tok_per_cpu_s"] / c0 if c0 and lvl["decode_tok_per_cpu_s"] else None
+            a0 = levels[0]["after_first_tok_s"]
+            lvl["after_first_ratio_to_one_client"] = lvl["after_first_tok_s"] / a0 if a0 and lvl["after_first_tok_s"] else None
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
