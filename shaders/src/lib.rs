@@ -327,5 +327,20 @@ mod tests {
             with.contains(&format!("wid.y * {tn}u")),
             "N tile {tn} not in the body"
         );
+        // gemv_sg8's TILE variant: the same body with its own block (RS:CL:SG), out-of-range
+        // blocks refused.
+        let t = preprocess("#gen gemm_sg8_main:8:16:1\n", &[], &[]).unwrap();
+        assert!(t.contains("@workgroup_size(8)") && t.contains("wid.y * 128u"));
+        assert!(t.contains("var a7_15 ") && !t.contains("var a8_0 ") && !t.contains("var a0_16 "));
+        for bad in [
+            "0:16:1", "8:0:1", "8:16:0", "65:16:1", "8:16", "8:16:1:1", "x:16:1",
+        ] {
+            let src = format!("#gen gemm_sg8_main:{bad}\n");
+            assert!(preprocess(&src, &[], &[]).is_err(), "{bad} accepted");
+        }
+        let gemv = |flags: &[&str]| {
+            build("gemv_sg8", flags, &[("M", "8".into()), ("CL", "16".into())]).unwrap()
+        };
+        assert!(gemv(&["TILE"]).contains("var a7_15 ") && !gemv(&[]).contains("var a7_15 "));
     }
 }
