@@ -842,17 +842,6 @@ impl GpuBackend {
         Ok(prm)
     }
 
-    /// Most queries one `flash` call takes: its split partials
-    /// (`[queries, heads, splits, D + 3]` f32, splits counted over the whole cache) must fit
-    /// one storage binding.
-    fn flash_query_rows(&self, p: &AttentionParams, kv16: bool) -> usize {
-        let d = p.head_dim;
-        let split = self.kv_split(d, kv16, self.prefill_variant(d, kv16)).max(1);
-        let nsplit = p.kv_len.div_ceil(split).max(1);
-        let per_query = (p.num_heads * nsplit * (d + 3) * 4).max(1) as u64;
-        (self.ctx.max_binding / per_query).max(1) as usize
-    }
-
     /// Split-KV flash attention over `sq` queries (prefill and decode alike): the adapter's
     /// variant (`flash_attn` tiles or the keys-split `flash_attn_k`; one query per workgroup
     /// for decode) runs every (query, head) over fixed splits of the keys, then
@@ -918,6 +907,25 @@ impl GpuBackend {
             p.kv_len
         };
         let nsplit = kv_end.div_ceil(split).max(1);
+        // The [queries, heads, splits, D + 3] f32 partials must fit one binding: a long
+        // prompt (LLaVA-NeXT-7B's 3,027 queries over 32 heads, 152 MB) runs in query chunks.
+        // A query's result does not depend on the other queries of the call, so the chunks
+        // give the same bits (and each chunk, seeing no more keys, fits).
+        let per_query = (p.num_heads * nsplit * (d + 3) * 4) as u64;
+        let rows = (self.ctx.max_binding / per_query.max(1)).max(1) as usize;
+        if sq > rows {
+            for q0 in (0..sq).step_by(rows) {
+                let n = rows.min(sq - q0);
+                let pc = AttentionParams {
+                    q_offset: p.q_offset + q0,
+                    ..*p
+                };
+                let oc = self.empty([n, p.num_heads * d], DType::F32, OP)?;
+                let oc = self.flash(&self.slice_rows(q, q0, n)?, k, v, &pc, n, kv16, oc)?;
+                self.write_rows(&out, q0, &oc)?;
+            }
+            return Ok(out);
+        }
         let g = [c(sq.div_ceil(bq))?, c(p.num_heads)?, c(nsplit)?];
         if g.iter().any(|&x| x > self.ctx.max_groups) {
             return Err(Error::shape(
@@ -1580,26 +1588,7 @@ impl Backend for GpuBackend {
             return Ok(out);
         }
         if d.is_multiple_of(4) {
-            // The flash kernels keep [queries, heads, splits, D + 3] f32 partials, which
-            // must fit one binding: a long prompt (LLaVA-NeXT-7B's 3,027 queries over 32
-            // heads, 152 MB) runs in query chunks. A query's result does not depend on the
-            // other queries of the call, so the chunks give the same bits.
-            let rows = self.flash_query_rows(p, kv16);
-            if sq <= rows {
-                return self.flash(q, k, v, p, sq, kv16, out);
-            }
-            for q0 in (0..sq).step_by(rows) {
-                let n = rows.min(sq - q0);
-                let qc = self.slice_rows(q, q0, n)?;
-                let pc = AttentionParams {
-                    q_offset: p.q_offset + q0,
-                    ..*p
-                };
-                let oc = self.empty([n, p.num_heads * d], DType::F32, OP)?;
-                let oc = self.flash(&qc, k, v, &pc, n, kv16, oc)?;
-                self.write_rows(&out, q0, &oc)?;
-            }
-            return Ok(out);
+            return self.flash(q, k, v, p, sq, kv16, out);
         }
         // Head sizes that are not a multiple of 4 (no model here has them): the per-query
         // kernel over an f32 copy of the keys and values.

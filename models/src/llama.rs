@@ -319,29 +319,43 @@ impl Llama {
         let x = layer.post_attention_layernorm.forward(b, &h)?;
         // Padded once for gate and up; the padded rows of `m` are dropped after down.
         let xp = rows.pad(b, &x)?;
+        let m = match rows {
+            // A decode step's few rows always fit one binding.
+            Rows::Decode => self.mlp(b, layer, &xp)?,
+            Rows::Prefill(_) => self.mlp_in_blocks(b, layer, &xp, rows)?,
+        };
+        let m = rows.unpad(b, m, s)?; // [S, H]
+        b.add(&h, &m)
+    }
+
+    /// [`Self::mlp`] over prefill rows `xp [S', H]` in row blocks whose [rows, I] f32
+    /// intermediates fit one binding of the backend (lavapipe's 128 MiB holds 2,340 rows of
+    /// Mistral-7B's 14,336: LLaVA-NeXT prompts run longer). Rows of the MLP are independent
+    /// and every block keeps at least the prefill class's rows, so the blocks give each row
+    /// the bits of one call.
+    fn mlp_in_blocks(
+        &self,
+        b: &dyn Backend,
+        layer: &LlamaLayer,
+        xp: &Tensor,
+        rows: Rows,
+    ) -> Result<Tensor> {
         let sp = xp.dims()[0];
-        // The [S', I] f32 intermediates must fit one binding of the backend (lavapipe's
-        // 128 MiB holds 2,340 rows of Mistral-7B's 14,336: LLaVA-NeXT prompts run longer).
-        // Rows of the MLP are independent and every block keeps at least the prefill class's
-        // rows, so the blocks give each row the bits of one call.
         let width = (self.cfg.intermediate_size * 4).max(1) as u64;
         let block = ((b.device_info().max_binding_size / width) as usize)
             .max(rows.min_rows())
             .max(1);
-        let m = if sp <= block {
-            self.mlp(b, layer, &xp)?
-        } else {
-            let mut parts = Vec::with_capacity(sp.div_ceil(block));
-            for r0 in (0..sp).step_by(block) {
-                let n = block.min(sp - r0);
-                // A short last block is padded back into the prefill class.
-                let xb = rows.pad(b, &b.slice_rows(&xp, r0, n)?)?;
-                parts.push(rows.unpad(b, self.mlp(b, layer, &xb)?, n)?);
-            }
-            b.concat_rows(&parts.iter().collect::<Vec<_>>())?
-        };
-        let m = rows.unpad(b, m, s)?; // [S, H]
-        b.add(&h, &m)
+        if sp <= block {
+            return self.mlp(b, layer, xp);
+        }
+        let mut parts = Vec::with_capacity(sp.div_ceil(block));
+        for r0 in (0..sp).step_by(block) {
+            let n = block.min(sp - r0);
+            // A short last block is padded back into the prefill class.
+            let xb = rows.pad(b, &b.slice_rows(xp, r0, n)?)?;
+            parts.push(rows.unpad(b, self.mlp(b, layer, &xb)?, n)?);
+        }
+        b.concat_rows(&parts.iter().collect::<Vec<_>>())
     }
 
     /// `down(silu(gate(x)) * up(x))` of one layer over `x [S, H]`.
