@@ -23,8 +23,13 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// File name of the shard index of a sharded checkpoint inside a model directory.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// The safetensors crate refuses headers above 100 MB; so do we, before allocating.
-const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// The largest safetensors header read, checked before it is parsed. The safetensors crate
+/// allows 100 MB, which costs seconds and gigabytes to parse as JSON. A header entry takes
+/// 100-150 bytes: LLaVA-1.5-7B's largest shard has 400-odd tensors (50 KB of header), and
+/// even a whole 1,400-tensor 34B model in one file needs 200 KB. 16 MiB holds over 100,000
+/// entries (or metadata strings that size), far beyond any checkpoint this engine loads,
+/// and parses in a fraction of a second.
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
 
 /// One stored tensor, borrowed from its source: little-endian raw bytes.
 #[derive(Clone, Copy, Debug)]
@@ -163,29 +168,30 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, Entry>> {
     // Both fit in usize: header_len <= file_len - 8 and the buffer exists in memory.
     let data_start = 8 + header_len as usize;
     let data_len = buf.len() - data_start;
-    let header: Value = serde_json::from_slice(&buf[8..data_start])
-        .map_err(|e| err(format!("invalid header JSON: {e}")))?;
-    let Value::Object(map) = header else {
-        return Err(err("invalid header: expected a JSON object".to_string()));
-    };
+    // One pass over the JSON: each entry is reduced to its dtype, shape and offsets as it
+    // is read (no whole-header `Value` tree, no second pass for duplicates).
+    let header: RawHeader = serde_json::from_slice(&buf[8..data_start]).map_err(|e| {
+        err(if e.is_data() && e.to_string().contains("a JSON object") {
+            "invalid header: expected a JSON object".to_string()
+        } else {
+            format!("invalid header JSON: {e}")
+        })
+    })?;
     // serde_json keeps only the last of repeated keys: two entries for one name would load
     // whichever came last without a word.
-    if let Some(dup) = first_duplicate_key(&buf[8..data_start]) {
+    if let Some(dup) = header.duplicate {
         return Err(err(format!("tensor `{dup}` appears twice in the header")));
     }
+    if !header.metadata_ok {
+        return Err(err(
+            "invalid header: `__metadata__` is not an object".to_string()
+        ));
+    }
 
-    let mut entries = HashMap::with_capacity(map.len());
-    for (name, value) in map {
-        if name == "__metadata__" {
-            if !value.is_object() {
-                return Err(err(
-                    "invalid header: `__metadata__` is not an object".to_string()
-                ));
-            }
-            continue;
-        }
+    let mut entries = HashMap::with_capacity(header.entries.len());
+    for (name, parsed) in header.entries {
         let (dtype, shape, begin, end) =
-            parse_entry(&value).map_err(|msg| err(format!("tensor `{name}`: {msg}")))?;
+            parsed.map_err(|msg| err(format!("tensor `{name}`: {msg}")))?;
         if begin > end || end > data_len as u64 {
             return Err(err(format!(
                 "tensor `{name}`: data_offsets [{begin}, {end}] out of range of the {data_len}-byte data section"
@@ -236,36 +242,63 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, Entry>> {
     Ok(entries)
 }
 
-/// The first top-level key of a JSON object that appears twice (None if none or not an object).
-fn first_duplicate_key(json: &[u8]) -> Option<String> {
-    struct Dup(Option<String>);
-    impl<'de> serde::Deserialize<'de> for Dup {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-            struct V;
-            impl<'de> serde::de::Visitor<'de> for V {
-                type Value = Dup;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("a JSON object")
-                }
-                fn visit_map<A: serde::de::MapAccess<'de>>(
-                    self,
-                    mut m: A,
-                ) -> std::result::Result<Dup, A::Error> {
-                    let mut seen = std::collections::HashSet::new();
-                    let mut dup = None;
-                    while let Some(k) = m.next_key::<String>()? {
-                        m.next_value::<serde::de::IgnoredAny>()?;
-                        if dup.is_none() && !seen.insert(k.clone()) {
-                            dup = Some(k);
-                        }
-                    }
-                    Ok(Dup(dup))
-                }
+/// One header entry, parsed: (dtype, shape, begin, end) or what is wrong with it.
+type ParsedEntry = std::result::Result<(StoredDType, Vec<usize>, u64, u64), String>;
+
+/// A safetensors header read in one pass: its entries sorted by name (the order errors are
+/// reported in), the first name that appears twice, and whether `__metadata__` (if any) is
+/// an object.
+struct RawHeader {
+    entries: Vec<(String, ParsedEntry)>,
+    duplicate: Option<String>,
+    metadata_ok: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for RawHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
             }
-            d.deserialize_map(V)
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<RawHeader, A::Error> {
+                let mut h = RawHeader {
+                    entries: Vec::new(),
+                    duplicate: None,
+                    metadata_ok: true,
+                };
+                let mut seen_metadata = false;
+                while let Some(k) = m.next_key::<String>()? {
+                    let v: Value = m.next_value()?;
+                    if k == "__metadata__" {
+                        if seen_metadata && h.duplicate.is_none() {
+                            h.duplicate = Some(k);
+                            continue;
+                        }
+                        seen_metadata = true;
+                        h.metadata_ok &= v.is_object();
+                        continue;
+                    }
+                    let parsed = parse_entry(&v);
+                    h.entries.push((k, parsed));
+                }
+                h.entries.sort_by(|a, b| a.0.cmp(&b.0));
+                if h.duplicate.is_none() {
+                    h.duplicate = h
+                        .entries
+                        .windows(2)
+                        .find(|w| w[0].0 == w[1].0)
+                        .map(|w| w[0].0.clone());
+                }
+                Ok(h)
+            }
         }
+        d.deserialize_map(V)
     }
-    serde_json::from_slice::<Dup>(json).ok().and_then(|d| d.0)
 }
 
 /// Parses one header entry into (dtype, shape, begin, end) or a message saying what is wrong.
