@@ -131,6 +131,40 @@ impl std::fmt::Debug for PromptTokenizer {
     }
 }
 
+/// Bytes per vocabulary entry a `tokenizer.json` may take: each token appears in the
+/// vocabulary, usually once more in the merges, and perhaps among the added tokens. Real
+/// files take 55-70 bytes (llava's 32,064 tokens: 1.8 MB; Llama 3's 128,256: 8.7 MB;
+/// Gemma's 256,000: 17 MB); this allows eight times that.
+pub const TOKENIZER_BYTES_PER_TOKEN: u64 = 512;
+
+/// The floor of [`max_tokenizer_bytes`] (a small vocabulary with long pre-tokenizer rules).
+pub const MIN_TOKENIZER_LIMIT: u64 = 16 << 20;
+
+/// The largest `tokenizer.json` a model of `vocab_size` tokens is read with: parsing costs
+/// about 70 ms per MB, and a tokenizer larger than the embedding table is refused after
+/// parsing anyway, so a file far larger than the vocabulary needs is refused before.
+pub fn max_tokenizer_bytes(vocab_size: usize) -> u64 {
+    (vocab_size as u64)
+        .saturating_mul(TOKENIZER_BYTES_PER_TOKEN)
+        .clamp(MIN_TOKENIZER_LIMIT, engine_core::files::MAX_TOKENIZER_BYTES)
+}
+
+/// Refuses a `tokenizer.json` larger than [`max_tokenizer_bytes`] for `vocab_size` (only
+/// its size is read: a missing file is left to the loader's message).
+pub fn check_tokenizer_file(path: &Path, vocab_size: usize) -> Result<()> {
+    let limit = max_tokenizer_bytes(vocab_size);
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() > limit => Err(Error::file(
+            path,
+            format!(
+                "{} bytes, more than the {limit} bytes a {vocab_size}-token vocabulary needs (vocab_size in config.json)",
+                m.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl PromptTokenizer {
     /// Reads `tokenizer.json`; `image_token_index` is the config's `<image>` id.
     pub fn from_file(path: &Path, image_token_index: u32) -> Result<Self> {
