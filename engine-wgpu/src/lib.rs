@@ -131,11 +131,24 @@ pub fn open_auto() -> Result<Auto> {
     }
 }
 
+/// `VISI_ADAPTER`, when set and not blank. A value that is not UTF-8 is an error naming
+/// the variable: it can name no adapter, and ignoring it would run elsewhere than asked.
+pub fn adapter_env() -> Result<Option<String>> {
+    match std::env::var("VISI_ADAPTER") {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => Err(Error::Msg(format!(
+            "VISI_ADAPTER {v:?} is not valid UTF-8 (give an adapter index or a name substring)"
+        ))),
+    }
+}
+
 /// `--device auto`'s adapter: `VISI_ADAPTER`'s when set, else the best hardware adapter;
 /// `None` when there is no hardware adapter (software rasterizers such as llvmpipe/lavapipe,
 /// SwiftShader or WARP report `DeviceType::Cpu` and lose to the CPU backend).
 fn auto_pick(infos: &[wgpu::AdapterInfo]) -> Result<Option<usize>> {
-    if std::env::var("VISI_ADAPTER").is_ok_and(|w| !w.trim().is_empty()) {
+    if adapter_env()?.is_some() {
         return pick(infos, &GpuOptions::default()).map(Some);
     }
     Ok((0..infos.len())
@@ -307,10 +320,10 @@ fn pick(infos: &[wgpu::AdapterInfo], opts: &GpuOptions) -> Result<usize> {
     if infos.is_empty() {
         return Err(Error::NoAdapter(format!("wgpu sees no adapter; {HINT}")));
     }
-    let wanted = opts
-        .adapter
-        .clone()
-        .or_else(|| std::env::var("VISI_ADAPTER").ok());
+    let wanted = match opts.adapter.clone() {
+        Some(a) => Some(a),
+        None => adapter_env()?,
+    };
     let ok = |i: usize| !opts.require_gpu || infos[i].device_type != wgpu::DeviceType::Cpu;
     if let Some(w) = wanted.filter(|w| !w.trim().is_empty()) {
         let w = w.trim();
@@ -352,7 +365,7 @@ fn pick(infos: &[wgpu::AdapterInfo], opts: &GpuOptions) -> Result<usize> {
 /// Why `--device auto` runs where it does, from [`list_adapters`]'s reports: one line.
 pub fn auto_reason(list: &[AdapterReport]) -> String {
     match list.iter().find(|a| a.auto_pick) {
-        Some(a) if std::env::var("VISI_ADAPTER").is_ok_and(|w| !w.trim().is_empty()) => {
+        Some(a) if adapter_env().is_ok_and(|w| w.is_some()) => {
             format!("VISI_ADAPTER selects adapter {} ({})", a.index, a.name)
         }
         Some(a) => format!(
