@@ -584,14 +584,14 @@ fn conversation_bench(
         "methods": rows,
     });
     if a.json {
-        println!("{report}");
+        crate::validate::println_stdout(&report.to_string())?;
     } else {
-        println!(
-            "visi bench --conversation on {} ({}): turn 1 {} tokens + {}-token answer + {}-token follow-up, median of {} reps",
+        let mut out = format!(
+            "visi bench --conversation on {} ({}): turn 1 {} tokens + {}-token answer + {}-token follow-up, median of {} reps\n",
             dev.adapter, dev.backend, ids.len(), a.decode_tokens, FOLLOWUP_TOKENS, a.reps
         );
-        println!(
-            "{:<11} {:>15} {:>18} {:>7} {:>9} {:>9} {:>9}",
+        out += &format!(
+            "{:<11} {:>15} {:>18} {:>7} {:>9} {:>9} {:>9}\n",
             "method",
             "fresh TTFT ms",
             "follow-up TTFT ms",
@@ -601,8 +601,8 @@ fn conversation_bench(
             "decisions="
         );
         for r in &rows {
-            println!(
-                "{:<11} {:>15.1} {:>18.1} {:>7.3} {:>9} {:>9} {:>9}",
+            out += &format!(
+                "{:<11} {:>15.1} {:>18.1} {:>7.3} {:>9} {:>9} {:>9}\n",
                 r["method"].as_str().unwrap_or("?"),
                 r["fresh_ttft_ms"].as_f64().unwrap_or(0.0),
                 r["followup_ttft_ms"].as_f64().unwrap_or(0.0),
@@ -612,6 +612,7 @@ fn conversation_bench(
                 r["decisions_identical"].to_string(),
             );
         }
+        crate::validate::print_stdout(&out)?;
     }
     Ok(())
 }
@@ -805,7 +806,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         match engine_wgpu::bench::kernel_bench(&engine_wgpu::GpuOptions::default(), quick) {
             Ok(v) => Some(v),
             Err(e) if a.device == DeviceArg::Auto => {
-                eprintln!("note: kernel benchmark skipped: {e}");
+                crate::errors::note(format!("kernel benchmark skipped: {e}"));
                 None
             }
             Err(e) => return Err(internal(anyhow!("kernel benchmark: {e}"))),
@@ -814,6 +815,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
 
     // ---- model ----
     let backend = open_backend(a.device)?;
+    crate::errors::release_notes();
     let b = backend.as_ref();
     let load = |quant: Option<QuantType>| -> Result<Model, Failure> {
         Ok(match (&model_dir, shape) {

@@ -71,6 +71,7 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
     let (_, note) = llava
         .resolve_prune(prune.as_ref())
         .map_err(|e| bad_input(e.into()))?;
+    crate::errors::release_notes();
     if let Some(n) = &note {
         eprintln!("note: {n}");
     }
@@ -98,15 +99,38 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
         template: a.template.template(),
         last: None,
     };
+    if let Some(img) = &chat.pending {
+        // The first turn's image, refused before any turn runs.
+        crate::validate::pad_fits(&llava, &img.pixels, mode)
+            .map_err(|e| bad_input(e.context("--image")))?;
+    }
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut stdin = stdin.lock();
+    let mut raw = Vec::new();
+    let mut line_no = 0usize;
     loop {
         if interactive {
             eprint!("> ");
             let _ = std::io::stderr().flush();
         }
-        let Some(line) = lines.next() else { break };
-        let line = line.map_err(|e| internal(anyhow!("reading stdin: {e}")))?;
+        let whole = match read_line_bounded(&mut stdin, &mut raw, MAX_LINE_BYTES) {
+            Ok(Some(whole)) => whole,
+            Ok(None) => break,
+            Err(e) => return Err(internal(anyhow!("reading stdin: {e}"))),
+        };
+        line_no += 1;
+        if !whole {
+            eprintln!(
+                "error: stdin line {line_no} is longer than {MAX_LINE_BYTES} bytes; the turn is skipped"
+            );
+            continue;
+        }
+        // A line that is not UTF-8 is the user's to fix: that turn is refused, as a bad
+        // image is, and the chat goes on.
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            eprintln!("error: stdin line {line_no} is not valid UTF-8; the turn is skipped");
+            continue;
+        };
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -123,7 +147,10 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
                     chat.pending = None;
                     eprintln!("(new conversation)");
                 }
-                "image" if !arg.is_empty() => match load_attached(Path::new(arg)) {
+                "image" if !arg.is_empty() => match load_attached(Path::new(arg)).and_then(|img| {
+                    crate::validate::pad_fits(&llava, &img.pixels, mode)?;
+                    Ok(img)
+                }) {
                     // The conversation keeps its earlier images: this one joins them.
                     Ok(img) => chat.pending = Some(img),
                     Err(e) => eprintln!("error: /image: {e:#}"),
@@ -158,6 +185,36 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The longest user turn read from stdin (as `run --messages` bounds its file).
+const MAX_LINE_BYTES: u64 = models::chat::MAX_MESSAGES_BYTES;
+
+/// Reads one line of at most `limit` bytes into `buf`: `None` at the end of input,
+/// `Some(false)` when the line was longer (the rest of it is read and dropped, in bounded
+/// pieces), `Some(true)` otherwise.
+fn read_line_bounded(
+    r: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    limit: u64,
+) -> std::io::Result<Option<bool>> {
+    use std::io::Read;
+    buf.clear();
+    let n = r.by_ref().take(limit + 1).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n as u64 <= limit || buf.ends_with(b"\n") {
+        return Ok(Some(true));
+    }
+    loop {
+        buf.clear();
+        let n = r.by_ref().take(1 << 20).read_until(b'\n', buf)?;
+        if n == 0 || buf.ends_with(b"\n") {
+            buf.clear();
+            return Ok(Some(false));
+        }
+    }
+}
+
 /// One conversation and its session.
 struct Chat<'a> {
     llava: &'a Llava,
@@ -188,9 +245,13 @@ impl Chat<'_> {
             parts,
         });
         let all: Vec<&Attached> = self.images.iter().chain(&attached).collect();
-        let prompt = models::chat::render(self.template, &self.messages)
-            .map_err(anyhow::Error::from)
+        let mode = self.opts.image_mode;
+        let prompt = all
+            .iter()
+            .try_for_each(|i| crate::validate::pad_fits(self.llava, &i.pixels, mode))
+            .and_then(|_| Ok(models::chat::render(self.template, &self.messages)?))
             .and_then(|r| {
+                crate::validate::text_fits(self.llava, &r.text)?;
                 let counts = all
                     .iter()
                     .map(|i| {
@@ -218,10 +279,17 @@ impl Chat<'_> {
             .collect::<engine_core::Result<Vec<_>>>()
             .map_err(|e| internal(e.into()))?;
         let mut stdout = std::io::stdout().lock();
+        // A failed write (closed pipe, full disk) stops generation and ends the chat: the
+        // answers are being lost.
+        let write_error: std::cell::RefCell<Option<Failure>> = Default::default();
         let mut on_text = |t: &str| {
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
+            if write_error.borrow().is_none() {
+                if let Err(f) = crate::validate::write_out(&mut stdout, t) {
+                    *write_error.borrow_mut() = Some(f);
+                }
+            }
         };
+        let stop = || progress::stop_requested() || write_error.borrow().is_some();
         progress::set_generating(true);
         let gen = self.llava.generate_in(
             &mut self.session,
@@ -229,12 +297,14 @@ impl Chat<'_> {
             &encoded,
             &self.opts,
             &mut on_text,
-            &progress::stop_requested,
+            &stop,
         );
         progress::set_generating(false);
         progress::clear_stop();
-        let _ = writeln!(stdout);
-        let _ = stdout.flush();
+        if let Some(f) = write_error.take() {
+            return Err(f);
+        }
+        crate::validate::write_out(&mut stdout, "\n")?;
         let gen = gen.map_err(crate::errors::classify)?;
         if gen.interrupted {
             eprintln!("(stopped)");

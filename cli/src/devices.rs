@@ -17,6 +17,8 @@ pub fn quiet_headless_probe() {
 
 /// Prints the adapter list: a table, or JSON with `json`.
 pub fn devices(json: bool) -> Result<(), Failure> {
+    // A VISI_ADAPTER that is not UTF-8 names no adapter: said, not ignored.
+    engine_wgpu::adapter_env().map_err(crate::errors::classify)?;
     let list = engine_wgpu::list_adapters();
     if json {
         let v = serde_json::json!({

@@ -15,6 +15,53 @@ pub const BAD_INPUT: u8 = 2;
 pub const INTERNAL: u8 = 1;
 /// Exit status after Ctrl-C (128 + SIGINT, as shells report it).
 pub const INTERRUPTED: u8 = 130;
+/// Exit status when the reader of stdout went away (128 + SIGPIPE, what a shell reports for
+/// `cat big | head -c1`): the run ends quietly, with no error line.
+pub const BROKEN_PIPE: u8 = 141;
+
+/// Notes said before the inputs are validated wait here (a bad input must leave exactly
+/// one `error:` line); [`release_notes`] prints them, and every later note goes out at once.
+static NOTES: std::sync::Mutex<Option<Vec<String>>> = std::sync::Mutex::new(Some(Vec::new()));
+
+/// Says `note: {msg}` on stderr, or keeps it until [`release_notes`] when the inputs are
+/// still being checked.
+pub fn note(msg: impl Into<String>) {
+    let msg = msg.into();
+    let mut g = NOTES.lock().unwrap_or_else(|e| e.into_inner());
+    match g.as_mut() {
+        Some(held) => held.push(msg),
+        None => eprintln!("note: {msg}"),
+    }
+}
+
+/// The inputs are validated: prints the notes held so far; later ones print at once.
+pub fn release_notes() {
+    let held = NOTES.lock().unwrap_or_else(|e| e.into_inner()).take();
+    for n in held.into_iter().flatten() {
+        eprintln!("note: {n}");
+    }
+}
+
+/// Forgets the notes held (the run failed: its error is the one line it prints).
+pub fn drop_notes() {
+    let mut g = NOTES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(held) = g.as_mut() {
+        held.clear();
+    }
+}
+
+/// A write to stdout failed: a closed pipe ends the run quietly ([`BROKEN_PIPE`]); any
+/// other failure (`/dev/full`: no space) loses output, an internal failure (exit 1).
+pub fn stdout_failure(e: std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Failure {
+            code: BROKEN_PIPE,
+            err: anyhow::anyhow!("stdout closed"),
+        }
+    } else {
+        internal(anyhow::anyhow!("cannot write to stdout: {e}"))
+    }
+}
 
 /// The hint every "no adapter" message carries.
 pub const CPU_HINT: &str = "run with `--device cpu` to use the CPU backend";

@@ -112,6 +112,8 @@ pub struct GenSettings {
     pub max_new_tokens: usize,
     /// Sampling (greedy by default).
     pub sampling: SamplingParams,
+    /// `--quant`: the weight format the matrices run in (answers differ between formats).
+    pub quant: Option<engine_core::QuantType>,
 }
 
 impl GenArgs {
@@ -146,6 +148,7 @@ impl GenArgs {
                 },
                 max_new_tokens: self.max_new_tokens,
                 sampling,
+                quant: self.quant.map(crate::quant_type),
             },
             prune,
         ))
@@ -154,8 +157,15 @@ impl GenArgs {
 
 /// The settings an answers file records in every line's metadata, so that resuming with
 /// other settings is refused instead of mixing two runs in one file.
+///
+/// Everything that changes an answer is in it: the pruning config, template, image mode,
+/// length cap, sampling, and `--quant` (f16 and q4_0 answers differ). The model is checked
+/// by `model_id`; the KV cache dtype is fixed for eval (f16, `run`'s default; no flag). The
+/// device is left out on purpose, so an interrupted run may resume on another machine
+/// (backends can differ in rounding, not in what was asked). `quant` is recorded only when
+/// set, so files written before it was recorded still resume without `--quant`.
 pub fn settings_json(s: &GenSettings, prune: Option<&PruneConfig>) -> Value {
-    json!({
+    let mut v = json!({
         "prune": prune.map_or(json!("default"), PruneConfig::to_json),
         "template": s.template.name(),
         "image_mode": match s.image_mode { PadMode::Crop => "crop", PadMode::Pad => "pad" },
@@ -163,7 +173,11 @@ pub fn settings_json(s: &GenSettings, prune: Option<&PruneConfig>) -> Value {
         "temperature": s.sampling.temperature,
         "top_p": s.sampling.top_p,
         "seed": s.sampling.seed,
-    })
+    });
+    if let Some(q) = s.quant {
+        v["quant"] = json!(q.name());
+    }
+    v
 }
 
 /// The one call into the generation core: `text` about `image`, prompted as LLaVA's
@@ -254,6 +268,16 @@ pub fn plan(
             answers.display(),
             parent.display()
         );
+    }
+    // Answers are appended (and a repaired file rewritten through a temp file beside it)
+    // after the model loads: find out now whether they can be.
+    crate::validate::can_write_in(parent)
+        .map_err(|e| anyhow!("--answers {}: {e}", answers.display()))?;
+    if std::fs::metadata(answers).is_ok_and(|m| m.is_file()) {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(answers)
+            .map_err(|e| anyhow!("--answers {}: cannot append: {e}", answers.display()))?;
     }
     let mut p = Plan {
         questions,
@@ -588,7 +612,7 @@ pub fn model_spec(model: &str, mmproj: Option<&Path>) -> anyhow::Result<ModelSpe
 
 /// Loads the model with a progress bar on a terminal.
 pub fn load_model(spec: &ModelSpec, g: &GenArgs) -> Result<Llava, Failure> {
-    crate::load_llava(&spec.dir, spec.mmproj.as_deref(), g.device, g.quant)
+    crate::load_llava_held(&spec.dir, spec.mmproj.as_deref(), g.device, g.quant)
 }
 
 /// Reads the question file, checks the chunk flags and takes this chunk.
@@ -681,6 +705,7 @@ pub fn eval(a: EvalArgs) -> Result<(), Failure> {
     let (_, note) = llava
         .resolve_prune(prune.as_ref())
         .map_err(|e| bad_input(e.into()))?;
+    crate::errors::release_notes();
     if let Some(n) = note {
         eprintln!("note: {n}");
     }
@@ -709,12 +734,34 @@ pub struct MergeArgs {
 /// `visi-cli eval-merge`: the chunk files joined in question order, each line as written.
 pub fn merge(a: MergeArgs) -> Result<(), Failure> {
     let questions = load_questions(&a.questions, None).map_err(bad_input)?;
+    // The merged file goes through a temp file beside --out and a rename: its directory
+    // must exist and take files, and --out must be a file (or nothing) there.
+    let parent = a
+        .out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(bad_input(anyhow!(
+            "--out {}: directory {} does not exist",
+            a.out.display(),
+            parent.display()
+        )));
+    }
+    if std::fs::metadata(&a.out).is_ok_and(|m| !m.is_file()) {
+        return Err(bad_input(anyhow!(
+            "--out {}: exists and is not a regular file",
+            a.out.display()
+        )));
+    }
     if a.out.exists() && !a.force {
         return Err(bad_input(anyhow!(
             "--out {}: already exists (pass --force to overwrite)",
             a.out.display()
         )));
     }
+    crate::validate::can_write_in(parent)
+        .map_err(|e| bad_input(anyhow!("--out {}: {e}", a.out.display())))?;
     let order = question_order(&questions);
     let mut slots: Vec<Option<String>> = vec![None; questions.len()];
     let mut from: HashMap<usize, PathBuf> = HashMap::new();

@@ -291,6 +291,8 @@ fn device_check(
     let adapters = if device == InfoDevice::Cpu {
         Vec::new()
     } else {
+        // A VISI_ADAPTER that is not UTF-8 names no adapter: said, not ignored.
+        engine_wgpu::adapter_env().map_err(classify)?;
         engine_wgpu::list_adapters()
     };
     let chosen = match device {
@@ -300,10 +302,7 @@ fn device_check(
     };
     let Some(a) = chosen else {
         if device == InfoDevice::Auto {
-            if let Some(w) = std::env::var("VISI_ADAPTER")
-                .ok()
-                .filter(|w| !w.trim().is_empty())
-            {
+            if let Some(w) = engine_wgpu::adapter_env().map_err(classify)? {
                 return Err(bad_input(anyhow!(
                     "VISI_ADAPTER: no adapter matches `{w}` (`visi-cli devices` lists them)"
                 )));

@@ -294,20 +294,42 @@ impl GenArgs {
     }
 
     /// Loads the LLaVA model (llava-hf directory or GGUF pair) with a progress bar.
+    /// Notes stay held: the caller releases them once its model-dependent checks pass.
     pub fn load_llava(&self, model_dir: &Path) -> Result<Llava, Failure> {
-        load_llava(model_dir, self.mmproj.as_deref(), self.device, self.quant)
+        load_llava_held(model_dir, self.mmproj.as_deref(), self.device, self.quant)
     }
 }
 
-/// Loads a LLaVA model (a llava-hf directory, or a GGUF text model with its `mmproj`) on
-/// `device`, quantizing at load with `quant`; a progress bar on a terminal.
+/// [`load_llava_held`], then the notes held so far go out (the model is the last input
+/// checked by callers with nothing to check against it).
 pub(crate) fn load_llava(
     model: &Path,
     mmproj: Option<&Path>,
     device: DeviceArg,
     quant: Option<QuantArg>,
 ) -> Result<Llava, Failure> {
+    let llava = load_llava_held(model, mmproj, device, quant)?;
+    errors::release_notes();
+    Ok(llava)
+}
+
+/// Loads a LLaVA model (a llava-hf directory, or a GGUF text model with its `mmproj`) on
+/// `device`, quantizing at load with `quant`; a progress bar on a terminal. A device note
+/// (`--device auto` on the CPU backend) stays held until [`errors::release_notes`].
+pub(crate) fn load_llava_held(
+    model: &Path,
+    mmproj: Option<&Path>,
+    device: DeviceArg,
+    quant: Option<QuantArg>,
+) -> Result<Llava, Failure> {
     let quant = quant.map(quant_type);
+    if mmproj.is_none() && model.is_dir() {
+        // A tokenizer.json far larger than the vocabulary needs is refused before seconds
+        // of parsing (config.json is small and read with a limit).
+        let cfg = models::LlavaConfig::from_file(&model.join("config.json")).map_err(classify)?;
+        models::prompt::check_tokenizer_file(&model.join("tokenizer.json"), cfg.text.vocab_size)
+            .map_err(classify)?;
+    }
     // Both backends have quantized kernels: --device picks as without --quant.
     let backend = open_backend(device)?;
     let bar = progress::load_bar();
@@ -405,7 +427,9 @@ fn main() -> ExitCode {
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 // print! would panic on a failed write (`--help > /dev/full`).
                 if let Err(f) = validate::print_stdout(&e.to_string()) {
-                    eprintln!("error: {:#}", f.err);
+                    if f.code != errors::BROKEN_PIPE {
+                        eprintln!("error: {:#}", f.err);
+                    }
                     return ExitCode::from(f.code);
                 }
                 return ExitCode::SUCCESS;
@@ -474,8 +498,16 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         engine_core::cpu::with_threads(threads, run_cmd)
     }));
+    // A failure's error line is all it says; notes held back for a successful run go out.
+    if matches!(result, Ok(Ok(()))) {
+        errors::release_notes();
+    } else {
+        errors::drop_notes();
+    }
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
+        // The reader closed stdout (`| head -c1`): end quietly, as other Unix tools do.
+        Ok(Err(f)) if f.code == errors::BROKEN_PIPE => ExitCode::from(f.code),
         Ok(Err(f)) if f.code == errors::INTERRUPTED => {
             eprintln!("{:#}", f.err);
             ExitCode::from(f.code)
@@ -499,35 +531,34 @@ fn tune(quick: bool, json_out: bool) -> Result<(), Failure> {
     let v =
         engine_wgpu::tune::tune(&engine_wgpu::GpuOptions::default(), quick).map_err(classify)?;
     if let Some(n) = v["note"].as_str() {
-        eprintln!("note: {n}");
+        errors::note(n);
     }
+    errors::release_notes();
     if json_out {
-        println!(
-            "{}",
-            serde_json::to_string(&v).map_err(|e| internal(e.into()))?
+        return validate::println_stdout(
+            &serde_json::to_string(&v).map_err(|e| internal(e.into()))?,
         );
-        return Ok(());
     }
-    println!("adapter {}", v["adapter"].as_str().unwrap_or("?"));
+    let mut out = format!("adapter {}\n", v["adapter"].as_str().unwrap_or("?"));
     for c in v["classes"].as_array().into_iter().flatten() {
-        println!(
-            "{:<24} {:<16} {:.2} ms",
+        out += &format!(
+            "{:<24} {:<16} {:.2} ms\n",
             c["class"].as_str().unwrap_or("?"),
             c["winner"].as_str().unwrap_or("?"),
             c["seconds"].as_f64().unwrap_or(0.0) * 1e3
         );
         for r in c["candidates"].as_array().into_iter().flatten() {
-            println!(
-                "    {:<16} {:.2} ms",
+            out += &format!(
+                "    {:<16} {:.2} ms\n",
                 r["variant"].as_str().unwrap_or("?"),
                 r["seconds"].as_f64().unwrap_or(0.0) * 1e3
             );
         }
     }
     if let Some(p) = v["cache"].as_str() {
-        println!("cached in {p}");
+        out += &format!("cached in {p}\n");
     }
-    Ok(())
+    validate::print_stdout(&out)
 }
 
 /// Reads `--prune`: inline JSON or `@file.json`.
@@ -565,12 +596,15 @@ pub(crate) fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failur
         DeviceArg::Auto => match engine_wgpu::open_auto() {
             Ok(engine_wgpu::Auto::Gpu(b)) => Ok(b),
             Ok(engine_wgpu::Auto::Cpu(why)) => {
-                eprintln!("note: {why}; running on the CPU backend");
+                errors::note(format!("{why}; running on the CPU backend"));
                 Ok(Arc::new(CpuBackend::new()))
             }
             // An adapter asked for by name that is not there is a mistake to report, not a
             // reason to run on the CPU instead.
-            Err(e) if std::env::var("VISI_ADAPTER").is_ok_and(|v| !v.trim().is_empty()) => {
+            Err(e)
+                if std::env::var_os("VISI_ADAPTER")
+                    .is_some_and(|v| !v.to_string_lossy().trim().is_empty()) =>
+            {
                 let f = classify(e);
                 Err(Failure {
                     err: f.err.context("VISI_ADAPTER"),
@@ -578,7 +612,7 @@ pub(crate) fn open_backend(device: DeviceArg) -> Result<Arc<dyn Backend>, Failur
                 })
             }
             Err(e) => {
-                eprintln!("note: {e}; running on the CPU backend");
+                errors::note(format!("{e}; running on the CPU backend"));
                 Ok(Arc::new(CpuBackend::new()))
             }
         },
@@ -688,6 +722,7 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
         .map_err(classify)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let ids = m.encode(&p.text).map_err(|e| bad_input(e.into()))?;
+    errors::release_notes();
     let t1 = std::time::Instant::now();
     let (tokens, _, timings) = m
         .generate_timed_kv(
@@ -748,30 +783,45 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     for p in &a.image {
         validate::input_file("--image", p)?;
     }
-    let p = run_prompt(&a)?;
-    if a.g.is_gguf() && a.g.mmproj.is_none() {
-        return run_gguf(&a, sampling, p);
-    }
-    // Input files are regular files (a FIFO would hang, a device never ends).
-    if a.g.is_gguf() {
-        validate::input_file("--model", Path::new(&a.g.model))?;
-    }
-    if let Some(m) = &a.g.mmproj {
-        validate::input_file("--mmproj", m)?;
-    }
-    if let Some(p) = &prune {
-        validate::prune_fits(p, &model_dir, a.g.is_gguf())?;
-    }
+    let text_gguf = a.g.is_gguf() && a.g.mmproj.is_none();
+    // The cheap checks first: images are decoded (up to the decode limit each) only once
+    // the output file and the pruning config are known to be fine.
     if let Some(path) = &a.save_kept {
-        if p.images.is_empty() {
+        if a.image.is_empty() && a.messages.is_none() {
             return Err(bad_input(anyhow!("--save-kept needs --image")));
         }
-        validate::output_file("--save-kept", path, "png", a.force)?;
+        if !text_gguf {
+            validate::output_file("--save-kept", path, "png", a.force)?;
+        }
+    }
+    if !text_gguf {
+        // Input files are regular files (a FIFO would hang, a device never ends).
+        if a.g.is_gguf() {
+            validate::input_file("--model", Path::new(&a.g.model))?;
+        }
+        if let Some(m) = &a.g.mmproj {
+            validate::input_file("--mmproj", m)?;
+        }
+        if let Some(p) = &prune {
+            validate::prune_fits(p, &model_dir, a.g.is_gguf())?;
+        }
+    }
+    let p = run_prompt(&a)?;
+    if text_gguf {
+        return run_gguf(&a, sampling, p);
+    }
+    if a.save_kept.is_some() && p.images.is_empty() {
+        return Err(bad_input(anyhow!("--save-kept needs --image")));
     }
     let image_mode = a.g.pad_mode();
 
     // ---- model ----
     let llava = a.g.load_llava(&model_dir)?;
+    for (i, img) in p.images.iter().enumerate() {
+        validate::pad_fits(&llava, img, image_mode)
+            .map_err(|e| bad_input(e.context(format!("image {}", i + 1))))?;
+    }
+    validate::text_fits(&llava, &p.text).map_err(bad_input)?;
     let counts = p
         .images
         .iter()
@@ -784,6 +834,8 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let (_, note) = llava
         .resolve_prune_for(prune.as_ref(), &prompt.image_spans)
         .map_err(|e| bad_input(e.into()))?;
+    // Everything handed in is checked: the device note may go out now.
+    errors::release_notes();
     let opts = GenerateOptions {
         template: Template::Raw,
         image_mode,

@@ -13,10 +13,12 @@ static STOP: AtomicBool = AtomicBool::new(false);
 /// Whether generation is running (a Ctrl-C at any other time exits at once).
 static GENERATING: AtomicBool = AtomicBool::new(false);
 
-/// Installs the Ctrl-C handler. During generation the first Ctrl-C asks generation to stop
+/// Installs the Ctrl-C handler (and SIGTERM/SIGHUP's, which end at once, leaving no temp
+/// file either). During generation the first Ctrl-C asks generation to stop
 /// (the caller prints what it has and exits 130); outside it, or on a second Ctrl-C, the
 /// process exits 130 right away. Failing to install it only loses that behaviour.
 pub fn install_ctrl_c() {
+    install_termination();
     let _ = ctrlc::set_handler(|| {
         let again = STOP.swap(true, Ordering::SeqCst);
         if again || !GENERATING.load(Ordering::SeqCst) {
@@ -27,6 +29,48 @@ pub fn install_ctrl_c() {
         }
     });
 }
+
+/// SIGTERM and SIGHUP (a `kill`, a closed terminal, a job scheduler's stop): the temp files
+/// of a write under way (quantize's pair, `--save-kept`, eval's answers) are removed and
+/// the process exits 128 + the signal, as the default action would, minus the leftovers.
+/// The signal handler only writes the signal's number to a socket (async-signal-safe); a
+/// thread does the rest. Failing to install it only loses that behaviour.
+#[cfg(unix)]
+fn install_termination() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        const SIGHUP: i32 = 1;
+        const SIGTERM: i32 = 15;
+        let Ok((mut rx, tx)) = UnixStream::pair() else {
+            return;
+        };
+        let tx = Arc::new(tx);
+        for sig in [SIGHUP, SIGTERM] {
+            let tx = tx.clone();
+            // SAFETY: the action only calls write(2) on a socket it owns (no allocation, no
+            // lock), which is async-signal-safe.
+            let _ = unsafe {
+                signal_hook_registry::register(sig, move || {
+                    let _ = (&*tx).write(&[sig as u8]);
+                })
+            };
+        }
+        let _ = std::thread::Builder::new()
+            .name("visi-signals".into())
+            .spawn(move || {
+                let mut b = [0u8; 1];
+                if rx.read_exact(&mut b).is_ok() {
+                    engine_core::files::remove_pending_temp_files();
+                    std::process::exit(128 + i32::from(b[0]));
+                }
+            });
+    });
+}
+
+#[cfg(not(unix))]
+fn install_termination() {}
 
 /// Marks the start or end of generation for the Ctrl-C handler.
 pub fn set_generating(on: bool) {

@@ -138,6 +138,7 @@ pub fn quant_eval(a: QuantEvalArgs) -> Result<(), Failure> {
         None => None,
     };
     let backend = crate::open_backend(a.device)?;
+    crate::errors::release_notes();
     let info = match &source {
         Source::Dir(d) => Some(crate::info::report(
             d,

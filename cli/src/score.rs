@@ -124,12 +124,11 @@ pub fn score(a: ScoreArgs) -> Result<(), Failure> {
             "expected": r.expected,
             "detail": r.detail,
         });
-        println!(
-            "{}",
-            serde_json::to_string(&v).map_err(|e| internal(e.into()))?
-        );
+        crate::validate::println_stdout(
+            &serde_json::to_string(&v).map_err(|e| internal(e.into()))?,
+        )?;
     } else {
-        print!("{}", r.table);
+        crate::validate::print_stdout(&r.table)?;
     }
     if r.answered < r.expected {
         eprintln!(

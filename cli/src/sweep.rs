@@ -182,7 +182,22 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
             a.out.display()
         )));
     }
+    // The answers, table and plot are written after the whole run: the place must take
+    // them now (`--out /proc/x`, a read-only directory), not fail after the work.
+    let writable = if a.out.is_dir() {
+        a.out.as_path()
+    } else {
+        parent
+    };
+    crate::validate::can_write_in(writable)
+        .map_err(|e| bad_input(anyhow!("--out {}: {e}", a.out.display())))?;
     let outputs = ["sweep.tsv", "sweep.json", "sweep.png"].map(|n| a.out.join(n));
+    if let Some(p) = outputs.iter().find(|p| p.exists() && !p.is_file()) {
+        return Err(bad_input(anyhow!(
+            "{}: exists and is not a regular file",
+            p.display()
+        )));
+    }
     if !a.force {
         if let Some(p) = outputs.iter().find(|p| p.exists()) {
             return Err(bad_input(anyhow!(
@@ -232,6 +247,7 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
         }
         effective.push(cfg);
     }
+    crate::errors::release_notes();
     std::fs::create_dir_all(&a.out)
         .map_err(|e| internal(anyhow!("--out {}: {e}", a.out.display())))?;
     // One untimed answer first: pipeline compilation and buffer pools would otherwise be
@@ -309,14 +325,15 @@ pub fn sweep(a: SweepArgs) -> Result<(), Failure> {
     });
     let png = encode_png(&sweep_plot(&points, metric)).map_err(internal)?;
     let json_text = serde_json::to_string_pretty(&report).map_err(|e| internal(e.into()))?;
-    for (path, bytes) in outputs
+    // The three as one group: all temp files first, then the renames; a failure removes
+    // every one of them (no table without its plot).
+    let files: Vec<(&Path, &[u8])> = outputs
         .iter()
+        .map(PathBuf::as_path)
         .zip([tsv.as_bytes(), json_text.as_bytes(), png.as_slice()])
-    {
-        engine_core::files::write_files_atomic(&[(path, bytes)], a.force)
-            .map_err(|e| internal(e.into()))?;
-    }
-    print!("{tsv}");
+        .collect();
+    engine_core::files::write_files_atomic(&files, a.force).map_err(|e| internal(e.into()))?;
+    crate::validate::print_stdout(&tsv)?;
     eprintln!(
         "wrote {}, {}, {}",
         outputs[0].display(),

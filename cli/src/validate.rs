@@ -46,13 +46,19 @@ pub fn output_file(flag: &str, p: &Path, ext: &str, force: bool) -> Result<(), F
         }
     }
     // The file is written after the run: find out now whether it can be.
-    let probe = parent.join(format!(".visi-probe-{}", std::process::id()));
+    can_write_in(parent).or_else(err)
+}
+
+/// Whether a file can be created in directory `dir` (a probe file, removed again): outputs
+/// written after the run are checked with it before the run. The error says why not.
+pub fn can_write_in(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(format!(".visi-probe-{}", std::process::id()));
     match std::fs::File::create(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) => err(format!("cannot write in {}: {e}", parent.display())),
+        Err(e) => Err(format!("cannot write in {}: {e}", dir.display())),
     }
 }
 
@@ -68,18 +74,24 @@ pub fn save_png(flag: &str, p: &Path, img: &image::RgbImage, force: bool) -> Res
         .map_err(|e| bad_input(anyhow!("{flag}: {e}")))
 }
 
-/// A failed write to stdout (`/dev/full`, a closed pipe): the output is lost, so the run
-/// fails with one error line instead of exiting 0.
+/// A failed write to stdout: a closed pipe ends the run quietly (exit 141, no error line);
+/// `/dev/full` and other failures lose the output: one error line, exit 1.
 pub fn stdout_error(e: std::io::Error) -> Failure {
-    bad_input(anyhow!("cannot write to stdout: {e}"))
+    crate::errors::stdout_failure(e)
+}
+
+/// Writes `s` to `w` (stdout, locked) and flushes it, a failure classified by
+/// [`stdout_error`]. Every output of every subcommand goes through here (`print!` panics on
+/// a closed or full stdout; `let _ = write` would keep going with the output lost).
+pub fn write_out(w: &mut impl Write, s: &str) -> Result<(), Failure> {
+    w.write_all(s.as_bytes())
+        .and_then(|_| w.flush())
+        .map_err(stdout_error)
 }
 
 /// Writes `s` to stdout and flushes it, turning a failure into an error (`print!` panics).
 pub fn print_stdout(s: &str) -> Result<(), Failure> {
-    let mut o = std::io::stdout().lock();
-    o.write_all(s.as_bytes())
-        .and_then(|_| o.flush())
-        .map_err(stdout_error)
+    write_out(&mut std::io::stdout().lock(), s)
 }
 
 /// [`print_stdout`] with a newline.
@@ -106,4 +118,66 @@ pub fn prune_fits(prune: &pruner::PruneConfig, model: &Path, gguf: bool) -> Resu
             "--prune: pruning config does not fit this {layers}-layer model: {e}"
         ))
     })
+}
+
+/// LLaVA-1.5's pad mode (`expand2square`) pastes the image on a square canvas of its long
+/// side before resizing; that canvas is bounded like a decoded image. An image whose
+/// canvas would be too large is the user's to fix (`--image-mode crop`, or a smaller
+/// image): checked before encoding, so `run` exits 2 and a `chat` turn is refused.
+/// LLaVA-NeXT ignores the mode (its tiles are cut from the image itself).
+pub fn pad_fits(
+    llava: &models::llava::Llava,
+    img: &image::RgbImage,
+    mode: models::preprocess::PadMode,
+) -> anyhow::Result<()> {
+    use models::preprocess::{PadMode, MAX_DECODE_BYTES};
+    if mode != PadMode::Pad || llava.config().arch == models::config::Arch::LlavaNext {
+        return Ok(());
+    }
+    let (w, h) = img.dimensions();
+    let side = u64::from(w.max(h));
+    let bytes = side.saturating_mul(side).saturating_mul(3);
+    if bytes > MAX_DECODE_BYTES {
+        anyhow::bail!(
+            "image of {w}x{h} pixels: pad mode (expand2square) makes a {side}x{side} square of {} bytes, over the {MAX_DECODE_BYTES}-byte limit; use --image-mode crop or a smaller image",
+            bytes
+        );
+    }
+    Ok(())
+}
+
+/// How much a tokenizer's normalizer can shrink text before it is cut into tokens (Unicode
+/// composition joins up to three code points into one: Hangul jamo, 9 bytes, become a
+/// 3-byte syllable). Space to `▁` and byte-level mapping only grow it.
+const NORMALIZE_SHRINK: usize = 4;
+
+/// The most bytes of text that can tokenise to fewer than `ctx` tokens: every token covers
+/// at most its longest vocabulary piece's bytes of normalised text.
+pub fn max_text_bytes(llava: &models::llava::Llava) -> usize {
+    let ctx = llava.config().text.max_position_embeddings;
+    let longest = llava
+        .tokenizer()
+        .inner()
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    ctx.saturating_mul(longest).saturating_mul(NORMALIZE_SHRINK)
+}
+
+/// A prompt text far beyond the context is refused by its length in bytes, before the
+/// tokenizer spends seconds and gigabytes on it (tokenising 30 MB takes half a minute and
+/// 3 GB); one that passes is then tokenised and checked exactly.
+pub fn text_fits(llava: &models::llava::Llava, text: &str) -> anyhow::Result<()> {
+    let limit = max_text_bytes(llava);
+    if text.len() > limit {
+        anyhow::bail!(
+            "the prompt is {} bytes of text, more than the model's context of {} tokens can hold (at most {limit} bytes at this vocabulary's longest token)",
+            text.len(),
+            llava.config().text.max_position_embeddings
+        );
+    }
+    Ok(())
 }

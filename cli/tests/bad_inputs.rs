@@ -1208,11 +1208,13 @@ fn output_failures_are_errors() -> Result<()> {
         vec!["--help"],
         vec!["--version"],
     ];
+    // A full stdout loses the output: an internal failure (exit 1, issue 27), one line.
     for a in &cases {
         let out = visi_to_dev_full(a)?;
-        expect_error(&out, 2, &["stdout"]).with_context(|| format!("{a:?} > /dev/full"))?;
+        expect_error(&out, 1, &["stdout"]).with_context(|| format!("{a:?} > /dev/full"))?;
     }
-    // A stdout pipe closed by the reader (`| head -c0`) stops the run with the error.
+    // A stdout pipe closed by the reader (`| head -c0`) stops the run, quietly as other
+    // Unix tools end (issue 27): exit 141 (128 + SIGPIPE), no error line.
     let mut child = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
         .args(run)
         .args(["--max-new-tokens", "200"])
@@ -1225,13 +1227,13 @@ fn output_failures_are_errors() -> Result<()> {
     let out = child.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(
-        out.status.code() == Some(2),
+        out.status.code() == Some(141),
         "closed pipe: exit {:?}: {stderr}",
         out.status.code()
     );
     ensure!(!stderr.contains("panic"), "{stderr}");
     ensure!(
-        stderr.lines().filter(|l| l.starts_with("error:")).count() == 1,
+        stderr.lines().filter(|l| l.starts_with("error:")).count() == 0,
         "{stderr}"
     );
     Ok(())
