@@ -170,11 +170,16 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<HashMap<String, Entry>> {
     let data_len = buf.len() - data_start;
     // One pass over the JSON: each entry is reduced to its dtype, shape and offsets as it
     // is read (no whole-header `Value` tree, no second pass for duplicates).
-    let header: RawHeader = serde_json::from_slice(&buf[8..data_start]).map_err(|e| {
-        err(if e.is_data() && e.to_string().contains("a JSON object") {
-            "invalid header: expected a JSON object".to_string()
-        } else {
-            format!("invalid header JSON: {e}")
+    let json = &buf[8..data_start];
+    let header: RawHeader = serde_json::from_slice(json).map_err(|e| {
+        // Not an object: say so only of valid JSON (the syntax error comes first).
+        let syntax = serde_json::from_slice::<serde::de::IgnoredAny>(json).err();
+        err(match syntax {
+            Some(e) => format!("invalid header JSON: {e}"),
+            None if e.is_data() && e.to_string().contains("a JSON object") => {
+                "invalid header: expected a JSON object".to_string()
+            }
+            None => format!("invalid header JSON: {e}"),
         })
     })?;
     // serde_json keeps only the last of repeated keys: two entries for one name would load
