@@ -721,6 +721,12 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
     let m = models::gguf::GgufTextModel::load(std::path::Path::new(&a.g.model), backend.clone())
         .map_err(classify)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    validate::text_fits_vocab(
+        m.tokenizer.get_vocab(true).keys(),
+        m.config.max_position_embeddings,
+        &p.text,
+    )
+    .map_err(bad_input)?;
     let ids = m.encode(&p.text).map_err(|e| bad_input(e.into()))?;
     errors::release_notes();
     let t1 = std::time::Instant::now();

@@ -152,32 +152,37 @@ pub fn pad_fits(
 const NORMALIZE_SHRINK: usize = 4;
 
 /// The most bytes of text that can tokenise to fewer than `ctx` tokens: every token covers
-/// at most its longest vocabulary piece's bytes of normalised text.
-pub fn max_text_bytes(llava: &models::llava::Llava) -> usize {
-    let ctx = llava.config().text.max_position_embeddings;
-    let longest = llava
-        .tokenizer()
-        .inner()
-        .get_vocab(true)
-        .keys()
-        .map(String::len)
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    ctx.saturating_mul(longest).saturating_mul(NORMALIZE_SHRINK)
+/// at most `longest_piece` bytes (its vocabulary's longest) of normalised text.
+pub fn max_text_bytes(ctx: usize, longest_piece: usize) -> usize {
+    ctx.saturating_mul(longest_piece.max(1))
+        .saturating_mul(NORMALIZE_SHRINK)
 }
 
 /// A prompt text far beyond the context is refused by its length in bytes, before the
 /// tokenizer spends seconds and gigabytes on it (tokenising 30 MB takes half a minute and
-/// 3 GB); one that passes is then tokenised and checked exactly.
-pub fn text_fits(llava: &models::llava::Llava, text: &str) -> anyhow::Result<()> {
-    let limit = max_text_bytes(llava);
+/// 3 GB); one that passes is then tokenised and checked exactly. `vocab` is the
+/// tokenizer's vocabulary (`get_vocab(true)`), `ctx` the model's context in tokens.
+pub fn text_fits_vocab<'a>(
+    vocab: impl IntoIterator<Item = &'a String>,
+    ctx: usize,
+    text: &str,
+) -> anyhow::Result<()> {
+    let longest = vocab.into_iter().map(String::len).max().unwrap_or(1);
+    let limit = max_text_bytes(ctx, longest);
     if text.len() > limit {
         anyhow::bail!(
-            "the prompt is {} bytes of text, more than the model's context of {} tokens can hold (at most {limit} bytes at this vocabulary's longest token)",
-            text.len(),
-            llava.config().text.max_position_embeddings
+            "the prompt is {} bytes of text, more than the model's context of {ctx} tokens can hold (at most {limit} bytes at this vocabulary's longest token)",
+            text.len()
         );
     }
     Ok(())
+}
+
+/// [`text_fits_vocab`] for a LLaVA model.
+pub fn text_fits(llava: &models::llava::Llava, text: &str) -> anyhow::Result<()> {
+    text_fits_vocab(
+        llava.tokenizer().inner().get_vocab(true).keys(),
+        llava.config().text.max_position_embeddings,
+        text,
+    )
 }

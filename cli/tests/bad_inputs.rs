@@ -1282,9 +1282,10 @@ fn quantize_refuses_devices_and_cleans_up() -> Result<()> {
         std::fs::read_dir(dir.path())?.next().is_none(),
         "files left behind"
     );
-    // Ctrl-C while the pair is being written: exit 130, nothing left (no .tmp files).
+    // Ctrl-C, SIGTERM or SIGHUP while the pair is being written: exit 128 + the signal,
+    // nothing left (no .tmp files; SIGTERM/SIGHUP left both temp files before issue 27).
     #[cfg(unix)]
-    {
+    for (sig, code) in [("INT", 130), ("TERM", 143), ("HUP", 129)] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
             .args([
                 "quantize",
@@ -1313,17 +1314,17 @@ fn quantize_refuses_devices_and_cleans_up() -> Result<()> {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
-        ensure!(tmp_seen, "the temp files never appeared");
+        ensure!(tmp_seen, "SIG{sig}: the temp files never appeared");
         Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
+            .args([&format!("-{sig}"), &child.id().to_string()])
             .status()?;
         let st = child.wait()?;
-        ensure!(st.code() == Some(130), "exit {:?}", st.code());
         let left: Vec<_> = std::fs::read_dir(dir.path())?
             .flatten()
             .map(|e| e.file_name())
             .collect();
-        ensure!(left.is_empty(), "left behind after Ctrl-C: {left:?}");
+        ensure!(left.is_empty(), "left behind after SIG{sig}: {left:?}");
+        ensure!(st.code() == Some(code), "SIG{sig}: exit {:?}", st.code());
     }
     Ok(())
 }

@@ -22,11 +22,33 @@ fn visi(args: &[&str]) -> Result<Output> {
     cmd(args).output().context("running visi-cli")
 }
 
-/// Runs visi-cli with `stdin` written to it (bytes: not necessarily UTF-8).
-fn visi_stdin(args: &[&str], stdin: &[u8]) -> Result<Output> {
+/// Where the child's stdout goes.
+enum Out {
+    /// A pipe read to the end.
+    Pipe,
+    /// `/dev/full`: every write fails with ENOSPC.
+    Full,
+    /// A pipe whose reader is gone (`| head -c0`): writes fail with EPIPE.
+    Closed,
+}
+
+/// Runs visi-cli with `stdin` written to it (bytes: not necessarily UTF-8) and stdout to
+/// `out`.
+fn visi_io(args: &[&str], stdin: &[u8], out: Out) -> Result<Output> {
+    let stdout = match out {
+        Out::Full => Stdio::from(std::fs::OpenOptions::new().write(true).open("/dev/full")?),
+        Out::Pipe => Stdio::piped(),
+        // The read end is closed before the child starts: its first write fails, however
+        // soon it comes.
+        Out::Closed => {
+            let (reader, writer) = std::io::pipe()?;
+            drop(reader);
+            Stdio::from(writer)
+        }
+    };
     let mut child = cmd(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()?;
     let mut i = child.stdin.take().context("stdin")?;
@@ -36,32 +58,16 @@ fn visi_stdin(args: &[&str], stdin: &[u8]) -> Result<Output> {
     Ok(child.wait_with_output()?)
 }
 
-/// Runs visi-cli with stdout on `/dev/full` (every write fails with ENOSPC).
-fn visi_dev_full(args: &[&str], stdin: &[u8]) -> Result<Output> {
-    let full = std::fs::OpenOptions::new().write(true).open("/dev/full")?;
-    let mut child = cmd(args)
-        .stdin(Stdio::piped())
-        .stdout(full)
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut i = child.stdin.take().context("stdin")?;
-    let _ = i.write_all(stdin);
-    drop(i);
-    Ok(child.wait_with_output()?)
+fn visi_stdin(args: &[&str], stdin: &[u8]) -> Result<Output> {
+    visi_io(args, stdin, Out::Pipe)
 }
 
-/// Runs visi-cli with its stdout pipe already closed by the reader (`| head -c0`).
+fn visi_dev_full(args: &[&str], stdin: &[u8]) -> Result<Output> {
+    visi_io(args, stdin, Out::Full)
+}
+
 fn visi_closed_pipe(args: &[&str], stdin: &[u8]) -> Result<Output> {
-    let mut child = cmd(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    drop(child.stdout.take());
-    let mut i = child.stdin.take().context("stdin")?;
-    let _ = i.write_all(stdin);
-    drop(i);
-    Ok(child.wait_with_output()?)
+    visi_io(args, stdin, Out::Closed)
 }
 
 fn model() -> String {
@@ -200,61 +206,8 @@ fn score_stdout_full_or_closed() -> Result<()> {
 
 // ------------------------------------------------------------------ 5. leftovers
 
-/// Sends `sig` to quantize while its temp files are written; nothing may be left.
-#[cfg(unix)]
-fn quantize_killed_by(sig: &str, code: i32) -> Result<()> {
-    let dir = Scratch::new(&format!("qsig-{sig}"))?;
-    let m = fixtures()
-        .join("tiny-llava-mha")
-        .to_string_lossy()
-        .to_string();
-    let mut child = cmd(&[
-        "quantize",
-        "--model",
-        &m,
-        "--quant",
-        "q8_0",
-        "--out",
-        &format!("{}/", dir.s()),
-    ])
-    .env("VISI_DEBUG_WRITE_DELAY_MS", "5000")
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()?;
-    let t0 = std::time::Instant::now();
-    let seen = loop {
-        let tmps = std::fs::read_dir(dir.path())?
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
-            .count();
-        if tmps == 2 {
-            break true;
-        }
-        if t0.elapsed() > std::time::Duration::from_secs(60) || child.try_wait()?.is_some() {
-            break false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    ensure!(seen, "{sig}: the temp files never appeared");
-    Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()?;
-    let st = child.wait()?;
-    let left: Vec<_> = std::fs::read_dir(dir.path())?
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    ensure!(left.is_empty(), "left behind after SIG{sig}: {left:?}");
-    ensure!(st.code() == Some(code), "SIG{sig}: exit {st:?}");
-    Ok(())
-}
-
-#[cfg(unix)]
-#[test]
-fn sigterm_and_sighup_leave_no_temp_files() -> Result<()> {
-    quantize_killed_by("TERM", 143)?;
-    quantize_killed_by("HUP", 129)
-}
+// SIGTERM/SIGHUP during quantize's write: bad_inputs.rs `quantize_refuses_devices_and_cleans_up`
+// (with Ctrl-C).
 
 fn sweep_setup(s: &Scratch) -> Result<(String, String)> {
     let qs = s.write(
@@ -515,6 +468,24 @@ fn long_turns_refused_by_length_before_tokenising() -> Result<()> {
         msgs.as_bytes(),
     )?;
     expect_error(&out, 2, &["bytes of text", "2048"])?;
+    // A GGUF text model (no --mmproj) is bounded the same way.
+    let gguf = fixtures()
+        .join("gguf/tiny-llava-mha/tiny-llava-mha.f16.gguf")
+        .to_string_lossy()
+        .to_string();
+    let out = visi_stdin(
+        &[
+            "run",
+            "--messages",
+            "-",
+            "--model",
+            &gguf,
+            "--device",
+            "cpu",
+        ],
+        msgs.as_bytes(),
+    )?;
+    expect_error(&out, 2, &["bytes of text"])?;
     let mut script = long.into_bytes();
     script.extend_from_slice(b"\nHi\n");
     let out = visi_stdin(
