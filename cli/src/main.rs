@@ -819,6 +819,10 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     if a.save_kept.is_some() && p.images.is_empty() {
         return Err(bad_input(anyhow!("--save-kept needs --image")));
     }
+    if !a.g.is_gguf() {
+        // A prompt text far past the context is refused before the weights load.
+        validate::text_fits_dir(&model_dir, &p.text)?;
+    }
     let image_mode = a.g.pad_mode();
 
     // ---- model ----

@@ -186,3 +186,23 @@ pub fn text_fits(llava: &models::llava::Llava, text: &str) -> anyhow::Result<()>
         text,
     )
 }
+
+/// [`text_fits_vocab`] before the weights load, from a llava-hf directory's `config.json`
+/// and `tokenizer.json` (the weights of a large model take many seconds to load; a prompt
+/// refused after that would break the promise that bad input costs under 2 seconds). Text
+/// of at most `NORMALIZE_SHRINK` bytes per context token fits at any vocabulary, so only
+/// longer text pays for reading the tokenizer here.
+pub fn text_fits_dir(model_dir: &Path, text: &str) -> Result<(), Failure> {
+    let cfg = models::LlavaConfig::from_file(&model_dir.join("config.json"))
+        .map_err(crate::errors::classify)?;
+    let ctx = cfg.text.max_position_embeddings;
+    if text.len() <= max_text_bytes(ctx, 1) {
+        return Ok(());
+    }
+    let path = model_dir.join("tokenizer.json");
+    models::prompt::check_tokenizer_file(&path, cfg.text.vocab_size)
+        .map_err(crate::errors::classify)?;
+    let tok = models::prompt::PromptTokenizer::from_file(&path, cfg.image_token_index)
+        .map_err(crate::errors::classify)?;
+    text_fits_vocab(tok.inner().get_vocab(true).keys(), ctx, text).map_err(bad_input)
+}

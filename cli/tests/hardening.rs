@@ -468,6 +468,26 @@ fn long_turns_refused_by_length_before_tokenising() -> Result<()> {
         msgs.as_bytes(),
     )?;
     expect_error(&out, 2, &["bytes of text", "2048"])?;
+    // ... before the weights load: a broken shard is not even reached.
+    let broken = model_copy("long-turn")?;
+    let shard = broken.path().join("model-00002-of-00003.safetensors");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)?
+        .set_len(100)?;
+    let out = visi_stdin(
+        &[
+            "run",
+            "--messages",
+            "-",
+            "--model",
+            &broken.s(),
+            "--device",
+            "cpu",
+        ],
+        msgs.as_bytes(),
+    )?;
+    expect_error(&out, 2, &["bytes of text"])?;
     // A GGUF text model (no --mmproj) is bounded the same way.
     let gguf = fixtures()
         .join("gguf/tiny-llava-mha/tiny-llava-mha.f16.gguf")
