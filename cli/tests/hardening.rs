@@ -204,6 +204,39 @@ fn score_stdout_full_or_closed() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn bench_conversation_stdout_full_or_closed() -> Result<()> {
+    let args = [
+        "bench",
+        "--shape",
+        "tiny",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--decode-tokens",
+        "2",
+        "--skip-kernels",
+        "--conversation",
+    ];
+    // bench reports progress on stderr (`bench: ...` lines); its table went out by
+    // println!, which panicked on a full or closed stdout.
+    let out = visi_dev_full(&args, b"")?;
+    let e = stderr(&out);
+    ensure!(
+        out.status.code() == Some(1),
+        "exit {:?}: {e}",
+        out.status.code()
+    );
+    ensure!(!e.contains("panic"), "{e}");
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+    ensure!(errors.len() == 1 && errors[0].contains("stdout"), "{e}");
+    expect_quiet_pipe_end(&visi_closed_pipe(&args, b"")?, "bench | head -c0")?;
+    Ok(())
+}
+
 // ------------------------------------------------------------------ 5. leftovers
 
 // SIGTERM/SIGHUP during quantize's write: bad_inputs.rs `quantize_refuses_devices_and_cleans_up`
