@@ -473,11 +473,11 @@ pub fn read_for_resume(path: &Path) -> Result<Existing> {
                 answers.push(a);
             }
             Err(_) if !complete => {
-                eprintln!(
-                    "note: --answers {}: dropped a cut-off last line ({} bytes) left by an interrupted run",
+                crate::errors::note(format!(
+                    "--answers {}: dropped a cut-off last line ({} bytes) left by an interrupted run",
                     path.display(),
                     line.len()
-                );
+                ));
                 repaired = true;
             }
             Err(e) => bail!(

@@ -664,10 +664,10 @@ pub fn eval(a: EvalArgs) -> Result<(), Failure> {
     )
     .map_err(bad_input)?;
     if questions.is_empty() {
-        eprintln!(
-            "note: chunk {} of {} holds no questions",
+        crate::errors::note(format!(
+            "chunk {} of {} holds no questions",
             a.chunk_idx, a.num_chunks
-        );
+        ));
     }
     let model_id = a
         .model_id
