@@ -819,11 +819,21 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     if a.save_kept.is_some() && p.images.is_empty() {
         return Err(bad_input(anyhow!("--save-kept needs --image")));
     }
-    if !a.g.is_gguf() {
-        // A prompt text far past the context is refused before the weights load.
-        validate::text_fits_dir(&model_dir, &p.text)?;
-    }
     let image_mode = a.g.pad_mode();
+    if !a.g.is_gguf() {
+        // A prompt text far past the context, or an image whose pad-mode square is too
+        // large, is refused before the weights load (config.json tells the architecture).
+        validate::text_fits_dir(&model_dir, &p.text)?;
+        if image_mode == PadMode::Pad && !p.images.is_empty() {
+            let arch = models::LlavaConfig::from_file(&model_dir.join("config.json"))
+                .map_err(classify)?
+                .arch;
+            for (i, img) in p.images.iter().enumerate() {
+                validate::pad_fits_arch(arch, img, image_mode)
+                    .map_err(|e| bad_input(e.context(format!("image {}", i + 1))))?;
+            }
+        }
+    }
 
     // ---- model ----
     let llava = a.g.load_llava(&model_dir)?;

@@ -130,8 +130,17 @@ pub fn pad_fits(
     img: &image::RgbImage,
     mode: models::preprocess::PadMode,
 ) -> anyhow::Result<()> {
+    pad_fits_arch(llava.config().arch, img, mode)
+}
+
+/// [`pad_fits`] for a model of architecture `arch` (from `config.json`, before loading).
+pub fn pad_fits_arch(
+    arch: models::config::Arch,
+    img: &image::RgbImage,
+    mode: models::preprocess::PadMode,
+) -> anyhow::Result<()> {
     use models::preprocess::{PadMode, MAX_DECODE_BYTES};
-    if mode != PadMode::Pad || llava.config().arch == models::config::Arch::LlavaNext {
+    if mode != PadMode::Pad || arch == models::config::Arch::LlavaNext {
         return Ok(());
     }
     let (w, h) = img.dimensions();

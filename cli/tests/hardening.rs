@@ -341,6 +341,26 @@ fn pad_mode_canvas_too_large_is_bad_input() -> Result<()> {
         "2",
     ])?;
     expect_error(&out, 2, &["pad", "--image-mode crop"])?;
+    // ... before the weights load: a broken shard is not reached.
+    let broken = model_copy("pad-big-model")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(broken.path().join("model-00002-of-00003.safetensors"))?
+        .set_len(100)?;
+    let out = visi(&[
+        "run",
+        "--model",
+        &broken.s(),
+        "--image",
+        &big,
+        "--prompt",
+        "Hi?",
+        "--device",
+        "cpu",
+        "--image-mode",
+        "pad",
+    ])?;
+    expect_error(&out, 2, &["pad", "--image-mode crop"])?;
     // In chat it is that image's error; the chat goes on (it ended the chat, exit 1).
     let script = format!("/image {big}\nWhat is it?\n");
     let out = visi_stdin(
