@@ -332,6 +332,8 @@ impl Llava {
             ));
         }
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
+        // A tokenizer.json far larger than the vocabulary needs is refused before parsing.
+        crate::prompt::check_tokenizer_file(&dir.join("tokenizer.json"), cfg.text.vocab_size)?;
         let tokenizer =
             PromptTokenizer::from_file(&dir.join("tokenizer.json"), cfg.image_token_index)?;
         let pp = dir.join("preprocessor_config.json");
