@@ -1429,3 +1429,42 @@ fn the_longest_durations_still_work() -> Result<()> {
     ensure!(!server.log().contains("panicked"), "{}", server.log());
     Ok(())
 }
+
+#[test]
+fn an_exif_rotated_image_on_llava_next_equals_run_messages() -> Result<()> {
+    // The header says 45x31, the EXIF orientation (6) makes it 31x45: sized from the header
+    // on arrival, the request is re-counted from the decoded image at admission, so its
+    // LLaVA-NeXT tile layout and tokens are those `run --messages` gives.
+    let dir = Scratch::new("serve-exif")?;
+    let bytes = std::fs::read(fixtures().join("images/corpus/exif_orientation_6.jpg"))?;
+    let url = format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    );
+    let msgs = json!([image_message(&url, "What is shown?")]);
+    let model = fixtures()
+        .join("tiny-next-llama")
+        .to_string_lossy()
+        .to_string();
+    let server = Server::start(&["--model", &model, "--device", "cpu", "--no-prune"], &[])?;
+    let flags = vec![
+        "--no-prune".to_string(),
+        "--max-new-tokens".to_string(),
+        "4".to_string(),
+    ];
+    let want = run_messages(&model, "cpu", &msgs, &flags, &dir)?;
+    let got = server.ok(&json!({"messages": msgs, "max_tokens": 4}))?;
+    ensure!(
+        got["usage"]["prompt_tokens"] == want["prompt_tokens"],
+        "prompt tokens {} vs run {}",
+        got["usage"]["prompt_tokens"],
+        want["prompt_tokens"]
+    );
+    ensure!(
+        got["visi"]["tokens"] == want["tokens"],
+        "tokens {} vs run {}",
+        got["visi"]["tokens"],
+        want["tokens"]
+    );
+    Ok(())
+}
