@@ -1211,6 +1211,12 @@ fn image_memory_is_bounded_per_request_and_in_total() -> Result<()> {
             move || http(&addr, "POST", "/v1/chat/completions", &[], b.as_bytes())
         });
         server.wait_metric("visi_queue_depth", |v| v == 1.0)?;
+        // 1000 x 1000 at 7 bytes a pixel, held while it waits.
+        ensure!(
+            server.metric("visi_image_bytes_reserved")? == 7e6,
+            "reserved {}",
+            server.metric("visi_image_bytes_reserved")?
+        );
         let c = server.chat(&images_request(std::slice::from_ref(&img), 2))?;
         check_error(&c, 429, "image memory in use")?;
         ensure!(c.header("retry-after").is_some(), "429 without Retry-After");
@@ -1225,6 +1231,10 @@ fn image_memory_is_bounded_per_request_and_in_total() -> Result<()> {
         }
         // Given back once encoded: the same request now runs.
         server.ok(&images_request(&[img], 2))?;
+        ensure!(
+            server.metric("visi_image_bytes_reserved")? == 0.0,
+            "image bytes still reserved after every request ended"
+        );
     }
     Ok(())
 }

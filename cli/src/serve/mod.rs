@@ -647,11 +647,16 @@ async fn list_models(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
+    let mut text = st.metrics.render();
+    text.push_str(&format!(
+        "# HELP visi_image_bytes_reserved Decoded image bytes reserved by requests not yet encoded.\n\
+         # TYPE visi_image_bytes_reserved gauge\nvisi_image_bytes_reserved {}\n\
+         # HELP visi_image_bytes_budget --max-image-memory.\n\
+         # TYPE visi_image_bytes_budget gauge\nvisi_image_bytes_budget {}\n",
+        st.images.used(),
+        st.images.total
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// `POST /v1/chat/completions`; a panic inside is this request's 500, nothing more.
