@@ -759,7 +759,11 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
             prompt_len
         )));
     }
-    if prompt_len + a.decode_tokens > cfg.text.max_position_embeddings {
+    // Checked: `--prompt-len 18446744073709551615` must not wrap past the context check.
+    if prompt_len
+        .checked_add(a.decode_tokens)
+        .is_none_or(|n| n > cfg.text.max_position_embeddings)
+    {
         return Err(bad_input(anyhow!(
             "--prompt-len {} + --decode-tokens {} exceed the model's context of {}",
             prompt_len,

@@ -1587,3 +1587,247 @@ fn failing_arguments_fail_fast_on_every_subcommand() -> Result<()> {
     }
     Ok(())
 }
+
+// =======================================================================================
+// Hardening (issue 27, item 1 and the bench part of 9): lying GGUF counts, bench sizes.
+// Peak memory is the child's own `ru_maxrss` from wait4 (not wall time: no timed asserts).
+// =======================================================================================
+
+/// What one run of visi-cli left: its output and its peak resident memory in bytes.
+#[cfg(target_os = "linux")]
+fn visi_peak_rss(args: &[&str]) -> Result<(Output, u64)> {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+
+    /// Linux's `struct rusage` (x86_64 and aarch64: two timevals, then 14 longs).
+    #[repr(C)]
+    struct Rusage {
+        utime: [i64; 2],
+        stime: [i64; 2],
+        maxrss: i64,
+        rest: [i64; 13],
+    }
+    extern "C" {
+        fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut Rusage) -> i32;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("VISI_ADAPTER")
+        .env_remove("CI")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("spawning visi-cli")?;
+    let pid = child.id() as i32;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().context("stdout")?));
+    let err = drain(Box::new(child.stderr.take().context("stderr")?));
+    // A watchdog against a hang (the child is ours; wait4 below reaps it).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..3000 {
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    return false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            true
+        })
+    };
+    let mut status = 0i32;
+    let mut ru = Rusage {
+        utime: [0; 2],
+        stime: [0; 2],
+        maxrss: 0,
+        rest: [0; 13],
+    };
+    // SAFETY: `pid` is our unreaped child; both pointers are valid for the call.
+    let r = unsafe { wait4(pid, &mut status, 0, &mut ru) };
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        r == pid,
+        "wait4 failed: {}",
+        std::io::Error::last_os_error()
+    );
+    ensure!(
+        !dog.join().unwrap_or(false),
+        "visi-cli {args:?} still running after 60 s (hang)"
+    );
+    let output = Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    };
+    Ok((output, ru.maxrss as u64 * 1024))
+}
+
+/// A GGUF header (v3) and `meta` written into `path`, then the file grown to `len` bytes
+/// (sparse: the rest reads as zeros without taking disk).
+fn sparse_gguf(path: &Path, n_tensors: u64, n_kv: u64, meta: &[u8], len: u64) -> Result<()> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&n_tensors.to_le_bytes());
+    b.extend_from_slice(&n_kv.to_le_bytes());
+    b.extend_from_slice(meta);
+    std::fs::write(path, &b)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(len)?;
+    Ok(())
+}
+
+/// One metadata pair `k`: an array of `n` elements of GGUF type `ety`.
+fn array_kv(ety: u32, n: u64) -> Vec<u8> {
+    let mut b = 1u64.to_le_bytes().to_vec();
+    b.push(b'k');
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&ety.to_le_bytes());
+    b.extend_from_slice(&n.to_le_bytes());
+    b
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn lying_gguf_counts_are_refused_in_bounded_memory() -> Result<()> {
+    let dir = Scratch::new("gguf-counts")?;
+    let d = fixtures().join("gguf/tiny-llava-mha");
+    let text = d
+        .join("tiny-llava-mha.f16.gguf")
+        .to_string_lossy()
+        .to_string();
+    let mmproj = d
+        .join("mmproj-tiny-llava-mha.f16.gguf")
+        .to_string_lossy()
+        .to_string();
+    let gb = 1u64 << 30;
+    // (file, tensor count, pair count, metadata, length, words the error must hold)
+    type Case<'a> = (&'a str, u64, u64, Vec<u8>, u64, Vec<&'a str>);
+    let files: Vec<Case> = vec![
+        (
+            "tensors-1e9.gguf",
+            1_000_000_000,
+            0,
+            vec![],
+            gb,
+            vec!["tensors", "1000000000"],
+        ),
+        (
+            "pairs-1e9.gguf",
+            0,
+            1_000_000_000,
+            vec![],
+            gb,
+            vec!["metadata", "1000000000"],
+        ),
+        (
+            "u8-array-1e9.gguf",
+            0,
+            1,
+            array_kv(0, 1_000_000_000),
+            gb,
+            vec!["metadata values"],
+        ),
+        (
+            "u32-array-1e9.gguf",
+            0,
+            1,
+            array_kv(4, 1_000_000_000),
+            gb,
+            vec!["array", "1000000000"],
+        ),
+        // 80 MB of u8 elements that the file does hold: 2.5 GiB and 5 s before the fix.
+        (
+            "u8-array-80mb.gguf",
+            0,
+            1,
+            array_kv(0, 80_000_000),
+            80_000_100,
+            vec!["metadata values"],
+        ),
+    ];
+    for (name, nt, nkv, meta, len, words) in &files {
+        let p = dir.path().join(name);
+        sparse_gguf(&p, *nt, *nkv, meta, *len)?;
+        let p = p.to_string_lossy().to_string();
+        for (flag, args) in [
+            ("--model", vec!["run", "--model", &p, "--mmproj", &mmproj]),
+            ("--mmproj", vec!["run", "--model", &text, "--mmproj", &p]),
+        ] {
+            let mut args = args.clone();
+            args.extend(["--prompt", "hi", "--device", "cpu", "--max-new-tokens", "1"]);
+            let (out, rss) = visi_peak_rss(&args)?;
+            let mut needles = vec![*name];
+            needles.extend(words.iter().copied());
+            expect_error(&out, 2, &needles).with_context(|| format!("{name} as {flag}"))?;
+            ensure!(
+                rss < 256 << 20,
+                "{name} as {flag}: peak RSS {} MiB",
+                rss >> 20
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bench_sizes_that_overflow_exit_2() -> Result<()> {
+    let max = u64::MAX.to_string();
+    for (args, needle) in [
+        (
+            vec![
+                "bench",
+                "--shape",
+                "tiny",
+                "--device",
+                "cpu",
+                "--prompt-len",
+                &max,
+            ],
+            "--prompt-len",
+        ),
+        (
+            vec![
+                "bench",
+                "--shape",
+                "tiny",
+                "--device",
+                "cpu",
+                "--decode-tokens",
+                &max,
+            ],
+            "--decode-tokens",
+        ),
+        (
+            vec![
+                "bench",
+                "--shape",
+                "tiny",
+                "--device",
+                "cpu",
+                "--prompt-len",
+                "9223372036854775808",
+                "--decode-tokens",
+                "9223372036854775808",
+            ],
+            "--prompt-len",
+        ),
+    ] {
+        let out = visi_timed(&args, &[], 120)?;
+        expect_error(&out, 2, &[needle]).with_context(|| format!("{args:?}"))?;
+    }
+    Ok(())
+}

@@ -1098,3 +1098,383 @@ fn bad_flags_exit_2_before_loading() -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Hardening (issue 27: items 2, 3 and the serve part of 9)
+// ---------------------------------------------------------------------------------------
+
+/// A solid grey PNG of `w` x `h` (compresses to kilobytes however large it decodes).
+fn grey_png(w: u32, h: u32) -> Result<Vec<u8>> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
+    let px = vec![128u8; w as usize * h as usize];
+    let mut out = Vec::new();
+    PngEncoder::new_with_quality(&mut out, CompressionType::Best, FilterType::NoFilter)
+        .write_image(&px, w, h, image::ExtendedColorType::L8)?;
+    Ok(out)
+}
+
+fn png_url(png: &[u8]) -> String {
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    )
+}
+
+/// A user message holding `urls` (each an `<image>`) and a question.
+fn images_request(urls: &[String], max_tokens: usize) -> Value {
+    let mut content: Vec<Value> = urls
+        .iter()
+        .map(|u| json!({"type": "image_url", "image_url": {"url": u}}))
+        .collect();
+    content.push(json!({"type": "text", "text": "Describe."}));
+    json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+}
+
+/// Peak resident memory of a process so far, in bytes (Linux: `VmHWM`).
+fn peak_rss(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM")?;
+    Ok(kb * 1024)
+}
+
+#[test]
+fn image_memory_is_bounded_per_request_and_in_total() -> Result<()> {
+    let r = references()?
+        .into_iter()
+        .next()
+        .context("no reference fixtures")?;
+    let model = r.model_dir.to_string_lossy().to_string();
+    // 4 PNGs of 8000 x 8000 (about 1 MB of request): 64 Mpx each, 448 MB each to decode
+    // (decoder buffer and RGB copy). Decoding them all on arrival took the server past
+    // 1 GB; the default per-request bound (1 GiB) refuses the request from the headers.
+    let big = png_url(&grey_png(8000, 8000)?);
+    {
+        let server = Server::start(&["--model", &model, "--device", "cpu"], &[])?;
+        let before = peak_rss(server.child.id())?;
+        let resp = server.chat(&images_request(&vec![big.clone(); 4], 2))?;
+        check_error(&resp, 413, "4 images of 64 Mpx")?;
+        let v = resp.json()?;
+        ensure!(
+            v["error"]["code"] == "image_memory_limit",
+            "413 without its code: {v}"
+        );
+        let after = peak_rss(server.child.id())?;
+        ensure!(
+            after < before + (256 << 20),
+            "peak RSS {before} -> {after} bytes for a refused request"
+        );
+        // Still serving, images included.
+        let small = png_url(&grey_png(500, 300)?);
+        let ok = server.ok(&images_request(&[small], 2))?;
+        content(&ok)?;
+    }
+    {
+        // A total that holds one 1000 x 1000 image (7 MB) at a time: with the only batch
+        // slot busy, a queued image request holds its reservation and the next gets 429.
+        let server = Server::start(
+            &[
+                "--model",
+                &model,
+                "--device",
+                "cpu",
+                "--max-batch",
+                "1",
+                "--max-image-memory",
+                "10MB",
+                "--max-request-image-memory",
+                "8MB",
+            ],
+            &[("VISI_DEBUG_TOKEN_DELAY_MS", "40")],
+        )?;
+        let img = png_url(&grey_png(1000, 1000)?);
+        check_error(
+            &server.chat(&images_request(&[img.clone(), img.clone()], 2))?,
+            413,
+            "two images over the per-request bound",
+        )?;
+        let long = json!({"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 40, "stream": true});
+        let addr = server.addr.clone();
+        let a = std::thread::spawn({
+            let addr = addr.clone();
+            let b = long.to_string();
+            move || http(&addr, "POST", "/v1/chat/completions", &[], b.as_bytes())
+        });
+        server.wait_metric("visi_active_sequences", |v| v == 1.0)?;
+        let b = std::thread::spawn({
+            let addr = addr.clone();
+            let b = images_request(std::slice::from_ref(&img), 2).to_string();
+            move || http(&addr, "POST", "/v1/chat/completions", &[], b.as_bytes())
+        });
+        server.wait_metric("visi_queue_depth", |v| v == 1.0)?;
+        // 1000 x 1000 at 7 bytes a pixel, held while it waits.
+        ensure!(
+            server.metric("visi_image_bytes_reserved")? == 7e6,
+            "reserved {}",
+            server.metric("visi_image_bytes_reserved")?
+        );
+        let c = server.chat(&images_request(std::slice::from_ref(&img), 2))?;
+        check_error(&c, 429, "image memory in use")?;
+        ensure!(c.header("retry-after").is_some(), "429 without Retry-After");
+        ensure!(
+            c.json()?["error"]["code"] == "image_memory_full",
+            "{}",
+            c.text()
+        );
+        for h in [a, b] {
+            let resp = h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+            ensure!(resp.status == 200, "{}", resp.text());
+        }
+        // Given back once encoded: the same request now runs.
+        server.ok(&images_request(&[img], 2))?;
+        ensure!(
+            server.metric("visi_image_bytes_reserved")? == 0.0,
+            "image bytes still reserved after every request ended"
+        );
+    }
+    Ok(())
+}
+
+/// Writes raw bytes, then reads the whole answer (the server closes after a rejection).
+fn raw(addr: &str, bytes: &[u8]) -> Result<Resp> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let w = {
+        let mut s = s.try_clone()?;
+        let bytes = bytes.to_vec();
+        // The server may answer and close before all of it is written.
+        std::thread::spawn(move || {
+            let _ = s.write_all(&bytes);
+        })
+    };
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let _ = w.join();
+    parse_response(&buf)
+}
+
+#[test]
+fn requests_hyper_refuses_get_the_json_error_body() -> Result<()> {
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let server = Server::start(&["--model", &model, "--device", "cpu"], &[])?;
+    let mut big_header = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big_header.extend(std::iter::repeat_n(b'a', 1 << 20));
+    big_header.extend_from_slice(b"\r\n\r\n");
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("bad request line", b"GARBAGE\r\n\r\n".to_vec(), 400),
+        ("bad method", b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
+        ("bad header", b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".to_vec(), 400),
+        (
+            "two Content-Lengths",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello".to_vec(),
+            400,
+        ),
+        ("a 1 MB header", big_header, 431),
+    ];
+    for (what, bytes, status) in cases {
+        let resp = raw(&server.addr, &bytes).with_context(|| what.to_string())?;
+        check_error(&resp, status, what)?;
+        ensure!(
+            resp.header("content-type") == Some("application/json"),
+            "{what}: content-type {:?}",
+            resp.header("content-type")
+        );
+        let h = http(&server.addr, "GET", "/health", &[], b"")?;
+        ensure!(h.status == 200, "{what}: /health {}", h.status);
+    }
+    // A keep-alive connection: a good request, then a malformed one on the same socket.
+    let mut two = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    two.extend_from_slice(b"GARBAGE\r\n\r\n");
+    let mut s = TcpStream::connect(&server.addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(&two)?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let second = text
+        .match_indices("HTTP/1.1 ")
+        .nth(1)
+        .map(|(i, _)| &buf[i..])
+        .with_context(|| format!("one answer only: {text}"))?;
+    check_error(&parse_response(second)?, 400, "malformed after keep-alive")?;
+    let m = server.metric("visi_requests_total{outcome=\"bad_request\"}")?;
+    ensure!(m >= 6.0, "rejections not counted as bad requests: {m}");
+    Ok(())
+}
+
+#[test]
+fn allow_files_answers_alike_outside_the_directory() -> Result<()> {
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let allowed = Scratch::new("serve-allow-alike")?;
+    let server = Server::start(
+        &[
+            "--model",
+            &model,
+            "--device",
+            "cpu",
+            "--allow-files",
+            &allowed.s(),
+        ],
+        &[],
+    )?;
+    let exists = fixtures().join("images/square.png");
+    ensure!(exists.is_file());
+    let missing = fixtures().join("images/no-such-image.png");
+    let mut messages = Vec::new();
+    for p in [
+        exists.to_string_lossy().to_string(),
+        missing.to_string_lossy().to_string(),
+        format!("{}/../{}", allowed.s(), "nothing-here.png"),
+        "missing-inside.png".to_string(),
+    ] {
+        let resp = server.chat(&images_request(std::slice::from_ref(&p), 2))?;
+        check_error(&resp, 400, &p)?;
+        let m = resp.json()?["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        ensure!(!m.contains(&p), "the message repeats the path: {m}");
+        messages.push(m);
+    }
+    ensure!(
+        messages.iter().all(|m| m == &messages[0]),
+        "paths outside --allow-files are told apart: {messages:?}"
+    );
+    Ok(())
+}
+
+/// Runs `serve` with `args` and expects exit 2 before it starts listening; a server that
+/// started (the flag was accepted) is killed after `secs` and fails the test.
+fn serve_refused(args: &[&str], needle: &str, secs: u64) -> Result<()> {
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--model", &model, "--device", "cpu", "--port", "0"])
+        .args(args)
+        .env_remove("CI")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let t0 = Instant::now();
+    while child.try_wait()?.is_none() {
+        if t0.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("serve {args:?} was accepted and kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    visi_tests::expect_error(&out, 2, &[needle]).with_context(|| format!("{args:?}"))
+}
+
+#[test]
+fn unbounded_durations_queue_0_and_image_memory_flags_exit_2() -> Result<()> {
+    let max = u64::MAX.to_string();
+    for (args, needle) in [
+        (vec!["--read-timeout", max.as_str()], "--read-timeout"),
+        (
+            vec!["--shutdown-timeout", max.as_str()],
+            "--shutdown-timeout",
+        ),
+        (vec!["--read-timeout", "86401"], "86400"),
+        (vec!["--read-timeout", "0"], "--read-timeout"),
+        (vec!["--queue", "0"], "--queue"),
+        (vec!["--max-image-memory", "lots"], "--max-image-memory"),
+        (vec!["--max-image-memory", "0"], "--max-image-memory"),
+        (
+            vec![
+                "--max-image-memory",
+                "1GiB",
+                "--max-request-image-memory",
+                "2GiB",
+            ],
+            "--max-request-image-memory",
+        ),
+    ] {
+        serve_refused(&args, needle, 120)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_longest_durations_still_work() -> Result<()> {
+    // The bounds themselves: a request is served and SIGTERM ends the server with 0
+    // (2^64-1 panicked in both places: hyper's header timer and the drain deadline).
+    let model = fixtures()
+        .join("tiny-llava-mha")
+        .to_string_lossy()
+        .to_string();
+    let mut server = Server::start(
+        &[
+            "--model",
+            &model,
+            "--device",
+            "cpu",
+            "--read-timeout",
+            "86400",
+            "--shutdown-timeout",
+            "86400",
+            "--queue",
+            "1",
+        ],
+        &[],
+    )?;
+    server.ok(&json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}))?;
+    let st = server.term()?;
+    ensure!(st.code() == Some(0), "exit {st:?}; log:\n{}", server.log());
+    ensure!(!server.log().contains("panicked"), "{}", server.log());
+    Ok(())
+}
+
+#[test]
+fn an_exif_rotated_image_on_llava_next_equals_run_messages() -> Result<()> {
+    // The header says 45x31, the EXIF orientation (6) makes it 31x45: sized from the header
+    // on arrival, the request is re-counted from the decoded image at admission, so its
+    // LLaVA-NeXT tile layout and tokens are those `run --messages` gives.
+    let dir = Scratch::new("serve-exif")?;
+    let bytes = std::fs::read(fixtures().join("images/corpus/exif_orientation_6.jpg"))?;
+    let url = format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    );
+    let msgs = json!([image_message(&url, "What is shown?")]);
+    let model = fixtures()
+        .join("tiny-next-llama")
+        .to_string_lossy()
+        .to_string();
+    let server = Server::start(&["--model", &model, "--device", "cpu", "--no-prune"], &[])?;
+    let flags = vec![
+        "--no-prune".to_string(),
+        "--max-new-tokens".to_string(),
+        "4".to_string(),
+    ];
+    let want = run_messages(&model, "cpu", &msgs, &flags, &dir)?;
+    let got = server.ok(&json!({"messages": msgs, "max_tokens": 4}))?;
+    ensure!(
+        got["usage"]["prompt_tokens"] == want["prompt_tokens"],
+        "prompt tokens {} vs run {}",
+        got["usage"]["prompt_tokens"],
+        want["prompt_tokens"]
+    );
+    ensure!(
+        got["visi"]["tokens"] == want["tokens"],
+        "tokens {} vs run {}",
+        got["visi"]["tokens"],
+        want["tokens"]
+    );
+    Ok(())
+}

@@ -31,6 +31,33 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DEPTH: usize = 4;
 /// Dimensions a tensor may have (ggml's `GGML_MAX_DIMS`).
 const MAX_DIMS: u32 = 4;
+/// Most metadata values one file may hold, array elements and nested arrays counted:
+/// about 5x the largest tokenizers (Gemma 3's 262,144 tokens with their scores and types;
+/// Qwen2's 151,936 tokens, types and merges), and at 32 bytes per value in memory at most
+/// 128 MiB however the counts lie.
+pub const MAX_METADATA_VALUES: u64 = 1 << 22;
+/// Most tensors one file may list (models have hundreds to a few thousand).
+pub const MAX_TENSORS: u64 = 1 << 20;
+/// Fewest file bytes one metadata pair takes: key length (8), value type (4), a 1-byte value.
+const MIN_KV_BYTES: u64 = 13;
+/// Fewest file bytes one tensor info takes: name length (8), rank (4), one dimension (8),
+/// type (4), offset (8).
+const MIN_TENSOR_INFO_BYTES: u64 = 32;
+
+/// Fewest file bytes one metadata value of type `ty` takes (`None`: no such type).
+fn min_value_bytes(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        // A string: its u64 length.
+        8 => 8,
+        // An array: element type (4) and count (8).
+        9 => 12,
+        10..=12 => 8,
+        _ => return None,
+    })
+}
 
 /// One metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -224,11 +251,37 @@ impl std::fmt::Debug for GgufFile {
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Metadata values still allowed (of [`MAX_METADATA_VALUES`]).
+    values_left: u64,
 }
 
 impl<'a> Cursor<'a> {
+    fn left(&self) -> u64 {
+        (self.buf.len() - self.pos) as u64
+    }
+    /// Refuses `n` items of at least `each` bytes when the bytes left cannot hold them, so
+    /// that a count is never trusted past what the file could contain.
+    fn fits(&self, n: u64, each: u64, what: &str) -> std::result::Result<(), String> {
+        let left = self.left();
+        match n.checked_mul(each) {
+            Some(need) if need <= left => Ok(()),
+            _ => Err(format!(
+                "{what}: {n} entries of at least {each} bytes each, but only {left} bytes remain"
+            )),
+        }
+    }
+    /// Takes `n` values from the metadata value budget.
+    fn spend(&mut self, n: u64, what: &str) -> std::result::Result<(), String> {
+        if n > self.values_left {
+            return Err(format!(
+                "{what}: more than {MAX_METADATA_VALUES} metadata values in the file (the limit)"
+            ));
+        }
+        self.values_left -= n;
+        Ok(())
+    }
     fn take(&mut self, n: u64, what: &str) -> std::result::Result<&'a [u8], String> {
-        let left = (self.buf.len() - self.pos) as u64;
+        let left = self.left();
         if n > left {
             return Err(format!(
                 "truncated: {what} needs {n} bytes at offset {} but {left} remain",
@@ -281,13 +334,14 @@ impl<'a> Cursor<'a> {
                 }
                 let ety = self.u32(what)?;
                 let n = self.u64(what)?;
-                // Every element takes at least one byte: a count above the bytes left is a lie.
-                let left = (self.buf.len() - self.pos) as u64;
-                if n > left {
-                    return Err(format!(
-                        "{what}: array of {n} elements but only {left} bytes remain"
-                    ));
-                }
+                let Some(each) = min_value_bytes(ety) else {
+                    return Err(format!("{what}: unknown array element type {ety}"));
+                };
+                // Both bounds before anything is allocated: the elements must fit in the
+                // bytes left (a count above that is a lie), and in the value budget (a
+                // file of bytes would otherwise cost 32 bytes of memory per byte).
+                self.fits(n, each, &format!("{what}: array"))?;
+                self.spend(n, what)?;
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     v.push(self.value(ety, what, depth + 1)?);
@@ -310,7 +364,11 @@ type Parsed = (
 );
 
 fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
-    let mut c = Cursor { buf, pos: 0 };
+    let mut c = Cursor {
+        buf,
+        pos: 0,
+        values_left: MAX_METADATA_VALUES,
+    };
     let magic = c
         .u32("magic")
         .map_err(|_| "too short for a GGUF header".to_string())?;
@@ -328,12 +386,24 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     }
     let n_tensors = c.u64("tensor count")?;
     let n_kv = c.u64("metadata count")?;
-    let left = (buf.len() - c.pos) as u64;
-    if n_tensors > left || n_kv > left {
+    // Every count is bounded by the bytes that could hold it before it drives any loop or
+    // allocation (tensor infos and metadata pairs share the bytes left).
+    let left = c.left();
+    let need = n_tensors
+        .checked_mul(MIN_TENSOR_INFO_BYTES)
+        .and_then(|t| t.checked_add(n_kv.checked_mul(MIN_KV_BYTES)?));
+    if need.is_none_or(|n| n > left) {
         return Err(format!(
-            "header claims {n_tensors} tensors and {n_kv} metadata pairs in {left} bytes"
+            "header claims {n_tensors} tensors and {n_kv} metadata pairs, which need at least \
+             {MIN_TENSOR_INFO_BYTES} and {MIN_KV_BYTES} bytes each, in {left} bytes"
         ));
     }
+    if n_tensors > MAX_TENSORS {
+        return Err(format!(
+            "header claims {n_tensors} tensors (the limit is {MAX_TENSORS})"
+        ));
+    }
+    c.spend(n_kv, "metadata count")?;
     let mut metadata = BTreeMap::new();
     for i in 0..n_kv {
         let key = c.string(&format!("metadata key {i}"))?;

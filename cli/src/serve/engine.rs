@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use image::RgbImage;
 use models::llava::{Answer, GenerateOptions, Llava};
 use models::preprocess::PadMode;
 use models::prompt::{PromptIds, Template};
@@ -33,6 +32,7 @@ use models::session::{decode_batch, DecodeItem, Session};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::{ApiError, ChatRequest, FinishReason, Finished};
+use super::images::{PendingImage, Reservation};
 use super::metrics::Metrics;
 
 /// What the engine sends back for one request.
@@ -50,8 +50,10 @@ pub enum Event {
 pub struct Job {
     /// The checked request.
     pub req: ChatRequest,
-    /// Its images in prompt order, decoded.
-    pub images: Vec<RgbImage>,
+    /// Its images in prompt order, sized from their headers; decoded at admission.
+    pub images: Vec<PendingImage>,
+    /// Their decoded bytes, held in the server's image budget until they are encoded.
+    pub reservation: Option<Reservation>,
     /// Where its events go; closed when the client went away.
     pub events: UnboundedSender<Event>,
     /// When the request arrived (TTFT counts from here).
@@ -243,11 +245,12 @@ impl<'a> Engine<'a> {
     /// The request against the model (cheap: tokenising, the pruning config's fit).
     fn check(&self, job: &Job) -> Result<(PromptIds, GenerateOptions, String), ApiError> {
         let req = &job.req;
-        // Each `<image>` takes the next image (LLaVA-NeXT: as many tokens as its size asks).
+        // Each `<image>` takes the next image (LLaVA-NeXT: as many tokens as its size asks;
+        // the header's size here, the decoded one at admission: an EXIF rotation swaps it).
         let counts = job
             .images
             .iter()
-            .map(|i| self.llava.image_tokens_for(i.width(), i.height()))
+            .map(|i| self.llava.image_tokens_for(i.width, i.height))
             .collect::<engine_core::Result<Vec<_>>>()
             .map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
         let prompt = self
@@ -321,11 +324,44 @@ impl<'a> Engine<'a> {
                 panic!("debug panic requested for this prompt");
             }
         }
-        let enc = std::mem::take(&mut w.job.images)
-            .iter()
-            .map(|img| llava.encode_image(img, image_mode))
-            .collect::<engine_core::Result<Vec<_>>>()
-            .map_err(engine_error)?;
+        // Decoded now, one at a time, each dropped once encoded: only admitted requests
+        // hold decoded pixels, and only one image's worth.
+        let n = w.job.images.len();
+        let mut enc = Vec::with_capacity(n);
+        let mut counts = Vec::with_capacity(n);
+        let mut resized = false;
+        let bad = |e: engine_core::Error, i: usize| {
+            let m = if n > 1 {
+                format!("image {}: {e}", i + 1)
+            } else {
+                e.to_string()
+            };
+            ApiError::bad(Some("messages"), m).code("invalid_image")
+        };
+        for (i, p) in std::mem::take(&mut w.job.images).into_iter().enumerate() {
+            let img = p.decode().map_err(|e| {
+                if crate::errors::exit_code(&e) == crate::errors::BAD_INPUT {
+                    bad(e, i)
+                } else {
+                    ApiError::internal(e.to_string())
+                }
+            })?;
+            resized |= img.dimensions() != (p.width, p.height);
+            drop(p);
+            counts.push(
+                llava
+                    .image_tokens_for(img.width(), img.height())
+                    .map_err(|e| bad(e, i))?,
+            );
+            enc.push(llava.encode_image(&img, image_mode).map_err(engine_error)?);
+        }
+        w.job.reservation = None;
+        if resized {
+            // An EXIF rotation: LLaVA-NeXT's token count follows the decoded sides.
+            w.prompt = llava
+                .prompt_images(Template::Raw, &w.job.req.rendered.text, &counts)
+                .map_err(|e| ApiError::bad(Some("messages"), e.to_string()))?;
+        }
         let mut session = llava.session();
         let answer = llava
             .begin_observed(

@@ -10,7 +10,9 @@
 
 mod api;
 mod engine;
+mod images;
 mod metrics;
+mod rejected;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +29,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::FutureExt;
-use image::RgbImage;
 use models::chat::ImageSource;
 use serde_json::json;
 
@@ -35,6 +36,7 @@ use crate::errors::{bad_input, classify, internal, Failure};
 use crate::{DeviceArg, ImageModeArg, QuantArg};
 use api::{ApiError, ChatRequest, Defaults};
 use engine::{EngineConfig, Event, Job, ToEngine};
+use images::{ImageBudget, PendingImage};
 use metrics::Metrics;
 
 /// Arguments of `visi-cli serve`.
@@ -85,9 +87,9 @@ pub struct ServeArgs {
     /// queue while the active ones would not leave room. Default: no limit.
     #[arg(long)]
     kv_budget: Option<String>,
-    /// Requests that may wait for admission; more are refused with 429.
-    #[arg(long, default_value_t = 64)]
-    queue: usize,
+    /// Requests that may wait for admission (at least 1); more are refused with 429.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    queue: u64,
     /// Require `Authorization: Bearer KEY` (or set VISI_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
@@ -118,19 +120,33 @@ pub struct ServeArgs {
     /// Run dense unless a request asks for pruning.
     #[arg(long)]
     no_prune: bool,
+    /// Decoded image bytes all requests together may hold (bytes or with a unit): images
+    /// are sized from their headers on arrival and decoded only when the engine takes the
+    /// request; a request that does not fit in what the others leave gets 429.
+    #[arg(long, default_value = images::DEFAULT_TOTAL)]
+    max_image_memory: String,
+    /// Decoded image bytes one request may hold (at most --max-image-memory); a request
+    /// whose images need more gets 413.
+    #[arg(long, default_value = images::DEFAULT_PER_REQUEST)]
+    max_request_image_memory: String,
     /// Largest request body (bytes or with a unit); larger ones get 413.
     #[arg(long, default_value = "64MiB")]
     max_body: String,
-    /// Seconds a client may take to send its request headers and body.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a client may take to send its request headers and body (1 to 86400).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
     read_timeout: u64,
-    /// Seconds in-flight answers get to finish after SIGTERM / Ctrl-C before they are cut.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds in-flight answers get to finish after SIGTERM / Ctrl-C before they are cut
+    /// (0 to 86400).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS))]
     shutdown_timeout: u64,
     /// Tests only: a request whose last user text is this panics inside the engine.
     #[arg(long, hide = true)]
     debug_panic_on: Option<String>,
 }
+
+/// Largest `--read-timeout` and `--shutdown-timeout` (a day): bounded at parse time so that
+/// `Instant + Duration` (hyper's header timer, the drain deadline) cannot overflow.
+const MAX_TIMEOUT_SECS: u64 = 86_400;
 
 /// Parses `512MiB`, `2GiB`, `1.5GB`, `100000`.
 fn parse_size(s: &str) -> anyhow::Result<u64> {
@@ -172,6 +188,7 @@ struct AppState {
     defaults: Defaults,
     api_key: Option<String>,
     allow_files: Option<PathBuf>,
+    images: Arc<ImageBudget>,
     queue_limit: u64,
     model_id: String,
     created: u64,
@@ -219,6 +236,17 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
     };
     let max_body = parse_size(&a.max_body).map_err(|e| bad_input(e.context("--max-body")))?;
     let max_body = usize::try_from(max_body).unwrap_or(usize::MAX);
+    let image_total =
+        parse_size(&a.max_image_memory).map_err(|e| bad_input(e.context("--max-image-memory")))?;
+    let image_per_request = parse_size(&a.max_request_image_memory)
+        .map_err(|e| bad_input(e.context("--max-request-image-memory")))?;
+    if image_per_request > image_total {
+        return Err(bad_input(anyhow!(
+            "--max-request-image-memory {} is over --max-image-memory {}",
+            a.max_request_image_memory,
+            a.max_image_memory
+        )));
+    }
     if a.read_timeout == 0 {
         return Err(bad_input(anyhow!(
             "--read-timeout must be at least 1 second"
@@ -363,7 +391,8 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
         },
         api_key,
         allow_files,
-        queue_limit: a.queue as u64,
+        images: Arc::new(ImageBudget::new(image_total, image_per_request)),
+        queue_limit: a.queue,
         model_id,
         created: now_secs(),
         max_body,
@@ -440,7 +469,11 @@ fn http_main(
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((stream, _)) => {
-                        let io = hyper_util::rt::TokioIo::new(stream);
+                        // Requests hyper refuses itself get the JSON error body too.
+                        let io = hyper_util::rt::TokioIo::new(rejected::JsonRejections::new(
+                            stream,
+                            state.metrics.clone(),
+                        ));
                         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
                         let conn = builder.serve_connection(io, svc);
                         let fut = graceful.watch(conn);
@@ -614,11 +647,16 @@ async fn list_models(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
+    let mut text = st.metrics.render();
+    text.push_str(&format!(
+        "# HELP visi_image_bytes_reserved Decoded image bytes reserved by requests not yet encoded.\n\
+         # TYPE visi_image_bytes_reserved gauge\nvisi_image_bytes_reserved {}\n\
+         # HELP visi_image_bytes_budget --max-image-memory.\n\
+         # TYPE visi_image_bytes_budget gauge\nvisi_image_bytes_budget {}\n",
+        st.images.used(),
+        st.images.total
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// `POST /v1/chat/completions`; a panic inside is this request's 500, nothing more.
@@ -692,9 +730,10 @@ async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec
     }
 }
 
-/// The request's images in order, decoded (each bounded: size, pixels, decoder memory),
-/// off the runtime's worker threads. A bad one is a 400 naming its place.
-async fn load_images(st: &AppState, req: &ChatRequest) -> Result<Vec<RgbImage>, ApiError> {
+/// The request's images in order, sized from their headers (each bounded: file size,
+/// pixels, decoder memory) but not decoded: the engine decodes them when it takes the
+/// request. A bad one is a 400 naming its place.
+async fn load_images(st: &AppState, req: &ChatRequest) -> Result<Vec<PendingImage>, ApiError> {
     let bad = |m: String| ApiError::bad(Some("messages"), m).code("invalid_image");
     let many = req.rendered.images.len() > 1;
     let mut srcs = Vec::with_capacity(req.rendered.images.len());
@@ -712,27 +751,16 @@ async fn load_images(st: &AppState, req: &ChatRequest) -> Result<Vec<RgbImage>, 
         return Ok(Vec::new());
     }
     let allow = st.allow_files.clone();
-    let job = tokio::task::spawn_blocking(move || -> Result<Vec<RgbImage>, String> {
-        let one = |src: ImageSource| -> Result<RgbImage, String> {
+    // Headers only, but files are read: off the runtime's worker threads.
+    let job = tokio::task::spawn_blocking(move || -> Result<Vec<PendingImage>, String> {
+        let one = |src: ImageSource| -> Result<PendingImage, String> {
             match src {
-                ImageSource::Data(bytes) => {
-                    models::preprocess::decode_image(&bytes, "image data URL")
-                        .map_err(|e| e.to_string())
-                }
+                ImageSource::Data(bytes) => images::pending_data(bytes),
                 ImageSource::File(p) => {
                     let Some(dir) = &allow else {
                         return Err("local image paths are refused (the server was started without --allow-files); send a data: URL".into());
                     };
-                    let p = if p.is_relative() { dir.join(p) } else { p };
-                    let canon = std::fs::canonicalize(&p).map_err(|_| {
-                        "image file not found inside the allowed directory".to_string()
-                    })?;
-                    if !canon.starts_with(dir) {
-                        return Err(
-                            "image path is outside the server's --allow-files directory".into()
-                        );
-                    }
-                    models::preprocess::load_image(&canon).map_err(|e| e.to_string())
+                    images::pending_file(dir, &p)
                 }
             }
         };
@@ -752,9 +780,52 @@ async fn load_images(st: &AppState, req: &ChatRequest) -> Result<Vec<RgbImage>, 
     match job.await {
         Ok(Ok(imgs)) => Ok(imgs),
         Ok(Err(m)) => Err(bad(m)),
-        Err(_) => Err(ApiError::internal(
-            "internal panic while decoding the image",
-        )),
+        Err(_) => Err(ApiError::internal("internal panic while reading the image")),
+    }
+}
+
+/// Reserves the decoded bytes of a request's images: 413 when they alone exceed the
+/// per-request bound, 429 when the other requests leave too little of the total.
+fn reserve_images(
+    st: &AppState,
+    imgs: &[PendingImage],
+) -> Result<Option<images::Reservation>, ApiError> {
+    if imgs.is_empty() {
+        return Ok(None);
+    }
+    let need = imgs
+        .iter()
+        .fold(0u64, |a, i| a.saturating_add(i.decoded_bytes));
+    let b = &st.images;
+    if need > b.per_request {
+        return Err(ApiError::status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "the request's images need {} decoded, over the server's per-request limit of {} (--max-request-image-memory)",
+                crate::errors::human_bytes(need),
+                crate::errors::human_bytes(b.per_request)
+            ),
+        )
+        .code("image_memory_limit"));
+    }
+    match b.reserve(need) {
+        Some(r) => Ok(Some(r)),
+        None => {
+            let mut e = ApiError::status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "the server's image memory is in use ({} of {} held by other requests; this one needs {}); retry later",
+                    crate::errors::human_bytes(b.used()),
+                    crate::errors::human_bytes(b.total),
+                    crate::errors::human_bytes(need)
+                ),
+            )
+            .code("image_memory_full");
+            e.retry_after = Some(1);
+            Err(e)
+        }
     }
 }
 
@@ -768,6 +839,7 @@ async fn chat_inner(
     let req = api::parse_chat(&bytes, &st.defaults)?;
     drop(bytes);
     let images = load_images(&st, &req).await?;
+    let reservation = reserve_images(&st, &images)?;
     if !st.accepting.load(Ordering::SeqCst) {
         let mut e = ApiError::status(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -800,6 +872,7 @@ async fn chat_inner(
     let job = Job {
         req,
         images,
+        reservation,
         events: etx,
         arrived,
     };
