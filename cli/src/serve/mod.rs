@@ -366,6 +366,8 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
             .resolve_prune(Some(p))
             .map_err(|e| bad_input(anyhow!("--prune: {e}")))?;
     }
+    // The device note open_backend held for --shape (--model's load released it already).
+    crate::errors::release_notes();
     let model_id = match (&a.model, shape) {
         (Some(m), _) => std::path::Path::new(m.trim_end_matches('/'))
             .file_name()
