@@ -713,6 +713,14 @@ impl GpuBackend {
     /// and M, N, K that are not multiples of the 32×32 block or of 8, on the matrix units
     /// and on the tiled gemm; `linear` keeps `gemm_coop` only when every output agrees within
     /// f32 summation-order noise (anything else, a compile error included, leaves it off).
+    /// Whether `linear` takes the subgroup-broadcast `*_sg8` kernels on this adapter (a
+    /// software adapter whose subgroups are exactly 8 wide): their gemv and gemm share one
+    /// reduction order, so rows agree up to 16 per call (else up to 8). For tests, which
+    /// cannot tell from `DeviceInfo` alone (SwiftShader has subgroups, not 8-wide ones).
+    pub fn sg8_kernels(&self) -> bool {
+        self.ctx.sg8_cpu
+    }
+
     pub(crate) fn enable_coop_if_exact(&self) {
         let (m, k, n) = (40usize, 76usize, 45usize);
         let val = |i: usize, s: usize| ((i.wrapping_mul(s) % 1009) as f32) / 1009.0 - 0.5;
