@@ -354,15 +354,16 @@ impl Ctx {
         pool.0.entry(class).or_default().push(buf);
     }
 
-    /// Records one compute dispatch into the current batch. `params` (<= SLOT bytes) become the
-    /// uniform at binding 0.
-    pub fn dispatch(
+    /// Records one compute dispatch into the current batch. `params` (<= SLOT bytes), the
+    /// kernel's typed uniform (see `uniforms`), become the uniform at binding 0.
+    pub fn dispatch<U: crate::uniforms::Uniform>(
         &self,
         pipe: &Pipe,
-        params: &[u8],
+        params: &U,
         binds: &[Bind<'_>],
         groups: [u32; 3],
     ) -> Result<()> {
+        let params: &[u8] = bytemuck::bytes_of(params);
         // A longer uniform would be cut short by the next slot (wrong parameters, no error).
         if params.len() as u64 > SLOT {
             return Err(Error::internal(format!(

@@ -43,6 +43,7 @@ mod backend;
 pub mod bench;
 mod ctx;
 pub mod tune;
+mod uniforms;
 
 use std::sync::Arc;
 
