@@ -12,11 +12,11 @@ use engine_core::{
 use half::f16;
 
 use crate::ctx::{lock, Bind, Ctx, PipelineKey};
-use crate::tune::Prefill;
 use crate::uniforms::{
     ArgmaxP, AttentionP, ContribP, CopyP, ElementwiseP, EmbeddingP, EmbeddingQP, FlashP, MatmulP,
     NormP, ProbsP, RopeP, Sg8P,
 };
+use crate::variants::Prefill;
 use bytemuck::Zeroable;
 use engine_core::checks::{
     check_attention, check_broadcast, check_patch_embed, check_rows, check_token_contributions,
