@@ -6,13 +6,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use engine_core::{
-    AttentionParams, Backend, DType, DeviceInfo, Error, HostData, MaskAction, QuantType, Result,
-    RopeParams, Shape, Storage, Tensor,
+    AttentionParams, Backend, DType, DeviceInfo, Error, HostData, QuantType, Result, RopeParams,
+    Shape, Storage, Tensor,
 };
 use half::f16;
 
 use crate::ctx::{lock, Bind, Ctx, PipelineKey};
-use crate::tune::Prefill;
+use crate::uniforms::{
+    ArgmaxP, AttentionP, ContribP, CopyP, ElementwiseP, EmbeddingP, EmbeddingQP, FlashP, MatmulP,
+    NormP, ProbsP, RopeP, Sg8P,
+};
+use crate::variants::Prefill;
+use bytemuck::Zeroable;
 use engine_core::checks::{
     check_attention, check_broadcast, check_patch_embed, check_rows, check_token_contributions,
     check_vec,
@@ -274,54 +279,6 @@ fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::shape(op, format!("{what} {v} does not fit in 32 bits")))
 }
 
-/// Little-endian bytes of a uniform made of 32-bit fields.
-fn params(words: &[u32]) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
-}
-
-/// Uniform words shared by the attention kernels (see attention.wgsl's `P`); the mask
-/// rules follow in [`mask_words`].
-fn attention_params(sq: usize, p: &AttentionParams, last: u32) -> Vec<u8> {
-    let c = |v: usize| v.min(u32::MAX as usize) as u32;
-    params(&[
-        c(sq),
-        c(p.kv_len),
-        c(p.q_offset),
-        u32::from(p.causal),
-        p.mask.rules().as_slice().len() as u32,
-        0,
-        0,
-        c(p.num_heads / p.num_kv_heads),
-        c(p.num_heads * p.head_dim),
-        c(p.num_kv_heads * p.head_dim),
-        p.scale.to_bits(),
-        last,
-    ])
-}
-
-/// The mask rules as mask.wgsl reads them: 16 × (query range, key range), (kind, target)
-/// with kind 0 keep, 1 zero, 2 sink.
-fn mask_words(p: &AttentionParams) -> Vec<u8> {
-    let c = |v: usize| v.min(u32::MAX as usize) as u32;
-    let mut w = [0u32; 4 * 2 * engine_core::MAX_MASK_RULES];
-    for (r, rule) in p.mask.rules().as_slice().iter().enumerate() {
-        let (kind, to) = match rule.action {
-            MaskAction::Keep => (0, 0),
-            MaskAction::Zero => (1, 0),
-            MaskAction::Sink { to } => (2, c(to)),
-        };
-        w[8 * r..8 * r + 6].copy_from_slice(&[
-            c(rule.queries.0),
-            c(rule.queries.1),
-            c(rule.keys.0),
-            c(rule.keys.1),
-            kind,
-            to,
-        ]);
-    }
-    params(&w)
-}
-
 impl GpuBackend {
     /// A new storage buffer holding `host` (its length a multiple of 16), written through a
     /// mapping at creation; the staged bytes are counted so that loads submit as they go.
@@ -429,16 +386,16 @@ impl GpuBackend {
         let words = (dst_off + count).div_ceil(2) - w0;
         let pipe = self.ctx.pipeline(PipelineKey::new("copy", "copy16"))?;
         let c = |v| u32_of(OP, "offset", v);
-        let prm = params(&[
-            c(dst_off)?,
-            c(src_off)?,
-            c(count)?,
-            c(w0)?,
-            c(words)?,
-            0,
-            0,
-            0,
-        ]);
+        let prm = CopyP {
+            u0: c(dst_off)?,
+            u1: c(src_off)?,
+            u2: c(count)?,
+            u3: c(w0)?,
+            u4: c(words)?,
+            u5: 0,
+            u6: 0,
+            u7: 0,
+        };
         let g = self.grid(OP, words.div_ceil(256))?;
         self.ctx.dispatch(
             &pipe,
@@ -458,7 +415,12 @@ impl GpuBackend {
             let pipe = self
                 .ctx
                 .pipeline(PipelineKey::new("elementwise", "unary").konst("OP", code))?;
-            let prm = params(&[u32_of(op, "length", n)?, 0, 0, 0]);
+            let prm = ElementwiseP {
+                len: u32_of(op, "length", n)?,
+                n: 0,
+                b_len: 0,
+                pad: 0,
+            };
             let g = self.grid(op, n.div_ceil(256))?;
             self.ctx.dispatch(
                 &pipe,
@@ -481,12 +443,12 @@ impl GpuBackend {
             let pipe = self
                 .ctx
                 .pipeline(PipelineKey::new("elementwise", "binary").konst("OP", code))?;
-            let prm = params(&[
-                u32_of(op, "length", n)?,
-                u32_of(op, "width", a.shape().last_dim())?,
-                u32_of(op, "length", b.elem_count())?,
-                0,
-            ]);
+            let prm = ElementwiseP {
+                len: u32_of(op, "length", n)?,
+                n: u32_of(op, "width", a.shape().last_dim())?,
+                b_len: u32_of(op, "length", b.elem_count())?,
+                pad: 0,
+            };
             let g = self.grid(op, n.div_ceil(256))?;
             self.ctx.dispatch(
                 &pipe,
@@ -526,12 +488,12 @@ impl GpuBackend {
             }
             binds.push(Bind(4, &co.buf, co.bytes));
             let pipe = self.ctx.pipeline(PipelineKey::new("norm", entry))?;
-            let prm = params(&[
-                u32_of(op, "rows", rows)?,
-                u32_of(op, "width", n)?,
-                eps.to_bits(),
-                0,
-            ]);
+            let prm = NormP {
+                rows: u32_of(op, "rows", rows)?,
+                n: u32_of(op, "width", n)?,
+                eps,
+                pad: 0,
+            };
             let g = self.grid(op, rows)?;
             self.ctx.dispatch(&pipe, &prm, &binds, g)?;
         }
@@ -636,16 +598,16 @@ impl GpuBackend {
                 (Some(a), Some(b)) => (a, b),
                 _ => (0, n),
             };
-            let prm = params(&[
-                u32_of(OP, "rows", m)?,
-                u32_of(OP, "features", k)?,
-                u32_of(OP, "rows", rows)?,
-                u32_of(OP, "outputs", n)?,
-                u32_of(OP, "offset", n_off)?,
-                0,
-                0,
-                0,
-            ]);
+            let prm = MatmulP {
+                m: u32_of(OP, "rows", m)?,
+                k: u32_of(OP, "features", k)?,
+                rows: u32_of(OP, "rows", rows)?,
+                n: u32_of(OP, "outputs", n)?,
+                n_off: u32_of(OP, "offset", n_off)?,
+                p0: 0,
+                p1: 0,
+                p2: 0,
+            };
             let mut binds = vec![Bind(1, &cx.buf, cx.bytes), Bind(2, &c.buf, c.bytes)];
             if let Some(b) = bias {
                 binds.push(Bind(3, &b.buf, b.bytes));
@@ -713,6 +675,14 @@ impl GpuBackend {
     /// and M, N, K that are not multiples of the 32×32 block or of 8, on the matrix units
     /// and on the tiled gemm; `linear` keeps `gemm_coop` only when every output agrees within
     /// f32 summation-order noise (anything else, a compile error included, leaves it off).
+    /// Whether `linear` takes the subgroup-broadcast `*_sg8` kernels on this adapter (a
+    /// software adapter whose subgroups are exactly 8 wide): their gemv and gemm share one
+    /// reduction order, so rows agree up to 16 per call (else up to 8). For tests, which
+    /// cannot tell from `DeviceInfo` alone (SwiftShader has subgroups, not 8-wide ones).
+    pub fn sg8_kernels(&self) -> bool {
+        self.ctx.sg8_cpu
+    }
+
     pub(crate) fn enable_coop_if_exact(&self) {
         let (m, k, n) = (40usize, 76usize, 45usize);
         let val = |i: usize, s: usize| ((i.wrapping_mul(s) % 1009) as f32) / 1009.0 - 0.5;
@@ -778,8 +748,7 @@ impl GpuBackend {
         let pipe = self
             .ctx
             .pipeline(PipelineKey::new("attention_probs", "main").flag(k16, "KV16"))?;
-        let mut prm = attention_params(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
-        prm.extend(mask_words(p));
+        let prm = ProbsP::new(sq, p, u32_of(OP, "head_dim", p.head_dim)?);
         let g = self.grid(OP, p.num_heads)?;
         if g[1] > 1 {
             return Err(Error::shape(
@@ -812,19 +781,19 @@ impl GpuBackend {
         start: usize,
         end: usize,
         out: &Chunk,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<ContribP> {
         const OP: &str = "attention";
         let c = |v: usize| u32_of(OP, "size", v);
-        let prm = params(&[
-            c(p.num_heads)?,
-            c(p.head_dim)?,
-            c(p.kv_len)?,
-            c(p.num_heads / p.num_kv_heads)?,
-            c(p.num_kv_heads * p.head_dim)?,
-            c(start)?,
-            c(end - start)?,
-            0,
-        ]);
+        let prm = ContribP {
+            h: c(p.num_heads)?,
+            d: c(p.head_dim)?,
+            n: c(p.kv_len)?,
+            group: c(p.num_heads / p.num_kv_heads)?,
+            kw: c(p.num_kv_heads * p.head_dim)?,
+            start: c(start)?,
+            count: c(end - start)?,
+            pad: 0,
+        };
         let pipe = self
             .ctx
             .pipeline(PipelineKey::new("contrib", "contrib_o").flag(v16, "KV16"))?;
@@ -939,10 +908,15 @@ impl GpuBackend {
         // [Sq, H, nsplit, D+3]: each split's running max, normaliser, sink sum and P·V.
         let part = self.empty([sq, p.num_heads, nsplit, d + 3], DType::F32, OP)?;
         let cp = one(&part, OP)?;
-        let mut prm = attention_params(sq, p, 0);
-        prm[20..28].copy_from_slice(&params(&[c(split)?, c(nsplit)?]));
-        prm.extend(params(&[0, c(kv_end)?, 1, 0]));
-        prm.extend(mask_words(p));
+        let prm = FlashP {
+            split: c(split)?,
+            nsplit: c(nsplit)?,
+            kb0: 0,
+            kb1: c(kv_end)?,
+            first: 1,
+            last: 0,
+            ..FlashP::new(sq, p)
+        };
         self.ctx.dispatch(
             &pipe,
             &prm,
@@ -1027,23 +1001,23 @@ impl GpuBackend {
         let scores = self.empty([hc * qc * kpad], DType::F32, OP)?;
         let maxes = self.empty([hc * qc * nkb], DType::F32, OP)?;
         let (cs, cm) = (one(&scores, OP)?, one(&maxes, OP)?);
-        let mut base = attention_params(sq, p, 0);
-        base.extend(params(&[0, c(nkb)?, 0, 0]));
-        base.extend(mask_words(p));
-        let set = |prm: &mut [u8], word: usize, v: u32| {
-            prm[4 * word..4 * word + 4].copy_from_slice(&v.to_le_bytes());
+        let base = Sg8P {
+            kpad: c(kpad)?,
+            nkb: c(nkb)?,
+            ..Sg8P::new(sq, p)
         };
-        set(&mut base, 5, c(kpad)?);
         for q0 in (0..sq).step_by(qc) {
             let nq = qc.min(sq - q0);
             for h0 in (0..h).step_by(hc) {
                 let nh = hc.min(h - h0);
-                let mut prm = base.clone();
-                set(&mut prm, 0, c(nq)?);
-                set(&mut prm, 2, c(p.q_offset + q0)?);
-                set(&mut prm, 6, c(nh)?);
-                set(&mut prm, 11, c(q0)?);
-                set(&mut prm, 12, c(h0)?);
+                let prm = Sg8P {
+                    sq: c(nq)?,
+                    q_offset: c(p.q_offset + q0)?,
+                    nh: c(nh)?,
+                    q0: c(q0)?,
+                    h0: c(h0)?,
+                    ..base
+                };
                 let chunk_end = if p.causal {
                     (p.q_offset + q0 + nq).min(p.kv_len)
                 } else {
@@ -1140,7 +1114,7 @@ impl GpuBackend {
                 .sub("HEAD_DIM", d as u32)
                 .sub("TK", tk as u32),
         )?;
-        let prm = attention_params(sq, p, 0);
+        let prm = AttentionP::new(sq, p);
         let g = [
             u32_of(OP, "groups", sq.div_ceil(64))?,
             u32_of(OP, "heads", p.num_heads)?,
@@ -1174,14 +1148,13 @@ impl GpuBackend {
         let cs = one(&state, OP)?;
         for pass in 0..passes {
             let (kb0, kb1) = (pass * per_pass, ((pass + 1) * per_pass).min(kv_end));
-            let mut prm = prm.clone();
-            prm.extend(params(&[
-                u32_of(OP, "key", kb0)?,
-                u32_of(OP, "key", kb1)?,
-                u32::from(pass == 0),
-                u32::from(pass + 1 == passes),
-            ]));
-            prm.extend(mask_words(p));
+            let prm = AttentionP {
+                kb0: u32_of(OP, "key", kb0)?,
+                kb1: u32_of(OP, "key", kb1)?,
+                first: u32::from(pass == 0),
+                last: u32::from(pass + 1 == passes),
+                ..prm
+            };
             self.ctx.dispatch(
                 &pipe,
                 &prm,
@@ -1555,12 +1528,12 @@ impl Backend for GpuBackend {
         if total > 0 {
             let co = one(&out, OP)?;
             let pipe = self.ctx.pipeline(PipelineKey::new("rope", "main"))?;
-            let prm = params(&[
-                u32_of(OP, "rows", s)?,
-                u32_of(OP, "width", w)?,
-                p.head_dim as u32,
-                0,
-            ]);
+            let prm = RopeP {
+                rows: u32_of(OP, "rows", s)?,
+                width: u32_of(OP, "width", w)?,
+                head_dim: p.head_dim as u32,
+                pad: 0,
+            };
             let g = self.grid(OP, total.div_ceil(256))?;
             self.ctx.dispatch(
                 &pipe,
@@ -1722,22 +1695,30 @@ impl Backend for GpuBackend {
                 )));
             }
             let (v0, v1) = (c.elem0 / d, (c.elem0 + c.elems) / d);
-            let prm = params(&[
-                u32_of(OP, "ids", s)?,
-                u32_of(OP, "width", d)?,
-                v0 as u32,
-                v1 as u32,
-            ]);
-            self.ctx.dispatch(
-                &pipe,
-                &prm,
-                &[
-                    Bind(1, &ci.buf, ci.bytes),
-                    Bind(2, &c.buf, c.bytes),
-                    Bind(3, &cout.buf, cout.bytes),
-                ],
-                g,
-            )?;
+            let (s32, d32) = (u32_of(OP, "ids", s)?, u32_of(OP, "width", d)?);
+            let (v0, v1) = (v0 as u32, v1 as u32);
+            let binds = [
+                Bind(1, &ci.buf, ci.bytes),
+                Bind(2, &c.buf, c.bytes),
+                Bind(3, &cout.buf, cout.bytes),
+            ];
+            if quant.is_some() {
+                let prm = EmbeddingQP {
+                    s: s32,
+                    k: d32,
+                    v0,
+                    v1,
+                };
+                self.ctx.dispatch(&pipe, &prm, &binds, g)?;
+            } else {
+                let prm = EmbeddingP {
+                    s: s32,
+                    d: d32,
+                    v0,
+                    v1,
+                };
+                self.ctx.dispatch(&pipe, &prm, &binds, g)?;
+            }
         }
         Ok(out)
     }
@@ -1773,7 +1754,11 @@ impl Backend for GpuBackend {
         if count > 0 {
             let co = one(&out, OP)?;
             let pipe = self.ctx.pipeline(PipelineKey::new("copy", "gather32"))?;
-            let prm = params(&[u32_of(OP, "size", count)?, words as u32, 0, 0, 0, 0, 0, 0]);
+            let prm = CopyP {
+                u0: u32_of(OP, "size", count)?,
+                u1: words as u32,
+                ..CopyP::zeroed()
+            };
             self.ctx.dispatch(
                 &pipe,
                 &prm,
@@ -1928,16 +1913,16 @@ impl Backend for GpuBackend {
             let (cp, cc) = (one(pixels, OP)?, one(&cols, OP)?);
             let pipe = self.ctx.pipeline(PipelineKey::new("copy", "im2col"))?;
             let u = |v: usize| u32_of(OP, "size", v);
-            let prm = params(&[
-                u(count)?,
-                u(c)?,
-                u(h)?,
-                u(wd)?,
-                u(patch)?,
-                u(gw)?,
-                u(kdim)?,
-                0,
-            ]);
+            let prm = CopyP {
+                u0: u(count)?,
+                u1: u(c)?,
+                u2: u(h)?,
+                u3: u(wd)?,
+                u4: u(patch)?,
+                u5: u(gw)?,
+                u6: u(kdim)?,
+                u7: 0,
+            };
             self.ctx.dispatch(
                 &pipe,
                 &prm,
@@ -1975,7 +1960,12 @@ impl Backend for GpuBackend {
         if rows > 0 {
             let co = one(&out, OP)?;
             let pipe = self.ctx.pipeline(PipelineKey::new("argmax", "main"))?;
-            let prm = params(&[u32_of(OP, "rows", rows)?, u32_of(OP, "width", n)?, 0, 0]);
+            let prm = ArgmaxP {
+                rows: u32_of(OP, "rows", rows)?,
+                n: u32_of(OP, "width", n)?,
+                p0: 0,
+                p1: 0,
+            };
             self.ctx.dispatch(
                 &pipe,
                 &prm,
@@ -2016,7 +2006,10 @@ impl Backend for GpuBackend {
         if n > 0 {
             let co = one(&out, OP)?;
             let pipe = self.ctx.pipeline(PipelineKey::new("copy", entry))?;
-            let prm = params(&[u32_of(OP, "size", n)?, 0, 0, 0, 0, 0, 0, 0]);
+            let prm = CopyP {
+                u0: u32_of(OP, "size", n)?,
+                ..CopyP::zeroed()
+            };
             let (binds, threads) = if entry == "cast_to_f16" {
                 (
                     [Bind(4, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)],

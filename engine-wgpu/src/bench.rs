@@ -8,6 +8,7 @@ use half::f16;
 use serde_json::json;
 
 use crate::ctx::{Bind, PipelineKey};
+use crate::uniforms::BenchP;
 use crate::{open_gpu, GpuBackend, GpuOptions};
 
 /// (K, N) of the LLaVA-7B projections: attention (4096×4096), MLP up/gate (4096×11008),
@@ -112,10 +113,12 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
     };
     let sink = ctx.alloc(u64::from(groups) * 256 * 16, "bench")?.0;
     let fma = ctx.pipeline(PipelineKey::new("bench", "peak_fma"))?;
-    let fma_params: Vec<u8> = [iters, 0, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
+    let fma_params = BenchP {
+        u0: iters,
+        u1: 0,
+        u2: 0,
+        u3: 0,
+    };
     ctx.dispatch(&fma, &fma_params, &[Bind(1, &sink, sink.size())], [1, 1, 1])?;
     gpu.sync()?;
     let fma_run = || {
@@ -135,17 +138,21 @@ pub fn kernel_bench(opts: &GpuOptions, quick: bool) -> Result<serde_json::Value>
     let dst = ctx.alloc(bytes, "bench")?.0;
     let copy = ctx.pipeline(PipelineKey::new("bench", "peak_copy"))?;
     let len4 = (bytes / 16) as u32;
-    let copy_params: Vec<u8> = [len4, 0, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
+    let copy_params = BenchP {
+        u0: len4,
+        u1: 0,
+        u2: 0,
+        u3: 0,
+    };
     let g = (len4 as usize).div_ceil(256);
     let gx = g.min(ctx.max_groups as usize);
     let grid = [gx as u32, g.div_ceil(gx) as u32, 1];
-    let prime: Vec<u8> = [256u32, 0, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
+    let prime = BenchP {
+        u0: 256,
+        u1: 0,
+        u2: 0,
+        u3: 0,
+    };
     ctx.dispatch(
         &copy,
         &prime,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use engine_core::{DeviceInfo, Error, Result};
 
@@ -34,11 +34,7 @@ const UNCHECKED_KERNELS: &[&str] = &[
     "attn_pv_sg8",
 ];
 
-/// Locks a mutex, recovering the data if a panicking thread poisoned it (the data stays
-/// consistent: every critical section here leaves it valid at each step).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::lock;
 
 /// What identifies a compiled pipeline: kernel file, entry point, preprocessor flags,
 /// `{{NAME}}` substitutions and WGSL `override` constants.
@@ -120,7 +116,7 @@ pub(crate) struct Ctx {
     pub max_groups: u32,
     pub wg_storage: u32,
     /// Autotuned kernel variants of this adapter (see `tune`).
-    pub tuning: crate::tune::Tuning,
+    pub tuning: crate::variants::Tuning,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipe>>>,
     pool: Mutex<(HashMap<u64, Vec<wgpu::Buffer>>, u64)>,
     batch: Mutex<Batch>,
@@ -189,7 +185,7 @@ impl Ctx {
             max_binding: info.max_binding_size,
             max_groups: limits.max_compute_workgroups_per_dimension,
             wg_storage: limits.max_compute_workgroup_storage_size,
-            tuning: crate::tune::Tuning::empty(),
+            tuning: crate::variants::Tuning::empty(),
             device,
             queue,
             info,
@@ -354,15 +350,16 @@ impl Ctx {
         pool.0.entry(class).or_default().push(buf);
     }
 
-    /// Records one compute dispatch into the current batch. `params` (<= SLOT bytes) become the
-    /// uniform at binding 0.
-    pub fn dispatch(
+    /// Records one compute dispatch into the current batch. `params` (<= SLOT bytes), the
+    /// kernel's typed uniform (see `uniforms`), become the uniform at binding 0.
+    pub fn dispatch<U: crate::uniforms::Uniform>(
         &self,
         pipe: &Pipe,
-        params: &[u8],
+        params: &U,
         binds: &[Bind<'_>],
         groups: [u32; 3],
     ) -> Result<()> {
+        let params: &[u8] = bytemuck::bytes_of(params);
         // A longer uniform would be cut short by the next slot (wrong parameters, no error).
         if params.len() as u64 > SLOT {
             return Err(Error::internal(format!(

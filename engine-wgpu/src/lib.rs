@@ -43,13 +43,21 @@ mod backend;
 pub mod bench;
 mod ctx;
 pub mod tune;
+mod uniforms;
+mod variants;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use engine_core::{Backend, DeviceInfo, Error, Result};
 use serde::Serialize;
 
 pub use backend::{GpuBackend, GpuStorage};
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (the data stays
+/// consistent: every critical section here leaves it valid at each step).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// How to choose an adapter, plus test knobs that force the portable fallbacks.
 #[derive(Clone, Debug, Default)]
@@ -246,7 +254,7 @@ fn open_adapter(
     };
     let mut ctx = ctx::Ctx::new(device, queue, info, f16, subgroups, timestamps, &limits);
     // Tuned variants are per adapter, driver (version) and backend.
-    ctx.tuning = tune::Tuning::load(format!(
+    ctx.tuning = variants::Tuning::load(format!(
         "{} | {} {} | {}",
         ai.name,
         ai.driver,

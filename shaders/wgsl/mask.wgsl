@@ -4,92 +4,102 @@
 // (array<vec4<u32>, 32>): rule r is rules[2r] = (query start, query end, key start, key end),
 // rules[2r + 1].x = 0 (keep), 1 (zero) or 2 (sink), .y = the sink's target key.
 // The rules are tested one by one without a loop: llvmpipe counts every loop iteration of a
-// nest against its 65535 cap, and this runs inside the key loop. The tests stop after the
-// last rule in use (a uniform branch), so two rules cost two tests, not sixteen.
+// nest against its 65535 cap, and this runs inside the key loop. They are tested in groups of
+// four behind one uniform branch each (`p.mask > 4g`), so a call without rules costs four
+// uniform tests and two rules cost four rule tests, not sixteen.
+// Within a group there is no branch and no early return: each test is a `&` of comparisons
+// (WGSL's `&&` and `||` short-circuit, i.e. they are branches) and the answer is kept with
+// `select`. SwiftShader's shader compiler takes time and memory exponential in the branches
+// of a function (measured on a flash_attn_k build whose mask_kind kept 4, 6, 8 of the rules
+// as `if (...) { return ...; }`: 0.9 s, 15 s, then std::bad_alloc past 3 GB; the 16-rule
+// version grew to 24 GB), and the same branch count is no better for any other compiler.
 // Returns 0: keep (also a keep rule's answer, which shadows later rules); 1: zero the
 // probability (skip its P·V); 2: zero it and add it to the sum S_i that the sink puts back
 // on its target key.
 fn rule_hit(r: u32, row: u32, j: u32) -> bool {
     let a = p.rules[2u * r];
-    return r < p.mask && row >= a.x && row < a.y && j >= a.z && j < a.w;
+    return (r < p.mask) & (row >= a.x) & (row < a.y) & (j >= a.z) & (j < a.w);
+}
+
+// One rule of mask_kind: the first hit among rules not yet decided sets `kind`.
+fn kind_step(kind: ptr<function, u32>, open: ptr<function, bool>, r: u32, row: u32, j: u32) {
+    let hit = *open & rule_hit(r, row, j);
+    *kind = select(*kind, p.rules[2u * r + 1u].x, hit);
+    *open = *open & !hit;
 }
 
 fn mask_kind(row: u32, j: u32) -> u32 {
-    if (p.mask == 0u) { return 0u; }
-    if (rule_hit(0u, row, j)) { return p.rules[1u].x; }
-    if (p.mask <= 1u) { return 0u; }
-    if (rule_hit(1u, row, j)) { return p.rules[3u].x; }
-    if (p.mask <= 2u) { return 0u; }
-    if (rule_hit(2u, row, j)) { return p.rules[5u].x; }
-    if (p.mask <= 3u) { return 0u; }
-    if (rule_hit(3u, row, j)) { return p.rules[7u].x; }
-    if (p.mask <= 4u) { return 0u; }
-    if (rule_hit(4u, row, j)) { return p.rules[9u].x; }
-    if (p.mask <= 5u) { return 0u; }
-    if (rule_hit(5u, row, j)) { return p.rules[11u].x; }
-    if (p.mask <= 6u) { return 0u; }
-    if (rule_hit(6u, row, j)) { return p.rules[13u].x; }
-    if (p.mask <= 7u) { return 0u; }
-    if (rule_hit(7u, row, j)) { return p.rules[15u].x; }
-    if (p.mask <= 8u) { return 0u; }
-    if (rule_hit(8u, row, j)) { return p.rules[17u].x; }
-    if (p.mask <= 9u) { return 0u; }
-    if (rule_hit(9u, row, j)) { return p.rules[19u].x; }
-    if (p.mask <= 10u) { return 0u; }
-    if (rule_hit(10u, row, j)) { return p.rules[21u].x; }
-    if (p.mask <= 11u) { return 0u; }
-    if (rule_hit(11u, row, j)) { return p.rules[23u].x; }
-    if (p.mask <= 12u) { return 0u; }
-    if (rule_hit(12u, row, j)) { return p.rules[25u].x; }
-    if (p.mask <= 13u) { return 0u; }
-    if (rule_hit(13u, row, j)) { return p.rules[27u].x; }
-    if (p.mask <= 14u) { return 0u; }
-    if (rule_hit(14u, row, j)) { return p.rules[29u].x; }
-    if (p.mask <= 15u) { return 0u; }
-    if (rule_hit(15u, row, j)) { return p.rules[31u].x; }
-    return 0u;
+    var kind = 0u;
+    var open = true;
+    if (p.mask > 0u) {
+        kind_step(&kind, &open, 0u, row, j);
+        kind_step(&kind, &open, 1u, row, j);
+        kind_step(&kind, &open, 2u, row, j);
+        kind_step(&kind, &open, 3u, row, j);
+    }
+    if (p.mask > 4u) {
+        kind_step(&kind, &open, 4u, row, j);
+        kind_step(&kind, &open, 5u, row, j);
+        kind_step(&kind, &open, 6u, row, j);
+        kind_step(&kind, &open, 7u, row, j);
+    }
+    if (p.mask > 8u) {
+        kind_step(&kind, &open, 8u, row, j);
+        kind_step(&kind, &open, 9u, row, j);
+        kind_step(&kind, &open, 10u, row, j);
+        kind_step(&kind, &open, 11u, row, j);
+    }
+    if (p.mask > 12u) {
+        kind_step(&kind, &open, 12u, row, j);
+        kind_step(&kind, &open, 13u, row, j);
+        kind_step(&kind, &open, 14u, row, j);
+        kind_step(&kind, &open, 15u, row, j);
+    }
+    return kind;
 }
 
 fn sink_rule(r: u32, row: u32) -> bool {
     let a = p.rules[2u * r];
-    return r < p.mask && p.rules[2u * r + 1u].x == 2u && row >= a.x && row < a.y && a.z < a.w;
+    return (r < p.mask) & (p.rules[2u * r + 1u].x == 2u) & (row >= a.x) & (row < a.y)
+        & (a.z < a.w);
+}
+
+// One rule of sink_target: the first sink rule covering the row sets `to`.
+fn sink_step(to: ptr<function, u32>, open: ptr<function, bool>, r: u32, row: u32) {
+    let hit = *open & sink_rule(r, row);
+    *to = select(*to, p.rules[2u * r + 1u].y, hit);
+    *open = *open & !hit;
 }
 
 // The key the query at `row` puts its sunk probabilities on, or 0xffffffff.
 fn sink_target(row: u32) -> u32 {
-    if (p.mask == 0u) { return 0xffffffffu; }
-    if (sink_rule(0u, row)) { return p.rules[1u].y; }
-    if (p.mask <= 1u) { return 0xffffffffu; }
-    if (sink_rule(1u, row)) { return p.rules[3u].y; }
-    if (p.mask <= 2u) { return 0xffffffffu; }
-    if (sink_rule(2u, row)) { return p.rules[5u].y; }
-    if (p.mask <= 3u) { return 0xffffffffu; }
-    if (sink_rule(3u, row)) { return p.rules[7u].y; }
-    if (p.mask <= 4u) { return 0xffffffffu; }
-    if (sink_rule(4u, row)) { return p.rules[9u].y; }
-    if (p.mask <= 5u) { return 0xffffffffu; }
-    if (sink_rule(5u, row)) { return p.rules[11u].y; }
-    if (p.mask <= 6u) { return 0xffffffffu; }
-    if (sink_rule(6u, row)) { return p.rules[13u].y; }
-    if (p.mask <= 7u) { return 0xffffffffu; }
-    if (sink_rule(7u, row)) { return p.rules[15u].y; }
-    if (p.mask <= 8u) { return 0xffffffffu; }
-    if (sink_rule(8u, row)) { return p.rules[17u].y; }
-    if (p.mask <= 9u) { return 0xffffffffu; }
-    if (sink_rule(9u, row)) { return p.rules[19u].y; }
-    if (p.mask <= 10u) { return 0xffffffffu; }
-    if (sink_rule(10u, row)) { return p.rules[21u].y; }
-    if (p.mask <= 11u) { return 0xffffffffu; }
-    if (sink_rule(11u, row)) { return p.rules[23u].y; }
-    if (p.mask <= 12u) { return 0xffffffffu; }
-    if (sink_rule(12u, row)) { return p.rules[25u].y; }
-    if (p.mask <= 13u) { return 0xffffffffu; }
-    if (sink_rule(13u, row)) { return p.rules[27u].y; }
-    if (p.mask <= 14u) { return 0xffffffffu; }
-    if (sink_rule(14u, row)) { return p.rules[29u].y; }
-    if (p.mask <= 15u) { return 0xffffffffu; }
-    if (sink_rule(15u, row)) { return p.rules[31u].y; }
-    return 0xffffffffu;
+    var to = 0xffffffffu;
+    var open = true;
+    if (p.mask > 0u) {
+        sink_step(&to, &open, 0u, row);
+        sink_step(&to, &open, 1u, row);
+        sink_step(&to, &open, 2u, row);
+        sink_step(&to, &open, 3u, row);
+    }
+    if (p.mask > 4u) {
+        sink_step(&to, &open, 4u, row);
+        sink_step(&to, &open, 5u, row);
+        sink_step(&to, &open, 6u, row);
+        sink_step(&to, &open, 7u, row);
+    }
+    if (p.mask > 8u) {
+        sink_step(&to, &open, 8u, row);
+        sink_step(&to, &open, 9u, row);
+        sink_step(&to, &open, 10u, row);
+        sink_step(&to, &open, 11u, row);
+    }
+    if (p.mask > 12u) {
+        sink_step(&to, &open, 12u, row);
+        sink_step(&to, &open, 13u, row);
+        sink_step(&to, &open, 14u, row);
+        sink_step(&to, &open, 15u, row);
+    }
+    return to;
 }
 
 // Whether the query at `row` seeing `visible` keys puts S_i back on its sink target.

@@ -22,6 +22,26 @@ fn reduce_angle(a: f32) -> f32 {
     return ((a - k * 6.28125) - k * 0.0019350051879882812) - k * 3.019916050561733e-07;
 }
 
+// (sin a, cos a) for a in [-pi, pi] to about 1 ulp, from a quadrant and Cephes' sinf/cosf
+// polynomials on [-pi/4, pi/4] (pi/2 = 1.5703125 + 4.8375129699707031e-4 + 7.5497899548918821e-8,
+// the first two exact in f32 times a quadrant |j| <= 2). WGSL's sin/cos promise no accuracy
+// (Vulkan allows an absolute error of 2^-11); SwiftShader's are off by ~3e-5, which moved
+// rotated values by 6e-5 relative and the fixtures' logits by up to 0.02.
+fn sin_cos(a: f32) -> vec2<f32> {
+    let j = round(a * 0.6366197723675814);
+    let r = ((a - j * 1.5703125) - j * 4.8375129699707031e-4) - j * 7.5497899548918821e-8;
+    let z = r * r;
+    let s = r + r * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4));
+    let c = (1.0 - 0.5 * z)
+        + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5));
+    switch (u32(i32(j) & 3)) {
+        case 0u: { return vec2<f32>(s, c); }
+        case 1u: { return vec2<f32>(c, -s); }
+        case 2u: { return vec2<f32>(-s, -c); }
+        default: { return vec2<f32>(-c, s); }
+    }
+}
+
 @compute @workgroup_size(256)
 fn main(iv: Inv) {
     let half = p.head_dim / 2u;
@@ -34,8 +54,9 @@ fn main(iv: Inv) {
     let h = (t / half) % heads;
     let r = t / (half * heads);
     let angle = reduce_angle(f32(pos[r]) * inv_freq[i]);
-    let c = cos(angle);
-    let s = sin(angle);
+    let sc = sin_cos(angle);
+    let c = sc.y;
+    let s = sc.x;
     let base = r * p.width + h * p.head_dim;
     let x1 = x[base + i];
     let x2 = x[base + half + i];
