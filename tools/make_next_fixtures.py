@@ -121,9 +121,10 @@ SPECS336 = {
 }
 # (case, width, height): the 300x560 portrait (best 672x336, resized to 336x628, 22
 # rows of padding each side, unpadded to 44 of 48 feature rows: 1,676 tokens), and odd sizes
-# that take each of the other pinpoints.
+# that take each of the other pinpoints (tall 1008x336, wide and landscape 336x1008 (h x w),
+# odd 672x672, short 336x672).
 CASES336 = [("portrait", 300, 560), ("tall", 331, 1003), ("wide", 1003, 331), ("odd", 517, 389),
-            ("landscape", 701, 347)]
+            ("landscape", 701, 347), ("short", 641, 331)]
 
 GAINS = dict(emb=1.0, qk=1.6, v=1.0, o=1.0, mlp=1.0, vis_qk=1.5, vis=1.0, proj=1.0,
              logit_scale=6.0, norm_jitter=0.15, bias=0.05)
