@@ -190,8 +190,8 @@ def gen_preprocess(img_names):
     return len(cases)
 
 
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from render_upstream_prompts import vicuna_v1_prompt  # noqa: E402
 
 
 def gen_tokenizer():
@@ -200,8 +200,8 @@ def gen_tokenizer():
     prompts = [
         "Hello world",
         "What is shown in this image?",
-        f"{SYSTEM} USER: <image>\nWhat is shown in this image? ASSISTANT:",
-        f"{SYSTEM} USER: Describe a cat. ASSISTANT:",
+        vicuna_v1_prompt("What is shown in this image?", 1),
+        vicuna_v1_prompt("Describe a cat.", 0),
         "  leading and  double  spaces ",
         "Café crème, naïve façade, Zürich – “quotes” and ‘single’…",
         "日本語のテキストと中文",

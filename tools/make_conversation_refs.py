@@ -5,8 +5,9 @@ tests/fixtures/reference/<model>/conversation.json. CI never runs this.
     /tmp/venv-fix/bin/python tools/make_conversation_refs.py
 
 The conversation (OpenAI-style messages, as `visi-cli run --messages` reads them) is
-rendered with LLaVA's own conv_vicuna_v1 (llava/conversation.py, sep_style TWO,
-sep " ", sep2 "</s>"), written out here independently of the Rust renderer:
+rendered by LLaVA's own conv_templates["vicuna_v1"].get_prompt() (the vendored, unedited
+tools/upstream/llava_conversation.py, through tools/render_upstream_prompts.py), independently
+of the Rust renderer:
 
     {system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
 
@@ -22,6 +23,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 import make_fixtures as mf
+import render_upstream_prompts as rup
 
 MESSAGES = [
     {"role": "user", "content": [
@@ -33,21 +35,17 @@ MESSAGES = [
 
 
 def render_conv_vicuna_v1(messages):
-    system = mf.SYSTEM
-    seps = [" ", "</s>"]
-    ret = system + seps[0]
+    turns, n_images = [], 0
     for i, m in enumerate(messages):
-        role = "USER" if m["role"] == "user" else "ASSISTANT"
         c = m["content"]
         if isinstance(c, str):
-            text = c
+            turns.append(c)
         else:
-            text = "\n".join(p["text"] for p in c if p["type"] == "text")
-            if any(p["type"] == "image_url" for p in c):
-                text = mf.IMAGE_TOKEN + "\n" + text
-        ret += role + ": " + text + seps[i % 2]
-    ret += "ASSISTANT:"
-    return ret
+            turns.append("\n".join(p["text"] for p in c if p["type"] == "text"))
+            k = sum(p["type"] == "image_url" for p in c)
+            assert i == 0 or k == 0, "images only in the first turn"
+            n_images += k
+    return rup.render("vicuna_v1", turns, n_images)
 
 
 @torch.no_grad()

@@ -757,6 +757,7 @@ fn run_gguf(a: &RunArgs, sampling: SamplingParams, p: RunPrompt) -> Result<(), F
                 "decode": timings.decode_ms,
             },
             "decode_steps": timings.decode_steps,
+            "kv_dtype": a.g.kv_dtype.dtype().name(),
             "threads": rayon_threads(&dev),
             "device": { "backend": dev.backend, "adapter": dev.adapter, "api": dev.api },
         });
@@ -949,6 +950,7 @@ pub(crate) fn generation_json(
         "image_spans": gen.image_spans.iter().map(|s| [s.start, s.end]).collect::<Vec<_>>(),
         "stopped_by_eos": gen.stopped_by_eos,
         "interrupted": gen.interrupted,
+        "kv_dtype": gen.kv_dtype.name(),
         "timings_ms": {
             "load": gen.timings.load_ms,
             "vision": gen.timings.vision_ms,

@@ -205,14 +205,24 @@ fn quantize_f16_and_q8_0_pairs_match_the_references() -> Result<()> {
         // hidden-48 model; the rest fall back to f16. Measured relative to the logits' rms:
         // 0.021 (square_crop) to 0.088 (text), the latter identical to quantizing at load
         // (checked above), so it is Q8_0 on these random weights, not the file. A broken
-        // format or a wrong row order is ~1. Bound 0.15, and greedy must still agree.
+        // format or a wrong row order is ~1. Bound 0.15, and greedy must still agree with
+        // transformers wherever its top-2 margin exceeds twice that error (two logits each
+        // off by `err` can swap below it: with LLaVA's real vicuna_v1 sentence, issue 27, the
+        // text case's step 4 is won by 0.038, which the q8_0 weights flip).
         ensure!(
             err / rms <= 0.15,
             "q8_0 {case}: first-step logit error {err} is {} of rms",
             err / rms
         );
-        if let Some(d) = first_difference(toks, &c.generated_ids) {
-            bail!("q8_0 pair {case}: greedy tokens: {d}");
+        let clear = c
+            .step_margins
+            .iter()
+            .position(|&m| m < 2.0 * err)
+            .unwrap_or(c.generated_ids.len());
+        ensure!(clear >= 1, "q8_0 {case}: no step clear of the error {err}");
+        let n = clear.min(toks.len());
+        if let Some(d) = first_difference(&toks[..n], &c.generated_ids[..clear]) {
+            bail!("q8_0 pair {case}: greedy tokens (the first {clear}): {d}");
         }
     }
     Ok(())

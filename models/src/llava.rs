@@ -245,6 +245,9 @@ pub struct Generation {
     pub computed_rows: Vec<usize>,
     /// Bytes of K and V held at the end (in the cache's dtype).
     pub kv_bytes: u64,
+    /// The KV cache's element type this answer ran with (`F16` by default; transformers'
+    /// logits are matched bit for bit only with `F32`).
+    pub kv_dtype: DType,
     /// Prefill FLOPs as scheduled (vision tower and projector included) and dense.
     pub flops: FlopsReport,
     /// Logits of the first generated position `[vocab]`, when asked for.
@@ -1078,6 +1081,7 @@ impl Llava {
             layer_image_lens: stats.layer_image_lens,
             kv_lens: session.kv_lens(),
             kv_bytes: session.kv_bytes(),
+            kv_dtype: session.kv_dtype(),
             flops,
             first_logits: answer.first_logits,
             seen_image: answer.seen_image,

@@ -225,6 +225,14 @@ pub fn resize_window(
     let s = src.as_raw();
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
+    // Pillow >= 13 (`ImagingResampleInner`): "if height is being scaled down more than twice
+    // the amount the width is, run the vertical pass first". The passes round to u8 in
+    // between, so the order changes pixels (a 300x560 image squashed to 336x336 differs in
+    // ~2,200 values, issue 27).
+    let (dh, dw) = (in_h as i64 - out_h as i64, in_w as i64 - out_w as i64);
+    if dh > 0 && dh > dw * 2 {
+        return resize_vertical_first(src, out_w, out_h, filter, cols, rows);
+    }
 
     // Input rows the vertical pass reads (Pillow's ybox_first..ybox_last).
     let vert = need_v.then(|| precompute_coeffs(in_h, out_h, filter, rows.clone()));
@@ -290,6 +298,80 @@ pub fn resize_window(
         }
         None => out.copy_from_slice(&tmp),
     }
+    RgbImage::from_raw(win_w as u32, win_h as u32, out)
+        .ok_or_else(|| Error::msg("resize: internal buffer size mismatch"))
+}
+
+/// [`resize_window`] with Pillow's vertical pass first (the height shrinks, so `out_h <
+/// in_h`): the vertical pass over the input columns the horizontal pass reads, rounded to
+/// u8, then the horizontal pass.
+fn resize_vertical_first(
+    src: &RgbImage,
+    out_w: usize,
+    out_h: usize,
+    filter: Resample,
+    cols: Range<usize>,
+    rows: Range<usize>,
+) -> Result<RgbImage> {
+    let (in_w, in_h) = (src.width() as usize, src.height() as usize);
+    let (win_w, win_h) = (cols.len(), rows.len());
+    let s = src.as_raw();
+    let horiz = (out_w != in_w).then(|| precompute_coeffs(in_w, out_w, filter, cols.clone()));
+    // Input columns the horizontal pass reads.
+    let (x_first, x_last) = match &horiz {
+        Some(c) => (
+            c.bounds.iter().map(|b| b.0).min().unwrap_or(0),
+            c.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(0),
+        ),
+        None => (cols.start, cols.end),
+    };
+    let tmp_w = x_last - x_first;
+    check_pixels(tmp_w, win_h)?;
+    // Vertical pass into `tmp` [win_h, tmp_w, 3].
+    let v = precompute_coeffs(in_h, out_h, filter, rows);
+    let mut tmp = vec![0u8; win_h * tmp_w * 3];
+    for i in 0..win_h {
+        let (ymin, n) = v.bounds[i];
+        let k = &v.kk[i * v.ksize..i * v.ksize + n];
+        let o = &mut tmp[i * tmp_w * 3..(i + 1) * tmp_w * 3];
+        for (j, px) in o.chunks_exact_mut(3).enumerate() {
+            let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+            for (y, &ky) in k.iter().enumerate() {
+                let at = ((ymin + y) * in_w + x_first + j) * 3;
+                acc[0] += s[at] as i32 * ky;
+                acc[1] += s[at + 1] as i32 * ky;
+                acc[2] += s[at + 2] as i32 * ky;
+            }
+            px[0] = clip8(acc[0]);
+            px[1] = clip8(acc[1]);
+            px[2] = clip8(acc[2]);
+        }
+    }
+    let out = match &horiz {
+        None => tmp,
+        Some(c) => {
+            let mut out = vec![0u8; win_h * win_w * 3];
+            for y in 0..win_h {
+                let row = &tmp[y * tmp_w * 3..(y + 1) * tmp_w * 3];
+                let o = &mut out[y * win_w * 3..(y + 1) * win_w * 3];
+                for j in 0..win_w {
+                    let (xmin, n) = c.bounds[j];
+                    let k = &c.kk[j * c.ksize..j * c.ksize + n];
+                    let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+                    for (x, &kx) in k.iter().enumerate() {
+                        let p = &row[(xmin - x_first + x) * 3..(xmin - x_first + x) * 3 + 3];
+                        acc[0] += p[0] as i32 * kx;
+                        acc[1] += p[1] as i32 * kx;
+                        acc[2] += p[2] as i32 * kx;
+                    }
+                    o[j * 3] = clip8(acc[0]);
+                    o[j * 3 + 1] = clip8(acc[1]);
+                    o[j * 3 + 2] = clip8(acc[2]);
+                }
+            }
+            out
+        }
+    };
     RgbImage::from_raw(win_w as u32, win_h as u32, out)
         .ok_or_else(|| Error::msg("resize: internal buffer size mismatch"))
 }

@@ -11,8 +11,9 @@ use crate::llama::ImageSpan;
 /// The placeholder a prompt uses for the image.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
-/// LLaVA-1.5's (vicuna_v1) system sentence.
-pub const VICUNA_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.";
+/// LLaVA-1.5's system sentence: `conv_vicuna_v1.system` in LLaVA's `llava/conversation.py` ("a curious
+/// user", not `conv_llava_v1`'s "a curious human"); `tests/tests/templates.rs` checks it there.
+pub const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
 /// How the user's text becomes the model's prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -35,6 +35,8 @@ pub struct RefCase {
     pub generated_ids: Vec<u32>,
     /// Their decoding.
     pub generated_text: String,
+    /// transformers' top-1 minus top-2 logit at each greedy step.
+    pub step_margins: Vec<f32>,
 }
 
 /// One pruned run of the reference VisiPruner/FastV implementation (`pruning.json`).
@@ -172,6 +174,16 @@ fn load_reference(dir: &Path) -> Result<Reference> {
             image_span,
             generated_ids: ids(c, "generated_ids")?,
             generated_text: s(c, "generated_text")?,
+            step_margins: c
+                .get("step_margins")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| m.as_f64())
+                        .map(|m| m as f32)
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
     }
     let prune_runs = load_prune_runs(&dir.join("pruning.json"))?;

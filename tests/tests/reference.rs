@@ -24,9 +24,13 @@ const TOL_FEATURES_GPU: f32 = 2e-3;
 /// First-step logits with the f32 KV cache (the brief's bound).
 const TOL_LOGITS: f32 = 1e-3;
 /// First-step logits with the f16 KV cache (the default): K and V rounded to f16 (relative
-/// error 2^-11) before attention; scores, softmax and P·V stay f32. The greedy tokens must
-/// stay identical; the logits move by the error printed per case (measured on these fixtures,
-/// CPU and lavapipe: 0.005 to 0.039 max abs, on logits of magnitude up to ~12), bounded here.
+/// error 2^-11) before attention; scores, softmax and P·V stay f32. The logits move by the
+/// error printed per case (measured on these fixtures, CPU and lavapipe: 0.005 to 0.039 max
+/// abs, on logits of magnitude up to ~12), bounded here. Bit-exactness with transformers is
+/// the f32 cache's promise (all tokens above); the f16 cache's greedy tokens must equal
+/// transformers' up to the first step won by less than twice this bound (two logits each
+/// off by up to the bound can swap there): since issue 27's regenerated references,
+/// tiny-llava-gqa square_crop's step 14 (margin 0.0052) goes the other way with f16 K/V.
 const TOL_LOGITS_KV16: f32 = 0.05;
 
 fn check_backend(backend: Arc<dyn Backend>, label: &str, tol_features: f32) -> Result<()> {
@@ -153,10 +157,24 @@ fn check_case(
         TOL_LOGITS_KV16,
     )?;
     notes.push(format!("logits f16 KV {e:.1e}"));
-    if let Some(d) = first_difference(&gen.tokens, &c.generated_ids) {
-        bail!("greedy tokens (f16 KV): {d}");
+    let clear = c
+        .step_margins
+        .iter()
+        .position(|&m| m < 2.0 * TOL_LOGITS_KV16)
+        .unwrap_or(c.generated_ids.len());
+    let n = clear.min(gen.tokens.len());
+    if let Some(d) = first_difference(&gen.tokens[..n], &c.generated_ids[..clear]) {
+        bail!("greedy tokens (f16 KV, the first {clear}): {d}");
     }
-    if gen.text != c.generated_text {
+    notes.push(format!(
+        "f16 KV tokens {}",
+        if gen.tokens == c.generated_ids {
+            "all equal".to_string()
+        } else {
+            format!("{clear} compared, equal; differ later")
+        }
+    ));
+    if gen.tokens == c.generated_ids && gen.text != c.generated_text {
         bail!(
             "decoded text: got {:?} want {:?}",
             gen.text,
@@ -172,7 +190,8 @@ fn check_case(
     // And the whole path from the image file (our decoder) gives the same greedy tokens.
     if let Some(ff) = &from_file_image {
         let g2 = llava.generate_ids(&prompt, std::slice::from_ref(ff), &opts, &mut |_| {})?;
-        if let Some(d) = first_difference(&g2.tokens, &c.generated_ids) {
+        // (Same pixels as transformers' above, so exactly the f16 run's tokens.)
+        if let Some(d) = first_difference(&g2.tokens, &gen.tokens) {
             bail!("greedy tokens from the image file: {d}");
         }
     }
