@@ -19,8 +19,11 @@ use crate::uniforms::{
 use crate::variants::Prefill;
 use bytemuck::Zeroable;
 use engine_core::checks::{
-    check_attention, check_broadcast, check_patch_embed, check_rows, check_token_contributions,
-    check_vec,
+    check_argmax, check_attention, check_attention_last_row, check_broadcast, check_concat_rows,
+    check_embedding, check_gather_rows, check_ids, check_layer_norm, check_linear,
+    check_patch_embed, check_rms_norm, check_rope, check_row_indices, check_rows, check_silu_mul,
+    check_slice_rows, check_token_contributions, check_upload, check_upload_quant,
+    check_write_rows, check_zeros,
 };
 
 /// Host copies of small `U32` uploads are kept so ids/indices can be range-checked without a
@@ -1190,17 +1193,8 @@ impl Backend for GpuBackend {
     }
 
     fn upload(&self, data: HostData<'_>, shape: Shape) -> Result<Tensor> {
-        const OP: &str = "upload";
+        check_upload(data.len(), &shape)?;
         let n = shape.elem_count();
-        if data.len() != n {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "{} elements given for shape {shape} ({n} elements)",
-                    data.len()
-                ),
-            ));
-        }
         // BF16 converts like the CPU backend: to f16 when every value is finite in f16.
         let bf_h: Vec<f16>;
         let bf_f: Vec<f32>;
@@ -1293,15 +1287,7 @@ impl Backend for GpuBackend {
     }
 
     fn upload_quant(&self, qt: QuantType, bytes: &[u8], shape: Shape) -> Result<Tensor> {
-        const OP: &str = "upload_quant";
-        let n = shape.elem_count();
-        let k = if shape.rank() == 0 {
-            1
-        } else {
-            shape.last_dim()
-        };
-        qt.check(OP, n, k, bytes.len())
-            .map_err(|e| Error::shape(OP, e.to_string()))?;
+        let (n, k) = check_upload_quant(qt, bytes.len(), &shape)?;
         // The raw GGUF blocks, rows back to back (Q8_0/Q4_0 rows re-packed when `repacked`;
         // otherwise the kernels decode unaligned blocks), split by whole rows when one
         // binding cannot hold them like f16 weights; each chunk padded to a whole u32 word.
@@ -1355,9 +1341,7 @@ impl Backend for GpuBackend {
     }
 
     fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor> {
-        if matches!(dtype, DType::BF16 | DType::Quant(_)) {
-            return Err(Error::DType { op: "zeros", dtype });
-        }
+        check_zeros(dtype)?;
         let t = self.empty(shape, dtype, "zeros")?;
         let c = one(&t, "zeros")?;
         let size = c.bytes.div_ceil(4) * 4;
@@ -1412,20 +1396,8 @@ impl Backend for GpuBackend {
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         const OP: &str = "linear";
-        let k = check_rows(OP, x)?;
-        let (n, wk) = w.dims2(OP)?;
-        if wk != k {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "x {} has {k} features but w {} expects {wk}",
-                    x.shape(),
-                    w.shape()
-                ),
-            ));
-        }
+        let (k, n) = check_linear(x, w, b)?;
         if let Some(b) = b {
-            check_vec(OP, "bias", b, n)?;
             need(b, DType::F32, OP)?;
         }
         need(x, DType::F32, OP)?;
@@ -1463,29 +1435,18 @@ impl Backend for GpuBackend {
     }
 
     fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        const OP: &str = "silu_mul";
-        if gate.dims() != up.dims() {
-            return Err(Error::shape(
-                OP,
-                format!("gate {} and up {} differ", gate.shape(), up.shape()),
-            ));
-        }
-        self.binary(OP, gate, up, 2)
+        check_silu_mul(gate, up)?;
+        self.binary("silu_mul", gate, up, 2)
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-        const OP: &str = "rms_norm";
-        let n = check_rows(OP, x)?;
-        check_vec(OP, "weight", w, n)?;
-        self.rows_op(OP, "rms_norm", x, &[(2, w)], eps)
+        check_rms_norm(x, w)?;
+        self.rows_op("rms_norm", "rms_norm", x, &[(2, w)], eps)
     }
 
     fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
-        const OP: &str = "layer_norm";
-        let n = check_rows(OP, x)?;
-        check_vec(OP, "weight", w, n)?;
-        check_vec(OP, "bias", b, n)?;
-        self.rows_op(OP, "layer_norm", x, &[(2, w), (3, b)], eps)
+        check_layer_norm(x, w, b)?;
+        self.rows_op("layer_norm", "layer_norm", x, &[(2, w), (3, b)], eps)
     }
 
     fn softmax(&self, x: &Tensor) -> Result<Tensor> {
@@ -1496,29 +1457,7 @@ impl Backend for GpuBackend {
 
     fn rope(&self, x: &Tensor, positions: &Tensor, p: &RopeParams) -> Result<Tensor> {
         const OP: &str = "rope";
-        let (s, w) = x.dims2(OP)?;
-        if p.head_dim == 0 || !p.head_dim.is_multiple_of(2) || w % p.head_dim > 0 {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "head_dim {} must be even, positive and divide the width {w}",
-                    p.head_dim
-                ),
-            ));
-        }
-        let positive = |v: f32| v > 0.0 && v.is_finite();
-        if !positive(p.scaling_factor) || !positive(p.theta) {
-            return Err(Error::msg(format!(
-                "rope: theta ({}) and scaling_factor ({}) must be positive",
-                p.theta, p.scaling_factor
-            )));
-        }
-        if positions.dims() != [s] {
-            return Err(Error::shape(
-                OP,
-                format!("positions must be [{s}], got {}", positions.shape()),
-            ));
-        }
+        let (s, w) = check_rope(x, positions, p)?;
         need(x, DType::F32, OP)?;
         need(positions, DType::U32, OP)?;
         let inv = self.inv_freq(p)?;
@@ -1575,10 +1514,7 @@ impl Backend for GpuBackend {
 
     fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor> {
         const OP: &str = "attention_last_row";
-        let sq = check_attention(OP, q.dims(), &[k.dims()], p)?;
-        if sq == 0 {
-            return Err(Error::shape(OP, "q has no rows"));
-        }
+        let sq = check_attention_last_row(q, k, p)?;
         need(q, DType::F32, OP)?;
         let k16 = kv16(OP, &[k])?;
         let (cq, ck) = (one(q, OP)?, one(k, OP)?);
@@ -1626,7 +1562,7 @@ impl Backend for GpuBackend {
 
     fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         const OP: &str = "embedding";
-        let (vocab, d) = table.dims2(OP)?;
+        let (vocab, d) = check_embedding(table, ids)?;
         need(ids, DType::U32, OP)?;
         let quant = match table.dtype() {
             DType::Quant(qt) => {
@@ -1643,20 +1579,9 @@ impl Backend for GpuBackend {
                 None
             }
         };
-        if ids.dims().len() != 1 {
-            return Err(Error::shape(
-                OP,
-                format!("ids must be [S], got {}", ids.shape()),
-            ));
-        }
         let checked = match self.shadow(ids, OP)? {
             Some(v) => {
-                if let Some((i, &id)) = v.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-                    return Err(Error::shape(
-                        OP,
-                        format!("ids[{i}] = {id} is outside the vocabulary of {vocab}"),
-                    ));
-                }
+                check_ids(v, vocab)?;
                 true
             }
             None => false,
@@ -1725,21 +1650,10 @@ impl Backend for GpuBackend {
 
     fn gather_rows(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
         const OP: &str = "gather_rows";
-        let (m, n) = x.dims2(OP)?;
-        if idx.dims().len() != 1 {
-            return Err(Error::shape(
-                OP,
-                format!("idx must be [R], got {}", idx.shape()),
-            ));
-        }
+        let (m, n) = check_gather_rows(x, idx)?;
         need(idx, DType::U32, OP)?;
         if let Some(v) = self.shadow(idx, OP)? {
-            if let Some((i, &r)) = v.iter().enumerate().find(|(_, &r)| r as usize >= m) {
-                return Err(Error::shape(
-                    OP,
-                    format!("idx[{i}] = {r} is outside the {m} rows of x"),
-                ));
-            }
+            check_row_indices(v, m)?;
         }
         // The kernel moves 32-bit words: f16 rows must be whole words.
         let words = match x.dtype() {
@@ -1775,19 +1689,8 @@ impl Backend for GpuBackend {
 
     fn slice_rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         const OP: &str = "slice_rows";
+        check_slice_rows(x, start, len)?;
         let dims = x.dims();
-        let Some(&m) = dims.first() else {
-            return Err(Error::shape(OP, "cannot slice the rows of a scalar"));
-        };
-        if start.checked_add(len).is_none_or(|e| e > m) {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "rows {start}..{} are outside the {m} rows of x",
-                    start.saturating_add(len)
-                ),
-            ));
-        }
         if matches!(x.dtype(), DType::BF16 | DType::Quant(_)) {
             return Err(Error::DType {
                 op: OP,
@@ -1822,34 +1725,8 @@ impl Backend for GpuBackend {
 
     fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor> {
         const OP: &str = "concat_rows";
-        let Some(first) = parts.first() else {
-            return Err(Error::shape(OP, "nothing to concatenate"));
-        };
-        if first.dims().is_empty() {
-            return Err(Error::shape(OP, "cannot concatenate scalars"));
-        }
-        let tail = &first.dims()[1..];
-        let mut rows = 0;
-        for (i, t) in parts.iter().enumerate() {
-            if t.dims().is_empty() || &t.dims()[1..] != tail {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "part {i} {} does not share the trailing dims of part 0 {}",
-                        t.shape(),
-                        first.shape()
-                    ),
-                ));
-            }
-            not_quant(t, OP)?;
-            if t.dtype() != first.dtype() {
-                return Err(Error::DType {
-                    op: OP,
-                    dtype: t.dtype(),
-                });
-            }
-            rows += t.dims()[0];
-        }
+        let rows = check_concat_rows(parts)?;
+        let first = parts[0];
         let mut dims = first.dims().to_vec();
         dims[0] = rows;
         let out = self.empty(dims, first.dtype(), OP)?;
@@ -1865,18 +1742,7 @@ impl Backend for GpuBackend {
 
     fn write_rows(&self, dst: &Tensor, row: usize, src: &Tensor) -> Result<()> {
         const OP: &str = "write_rows";
-        let (l, n) = dst.dims2(OP)?;
-        let (r, sn) = src.dims2(OP)?;
-        if sn != n || row.checked_add(r).is_none_or(|e| e > l) {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "cannot write {} at row {row} of {}",
-                    src.shape(),
-                    dst.shape()
-                ),
-            ));
-        }
+        let (r, n) = check_write_rows(dst, row, src)?;
         not_quant(dst, OP)?;
         if src.dtype() == DType::F32 && dst.dtype() == DType::F16 {
             // An f16 KV cache: the rows are rounded to f16 first (a new tensor, so never the
@@ -1949,10 +1815,7 @@ impl Backend for GpuBackend {
 
     fn argmax(&self, x: &Tensor) -> Result<Tensor> {
         const OP: &str = "argmax";
-        let n = check_rows(OP, x)?;
-        if n == 0 {
-            return Err(Error::shape(OP, format!("rows of {} are empty", x.shape())));
-        }
+        let n = check_argmax(x)?;
         need(x, DType::F32, OP)?;
         let rows = x.shape().rows();
         let cx = one(x, OP)?;
