@@ -3,7 +3,7 @@
 
 use engine_core::{AttentionParams, Backend, DType, Error, Result, Tensor};
 
-use crate::ctx::{Bind, PipelineKey};
+use crate::ctx::PipelineKey;
 use crate::uniforms::{AttentionP, ContribP, FlashP, ProbsP, Sg8P};
 use crate::variants::Prefill;
 use engine_core::checks::{check_attention, check_attention_last_row, check_token_contributions};
@@ -97,16 +97,8 @@ impl GpuBackend {
                 format!("{} heads is too many", p.num_heads),
             ));
         }
-        self.ctx.dispatch(
-            &pipe,
-            &prm,
-            &[
-                Bind(1, &cq.buf, cq.bytes),
-                Bind(2, &ck.buf, ck.bytes),
-                Bind(3, &out.buf, out.bytes),
-            ],
-            g,
-        )
+        self.ctx
+            .dispatch(&pipe, &prm, &[cq.bind(1), ck.bind(2), out.bind(3)], g)
     }
 
     /// Records `o[h*D + d] = Σ_j probs[h, j] · v[j, kvh*D + d]` (zero probabilities skipped);
@@ -142,11 +134,7 @@ impl GpuBackend {
         self.ctx.dispatch(
             &pipe,
             &prm,
-            &[
-                Bind(1, &cp.buf, cp.bytes),
-                Bind(2, &cv.buf, cv.bytes),
-                Bind(3, &out.buf, out.bytes),
-            ],
+            &[cp.bind(1), cv.bind(2), out.bind(3)],
             self.grid(OP, hd.div_ceil(256))?,
         )?;
         Ok(prm)
@@ -261,13 +249,7 @@ impl GpuBackend {
         self.ctx.dispatch(
             &pipe,
             &prm,
-            &[
-                Bind(1, &cq.buf, cq.bytes),
-                Bind(2, &ck.buf, ck.bytes),
-                Bind(3, &cv.buf, cv.bytes),
-                Bind(4, &co.buf, co.bytes),
-                Bind(5, &cp.buf, cp.bytes),
-            ],
+            &[cq.bind(1), ck.bind(2), cv.bind(3), co.bind(4), cp.bind(5)],
             g,
         )?;
         let combine = self.ctx.pipeline(
@@ -278,11 +260,7 @@ impl GpuBackend {
         self.ctx.dispatch(
             &combine,
             &prm,
-            &[
-                Bind(3, &cv.buf, cv.bytes),
-                Bind(4, &co.buf, co.bytes),
-                Bind(5, &cp.buf, cp.bytes),
-            ],
+            &[cv.bind(3), co.bind(4), cp.bind(5)],
             self.grid(OP, sq * p.num_heads)?,
         )?;
         Ok(out)
@@ -374,23 +352,13 @@ impl GpuBackend {
                 self.ctx.dispatch(
                     &qk,
                     &prm,
-                    &[
-                        Bind(1, &cq.buf, cq.bytes),
-                        Bind(2, &ck.buf, ck.bytes),
-                        Bind(3, &cs.buf, cs.bytes),
-                        Bind(4, &cm.buf, cm.bytes),
-                    ],
+                    &[cq.bind(1), ck.bind(2), cs.bind(3), cm.bind(4)],
                     blocks,
                 )?;
                 self.ctx.dispatch(
                     &pv,
                     &prm,
-                    &[
-                        Bind(1, &cs.buf, cs.bytes),
-                        Bind(2, &cv.buf, cv.bytes),
-                        Bind(3, &co.buf, co.bytes),
-                        Bind(4, &cm.buf, cm.bytes),
-                    ],
+                    &[cs.bind(1), cv.bind(2), co.bind(3), cm.bind(4)],
                     [blocks[0], blocks[2], 1],
                 )?;
             }
@@ -499,13 +467,7 @@ impl GpuBackend {
             self.ctx.dispatch(
                 &pipe,
                 &prm,
-                &[
-                    Bind(1, &cq.buf, cq.bytes),
-                    Bind(2, &ck.buf, ck.bytes),
-                    Bind(3, &cv.buf, cv.bytes),
-                    Bind(4, &co.buf, co.bytes),
-                    Bind(5, &cs.buf, cs.bytes),
-                ],
+                &[cq.bind(1), ck.bind(2), cv.bind(3), co.bind(4), cs.bind(5)],
                 g,
             )?;
         }
@@ -583,12 +545,7 @@ impl GpuBackend {
         self.ctx.dispatch(
             &p2,
             &prm,
-            &[
-                Bind(1, &cp.buf, cp.bytes),
-                Bind(2, &cv.buf, cv.bytes),
-                Bind(4, &co.buf, co.bytes),
-                Bind(5, &cout.buf, cout.bytes),
-            ],
+            &[cp.bind(1), cv.bind(2), co.bind(4), cout.bind(5)],
             self.grid(OP, end - start)?,
         )?;
         Ok(out)

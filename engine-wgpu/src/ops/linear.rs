@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use engine_core::{Backend, DType, Error, HostData, QuantType, Result, Shape, Tensor};
 use half::f16;
 
-use crate::ctx::{Bind, PipelineKey};
+use crate::ctx::PipelineKey;
 use crate::uniforms::{CopyP, MatmulP};
 use engine_core::checks::{check_linear, check_patch_embed};
 
@@ -188,11 +188,11 @@ impl GpuBackend {
                 p1: 0,
                 p2: 0,
             };
-            let mut binds = vec![Bind(1, &cx.buf, cx.bytes), Bind(2, &c.buf, c.bytes)];
+            let mut binds = vec![cx.bind(1), c.bind(2)];
             if let Some(b) = bias {
-                binds.push(Bind(3, &b.buf, b.bytes));
+                binds.push(b.bind(3));
             }
-            binds.push(Bind(4, &out.buf, out.bytes));
+            binds.push(out.bind(4));
             let g = if sg8_tile {
                 // One workgroup (one subgroup) per 8 × CL weight rows, all M rows in it.
                 let gy = u32_of(OP, "groups", rows.div_ceil(8 * GEMV_SG8_TILE_CL))?;
@@ -348,7 +348,7 @@ impl GpuBackend {
             self.ctx.dispatch(
                 &pipe,
                 &prm,
-                &[Bind(4, &cp.buf, cp.bytes), Bind(5, &cc.buf, cc.bytes)],
+                &[cp.bind(4), cc.bind(5)],
                 self.grid(OP, count.div_ceil(256))?,
             )?;
         }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use engine_core::{DType, Error, Result, Shape, Storage, Tensor};
 
-use crate::ctx::Ctx;
+use crate::ctx::{Bind, Ctx};
 
 use crate::backend::GpuBackend;
 
@@ -29,6 +29,14 @@ pub(crate) struct Chunk {
     pub elems: usize,
     /// Bytes holding the chunk's elements (f16 are packed two per u32 word).
     pub bytes: u64,
+}
+
+impl Chunk {
+    /// This chunk's elements bound at `@binding(slot)` of a kernel: the buffer and the byte
+    /// size always come from the same chunk.
+    pub(crate) fn bind(&self, slot: u32) -> Bind<'_> {
+        Bind(slot, &self.buf, self.bytes)
+    }
 }
 
 /// GPU memory behind a [`Tensor`]: one buffer, or several (split by rows) when the tensor is

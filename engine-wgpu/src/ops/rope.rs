@@ -2,7 +2,7 @@
 
 use engine_core::{Backend, DType, HostData, Result, RopeParams, Shape, Tensor};
 
-use crate::ctx::{lock, Bind, PipelineKey};
+use crate::ctx::{lock, PipelineKey};
 use crate::uniforms::RopeP;
 use engine_core::checks::check_rope;
 
@@ -52,12 +52,7 @@ impl GpuBackend {
             self.ctx.dispatch(
                 &pipe,
                 &prm,
-                &[
-                    Bind(1, &cx.buf, cx.bytes),
-                    Bind(2, &cp.buf, cp.bytes),
-                    Bind(3, &ci.buf, ci.bytes),
-                    Bind(4, &co.buf, co.bytes),
-                ],
+                &[cx.bind(1), cp.bind(2), ci.bind(3), co.bind(4)],
                 g,
             )?;
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use engine_core::{Backend, DType, Error, Result, Shape, Tensor};
 
-use crate::ctx::{Bind, PipelineKey};
+use crate::ctx::PipelineKey;
 use crate::uniforms::{ArgmaxP, CopyP, ElementwiseP, EmbeddingP, EmbeddingQP, NormP};
 use bytemuck::Zeroable;
 use engine_core::checks::{
@@ -36,12 +36,8 @@ impl GpuBackend {
                 pad: 0,
             };
             let g = self.grid(op, n.div_ceil(256))?;
-            self.ctx.dispatch(
-                &pipe,
-                &prm,
-                &[Bind(1, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)],
-                g,
-            )?;
+            self.ctx
+                .dispatch(&pipe, &prm, &[cx.bind(1), co.bind(3)], g)?;
         }
         Ok(out)
     }
@@ -70,16 +66,8 @@ impl GpuBackend {
                 pad: 0,
             };
             let g = self.grid(op, n.div_ceil(256))?;
-            self.ctx.dispatch(
-                &pipe,
-                &prm,
-                &[
-                    Bind(1, &ca.buf, ca.bytes),
-                    Bind(2, &cb.buf, cb.bytes),
-                    Bind(3, &co.buf, co.bytes),
-                ],
-                g,
-            )?;
+            self.ctx
+                .dispatch(&pipe, &prm, &[ca.bind(1), cb.bind(2), co.bind(3)], g)?;
         }
         Ok(out)
     }
@@ -100,13 +88,13 @@ impl GpuBackend {
         let out = self.empty(x.shape().clone(), DType::F32, op)?;
         if rows > 0 && n > 0 {
             let co = one(&out, op)?;
-            let mut binds = vec![Bind(1, &cx.buf, cx.bytes)];
+            let mut binds = vec![cx.bind(1)];
             for (i, t) in extra {
                 need(t, DType::F32, op)?;
                 let c = one(t, op)?;
-                binds.push(Bind(*i, &c.buf, c.bytes));
+                binds.push(c.bind(*i));
             }
-            binds.push(Bind(4, &co.buf, co.bytes));
+            binds.push(co.bind(4));
             let pipe = self.ctx.pipeline(PipelineKey::new("norm", entry))?;
             let prm = NormP {
                 rows: u32_of(op, "rows", rows)?,
@@ -227,11 +215,7 @@ impl GpuBackend {
             let (v0, v1) = (c.elem0 / d, (c.elem0 + c.elems) / d);
             let (s32, d32) = (u32_of(OP, "ids", s)?, u32_of(OP, "width", d)?);
             let (v0, v1) = (v0 as u32, v1 as u32);
-            let binds = [
-                Bind(1, &ci.buf, ci.bytes),
-                Bind(2, &c.buf, c.bytes),
-                Bind(3, &cout.buf, cout.bytes),
-            ];
+            let binds = [ci.bind(1), c.bind(2), cout.bind(3)];
             if quant.is_some() {
                 let prm = EmbeddingQP {
                     s: s32,
@@ -281,11 +265,7 @@ impl GpuBackend {
             self.ctx.dispatch(
                 &pipe,
                 &prm,
-                &[
-                    Bind(1, &cx.buf, cx.bytes),
-                    Bind(2, &ci.buf, ci.bytes),
-                    Bind(3, &co.buf, co.bytes),
-                ],
+                &[cx.bind(1), ci.bind(2), co.bind(3)],
                 self.grid(OP, count.div_ceil(256))?,
             )?;
         }
@@ -386,12 +366,8 @@ impl GpuBackend {
                 p0: 0,
                 p1: 0,
             };
-            self.ctx.dispatch(
-                &pipe,
-                &prm,
-                &[Bind(1, &cx.buf, cx.bytes), Bind(2, &co.buf, co.bytes)],
-                self.grid(OP, rows)?,
-            )?;
+            self.ctx
+                .dispatch(&pipe, &prm, &[cx.bind(1), co.bind(2)], self.grid(OP, rows)?)?;
         }
         Ok(out)
     }

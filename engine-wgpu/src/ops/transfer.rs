@@ -6,7 +6,7 @@ use std::sync::Arc;
 use engine_core::{DType, Error, HostData, QuantType, Result, Shape, Tensor};
 use half::f16;
 
-use crate::ctx::{Bind, PipelineKey};
+use crate::ctx::PipelineKey;
 use crate::uniforms::CopyP;
 use bytemuck::Zeroable;
 use engine_core::checks::{check_upload, check_upload_quant, check_zeros};
@@ -76,12 +76,8 @@ impl GpuBackend {
             u7: 0,
         };
         let g = self.grid(OP, words.div_ceil(256))?;
-        self.ctx.dispatch(
-            &pipe,
-            &prm,
-            &[Bind(1, &src.buf, src.bytes), Bind(3, &dst.buf, dst.bytes)],
-            g,
-        )
+        self.ctx
+            .dispatch(&pipe, &prm, &[src.bind(1), dst.bind(3)], g)
     }
 
     /// Host copy of a small uploaded `U32` tensor, if one was kept.
@@ -334,12 +330,9 @@ impl GpuBackend {
                 ..CopyP::zeroed()
             };
             let (binds, threads) = if entry == "cast_to_f16" {
-                (
-                    [Bind(4, &cx.buf, cx.bytes), Bind(3, &co.buf, co.bytes)],
-                    n.div_ceil(2),
-                )
+                ([cx.bind(4), co.bind(3)], n.div_ceil(2))
             } else {
-                ([Bind(1, &cx.buf, cx.bytes), Bind(5, &co.buf, co.bytes)], n)
+                ([cx.bind(1), co.bind(5)], n)
             };
             self.ctx
                 .dispatch(&pipe, &prm, &binds, self.grid(OP, threads.div_ceil(256))?)?;
