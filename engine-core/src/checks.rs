@@ -1,8 +1,11 @@
 //! Argument checks shared by every backend, so that all of them reject the same calls with
 //! the same messages (the CPU backend is the reference for both).
 
-use crate::backend::AttentionParams;
+use crate::backend::{AttentionParams, RopeParams};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::quant::QuantType;
+use crate::shape::Shape;
 use crate::tensor::Tensor;
 
 /// Tensor byte ranges `(name, begin, end)` of one file must not overlap: overlapping ranges
@@ -214,4 +217,262 @@ pub fn check_patch_embed(
         ));
     }
     Ok((c, h, wd, d))
+}
+
+/// Checks an `upload`: `len` host elements must fill `shape`.
+pub fn check_upload(len: usize, shape: &Shape) -> Result<()> {
+    if len != shape.elem_count() {
+        return Err(Error::shape(
+            "upload",
+            format!(
+                "{len} elements given for shape {shape} ({} elements)",
+                shape.elem_count()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an `upload_quant`: `bytes` must be whole rows of `qt` blocks for `shape`.
+/// Returns `(n, k)`: the element count and the row length (1 for a scalar).
+pub fn check_upload_quant(qt: QuantType, bytes: usize, shape: &Shape) -> Result<(usize, usize)> {
+    const OP: &str = "upload_quant";
+    let n = shape.elem_count();
+    let k = if shape.rank() == 0 {
+        1
+    } else {
+        shape.last_dim()
+    };
+    qt.check(OP, n, k, bytes)
+        .map_err(|e| Error::shape(OP, e.to_string()))?;
+    Ok((n, k))
+}
+
+/// Checks a `zeros` dtype: bf16 and quantized tensors are never made empty.
+pub fn check_zeros(dtype: DType) -> Result<()> {
+    if matches!(dtype, DType::BF16 | DType::Quant(_)) {
+        return Err(Error::DType { op: "zeros", dtype });
+    }
+    Ok(())
+}
+
+/// Checks a `linear` call: `x [.., K]`, `w [N, K]`, an optional `bias [N]`. Returns `(K, N)`.
+pub fn check_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(usize, usize)> {
+    const OP: &str = "linear";
+    let k = check_rows(OP, x)?;
+    let (n, wk) = w.dims2(OP)?;
+    if wk != k {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "x {} has {k} features but w {} expects {wk}",
+                x.shape(),
+                w.shape()
+            ),
+        ));
+    }
+    if let Some(b) = b {
+        check_vec(OP, "bias", b, n)?;
+    }
+    Ok((k, n))
+}
+
+/// Checks a `silu_mul` call: `gate` and `up` of one shape.
+pub fn check_silu_mul(gate: &Tensor, up: &Tensor) -> Result<()> {
+    if gate.dims() != up.dims() {
+        return Err(Error::shape(
+            "silu_mul",
+            format!("gate {} and up {} differ", gate.shape(), up.shape()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an `rms_norm` call: rows of `x` and a `weight [N]`. Returns `N`.
+pub fn check_rms_norm(x: &Tensor, w: &Tensor) -> Result<usize> {
+    const OP: &str = "rms_norm";
+    let n = check_rows(OP, x)?;
+    check_vec(OP, "weight", w, n)?;
+    Ok(n)
+}
+
+/// Checks a `layer_norm` call: rows of `x`, `weight [N]` and `bias [N]`. Returns `N`.
+pub fn check_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<usize> {
+    const OP: &str = "layer_norm";
+    let n = check_rows(OP, x)?;
+    check_vec(OP, "weight", w, n)?;
+    check_vec(OP, "bias", b, n)?;
+    Ok(n)
+}
+
+/// Checks a `rope` call: `x [S, W]` with heads of an even `head_dim` dividing `W`, positive
+/// finite `theta` and `scaling_factor`, `positions [S]`. Returns `(S, W)`.
+pub fn check_rope(x: &Tensor, positions: &Tensor, p: &RopeParams) -> Result<(usize, usize)> {
+    const OP: &str = "rope";
+    let (s, w) = x.dims2(OP)?;
+    if p.head_dim == 0 || !p.head_dim.is_multiple_of(2) || w % p.head_dim > 0 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "head_dim {} must be even, positive and divide the width {w}",
+                p.head_dim
+            ),
+        ));
+    }
+    let positive = |v: f32| v > 0.0 && v.is_finite();
+    if !positive(p.scaling_factor) || !positive(p.theta) {
+        return Err(Error::msg(format!(
+            "rope: theta ({}) and scaling_factor ({}) must be positive",
+            p.theta, p.scaling_factor
+        )));
+    }
+    if positions.dims() != [s] {
+        return Err(Error::shape(
+            OP,
+            format!("positions must be [{s}], got {}", positions.shape()),
+        ));
+    }
+    Ok((s, w))
+}
+
+/// Checks an `attention_last_row` call like [`check_attention`] (keys only) with at least
+/// one query. Returns the number of queries.
+pub fn check_attention_last_row(q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<usize> {
+    const OP: &str = "attention_last_row";
+    let sq = check_attention(OP, q.dims(), &[k.dims()], p)?;
+    if sq == 0 {
+        return Err(Error::shape(OP, "q has no rows"));
+    }
+    Ok(sq)
+}
+
+/// Checks an `embedding` call's shapes: `table [vocab, D]`, `ids [S]`. Returns `(vocab, D)`;
+/// the id values are checked by [`check_ids`] where the backend has them on the host.
+pub fn check_embedding(table: &Tensor, ids: &Tensor) -> Result<(usize, usize)> {
+    const OP: &str = "embedding";
+    let dims = table.dims2(OP)?;
+    if ids.dims().len() != 1 {
+        return Err(Error::shape(
+            OP,
+            format!("ids must be [S], got {}", ids.shape()),
+        ));
+    }
+    Ok(dims)
+}
+
+/// Every id of an `embedding` must be inside the vocabulary.
+pub fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        return Err(Error::shape(
+            "embedding",
+            format!("ids[{i}] = {id} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a `gather_rows` call's shapes: `x [M, N]`, `idx [R]`. Returns `(M, N)`; the index
+/// values are checked by [`check_row_indices`] where the backend has them on the host.
+pub fn check_gather_rows(x: &Tensor, idx: &Tensor) -> Result<(usize, usize)> {
+    const OP: &str = "gather_rows";
+    let dims = x.dims2(OP)?;
+    if idx.dims().len() != 1 {
+        return Err(Error::shape(
+            OP,
+            format!("idx must be [R], got {}", idx.shape()),
+        ));
+    }
+    Ok(dims)
+}
+
+/// Every index of a `gather_rows` must name one of the `m` rows of `x`.
+pub fn check_row_indices(idx: &[u32], m: usize) -> Result<()> {
+    if let Some((i, &r)) = idx.iter().enumerate().find(|(_, &r)| r as usize >= m) {
+        return Err(Error::shape(
+            "gather_rows",
+            format!("idx[{i}] = {r} is outside the {m} rows of x"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a `slice_rows` call: rows `start..start + len` inside `x`'s first dim. Returns it.
+pub fn check_slice_rows(x: &Tensor, start: usize, len: usize) -> Result<usize> {
+    const OP: &str = "slice_rows";
+    let Some(&m) = x.dims().first() else {
+        return Err(Error::shape(OP, "cannot slice the rows of a scalar"));
+    };
+    if start.checked_add(len).is_none_or(|e| e > m) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "rows {start}..{} are outside the {m} rows of x",
+                start.saturating_add(len)
+            ),
+        ));
+    }
+    Ok(m)
+}
+
+/// Checks a `concat_rows` call: at least one part, none a scalar or quantized, all of part
+/// 0's trailing dims and dtype. Returns the total number of rows.
+pub fn check_concat_rows(parts: &[&Tensor]) -> Result<usize> {
+    const OP: &str = "concat_rows";
+    let Some(first) = parts.first() else {
+        return Err(Error::shape(OP, "nothing to concatenate"));
+    };
+    if first.dims().is_empty() {
+        return Err(Error::shape(OP, "cannot concatenate scalars"));
+    }
+    let tail = &first.dims()[1..];
+    let mut rows = 0;
+    for (i, t) in parts.iter().enumerate() {
+        if t.dims().is_empty() || &t.dims()[1..] != tail {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "part {i} {} does not share the trailing dims of part 0 {}",
+                    t.shape(),
+                    first.shape()
+                ),
+            ));
+        }
+        if matches!(t.dtype(), DType::Quant(_)) || t.dtype() != first.dtype() {
+            return Err(Error::DType {
+                op: OP,
+                dtype: t.dtype(),
+            });
+        }
+        rows += t.dims()[0];
+    }
+    Ok(rows)
+}
+
+/// Checks a `write_rows` call's shapes: `src [R, N]` fits `dst [L, N]` from `row`. Returns
+/// `(R, N)`.
+pub fn check_write_rows(dst: &Tensor, row: usize, src: &Tensor) -> Result<(usize, usize)> {
+    const OP: &str = "write_rows";
+    let (l, n) = dst.dims2(OP)?;
+    let (r, sn) = src.dims2(OP)?;
+    if sn != n || row.checked_add(r).is_none_or(|e| e > l) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "cannot write {} at row {row} of {}",
+                src.shape(),
+                dst.shape()
+            ),
+        ));
+    }
+    Ok((r, n))
+}
+
+/// Checks an `argmax` call: rows of `x`, not empty. Returns the row length.
+pub fn check_argmax(x: &Tensor) -> Result<usize> {
+    const OP: &str = "argmax";
+    let n = check_rows(OP, x)?;
+    if n == 0 {
+        return Err(Error::shape(OP, format!("rows of {} are empty", x.shape())));
+    }
+    Ok(n)
 }

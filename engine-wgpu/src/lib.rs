@@ -42,6 +42,7 @@
 mod backend;
 pub mod bench;
 mod ctx;
+mod ops;
 pub mod tune;
 mod uniforms;
 mod variants;
@@ -51,7 +52,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use engine_core::{Backend, DeviceInfo, Error, Result};
 use serde::Serialize;
 
-pub use backend::{GpuBackend, GpuStorage};
+pub use backend::GpuBackend;
+pub use ops::GpuStorage;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the data stays
 /// consistent: every critical section here leaves it valid at each step).

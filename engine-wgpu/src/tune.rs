@@ -55,7 +55,7 @@ impl GpuBackend {
             Prefill::Tiled(..) => "flash_attn",
             Prefill::Keys(..) => "flash_attn_k",
             Prefill::Sg8 => {
-                let rs = crate::backend::sg8_queries(if prefill { 640 } else { 1 });
+                let rs = crate::ops::attention::sg8_queries(if prefill { 640 } else { 1 });
                 return format!("attn_qk_sg8+attn_pv_sg8 sg8 RS={rs}");
             }
         };
@@ -127,7 +127,7 @@ pub(crate) fn default_variant(g: &GpuBackend, d: usize, kv16: bool) -> Prefill {
         return keys;
     }
     let es = if g.ctx.f16 && kv16 { 2 } else { 4 };
-    match crate::backend::flash_tiles(d, es, g.ctx.wg_storage as usize) {
+    match crate::ops::attention::flash_tiles(d, es, g.ctx.wg_storage as usize) {
         Some((bq, bk, tpr)) => Prefill::Tiled(bq, bk, tpr),
         None => keys,
     }

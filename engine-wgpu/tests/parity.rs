@@ -941,6 +941,132 @@ fn errors_suite(g: &dyn Backend) {
     println!("errors: ok");
 }
 
+/// The CPU and GPU backends reject the same bad calls with the same message: both call
+/// one `engine_core::checks` function per op, so a check edited in one backend only (or
+/// a backend-specific check running first) shows here.
+fn same_errors_suite(g: &dyn Backend) {
+    let cpu = CpuBackend::new();
+    type Call = fn(&dyn Backend) -> engine_core::Result<Tensor>;
+    let cases: Vec<(&str, Call)> = vec![
+        ("upload count", |b| {
+            b.upload(HostData::F32(&[0.0; 3]), Shape::from([2, 2]))
+        }),
+        ("upload_quant bytes", |b| {
+            b.upload_quant(engine_core::QuantType::Q8_0, &[0; 33], Shape::from([1, 32]))
+        }),
+        ("zeros bf16", |b| b.zeros(Shape::from([2]), DType::BF16)),
+        ("linear K", |b| {
+            let (x, w) = (up(b, &[3, 4]), up(b, &[3, 5]));
+            b.linear(&x, &w, None)
+        }),
+        ("linear bias", |b| {
+            let (x, w, bias) = (up(b, &[3, 4]), up(b, &[3, 4]), up(b, &[4]));
+            b.linear(&x, &w, Some(&bias))
+        }),
+        ("silu_mul", |b| b.silu_mul(&up(b, &[2, 4]), &up(b, &[4, 2]))),
+        ("rms_norm weight", |b| {
+            b.rms_norm(&up(b, &[2, 4]), &up(b, &[3]), 1e-5)
+        }),
+        ("layer_norm bias", |b| {
+            b.layer_norm(&up(b, &[2, 4]), &up(b, &[4]), &up(b, &[5]), 1e-5)
+        }),
+        ("softmax scalar", |b| b.softmax(&up(b, &[]))),
+        ("rope head_dim", |b| {
+            let p = RopeParams {
+                head_dim: 3,
+                theta: 10000.0,
+                scaling_factor: 1.0,
+            };
+            b.rope(&up(b, &[2, 6]), &ids(b, &[0, 1]), &p)
+        }),
+        ("rope theta", |b| {
+            let p = RopeParams {
+                head_dim: 2,
+                theta: -1.0,
+                scaling_factor: 1.0,
+            };
+            b.rope(&up(b, &[2, 4]), &ids(b, &[0, 1]), &p)
+        }),
+        ("rope positions", |b| {
+            let p = RopeParams {
+                head_dim: 2,
+                theta: 10000.0,
+                scaling_factor: 1.0,
+            };
+            b.rope(&up(b, &[2, 4]), &ids(b, &[0, 1, 2]), &p)
+        }),
+        ("attention_last_row no rows", |b| {
+            let p = AttentionParams {
+                num_heads: 1,
+                num_kv_heads: 1,
+                head_dim: 4,
+                scale: 0.5,
+                kv_len: 2,
+                q_offset: 0,
+                causal: false,
+                mask: AttentionMask::None,
+            };
+            b.attention_last_row(&up(b, &[0, 4]), &up(b, &[2, 4]), &p)
+        }),
+        ("embedding ids rank", |b| {
+            let i = b
+                .upload(HostData::U32(&[0, 1]), Shape::from([1, 2]))
+                .expect("upload");
+            b.embedding(&up(b, &[3, 4]), &i)
+        }),
+        ("embedding id range", |b| {
+            b.embedding(&up(b, &[3, 4]), &ids(b, &[0, 7]))
+        }),
+        ("gather_rows idx rank", |b| {
+            let i = b
+                .upload(HostData::U32(&[0, 1]), Shape::from([2, 1]))
+                .expect("upload");
+            b.gather_rows(&up(b, &[3, 4]), &i)
+        }),
+        ("gather_rows idx range", |b| {
+            b.gather_rows(&up(b, &[3, 4]), &ids(b, &[2, 3]))
+        }),
+        ("slice_rows scalar", |b| b.slice_rows(&up(b, &[]), 0, 1)),
+        ("slice_rows end", |b| b.slice_rows(&up(b, &[3, 4]), 2, 2)),
+        ("concat_rows none", |b| b.concat_rows(&[])),
+        ("concat_rows tail", |b| {
+            b.concat_rows(&[&up(b, &[1, 4]), &up(b, &[1, 3])])
+        }),
+        ("concat_rows dtype", |b| {
+            b.concat_rows(&[&up(b, &[1, 2]), &ids(b, &[1, 2]).reshape([1, 2])?])
+        }),
+        ("concat_rows quant first", |b| {
+            let q = b.upload_quant(engine_core::QuantType::Q8_0, &[0; 34], Shape::from([1, 32]))?;
+            b.concat_rows(&[&q, &up(b, &[1, 32])])
+        }),
+        ("write_rows past the end", |b| {
+            b.write_rows(&up(b, &[2, 4]), 1, &up(b, &[2, 4]))
+                .map(|()| up(b, &[1]))
+        }),
+        ("argmax empty rows", |b| b.argmax(&up(b, &[2, 0]))),
+    ];
+    for (what, call) in cases {
+        let want = call(&cpu).err().map(|e| e.to_string());
+        let got = call(g).err().map(|e| e.to_string());
+        assert!(want.is_some(), "{what}: the CPU backend accepted the call");
+        assert_eq!(got, want, "{what}: GPU and CPU errors differ");
+    }
+    g.sync()
+        .expect("device still healthy after the rejected calls");
+    println!("same errors: ok");
+}
+
+fn up(b: &dyn Backend, dims: &[usize]) -> Tensor {
+    let n = dims.iter().product::<usize>();
+    b.upload(HostData::F32(&vec![0.5; n]), Shape::from(dims))
+        .expect("upload")
+}
+
+fn ids(b: &dyn Backend, v: &[u32]) -> Tensor {
+    b.upload(HostData::U32(v), Shape::from([v.len()]))
+        .expect("upload")
+}
+
 // ---------------------------------------------------------------- tests
 
 macro_rules! suite_tests {
@@ -963,6 +1089,7 @@ suite_tests! {
     attention_f16_kv => |g| attention_suite(g, 7, DType::F16);
     data_movement => |g| data_suite(g, 6);
     errors => |g| errors_suite(g);
+    same_errors => |g| same_errors_suite(g);
     batching => |g| batching_suite(g);
 }
 

@@ -16,8 +16,11 @@ use half::f16;
 
 use crate::backend::{AttentionParams, Backend, DeviceInfo, HostData, RopeParams};
 use crate::checks::{
-    check_attention, check_broadcast, check_patch_embed, check_rows, check_token_contributions,
-    check_vec,
+    check_argmax, check_attention, check_attention_last_row, check_broadcast, check_concat_rows,
+    check_embedding, check_gather_rows, check_ids, check_layer_norm, check_linear,
+    check_patch_embed, check_rms_norm, check_rope, check_row_indices, check_rows, check_silu_mul,
+    check_slice_rows, check_token_contributions, check_upload, check_upload_quant,
+    check_write_rows, check_zeros,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -215,16 +218,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, data: HostData<'_>, shape: Shape) -> Result<Tensor> {
-        if data.len() != shape.elem_count() {
-            return Err(Error::shape(
-                "upload",
-                format!(
-                    "{} elements given for shape {shape} ({} elements)",
-                    data.len(),
-                    shape.elem_count()
-                ),
-            ));
-        }
+        check_upload(data.len(), &shape)?;
         let data = match data {
             HostData::F32(v) => CpuData::F32(v.to_vec()),
             HostData::F16(v) => CpuData::F16(v.to_vec()),
@@ -242,14 +236,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_quant(&self, qt: QuantType, bytes: &[u8], shape: Shape) -> Result<Tensor> {
-        let n = shape.elem_count();
-        let k = if shape.rank() == 0 {
-            1
-        } else {
-            shape.last_dim()
-        };
-        qt.check("upload_quant", n, k, bytes.len())
-            .map_err(|e| Error::shape("upload_quant", e.to_string()))?;
+        let (n, _) = check_upload_quant(qt, bytes.len(), &shape)?;
         Ok(tensor(
             CpuData::Quant {
                 qt,
@@ -261,6 +248,7 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, shape: Shape, dtype: DType) -> Result<Tensor> {
+        check_zeros(dtype)?;
         let n = shape.elem_count();
         let data = match dtype {
             DType::F32 => CpuData::F32(vec![0.0; n]),
@@ -297,21 +285,7 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         const OP: &str = "linear";
-        let k = check_rows(OP, x)?;
-        let (n, wk) = w.dims2(OP)?;
-        if wk != k {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "x {} has {k} features but w {} expects {wk}",
-                    x.shape(),
-                    w.shape()
-                ),
-            ));
-        }
-        if let Some(b) = b {
-            check_vec(OP, "bias", b, n)?;
-        }
+        let (k, n) = check_linear(x, w, b)?;
         let m = x.shape().rows();
         let gx = read(x, OP)?;
         let gw = read(w, OP)?;
@@ -341,12 +315,7 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         const OP: &str = "silu_mul";
-        if gate.dims() != up.dims() {
-            return Err(Error::shape(
-                OP,
-                format!("gate {} and up {} differ", gate.shape(), up.shape()),
-            ));
-        }
+        check_silu_mul(gate, up)?;
         let (gg, gu) = (read(gate, OP)?, read(up, OP)?);
         let out = ops::binary(
             gg.f32s(OP)?,
@@ -359,8 +328,7 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
         const OP: &str = "rms_norm";
-        let n = check_rows(OP, x)?;
-        check_vec(OP, "weight", w, n)?;
+        let n = check_rms_norm(x, w)?;
         let (gx, gw) = (read(x, OP)?, read(w, OP)?);
         let out = ops::rms_norm(gx.f32s(OP)?, gw.f32s(OP)?, n, eps);
         Ok(tensor(CpuData::F32(out), x.shape().clone()))
@@ -368,9 +336,7 @@ impl Backend for CpuBackend {
 
     fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
         const OP: &str = "layer_norm";
-        let n = check_rows(OP, x)?;
-        check_vec(OP, "weight", w, n)?;
-        check_vec(OP, "bias", b, n)?;
+        let n = check_layer_norm(x, w, b)?;
         let (gx, gw, gb) = (read(x, OP)?, read(w, OP)?, read(b, OP)?);
         let out = ops::layer_norm(gx.f32s(OP)?, gw.f32s(OP)?, gb.f32s(OP)?, n, eps);
         Ok(tensor(CpuData::F32(out), x.shape().clone()))
@@ -386,29 +352,7 @@ impl Backend for CpuBackend {
 
     fn rope(&self, x: &Tensor, positions: &Tensor, p: &RopeParams) -> Result<Tensor> {
         const OP: &str = "rope";
-        let (s, w) = x.dims2(OP)?;
-        if p.head_dim == 0 || !p.head_dim.is_multiple_of(2) || w % p.head_dim > 0 {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "head_dim {} must be even, positive and divide the width {w}",
-                    p.head_dim
-                ),
-            ));
-        }
-        let positive = |v: f32| v > 0.0 && v.is_finite();
-        if !positive(p.scaling_factor) || !positive(p.theta) {
-            return Err(Error::msg(format!(
-                "rope: theta ({}) and scaling_factor ({}) must be positive",
-                p.theta, p.scaling_factor
-            )));
-        }
-        if positions.dims() != [s] {
-            return Err(Error::shape(
-                OP,
-                format!("positions must be [{s}], got {}", positions.shape()),
-            ));
-        }
+        let (s, w) = check_rope(x, positions, p)?;
         let (gx, gp) = (read(x, OP)?, read(positions, OP)?);
         let out = ops::rope(gx.f32s(OP)?, w, gp.u32s(OP)?, p);
         Ok(tensor(CpuData::F32(out), [s, w]))
@@ -429,10 +373,7 @@ impl Backend for CpuBackend {
 
     fn attention_last_row(&self, q: &Tensor, k: &Tensor, p: &AttentionParams) -> Result<Tensor> {
         const OP: &str = "attention_last_row";
-        let sq = check_attention(OP, q.dims(), &[k.dims()], p)?;
-        if sq == 0 {
-            return Err(Error::shape(OP, "q has no rows"));
-        }
+        let sq = check_attention_last_row(q, k, p)?;
         let (gq, gk) = (read(q, OP)?, read(k, OP)?);
         let kf = kv_f32(&gk, p.kv_len, p.num_kv_heads * p.head_dim, OP)?;
         let out = attention::last_row(gq.f32s(OP)?, &kf, sq, p);
@@ -457,25 +398,10 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         const OP: &str = "embedding";
-        let (vocab, d) = table.dims2(OP)?;
+        let (vocab, d) = check_embedding(table, ids)?;
         let (gt, gi) = (read(table, OP)?, read(ids, OP)?);
         let ids_v = gi.u32s(OP)?;
-        if ids.dims().len() != 1 {
-            return Err(Error::shape(
-                OP,
-                format!("ids must be [S], got {}", ids.shape()),
-            ));
-        }
-        if let Some((i, &id)) = ids_v
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= vocab)
-        {
-            return Err(Error::shape(
-                OP,
-                format!("ids[{i}] = {id} is outside the vocabulary of {vocab}"),
-            ));
-        }
+        check_ids(ids_v, vocab)?;
         let t = gt.floats(OP)?;
         let mut out = vec![0f32; ids_v.len() * d]; // [S, D]
         if d > 0 {
@@ -488,40 +414,18 @@ impl Backend for CpuBackend {
 
     fn gather_rows(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
         const OP: &str = "gather_rows";
-        let (m, n) = x.dims2(OP)?;
-        if idx.dims().len() != 1 {
-            return Err(Error::shape(
-                OP,
-                format!("idx must be [R], got {}", idx.shape()),
-            ));
-        }
+        let (m, n) = check_gather_rows(x, idx)?;
         let (gx, gi) = (read(x, OP)?, read(idx, OP)?);
         let iv = gi.u32s(OP)?;
-        if let Some((i, &r)) = iv.iter().enumerate().find(|(_, &r)| r as usize >= m) {
-            return Err(Error::shape(
-                OP,
-                format!("idx[{i}] = {r} is outside the {m} rows of x"),
-            ));
-        }
+        check_row_indices(iv, m)?;
         let out = take_rows(&gx, n, iv.iter().map(|&r| r as usize));
         Ok(tensor(out, [iv.len(), n]))
     }
 
     fn slice_rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         const OP: &str = "slice_rows";
+        check_slice_rows(x, start, len)?;
         let dims = x.dims();
-        let Some(&m) = dims.first() else {
-            return Err(Error::shape(OP, "cannot slice the rows of a scalar"));
-        };
-        if start.checked_add(len).is_none_or(|e| e > m) {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "rows {start}..{} are outside the {m} rows of x",
-                    start.saturating_add(len)
-                ),
-            ));
-        }
         let n: usize = dims[1..].iter().product();
         let g = read(x, OP)?;
         let out = take_rows(&g, n, start..start + len);
@@ -532,30 +436,8 @@ impl Backend for CpuBackend {
 
     fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor> {
         const OP: &str = "concat_rows";
-        let Some(first) = parts.first() else {
-            return Err(Error::shape(OP, "nothing to concatenate"));
-        };
-        if first.dims().is_empty() {
-            return Err(Error::shape(OP, "cannot concatenate scalars"));
-        }
-        let tail = &first.dims()[1..];
-        let mut rows = 0;
-        for (i, t) in parts.iter().enumerate() {
-            if t.dims().is_empty() || &t.dims()[1..] != tail {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "part {i} {} does not share the trailing dims of part 0 {}",
-                        t.shape(),
-                        first.shape()
-                    ),
-                ));
-            }
-            if t.dtype() != first.dtype() {
-                return Err(dtype_err(OP, t.dtype()));
-            }
-            rows += t.dims()[0];
-        }
+        let rows = check_concat_rows(parts)?;
+        let first = parts[0];
         let guards = parts
             .iter()
             .map(|t| read(t, OP))
@@ -594,18 +476,7 @@ impl Backend for CpuBackend {
 
     fn write_rows(&self, dst: &Tensor, row: usize, src: &Tensor) -> Result<()> {
         const OP: &str = "write_rows";
-        let (l, n) = dst.dims2(OP)?;
-        let (r, sn) = src.dims2(OP)?;
-        if sn != n || row.checked_add(r).is_none_or(|e| e > l) {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "cannot write {} at row {row} of {}",
-                    src.shape(),
-                    dst.shape()
-                ),
-            ));
-        }
+        let (r, n) = check_write_rows(dst, row, src)?;
         // f32 rows may be written into an f16 tensor (an f16 KV cache): rounded to nearest.
         let narrowing = src.dtype() == DType::F32 && dst.dtype() == DType::F16;
         if src.dtype() != dst.dtype() && !narrowing {
@@ -664,10 +535,7 @@ impl Backend for CpuBackend {
 
     fn argmax(&self, x: &Tensor) -> Result<Tensor> {
         const OP: &str = "argmax";
-        let n = check_rows(OP, x)?;
-        if n == 0 {
-            return Err(Error::shape(OP, format!("rows of {} are empty", x.shape())));
-        }
+        let n = check_argmax(x)?;
         let g = read(x, OP)?;
         let out = ops::argmax(g.f32s(OP)?, n);
         let m = out.len();
