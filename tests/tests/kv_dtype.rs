@@ -124,8 +124,14 @@ const NEXT: [(&str, &str, Template); 5] = [
     ),
 ];
 
-fn next_rows(backend: &Arc<dyn Backend>, rows: &mut Vec<Row>) -> Result<()> {
+/// The NeXT rows; `with_336` false leaves out the 336-pixel fixtures, whose ~1,750- to
+/// 2,400-token prompts take ~20 s a prefill on a software GPU adapter (the CPU run, which
+/// the README quotes, measures them).
+fn next_rows(backend: &Arc<dyn Backend>, rows: &mut Vec<Row>, with_336: bool) -> Result<()> {
     for (refname, model, template) in NEXT {
+        if !with_336 && refname.starts_with("tiny-next336") {
+            continue;
+        }
         let dir = fixtures().join("reference-next").join(refname);
         let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
         let arrays = open_safetensors(&dir.join("arrays.safetensors"))?;
@@ -173,7 +179,7 @@ fn next_rows(backend: &Arc<dyn Backend>, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-fn run(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
+fn run(backend: Arc<dyn Backend>, label: &str, with_336: bool) -> Result<()> {
     let mut rows = Vec::new();
     for r in references()? {
         let llava = Llava::load(&r.model_dir, backend.clone())?;
@@ -204,7 +210,7 @@ fn run(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
             )?);
         }
     }
-    next_rows(&backend, &mut rows)?;
+    next_rows(&backend, &mut rows, with_336)?;
     println!("[{label}] | case | max |Δ logit| f32 KV | f16 KV | greedy tokens kept f32 / f16 |");
     for w in &rows {
         println!(
@@ -244,7 +250,7 @@ fn run(backend: Arc<dyn Backend>, label: &str) -> Result<()> {
 
 #[test]
 fn f16_kv_cost_against_transformers_on_cpu() -> Result<()> {
-    run(Arc::new(CpuBackend::new()), "cpu")
+    run(Arc::new(CpuBackend::new()), "cpu", true)
 }
 
 #[test]
@@ -253,5 +259,5 @@ fn f16_kv_cost_against_transformers_on_gpu() -> Result<()> {
     else {
         return Ok(());
     };
-    run(b, "gpu")
+    run(b, "gpu", false)
 }
