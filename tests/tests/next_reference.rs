@@ -15,6 +15,8 @@ use engine_core::{Backend, CpuBackend};
 use models::llava::{GenerateOptions, Llava};
 use models::preprocess::{load_image, PadMode, RgbImage};
 use models::prompt::Template;
+use models::quality::step_logits;
+use models::session::{ImageInput, PromptInput};
 use pruner::PruneConfig;
 use serde_json::Value;
 use visi_tests::{compare, first_difference, fixtures};
@@ -188,9 +190,7 @@ fn check_case(
         TOL_LOGITS,
     )?;
     notes.push(format!("logits {d:.1e}"));
-    notes.push(check_steps(
-        llava, &ids, &encoded, &opts, c, &g.tokens, true,
-    )?);
+    notes.push(check_steps(llava, &ids, &encoded, &opts, c, &g.tokens)?);
     Ok(notes.join(", "))
 }
 
@@ -198,8 +198,7 @@ fn check_case(
 /// token must be equal. With it (references whose greedy run has a near-tie), every step
 /// is teacher-forced on transformers' tokens and its top-2 logits held to `TOL_LOGITS`, and
 /// the free-running tokens are compared up to the first step won by less than
-/// `CLEAR_MARGIN`. `teacher_force` false leaves out the forced steps (one prefill each) and
-/// keeps the token comparison.
+/// `CLEAR_MARGIN`.
 fn check_steps(
     llava: &Llava,
     ids: &models::prompt::PromptIds,
@@ -207,7 +206,6 @@ fn check_steps(
     opts: &GenerateOptions,
     c: &Value,
     got: &[u32],
-    teacher_force: bool,
 ) -> Result<String> {
     let want = u32s(&c["generated_ids"])?;
     let Some(top2) = c["steps_top2"].as_array() else {
@@ -217,19 +215,36 @@ fn check_steps(
         return Ok(format!("tokens {}/{}", want.len(), want.len()));
     };
     ensure!(top2.len() == want.len(), "steps_top2: {} steps", top2.len());
-    // Step k's logits from the prompt plus transformers' first k tokens (step 0 is the
-    // first-logits check).
-    let one = GenerateOptions {
-        max_new_tokens: 1,
-        ..opts.clone()
-    };
+    // Step k's logits after the prompt and transformers' first k tokens (step 0 is the
+    // first-logits check): one prefill, then decode steps fed transformers' tokens, with
+    // the KV dtype the free run used.
     let mut worst = 0f32;
-    let forced_steps = if teacher_force { top2.len() } else { 1 };
-    for (k, step) in top2.iter().enumerate().take(forced_steps).skip(1) {
-        let mut forced = ids.clone();
-        forced.ids.extend_from_slice(&want[..k]);
-        let gk = llava.generate_ids(&forced, encoded, &one, &mut |_| {})?;
-        let logits = gk.first_logits.as_deref().unwrap_or(&[]);
+    let images: Vec<ImageInput> = ids
+        .image_spans
+        .iter()
+        .zip(encoded)
+        .map(|(&span, e)| ImageInput {
+            span,
+            key: e.key,
+            embeds: e.embeds.clone(),
+        })
+        .collect();
+    let mut session = llava.session();
+    session.set_kv_dtype(opts.kv_dtype);
+    let input = PromptInput {
+        ids: &ids.ids,
+        images: &images,
+    };
+    let rows = step_logits(
+        &mut session,
+        input,
+        opts.prune
+            .as_ref()
+            .context("teacher forcing needs a pruning config")?,
+        top2.len(),
+        Some(&want),
+    )?;
+    for (k, (step, logits)) in top2.iter().zip(&rows).enumerate().skip(1) {
         for pair in step.as_array().context("top2")? {
             let id = pair[0].as_u64().context("id")? as usize;
             let w = pair[1].as_f64().context("logit")? as f32;
@@ -256,12 +271,7 @@ fn check_steps(
         bail!("greedy tokens (the first {clear}, before any step under {CLEAR_MARGIN}): {d}");
     }
     Ok(format!(
-        "steps teacher-forced {}, tokens {clear}/{} compared{}",
-        if teacher_force {
-            format!("{worst:.1e}")
-        } else {
-            "(not here)".to_string()
-        },
+        "steps teacher-forced {worst:.1e}, tokens {clear}/{} compared{}",
         want.len(),
         if got == want.as_slice() {
             " (all equal)"
@@ -541,7 +551,6 @@ fn check_case336(
     case: &str,
     c: &Value,
     tol_features: f32,
-    teacher_force: bool,
 ) -> Result<String> {
     let template = Template::from_name(r.v["template"].as_str().context("template")?)?;
     let question = r.v["question"].as_str().context("question")?;
@@ -608,18 +617,18 @@ fn check_case336(
         TOL_LOGITS,
     )?;
     ensure!(c["steps_top2"].is_array(), "steps_top2 missing");
-    let steps = check_steps(llava, &ids, &encoded, &opts, c, &g.tokens, teacher_force)?;
+    let steps = check_steps(llava, &ids, &encoded, &opts, c, &g.tokens)?;
     Ok(format!(
         "{n} image tokens, tiles {}, features {df:.1e}, logits {dl:.1e}, {steps}",
         sums.len()
     ))
 }
 
-/// Every case with every step teacher-forced, or (`only`) the named cases with their free
-/// greedy tokens alone: the GPU run, where each ~1,750-token prefill of these fixtures takes
-/// ~20 s on lavapipe (13 per case when teacher-forced). The images' preprocessing is the
-/// same code on both backends, so the CPU run covers every size; the GPU run checks the
-/// kernels on the portrait and on the fifth pinpoint.
+/// Every case, or (`only`) the named ones: the GPU run, where each ~1,750-token prefill of
+/// these fixtures takes ~20 s on lavapipe (two per case: the free run and the teacher-forced
+/// one). The images' preprocessing is the same code on both backends, so the CPU run covers
+/// every size; the GPU run checks the kernels on the portrait and on the fifth
+/// pinpoint.
 fn check_next336(
     backend: Arc<dyn Backend>,
     label: &str,
@@ -638,7 +647,7 @@ fn check_next336(
             }
             n += 1;
             let tag = format!("[{label}] {model} {case}");
-            match check_case336(&llava, &r, case, c, tol_features, only.is_none()) {
+            match check_case336(&llava, &r, case, c, tol_features) {
                 Ok(msg) => println!("{tag}: ok ({msg})"),
                 Err(e) => {
                     println!("{tag}: FAIL {e:#}");
