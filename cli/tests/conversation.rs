@@ -47,15 +47,7 @@ fn json_of(out: &Output) -> Result<Value> {
 }
 
 fn devices() -> Result<Vec<&'static str>> {
-    let probe = Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-        .args(["devices", "--json"])
-        .output()?;
-    let v: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
-    if v["adapters"].as_array().is_some_and(|a| !a.is_empty()) {
-        return Ok(vec!["cpu", "gpu"]);
-    }
-    ensure!(std::env::var_os("CI").is_none(), "CI is set but no adapter");
-    Ok(vec!["cpu"])
+    visi_tests::binary_devices(Path::new(env!("CARGO_BIN_EXE_visi-cli")))
 }
 
 fn square() -> PathBuf {

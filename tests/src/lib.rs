@@ -334,6 +334,42 @@ pub fn gpu_backend_or_skip(test: &str) -> Result<Option<Arc<dyn engine_core::Bac
     }
 }
 
+/// Which halves of the two-device tests run: `VISI_TEST_DEVICES` is `cpu`, `gpu` or
+/// `cpu,gpu` (the default, both). CI's second and third driver passes set `gpu`: the CPU
+/// backend already ran in the first pass and does not depend on the driver.
+pub fn test_devices() -> Result<(bool, bool)> {
+    let Some(v) = std::env::var_os("VISI_TEST_DEVICES") else {
+        return Ok((true, true));
+    };
+    let v = v.to_string_lossy().to_string();
+    let (mut cpu, mut gpu) = (false, false);
+    for d in v.split(',').map(str::trim) {
+        match d {
+            "cpu" => cpu = true,
+            "gpu" => gpu = true,
+            _ => bail!("VISI_TEST_DEVICES={v:?}: each entry must be cpu or gpu"),
+        }
+    }
+    ensure!(cpu || gpu, "VISI_TEST_DEVICES={v:?} names no device");
+    Ok((cpu, gpu))
+}
+
+/// The backends an in-process test `test` runs on: the CPU reference backend and the GPU
+/// backend (see [`gpu_backend_or_skip`]), as [`test_devices`] selects.
+pub fn test_backends(test: &str) -> Result<Vec<Arc<dyn engine_core::Backend>>> {
+    let (cpu, gpu) = test_devices()?;
+    let mut v: Vec<Arc<dyn engine_core::Backend>> = Vec::new();
+    if cpu {
+        v.push(Arc::new(engine_core::CpuBackend::new()));
+    }
+    if gpu {
+        if let Some(g) = gpu_backend_or_skip(test)? {
+            v.push(g);
+        }
+    }
+    Ok(v)
+}
+
 /// A scratch directory under the system temp dir (`visi-test-<tag>-<pid>`), removed on drop.
 pub struct Scratch(PathBuf);
 
@@ -378,20 +414,29 @@ impl Drop for Scratch {
 /// --json` lists a wgpu adapter (lavapipe in CI, where a missing adapter is a failure,
 /// never a silent skip).
 pub fn binary_devices(bin: &Path) -> Result<Vec<&'static str>> {
+    let (cpu, gpu) = test_devices()?;
+    let mut v = Vec::new();
+    if cpu {
+        v.push("cpu");
+    }
+    if !gpu {
+        return Ok(v);
+    }
     let probe = std::process::Command::new(bin)
         .args(["devices", "--json"])
         .output()
         .context("running visi-cli devices")?;
-    let v: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
-    if v["adapters"].as_array().is_some_and(|a| !a.is_empty()) {
-        return Ok(vec!["cpu", "gpu"]);
+    let p: Value = serde_json::from_slice(&probe.stdout).unwrap_or(Value::Null);
+    if p["adapters"].as_array().is_some_and(|a| !a.is_empty()) {
+        v.push("gpu");
+        return Ok(v);
     }
     ensure!(
         std::env::var_os("CI").is_none(),
         "CI is set but visi-cli devices lists no adapter"
     );
     eprintln!("SKIP the wgpu half of the binary tests: no adapter");
-    Ok(vec!["cpu"])
+    Ok(v)
 }
 
 /// Checks a `visi-cli` run against the error contract (exit `code`, empty stdout, one

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
-use engine_core::{Backend, CpuBackend};
+use engine_core::Backend;
 use models::llava::{Answer, GenerateOptions, Llava};
 use models::prompt::Template;
 use models::sampling::SamplingParams;
@@ -19,11 +19,7 @@ use pruner::PruneConfig;
 use visi_tests::{first_difference, fixtures, gpu_backend_or_skip, references};
 
 fn backends(test: &str) -> Result<Vec<Arc<dyn Backend>>> {
-    let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
-    if let Some(g) = gpu_backend_or_skip(test)? {
-        v.push(g);
-    }
-    Ok(v)
+    visi_tests::test_backends(test)
 }
 
 /// The requests of one run: question, pruning config, sampling.

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
-use engine_core::{Backend, CpuBackend, DType, HostData};
+use engine_core::{Backend, DType, HostData};
 use models::chat::{
     load_image_url, messages_from_json, render_mistral_instruct, render_vicuna_v1, Message, Part,
     Role,
@@ -25,16 +25,12 @@ use pruner::{
     Action, Capture, LayerView, PruneConfig, PruneError, PruneReport, Pruner, ShallowMask,
 };
 use serde_json::Value;
-use visi_tests::{first_difference, fixtures, gpu_backend_or_skip, references};
+use visi_tests::{first_difference, fixtures, references};
 
 const TOL_LOGITS: f32 = 1e-3;
 
 fn backends(test: &str) -> Result<Vec<Arc<dyn Backend>>> {
-    let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
-    if let Some(g) = gpu_backend_or_skip(test)? {
-        v.push(g);
-    }
-    Ok(v)
+    visi_tests::test_backends(test)
 }
 
 fn same_decisions(what: &str, got: &Generation, want: &Generation) -> Result<()> {
