@@ -55,7 +55,7 @@ fn main() -> Result<()> {
                 images: &[],
             },
             &mut pruner::Dense,
-            "dense",
+            &models::session::PrefixKey::dense(),
             steps + 4,
         )?;
         let mut greedy = Sampler::new(SamplingParams::default())?;

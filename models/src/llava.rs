@@ -31,7 +31,7 @@ use crate::preprocess::{ImageProcessor, PadMode, PixelValues, ResizeTarget};
 use crate::preprocess_next::{preprocess_next, NextLayout, NextToken};
 use crate::prompt::{PromptIds, PromptTokenizer, Template, TextStream};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::session::{DecodeState, ImageInput, Prefill, PromptInput, Session};
+use crate::session::{DecodeState, ImageInput, Prefill, PrefixKey, PromptInput, Session};
 
 /// Which tensor names a checkpoint uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -965,7 +965,7 @@ impl Llava {
         let pre = session.prefill_observed(
             input,
             pruner.as_mut(),
-            &prune_config.to_json().to_string(),
+            &PrefixKey::from(&prune_config),
             max_new,
             after_layer,
         )?;
