@@ -779,7 +779,14 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let stop = || progress::stop_requested() || write_error.borrow().is_some();
     progress::set_generating(true);
     let gen = llava
-        .generate_ids_until(&prompt, &encoded, &opts, &mut on_text, &stop)
+        .generate_in(
+            &mut llava.session(),
+            &prompt,
+            &encoded,
+            &opts,
+            &mut on_text,
+            &stop,
+        )
         .map_err(classify)?;
     progress::set_generating(false);
     drop(stdout);
