@@ -16,7 +16,7 @@ use engine_core::{Backend, HostData, QuantType, Tensor};
 use image::{Rgb, RgbImage};
 use models::llama::{ImageSpan, Llama, PrefillStats};
 use models::sampling::{Sampler, SamplingParams};
-use models::session::{next_token, ImageInput, PrefixKey, PromptInput, Session};
+use models::session::{ImageInput, PrefixKey, PromptInput, Session};
 use models::synthetic::{SyntheticLlava, SyntheticShape};
 use models::{Llava, LlavaConfig};
 use pruner::{
@@ -361,14 +361,16 @@ fn run_once(
         &mut observe,
     )?;
     let mut greedy = Sampler::new(SamplingParams::default())?;
-    let mut token = next_token(b, &pre.logits, &mut greedy)?;
+    // The first token, then exactly `decode_tokens` steps (an EOS from random weights must
+    // not end the timing).
+    let mut dec = session
+        .decode(pre.logits, &mut greedy, inp.decode_tokens + 1)
+        .ignore_eos();
+    dec.next().transpose()?;
     let prefill_ms = ms(t);
-
-    // Exactly `decode_tokens` steps (an EOS from random weights must not end the timing).
     let t = Instant::now();
-    for _ in 0..inp.decode_tokens {
-        let logits = session.step(token)?; // [1, V]
-        token = next_token(b, &logits, &mut greedy)?;
+    for token in dec {
+        token?;
     }
     let decode_ms = ms(t);
     Ok(Once {

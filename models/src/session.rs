@@ -721,6 +721,13 @@ pub struct Decode<'s> {
 }
 
 impl Decode<'_> {
+    /// Decodes exactly `max_new` tokens, EOS or not (benchmarks time a fixed number of
+    /// steps; an EOS from random weights must not end them).
+    pub fn ignore_eos(mut self) -> Self {
+        self.state.eos.clear();
+        self
+    }
+
     /// Takes the next token by sampling `host`, the pending logits already read back
     /// (what [`Iterator::next`] would sample on the device).
     pub fn sample_host(&mut self, host: &[f32]) -> Result<u32> {
