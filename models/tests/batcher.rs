@@ -41,11 +41,12 @@ fn fastv(ratio: f64) -> PruneConfig {
 
 /// Question, with the image, pruning, sampling.
 fn requests() -> Vec<(&'static str, bool, Option<PruneConfig>, SamplingParams)> {
+    // Nucleus sampling, each request its own seed.
     let sampled = |seed| SamplingParams {
-        temperature: 0.9,
-        top_k: 0,
-        top_p: 0.95,
         seed,
+        temperature: 0.8,
+        top_p: 0.9,
+        ..SamplingParams::default()
     };
     vec![
         (
