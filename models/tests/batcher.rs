@@ -1,5 +1,5 @@
 //! The library batcher (`models::scheduler::Batcher`) and the typed prefix key, on the
-//! tiny LLaVA fixture (CPU backend):
+//! tiny LLaVA fixture (CPU backend; the batched rows also on the wgpu adapter):
 //! - every request batched (mixed pruning configs, greedy and seeded sampling, a text-only
 //!   prompt, more requests than the batch holds, chunked prefill) gives exactly the tokens,
 //!   text, pruning decisions and KV lengths of a lone `Session` run of it;
@@ -27,8 +27,28 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
+/// The CPU backend, and the wgpu adapter when one opens (with `CI` set it must).
+fn backends(test: &str) -> Result<Vec<Arc<dyn Backend>>> {
+    let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
+    match engine_wgpu::open(&Default::default()) {
+        Ok(b) => {
+            let i = b.device_info();
+            eprintln!("{test}: wgpu adapter {} ({})", i.adapter, i.api);
+            v.push(b);
+        }
+        Err(e) if std::env::var_os("CI").is_some() => {
+            return Err(format!("{test}: CI is set but no GPU backend opened: {e}").into())
+        }
+        Err(e) => eprintln!("SKIP {test} on the GPU: no wgpu backend ({e})"),
+    }
+    Ok(v)
+}
+
 fn model() -> Result<(Llava, EncodedImage)> {
-    let b: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    model_on(Arc::new(CpuBackend::new()))
+}
+
+fn model_on(b: Arc<dyn Backend>) -> Result<(Llava, EncodedImage)> {
     let llava = Llava::load(&fixtures().join("tiny-llava-gqa"), b)?;
     let img = models::load_image(&fixtures().join("images/square.png"))?;
     let enc = llava.encode_image(&img, PadMode::Crop)?;
@@ -139,7 +159,14 @@ fn same_answer(i: usize, got: &Generation, want: &Generation) -> Result<()> {
 
 #[test]
 fn batched_rows_equal_lone_session_runs() -> Result<()> {
-    let (llava, enc) = model()?;
+    for b in backends("batched_rows_equal_lone_session_runs")? {
+        batched_rows_on(b)?;
+    }
+    Ok(())
+}
+
+fn batched_rows_on(b: Arc<dyn Backend>) -> Result<()> {
+    let (llava, enc) = model_on(b)?;
     let n = requests().len();
     let mut lone = Vec::new();
     for i in 0..n {
