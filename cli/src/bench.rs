@@ -16,7 +16,7 @@ use engine_core::{Backend, HostData, QuantType, Tensor};
 use image::{Rgb, RgbImage};
 use models::llama::{ImageSpan, Llama, PrefillStats};
 use models::sampling::{Sampler, SamplingParams};
-use models::session::{next_token, ImageInput, PromptInput, Session};
+use models::session::{ImageInput, PrefixKey, PromptInput, Session};
 use models::synthetic::{SyntheticLlava, SyntheticShape};
 use models::{Llava, LlavaConfig};
 use pruner::{
@@ -282,6 +282,8 @@ impl Model {
 struct MethodRuns {
     name: &'static str,
     pruner: Box<dyn Pruner>,
+    /// The prefix-reuse key of the config `pruner` was built from.
+    key: PrefixKey,
     vision_ms: Vec<f64>,
     prefill_ms: Vec<f64>,
     decode_ms: Vec<f64>,
@@ -317,6 +319,7 @@ fn run_once(
     backend: &Arc<dyn Backend>,
     inp: &Input,
     pruner: &mut dyn Pruner,
+    key: &PrefixKey,
     profile: bool,
 ) -> engine_core::Result<Once> {
     let b = backend.as_ref();
@@ -353,19 +356,21 @@ fn run_once(
             images: std::slice::from_ref(&img),
         },
         pruner,
-        "bench",
+        key,
         inp.decode_tokens,
         &mut observe,
     )?;
     let mut greedy = Sampler::new(SamplingParams::default())?;
-    let mut token = next_token(b, &pre.logits, &mut greedy)?;
+    // The first token, then exactly `decode_tokens` steps (an EOS from random weights must
+    // not end the timing).
+    let mut dec = session
+        .decode(pre.logits, &mut greedy, inp.decode_tokens + 1)
+        .ignore_eos();
+    dec.next().transpose()?;
     let prefill_ms = ms(t);
-
-    // Exactly `decode_tokens` steps (an EOS from random weights must not end the timing).
     let t = Instant::now();
-    for _ in 0..inp.decode_tokens {
-        let logits = session.step(token)?; // [1, V]
-        token = next_token(b, &logits, &mut greedy)?;
+    for token in dec {
+        token?;
     }
     let decode_ms = ms(t);
     Ok(Once {
@@ -407,6 +412,7 @@ fn conversation_round(
     pixels: &[f32],
     decode_tokens: usize,
     pruner: &mut dyn Pruner,
+    key: &PrefixKey,
     seed: u64,
     kv_dtype: engine_core::DType,
 ) -> engine_core::Result<ConvRound> {
@@ -426,7 +432,7 @@ fn conversation_round(
             images: std::slice::from_ref(&image),
         },
         pruner,
-        "bench",
+        key,
         decode_tokens + FOLLOWUP_TOKENS + 1,
     )?;
     let mut s = greedy()?;
@@ -453,7 +459,7 @@ fn conversation_round(
     if let Model::Real(..) = m {
         m.encode(b, pixels)?;
     }
-    let re = session.prefill(input2, pruner, "bench", decode_tokens)?;
+    let re = session.prefill(input2, pruner, key, decode_tokens)?;
     let report_re = pruner.report();
     let mut s = greedy()?;
     let mut dec = session.decode(re.logits.clone(), &mut s, decode_tokens);
@@ -480,7 +486,7 @@ fn conversation_round(
             images: std::slice::from_ref(&image_f),
         },
         pruner,
-        "bench",
+        key,
         decode_tokens,
     )?;
     let report_fr = pruner.report();
@@ -535,6 +541,7 @@ fn conversation_bench(
                 pixels,
                 a.decode_tokens,
                 mr.pruner.as_mut(),
+                &mr.key,
                 a.seed,
                 a.kv_dtype.dtype(),
             )
@@ -787,6 +794,10 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
     }
     let shallow_mid = visi_cfg.shallow_mid_layer.unwrap_or(6);
     let schedule = schedule_arg.unwrap_or(Schedule::Forced(default_schedule(layers, shallow_mid)));
+    // A forced schedule is part of the bench's VisiPruner, not of its config: each method's
+    // sessions only ever see that one pruner, so the config's key is theirs.
+    let visi_key = PrefixKey::from(&PruneConfig::VisiPruner(visi_cfg.clone()));
+    let fastv_key = PrefixKey::from(&PruneConfig::FastV(fastv));
     let visi = match schedule {
         Schedule::Forced(fs) => VisiPruner::forced(visi_cfg, layers, fs),
         Schedule::Real => VisiPruner::new(visi_cfg, layers),
@@ -849,15 +860,20 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
         )));
     }
     let mut methods: Vec<MethodRuns> = [
-        ("dense", Box::new(Dense) as Box<dyn Pruner>),
-        ("visipruner", Box::new(visi)),
-        ("fastv", Box::new(fastv_p)),
+        (
+            "dense",
+            Box::new(Dense) as Box<dyn Pruner>,
+            PrefixKey::dense(),
+        ),
+        ("visipruner", Box::new(visi), visi_key),
+        ("fastv", Box::new(fastv_p), fastv_key),
     ]
     .into_iter()
-    .filter(|(name, _)| wanted.contains(name))
-    .map(|(name, pruner)| MethodRuns {
+    .filter(|(name, _, _)| wanted.contains(name))
+    .map(|(name, pruner, key)| MethodRuns {
         name,
         pruner,
+        key,
         vision_ms: Vec::new(),
         prefill_ms: Vec::new(),
         decode_ms: Vec::new(),
@@ -901,7 +917,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
                     format!("rep {}/{}", round - a.warmup + 1, a.reps)
                 }
             );
-            let o = run_once(&model, &backend, &inp, mr.pruner.as_mut(), profile)
+            let o = run_once(&model, &backend, &inp, mr.pruner.as_mut(), &mr.key, profile)
                 .map_err(|e| internal(anyhow!("{}: {e}", mr.name)))?;
             if profile {
                 mr.layer_ms = o.layer_ms;
@@ -934,7 +950,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Failure> {
             let (mut p, mut d) = (Vec::new(), Vec::new());
             for round in 0..a.warmup + a.reps {
                 eprintln!("bench: dense {} round {}", quant_name(q), round + 1);
-                let o = run_once(&m, &backend, &inp, &mut dense, false)
+                let o = run_once(&m, &backend, &inp, &mut dense, &PrefixKey::dense(), false)
                     .map_err(|e| internal(anyhow!("dense {}: {e}", quant_name(q))))?;
                 if round >= a.warmup {
                     p.push(o.prefill_ms);

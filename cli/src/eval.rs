@@ -211,7 +211,8 @@ pub fn generate_answer(
     // No streaming; the debug delay (VISI_DEBUG_TOKEN_DELAY_MS) lets tests interrupt and
     // kill a run of the tiny model mid-answer.
     let delay = progress::token_delay();
-    llava.generate_ids_until(
+    llava.generate_in(
+        &mut llava.session(),
         &prompt,
         std::slice::from_ref(&encoded),
         &opts,

@@ -66,7 +66,7 @@ fn main() -> Result<()> {
                 images: &[],
             },
             &mut pruner::Dense,
-            "dense",
+            &models::session::PrefixKey::dense(),
             rounds + 8,
         )?;
         sessions.push(session);

@@ -13,7 +13,7 @@ use engine_core::weights::Weights;
 use engine_core::{Backend, QuantType};
 use models::llama::Llama;
 use models::sampling::{Sampler, SamplingParams};
-use models::session::{next_token, PromptInput, Session};
+use models::session::{PromptInput, Session};
 use models::synthetic::{SyntheticShape, SyntheticSource};
 
 fn main() -> Result<()> {
@@ -55,18 +55,20 @@ fn main() -> Result<()> {
                 images: &[],
             },
             &mut pruner::Dense,
-            "dense",
+            &models::session::PrefixKey::dense(),
             steps + 4,
         )?;
         let mut greedy = Sampler::new(SamplingParams::default())?;
-        let mut tok = next_token(b.as_ref(), &pre.logits, &mut greedy)?;
-        // Warm-up steps compile the decode pipelines.
-        for _ in 0..4 {
-            tok = next_token(b.as_ref(), &session.step(tok)?, &mut greedy)?;
+        let mut dec = session
+            .decode(pre.logits, &mut greedy, 1 + 4 + steps)
+            .ignore_eos();
+        // The first token, then 4 warm-up steps that compile the decode pipelines.
+        for tok in dec.by_ref().take(5) {
+            tok?;
         }
         let t = Instant::now();
-        for _ in 0..steps {
-            tok = next_token(b.as_ref(), &session.step(tok)?, &mut greedy)?;
+        for tok in dec {
+            tok?;
         }
         let s = t.elapsed().as_secs_f64();
         println!(

@@ -669,7 +669,7 @@ impl GgufTextModel {
         let pre = session.prefill(
             PromptInput { ids, images: &[] },
             &mut Dense,
-            "dense",
+            &crate::session::PrefixKey::dense(),
             max_new,
         )?;
         let first = b.to_vec_f32(&pre.logits)?;

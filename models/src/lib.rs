@@ -20,6 +20,7 @@ pub mod preprocess_next;
 pub mod prompt;
 pub mod quality;
 pub mod sampling;
+pub mod scheduler;
 pub mod session;
 pub mod synthetic;
 

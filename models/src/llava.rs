@@ -31,7 +31,7 @@ use crate::preprocess::{ImageProcessor, PadMode, PixelValues, ResizeTarget};
 use crate::preprocess_next::{preprocess_next, NextLayout, NextToken};
 use crate::prompt::{PromptIds, PromptTokenizer, Template, TextStream};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::session::{DecodeState, ImageInput, Prefill, PromptInput, Session};
+use crate::session::{DecodeState, ImageInput, Prefill, PrefixKey, PromptInput, Session};
 
 /// Which tensor names a checkpoint uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -822,17 +822,7 @@ impl Llava {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.generate_images(prompt, image.as_slice(), opts, on_text)
-    }
-
-    /// Answers `prompt` about `images` (each `<image>` takes the next one), streaming text.
-    pub fn generate_images(
-        &self,
-        prompt: &str,
-        images: &[&RgbImage],
-        opts: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<Generation> {
+        let images = image.as_slice();
         let counts = images
             .iter()
             .map(|i| self.image_tokens_for(i.width(), i.height()))
@@ -846,7 +836,8 @@ impl Llava {
     }
 
     /// [`Llava::generate`] from an already built prompt and encoded images, one per image
-    /// span in order (`opts.template` and `opts.image_mode` are not used here).
+    /// span in order (`opts.template` and `opts.image_mode` are not used here), in a fresh
+    /// session ([`Llava::generate_in`] answers in a given one, with a stop signal).
     pub fn generate_ids(
         &self,
         prompt: &PromptIds,
@@ -854,7 +845,9 @@ impl Llava {
         opts: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        self.generate_ids_until(prompt, images, opts, on_text, &|| false)
+        self.generate_in(&mut self.session(), prompt, images, opts, on_text, &|| {
+            false
+        })
     }
 
     /// Checks that `images` fill the prompt's image spans one to one.
@@ -878,21 +871,6 @@ impl Llava {
             }
         }
         Ok(prompt.image_spans.clone())
-    }
-
-    /// [`Llava::generate_ids`] that also stops after any token when `stop()` says so
-    /// (Ctrl-C); the result then has [`Generation::interrupted`] set and holds the tokens
-    /// generated so far.
-    pub fn generate_ids_until(
-        &self,
-        prompt: &PromptIds,
-        images: &[EncodedImage],
-        opts: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str),
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Generation> {
-        let mut session = self.session();
-        self.generate_in(&mut session, prompt, images, opts, on_text, stop)
     }
 
     /// The session's view of `images` over `spans` (checked by [`Llava::spans_for`]).
@@ -965,7 +943,7 @@ impl Llava {
         let pre = session.prefill_observed(
             input,
             pruner.as_mut(),
-            &prune_config.to_json().to_string(),
+            &PrefixKey::from(&prune_config),
             max_new,
             after_layer,
         )?;

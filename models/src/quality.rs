@@ -10,7 +10,7 @@ use engine_core::Result;
 use pruner::PruneConfig;
 
 use crate::sampling::argmax;
-use crate::session::{PromptInput, Session};
+use crate::session::{PrefixKey, PromptInput, Session};
 
 /// Full logits of `steps` consecutive positions: the last prompt position after prefill,
 /// then one decode step per token. The token fed after step `i` is `forced[i]` when given
@@ -35,7 +35,7 @@ pub fn step_logits(
     let layers = session.llama().config().num_hidden_layers;
     let mut pruner = pruner::build(prune, layers)
         .map_err(|e| engine_core::Error::msg(format!("pruning config: {e}")))?;
-    let pre = session.prefill(prompt, pruner.as_mut(), &prune.to_json().to_string(), steps)?;
+    let pre = session.prefill(prompt, pruner.as_mut(), &PrefixKey::from(prune), steps)?;
     let mut rows = Vec::with_capacity(steps);
     if steps == 0 {
         return Ok(rows);

@@ -20,7 +20,7 @@
 use std::sync::Arc;
 
 use engine_core::{Backend, DType, Error, HostData, Result, Tensor};
-use pruner::{Action, Capture, LayerView, PruneReport, Pruner, ShallowMask};
+use pruner::{Action, Capture, LayerView, PruneConfig, PruneReport, Pruner, ShallowMask};
 
 use crate::llama::{Captured, ImageSpan, KvCache, LayerKv, Llama, PrefillStats};
 use crate::sampling::Sampler;
@@ -38,6 +38,31 @@ pub enum TokenKey {
         /// Row inside the image's span.
         offset: u32,
     },
+}
+
+/// Which pruning a session's stored rows were computed under: a later prefill reuses them
+/// only under an equal key. Derived from the pruning config that builds the prefill's
+/// pruner (every field of it, so two configs that could decide differently never share a
+/// prefix, and equal configs always do), never a free string.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefixKey(PruneConfig);
+
+impl PrefixKey {
+    /// The key of dense prefills (no pruning, no masks).
+    pub fn dense() -> Self {
+        PrefixKey(PruneConfig::Dense)
+    }
+
+    /// The config it stands for.
+    pub fn config(&self) -> &PruneConfig {
+        &self.0
+    }
+}
+
+impl From<&PruneConfig> for PrefixKey {
+    fn from(cfg: &PruneConfig) -> Self {
+        PrefixKey(cfg.clone())
+    }
 }
 
 /// An image spliced into a prompt.
@@ -223,7 +248,7 @@ pub struct Session {
     cache: KvCache,
     layers: Vec<LayerState>,
     keys: Vec<TokenKey>,
-    prune_key: Option<String>,
+    prune_key: Option<PrefixKey>,
     next_pos: usize,
     report: Option<PruneReport>,
     stats: PrefillStats,
@@ -306,13 +331,13 @@ impl Session {
     }
 
     /// Prefills `prompt` with `pruner` deciding the schedule, reusing the previous
-    /// prefill's rows for the longest common prefix when `prune_key` (the pruning config's
-    /// identity) is the same. `reserve` rows of KV are allocated beyond the prompt.
+    /// prefill's rows for the longest common prefix when `prune_key` (the key of the
+    /// config `pruner` was built from) is equal. `reserve` rows of KV are allocated beyond the prompt.
     pub fn prefill(
         &mut self,
         prompt: PromptInput,
         pruner: &mut dyn Pruner,
-        prune_key: &str,
+        prune_key: &PrefixKey,
         reserve: usize,
     ) -> Result<Prefill> {
         self.prefill_observed(prompt, pruner, prune_key, reserve, &mut |_| Ok(()))
@@ -324,7 +349,7 @@ impl Session {
         &mut self,
         prompt: PromptInput,
         pruner: &mut dyn Pruner,
-        prune_key: &str,
+        prune_key: &PrefixKey,
         reserve: usize,
         after_layer: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<Prefill> {
@@ -347,7 +372,7 @@ impl Session {
         }
         let keys = prompt.keys();
         let mut common = 0;
-        if self.prune_key.as_deref() == Some(prune_key)
+        if self.prune_key.as_ref() == Some(prune_key)
             && self.layers.len() == self.llama.num_layers()
         {
             common = self
@@ -399,7 +424,7 @@ impl Session {
         };
         self.layers = layers;
         self.keys = keys;
-        self.prune_key = Some(prune_key.to_string());
+        self.prune_key = Some(prune_key.clone());
         self.next_pos = n;
         self.report = Some(prefill.report.clone());
         self.stats = prefill.stats.clone();
@@ -696,6 +721,13 @@ pub struct Decode<'s> {
 }
 
 impl Decode<'_> {
+    /// Decodes exactly `max_new` tokens, EOS or not (benchmarks time a fixed number of
+    /// steps; an EOS from random weights must not end them).
+    pub fn ignore_eos(mut self) -> Self {
+        self.state.eos.clear();
+        self
+    }
+
     /// Takes the next token by sampling `host`, the pending logits already read back
     /// (what [`Iterator::next`] would sample on the device).
     pub fn sample_host(&mut self, host: &[f32]) -> Result<u32> {

@@ -85,7 +85,12 @@ fn source(cfg: &TextConfig) -> MemorySource {
 fn run(m: &Arc<Llama>, b: &Arc<dyn Backend>, ids: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
     let mut session = Session::new(m.clone(), b.clone());
     let pre = session
-        .prefill(PromptInput { ids, images: &[] }, &mut Dense, "dense", n)
+        .prefill(
+            PromptInput { ids, images: &[] },
+            &mut Dense,
+            &models::session::PrefixKey::dense(),
+            n,
+        )
         .expect("prefill");
     let first = b.to_vec_f32(&pre.logits).expect("read");
     let mut toks = Vec::new();

@@ -32,8 +32,9 @@ use futures_util::FutureExt;
 use models::chat::ImageSource;
 use serde_json::json;
 
+use crate::common::{DeviceArg, QuantArg};
 use crate::errors::{bad_input, classify, internal, Failure};
-use crate::{DeviceArg, ImageModeArg, QuantArg};
+use crate::ImageModeArg;
 use api::{ApiError, ChatRequest, Defaults};
 use engine::{EngineConfig, Event, Job, ToEngine};
 use images::{ImageBudget, PendingImage};
@@ -345,16 +346,16 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
 
     // ---- model ----
     let llava = match (&model_path, shape) {
-        (Some(dir), _) => crate::load_llava(dir, a.mmproj.as_deref(), a.device, a.quant)?,
+        (Some(dir), _) => crate::common::load_llava(dir, a.mmproj.as_deref(), a.device, a.quant)?,
         (None, Some(s)) => {
-            let backend = crate::open_backend(a.device)?;
+            let backend = crate::common::open_backend(a.device)?;
             eprintln!("serve: generating synthetic {} weights", s.name());
             models::llava::Llava::load_synthetic(
                 s,
                 a.weights_seed,
                 a.tokenizer.as_deref().unwrap_or(std::path::Path::new("")),
                 backend,
-                a.quant.map(crate::quant_type),
+                a.quant.map(crate::common::quant_type),
             )
             .map_err(classify)?
         }
