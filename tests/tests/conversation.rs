@@ -19,7 +19,7 @@ use models::chat::{
 };
 use models::llava::{GenerateOptions, Generation, Llava};
 use models::prompt::Template;
-use models::session::{ImageInput, PromptInput, Session};
+use models::session::{ImageInput, PrefixKey, PromptInput, Session};
 use models::ImageSpan;
 use pruner::{
     Action, Capture, LayerView, PruneConfig, PruneError, PruneReport, Pruner, ShallowMask,
@@ -506,6 +506,8 @@ fn changed_decisions_recompute_from_the_diverging_layer() -> Result<()> {
             // Another fusion layer: recomputed from the earlier of the two plus one.
             (vec![(3, vec![5])], vec![(1, vec![2, 5, 6])], Some(2)),
         ];
+        // The scripted pruner has no config: every prefill here runs it under one key.
+        let scripted_key = PrefixKey::dense();
         for (i, (p1, p2, want_from)) in plans.into_iter().enumerate() {
             let mut s = Session::new(llava.llama_arc().clone(), b.clone());
             let mut pr = Scripted {
@@ -519,7 +521,7 @@ fn changed_decisions_recompute_from_the_diverging_layer() -> Result<()> {
                     images: std::slice::from_ref(&img),
                 },
                 &mut pr,
-                "scripted",
+                &scripted_key,
                 4,
             )?;
             let got = s.prefill(
@@ -528,7 +530,7 @@ fn changed_decisions_recompute_from_the_diverging_layer() -> Result<()> {
                     images: std::slice::from_ref(&img),
                 },
                 &mut pr,
-                "scripted",
+                &scripted_key,
                 4,
             )?;
             let mut fresh = Session::new(llava.llama_arc().clone(), b.clone());
@@ -543,7 +545,7 @@ fn changed_decisions_recompute_from_the_diverging_layer() -> Result<()> {
                     images: std::slice::from_ref(&img),
                 },
                 &mut pr2,
-                "scripted",
+                &scripted_key,
                 4,
             )?;
             ensure!(
