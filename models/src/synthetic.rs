@@ -372,7 +372,7 @@ impl SyntheticLlava {
             crate::config::Arch::LlavaNext => {
                 Some(w.get_f32("image_newline", &[h])?.reshape([1, h])?)
             }
-            crate::config::Arch::Llava => None,
+            crate::config::Arch::Llava | crate::config::Arch::MobileVlm => None,
         };
         backend.sync()?;
         Ok(SyntheticLlava {
