@@ -219,6 +219,11 @@ pub struct LlavaConfig {
 impl LlavaConfig {
     /// Reads and validates `config.json`; errors name the file and key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        if crate::mobilevlm::config::is_mobilevlm(path)? {
+            // Its vision config is its tower's (`mm_vision_tower`), next to the checkpoint.
+            let dir = path.parent().unwrap_or(Path::new("."));
+            return crate::mobilevlm::config::read_dir_config(dir, None);
+        }
         let text =
             engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text).map_err(|e| match e {
@@ -238,7 +243,7 @@ impl LlavaConfig {
         if arch == Arch::MobileVlm {
             // Its vision config lives with its tower (`mm_vision_tower`), not in config.json.
             return Err(Error::msg(
-                "this is a MobileVLM config (MobileLlamaForCausalLM): its vision tower's config is read from `mm_vision_tower` by models::mobilevlm::read_config",
+                "this is a MobileVLM config (MobileLlamaForCausalLM): its vision tower's config is read from `mm_vision_tower` (LlavaConfig::from_file, models::mobilevlm::read_config)",
             ));
         }
         let empty = Map::new();

@@ -50,6 +50,22 @@ fn refuse(path: &Path, key: &str, msg: String) -> Error {
     Error::file(path, format!("key `{key}`: {msg}"))
 }
 
+static VISION_TOWER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the process-wide `--vision-tower DIR` (the CLI's flag): it overrides every MobileVLM
+/// config's `mm_vision_tower` where no explicit directory is passed. Set once; a second
+/// call is ignored.
+pub fn set_default_vision_tower(dir: PathBuf) {
+    let _ = VISION_TOWER.set(dir);
+}
+
+/// The config of the MobileVLM directory `dir` as [`read_config`] gives it, with the
+/// checkpoint's tensor names read from its headers only (for checks before loading).
+pub fn read_dir_config(dir: &Path, vision_tower: Option<&Path>) -> Result<LlavaConfig> {
+    let source = engine_core::weights::open_safetensors(dir)?;
+    Ok(read_config(dir, source.as_ref(), vision_tower)?.cfg)
+}
+
 /// Whether the `config.json` at `path` describes MobileVLM (read before choosing a loader).
 pub fn is_mobilevlm(path: &Path) -> Result<bool> {
     let text = engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
@@ -123,7 +139,7 @@ pub fn read_config(
     let inside = source.contains(&format!(
         "{TOWER_PREFIX}.vision_model.embeddings.patch_embedding.weight"
     ));
-    let tower_dir = match vision_tower {
+    let tower_dir = match vision_tower.or(VISION_TOWER.get().map(PathBuf::as_path)) {
         Some(d) if d.is_dir() => Some(d.to_path_buf()),
         Some(d) => return Err(Error::file(d, "--vision-tower: not a directory")),
         None => resolve_tower(dir, spec),
