@@ -199,6 +199,102 @@ fn mobilevlm_reference_gpu() -> Result<()> {
     }
 }
 
+/// Pruned runs (`reference-mobilevlm/pruning.json`, tools/mobilevlm_pruning_ref.py: the
+/// VisiPruner / FastV reference loop of tools/visipruner_ref.py over the authors'
+/// embeddings): fusion layer, kept image tokens, text-only exit, per-layer sequence lengths,
+/// first-step top-5 logits (f32 KV) and 16 greedy tokens.
+fn check_pruning(backend: Arc<dyn Backend>) -> Result<()> {
+    let exp = expected()?;
+    let runs = visi_tests::load_prune_runs(&fixtures().join("reference-mobilevlm/pruning.json"))?;
+    ensure!(runs.len() >= 8, "pruning.json holds {} runs", runs.len());
+    let llava = Llava::load(&fixtures().join("tiny-mobilevlm-v2"), backend)?;
+    let question = exp.root["question"].as_str().unwrap_or_default();
+    let prompt = llava.prompt(Template::VicunaV1, question, true)?;
+    let mut failures = Vec::new();
+    for run in &runs {
+        let tag = format!("{} {}", run.case, run.name);
+        let res = (|| -> Result<String> {
+            let c = &exp.root["cases"][&run.case];
+            let image = fixtures().join(c["image"].as_str().unwrap_or_default());
+            let seen = llava
+                .processor()
+                .prepare(&load_image(&image)?, PadMode::Pad)?;
+            let (data, shape) = exp.array(&format!("{}.pixel_values", run.case))?;
+            let pv = models::preprocess::PixelValues {
+                data,
+                height: shape[1],
+                width: shape[2],
+            };
+            let enc = llava.encode_pixels(seen, pv)?;
+            let cfg = PruneConfig::from_value(&run.prune)
+                .map_err(|e| anyhow::anyhow!("prune config: {e}"))?;
+            let opts = GenerateOptions {
+                max_new_tokens: run.generated_ids.len(),
+                prune: Some(cfg),
+                keep_first_logits: true,
+                kv_dtype: DType::F32,
+                ..Default::default()
+            };
+            let g = llava.generate_ids(&prompt, std::slice::from_ref(&enc), &opts, &mut |_| {})?;
+            ensure!(
+                g.prune.fusion_layer == run.fusion_layer,
+                "fusion layer {:?} want {:?}",
+                g.prune.fusion_layer,
+                run.fusion_layer
+            );
+            ensure!(
+                g.prune.kept_image_tokens == run.kept_image_tokens,
+                "kept {:?} want {:?}",
+                g.prune.kept_image_tokens,
+                run.kept_image_tokens
+            );
+            ensure!(
+                g.prune.text_only_from_layer == run.text_only_from_layer,
+                "text-only from {:?} want {:?}",
+                g.prune.text_only_from_layer,
+                run.text_only_from_layer
+            );
+            ensure!(
+                g.layer_seq_lens == run.layer_seq_lens,
+                "layer seq lens {:?} want {:?}",
+                g.layer_seq_lens,
+                run.layer_seq_lens
+            );
+            let logits = g.first_logits.as_deref().unwrap_or(&[]);
+            for &(id, want) in &run.first_logits_top5 {
+                let got = *logits.get(id as usize).context("logits too short")?;
+                ensure!(
+                    (got - want).abs() <= TOL_LOGITS,
+                    "top-5 token {id}: {got} want {want}"
+                );
+            }
+            if let Some(d) = first_difference(&g.tokens, &run.generated_ids) {
+                bail!("greedy tokens: {d}");
+            }
+            Ok(format!("lens {:?}", g.layer_seq_lens))
+        })();
+        match res {
+            Ok(m) => println!("{tag}: ok ({m})"),
+            Err(e) => failures.push(format!("{tag}: {e:#}")),
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+#[test]
+fn mobilevlm_pruning_cpu() -> Result<()> {
+    check_pruning(Arc::new(CpuBackend::new()))
+}
+
+#[test]
+fn mobilevlm_pruning_gpu() -> Result<()> {
+    match visi_tests::gpu_backend_or_skip("mobilevlm_pruning_gpu")? {
+        Some(backend) => check_pruning(backend),
+        None => Ok(()),
+    }
+}
+
 /// Copies a fixture model directory (tokenizer files resolved) into `dst`.
 fn copy_model(src: &Path, dst: &Path) -> Result<()> {
     std::fs::create_dir_all(dst)?;
