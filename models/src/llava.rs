@@ -75,6 +75,16 @@ struct ProgressSource {
     cb: LoadProgress,
 }
 
+impl ProgressSource {
+    fn wrap(inner: Arc<dyn WeightSource>, cb: LoadProgress) -> Arc<dyn WeightSource> {
+        Arc::new(ProgressSource {
+            inner,
+            done: AtomicU64::new(0),
+            cb,
+        })
+    }
+}
+
 impl WeightSource for ProgressSource {
     fn names(&self) -> Vec<String> {
         self.inner.names()
@@ -499,11 +509,7 @@ impl Llava {
             TowerSource::Dir(d) => Some(open_safetensors(d)?),
         };
         if let Some(cb) = progress {
-            source = Arc::new(ProgressSource {
-                inner: source,
-                done: AtomicU64::new(0),
-                cb,
-            });
+            source = ProgressSource::wrap(source, cb);
         }
         let w = Weights::new(source.clone(), backend.clone()).with_quant(quant);
         let vision = match &tower_source {
@@ -549,11 +555,7 @@ impl Llava {
         quant: Option<engine_core::QuantType>,
     ) -> Result<Self> {
         if let Some(cb) = progress {
-            source = Arc::new(ProgressSource {
-                inner: source,
-                done: AtomicU64::new(0),
-                cb,
-            });
+            source = ProgressSource::wrap(source, cb);
         }
         let w = Weights::new(source.clone(), backend.clone()).with_quant(quant);
         let naming = if source.contains("language_model.model.embed_tokens.weight") {

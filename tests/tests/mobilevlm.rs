@@ -43,14 +43,7 @@ fn expected() -> Result<Expected> {
 
 impl Expected {
     fn array(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let v = self.arrays.view(name).with_context(|| name.to_string())?;
-        ensure!(v.dtype == DType::F32, "{name}: not f32");
-        let data = v
-            .bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Ok((data, v.shape.to_vec()))
+        visi_tests::f32_array(self.arrays.as_ref(), name)
     }
 }
 
@@ -236,41 +229,7 @@ fn check_pruning(backend: Arc<dyn Backend>) -> Result<()> {
                 ..Default::default()
             };
             let g = llava.generate_ids(&prompt, std::slice::from_ref(&enc), &opts, &mut |_| {})?;
-            ensure!(
-                g.prune.fusion_layer == run.fusion_layer,
-                "fusion layer {:?} want {:?}",
-                g.prune.fusion_layer,
-                run.fusion_layer
-            );
-            ensure!(
-                g.prune.kept_image_tokens == run.kept_image_tokens,
-                "kept {:?} want {:?}",
-                g.prune.kept_image_tokens,
-                run.kept_image_tokens
-            );
-            ensure!(
-                g.prune.text_only_from_layer == run.text_only_from_layer,
-                "text-only from {:?} want {:?}",
-                g.prune.text_only_from_layer,
-                run.text_only_from_layer
-            );
-            ensure!(
-                g.layer_seq_lens == run.layer_seq_lens,
-                "layer seq lens {:?} want {:?}",
-                g.layer_seq_lens,
-                run.layer_seq_lens
-            );
-            let logits = g.first_logits.as_deref().unwrap_or(&[]);
-            for &(id, want) in &run.first_logits_top5 {
-                let got = *logits.get(id as usize).context("logits too short")?;
-                ensure!(
-                    (got - want).abs() <= TOL_LOGITS,
-                    "top-5 token {id}: {got} want {want}"
-                );
-            }
-            if let Some(d) = first_difference(&g.tokens, &run.generated_ids) {
-                bail!("greedy tokens: {d}");
-            }
+            visi_tests::check_prune_outcome(&g, run, TOL_LOGITS)?;
             Ok(format!("lens {:?}", g.layer_seq_lens))
         })();
         match res {

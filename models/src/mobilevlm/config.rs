@@ -66,18 +66,24 @@ pub fn read_dir_config(dir: &Path, vision_tower: Option<&Path>) -> Result<LlavaC
     Ok(read_config(dir, source.as_ref(), vision_tower)?.cfg)
 }
 
+/// A JSON file's top-level object (size-limited read; errors name the file).
+fn read_object(path: &Path) -> Result<Map<String, Value>> {
+    let text = engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Error::file(path, "expected a JSON object")),
+        Err(e) => Err(Error::file(path, format!("invalid JSON: {e}"))),
+    }
+}
+
 /// Whether the `config.json` at `path` describes MobileVLM (read before choosing a loader).
 pub fn is_mobilevlm(path: &Path) -> Result<bool> {
-    let text = engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
-    let root: Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
-    match root.as_object() {
-        Some(m) => Ok(Arch::detect(m).map_err(|e| match e {
-            Error::Msg(m) => Error::file(path, m),
-            other => other,
-        })? == Arch::MobileVlm),
-        None => Err(Error::file(path, "expected a JSON object")),
-    }
+    let root = read_object(path)?;
+    let arch = Arch::detect(&root).map_err(|e| match e {
+        Error::Msg(m) => Error::file(path, m),
+        other => other,
+    })?;
+    Ok(arch == Arch::MobileVlm)
 }
 
 /// Reads `dir/config.json`, finds the vision tower (`vision_tower` overrides
@@ -89,40 +95,41 @@ pub fn read_config(
     vision_tower: Option<&Path>,
 ) -> Result<MobileVlmSetup> {
     let path = dir.join("config.json");
-    let text = engine_core::files::read_text_limited(&path, engine_core::files::MAX_CONFIG_BYTES)?;
-    let root: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
-    let root = root
-        .as_object()
-        .ok_or_else(|| Error::file(&path, "expected a JSON object"))?;
+    let root = &read_object(&path)?;
     let m = |e: Error| match e {
         Error::Msg(m) => Error::file(&path, m),
         other => other,
     };
-    let projector = str_or(root, "mm_projector_type", "linear").map_err(m)?;
-    if projector != "ldpnetv2" {
-        return Err(refuse(
-            &path,
+    // What the released V2 models set; anything else runs differently upstream.
+    for (key, default, want, why) in [
+        (
             "mm_projector_type",
-            format!("{projector:?} is not supported (MobileVLM V2's \"ldpnetv2\" only)"),
-        ));
-    }
-    let aspect = str_or(root, "image_aspect_ratio", "").map_err(m)?;
-    if aspect != "pad" {
-        return Err(refuse(
-            &path,
+            "linear",
+            "ldpnetv2",
+            "MobileVLM V2's \"ldpnetv2\" only",
+        ),
+        (
             "image_aspect_ratio",
-            format!("{aspect:?} is not supported (MobileVLM V2's \"pad\" only)"),
-        ));
-    }
-    let select = str_or(root, "mm_vision_select_feature", "patch").map_err(m)?;
-    if select != "patch" {
+            "",
+            "pad",
+            "MobileVLM V2's \"pad\" only",
+        ),
         // `cls_patch` gives 577 tokens, which the projector's square grid cannot hold.
-        return Err(refuse(
-            &path,
+        (
             "mm_vision_select_feature",
-            format!("{select:?} is not supported with ldpnetv2 (\"patch\" only)"),
-        ));
+            "patch",
+            "patch",
+            "\"patch\" only with ldpnetv2",
+        ),
+    ] {
+        let got = str_or(root, key, default).map_err(m)?;
+        if got != want {
+            return Err(refuse(
+                &path,
+                key,
+                format!("{got:?} is not supported ({why})"),
+            ));
+        }
     }
     if root.get("mm_use_im_start_end").and_then(Value::as_bool) == Some(true) {
         return Err(refuse(
@@ -255,12 +262,7 @@ fn resolve_tower(model_dir: &Path, spec: &str) -> Option<PathBuf> {
 /// `vision_config`) and its image processor.
 fn read_tower(dir: &Path) -> Result<(VisionConfig, ImageProcessor)> {
     let path = dir.join("config.json");
-    let text = engine_core::files::read_text_limited(&path, engine_core::files::MAX_CONFIG_BYTES)?;
-    let root: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
-    let root = root
-        .as_object()
-        .ok_or_else(|| Error::file(&path, "expected a JSON object"))?;
+    let root = &read_object(&path)?;
     let (m, pre) = match root.get("model_type").and_then(Value::as_str) {
         Some("clip") => match root.get("vision_config").and_then(Value::as_object) {
             Some(v) => (v, "vision_config."),
