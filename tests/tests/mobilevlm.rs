@@ -312,3 +312,23 @@ fn mobilevlm_tower_resolution() -> Result<()> {
     Llava::load(&ext, cpu)?;
     Ok(())
 }
+
+/// The one manifest (`synthetic::tensor_shapes`, read by `info`'s checks) covers both
+/// layouts: LDPv2 names and shapes, the tower inside or in its own directory.
+#[test]
+fn mobilevlm_manifest_checks_both_layouts() -> Result<()> {
+    for dir in model_dirs() {
+        let cfg = models::LlavaConfig::from_file(&dir.join("config.json"))?;
+        let src = engine_core::weights::open_safetensors(&dir)?;
+        models::checks::check_layers(&cfg, src.as_ref(), "num_hidden_layers")?;
+        models::checks::check_shapes(&cfg, src.as_ref())
+            .with_context(|| dir.display().to_string())?;
+        let names: Vec<String> = models::synthetic::tensor_shapes(&cfg)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        ensure!(names.iter().any(|n| n == "mm_projector.peg.peg.0.weight"));
+        ensure!(!names.iter().any(|n| n.starts_with("multi_modal_projector")));
+    }
+    Ok(())
+}

@@ -8,6 +8,20 @@ use engine_core::{Backend, Error, HostData, Result, Tensor};
 
 use crate::nn::Linear;
 
+/// The LDPv2 projector's tensors (names below `model.`) for a tower of width `vision_hidden`
+/// and a decoder of width `hidden`.
+pub fn manifest(vision_hidden: usize, hidden: usize) -> Vec<(String, Vec<usize>)> {
+    let p = "mm_projector";
+    vec![
+        (format!("{p}.mlp.mlp.0.weight"), vec![hidden, vision_hidden]),
+        (format!("{p}.mlp.mlp.0.bias"), vec![hidden]),
+        (format!("{p}.mlp.mlp.2.weight"), vec![hidden, hidden]),
+        (format!("{p}.mlp.mlp.2.bias"), vec![hidden]),
+        (format!("{p}.peg.peg.0.weight"), vec![hidden, 1, 3, 3]),
+        (format!("{p}.peg.peg.0.bias"), vec![hidden]),
+    ]
+}
+
 /// MobileVLM V2's projector.
 pub struct LdpV2Projector {
     fc1: Linear, // mlp.mlp.0: [H, Dv]
