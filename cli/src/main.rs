@@ -181,6 +181,10 @@ pub(crate) struct GenArgs {
     /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
     #[arg(long)]
     pub mmproj: Option<PathBuf>,
+    /// MobileVLM: the CLIP vision tower's directory, overriding config.json's
+    /// `mm_vision_tower`.
+    #[arg(long)]
+    pub vision_tower: Option<PathBuf>,
     /// crop: llava-hf's processor; pad: LLaVA-1.5's expand2square.
     #[arg(long, value_enum, default_value = "crop")]
     pub image_mode: ImageModeArg,
@@ -273,6 +277,15 @@ impl GenArgs {
 
     /// Checks the model flags and resolves `--model` (cheap: no weights are read).
     pub fn model_path(&self) -> Result<PathBuf, Failure> {
+        if let Some(vt) = &self.vision_tower {
+            if !vt.is_dir() {
+                return Err(bad_input(anyhow!(
+                    "--vision-tower {}: not a directory",
+                    vt.display()
+                )));
+            }
+            models::mobilevlm::config::set_default_vision_tower(vt.clone());
+        }
         if let Some(m) = &self.mmproj {
             if !self.is_gguf() {
                 return Err(bad_input(anyhow!(

@@ -8,7 +8,7 @@ use std::path::Path;
 use engine_core::weights::WeightSource;
 use engine_core::{Error, Result};
 
-use crate::config::LlavaConfig;
+use crate::config::{Arch, LlavaConfig};
 use crate::preprocess::{ImageProcessor, ResizeTarget};
 
 /// Whether `names` holds a tensor ending in `suffix` (either llava-hf naming, or a GGUF
@@ -23,6 +23,9 @@ pub fn check_layers(cfg: &LlavaConfig, source: &dyn WeightSource, key_text: &str
     let names = source.names();
     check_text_layers(cfg.text.num_hidden_layers, &names, key_text)?;
     let v = cfg.vision_layers_to_run();
+    if cfg.arch == Arch::MobileVlm && !mobilevlm_tower_inside(source) {
+        return Ok(()); // the tower is in its own directory
+    }
     if v > names.len()
         || (v > 0
             && !has_suffix(
@@ -57,16 +60,21 @@ pub fn check_text_layers(n: usize, names: &[String], key: &str) -> Result<()> {
 /// be absent. Call [`check_layers`] first: the expected list has one entry per layer.
 pub fn check_shapes(cfg: &LlavaConfig, source: &dyn WeightSource) -> Result<()> {
     let new_naming = source.contains("model.language_model.embed_tokens.weight");
+    let mobile = cfg.arch == Arch::MobileVlm;
+    let tower_elsewhere = mobile && !mobilevlm_tower_inside(source);
     let run = cfg.vision_layers_to_run();
     for (old, shape) in crate::synthetic::tensor_shapes(cfg) {
-        let name = if new_naming {
+        let name = if mobile {
+            mobilevlm_name(&old)
+        } else if new_naming {
             new_name(&old)
         } else {
             old.clone()
         };
         let optional = old.contains("post_layernorm")
             || (old.ends_with("lm_head.weight") && cfg.text.tie_word_embeddings)
-            || vision_layer(&old).is_some_and(|l| l >= run);
+            || vision_layer(&old).is_some_and(|l| l >= run)
+            || (tower_elsewhere && old.starts_with("vision_tower."));
         if !source.contains(&name) {
             if optional {
                 continue;
@@ -85,6 +93,26 @@ pub fn check_shapes(cfg: &LlavaConfig, source: &dyn WeightSource) -> Result<()> 
         }
     }
     Ok(())
+}
+
+fn mobilevlm_tower_inside(source: &dyn WeightSource) -> bool {
+    source.contains(&format!(
+        "{}.vision_model.embeddings.patch_embedding.weight",
+        crate::mobilevlm::config::TOWER_PREFIX
+    ))
+}
+
+/// A manifest name (llava-hf's old naming) as MobileVLM's checkpoint spells it.
+fn mobilevlm_name(old: &str) -> String {
+    if let Some(r) = old.strip_prefix("language_model.model.") {
+        format!("model.{r}")
+    } else if let Some(r) = old.strip_prefix("language_model.lm_head.") {
+        format!("lm_head.{r}")
+    } else if let Some(r) = old.strip_prefix("vision_tower.") {
+        format!("{}.{r}", crate::mobilevlm::config::TOWER_PREFIX)
+    } else {
+        format!("model.{old}")
+    }
 }
 
 fn new_name(old: &str) -> String {

@@ -99,6 +99,7 @@ pub enum FeatureSelect {
 pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
     ("LlavaForConditionalGeneration", "llava"),
     ("LlavaNextForConditionalGeneration", "llava_next"),
+    ("MobileLlamaForCausalLM", "mobilevlm"),
 ];
 
 /// The decoder `model_type`s visi implements.
@@ -121,6 +122,9 @@ pub enum Arch {
     Llava,
     /// LLaVA-NeXT / llava-v1.6 (`LlavaNextForConditionalGeneration`): any-resolution tiles.
     LlavaNext,
+    /// MobileVLM V2 (`MobileLlamaForCausalLM`, `mm_projector_type: ldpnetv2`): one padded
+    /// 336 image, 144 tokens after the LDPv2 projector ([`crate::mobilevlm`]).
+    MobileVlm,
 }
 
 impl Arch {
@@ -129,6 +133,7 @@ impl Arch {
         match self {
             Arch::Llava => "LlavaForConditionalGeneration",
             Arch::LlavaNext => "LlavaNextForConditionalGeneration",
+            Arch::MobileVlm => "MobileLlamaForCausalLM",
         }
     }
 
@@ -182,10 +187,10 @@ impl Arch {
             (Some(Some(i)), _) | (None, Some(Some(i))) => i,
             (None, None) => 0,
         };
-        Ok(if idx == 0 {
-            Arch::Llava
-        } else {
-            Arch::LlavaNext
+        Ok(match idx {
+            0 => Arch::Llava,
+            1 => Arch::LlavaNext,
+            _ => Arch::MobileVlm,
         })
     }
 }
@@ -214,6 +219,11 @@ pub struct LlavaConfig {
 impl LlavaConfig {
     /// Reads and validates `config.json`; errors name the file and key.
     pub fn from_file(path: &Path) -> Result<Self> {
+        if crate::mobilevlm::config::is_mobilevlm(path)? {
+            // Its vision config is its tower's (`mm_vision_tower`), next to the checkpoint.
+            let dir = path.parent().unwrap_or(Path::new("."));
+            return crate::mobilevlm::config::read_dir_config(dir, None);
+        }
         let text =
             engine_core::files::read_text_limited(path, engine_core::files::MAX_CONFIG_BYTES)?;
         Self::from_json_str(&text).map_err(|e| match e {
@@ -230,6 +240,12 @@ impl LlavaConfig {
             .as_object()
             .ok_or_else(|| Error::msg("expected a JSON object"))?;
         let arch = Arch::detect(root)?;
+        if arch == Arch::MobileVlm {
+            // Its vision config lives with its tower (`mm_vision_tower`), not in config.json.
+            return Err(Error::msg(
+                "this is a MobileVLM config (MobileLlamaForCausalLM): its vision tower's config is read from `mm_vision_tower` (LlavaConfig::from_file, models::mobilevlm::read_config)",
+            ));
+        }
         let empty = Map::new();
         let tc = obj(root, "text_config")?.unwrap_or(&empty);
         let vc = obj(root, "vision_config")?;
@@ -262,7 +278,7 @@ impl LlavaConfig {
             )));
         }
         let image_grid_pinpoints = match arch {
-            Arch::Llava => Vec::new(),
+            Arch::Llava | Arch::MobileVlm => Vec::new(),
             Arch::LlavaNext => {
                 if strategy == FeatureSelect::Full {
                     // transformers' pack_image_features cannot view grid² + 1 rows as a grid.
@@ -342,6 +358,9 @@ impl LlavaConfig {
 
     /// Image tokens per image fed to the decoder.
     pub fn image_tokens(&self) -> usize {
+        if self.arch == Arch::MobileVlm {
+            return crate::mobilevlm::IMAGE_TOKENS;
+        }
         match self.vision_feature_select_strategy {
             FeatureSelect::Default => self.vision.num_patches(),
             FeatureSelect::Full => self.vision.num_patches() + 1,
@@ -670,7 +689,10 @@ pub fn pinpoints(v: Option<&Value>, image_size: usize) -> Result<Vec<(usize, usi
     Ok(out)
 }
 
-fn obj<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>> {
+pub(crate) fn obj<'a>(
+    m: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a Map<String, Value>>> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(o)) => Ok(Some(o)),
@@ -680,7 +702,12 @@ fn obj<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String
     }
 }
 
-fn usize_or(m: &Map<String, Value>, key: &str, pre: &str, default: usize) -> Result<usize> {
+pub(crate) fn usize_or(
+    m: &Map<String, Value>,
+    key: &str,
+    pre: &str,
+    default: usize,
+) -> Result<usize> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
@@ -712,7 +739,11 @@ fn bool_or(m: &Map<String, Value>, key: &str, pre: &str, default: bool) -> Resul
     }
 }
 
-fn str_or<'a>(m: &'a Map<String, Value>, key: &str, default: &'a str) -> Result<&'a str> {
+pub(crate) fn str_or<'a>(
+    m: &'a Map<String, Value>,
+    key: &str,
+    default: &'a str,
+) -> Result<&'a str> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => v
@@ -721,7 +752,12 @@ fn str_or<'a>(m: &'a Map<String, Value>, key: &str, default: &'a str) -> Result<
     }
 }
 
-fn act(m: &Map<String, Value>, key: &str, pre: &str, default: &str) -> Result<Activation> {
+pub(crate) fn act(
+    m: &Map<String, Value>,
+    key: &str,
+    pre: &str,
+    default: &str,
+) -> Result<Activation> {
     match str_or(m, key, default)? {
         "gelu" => Ok(Activation::Gelu),
         "quick_gelu" => Ok(Activation::QuickGelu),

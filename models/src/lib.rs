@@ -14,6 +14,7 @@ pub mod hub;
 pub mod image_io;
 pub mod llama;
 pub mod llava;
+pub mod mobilevlm;
 pub mod nn;
 pub mod preprocess;
 pub mod preprocess_next;

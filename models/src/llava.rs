@@ -42,6 +42,26 @@ pub enum Naming {
     /// transformers >= 4.52: `model.language_model.*`, `model.vision_tower.*`,
     /// `model.multi_modal_projector.*`, `lm_head.*`.
     New,
+    /// MobileVLM (`MobileLlamaForCausalLM`): `model.*`, `lm_head.*`, `model.mm_projector.*`,
+    /// the tower at `model.vision_tower.vision_tower.*` or in its own directory.
+    MobileVlm,
+}
+
+/// The image projector of a family.
+enum ImageProjector {
+    /// LLaVA's Linear, activation, Linear.
+    Mlp(Projector),
+    /// MobileVLM V2's LDPv2 (MLP, 12×12 pool, positional conv).
+    LdpV2(crate::mobilevlm::LdpV2Projector),
+}
+
+impl ImageProjector {
+    fn forward(&self, b: &dyn Backend, x: &Tensor) -> Result<Tensor> {
+        match self {
+            ImageProjector::Mlp(p) => p.forward(b, x),
+            ImageProjector::LdpV2(p) => p.forward(b, x),
+        }
+    }
 }
 
 /// Load progress callback: `(bytes_read, total_bytes)`.
@@ -53,6 +73,16 @@ struct ProgressSource {
     inner: Arc<dyn WeightSource>,
     done: AtomicU64,
     cb: LoadProgress,
+}
+
+impl ProgressSource {
+    fn wrap(inner: Arc<dyn WeightSource>, cb: LoadProgress) -> Arc<dyn WeightSource> {
+        Arc::new(ProgressSource {
+            inner,
+            done: AtomicU64::new(0),
+            cb,
+        })
+    }
 }
 
 impl WeightSource for ProgressSource {
@@ -82,7 +112,7 @@ pub struct Llava {
     cfg: LlavaConfig,
     backend: Arc<dyn Backend>,
     vision: ClipVision,
-    projector: Projector,
+    projector: ImageProjector,
     llama: Arc<Llama>,
     /// LLaVA-NeXT's `image_newline` `[1, H]` (f32), closing every row of tile features.
     image_newline: Option<Tensor>,
@@ -327,12 +357,28 @@ impl Llava {
         progress: Option<LoadProgress>,
         quant: Option<engine_core::QuantType>,
     ) -> Result<Self> {
+        Self::load_with_tower(dir, backend, progress, quant, None)
+    }
+
+    /// [`Llava::load_quantized`] for any supported family (picked from `config.json`);
+    /// `vision_tower` overrides a MobileVLM config's `mm_vision_tower` directory (ignored by
+    /// the LLaVA families, whose tower is in the checkpoint).
+    pub fn load_with_tower(
+        dir: &Path,
+        backend: Arc<dyn Backend>,
+        progress: Option<LoadProgress>,
+        quant: Option<engine_core::QuantType>,
+        vision_tower: Option<&Path>,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         if !dir.is_dir() {
             return Err(Error::file(
                 dir,
                 "not a directory (expected a llava-hf model directory)",
             ));
+        }
+        if crate::mobilevlm::config::is_mobilevlm(&dir.join("config.json"))? {
+            return Self::load_mobilevlm(t0, dir, backend, progress, quant, vision_tower);
         }
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
         // A tokenizer.json far larger than the vocabulary needs is refused before parsing.
@@ -435,6 +481,67 @@ impl Llava {
         Self::build(t0, cfg, tok, processor, source, backend, None, quant)
     }
 
+    /// A MobileVLM V2 directory (see [`crate::mobilevlm`]).
+    fn load_mobilevlm(
+        t0: Instant,
+        dir: &Path,
+        backend: Arc<dyn Backend>,
+        progress: Option<LoadProgress>,
+        quant: Option<engine_core::QuantType>,
+        vision_tower: Option<&Path>,
+    ) -> Result<Self> {
+        use crate::mobilevlm::{config::TOWER_PREFIX, TowerSource};
+        let mut source = open_safetensors(dir)?;
+        let setup = crate::mobilevlm::read_config(dir, source.as_ref(), vision_tower)?;
+        let cfg = setup.cfg;
+        let tok_path = dir.join("tokenizer.json");
+        crate::prompt::check_tokenizer_file(&tok_path, cfg.text.vocab_size)?;
+        let tokenizer = PromptTokenizer::from_file(&tok_path, cfg.image_token_index)?
+            .with_image_chunks(cfg.text.bos_token_id);
+        crate::checks::check_tokenizer(tokenizer.inner().get_vocab_size(true), &cfg, &tok_path)?;
+        crate::checks::check_text_layers(
+            cfg.text.num_hidden_layers,
+            &source.names(),
+            &format!("{}: num_hidden_layers", dir.join("config.json").display()),
+        )?;
+        let tower_source = match &setup.tower {
+            TowerSource::Checkpoint => None,
+            TowerSource::Dir(d) => Some(open_safetensors(d)?),
+        };
+        if let Some(cb) = progress {
+            source = ProgressSource::wrap(source, cb);
+        }
+        let w = Weights::new(source.clone(), backend.clone()).with_quant(quant);
+        let vision = match &tower_source {
+            None => ClipVision::load(&w.pp(TOWER_PREFIX), &cfg)?,
+            Some(ts) => {
+                let tw = Weights::new(ts.clone(), backend.clone()).with_quant(quant);
+                ClipVision::load(&tw, &cfg)?
+            }
+        };
+        let projector = ImageProjector::LdpV2(crate::mobilevlm::LdpV2Projector::load(
+            &w.pp("model.mm_projector"),
+            cfg.vision.hidden_size,
+            cfg.text.hidden_size,
+            crate::mobilevlm::POOL_GRID,
+        )?);
+        let llama = Arc::new(Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg.text)?);
+        backend.sync()?;
+        Ok(Llava {
+            cfg,
+            backend,
+            vision,
+            projector,
+            llama,
+            image_newline: None,
+            tokenizer,
+            processor: setup.processor,
+            naming: Naming::MobileVlm,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            images: Mutex::new(Vec::new()),
+        })
+    }
+
     /// Uploads the weights of `source` (a llava-hf checkpoint in either naming).
     #[allow(clippy::too_many_arguments)]
     fn build(
@@ -448,11 +555,7 @@ impl Llava {
         quant: Option<engine_core::QuantType>,
     ) -> Result<Self> {
         if let Some(cb) = progress {
-            source = Arc::new(ProgressSource {
-                inner: source,
-                done: AtomicU64::new(0),
-                cb,
-            });
+            source = ProgressSource::wrap(source, cb);
         }
         let w = Weights::new(source.clone(), backend.clone()).with_quant(quant);
         let naming = if source.contains("language_model.model.embed_tokens.weight") {
@@ -472,7 +575,7 @@ impl Llava {
                 "language_model.model",
                 "language_model.lm_head",
             ),
-            Naming::New => (
+            Naming::New | Naming::MobileVlm => (
                 "model.vision_tower",
                 "model.multi_modal_projector",
                 "model.language_model",
@@ -480,14 +583,14 @@ impl Llava {
             ),
         };
         let vision = ClipVision::load(&w.pp(vt), &cfg)?;
-        let projector = Projector::load(&w.pp(mm), &cfg)?;
+        let projector = ImageProjector::Mlp(Projector::load(&w.pp(mm), &cfg)?);
         let llama = Arc::new(Llama::load(&w.pp(lm), &w.pp(head), &cfg.text)?);
         let image_newline = match cfg.arch {
-            Arch::Llava => None,
+            Arch::Llava | Arch::MobileVlm => None,
             Arch::LlavaNext => {
                 let name = match naming {
                     Naming::Old => "image_newline",
-                    Naming::New => "model.image_newline",
+                    Naming::New | Naming::MobileVlm => "model.image_newline",
                 };
                 let h = cfg.text.hidden_size;
                 Some(w.get_f32(name, &[h])?.reshape([1, h])?)
@@ -563,7 +666,7 @@ impl Llava {
     /// same for every image; LLaVA-NeXT: as transformers' `LlavaNextProcessor` counts).
     pub fn image_tokens_for(&self, width: u32, height: u32) -> Result<usize> {
         match self.cfg.arch {
-            Arch::Llava => Ok(self.cfg.image_tokens()),
+            Arch::Llava | Arch::MobileVlm => Ok(self.cfg.image_tokens()),
             Arch::LlavaNext => Ok(self.next_layout(width, height)?.num_tokens()),
         }
     }
@@ -603,6 +706,12 @@ impl Llava {
             return self.encode_next(img);
         }
         let t0 = Instant::now();
+        // MobileVLM V2's configs say `image_aspect_ratio: pad` (the only one it loads).
+        let mode = if self.cfg.arch == Arch::MobileVlm {
+            PadMode::Pad
+        } else {
+            mode
+        };
         let seen = self.processor.prepare(img, mode)?;
         let pixel_values = self.processor.normalize(&seen);
         let mut enc = self.encode_pixels(seen, pixel_values)?;

@@ -122,6 +122,11 @@ impl PromptIds {
 pub struct PromptTokenizer {
     tok: Tokenizer,
     image_token_index: u32,
+    /// Tokenise the text between images chunk by chunk (LLaVA's and MobileVLM's
+    /// `tokenizer_image_token`) instead of the whole prompt with `<image>` as a token.
+    image_chunks: bool,
+    /// BOS, as `tokenizer_image_token` compares it (`tokenizer.bos_token_id`).
+    bos: Option<u32>,
 }
 
 impl std::fmt::Debug for PromptTokenizer {
@@ -182,6 +187,8 @@ impl PromptTokenizer {
         Ok(PromptTokenizer {
             tok,
             image_token_index,
+            image_chunks: false,
+            bos: None,
         })
     }
 
@@ -190,7 +197,43 @@ impl PromptTokenizer {
         PromptTokenizer {
             tok,
             image_token_index,
+            image_chunks: false,
+            bos: None,
         }
+    }
+
+    /// Tokenises prompts as the original LLaVA / MobileVLM code's `tokenizer_image_token`:
+    /// the text is split at `<image>`, each chunk tokenised on its own (with BOS); when the
+    /// first chunk starts with BOS, BOS is kept once and every chunk's first token is
+    /// dropped (`bos` is `tokenizer.bos_token_id`); `image_token_index` only marks the spans (it is never looked up).
+    pub fn with_image_chunks(mut self, bos: Option<u32>) -> Self {
+        self.image_chunks = true;
+        self.bos = bos;
+        self
+    }
+
+    /// `tokenizer_image_token`'s ids for `text`, one `None` per `<image>`.
+    fn chunk_ids(&self, text: &str) -> Result<Vec<Option<u32>>> {
+        let chunks = text
+            .split(IMAGE_PLACEHOLDER)
+            .map(|c| self.encode(c))
+            .collect::<Result<Vec<_>>>()?;
+        let bos = self.bos;
+        let mut out = Vec::new();
+        let offset = match chunks.first().and_then(|c| c.first()) {
+            Some(&first) if Some(first) == bos => {
+                out.push(Some(first));
+                1
+            }
+            _ => 0,
+        };
+        for (i, c) in chunks.iter().enumerate() {
+            if i > 0 {
+                out.push(None);
+            }
+            out.extend(c.iter().skip(offset).map(|&t| Some(t)));
+        }
+        Ok(out)
     }
 
     /// Tokenises `text` with the tokenizer's special tokens (BOS for Llama).
@@ -229,8 +272,40 @@ impl PromptTokenizer {
         image_tokens: &[usize],
     ) -> Result<PromptIds> {
         let text = template.render_images(prompt, image_tokens.len())?;
-        let ids = self.encode(&text)?;
         let img = self.image_token_index;
+        if self.image_chunks {
+            let ids = self.chunk_ids(&text)?;
+            let mut out = Vec::with_capacity(ids.len() + image_tokens.iter().sum::<usize>());
+            let mut spans = Vec::with_capacity(image_tokens.len());
+            let mut next = image_tokens.iter();
+            for t in ids {
+                match t {
+                    Some(t) => out.push(t),
+                    None => {
+                        let n = *next.next().ok_or_else(|| {
+                            Error::msg("the prompt holds more `<image>` than images given")
+                        })?;
+                        spans.push(ImageSpan {
+                            start: out.len(),
+                            end: out.len() + n,
+                        });
+                        out.extend(std::iter::repeat_n(img, n));
+                    }
+                }
+            }
+            if spans.len() != image_tokens.len() {
+                return Err(Error::msg(format!(
+                    "the prompt holds {} `{IMAGE_PLACEHOLDER}` but {} image(s) were given",
+                    spans.len(),
+                    image_tokens.len()
+                )));
+            }
+            return Ok(PromptIds {
+                ids: out,
+                image_spans: spans,
+            });
+        }
+        let ids = self.encode(&text)?;
         let at: Vec<usize> = ids
             .iter()
             .enumerate()

@@ -191,11 +191,17 @@ fn entries(cfg: &LlavaConfig) -> BTreeMap<String, (Vec<usize>, Fill)> {
         put(format!("{l}.mlp.fc2.bias"), &[d]);
     }
     let h = t.hidden_size;
-    let mm = "multi_modal_projector";
-    put(format!("{mm}.linear_1.weight"), &[h, d]);
-    put(format!("{mm}.linear_1.bias"), &[h]);
-    put(format!("{mm}.linear_2.weight"), &[h, h]);
-    put(format!("{mm}.linear_2.bias"), &[h]);
+    if cfg.arch == crate::config::Arch::MobileVlm {
+        for (name, shape) in crate::mobilevlm::projector::manifest(d, h) {
+            put(name, &shape);
+        }
+    } else {
+        let mm = "multi_modal_projector";
+        put(format!("{mm}.linear_1.weight"), &[h, d]);
+        put(format!("{mm}.linear_1.bias"), &[h]);
+        put(format!("{mm}.linear_2.weight"), &[h, h]);
+        put(format!("{mm}.linear_2.bias"), &[h]);
+    }
     let lm = "language_model.model";
     let q_dim = t.num_attention_heads * t.head_dim;
     let kv_dim = t.num_key_value_heads * t.head_dim;
@@ -372,7 +378,7 @@ impl SyntheticLlava {
             crate::config::Arch::LlavaNext => {
                 Some(w.get_f32("image_newline", &[h])?.reshape([1, h])?)
             }
-            crate::config::Arch::Llava => None,
+            crate::config::Arch::Llava | crate::config::Arch::MobileVlm => None,
         };
         backend.sync()?;
         Ok(SyntheticLlava {

@@ -62,6 +62,50 @@ pub struct PruneRun {
     pub generated_ids: Vec<u32>,
 }
 
+/// A pruned generation against a reference run: fusion layer, kept image tokens, text-only
+/// exit layer, per-layer sequence lengths, the first-step logits of the reference's top-5
+/// tokens within `tol`, and the greedy tokens. Returns the largest top-5 logit error.
+pub fn check_prune_outcome(g: &models::llava::Generation, run: &PruneRun, tol: f32) -> Result<f32> {
+    ensure!(
+        g.prune.fusion_layer == run.fusion_layer,
+        "fusion layer: got {:?} want {:?}",
+        g.prune.fusion_layer,
+        run.fusion_layer
+    );
+    ensure!(
+        g.prune.kept_image_tokens == run.kept_image_tokens,
+        "kept image tokens: got {:?} want {:?}",
+        g.prune.kept_image_tokens,
+        run.kept_image_tokens
+    );
+    ensure!(
+        g.prune.text_only_from_layer == run.text_only_from_layer,
+        "text-only from layer: got {:?} want {:?}",
+        g.prune.text_only_from_layer,
+        run.text_only_from_layer
+    );
+    ensure!(
+        g.layer_seq_lens == run.layer_seq_lens,
+        "layer seq lens: got {:?} want {:?}",
+        g.layer_seq_lens,
+        run.layer_seq_lens
+    );
+    let logits = g.first_logits.as_deref().unwrap_or(&[]);
+    let mut max = 0f32;
+    for (i, &(id, want)) in run.first_logits_top5.iter().enumerate() {
+        let got = *logits.get(id as usize).context("logits too short")?;
+        ensure!(
+            (got - want).abs() <= tol,
+            "first-step top-{i} token {id}: got {got} want {want}"
+        );
+        max = max.max((got - want).abs());
+    }
+    if let Some(d) = first_difference(&g.tokens, &run.generated_ids) {
+        bail!("greedy tokens: {d}");
+    }
+    Ok(max)
+}
+
 /// One model's reference outputs.
 pub struct Reference {
     /// Model name (`tiny-llava-mha`).
@@ -81,21 +125,23 @@ impl Reference {
     /// The f32 array `{case}.{what}` (`pixel_values`, `vision_features`, `projector_out`,
     /// `logits`) and its shape.
     pub fn array(&self, case: &str, what: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let name = format!("{case}.{what}");
-        let v = self
-            .arrays
-            .view(&name)
-            .with_context(|| format!("{}: array {name}", self.name))?;
-        if v.dtype != engine_core::DType::F32 {
-            bail!("{}: array {name} is {:?}, expected F32", self.name, v.dtype);
-        }
-        let data = v
-            .bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Ok((data, v.shape.to_vec()))
+        f32_array(self.arrays.as_ref(), &format!("{case}.{what}"))
+            .with_context(|| self.name.clone())
     }
+}
+
+/// The f32 array `name` of a safetensors source and its shape.
+pub fn f32_array(arrays: &dyn WeightSource, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    let v = arrays.view(name).with_context(|| format!("array {name}"))?;
+    if v.dtype != engine_core::DType::F32 {
+        bail!("array {name} is {:?}, expected F32", v.dtype);
+    }
+    let data = v
+        .bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((data, v.shape.to_vec()))
 }
 
 /// Every `fixtures/reference/*/expected.json` present, sorted by model name.

@@ -45,16 +45,7 @@ impl Ref {
     }
 
     fn array(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let v = self
-            .arrays
-            .view(key)
-            .with_context(|| format!("{}: array {key}", self.name))?;
-        let data = v
-            .bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Ok((data, v.shape.to_vec()))
+        visi_tests::f32_array(self.arrays.as_ref(), key).with_context(|| self.name.clone())
     }
 }
 
@@ -468,41 +459,7 @@ fn check_prune_run(
         ..Default::default()
     };
     let g = llava.generate_ids(&ids, &encoded, &opts, &mut |_| {})?;
-    ensure!(
-        g.prune.fusion_layer == run.fusion_layer,
-        "fusion layer: got {:?} want {:?}",
-        g.prune.fusion_layer,
-        run.fusion_layer
-    );
-    ensure!(
-        g.prune.kept_image_tokens == run.kept_image_tokens,
-        "kept image tokens: got {:?} want {:?}",
-        g.prune.kept_image_tokens,
-        run.kept_image_tokens
-    );
-    ensure!(
-        g.prune.text_only_from_layer == run.text_only_from_layer,
-        "text-only from layer: got {:?} want {:?}",
-        g.prune.text_only_from_layer,
-        run.text_only_from_layer
-    );
-    ensure!(
-        g.layer_seq_lens == run.layer_seq_lens,
-        "layer seq lens: got {:?} want {:?}",
-        g.layer_seq_lens,
-        run.layer_seq_lens
-    );
-    let logits = g.first_logits.as_deref().unwrap_or(&[]);
-    for &(id, want) in &run.first_logits_top5 {
-        let got = *logits.get(id as usize).context("logits too short")?;
-        ensure!(
-            (got - want).abs() <= TOL_LOGITS,
-            "first-step token {id}: got {got} want {want}"
-        );
-    }
-    if let Some(d) = first_difference(&g.tokens, &run.generated_ids) {
-        bail!("greedy tokens: {d}");
-    }
+    visi_tests::check_prune_outcome(&g, run, TOL_LOGITS)?;
     Ok(format!(
         "spans {}, fusion {:?}, kept {}, exit {:?}",
         g.image_spans.len(),

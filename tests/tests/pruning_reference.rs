@@ -11,7 +11,7 @@ use models::llava::{GenerateOptions, Llava};
 use models::preprocess::{load_image, PadMode};
 use models::prompt::Template;
 use pruner::PruneConfig;
-use visi_tests::{first_difference, references, PruneRun, RefCase, Reference};
+use visi_tests::{references, PruneRun, RefCase, Reference};
 
 /// First-step logits of the top-5 tokens with the f32 KV cache (same bound as the dense
 /// parity test).
@@ -62,46 +62,7 @@ fn check_run_kv(
         ..Default::default()
     };
     let g = llava.generate_ids(&prompt, encoded.as_slice(), &opts, &mut |_| {})?;
-    if g.prune.fusion_layer != run.fusion_layer {
-        bail!(
-            "fusion layer: got {:?} want {:?}",
-            g.prune.fusion_layer,
-            run.fusion_layer
-        );
-    }
-    if g.prune.kept_image_tokens != run.kept_image_tokens {
-        bail!(
-            "kept image tokens: got {:?} want {:?}",
-            g.prune.kept_image_tokens,
-            run.kept_image_tokens
-        );
-    }
-    if g.prune.text_only_from_layer != run.text_only_from_layer {
-        bail!(
-            "text-only from layer: got {:?} want {:?}",
-            g.prune.text_only_from_layer,
-            run.text_only_from_layer
-        );
-    }
-    if g.layer_seq_lens != run.layer_seq_lens {
-        bail!(
-            "layer seq lens: got {:?} want {:?}",
-            g.layer_seq_lens,
-            run.layer_seq_lens
-        );
-    }
-    let logits = g.first_logits.as_deref().unwrap_or(&[]);
-    let mut max = 0f32;
-    for (i, &(id, want)) in run.first_logits_top5.iter().enumerate() {
-        let got = *logits.get(id as usize).context("logits too short")?;
-        if (got - want).abs() > tol_logits {
-            bail!("first-step top-{i} token {id}: got {got} want {want}");
-        }
-        max = max.max((got - want).abs());
-    }
-    if let Some(d) = first_difference(&g.tokens, &run.generated_ids) {
-        bail!("greedy tokens: {d}");
-    }
+    let max = visi_tests::check_prune_outcome(&g, run, tol_logits)?;
     Ok(format!(
         "fusion {:?}, kept {}, exit {:?}, top-5 logit err {max:.1e}, FLOPs {:.3} of dense",
         g.prune.fusion_layer,
