@@ -69,7 +69,11 @@ struct Entry {
 fn auto_name(p: &PruneConfig) -> String {
     match p {
         PruneConfig::Dense => "dense".into(),
-        PruneConfig::FastV(f) => format!("fastv-k{}-r{}", f.k, f.ratio),
+        PruneConfig::FastV(f) => match f.keep {
+            Some(n) => format!("fastv-k{}-keep{n}", f.k),
+            None => format!("fastv-k{}-r{}", f.k, f.ratio),
+        },
+        PruneConfig::DivPrune(d) => format!("divprune-keep{}", d.keep),
         PruneConfig::VisiPruner(v) => {
             let mut s = String::from("visipruner");
             if let Some(t) = v.layer_threshold {
@@ -88,11 +92,10 @@ fn parse_entry(v: &Value, i: usize) -> anyhow::Result<Entry> {
     let one = |v: &Value| -> anyhow::Result<Option<PruneConfig>> {
         match v {
             Value::String(s) if s == "default" => Ok(None),
-            Value::String(s) if s == "dense" => Ok(Some(PruneConfig::Dense)),
-            Value::String(s) => bail!(
-                "{}: {s:?} (expected \"dense\", \"default\" or a config object)",
-                at()
-            ),
+            // The `--prune` short forms: "dense"/"none", "fastv", "fastv:128", "divprune:64", ...
+            Value::String(s) => PruneConfig::parse_arg(s)
+                .map(Some)
+                .map_err(|e| anyhow!("{}: {e} (or \"default\")", at())),
             other => PruneConfig::from_value(other)
                 .map(Some)
                 .map_err(|e| anyhow!("{}: {e}", at())),

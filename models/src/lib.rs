@@ -17,6 +17,7 @@ pub mod llava;
 pub mod nn;
 pub mod preprocess;
 pub mod preprocess_next;
+pub mod preselect;
 pub mod prompt;
 pub mod quality;
 pub mod sampling;

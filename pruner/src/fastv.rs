@@ -28,12 +28,17 @@ impl FastV {
     /// Validates `cfg` for a model with `num_layers` decoder layers and builds the policy.
     pub fn new(cfg: FastVConfig, num_layers: usize) -> Result<Self, ConfigError> {
         PruneConfig::FastV(cfg).validate(num_layers)?;
-        Ok(FastV {
+        Ok(Self::from_checked(cfg, num_layers))
+    }
+
+    /// [`FastV::new`] for a config already validated (a [`crate::PrunePlan`]).
+    pub(crate) fn from_checked(cfg: FastVConfig, num_layers: usize) -> Self {
+        FastV {
             cfg,
             tracker: Tracker::new(num_layers),
             kept: None,
             text_only_from: None,
-        })
+        }
     }
 
     fn select(&self, view: &LayerView) -> Result<Vec<usize>, PruneError> {
@@ -54,7 +59,11 @@ impl FastV {
                 .unwrap_or(Ordering::Equal)
                 .then(a.cmp(&b))
         });
-        order.truncate(Self::keep_count(attn.len(), self.cfg.ratio));
+        let keep = match self.cfg.keep {
+            Some(n) => n.min(attn.len()),
+            None => Self::keep_count(attn.len(), self.cfg.ratio),
+        };
+        order.truncate(keep);
         order.sort_unstable();
         Ok(order.into_iter().map(|i| view.image_tokens[i]).collect())
     }
@@ -119,8 +128,15 @@ mod tests {
     const L: usize = 32;
 
     fn fastv(k: usize, ratio: f64) -> FastV {
-        FastV::new(FastVConfig { k, ratio }, L)
-            .unwrap_or_else(|e| panic!("k {k} ratio {ratio}: {e}"))
+        FastV::new(
+            FastVConfig {
+                k,
+                ratio,
+                keep: None,
+            },
+            L,
+        )
+        .unwrap_or_else(|e| panic!("k {k} ratio {ratio}: {e}"))
     }
 
     #[test]
