@@ -827,6 +827,9 @@ fn bad_requests_get_4xx_and_the_server_stays_up() -> Result<()> {
         ("unknown pruning method", with("visi", json!({"prune": {"method": "bogus"}})).to_string().into_bytes(), 400),
         ("pruning word", with("visi", json!({"prune": "maybe"})).to_string().into_bytes(), 400),
         ("visi not an object", with("visi", json!(3)).to_string().into_bytes(), 400),
+        ("pruning budget over the image tokens", with("visi", json!({"prune": "divprune:100000"})).to_string().into_bytes(), 400),
+        ("pruning budget 0", with("visi", json!({"prune": {"method": "divprune", "keep": 0}})).to_string().into_bytes(), 400),
+        ("adaptive method with a budget", with("visi", json!({"prune": "visipruner:64"})).to_string().into_bytes(), 400),
     ];
     for (what, body, status) in &cases {
         let resp = post(body).with_context(|| what.to_string())?;

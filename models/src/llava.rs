@@ -842,6 +842,12 @@ impl Llava {
                         "pruning config does not fit this {n}-layer model: {e}"
                     ))
                 })?;
+                // A per-image budget against LLaVA-1.5's fixed image tokens (NeXT's spans and
+                // FastV's prompt-wide budget are checked per prompt, by resolve_plan).
+                if self.cfg.arch == Arch::Llava && !matches!(cfg, PruneConfig::FastV(_)) {
+                    cfg.check_budget(&[self.cfg.image_tokens()])
+                        .map_err(|e| Error::msg(format!("pruning config: {e}")))?;
+                }
                 Ok((cfg.clone(), None))
             }
             None => Ok(PruneConfig::paper_default_for(n)),

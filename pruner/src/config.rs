@@ -378,7 +378,7 @@ impl PruneConfig {
                     return Err(ConfigError::Budget {
                         method,
                         value: format!("\"{b}\""),
-                        range: KEEP_RANGE_UNKNOWN.to_string(),
+                        range: keep_range_unknown(method).to_string(),
                     })
                 }
             }),
@@ -565,6 +565,15 @@ const LAYER_RANGE_UNKNOWN: &str = "an integer in [1, num_layers)";
 /// The budget range before the prompt's images are known.
 const KEEP_RANGE_UNKNOWN: &str = "[1, image tokens per image]";
 
+/// [`KEEP_RANGE_UNKNOWN`], or FastV's prompt-wide one.
+fn keep_range_unknown(method: &str) -> &'static str {
+    if method == "fastv" {
+        "[1, image tokens of the prompt]"
+    } else {
+        KEEP_RANGE_UNKNOWN
+    }
+}
+
 fn check_keep(method: &'static str, keep: usize) -> Result<(), ConfigError> {
     if keep >= 1 {
         Ok(())
@@ -572,7 +581,7 @@ fn check_keep(method: &'static str, keep: usize) -> Result<(), ConfigError> {
         Err(ConfigError::Budget {
             method,
             value: keep.to_string(),
-            range: KEEP_RANGE_UNKNOWN.to_string(),
+            range: keep_range_unknown(method).to_string(),
         })
     }
 }
@@ -587,7 +596,7 @@ fn get_keep(obj: &Map<String, Value>, method: &'static str) -> Result<Option<usi
         _ => Err(ConfigError::Budget {
             method,
             value: short(v),
-            range: KEEP_RANGE_UNKNOWN.to_string(),
+            range: keep_range_unknown(method).to_string(),
         }),
     }
 }
