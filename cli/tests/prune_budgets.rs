@@ -124,3 +124,83 @@ fn budgets_keep_exactly_n() -> Result<()> {
     }
     Ok(())
 }
+
+/// Several images: DivPrune's budget is per image, FastV's over the prompt's image tokens.
+#[test]
+fn budgets_over_two_images() -> Result<()> {
+    let model = fixtures().join("tiny-llava-mha");
+    let model = model.to_string_lossy();
+    let img = |n: &str| {
+        fixtures()
+            .join("images")
+            .join(n)
+            .to_string_lossy()
+            .to_string()
+    };
+    let (a, b) = (img("square.png"), img("wide.jpg"));
+    for (prune, want_total, per_image) in [("divprune:16", 32, Some(16)), ("fastv:40", 40, None)] {
+        let out = visi(&[
+            "run",
+            "--model",
+            &model,
+            "--image",
+            &a,
+            "--image",
+            &b,
+            "--prompt",
+            "Compare.",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+            "--prune",
+            prune,
+            "--json",
+        ])?;
+        ensure!(
+            out.status.success(),
+            "--prune {prune}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let kept: Vec<u64> = v["pruning"]["kept_image_tokens"]
+            .as_array()
+            .context("kept")?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        ensure!(
+            kept.len() == want_total,
+            "--prune {prune}: kept {}",
+            kept.len()
+        );
+        if let Some(n) = per_image {
+            let first = kept.iter().filter(|&&k| k < 576).count();
+            ensure!(
+                first == n,
+                "--prune {prune}: {first} kept of the first image"
+            );
+        }
+    }
+    // A per-image budget above one image's tokens is refused even though two images hold more.
+    expect_error(
+        &visi(&[
+            "run",
+            "--model",
+            &model,
+            "--image",
+            &a,
+            "--image",
+            &b,
+            "--prompt",
+            "Compare.",
+            "--device",
+            "cpu",
+            "--prune",
+            "divprune:600",
+        ])?,
+        2,
+        &["divprune", "[1, 576]"],
+    )?;
+    Ok(())
+}

@@ -220,6 +220,32 @@ mod tests {
     }
 
     #[test]
+    fn keep_budget_is_exact_and_ranks_like_ratio() {
+        let mut rng = Rng::new(7);
+        let attn: Vec<f32> = (0..576).map(|_| rng.uniform(0.0, 1.0)).collect();
+        let kept = |cfg: FastVConfig| {
+            let mut p = FastV::new(cfg, L).unwrap();
+            drive(&mut p, L, attn.len(), no_contrib, |_, _| attn.clone());
+            p.report().kept_image_tokens.unwrap()
+        };
+        for n in [1usize, 64, 128, 192, 576] {
+            let k = kept(FastVConfig {
+                k: 2,
+                ratio: 0.0,
+                keep: Some(n),
+            });
+            assert_eq!(k.len(), n);
+            // The same tokens as the ratio that keeps n.
+            let r = kept(FastVConfig {
+                k: 2,
+                ratio: 1.0 - n as f64 / 576.0,
+                keep: None,
+            });
+            assert_eq!(k, r, "keep {n}");
+        }
+    }
+
+    #[test]
     fn zero_kept_means_text_only_from_k() {
         let mut p = fastv(4, 0.6);
         let t = drive(&mut p, L, 1, no_contrib, |_, img| vec![0.5; img.len()]);
