@@ -843,6 +843,28 @@ fn bad_requests_get_4xx_and_the_server_stays_up() -> Result<()> {
             server.log()
         );
     }
+    // A bad pruning budget is refused while the request is read, naming the field.
+    for prune in [
+        json!("divprune:100000"),
+        json!({"method": "divprune", "keep": 0}),
+    ] {
+        let resp = post(
+            &with("visi", json!({ "prune": prune }))
+                .to_string()
+                .into_bytes(),
+        )?;
+        let v = resp.json()?;
+        ensure!(
+            resp.status == 400 && v["error"]["param"] == "visi.prune",
+            "budget {prune}: {} {v}",
+            resp.status
+        );
+        let m = v["error"]["message"].as_str().unwrap_or("");
+        ensure!(
+            m.contains("divprune") && m.contains("[1, "),
+            "budget {prune}: {m}"
+        );
+    }
     // A body over --max-body: refused from its Content-Length, before it is read.
     let mut s = TcpStream::connect(&server.addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;

@@ -101,9 +101,6 @@ pub struct Defaults {
     pub prune: Option<PruneConfig>,
     /// Decoder layers (pruning configs are checked against them).
     pub layers: usize,
-    /// Image tokens per image when fixed (LLaVA-1.5; `None` for LLaVA-NeXT): per-image
-    /// pruning budgets are checked against it.
-    pub image_tokens: Option<usize>,
     /// The model's context in tokens: a rendered prompt of more than 64 bytes per token of
     /// it cannot fit and is refused before the engine spends time tokenising it.
     pub context: usize,
@@ -336,10 +333,6 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
                     _ => PruneConfig::from_value(c),
                 }
                 .map_err(|e| ApiError::bad(Some("visi.prune"), e.to_string()))?;
-                if let (Some(n), false) = (d.image_tokens, matches!(cfg, PruneConfig::FastV(_))) {
-                    cfg.check_budget(&[n])
-                        .map_err(|e| ApiError::bad(Some("visi.prune"), e.to_string()))?;
-                }
                 cfg.validate(d.layers).map_err(|e| {
                     ApiError::bad(
                         Some("visi.prune"),

@@ -387,8 +387,6 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
             sampling,
             prune,
             layers,
-            image_tokens: matches!(llava.config().arch, models::config::Arch::Llava)
-                .then(|| llava.config().image_tokens()),
             context: llava.config().text.max_position_embeddings,
             template: a.template.template(),
             max_images: a.max_images,
