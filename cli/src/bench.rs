@@ -191,7 +191,11 @@ fn parse_schedule(text: &str) -> anyhow::Result<Schedule> {
 
 fn parse_fastv(text: &str) -> anyhow::Result<FastVConfig> {
     let kv = parse_kv(text, "--fastv", &["k", "ratio"])?;
-    let mut cfg = FastVConfig { k: 2, ratio: 0.5 };
+    let mut cfg = FastVConfig {
+        k: 2,
+        ratio: 0.5,
+        keep: None,
+    };
     for (k, v) in kv {
         match k.as_str() {
             "k" => cfg.k = parse_usize("--fastv", "k", &v)?,

@@ -203,7 +203,8 @@ pub(crate) struct GenArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
-    /// Pruning config as JSON, or @file.json (default: the paper's VisiPruner config).
+    /// Pruning: `none`, `visipruner`, `fastv`, `fastv:N`, `divprune:N` (N image tokens kept
+    /// per image), a JSON config, or @file.json (default: the paper's VisiPruner config).
     #[arg(long, conflicts_with = "no_prune")]
     pub prune: Option<String>,
     /// Run dense (no pruning, no masks).
@@ -516,7 +517,8 @@ pub(crate) fn parse_prune(arg: &str) -> anyhow::Result<PruneConfig> {
         ),
         None => (arg.to_string(), "--prune".to_string()),
     };
-    PruneConfig::from_json(&text).map_err(|e| anyhow!("{origin}: {e}"))
+    // JSON, or the short form `METHOD[:KEEP]` (`visionzip:64`-style budgets).
+    PruneConfig::parse_arg(&text).map_err(|e| anyhow!("{origin}: {e}"))
 }
 
 /// The prompt `run` was given: `--prompt` with a template, or a `--messages` conversation

@@ -21,6 +21,10 @@ use crate::score::{check_annotations, score_files, Task};
 /// The configs a sweep runs without `--configs`.
 pub const DEFAULT_CONFIGS: &str = r#"["dense", "default", {"method": "fastv", "k": 2, "ratio": 0.5}, {"method": "fastv", "k": 2, "ratio": 0.75}]"#;
 
+/// `--configs methods`: every method at the papers' budgets (64/128/192 image tokens kept),
+/// beside dense and the paper's VisiPruner (adaptive).
+pub const METHODS_PRESET: &str = r#"["dense", "default", "fastv:64", "fastv:128", "fastv:192", "divprune:64", "divprune:128", "divprune:192"]"#;
+
 /// Arguments of `visi-cli sweep`.
 #[derive(clap::Args)]
 pub struct SweepArgs {
@@ -44,7 +48,7 @@ pub struct SweepArgs {
     annotations: PathBuf,
     /// JSON list of configs, or @file.json: "dense", "default" (the paper's VisiPruner), a
     /// --prune object, or {"name": ..., "prune": <one of those>}. Default: dense, default,
-    /// FastV k=2 at ratios 0.5 and 0.75.
+    /// FastV k=2 at ratios 0.5 and 0.75. `methods`: every method at 64/128/192 kept tokens.
     #[arg(long)]
     configs: Option<String>,
     /// Output directory (created if missing; answers files in it are resumed).
@@ -69,7 +73,11 @@ struct Entry {
 fn auto_name(p: &PruneConfig) -> String {
     match p {
         PruneConfig::Dense => "dense".into(),
-        PruneConfig::FastV(f) => format!("fastv-k{}-r{}", f.k, f.ratio),
+        PruneConfig::FastV(f) => match f.keep {
+            Some(n) => format!("fastv-k{}-keep{n}", f.k),
+            None => format!("fastv-k{}-r{}", f.k, f.ratio),
+        },
+        PruneConfig::DivPrune(d) => format!("divprune-keep{}", d.keep),
         PruneConfig::VisiPruner(v) => {
             let mut s = String::from("visipruner");
             if let Some(t) = v.layer_threshold {
@@ -88,11 +96,10 @@ fn parse_entry(v: &Value, i: usize) -> anyhow::Result<Entry> {
     let one = |v: &Value| -> anyhow::Result<Option<PruneConfig>> {
         match v {
             Value::String(s) if s == "default" => Ok(None),
-            Value::String(s) if s == "dense" => Ok(Some(PruneConfig::Dense)),
-            Value::String(s) => bail!(
-                "{}: {s:?} (expected \"dense\", \"default\" or a config object)",
-                at()
-            ),
+            // The `--prune` short forms: "dense"/"none", "fastv", "fastv:128", "divprune:64", ...
+            Value::String(s) => PruneConfig::parse_arg(s)
+                .map(Some)
+                .map_err(|e| anyhow!("{}: {e} (or \"default\")", at())),
             other => PruneConfig::from_value(other)
                 .map(Some)
                 .map_err(|e| anyhow!("{}: {e}", at())),
@@ -120,6 +127,7 @@ fn parse_entry(v: &Value, i: usize) -> anyhow::Result<Entry> {
 fn parse_configs(arg: Option<&str>) -> anyhow::Result<Vec<Entry>> {
     let text = match arg {
         None => DEFAULT_CONFIGS.to_string(),
+        Some("methods") => METHODS_PRESET.to_string(),
         Some(a) => match a.strip_prefix('@') {
             Some(p) => crate::answers::read_text(Path::new(p), "--configs")?,
             None => a.to_string(),

@@ -102,17 +102,28 @@ pub fn println_stdout(s: &str) -> Result<(), Failure> {
 /// A `--prune` config against the model's depth, read from `config.json` or the GGUF
 /// header alone (nothing else loads), so a bad config fails before the weights do.
 pub fn prune_fits(prune: &pruner::PruneConfig, model: &Path, gguf: bool) -> Result<(), Failure> {
+    // Per-image budgets (DivPrune) also against LLaVA-1.5's fixed image token count;
+    // LLaVA-NeXT's spans depend on the image, and FastV's prompt-wide budget on how many
+    // there are: those are checked once the prompt is built, still before any image work.
+    let mut per_image = None;
     let layers = if gguf {
         let f = engine_core::gguf::GgufFile::open(model).map_err(crate::errors::classify)?;
         models::gguf::text_config(&f)
             .map_err(crate::errors::classify)?
             .num_hidden_layers
     } else {
-        models::LlavaConfig::from_file(&model.join("config.json"))
-            .map_err(crate::errors::classify)?
-            .text
-            .num_hidden_layers
+        let cfg = models::LlavaConfig::from_file(&model.join("config.json"))
+            .map_err(crate::errors::classify)?;
+        if matches!(cfg.arch, models::config::Arch::Llava) {
+            per_image = Some(cfg.image_tokens());
+        }
+        cfg.text.num_hidden_layers
     };
+    if let (Some(n), false) = (per_image, matches!(prune, pruner::PruneConfig::FastV(_))) {
+        prune
+            .check_budget(&[n])
+            .map_err(|e| bad_input(anyhow!("--prune: {e}")))?;
+    }
     prune.validate(layers).map_err(|e| {
         bad_input(anyhow!(
             "--prune: pruning config does not fit this {layers}-layer model: {e}"

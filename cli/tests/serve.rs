@@ -827,6 +827,9 @@ fn bad_requests_get_4xx_and_the_server_stays_up() -> Result<()> {
         ("unknown pruning method", with("visi", json!({"prune": {"method": "bogus"}})).to_string().into_bytes(), 400),
         ("pruning word", with("visi", json!({"prune": "maybe"})).to_string().into_bytes(), 400),
         ("visi not an object", with("visi", json!(3)).to_string().into_bytes(), 400),
+        ("pruning budget over the image tokens", with("visi", json!({"prune": "divprune:100000"})).to_string().into_bytes(), 400),
+        ("pruning budget 0", with("visi", json!({"prune": {"method": "divprune", "keep": 0}})).to_string().into_bytes(), 400),
+        ("adaptive method with a budget", with("visi", json!({"prune": "visipruner:64"})).to_string().into_bytes(), 400),
     ];
     for (what, body, status) in &cases {
         let resp = post(body).with_context(|| what.to_string())?;
@@ -838,6 +841,28 @@ fn bad_requests_get_4xx_and_the_server_stays_up() -> Result<()> {
             "{what}: /health {} afterwards; log:\n{}",
             h.status,
             server.log()
+        );
+    }
+    // A bad pruning budget is refused while the request is read, naming the field.
+    for prune in [
+        json!("divprune:100000"),
+        json!({"method": "divprune", "keep": 0}),
+    ] {
+        let resp = post(
+            &with("visi", json!({ "prune": prune }))
+                .to_string()
+                .into_bytes(),
+        )?;
+        let v = resp.json()?;
+        ensure!(
+            resp.status == 400 && v["error"]["param"] == "visi.prune",
+            "budget {prune}: {} {v}",
+            resp.status
+        );
+        let m = v["error"]["message"].as_str().unwrap_or("");
+        ensure!(
+            m.contains("divprune") && m.contains("[1, "),
+            "budget {prune}: {m}"
         );
     }
     // A body over --max-body: refused from its Content-Length, before it is read.

@@ -18,6 +18,7 @@ pub mod mobilevlm;
 pub mod nn;
 pub mod preprocess;
 pub mod preprocess_next;
+pub mod preselect;
 pub mod prompt;
 pub mod quality;
 pub mod sampling;

@@ -301,6 +301,8 @@ pub struct Answer {
     /// Prompt length after `<image>` expansion.
     pub prompt_tokens: usize,
     spans: Vec<ImageSpan>,
+    /// The prompt's length before a pre-decoder selection shortened it (FLOPs' dense side).
+    dense_len: Option<usize>,
     /// Vision-tower passes its images took (LLaVA-NeXT: one per tile).
     vision_passes: usize,
     vision_ms: f64,
@@ -868,7 +870,39 @@ impl Llava {
         req: Option<&PruneConfig>,
         spans: &[ImageSpan],
     ) -> Result<(PruneConfig, Option<String>)> {
-        let (cfg, note) = self.resolve_prune(req)?;
+        let (plan, note) = self.resolve_plan(req, spans)?;
+        Ok((plan.config().clone(), note))
+    }
+
+    /// [`Llava::resolve_prune_for`] as the plan a request runs: the config checked once
+    /// against this model's depth and the prompt's image spans (the budget `keep`).
+    pub fn resolve_plan(
+        &self,
+        req: Option<&PruneConfig>,
+        spans: &[ImageSpan],
+    ) -> Result<(pruner::PrunePlan, Option<String>)> {
+        let (cfg, note) = self.resolve_default_for(req, spans)?;
+        let n = self.cfg.text.num_hidden_layers;
+        let counts: Vec<usize> = spans.iter().map(|s| s.end - s.start).collect();
+        let plan = pruner::PrunePlan::new(cfg, n, &counts).map_err(|e| {
+            Error::msg(format!(
+                "pruning config does not fit this {n}-layer model: {e}"
+            ))
+        })?;
+        Ok((plan, note))
+    }
+
+    /// The config for `req` (the paper default when `None`, adapted to the prompt's images).
+    fn resolve_default_for(
+        &self,
+        req: Option<&PruneConfig>,
+        spans: &[ImageSpan],
+    ) -> Result<(PruneConfig, Option<String>)> {
+        let n = self.cfg.text.num_hidden_layers;
+        let (cfg, note) = match req {
+            Some(cfg) => (cfg.clone(), None),
+            None => PruneConfig::paper_default_for(n),
+        };
         // The image runs of layer 0 (adjacent spans are one run).
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for sp in spans.iter().filter(|s| s.start < s.end) {
@@ -917,6 +951,12 @@ impl Llava {
                         "pruning config does not fit this {n}-layer model: {e}"
                     ))
                 })?;
+                // A per-image budget against LLaVA-1.5's fixed image tokens (NeXT's spans and
+                // FastV's prompt-wide budget are checked per prompt, by resolve_plan).
+                if self.cfg.arch == Arch::Llava && !matches!(cfg, PruneConfig::FastV(_)) {
+                    cfg.check_budget(&[self.cfg.image_tokens()])
+                        .map_err(|e| Error::msg(format!("pruning config: {e}")))?;
+                }
                 Ok((cfg.clone(), None))
             }
             None => Ok(PruneConfig::paper_default_for(n)),
@@ -1031,8 +1071,11 @@ impl Llava {
         let sampler = Sampler::new(opts.sampling)?;
         let ids = &prompt.ids;
         let spans = Self::spans_for(prompt, images)?;
-        let (prune_config, prune_note) = self.resolve_prune_for(opts.prune.as_ref(), &spans)?;
-        let mut pruner = pruner::build(&prune_config, tc.num_hidden_layers)
+        // Resolved once per request: the plan is checked, its pruner builds unchecked.
+        let (plan, prune_note) = self.resolve_plan(opts.prune.as_ref(), &spans)?;
+        let prune_config = plan.config().clone();
+        let mut pruner = plan
+            .build()
             .map_err(|e| Error::msg(format!("pruning config: {e}")))?;
         let ctx = tc.max_position_embeddings;
         if ids.is_empty() || ids.len() >= ctx {
@@ -1042,8 +1085,21 @@ impl Llava {
             )));
         }
         let max_new = opts.max_new_tokens.min(ctx - ids.len());
-        let inputs = Self::image_inputs(&spans, images);
+        let mut inputs = Self::image_inputs(&spans, images);
         let t0 = Instant::now();
+        // A method that selects before the decoder hands it a shorter prompt.
+        let pre_ids;
+        let mut dense_len = None;
+        let mut ids = ids;
+        if let Some(sel) =
+            crate::preselect::preselect(self.backend.as_ref(), &prune_config, ids, &inputs)?
+        {
+            dense_len = Some(ids.len());
+            pruner = Box::new(pruner::Preselected::new(prune_config.clone(), sel.kept));
+            pre_ids = sel.ids;
+            ids = &pre_ids;
+            inputs = sel.images;
+        }
         let input = PromptInput {
             ids,
             images: &inputs,
@@ -1068,13 +1124,14 @@ impl Llava {
             stream: TextStream::new(),
             tokens: Vec::with_capacity(max_new),
             max_new,
-            prompt_tokens: ids.len(),
+            prompt_tokens: prompt.ids.len(),
             spans,
             vision_passes: images.iter().map(|i| i.tiles.len().max(1)).sum(),
             vision_ms: images.iter().map(|i| i.ms).sum(),
             seen_image: images.first().map(|i| i.seen.clone()),
             prune_config,
             prune_note,
+            dense_len,
             prefill: pre,
             first_logits,
             t0,
@@ -1137,7 +1194,22 @@ impl Llava {
         let pre = answer.prefill;
         let stats = pre.stats;
         let spans = answer.spans;
-        let flops = self.flops(&stats, answer.vision_passes)?;
+        let mut flops = self.flops(&stats, answer.vision_passes)?;
+        if let Some(n) = answer.dense_len {
+            // Selected before the decoder: dense is the unshortened prompt.
+            let dense = PrefillStats {
+                layer_seq_lens: vec![n; stats.layer_seq_lens.len()],
+                layer_image_lens: Vec::new(),
+                layer_masks: vec![pruner::ShallowMask::None; stats.layer_seq_lens.len()],
+                layer_image_runs: vec![
+                    spans.iter().map(|s| (s.start, s.end)).collect();
+                    stats.layer_seq_lens.len()
+                ],
+            };
+            let d = self.flops(&dense, answer.vision_passes)?;
+            flops.prefill_dense = d.prefill_dense;
+            flops.attention_image_dense = d.attention_image_dense;
+        }
         Ok(Generation {
             text: self.tokenizer.decode(&answer.tokens)?,
             tokens: answer.tokens,

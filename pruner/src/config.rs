@@ -13,8 +13,21 @@ pub enum ConfigError {
     #[error("pruning config must be a JSON object, got {0}")]
     NotAnObject(String),
     /// `method` names no known pruner.
-    #[error("`method` must be one of \"visipruner\", \"fastv\", \"dense\"; got {0}")]
+    #[error("`method` must be one of {METHODS_TEXT}; got {0}")]
     UnknownMethod(String),
+    /// A token budget outside what the method and the model allow.
+    #[error("`keep` = {value} is out of range for method {method}: must be an integer in {range}")]
+    Budget {
+        method: &'static str,
+        value: String,
+        range: String,
+    },
+    /// A budget given to a method that takes none, or none given to one that needs one.
+    #[error("method {method} {reason}")]
+    BudgetUse {
+        method: &'static str,
+        reason: &'static str,
+    },
     /// A key the chosen method does not accept.
     #[error("unknown key `{key}` for method {method} (allowed: {allowed})")]
     UnknownKey {
@@ -123,8 +136,26 @@ pub struct VisiConfig {
 pub struct FastVConfig {
     /// First layer that runs on the pruned sequence (FastV's K).
     pub k: usize,
-    /// Fraction of image tokens dropped (FastV's R).
+    /// Fraction of image tokens dropped (FastV's R); used when `keep` is `None`.
     pub ratio: f64,
+    /// A fixed budget instead of `ratio`: this many image tokens of the whole prompt survive
+    /// (FastV ranks every image token of the prompt together).
+    pub keep: Option<usize>,
+}
+
+/// FastV's K when only a budget is given (`{"method":"fastv","keep":N}`, `--prune fastv:N`):
+/// the paper's default, K = 2.
+pub const FASTV_DEFAULT_K: usize = 2;
+/// FastV's R for the bare short form `--prune fastv`: the paper's default, R = 50%.
+pub const FASTV_DEFAULT_RATIO: f64 = 0.5;
+
+/// DivPrune settings (Alvar et al., CVPR 2025; github.com/vbdi/divprune): before the decoder,
+/// keep the `keep` image tokens of each image span chosen by greedy max-min diversity
+/// over the projected image embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DivPruneConfig {
+    /// Image tokens kept per image span.
+    pub keep: usize,
 }
 
 /// A parsed pruning configuration.
@@ -136,7 +167,12 @@ pub enum PruneConfig {
     VisiPruner(VisiConfig),
     /// FastV.
     FastV(FastVConfig),
+    /// DivPrune (selects before the decoder).
+    DivPrune(DivPruneConfig),
 }
+
+/// Every method name `method` (and the short form) accepts, as error messages list them.
+const METHODS_TEXT: &str = "\"visipruner\", \"fastv\", \"divprune\", \"dense\" (or \"none\")";
 
 const VISI_KEYS: &[&str] = &[
     "method",
@@ -149,8 +185,9 @@ const VISI_KEYS: &[&str] = &[
 ];
 const VISI_KEYS_TEXT: &str =
     "method, mode, shallow_mid_layer, layer_threshold, tokens_threshold, mid_deep_layer, layer0";
-const FASTV_KEYS: &[&str] = &["method", "k", "ratio"];
-const FASTV_KEYS_TEXT: &str = "method, k, ratio";
+const FASTV_KEYS: &[&str] = &["method", "k", "ratio", "keep"];
+const FASTV_KEYS_TEXT: &str = "method, k, ratio, keep";
+const DIVPRUNE_KEYS: &[&str] = &["method", "keep"];
 const DENSE_KEYS: &[&str] = &["method"];
 
 impl PruneConfig {
@@ -236,19 +273,44 @@ impl PruneConfig {
             }
             "fastv" => {
                 check_keys(obj, FASTV_KEYS, "fastv", FASTV_KEYS_TEXT)?;
-                let k = get_layer(obj, "k")?.ok_or_else(|| ConfigError::Missing {
-                    key: "k",
-                    when: "for method fastv",
-                    range: LAYER_RANGE_UNKNOWN.to_string(),
-                })?;
-                let ratio = get_f64(obj, "ratio")?.ok_or_else(|| ConfigError::Missing {
-                    key: "ratio",
-                    when: "for method fastv",
-                    range: RATIO_RANGE.to_string(),
-                })?;
-                PruneConfig::FastV(FastVConfig { k, ratio })
+                let keep = get_keep(obj, "fastv")?;
+                if keep.is_some() && obj.contains_key("ratio") {
+                    return Err(ConfigError::BudgetUse {
+                        method: "fastv",
+                        reason: "takes `ratio` or `keep`, not both",
+                    });
+                }
+                let k = match (get_layer(obj, "k")?, keep) {
+                    (Some(k), _) => k,
+                    // A bare budget runs at the paper's K.
+                    (None, Some(_)) => FASTV_DEFAULT_K,
+                    (None, None) => {
+                        return Err(ConfigError::Missing {
+                            key: "k",
+                            when: "for method fastv",
+                            range: LAYER_RANGE_UNKNOWN.to_string(),
+                        })
+                    }
+                };
+                let ratio = match keep {
+                    Some(_) => 0.0,
+                    None => get_f64(obj, "ratio")?.ok_or_else(|| ConfigError::Missing {
+                        key: "ratio",
+                        when: "for method fastv (or give `keep`)",
+                        range: RATIO_RANGE.to_string(),
+                    })?,
+                };
+                PruneConfig::FastV(FastVConfig { k, ratio, keep })
             }
-            "dense" => {
+            "divprune" => {
+                check_keys(obj, DIVPRUNE_KEYS, "divprune", "method, keep")?;
+                let keep = get_keep(obj, "divprune")?.ok_or(ConfigError::BudgetUse {
+                    method: "divprune",
+                    reason: "needs a budget: `keep`, an integer in [1, image tokens per image] (short form divprune:N)",
+                })?;
+                PruneConfig::DivPrune(DivPruneConfig { keep })
+            }
+            "dense" | "none" => {
                 check_keys(obj, DENSE_KEYS, "dense", "method")?;
                 PruneConfig::Dense
             }
@@ -269,6 +331,112 @@ impl PruneConfig {
             PruneConfig::Dense => "dense",
             PruneConfig::VisiPruner(_) => "visipruner",
             PruneConfig::FastV(_) => "fastv",
+            PruneConfig::DivPrune(_) => "divprune",
+        }
+    }
+
+    /// The fixed token budget, when the method runs at one (`keep`).
+    pub fn keep(&self) -> Option<usize> {
+        match self {
+            PruneConfig::FastV(f) => f.keep,
+            PruneConfig::DivPrune(d) => Some(d.keep),
+            PruneConfig::Dense | PruneConfig::VisiPruner(_) => None,
+        }
+    }
+
+    /// Whether the method selects image tokens before the decoder, from the image
+    /// embeddings alone (no attention weights in the decoder).
+    pub fn selects_before_decoder(&self) -> bool {
+        matches!(self, PruneConfig::DivPrune(_))
+    }
+
+    /// Parses a `--prune` value: JSON (it starts with `{`) or the short form `METHOD` /
+    /// `METHOD:KEEP`: `none` (or `dense`), `visipruner` (the paper's config; adaptive, no
+    /// budget), `fastv` (the paper's K = 2, R = 50%), `fastv:N` (K = 2, N tokens kept),
+    /// `divprune:N`.
+    pub fn parse_arg(text: &str) -> Result<Self, ConfigError> {
+        let t = text.trim();
+        if t.starts_with('{') {
+            return Self::from_json(t);
+        }
+        let (name, budget) = match t.split_once(':') {
+            Some((n, b)) => (n.trim(), Some(b.trim())),
+            None => (t, None),
+        };
+        let method: &'static str = match name {
+            "none" | "dense" => "dense",
+            "visipruner" => "visipruner",
+            "fastv" => "fastv",
+            "divprune" => "divprune",
+            other => return Err(ConfigError::UnknownMethod(format!("\"{other}\""))),
+        };
+        let keep = match budget {
+            None => None,
+            Some(b) => Some(match b.parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(ConfigError::Budget {
+                        method,
+                        value: format!("\"{b}\""),
+                        range: keep_range_unknown(method).to_string(),
+                    })
+                }
+            }),
+        };
+        match (method, keep) {
+            ("dense", None) => Ok(PruneConfig::Dense),
+            ("visipruner", None) => Ok(Self::paper_default()),
+            ("dense", Some(_)) => Err(ConfigError::BudgetUse {
+                method,
+                reason: "prunes nothing and takes no budget",
+            }),
+            ("visipruner", Some(_)) => Err(ConfigError::BudgetUse {
+                method,
+                reason: "is adaptive and takes no budget (it reports what it kept); use `--prune visipruner`",
+            }),
+            ("fastv", None) => Ok(PruneConfig::FastV(FastVConfig {
+                k: FASTV_DEFAULT_K,
+                ratio: FASTV_DEFAULT_RATIO,
+                keep: None,
+            })),
+            ("fastv", Some(n)) => Ok(PruneConfig::FastV(FastVConfig {
+                k: FASTV_DEFAULT_K,
+                ratio: 0.0,
+                keep: Some(n),
+            })),
+            (_, Some(n)) => Ok(PruneConfig::DivPrune(DivPruneConfig { keep: n })),
+            (_, None) => Err(ConfigError::BudgetUse {
+                method,
+                reason: "needs a budget: METHOD:N with N in [1, image tokens per image], e.g. divprune:64",
+            }),
+        }
+    }
+
+    /// Checks the budget against the image spans of a prompt (`image_tokens[i]`: the tokens
+    /// of span `i`). A per-image budget (DivPrune) must fit every span; FastV's prompt-wide
+    /// one the prompt's image tokens together. A prompt without images runs anything.
+    pub fn check_budget(&self, image_tokens: &[usize]) -> Result<(), ConfigError> {
+        let (Some(keep), false) = (self.keep(), image_tokens.is_empty()) else {
+            return Ok(());
+        };
+        let (max, what) = match self {
+            PruneConfig::FastV(_) => (
+                image_tokens.iter().sum::<usize>(),
+                "image tokens of the prompt",
+            ),
+            _ => (
+                image_tokens.iter().copied().min().unwrap_or(0),
+                "image tokens per image",
+            ),
+        };
+        if keep >= 1 && keep <= max {
+            Ok(())
+        } else {
+            Err(ConfigError::Budget {
+                method: self.method(),
+                value: keep.to_string(),
+                range: format!("[1, {max}] (the {what})"),
+            })
         }
     }
 
@@ -276,7 +444,11 @@ impl PruneConfig {
     pub fn to_json(&self) -> Value {
         match self {
             PruneConfig::Dense => json!({ "method": "dense" }),
-            PruneConfig::FastV(f) => json!({ "method": "fastv", "k": f.k, "ratio": f.ratio }),
+            PruneConfig::FastV(f) => match f.keep {
+                Some(n) => json!({ "method": "fastv", "k": f.k, "keep": n }),
+                None => json!({ "method": "fastv", "k": f.k, "ratio": f.ratio }),
+            },
+            PruneConfig::DivPrune(d) => json!({ "method": "divprune", "keep": d.keep }),
             PruneConfig::VisiPruner(v) => {
                 let mut m = Map::new();
                 m.insert("method".into(), json!("visipruner"));
@@ -308,6 +480,10 @@ impl PruneConfig {
                 if let Some(n) = num_layers {
                     check_layer("k", f.k, n)?;
                 }
+                if let Some(n) = f.keep {
+                    check_keep("fastv", n)?;
+                    return Ok(());
+                }
                 // NaN fails both comparisons, so it is rejected too.
                 if !(f.ratio >= 0.0 && f.ratio < 1.0) {
                     return Err(ConfigError::OutOfRange {
@@ -319,6 +495,7 @@ impl PruneConfig {
                 Ok(())
             }
             PruneConfig::VisiPruner(v) => v.check(num_layers),
+            PruneConfig::DivPrune(d) => check_keep("divprune", d.keep),
         }
     }
 }
@@ -384,6 +561,45 @@ fn layer_range(num_layers: usize) -> String {
 
 /// The layer range before the model is known (only negative values fail that early).
 const LAYER_RANGE_UNKNOWN: &str = "an integer in [1, num_layers)";
+
+/// The budget range before the prompt's images are known.
+const KEEP_RANGE_UNKNOWN: &str = "[1, image tokens per image]";
+
+/// [`KEEP_RANGE_UNKNOWN`], or FastV's prompt-wide one.
+fn keep_range_unknown(method: &str) -> &'static str {
+    if method == "fastv" {
+        "[1, image tokens of the prompt]"
+    } else {
+        KEEP_RANGE_UNKNOWN
+    }
+}
+
+fn check_keep(method: &'static str, keep: usize) -> Result<(), ConfigError> {
+    if keep >= 1 {
+        Ok(())
+    } else {
+        Err(ConfigError::Budget {
+            method,
+            value: keep.to_string(),
+            range: keep_range_unknown(method).to_string(),
+        })
+    }
+}
+
+/// `keep`: a positive JSON integer (its upper bound needs the prompt's images).
+fn get_keep(obj: &Map<String, Value>, method: &'static str) -> Result<Option<usize>, ConfigError> {
+    let Some(v) = obj.get("keep") else {
+        return Ok(None);
+    };
+    match v.as_u64().and_then(|u| usize::try_from(u).ok()) {
+        Some(n) if n >= 1 => Ok(Some(n)),
+        _ => Err(ConfigError::Budget {
+            method,
+            value: short(v),
+            range: keep_range_unknown(method).to_string(),
+        }),
+    }
+}
 
 /// Fails when a key the enabled stages `need` is not `present`.
 fn require(
@@ -835,7 +1051,14 @@ mod tests {
     #[test]
     fn fastv_errors() {
         let ok = parse(r#"{"method":"fastv","k":2,"ratio":0.5}"#).unwrap();
-        assert_eq!(ok, PruneConfig::FastV(FastVConfig { k: 2, ratio: 0.5 }));
+        assert_eq!(
+            ok,
+            PruneConfig::FastV(FastVConfig {
+                k: 2,
+                ratio: 0.5,
+                keep: None
+            })
+        );
         ok.validate(32).unwrap();
         expect_err(r#"{"method":"fastv","ratio":0.5}"#, 32, "`k`", "required");
         expect_err(r#"{"method":"fastv","k":2}"#, 32, "`ratio`", "[0, 1)");
@@ -876,10 +1099,132 @@ mod tests {
     }
 
     #[test]
+    fn budgets_for_every_budgeted_method() {
+        let f = parse(r#"{"method":"fastv","keep":64}"#).unwrap();
+        assert_eq!(
+            f,
+            PruneConfig::FastV(FastVConfig {
+                k: FASTV_DEFAULT_K,
+                ratio: 0.0,
+                keep: Some(64)
+            })
+        );
+        assert_eq!(f.keep(), Some(64));
+        assert_eq!(f.to_json(), json!({"method":"fastv","k":2,"keep":64}));
+        assert_eq!(PruneConfig::from_value(&f.to_json()).unwrap(), f);
+        let d = parse(r#"{"method":"divprune","keep":128}"#).unwrap();
+        assert_eq!(d, PruneConfig::DivPrune(DivPruneConfig { keep: 128 }));
+        assert!(d.selects_before_decoder() && !f.selects_before_decoder());
+        assert_eq!(PruneConfig::from_value(&d.to_json()).unwrap(), d);
+        assert_eq!(PruneConfig::paper_default().keep(), None);
+        expect_err(r#"{"method":"divprune"}"#, 32, "divprune", "needs a budget");
+        expect_err(
+            r#"{"method":"divprune","keep":0}"#,
+            32,
+            "`keep` = 0",
+            "divprune",
+        );
+        expect_err(
+            r#"{"method":"divprune","keep":-3}"#,
+            32,
+            "`keep` = -3",
+            "[1, image tokens",
+        );
+        expect_err(
+            r#"{"method":"divprune","keep":6.5}"#,
+            32,
+            "`keep` = 6.5",
+            "divprune",
+        );
+        expect_err(r#"{"method":"fastv","keep":0}"#, 32, "`keep` = 0", "fastv");
+        expect_err(
+            r#"{"method":"fastv","k":2,"ratio":0.5,"keep":64}"#,
+            32,
+            "fastv",
+            "not both",
+        );
+        expect_err(
+            r#"{"method":"divprune","keep":64,"k":2}"#,
+            32,
+            "`k`",
+            "divprune",
+        );
+        expect_err(r#"{"mode":[],"keep":64}"#, 32, "`keep`", "visipruner");
+    }
+
+    #[test]
+    fn budget_against_the_prompts_images() {
+        let d = PruneConfig::DivPrune(DivPruneConfig { keep: 576 });
+        d.check_budget(&[576]).unwrap();
+        d.check_budget(&[]).unwrap();
+        let err = d.check_budget(&[576, 575]).unwrap_err().to_string();
+        assert!(
+            err.contains("divprune") && err.contains("[1, 575]") && err.contains("per image"),
+            "{err}"
+        );
+        let f = parse(r#"{"method":"fastv","keep":1000}"#).unwrap();
+        // FastV ranks the prompt's image tokens together: its range is their sum.
+        f.check_budget(&[576, 576]).unwrap();
+        let err = f.check_budget(&[576]).unwrap_err().to_string();
+        assert!(err.contains("fastv") && err.contains("[1, 576]"), "{err}");
+        PruneConfig::paper_default().check_budget(&[1]).unwrap();
+    }
+
+    #[test]
+    fn short_forms() {
+        let p = |t: &str| PruneConfig::parse_arg(t);
+        assert_eq!(p("none").unwrap(), PruneConfig::Dense);
+        assert_eq!(p("dense").unwrap(), PruneConfig::Dense);
+        assert_eq!(p("visipruner").unwrap(), PruneConfig::paper_default());
+        assert_eq!(
+            p("fastv").unwrap(),
+            PruneConfig::FastV(FastVConfig {
+                k: 2,
+                ratio: 0.5,
+                keep: None
+            })
+        );
+        assert_eq!(p("fastv:128").unwrap().keep(), Some(128));
+        assert_eq!(
+            p("divprune:64").unwrap(),
+            PruneConfig::DivPrune(DivPruneConfig { keep: 64 })
+        );
+        // The JSON form still works through the same entry.
+        assert_eq!(
+            p(r#"{"method":"fastv","k":3,"ratio":0.25}"#).unwrap(),
+            PruneConfig::FastV(FastVConfig {
+                k: 3,
+                ratio: 0.25,
+                keep: None
+            })
+        );
+        let err = |t: &str| p(t).unwrap_err().to_string();
+        for (text, needles) in [
+            ("tome:64", &["\"tome\"", "divprune"][..]),
+            ("divprune", &["divprune", "needs a budget"][..]),
+            (
+                "divprune:0",
+                &["`keep` = \"0\"", "divprune", "[1, image tokens"][..],
+            ),
+            ("divprune:x", &["`keep` = \"x\"", "divprune"][..]),
+            ("fastv:-1", &["`keep` = \"-1\"", "fastv"][..]),
+            ("visipruner:64", &["visipruner", "adaptive"][..]),
+            ("none:3", &["dense", "no budget"][..]),
+        ] {
+            let e = err(text);
+            assert!(
+                needles.iter().all(|n| e.contains(n)) && !e.contains('\n'),
+                "{text}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn directly_built_configs_are_validated_too() {
         let cfg = PruneConfig::FastV(FastVConfig {
             k: 2,
             ratio: f64::NAN,
+            keep: None,
         });
         let err = cfg.validate(32).unwrap_err().to_string();
         assert!(err.contains("ratio"), "{err}");

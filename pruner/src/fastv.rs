@@ -28,12 +28,17 @@ impl FastV {
     /// Validates `cfg` for a model with `num_layers` decoder layers and builds the policy.
     pub fn new(cfg: FastVConfig, num_layers: usize) -> Result<Self, ConfigError> {
         PruneConfig::FastV(cfg).validate(num_layers)?;
-        Ok(FastV {
+        Ok(Self::from_checked(cfg, num_layers))
+    }
+
+    /// [`FastV::new`] for a config already validated (a [`crate::PrunePlan`]).
+    pub(crate) fn from_checked(cfg: FastVConfig, num_layers: usize) -> Self {
+        FastV {
             cfg,
             tracker: Tracker::new(num_layers),
             kept: None,
             text_only_from: None,
-        })
+        }
     }
 
     fn select(&self, view: &LayerView) -> Result<Vec<usize>, PruneError> {
@@ -54,7 +59,11 @@ impl FastV {
                 .unwrap_or(Ordering::Equal)
                 .then(a.cmp(&b))
         });
-        order.truncate(Self::keep_count(attn.len(), self.cfg.ratio));
+        let keep = match self.cfg.keep {
+            Some(n) => n.min(attn.len()),
+            None => Self::keep_count(attn.len(), self.cfg.ratio),
+        };
+        order.truncate(keep);
         order.sort_unstable();
         Ok(order.into_iter().map(|i| view.image_tokens[i]).collect())
     }
@@ -119,8 +128,15 @@ mod tests {
     const L: usize = 32;
 
     fn fastv(k: usize, ratio: f64) -> FastV {
-        FastV::new(FastVConfig { k, ratio }, L)
-            .unwrap_or_else(|e| panic!("k {k} ratio {ratio}: {e}"))
+        FastV::new(
+            FastVConfig {
+                k,
+                ratio,
+                keep: None,
+            },
+            L,
+        )
+        .unwrap_or_else(|e| panic!("k {k} ratio {ratio}: {e}"))
     }
 
     #[test]
@@ -201,6 +217,32 @@ mod tests {
         let mut p = fastv(1, 0.75);
         // round(1.5) = 2: tie among the 0.3s goes to indices 1 and 2.
         assert_eq!(p.after_layer(&v).unwrap(), Action::Keep(vec![1, 2]));
+    }
+
+    #[test]
+    fn keep_budget_is_exact_and_ranks_like_ratio() {
+        let mut rng = Rng::new(7);
+        let attn: Vec<f32> = (0..576).map(|_| rng.uniform(0.0, 1.0)).collect();
+        let kept = |cfg: FastVConfig| {
+            let mut p = FastV::new(cfg, L).unwrap();
+            drive(&mut p, L, attn.len(), no_contrib, |_, _| attn.clone());
+            p.report().kept_image_tokens.unwrap()
+        };
+        for n in [1usize, 64, 128, 192, 576] {
+            let k = kept(FastVConfig {
+                k: 2,
+                ratio: 0.0,
+                keep: Some(n),
+            });
+            assert_eq!(k.len(), n);
+            // The same tokens as the ratio that keeps n.
+            let r = kept(FastVConfig {
+                k: 2,
+                ratio: 1.0 - n as f64 / 576.0,
+                keep: None,
+            });
+            assert_eq!(k, r, "keep {n}");
+        }
     }
 
     #[test]

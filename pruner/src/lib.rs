@@ -1,5 +1,5 @@
 //! Visual-token pruning policies for multimodal prefill: VisiPruner (arXiv 2510.17205),
-//! FastV, and a dense no-op, plus an analytic prefill FLOPs counter.
+//! FastV, DivPrune (before the decoder), and a dense no-op, plus an analytic prefill FLOPs counter.
 //!
 //! The crate knows nothing about tensors or backends. The model's layer scheduler asks a
 //! [`Pruner`] per layer which attention mask to apply ([`Pruner::mask`]) and what to
@@ -41,6 +41,7 @@
 //!   default runs without its shallow stage and says so.
 
 mod config;
+mod divprune;
 mod fastv;
 mod flops;
 mod policy;
@@ -48,7 +49,11 @@ mod policy;
 mod testutil;
 mod visi;
 
-pub use config::{ConfigError, FastVConfig, Layer0Policy, Mode, PruneConfig, VisiConfig};
+pub use config::{
+    ConfigError, DivPruneConfig, FastVConfig, Layer0Policy, Mode, PruneConfig, VisiConfig,
+};
+pub use config::{FASTV_DEFAULT_K, FASTV_DEFAULT_RATIO};
+pub use divprune::{divprune_order, divprune_select, Preselected};
 pub use fastv::FastV;
 pub use flops::{
     prefill_flops, FlopsError, FlopsReport, FlopsShape, LayerSchedule, ProjectorShape, TextShape,
@@ -57,6 +62,55 @@ pub use flops::{
 pub use policy::{Action, Capture, Dense, LayerView, PruneError, PruneReport, Pruner, ShallowMask};
 pub use visi::{ForcedSchedule, VisiPruner, SILENT_COS, SILENT_LAYERS_TO_EXIT};
 
+/// A pruning config resolved for one request: checked once against the model's depth and
+/// the prompt's image spans ([`PrunePlan::new`]); its pruners build without checking again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrunePlan {
+    config: PruneConfig,
+    num_layers: usize,
+    image_tokens: Vec<usize>,
+}
+
+impl PrunePlan {
+    /// Checks `config` against a decoder of `num_layers` layers and a prompt whose image
+    /// spans hold `image_tokens[i]` tokens (layer keys, then the budget).
+    pub fn new(
+        config: PruneConfig,
+        num_layers: usize,
+        image_tokens: &[usize],
+    ) -> Result<Self, ConfigError> {
+        config.validate(num_layers)?;
+        config.check_budget(image_tokens)?;
+        Ok(PrunePlan {
+            config,
+            num_layers,
+            image_tokens: image_tokens.to_vec(),
+        })
+    }
+
+    /// The config it runs.
+    pub fn config(&self) -> &PruneConfig {
+        &self.config
+    }
+
+    /// Tokens of each image span it was checked against.
+    pub fn image_tokens(&self) -> &[usize] {
+        &self.image_tokens
+    }
+
+    /// The pruner for one prefill (no second validation; the error only guards keys that
+    /// validation already required).
+    pub fn build(&self) -> Result<Box<dyn Pruner>, ConfigError> {
+        let n = self.num_layers;
+        Ok(match &self.config {
+            PruneConfig::Dense => Box::new(Dense),
+            PruneConfig::VisiPruner(v) => Box::new(VisiPruner::from_checked(v.clone(), n)?),
+            PruneConfig::FastV(f) => Box::new(FastV::from_checked(*f, n)),
+            PruneConfig::DivPrune(d) => Box::new(Preselected::divprune(d.keep, Vec::new())),
+        })
+    }
+}
+
 /// Validates `cfg` against a model with `num_layers` decoder layers and builds its pruner.
 pub fn build(cfg: &PruneConfig, num_layers: usize) -> Result<Box<dyn Pruner>, ConfigError> {
     cfg.validate(num_layers)?;
@@ -64,6 +118,9 @@ pub fn build(cfg: &PruneConfig, num_layers: usize) -> Result<Box<dyn Pruner>, Co
         PruneConfig::Dense => Box::new(Dense),
         PruneConfig::VisiPruner(v) => Box::new(VisiPruner::new(v.clone(), num_layers)?),
         PruneConfig::FastV(f) => Box::new(FastV::new(*f, num_layers)?),
+        // The selection happens before the decoder (the model's preselection step, which
+        // hands the decoder a shorter prompt); without one nothing was kept.
+        PruneConfig::DivPrune(d) => Box::new(Preselected::divprune(d.keep, Vec::new())),
     })
 }
 

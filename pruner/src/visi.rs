@@ -80,8 +80,12 @@ pub struct VisiPruner {
 impl VisiPruner {
     /// Validates `cfg` for a model with `num_layers` decoder layers and builds the policy.
     pub fn new(cfg: VisiConfig, num_layers: usize) -> Result<Self, ConfigError> {
-        let whole = PruneConfig::VisiPruner(cfg.clone());
-        whole.validate(num_layers)?;
+        PruneConfig::VisiPruner(cfg.clone()).validate(num_layers)?;
+        Self::from_checked(cfg, num_layers)
+    }
+
+    /// [`VisiPruner::new`] for a config already validated (a [`crate::PrunePlan`]).
+    pub(crate) fn from_checked(cfg: VisiConfig, num_layers: usize) -> Result<Self, ConfigError> {
         // validate() guarantees presence; these errors only guard against a future mismatch.
         let missing = |key: &'static str| ConfigError::Missing {
             key,

@@ -325,11 +325,14 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
         None | Some(Value::Null) => d.prune.clone(),
         Some(Value::Object(o)) => match o.get("prune") {
             None | Some(Value::Null) => d.prune.clone(),
-            Some(Value::String(s)) if s == "none" || s == "dense" => Some(PruneConfig::Dense),
             Some(Value::String(s)) if s == "default" => None,
-            Some(c @ Value::Object(_)) => {
-                let cfg = PruneConfig::from_value(c)
-                    .map_err(|e| ApiError::bad(Some("visi.prune"), e.to_string()))?;
+            Some(c @ (Value::Object(_) | Value::String(_))) => {
+                // An object, or the `--prune` short form ("none", "fastv:128", "divprune:64").
+                let cfg = match c {
+                    Value::String(s) => PruneConfig::parse_arg(s),
+                    _ => PruneConfig::from_value(c),
+                }
+                .map_err(|e| ApiError::bad(Some("visi.prune"), e.to_string()))?;
                 cfg.validate(d.layers).map_err(|e| {
                     ApiError::bad(
                         Some("visi.prune"),
@@ -344,7 +347,7 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
             Some(_) => {
                 return Err(ApiError::bad(
                     Some("visi.prune"),
-                    "`visi.prune` must be a pruning config object, \"none\" or \"default\"",
+                    "`visi.prune` must be a pruning config object, a short form (\"none\", \"fastv:128\", \"divprune:64\") or \"default\"",
                 ))
             }
         },
