@@ -323,6 +323,9 @@ def save(model, tok, out, step, acc, per, args):
     with open(os.path.join(tmp, "training.json"), "w") as f:
         json.dump(dict(step=step, val_accuracy=acc, val_per_kind=per, args=vars(args),
                        command=" ".join(sys.argv)), f, indent=1)
+    os.chmod(tmp, 0o755)
+    for f in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, f), 0o644)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.rename(tmp, out)
