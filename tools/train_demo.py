@@ -142,8 +142,10 @@ def patch_targets(objs, mask):
     return torch.from_numpy(col), torch.from_numpy(shp)
 
 
-def sample(split, index, rng, tok, image_id, max_turns):
+def sample(split, index, rng, tok, image_id, max_turns, max_objects=5):
     img, objs, qs, mask = data.scene_and_questions(split, index, with_mask=True)
+    if len(objs) > max_objects:
+        return None
     kinds = list(qs)
     rng.shuffle(kinds)
     turns = [(qs[k][0] + data.GQA_SUFFIX, qs[k][1]) for k in kinds[:max_turns]]
@@ -207,6 +209,8 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape loss")
+    ap.add_argument("--init", help="continue from this checkpoint (its weights; optimizer state starts fresh)")
+    ap.add_argument("--curriculum", action="store_true", help="1-object scenes, then 2, then all")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     ap.add_argument("--eval-every", type=int, default=150)
@@ -230,7 +234,11 @@ def main():
     multi = tok.encode(render_conversation([(q, "red"), ("How many stars are there?", "2")])).ids
     assert multi[:len(single)] == single, "single-turn prompt is not a prefix of the conversation"
     assert tok.token_to_id("<unk>") not in single, tok.encode(single_turn_prompt(q)).tokens
-    model = build_model(tok, args)
+    if args.init:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, torch_dtype=torch.float32)
+        assert model.config.text_config.vocab_size == tok.get_vocab_size()
+    else:
+        model = build_model(tok, args)
     model.config.text_config._attn_implementation = "sdpa"
     model.config.vision_config._attn_implementation = "sdpa"
     nparams = sum(p.numel() for p in model.parameters())
@@ -266,9 +274,16 @@ def main():
     tstep = time.time()
     for step in range(steps):
         batch = []
-        for _ in range(args.batch):
-            batch.append(sample("train", index, rng, tok, image_id, args.max_turns))
+        # Curriculum (--curriculum): one-object scenes for the first third of the steps,
+        # up to two objects for the second, every scene after.
+        max_objects = 5
+        if args.curriculum:
+            max_objects = 1 if step < steps // 3 else 2 if step < 2 * steps // 3 else 5
+        while len(batch) < args.batch:
+            s = sample("train", index, rng, tok, image_id, args.max_turns, max_objects)
             index += 1
+            if s is not None:
+                batch.append(s)
         pv, ids, lab, col, shp = collate(batch, pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
