@@ -45,10 +45,12 @@ def main():
     qs = [json.loads(line) for line in open(os.path.join(BENCH, "questions.jsonl"))][:args.n]
     L = cfg.text_config.num_hidden_layers
     acc = {k: np.zeros(L) for k in ("img_mass", "top1_share", "top5_share", "on_object", "last_img")}
+    cover = 0.0
     for q in qs:
         split_index = int(q["image"].split("_")[1].split(".")[0])
         _, _, _, mask = data.scene_and_questions("test", split_index, with_mask=True)
         obj = (np.asarray(mask)[7::14, 7::14].reshape(-1) > 0)
+        cover += obj.mean()
         ids = tok(vicuna_v1_prompt(q["text"], 1)).input_ids
         at = ids.index(cfg.image_token_index)
         n_img = cfg.image_seq_length
@@ -71,7 +73,8 @@ def main():
             acc["last_img"][l] += img[-1].sum().item()
     n = len(qs)
     print(f"{n} held-out questions, {args.model and os.path.relpath(args.model, ROOT)}; "
-          f"image patches covered by an object: {100 * np.mean(obj):.0f}% in the last scene")
+          f"image patches covered by an object: {100 * cover / max(1, len(qs)):.1f}% on average "
+          f"(on_object's value under uniform attention)")
     print("layer  " + "  ".join(f"{k:>10}" for k in acc))
     for l in range(L):
         print(f"{l:>5}  " + "  ".join(f"{acc[k][l] / n:>10.3f}" for k in acc))
