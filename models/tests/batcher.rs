@@ -56,7 +56,11 @@ fn model_on(b: Arc<dyn Backend>) -> Result<(Llava, EncodedImage)> {
 }
 
 fn fastv(ratio: f64) -> PruneConfig {
-    PruneConfig::FastV(FastVConfig { k: 2, ratio })
+    PruneConfig::FastV(FastVConfig {
+        k: 2,
+        ratio,
+        keep: None,
+    })
 }
 
 /// Question, with the image, pruning, sampling.
