@@ -31,7 +31,7 @@ pub struct ChatArgs {
     template: ChatTemplateArg,
 }
 
-const HELP: &str = "commands: /image PATH (attach to your next message), /reset (new conversation), /save FILE [--force] (messages JSON for `run --messages`), /stats, /quit";
+const HELP: &str = "commands: /image PATH (attach to your next message), /reset or /clear (new conversation), /save FILE [--force] (messages JSON for `run --messages`), /stats, /quit; keys: arrows and Ctrl-A/E/W/U edit, Up/Down recall earlier lines, Ctrl-C stops an answer (twice at the prompt quits), Ctrl-D quits";
 
 /// An image attached to the conversation: what `/save` writes and the pixels.
 struct Attached {
@@ -98,32 +98,71 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
         opts,
         template: a.template.template(),
         last: None,
+        timing: interactive,
     };
     if let Some(img) = &chat.pending {
         // The first turn's image, refused before any turn runs.
         crate::validate::pad_fits(&llava, &img.pixels, mode)
             .map_err(|e| bad_input(e.context("--image")))?;
     }
+    // On a terminal, a line editor (editing keys, history); else one turn per stdin line.
+    let mut editor = if interactive {
+        rustyline::DefaultEditor::new().ok()
+    } else {
+        None
+    };
+    let mut ctrl_c_once = false;
     let stdin = std::io::stdin();
     let mut stdin = stdin.lock();
     let mut raw = Vec::new();
     let mut line_no = 0usize;
     loop {
-        if interactive {
-            eprint!("> ");
-            let _ = std::io::stderr().flush();
-        }
-        let whole = match read_line_bounded(&mut stdin, &mut raw, MAX_LINE_BYTES) {
-            Ok(Some(whole)) => whole,
-            Ok(None) => break,
-            Err(e) => return Err(internal(anyhow!("reading stdin: {e}"))),
-        };
-        line_no += 1;
-        if !whole {
-            eprintln!(
-                "error: stdin line {line_no} is longer than {MAX_LINE_BYTES} bytes; the turn is skipped"
-            );
-            continue;
+        if let Some(ed) = editor.as_mut() {
+            use rustyline::error::ReadlineError;
+            match ed.readline("> ") {
+                Ok(l) => {
+                    ctrl_c_once = false;
+                    if !l.trim().is_empty() {
+                        let _ = ed.add_history_entry(l.as_str());
+                    }
+                    raw = l.into_bytes();
+                }
+                Err(ReadlineError::Interrupted) => {
+                    // Ctrl-C at the prompt: asked once, the second one quits.
+                    if ctrl_c_once {
+                        break;
+                    }
+                    ctrl_c_once = true;
+                    eprintln!("(Ctrl-C again to quit; or type on: the conversation is kept)");
+                    continue;
+                }
+                Err(ReadlineError::Eof) => break,
+                Err(e) => return Err(internal(anyhow!("reading the terminal: {e}"))),
+            }
+            line_no += 1;
+            if raw.len() as u64 > MAX_LINE_BYTES {
+                eprintln!(
+                    "error: the line is longer than {MAX_LINE_BYTES} bytes; the turn is skipped"
+                );
+                continue;
+            }
+        } else {
+            if interactive {
+                eprint!("> ");
+                let _ = std::io::stderr().flush();
+            }
+            let whole = match read_line_bounded(&mut stdin, &mut raw, MAX_LINE_BYTES) {
+                Ok(Some(whole)) => whole,
+                Ok(None) => break,
+                Err(e) => return Err(internal(anyhow!("reading stdin: {e}"))),
+            };
+            line_no += 1;
+            if !whole {
+                eprintln!(
+                    "error: stdin line {line_no} is longer than {MAX_LINE_BYTES} bytes; the turn is skipped"
+                );
+                continue;
+            }
         }
         // A line that is not UTF-8 is the user's to fix: that turn is refused, as a bad
         // image is, and the chat goes on.
@@ -141,7 +180,7 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
             match name {
                 "quit" | "exit" => break,
                 "help" => eprintln!("{HELP}"),
-                "reset" => {
+                "reset" | "clear" => {
                     chat.messages.clear();
                     chat.images.clear();
                     chat.pending = None;
@@ -152,7 +191,14 @@ pub fn chat(a: ChatArgs) -> Result<(), Failure> {
                     Ok(img)
                 }) {
                     // The conversation keeps its earlier images: this one joins them.
-                    Ok(img) => chat.pending = Some(img),
+                    Ok(img) => {
+                        eprintln!(
+                            "(attached {arg}, {}x{}: it goes with your next message)",
+                            img.pixels.width(),
+                            img.pixels.height()
+                        );
+                        chat.pending = Some(img);
+                    }
                     Err(e) => eprintln!("error: /image: {e:#}"),
                 },
                 "save" if !arg.is_empty() => {
@@ -228,6 +274,8 @@ struct Chat<'a> {
     /// How the conversation is rendered.
     template: Template,
     last: Option<Generation>,
+    /// A timing line after each answer (on a terminal).
+    timing: bool,
 }
 
 impl Chat<'_> {
@@ -309,11 +357,29 @@ impl Chat<'_> {
         if gen.interrupted {
             eprintln!("(stopped)");
         }
+        if self.timing {
+            eprintln!("{}", turn_timing(&gen));
+        }
         self.messages
             .push(Message::text(Role::Assistant, gen.text.trim().to_string()));
         self.last = Some(gen);
         Ok(())
     }
+}
+
+/// The line after each answer on a terminal: tokens, time to first token, speeds.
+fn turn_timing(g: &Generation) -> String {
+    let t = &g.timings;
+    let (new, prefill_tps) = progress::prefill_rate(g.prompt_tokens, g.reused_tokens, t.prefill_ms);
+    format!(
+        "({} tokens in {:.2} s, {:.1} tokens/s; first token after {:.0} ms; prefill {new} new tokens at {:.1} tokens/s, {} reused)",
+        g.tokens.len(),
+        (t.vision_ms + t.prefill_ms + t.decode_ms) / 1e3,
+        g.decode_tokens_per_s,
+        t.vision_ms + t.prefill_ms,
+        prefill_tps,
+        g.reused_tokens.min(g.prompt_tokens),
+    )
 }
 
 /// `/stats`: what the last turn cost and reused.

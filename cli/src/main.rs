@@ -19,6 +19,7 @@ mod eval;
 mod info;
 mod plot;
 mod progress;
+mod pull;
 mod quant_eval;
 mod score;
 mod serve;
@@ -75,6 +76,9 @@ enum Cmd {
     /// Convert a llava-hf directory to llama.cpp's GGUF pair (`<name>.<quant>.gguf` and
     /// `mmproj-<name>.f16.gguf`).
     Quantize(QuantizeArgs),
+    /// Download a model from the Hugging Face hub into its local cache (only the files a
+    /// LLaVA model needs; resumed, size- and checksum-checked; HF_ENDPOINT, HF_TOKEN).
+    Pull(pull::PullArgs),
     /// Describe a model: layers, parameters, dtypes, memory, and whether a device holds it.
     Info {
         /// Model directory or Hugging Face repo id (as for `run`).
@@ -178,6 +182,9 @@ pub(crate) struct GenArgs {
     /// (`llava-hf/llava-1.5-7b-hf`) already in the local Hugging Face cache, or a GGUF file.
     #[arg(long)]
     pub model: String,
+    /// Download a `--model ORG/NAME` repo id that is not in the cache (as `visi-cli pull`).
+    #[arg(long)]
+    pub pull: bool,
     /// llama.cpp's `mmproj-*.gguf` (CLIP tower and projector) for a `.gguf` --model.
     #[arg(long)]
     pub mmproj: Option<PathBuf>,
@@ -298,7 +305,7 @@ impl GenArgs {
         if self.is_gguf() {
             Ok(PathBuf::from(&self.model))
         } else {
-            models::hub::resolve_model(&self.model).map_err(|e| bad_input(anyhow!("--model: {e}")))
+            pull::resolve_or_pull(&self.model, self.pull)
         }
     }
 
@@ -409,6 +416,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat::chat(a),
         Cmd::Quantize(a) => quantize(a),
+        Cmd::Pull(a) => pull::pull(a),
         Cmd::Info {
             model,
             shape,

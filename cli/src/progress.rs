@@ -129,11 +129,7 @@ pub fn stats_line(gen: &Generation, backend: &str, adapter: &str) -> String {
     let t = &gen.timings;
     // The first token is out once the image is encoded and the prompt prefilled.
     let ttft = t.vision_ms + t.prefill_ms;
-    let prefill_tps = if t.prefill_ms > 0.0 {
-        gen.prompt_tokens as f64 / (t.prefill_ms / 1e3)
-    } else {
-        0.0
-    };
+    let (prefilled, prefill_tps) = prefill_rate(gen.prompt_tokens, gen.reused_tokens, t.prefill_ms);
     let mut prune = gen.prune.method.clone();
     if let Some(l) = gen.prune.fusion_layer {
         prune += &format!(", fusion layer {l}");
@@ -145,18 +141,38 @@ pub fn stats_line(gen: &Generation, backend: &str, adapter: &str) -> String {
         prune += &format!(", text only from layer {l}");
     }
     format!(
-        "[{} prompt tokens ({} image), {} generated{}; time to first token {:.0} ms; prefill {:.1} tokens/s, decode {:.1} tokens/s; {} on {}; pruning {}]",
+        "[{} prompt tokens ({} image), {} generated{}; time to first token {:.0} ms; prefill {:.1} tokens/s{}, decode {:.1} tokens/s; {} on {}; pruning {}]",
         gen.prompt_tokens,
         gen.image_tokens,
         gen.tokens.len(),
         if gen.interrupted { ", interrupted" } else { "" },
         ttft,
         prefill_tps,
+        if gen.reused_tokens > 0 {
+            format!(
+                " over {prefilled} new tokens ({} reused)",
+                gen.reused_tokens.min(gen.prompt_tokens)
+            )
+        } else {
+            String::new()
+        },
         gen.decode_tokens_per_s,
         backend,
         adapter,
         prune,
     )
+}
+
+/// The tokens a prefill computed and its speed: tokens reused from an earlier turn's KV
+/// rows (chat) cost nothing and do not count.
+pub fn prefill_rate(prompt_tokens: usize, reused_tokens: usize, prefill_ms: f64) -> (usize, f64) {
+    let computed = prompt_tokens.saturating_sub(reused_tokens);
+    let tps = if prefill_ms > 0.0 {
+        computed as f64 / (prefill_ms / 1e3)
+    } else {
+        0.0
+    };
+    (computed, tps)
 }
 
 /// `VISI_DEBUG_TOKEN_DELAY_MS`: a pause after each streamed piece of text, so that the
@@ -168,4 +184,16 @@ pub fn token_delay() -> Option<std::time::Duration> {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .filter(|&ms| ms > 0)
         .map(std::time::Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reused_tokens_are_not_prefill_speed() {
+        // 600 prompt tokens, 590 reused, 10 computed in 100 ms: 100 tokens/s, not 6000.
+        assert_eq!(super::prefill_rate(600, 590, 100.0), (10, 100.0));
+        assert_eq!(super::prefill_rate(600, 0, 1000.0), (600, 600.0));
+        assert_eq!(super::prefill_rate(5, 9, 10.0), (0, 0.0));
+        assert_eq!(super::prefill_rate(5, 0, 0.0), (5, 0.0));
+    }
 }

@@ -1503,3 +1503,129 @@ fn an_exif_rotated_image_on_llava_next_equals_run_messages() -> Result<()> {
     );
     Ok(())
 }
+
+/// The page at `/`, one log line per request, `/metrics` without a made-up KV budget and
+/// with the pruning counters, and a 400 naming each OpenAI parameter not implemented.
+#[test]
+fn page_request_log_pruning_metrics_and_unsupported_params() -> Result<()> {
+    let r = references()?
+        .into_iter()
+        .next()
+        .context("no reference fixtures")?;
+    let model = r.model_dir.to_string_lossy().to_string();
+    let server = Server::start(&["--model", &model, "--device", "cpu"], &[])?;
+    let page = http(&server.addr, "GET", "/", &[], b"")?;
+    ensure!(page.status == 200, "/: {}", page.status);
+    ensure!(
+        page.header("content-type")
+            .is_some_and(|t| t.starts_with("text/html")),
+        "/: {:?}",
+        page.header("content-type")
+    );
+    ensure!(
+        page.text().contains("/v1/chat/completions"),
+        "not the chat page"
+    );
+    let m = http(&server.addr, "GET", "/metrics", &[], b"")?.text();
+    ensure!(
+        !m.contains("visi_kv_budget_bytes") && !m.contains(&u64::MAX.to_string()),
+        "/metrics shows a KV budget nobody set:\n{m}"
+    );
+
+    let hi = |k: &str, v: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        b[k] = v;
+        b
+    };
+    for (k, v) in [
+        ("response_format", json!({"type": "json_object"})),
+        ("logprobs", json!(true)),
+        ("top_logprobs", json!(3)),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("tool_choice", json!("auto")),
+        ("logit_bias", json!({"50256": -100})),
+        ("presence_penalty", json!(0.5)),
+    ] {
+        let resp = server.chat(&hi(k, v.clone()))?;
+        check_error(&resp, 400, k)?;
+        let e = resp.json()?;
+        ensure!(e["error"]["param"] == k, "{k}: {e}");
+        ensure!(
+            e["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(k)),
+            "{k}: {e}"
+        );
+    }
+    // Their neutral values are what the server does anyway: accepted.
+    for (k, v) in [
+        ("response_format", json!({"type": "text"})),
+        ("logprobs", json!(false)),
+        ("tools", json!([])),
+        ("presence_penalty", json!(0)),
+    ] {
+        server.ok(&hi(k, v)).with_context(|| k.to_string())?;
+    }
+
+    // An image request with pruning: the counters and the log line agree with its answer.
+    let p = r
+        .prune_runs
+        .iter()
+        .find(|p| p.case == "square_crop")
+        .context("no square_crop pruning run")?;
+    let url = data_url(&fixtures().join("images/square.png"))?;
+    let got = server.ok(&json!({
+        "messages": [image_message(&url, "Describe the image.")],
+        "max_tokens": 3,
+        "visi": {"prune": p.prune},
+    }))?;
+    let v = &got["visi"];
+    let total = v["image_tokens"].as_u64().context("image_tokens")?;
+    let kept = v["pruning"]["kept_image_tokens"]
+        .as_array()
+        .map_or(total, |k| k.len() as u64);
+    ensure!(kept < total, "the config pruned nothing: {v}");
+    ensure!(server.metric("visi_image_tokens_total")? == total as f64);
+    ensure!(server.metric("visi_kept_image_tokens_total")? == kept as f64);
+    let dense = v["flops"]["prefill_dense"].as_u64().context("flops")?;
+    let spent = v["flops"]["prefill"].as_u64().context("flops")?;
+    ensure!(dense > spent);
+    ensure!(server.metric("visi_prefill_flops_saved_total")? == (dense - spent) as f64);
+
+    // The lines are written before the responses; the reader thread may lag behind.
+    let count = |log: &str| {
+        log.lines()
+            .filter(|l| l.starts_with("serve: request chatcmpl-"))
+            .count()
+    };
+    let t0 = Instant::now();
+    while count(&server.log()) < 12 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = server.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("serve: request chatcmpl-"))
+        .collect();
+    ensure!(lines.len() == 7 + 4 + 1, "one line per request:\n{log}");
+    ensure!(
+        lines[..7].iter().all(|l| l.contains(" status=400 ")),
+        "{log}"
+    );
+    let id = got["id"].as_str().context("id")?;
+    let last = lines[11];
+    for want in [
+        format!("serve: request {id} status=200 stream=false"),
+        format!("prompt_tokens={}", got["usage"]["prompt_tokens"]),
+        format!("completion_tokens={}", got["usage"]["completion_tokens"]),
+        format!("kept_image_tokens={kept}/{total}"),
+        "ttft_ms=".to_string(),
+        format!("prune={}", v["pruning"]["method"].as_str().unwrap_or("?")),
+    ] {
+        ensure!(last.contains(&want), "{want:?} not in {last:?}");
+    }
+    Ok(())
+}

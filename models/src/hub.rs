@@ -1,6 +1,7 @@
 //! Finding a model: a directory, or a Hugging Face repo id resolved through the local
 //! Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`,
-//! laid out as `models--ORG--NAME/snapshots/REV/`). Nothing is downloaded.
+//! laid out as `models--ORG--NAME/snapshots/REV/`). Nothing is downloaded here: `visi-cli
+//! pull` (or `--pull`) fills the cache.
 
 use std::path::{Path, PathBuf};
 
@@ -67,14 +68,15 @@ pub fn resolve_model_in(spec: &str, cache: Option<&Path>) -> Result<PathBuf> {
     let Some(cache) = cache else {
         return Err(Error::msg(format!(
             "model `{spec}`: no such directory, and no Hugging Face cache location is known \
-             (set HF_HOME); download it with `huggingface-cli download {spec}`"
+             (set HF_HOME); then pull it with `visi-cli pull {spec}` (or add --pull)"
         )));
     };
     let repo = cache.join(format!("models--{}", spec.replace('/', "--")));
     let not_cached = || {
         Error::msg(format!(
             "model `{spec}` is neither a directory nor in the Hugging Face cache ({}); \
-             download it with `huggingface-cli download {spec}` or pass its directory",
+             pull it with `visi-cli pull {spec}` (or add --pull; `huggingface-cli download {spec}` \
+             fills the same cache), or pass its directory",
             cache.display()
         ))
     };
@@ -106,7 +108,7 @@ pub fn resolve_model_in(spec: &str, cache: Option<&Path>) -> Result<PathBuf> {
             return Err(Error::file(
                 &refs_main,
                 format!(
-                    "names snapshot {rev}, which is not in {}; download it again with `huggingface-cli download {spec}`",
+                    "names snapshot {rev}, which is not in {}; pull it again with `visi-cli pull {spec}`",
                     snapshots.display()
                 ),
             ));
@@ -203,6 +205,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("huggingface-cli download org/other"), "{e}");
+        assert!(e.contains("visi-cli pull org/other"), "{e}");
         let e = resolve_model_in("no/such/dir", Some(&cache))
             .unwrap_err()
             .to_string();

@@ -166,6 +166,79 @@ fn boolean(v: &Value, name: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// OpenAI chat-completion parameters this server does not implement, with why. A request
+/// that sets one to anything but its neutral value is a 400 naming it: answering as if it
+/// had been honoured (plain text where a JSON schema was asked for, no tool call where
+/// tools were offered) would be silent garbage.
+pub const UNSUPPORTED: [(&str, &str); 16] = [
+    (
+        "response_format",
+        "structured output (JSON mode, JSON schema) is not implemented; only {\"type\": \"text\"}",
+    ),
+    ("logprobs", "log probabilities are not returned"),
+    ("top_logprobs", "log probabilities are not returned"),
+    ("tools", "tool calling is not implemented"),
+    ("tool_choice", "tool calling is not implemented"),
+    ("parallel_tool_calls", "tool calling is not implemented"),
+    ("functions", "function calling is not implemented"),
+    ("function_call", "function calling is not implemented"),
+    ("logit_bias", "logit bias is not implemented"),
+    (
+        "presence_penalty",
+        "presence penalty is not implemented; only 0",
+    ),
+    (
+        "frequency_penalty",
+        "frequency penalty is not implemented; only 0",
+    ),
+    ("audio", "audio output is not implemented"),
+    ("modalities", "only text output is implemented: [\"text\"]"),
+    ("prediction", "predicted outputs are not implemented"),
+    ("web_search_options", "web search is not implemented"),
+    (
+        "reasoning_effort",
+        "this model has no reasoning effort setting",
+    ),
+];
+
+/// Whether an unsupported parameter is set to what not implementing it gives anyway.
+fn neutral(name: &str, x: &Value) -> bool {
+    match x {
+        Value::Null | Value::Bool(false) => true,
+        Value::Number(n) => {
+            matches!(
+                name,
+                "presence_penalty" | "frequency_penalty" | "top_logprobs"
+            ) && n.as_f64() == Some(0.0)
+        }
+        Value::Array(a) => {
+            matches!(name, "tools" | "functions") && a.is_empty()
+                || name == "modalities" && a.iter().all(|m| m == "text")
+        }
+        Value::Object(o) if name == "response_format" => {
+            o.len() == 1 && o.get("type").is_some_and(|t| t == "text")
+        }
+        Value::Object(o) if name == "logit_bias" => o.is_empty(),
+        Value::String(t) => name == "tool_choice" && t == "none",
+        _ => false,
+    }
+}
+
+fn unsupported(v: &Value) -> Result<(), ApiError> {
+    for (name, why) in UNSUPPORTED {
+        if let Some(x) = v.get(name) {
+            if !neutral(name, x) {
+                return Err(ApiError::bad(
+                    Some(name),
+                    format!("`{name}` is not supported by this server: {why}"),
+                )
+                .code("unsupported_parameter"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses and checks a chat-completion body (everything but the images' content, which
 /// [`super::load_images`] checks).
 pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
@@ -214,6 +287,7 @@ pub fn parse_chat(body: &[u8], d: &Defaults) -> Result<ChatRequest, ApiError> {
             ),
         ));
     }
+    unsupported(&v)?;
     if let Some(n) = count(&v, "n")? {
         if n != 1 {
             return Err(ApiError::bad(

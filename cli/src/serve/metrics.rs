@@ -90,8 +90,16 @@ pub struct Metrics {
     pub ttft: Histogram,
     /// Time between two tokens of one answer.
     pub token_latency: Histogram,
-    /// The KV budget (bytes).
+    /// The KV budget (bytes; `u64::MAX` when none was set).
     pub kv_budget: u64,
+    /// Image tokens the answered prompts held before pruning.
+    pub image_tokens: AtomicU64,
+    /// Image tokens kept by pruning (all of them when a request was dense).
+    pub kept_image_tokens: AtomicU64,
+    /// Prefill FLOPs spent (pruned).
+    pub prefill_flops: AtomicU64,
+    /// Prefill FLOPs the same prompts would have cost dense.
+    pub prefill_flops_dense: AtomicU64,
 }
 
 impl Metrics {
@@ -117,6 +125,10 @@ impl Metrics {
             ttft: Histogram::new(TTFT_BOUNDS),
             token_latency: Histogram::new(TOKEN_BOUNDS),
             kv_budget,
+            image_tokens: AtomicU64::new(0),
+            kept_image_tokens: AtomicU64::new(0),
+            prefill_flops: AtomicU64::new(0),
+            prefill_flops_dense: AtomicU64::new(0),
         }
     }
 
@@ -198,15 +210,41 @@ impl Metrics {
                 g(&self.kv_reserved),
             ),
             (
-                "visi_kv_budget_bytes",
-                "gauge",
-                "The KV budget admission control keeps to.",
-                self.kv_budget,
+                "visi_image_tokens_total",
+                "counter",
+                "Image tokens in answered prompts, before pruning.",
+                g(&self.image_tokens),
+            ),
+            (
+                "visi_kept_image_tokens_total",
+                "counter",
+                "Image tokens kept by pruning (all of a dense request's).",
+                g(&self.kept_image_tokens),
+            ),
+            (
+                "visi_prefill_flops_total",
+                "counter",
+                "Prefill FLOPs spent (pruned).",
+                g(&self.prefill_flops),
+            ),
+            (
+                "visi_prefill_flops_saved_total",
+                "counter",
+                "Prefill FLOPs pruning saved against dense prefills of the same prompts.",
+                g(&self.prefill_flops_dense).saturating_sub(g(&self.prefill_flops)),
             ),
         ] {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        // No budget is no gauge: u64::MAX bytes would read as a real (absurd) limit.
+        if self.kv_budget != u64::MAX {
+            let _ = writeln!(
+                out,
+                "# HELP visi_kv_budget_bytes The KV budget admission control keeps to (--kv-budget).\n# TYPE visi_kv_budget_bytes gauge\nvisi_kv_budget_bytes {}",
+                self.kv_budget
             );
         }
         for (name, help, us) in [

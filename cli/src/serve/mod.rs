@@ -13,6 +13,7 @@ mod engine;
 mod images;
 mod metrics;
 mod rejected;
+mod reqlog;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +47,9 @@ pub struct ServeArgs {
     /// llava-hf model directory, a cached repo id, or a GGUF text model (with --mmproj).
     #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
     model: Option<String>,
+    /// Download a `--model ORG/NAME` repo id that is not in the cache (as `visi-cli pull`).
+    #[arg(long)]
+    pull: bool,
     /// llama.cpp's `mmproj-*.gguf` for a `.gguf` --model.
     #[arg(long)]
     mmproj: Option<PathBuf>,
@@ -308,10 +312,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Failure> {
                 crate::validate::input_file("--model", std::path::Path::new(m))?;
                 Some(PathBuf::from(m))
             } else {
-                Some(
-                    models::hub::resolve_model(m)
-                        .map_err(|e| bad_input(anyhow!("--model: {e}")))?,
-                )
+                Some(crate::pull::resolve_or_pull(m, a.pull)?)
             }
         }
         None => None,
@@ -577,9 +578,24 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health))
+        .route("/", get(page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// The chat page (HTML and JS in one file, no build step; it calls the API like any client).
+const PAGE: &str = include_str!("page.html");
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {
@@ -665,7 +681,9 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
 /// `POST /v1/chat/completions`; a panic inside is this request's 500, nothing more.
 async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let m = st.metrics.clone();
-    let r = std::panic::AssertUnwindSafe(chat_inner(st, headers, body))
+    let id = format!("chatcmpl-{:016x}", rand_id());
+    let mut log = Some(reqlog::ReqLog::new(id, Instant::now(), m.clone()));
+    let r = std::panic::AssertUnwindSafe(chat_inner(st, headers, body, &mut log))
         .catch_unwind()
         .await;
     let r = match r {
@@ -674,6 +692,9 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
             "internal panic while handling this request",
         )),
     };
+    if let (Some(l), Err(e)) = (log.as_mut(), &r) {
+        l.error(e.status.as_u16(), &e.message);
+    }
     r.unwrap_or_else(|e| {
         if e.status == StatusCode::TOO_MANY_REQUESTS {
             Metrics::inc(&m.rejected);
@@ -836,6 +857,7 @@ async fn chat_inner(
     st: Arc<AppState>,
     headers: HeaderMap,
     body: Body,
+    log: &mut Option<reqlog::ReqLog>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let bytes = read_body(&st, &headers, body).await?;
@@ -892,13 +914,23 @@ async fn chat_inner(
             "the engine has stopped",
         ));
     }
-    let id = format!("chatcmpl-{:016x}", rand_id());
+    let id = log.as_ref().map(|l| l.id.clone()).unwrap_or_default();
     let created = now_secs();
+    if let Some(l) = log.as_mut() {
+        l.stream = stream;
+    }
     if !stream {
         while let Some(ev) = erx.recv().await {
             match ev {
-                Event::Text(_) => {}
+                Event::Text(_) => {
+                    if let Some(l) = log.as_mut() {
+                        l.text();
+                    }
+                }
                 Event::Done(f) => {
+                    if let Some(l) = log.as_mut() {
+                        l.done(&f);
+                    }
                     return Ok(
                         axum::Json(api::completion(&id, created, &model, &f)).into_response()
                     );
@@ -916,6 +948,10 @@ async fn chat_inner(
         Some(ev) => ev,
         None => return Err(ApiError::internal("the engine dropped this request")),
     };
+    let mut slog = log.take();
+    if let Some(l) = slog.as_mut() {
+        note_event(l, &first);
+    }
     let role = api::chunk(
         &id,
         created,
@@ -942,6 +978,7 @@ async fn chat_inner(
         created: u64,
         model: String,
         include_usage: bool,
+        log: Option<reqlog::ReqLog>,
     }
     let s = S {
         rx: erx,
@@ -951,6 +988,7 @@ async fn chat_inner(
         created,
         model,
         include_usage,
+        log: slog,
     };
     let events = futures_util::stream::unfold(s, |mut s| async move {
         loop {
@@ -965,6 +1003,9 @@ async fn chat_inner(
             }
             match s.rx.recv().await {
                 Some(ev) => {
+                    if let Some(l) = s.log.as_mut() {
+                        note_event(l, &ev);
+                    }
                     let mut out = Vec::new();
                     push_event(
                         &mut out,
@@ -990,6 +1031,15 @@ async fn chat_inner(
         }
     });
     Ok(Sse::new(events).into_response())
+}
+
+/// What a streamed event tells the request's log line.
+fn note_event(l: &mut reqlog::ReqLog, ev: &Event) {
+    match ev {
+        Event::Text(_) => l.text(),
+        Event::Done(f) => l.done(f),
+        Event::Error(e) => l.error(e.status.as_u16(), &e.message),
+    }
 }
 
 /// The SSE data lines for one engine event.
