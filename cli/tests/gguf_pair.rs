@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -19,13 +19,7 @@ use serde_json::Value;
 use visi_tests::{compare, expect_error, first_difference, fixtures, references};
 
 fn visi(args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("VISI_ADAPTER")
-        .env_remove("CI")
-        .output()
-        .context("running visi-cli")
+    visi_tests::run_visi(Path::new(env!("CARGO_BIN_EXE_visi-cli")), args)
 }
 
 fn note(s: &str) {

@@ -1,19 +1,14 @@
 //! `visi-cli` with LLaVA-NeXT, several images, and architectures visi does not implement.
 
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use visi_tests::{expect_error, fixtures};
 
 fn visi(args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("VISI_ADAPTER")
-        .env_remove("CI")
-        .output()
-        .context("running visi-cli")
+    visi_tests::run_visi(Path::new(env!("CARGO_BIN_EXE_visi-cli")), args)
 }
 
 #[test]

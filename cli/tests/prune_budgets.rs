@@ -2,20 +2,15 @@
 //! budget; bad ones are one `error:` line naming the method and the valid range, exit 2,
 //! before the weights load (proved with a model copy whose weights file is garbage).
 
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use visi_tests::{expect_error, fixtures, Scratch};
 
 fn visi(args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("VISI_ADAPTER")
-        .env_remove("CI")
-        .output()
-        .context("running visi-cli")
+    visi_tests::run_visi(Path::new(env!("CARGO_BIN_EXE_visi-cli")), args)
 }
 
 fn run(model: &str, prune: &str, json: bool) -> Result<Output> {

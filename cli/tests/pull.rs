@@ -364,15 +364,12 @@ fn serve_one(
 }
 
 fn visi(args: &[&str], env: &[(&str, String)]) -> Result<Output> {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_visi-cli"));
+    let mut c = visi_tests::visi_command(Path::new(env!("CARGO_BIN_EXE_visi-cli")));
     c.args(args)
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("VISI_ADAPTER")
         .env_remove("HF_TOKEN")
         .env_remove("HF_HUB_OFFLINE")
         .env_remove("HF_HOME")
-        .env("HF_TOKEN_PATH", "/nonexistent/token")
-        .env_remove("CI");
+        .env("HF_TOKEN_PATH", "/nonexistent/token");
     for (k, v) in env {
         c.env(k, v);
     }

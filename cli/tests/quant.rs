@@ -1,20 +1,15 @@
 //! `visi-cli run --quant` (quantize at load) on the tiny fixture model on both backends, and
 //! the GGUF text path's refusals.
 
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use visi_tests::expect_error;
 
 fn visi(args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("VISI_ADAPTER")
-        .env_remove("CI")
-        .output()
-        .context("running visi-cli")
+    visi_tests::run_visi(Path::new(env!("CARGO_BIN_EXE_visi-cli")), args)
 }
 
 fn fixture(rel: &str) -> String {

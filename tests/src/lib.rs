@@ -485,6 +485,25 @@ pub fn binary_devices(bin: &Path) -> Result<Vec<&'static str>> {
     Ok(v)
 }
 
+/// A `visi-cli` command for a binary test: `bin` (the test's `CARGO_BIN_EXE_visi-cli`),
+/// with backtraces on (a panic shows where), and neither `VISI_ADAPTER` nor `CI` from the
+/// caller's environment, so a run picks the device its arguments name.
+pub fn visi_command(bin: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(bin);
+    c.env("RUST_BACKTRACE", "1")
+        .env_remove("VISI_ADAPTER")
+        .env_remove("CI");
+    c
+}
+
+/// Runs `visi-cli` (see [`visi_command`]) with `args` and collects its output.
+pub fn run_visi(bin: &Path, args: &[&str]) -> Result<std::process::Output> {
+    visi_command(bin)
+        .args(args)
+        .output()
+        .context("running visi-cli")
+}
+
 /// Checks a `visi-cli` run against the error contract (exit `code`, empty stdout, one
 /// `error:` line on stderr besides `note:` lines, no panic or backtrace); `needles` must all appear in the one error line.
 pub fn expect_error(out: &std::process::Output, code: i32, needles: &[&str]) -> Result<()> {
