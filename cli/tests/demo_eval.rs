@@ -11,7 +11,7 @@
 //! exactly), not evidence of learning. Raise it to a real floor with a model that learns.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
@@ -30,21 +30,11 @@ fn root() -> PathBuf {
 }
 
 fn visi(args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_visi-cli"))
-        .args(args)
-        .env_remove("CI")
-        .output()
-        .context("running visi-cli")
+    visi_tests::run_visi(Path::new(env!("CARGO_BIN_EXE_visi-cli")), args)
 }
 
 fn ok(out: &Output) -> Result<String> {
-    ensure!(
-        out.status.success(),
-        "exit {:?}; stderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    visi_tests::success_stdout(out)
 }
 
 #[test]

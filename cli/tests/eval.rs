@@ -25,13 +25,7 @@ fn visi(args: &[&str]) -> Result<Output> {
 }
 
 fn ok(out: &Output) -> Result<String> {
-    ensure!(
-        out.status.success(),
-        "exit {:?}; stderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    visi_tests::success_stdout(out)
 }
 
 /// Lines of JSON objects.

@@ -504,6 +504,17 @@ pub fn run_visi(bin: &Path, args: &[&str]) -> Result<std::process::Output> {
         .context("running visi-cli")
 }
 
+/// The stdout of a `visi-cli` run that must have succeeded (else its exit and stderr).
+pub fn success_stdout(out: &std::process::Output) -> Result<String> {
+    ensure!(
+        out.status.success(),
+        "exit {:?}; stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 /// Checks a `visi-cli` run against the error contract (exit `code`, empty stdout, one
 /// `error:` line on stderr besides `note:` lines, no panic or backtrace); `needles` must all appear in the one error line.
 pub fn expect_error(out: &std::process::Output, code: i32, needles: &[&str]) -> Result<()> {
